@@ -1,0 +1,26 @@
+"""Projection-shared attention: variant spec, projections, positions, backends, KV cache."""
+
+from qkvlab.attention.backends import AttentionOutput, available_backends, get_backend, register_backend
+from qkvlab.attention.cache import CacheLayout, KVCache, LayerKVCache
+from qkvlab.attention.module import Attention
+from qkvlab.attention.positional import Pos2DFix, RMSNorm, Rotary
+from qkvlab.attention.projections import ProjectionStrategy
+from qkvlab.attention.variant import PAPER_LM_VARIANTS, VariantSpec, parse_variant
+
+__all__ = [
+    "Attention",
+    "AttentionOutput",
+    "CacheLayout",
+    "KVCache",
+    "LayerKVCache",
+    "PAPER_LM_VARIANTS",
+    "Pos2DFix",
+    "ProjectionStrategy",
+    "RMSNorm",
+    "Rotary",
+    "VariantSpec",
+    "available_backends",
+    "get_backend",
+    "parse_variant",
+    "register_backend",
+]

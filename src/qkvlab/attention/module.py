@@ -1,0 +1,189 @@
+"""The one attention module for the whole variant grid.
+
+Data flow for one layer (shapes: B batch, T new tokens, S keys, Hq query heads,
+Hkv key/value heads, D head width)::
+
+    x (B, T, d) --ProjectionStrategy--> q_raw, k_raw, v_raw   (shared roles: same tensor)
+    value  = v_raw                                            never rotated, never normed
+    key    = rope(norm_k(k_raw))                              RoPE / QK-norm on the key role
+    query  = rope(norm_q(q_raw))   (= key when Q and K share: the score map stays symmetric)
+    cache  : K=V shared -> stores raw s once; key re-derived from it on read
+             otherwise  -> stores key (rotated) and value
+    scores : 2D fix "(X)+" -> q * sum(w) and the additive (T, S) map P @ w + b
+    backend(q, k, v)  with k is v when K=V has no key transform; Hkv < Hq passed as is
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qkvlab.attention.backends import AttentionOutput, get_backend
+from qkvlab.attention.cache import LayerKVCache
+from qkvlab.attention.positional import Pos2DFix, RMSNorm, Rotary, default_scale
+from qkvlab.attention.projections import ProjectionStrategy
+from qkvlab.attention.variant import VariantSpec
+from qkvlab.errors import ConfigError
+
+
+class Attention(nn.Module):
+    """Multi-head attention with projection sharing and head sharing.
+
+    Args:
+        d_model: model width.
+        n_heads: query heads.
+        head_dim: width per head (default ``d_model // n_heads``).
+        variant: a :class:`VariantSpec` whose ``pos`` is resolved (not None).
+        causal: mask future keys (decoders) or not (encoders).
+        bias: biases on the projections.
+        attn_dropout: dropout on attention probabilities (training only).
+        max_seq_len: longest sequence (RoPE tables, 2D fix tables).
+        rotary: a :class:`Rotary` to share between layers (built if None and RoPE is on).
+        pos2d_channels: ``m``, channels of the 2D fix.
+        backend: name in the backend registry (``"sdpa"`` or ``"reference"``).
+
+    ``forward(x, offset=0, cache=None, padding_mask=None, need_weights=False)`` with ``x``
+    of shape ``(B, T, d_model)`` returns ``(B, T, d_model)``, or with ``need_weights`` a
+    pair ``(out, AttentionOutput)`` holding weights and pre-softmax logits per head.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        variant: VariantSpec,
+        *,
+        head_dim: int | None = None,
+        causal: bool = True,
+        bias: bool = True,
+        attn_dropout: float = 0.0,
+        max_seq_len: int = 2048,
+        rotary: Rotary | None = None,
+        rope_theta: float = 10000.0,
+        pos2d_channels: int = 10,
+        backend: str = "sdpa",
+    ):
+        super().__init__()
+        head_dim = head_dim or d_model // n_heads
+        if variant.pos is None:
+            raise ValueError("Attention needs a resolved positional scheme (variant.pos is None)")
+        variant.validate(n_heads=n_heads, head_dim=head_dim, d_model=d_model, causal=causal)
+        self.variant = variant
+        self.n_heads = n_heads
+        self.n_kv_heads = variant.kv_heads(n_heads)
+        self.head_dim = head_dim
+        self.causal = causal
+        self.attn_dropout = attn_dropout
+        self.scale = default_scale(head_dim)
+        self.backend = backend
+        get_backend(backend)
+
+        self.qkv = ProjectionStrategy(d_model, n_heads, head_dim, variant, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+
+        # QK-norm: per role; a shared Q=K source shares one norm so s_ij = s_ji holds.
+        self.qk_shared = variant.qk_shared
+        self.kv_shared = variant.kv_shared
+        if variant.qk_norm:
+            self.k_norm = RMSNorm(head_dim)
+            self.q_norm = None if self.qk_shared else RMSNorm(head_dim)
+        else:
+            self.k_norm = self.q_norm = None
+        self.rotary = None
+        if variant.pos == "rope":
+            self.rotary = rotary if rotary is not None else Rotary(head_dim, max_seq_len, rope_theta)
+        self.pos2d = Pos2DFix(max_seq_len, pos2d_channels) if variant.pos2d else None
+        # Does the key role differ from the raw shared tensor?
+        self.key_transformed = self.rotary is not None or self.k_norm is not None
+
+    # ------------------------------------------------------------------ roles
+    def _heads(self, t: torch.Tensor, h: int) -> torch.Tensor:
+        B, T, _ = t.shape
+        return t.view(B, T, h, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+
+    def key_role(self, s: torch.Tensor, offset: int) -> torch.Tensor:
+        """The key role from a raw projection ``(B, H, T, D)`` at positions ``offset..``."""
+        if self.k_norm is not None:
+            s = self.k_norm(s)
+        if self.rotary is not None:
+            s = self.rotary(s, offset)
+        return s
+
+    def query_role(self, s: torch.Tensor, offset: int) -> torch.Tensor:
+        norm = self.k_norm if self.qk_shared else self.q_norm
+        if norm is not None:
+            s = norm(s)
+        if self.rotary is not None:
+            s = self.rotary(s, offset)
+        return s
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        offset: int = 0,
+        cache: LayerKVCache | None = None,
+        padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+    ):
+        B, T, _ = x.shape
+        q_raw, k_raw, v_raw = self.qkv(x)
+        k_src = self._heads(k_raw, self.n_kv_heads)
+        v_src = k_src if self.kv_shared else self._heads(v_raw, self.n_kv_heads)
+        k_new = self.key_role(k_src, offset)
+        if self.qk_shared:
+            q = k_new  # same source, same transforms: symmetric scores
+        else:
+            q = self.query_role(self._heads(q_raw, self.n_heads), offset)
+
+        if cache is None:
+            k, v = k_new, v_src
+        elif self.kv_shared:
+            # Store the raw shared tensor once; derive the key role on read.
+            cache.write(offset, k_src)
+            s_all, _ = cache.read(offset + T)
+            k = self.key_role(s_all, 0) if self.key_transformed else s_all
+            v = s_all
+        else:
+            cache.write(offset, k_new, v_src)
+            k, v = cache.read(offset + T)
+
+        bias = None
+        if self.pos2d is not None:
+            q = q * self.pos2d.score_scale().to(q.dtype)
+            bias = self.pos2d.additive(offset, T, k.shape[2])
+
+        backend_name = "reference" if need_weights else self.backend
+        res: AttentionOutput = get_backend(backend_name)(
+            q,
+            k,
+            v,
+            causal=self.causal,
+            q_offset=offset,
+            key_padding_mask=padding_mask,
+            bias=bias,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            scale=self.scale,
+            need_weights=need_weights,
+        )
+        y = self.o_proj(res.out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return (y, res) if need_weights else y
+
+    def extra_repr(self) -> str:
+        return (
+            f"variant={self.variant.id!r} ({self.variant.paper_name}), heads={self.n_heads}, "
+            f"kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, causal={self.causal}, backend={self.backend!r}"
+        )
+
+
+def check_padding_mask(mask: torch.Tensor | None, B: int, S: int) -> torch.Tensor | None:
+    """Validate a ``(B, S)`` key padding mask (True = real token)."""
+    if mask is None:
+        return None
+    if mask.shape != (B, S):
+        raise ConfigError(
+            f"padding_mask has shape {tuple(mask.shape)} but must be (batch, keys) = ({B}, {S}), "
+            "True for real tokens."
+        )
+    return mask.to(torch.bool)

@@ -1,0 +1,153 @@
+"""Model checkpoints in safetensors: atomic writes, no unpickling, variant checked on load.
+
+A file holds the weights (tied weights stored once) and, in its metadata, the model
+family and resolved config as JSON, so :func:`load_model` rebuilds the model with
+nothing else. Writes go to a temporary file in the same folder, are flushed to disk
+and renamed over the target, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qkvlab.errors import ConfigError
+
+FORMAT = "qkvlab/1"
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` then fsync and rename ``tmp_path`` over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model`` (weights + config) to ``path`` atomically; returns the path."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise ConfigError("save_model needs a qkvlab model (with a .config); got " + type(model).__name__)
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    meta = {
+        "format": FORMAT,
+        "family": config.family,
+        "config": json.dumps(config.to_dict()),
+        "aliases": json.dumps(aliases),
+        **(metadata or {}),
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return Path(path)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a qkvlab checkpoint; clear errors for missing or foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"No checkpoint file at {str(path)!r}; check the path (it should be a .safetensors file).")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(
+            f"Cannot read checkpoint {str(path)!r}: it is corrupt or not a safetensors file ({e}). "
+            "Re-save it with qkvlab.save_model or restore it from a backup."
+        ) from None
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise ConfigError(
+            f"{str(path)!r} is a safetensors file but not a qkvlab checkpoint (no qkvlab config in its "
+            "metadata); convert it or load the weights yourself."
+        )
+    return meta
+
+
+def _load_tensors(path: Path, meta: dict[str, str], device: str | torch.device) -> dict[str, torch.Tensor]:
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"Cannot read the tensors of checkpoint {str(path)!r}: {e}. The file is corrupt.") from None
+    for alias, target in json.loads(meta.get("aliases", "{}")).items():
+        tensors[alias] = tensors[target]
+    return tensors
+
+
+def checkpoint_config(path: str | os.PathLike):
+    """The resolved model config stored in a checkpoint."""
+    from qkvlab.models.config import CONFIG_TYPES
+
+    meta = read_metadata(path)
+    family = meta.get("family")
+    if family not in CONFIG_TYPES:
+        raise ConfigError(f"Checkpoint {str(path)!r} names unknown model family {family!r}.")
+    return CONFIG_TYPES[family].from_dict(json.loads(meta["config"]))
+
+
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model stored at ``path`` and load its weights (no code is unpickled)."""
+    from qkvlab.models import build_model
+
+    config = checkpoint_config(path)
+    with torch.device(device):
+        model = build_model(config)
+    load_into(model, path, device=device)
+    return model
+
+
+def load_into(model: nn.Module, path: str | os.PathLike, *, device: str | torch.device | None = None) -> nn.Module:
+    """Load the weights at ``path`` into ``model``; refuse a checkpoint of another variant or shape."""
+    path = Path(path)
+    meta = read_metadata(path)
+    stored = json.loads(meta["config"])
+    cfg = model.config
+    if meta.get("family") != cfg.family:
+        raise ConfigError(f"Checkpoint {str(path)!r} holds a {meta.get('family')!r} model, not a {cfg.family!r} one.")
+    from qkvlab.attention.variant import VariantSpec
+
+    ck_variant = VariantSpec.parse(stored["variant"])
+    if ck_variant != cfg.variant:
+        raise ConfigError(
+            f"Checkpoint {str(path)!r} holds variant {ck_variant.id!r} ({ck_variant.paper_name}) but the model "
+            f"is {cfg.variant.id!r} ({cfg.variant.paper_name}). Build the model from the checkpoint with "
+            "qkvlab.load_model(path), or create it with the checkpoint's variant."
+        )
+    if device is None:
+        device = next(model.parameters()).device
+    tensors = _load_tensors(path, meta, device)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    bad_shape = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
+    if missing or unexpected or bad_shape:
+        raise ConfigError(
+            f"Checkpoint {str(path)!r} does not fit this model: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, shape mismatch {bad_shape[:5]}. The model config differs from the "
+            "checkpoint's; use qkvlab.load_model(path) to build the matching model."
+        )
+    model.load_state_dict(tensors, strict=True)
+    return model

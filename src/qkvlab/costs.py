@@ -1,0 +1,145 @@
+"""Costs of a variant, computed from the built model and from allocated caches.
+
+Parameters are counted on the model itself (built on the ``meta`` device, so even the
+1.2B preset costs no memory); KV-cache bytes per token are given both analytically and
+as measured from a really allocated :class:`KVCache`. Multiply-accumulates follow the
+paper's counting rule (PAPER.md 2.5.2), generalised to any sharing and head count:
+
+=============================== ===========================================
+projections, per layer          L * d * (sum of the group output widths)
+output projection, per layer    L * (Hq * D) * d
+q k^T and A v, per layer        L^2 * (Hq * D) each (no causal halving)
+2D fix, per layer               L * Hq * D (query scaled by sum w) + L * m
+MLP, per layer                  2 * L * d * d_ff (GELU), 3 * L * d * d_ff (SwiGLU)
+LM head                         L * d * V
+=============================== ===========================================
+
+Norms, RoPE, softmax and biases are not counted, as in the paper.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from qkvlab.attention.cache import KVCache
+from qkvlab.attention.module import Attention
+from qkvlab.attention.variant import VariantSpec
+from qkvlab.models.config import GPTConfig, TransformerConfig
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    """Parameter counts (each shared tensor once): total, attention, embedding, mlp, norm, other."""
+    seen: set[int] = set()
+
+    def n(params) -> int:
+        total = 0
+        for p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        return total
+
+    attention = n(p for m in model.modules() if isinstance(m, Attention) for p in m.parameters())
+    mlp = n(p for name, m in model.named_modules() if name.endswith(".mlp") for p in m.parameters())
+    embedding = n(
+        p for name, m in model.named_modules() if isinstance(m, nn.Embedding) for p in m.parameters()
+    )
+    norm = n(
+        p
+        for m in model.modules()
+        if isinstance(m, nn.LayerNorm) or type(m).__name__ == "RMSNorm"
+        for p in m.parameters()
+    )
+    other = n(model.parameters())
+    total = attention + mlp + embedding + norm + other
+    return {"total": total, "attention": attention, "embedding": embedding, "mlp": mlp, "norm": norm, "other": other}
+
+
+def macs(cfg: TransformerConfig, seq_len: int, *, vocab_size: int | None = None) -> dict[str, int]:
+    """Multiply-accumulates of one forward pass over ``seq_len`` tokens (batch 1)."""
+    L, d, D, Hq = seq_len, cfg.d_model, cfg.head_dim, cfg.n_heads
+    v: VariantSpec = cfg.variant
+    n_kv = cfg.n_kv_heads
+    widths = sum((Hq if "q" in g else n_kv) * D for g in v.groups)
+    proj = L * d * widths
+    out = L * Hq * D * d
+    scores = 2 * L * L * Hq * D
+    fix = (L * Hq * D + L * cfg.pos2d_channels) if v.pos2d else 0
+    mlp = (2 if cfg.mlp == "gelu" else 3) * L * d * cfg.d_ff
+    per_layer_attn = proj + out + scores + fix
+    vocab = vocab_size if vocab_size is not None else getattr(cfg, "vocab_size", 0)
+    head = L * d * vocab
+    attention = cfg.n_layers * per_layer_attn
+    total = attention + cfg.n_layers * mlp + head
+    return {
+        "total": total,
+        "attention": attention,
+        "projections": cfg.n_layers * proj,
+        "scores": cfg.n_layers * scores,
+        "mlp": cfg.n_layers * mlp,
+        "head": head,
+    }
+
+
+def build_on_meta(cfg: TransformerConfig) -> nn.Module:
+    from qkvlab.models import build_model
+
+    with torch.device("meta"):
+        return build_model(cfg)
+
+
+def variant_costs(
+    base: GPTConfig,
+    variants: list[str | VariantSpec],
+    *,
+    seq_len: int | None = None,
+    context: int = 32768,
+    dtype: torch.dtype = torch.bfloat16,
+    measure_len: int = 16,
+) -> list[dict[str, Any]]:
+    """One row of costs per variant, on the shape of ``base``.
+
+    ``cache_reduction`` is relative to QKV (MHA, same shape and positions) and is computed
+    from the measured cache bytes.
+    """
+    seq_len = seq_len or base.max_seq_len
+    baseline = None
+    rows = []
+    qkv_cfg = base.replace(variant=VariantSpec("q_k_v", pos=base.variant.pos).to_dict())
+    for spec in [qkv_cfg.variant, *variants]:
+        parsed = VariantSpec.parse(spec)
+        if parsed.pos is None:
+            parsed = parsed.replace(pos=base.variant.pos)
+        cfg = base.replace(variant=parsed.to_dict())
+        model = build_on_meta(cfg)
+        params = count_params(model)
+        cache = KVCache(model.cache_layout(), batch_size=1, max_len=measure_len, dtype=dtype)
+        measured = cache.measured_bytes_per_token
+        m = macs(cfg, seq_len)
+        row = {
+            "variant": cfg.variant.paper_name,
+            "id": cfg.variant.id,
+            "params_total": params["total"],
+            "params_attention": params["attention"],
+            "seq_len": seq_len,
+            "macs": m["total"],
+            "macs_attention": m["attention"],
+            "cached_tensors_per_layer": cache.layout.tensors_per_layer,
+            "cache_tensors_allocated": cache.n_tensors,
+            "kv_cache_bytes_per_token": cache.bytes_per_token,
+            "kv_cache_bytes_per_token_measured": measured,
+            "context": context,
+            "kv_cache_bytes_at_context": int(measured * context),
+            "dtype": str(dtype).removeprefix("torch."),
+        }
+        if baseline is None:
+            baseline = row
+            continue
+        row["cache_reduction"] = 1.0 - measured / baseline["kv_cache_bytes_per_token_measured"]
+        row["params_change"] = row["params_total"] / baseline["params_total"] - 1.0
+        row["macs_change"] = row["macs"] / baseline["macs"] - 1.0
+        rows.append(row)
+    return rows

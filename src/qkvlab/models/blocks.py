@@ -1,0 +1,139 @@
+"""Blocks shared by every model family: norms, MLPs, the pre-norm block and the backbone."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from qkvlab.attention.backends import AttentionOutput
+from qkvlab.attention.cache import CacheLayout, KVCache
+from qkvlab.attention.module import Attention, check_padding_mask
+from qkvlab.attention.positional import RMSNorm, Rotary
+from qkvlab.errors import ConfigError
+from qkvlab.models.config import TransformerConfig
+
+
+def make_norm(cfg: TransformerConfig) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+    return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+class MLP(nn.Module):
+    """GELU MLP (GPT-2) or SwiGLU (Shazeer, 2020; LLaMA)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.mlp == "swiglu" else None
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.act = nn.GELU() if cfg.mlp == "gelu" else nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.up(x)) if self.gate is None else self.act(self.gate(x)) * self.up(x)
+        return self.down(h)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, cfg: TransformerConfig, rotary: Rotary | None = None):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.variant,
+            head_dim=cfg.head_dim,
+            causal=cfg.causal,
+            bias=cfg.bias,
+            attn_dropout=cfg.attn_dropout,
+            max_seq_len=cfg.max_seq_len,
+            rotary=rotary,
+            rope_theta=cfg.rope_theta,
+            pos2d_channels=cfg.pos2d_channels,
+            backend=cfg.backend,
+        )
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, *, offset=0, cache=None, padding_mask=None, need_weights=False):
+        a = self.attn(self.norm1(x), offset=offset, cache=cache, padding_mask=padding_mask, need_weights=need_weights)
+        a, info = a if need_weights else (a, None)
+        x = x + self.drop(a)
+        x = x + self.drop(self.mlp(self.norm2(x)))
+        return (x, info) if need_weights else x
+
+
+class Backbone(nn.Module):
+    """Embeddings in, hidden states out: learned positions (if any), blocks, final norm.
+
+    ``forward(x, offset=0, cache=None, padding_mask=None, need_weights=False)`` takes token
+    embeddings ``x`` of shape ``(B, T, d_model)`` at positions ``offset .. offset+T-1``.
+    With a :class:`KVCache` the offset is the cache's length and the cache advances by T.
+    """
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        pos = cfg.variant.pos
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model) if pos == "learned" else None
+        rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if pos == "rope" else None
+        self.drop = nn.Dropout(cfg.emb_dropout)
+        self.blocks = nn.ModuleList(Block(cfg, rotary) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+
+    def cache_layout(self) -> CacheLayout:
+        return CacheLayout(self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim, self.cfg.variant.kv_shared)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+    ):
+        B, T, _ = x.shape
+        offset = 0
+        if cache is not None:
+            cache.check_compatible(self.cache_layout(), B, x.device)
+            cache.check_room(T)
+            offset = cache.length
+        if offset + T > self.cfg.max_seq_len:
+            raise ConfigError(
+                f"Sequence of {offset + T} positions ({offset} cached + {T} new) exceeds the model's "
+                f"max_seq_len={self.cfg.max_seq_len}; truncate the input or build the model with a "
+                "larger max_seq_len."
+            )
+        padding_mask = check_padding_mask(padding_mask, B, offset + T)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(offset, offset + T, device=x.device))
+        x = self.drop(x)
+        infos: list[AttentionOutput] = []
+        for i, block in enumerate(self.blocks):
+            layer_cache = cache.layers[i] if cache is not None else None
+            x = block(x, offset=offset, cache=layer_cache, padding_mask=padding_mask, need_weights=need_weights)
+            if need_weights:
+                x, info = x
+                infos.append(info)
+        if cache is not None:
+            cache.advance(T)
+        x = self.norm(x)
+        return (x, infos) if need_weights else x
+
+
+def init_weights(model: nn.Module, cfg: TransformerConfig) -> None:
+    """GPT-2 init: N(0, 0.02) weights, zero biases, output projections scaled by 1/sqrt(2L)."""
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            std = cfg.init_std
+            if name.endswith("o_proj.weight") or name.endswith("mlp.down.weight"):
+                std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+            nn.init.normal_(p, mean=0.0, std=std)
+        elif name.endswith(".bias") and "pos2d" not in name:
+            nn.init.zeros_(p)

@@ -1,0 +1,215 @@
+"""Model configs: plain dataclasses that validate themselves and round-trip through dicts.
+
+``TransformerConfig`` holds what every family shares (shape, variant, recipe); each
+family adds its own fields. A recipe fills in defaults that are left as ``None``:
+
+======== ========= ====== ====== ========= ====================
+recipe   norm      MLP    bias   positions tied embeddings (GPT)
+======== ========= ====== ====== ========= ====================
+gpt2     LayerNorm GELU   yes    learned   yes   (the paper's setup)
+llama    RMSNorm   SwiGLU no     rope      no
+======== ========= ====== ====== ========= ====================
+
+A positional scheme named in the variant (``"q_kv+rope"``) wins over the recipe's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from qkvlab.attention.variant import VariantSpec
+from qkvlab.errors import ConfigError
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "gpt2": {"norm": "layernorm", "mlp": "gelu", "bias": True, "pos": "learned", "tie_embeddings": True},
+    "llama": {"norm": "rmsnorm", "mlp": "swiglu", "bias": False, "pos": "rope", "tie_embeddings": False},
+}
+
+
+def swiglu_hidden(d_model: int, multiple_of: int = 64) -> int:
+    """SwiGLU width with about the parameters of a 4*d GELU MLP: 8/3 d, rounded up."""
+    h = int(8 * d_model / 3)
+    return multiple_of * ((h + multiple_of - 1) // multiple_of)
+
+
+@dataclass
+class TransformerConfig:
+    """Shape and variant of a transformer backbone.
+
+    Args:
+        n_layers, d_model, n_heads: the usual.
+        head_dim: width per head; default ``d_model // n_heads``.
+        d_ff: MLP hidden width; default ``4 * d_model`` (GELU) or :func:`swiglu_hidden` (SwiGLU).
+        variant: a :class:`VariantSpec` or a string such as ``"Q-K=V"`` or ``"q_kv+gqa4"``.
+        recipe: ``"gpt2"`` or ``"llama"`` (see module docstring).
+        max_seq_len: longest sequence the model (and its caches) can hold.
+        dropout: residual dropout; ``attn_dropout`` on attention probabilities;
+            ``emb_dropout`` after the embedding.
+        norm, mlp, bias: override the recipe's choice.
+        backend: attention backend from the registry (``"sdpa"``, ``"reference"``).
+    """
+
+    causal: ClassVar[bool] = True
+    family: ClassVar[str] = "transformer"
+
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 4
+    head_dim: int | None = None
+    d_ff: int | None = None
+    variant: VariantSpec | str | dict = field(default_factory=VariantSpec)
+    recipe: str = "gpt2"
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    emb_dropout: float = 0.0
+    norm: str | None = None
+    mlp: str | None = None
+    bias: bool | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    pos2d_channels: int = 10
+    init_std: float = 0.02
+    backend: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"Unknown recipe {self.recipe!r}; use one of {', '.join(RECIPES)}.")
+        for name in ("n_layers", "d_model", "n_heads", "max_seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}.")
+        defaults = RECIPES[self.recipe]
+        if self.norm is None:
+            self.norm = defaults["norm"]
+        if self.mlp is None:
+            self.mlp = defaults["mlp"]
+        if self.bias is None:
+            self.bias = defaults["bias"]
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ConfigError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}.")
+        if self.mlp not in ("gelu", "swiglu"):
+            raise ConfigError(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}.")
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ConfigError(
+                    f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                    "set head_dim explicitly or change n_heads."
+                )
+            self.head_dim = self.d_model // self.n_heads
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model if self.mlp == "gelu" else swiglu_hidden(self.d_model)
+        variant = VariantSpec.parse(self.variant)
+        if variant.pos is None:
+            variant = variant.replace(pos=self.default_pos())
+        if variant.n_kv_heads == self.n_heads:
+            variant = variant.replace(n_kv_heads=None)
+        if variant.pos == "rope" and self.head_dim % 2:
+            raise ConfigError(f"RoPE needs an even head_dim, got {self.head_dim}; use pos 'learned' or 'none'.")
+        variant.validate(n_heads=self.n_heads, head_dim=self.head_dim, d_model=self.d_model, causal=self.causal)
+        self.variant = variant
+
+    def default_pos(self) -> str:
+        return RECIPES[self.recipe]["pos"]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.variant.kv_heads(self.n_heads)
+
+    # --------------------------------------------------------------- dict I/O
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["variant"] = self.variant.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TransformerConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"Unknown {cls.__name__} field(s): {sorted(unknown)}. Known: {sorted(names)}.")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> TransformerConfig:
+        d = self.to_dict()
+        d.update(changes)
+        return type(self).from_dict(d)
+
+
+@dataclass
+class GPTConfig(TransformerConfig):
+    """Causal decoder language model. ``tie_embeddings`` defaults to the recipe's choice."""
+
+    family: ClassVar[str] = "gpt"
+    vocab_size: int = 50304
+    tie_embeddings: bool | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tie_embeddings is None:
+            self.tie_embeddings = RECIPES[self.recipe]["tie_embeddings"]
+
+
+@dataclass
+class EncoderConfig(TransformerConfig):
+    """Non-causal sequence encoder that labels every token (synthetic tasks)."""
+
+    causal: ClassVar[bool] = False
+    family: ClassVar[str] = "encoder"
+    vocab_size: int = 16
+    n_labels: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_labels is None:
+            self.n_labels = self.vocab_size
+
+
+@dataclass
+class ViTConfig(TransformerConfig):
+    """Vision transformer classifier: patches + a class token, non-causal."""
+
+    causal: ClassVar[bool] = False
+    family: ClassVar[str] = "vit"
+    image_size: int = 28
+    patch_size: int = 4
+    channels: int = 1
+    n_classes: int = 10
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}; "
+                "pick a patch size that tiles the image."
+            )
+        n_tokens = (self.image_size // self.patch_size) ** 2 + 1
+        if self.max_seq_len < n_tokens:
+            self.max_seq_len = n_tokens
+        super().__post_init__()
+
+
+@dataclass
+class SetConfig(TransformerConfig):
+    """Permutation-equivariant set encoder (no positions) scoring each element."""
+
+    causal: ClassVar[bool] = False
+    family: ClassVar[str] = "set"
+    in_features: int = 512
+
+    def default_pos(self) -> str:
+        return "none"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.variant.pos != "none" or self.variant.pos2d:
+            raise ConfigError(
+                f"A set encoder must be permutation-equivariant, so it takes no positions; got variant "
+                f"{self.variant.id!r}. Drop the positional scheme / '2d' from the variant."
+            )
+
+
+CONFIG_TYPES: dict[str, type[TransformerConfig]] = {
+    c.family: c for c in (GPTConfig, EncoderConfig, ViTConfig, SetConfig)
+}

@@ -1,0 +1,143 @@
+"""GPT decoder language model with KV-cached generation.
+
+Two recipes share this code (see :mod:`qkvlab.models.config`): ``gpt2`` is the paper's
+setup (LayerNorm, GELU, learned positions, biases, tied embeddings) and ``llama`` the
+modern one (RMSNorm, SwiGLU, RoPE, no biases).
+
+Example::
+
+    model = GPT(GPTConfig(variant="Q-K=V", vocab_size=256))
+    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=20)  # cached by default
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qkvlab.attention.cache import CacheLayout, KVCache
+from qkvlab.errors import ConfigError
+from qkvlab.models.blocks import Backbone, init_weights
+from qkvlab.models.config import GPTConfig
+
+
+class GPT(nn.Module):
+    """Causal language model. ``forward(idx)`` with ``idx`` ``(B, T)`` returns logits ``(B, T, V)``."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.backbone = Backbone(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        init_weights(self, config)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # Press & Wolf (2017)
+
+    def cache_layout(self) -> CacheLayout:
+        return self.backbone.cache_layout()
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+    ):
+        """Logits for ``idx``; with ``cache`` the tokens continue the cached prefix.
+
+        ``padding_mask`` is ``(B, cached + T)`` bool, True for real tokens (keys).
+        With ``need_weights`` returns ``(logits, [AttentionOutput per layer])``.
+        """
+        if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ConfigError(
+                f"GPT expects token ids of shape (batch, seq) and integer dtype, got shape "
+                f"{tuple(idx.shape)} and dtype {idx.dtype}."
+            )
+        h = self.backbone(self.wte(idx), cache=cache, padding_mask=padding_mask, need_weights=need_weights)
+        if need_weights:
+            h, infos = h
+            return self.lm_head(h), infos
+        return self.lm_head(h)
+
+    # ------------------------------------------------------------- generation
+    def new_cache(self, batch_size: int, max_len: int | None = None, **kw) -> KVCache:
+        return KVCache.for_model(self, batch_size, max_len, **kw)
+
+    @torch.no_grad()
+    def prefill(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run the prompt through the model, filling ``cache``; returns the last logits ``(B, V)``."""
+        if cache.length:
+            raise ConfigError("prefill needs an empty cache; call cache.reset() first.")
+        return self(idx, cache=cache)[:, -1]
+
+    @torch.no_grad()
+    def decode_one(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One step: ``token`` ``(B,)`` or ``(B, 1)`` at position ``cache.length``; returns ``(B, V)``."""
+        return self(token.view(-1, 1), cache=cache)[:, -1]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        cache: KVCache | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Extend ``idx`` ``(B, T)`` by ``max_new_tokens``; returns ``(B, T + max_new_tokens)``.
+
+        ``temperature=0`` is greedy; otherwise sample from ``softmax(logits / temperature)``,
+        restricted to the ``top_k`` most likely tokens if given. Cached decoding is the
+        default; ``use_cache=False`` recomputes the whole prefix each step (for checks).
+        """
+        B, T = idx.shape
+        total = T + max_new_tokens
+        if max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+        if total > self.config.max_seq_len:
+            raise ConfigError(
+                f"Prompt of {T} tokens + {max_new_tokens} new = {total} exceeds max_seq_len="
+                f"{self.config.max_seq_len}; shorten the prompt or generate fewer tokens."
+            )
+        if top_k is not None and top_k < 1:
+            raise ConfigError(f"top_k must be >= 1, got {top_k}.")
+        if temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {temperature}.")
+        out = torch.empty(B, total, dtype=idx.dtype, device=idx.device)
+        out[:, :T] = idx
+        if max_new_tokens == 0:
+            return out
+        if use_cache:
+            if cache is None:
+                cache = self.new_cache(B, total)
+            else:
+                cache.reset()
+            logits = self.prefill(idx, cache)
+        else:
+            logits = self(idx)[:, -1]
+        for t in range(T, total):
+            nxt = sample(logits, temperature=temperature, top_k=top_k, generator=generator)
+            out[:, t] = nxt
+            if t + 1 == total:
+                break
+            logits = self.decode_one(nxt, cache) if use_cache else self(out[:, : t + 1])[:, -1]
+        return out
+
+
+def sample(
+    logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Next token ``(B,)`` from logits ``(B, V)``: greedy at temperature 0, else sampled."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,68 @@
+"""Named model presets: the paper's two LM shapes and a size ladder for both recipes.
+
+Ladder names give the approximate *non-embedding* parameter count (Kaplan et al., 2020),
+which does not depend on the tokenizer; with the GPT-2 vocabulary the top rung is about
+355M parameters in all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qkvlab.errors import ConfigError
+from qkvlab.models.config import GPTConfig
+
+_PAPER = {
+    # PAPER.md 2.4: layers / d / heads (head dim 64) / FFN; vocab 50,304; 2048 context.
+    "paper-300m": dict(n_layers=20, d_model=1024, n_heads=16, d_ff=4096, dropout=0.1),
+    "paper-1.2b": dict(n_layers=22, d_model=2048, n_heads=32, d_ff=8192, dropout=0.1),
+}
+
+# (name suffix, n_layers, d_model, n_heads); n_heads divisible by 4 so GQA-4 fits every rung.
+_LADDER = [
+    ("1m", 5, 128, 4),
+    ("3m", 7, 192, 4),
+    ("10m", 12, 256, 4),
+    ("30m", 10, 512, 8),
+    ("85m", 12, 768, 12),
+    ("300m", 24, 1024, 16),
+]
+
+#: The variants the paper ran at each preset; ladder rungs use the 300M list.
+PAPER_VARIANTS = {
+    "paper-300m": ["QKV", "Q-K=V", "Q=K-V", "Q=K=V", "GQA-4", "MQA", "Q-GQA-4", "Q-MQA"],
+    "paper-1.2b": ["QKV", "Q-K=V", "GQA-8", "MQA", "Q-GQA-8", "Q-MQA"],
+}
+
+
+def _build() -> dict[str, dict[str, Any]]:
+    presets: dict[str, dict[str, Any]] = {}
+    for name, shape in _PAPER.items():
+        presets[name] = dict(recipe="gpt2", vocab_size=50304, max_seq_len=2048, **shape)
+    for recipe in ("gpt2", "llama"):
+        for suffix, n_layers, d_model, n_heads in _LADDER:
+            presets[f"{recipe}-{suffix}"] = dict(
+                recipe=recipe, n_layers=n_layers, d_model=d_model, n_heads=n_heads, vocab_size=50304, max_seq_len=1024
+            )
+    presets["tiny"] = dict(recipe="gpt2", n_layers=2, d_model=64, n_heads=4, vocab_size=256, max_seq_len=256)
+    presets["tiny-llama"] = dict(recipe="llama", n_layers=2, d_model=64, n_heads=4, vocab_size=256, max_seq_len=256)
+    return presets
+
+
+PRESETS: dict[str, dict[str, Any]] = _build()
+
+
+def list_presets() -> list[str]:
+    return list(PRESETS)
+
+
+def get_preset(name: str, **overrides: Any) -> GPTConfig:
+    """A :class:`GPTConfig` for preset ``name``; keyword overrides win (e.g. ``variant="Q-K=V"``)."""
+    if name not in PRESETS:
+        raise ConfigError(f"Unknown preset {name!r}; available: {', '.join(PRESETS)}.")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+def paper_variants(name: str) -> list[str]:
+    """Default variant list for a preset: the paper's own list, else the 300M one."""
+    return list(PAPER_VARIANTS.get(name, PAPER_VARIANTS["paper-300m"]))

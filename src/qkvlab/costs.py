@@ -44,9 +44,7 @@ def count_params(model: nn.Module) -> dict[str, int]:
 
     attention = n(p for m in model.modules() if isinstance(m, Attention) for p in m.parameters())
     mlp = n(p for name, m in model.named_modules() if name.endswith(".mlp") for p in m.parameters())
-    embedding = n(
-        p for name, m in model.named_modules() if isinstance(m, nn.Embedding) for p in m.parameters()
-    )
+    embedding = n(p for name, m in model.named_modules() if isinstance(m, nn.Embedding) for p in m.parameters())
     norm = n(
         p
         for m in model.modules()

@@ -8,12 +8,12 @@ from qkvlab.attention.projections import ProjectionStrategy
 from qkvlab.attention.variant import PAPER_LM_VARIANTS, VariantSpec, parse_variant
 
 __all__ = [
+    "PAPER_LM_VARIANTS",
     "Attention",
     "AttentionOutput",
     "CacheLayout",
     "KVCache",
     "LayerKVCache",
-    "PAPER_LM_VARIANTS",
     "Pos2DFix",
     "ProjectionStrategy",
     "RMSNorm",

@@ -183,7 +183,6 @@ def check_padding_mask(mask: torch.Tensor | None, B: int, S: int) -> torch.Tenso
         return None
     if mask.shape != (B, S):
         raise ConfigError(
-            f"padding_mask has shape {tuple(mask.shape)} but must be (batch, keys) = ({B}, {S}), "
-            "True for real tokens."
+            f"padding_mask has shape {tuple(mask.shape)} but must be (batch, keys) = ({B}, {S}), True for real tokens."
         )
     return mask.to(torch.bool)

@@ -111,9 +111,7 @@ class VariantSpec:
         if self.n_kv_heads is not None and (
             isinstance(self.n_kv_heads, bool) or not isinstance(self.n_kv_heads, int) or self.n_kv_heads < 1
         ):
-            raise ConfigError(
-                f"n_kv_heads must be a positive integer or None (MHA), got {self.n_kv_heads!r}."
-            )
+            raise ConfigError(f"n_kv_heads must be a positive integer or None (MHA), got {self.n_kv_heads!r}.")
         if self.pos is not None and self.pos not in POSITIONAL_SCHEMES:
             raise ConfigError(
                 f"Unknown positional scheme {self.pos!r}; use one of {', '.join(POSITIONAL_SCHEMES)} "
@@ -209,9 +207,7 @@ class VariantSpec:
     @property
     def paper_name(self) -> str:
         """The paper's notation for sharing, head sharing and the 2D fix (e.g. ``Q-GQA-4``)."""
-        base = SHARING_PAPER_NAMES.get(self.sharing) or "-".join(
-            "=".join(r.upper() for r in g) for g in self.groups
-        )
+        base = SHARING_PAPER_NAMES.get(self.sharing) or "-".join("=".join(r.upper() for r in g) for g in self.groups)
         g = self.n_kv_heads
         if g is not None:
             heads = "MQA" if g == 1 else f"GQA-{g}"

@@ -32,10 +32,10 @@ def build_model(config: TransformerConfig) -> nn.Module:
 __all__ = [
     "CONFIG_TYPES",
     "GPT",
-    "EncoderConfig",
-    "GPTConfig",
     "MODEL_TYPES",
     "PRESETS",
+    "EncoderConfig",
+    "GPTConfig",
     "SequenceEncoder",
     "SetConfig",
     "SetEncoder",

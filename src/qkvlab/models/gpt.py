@@ -130,7 +130,11 @@ class GPT(nn.Module):
 
 
 def sample(
-    logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Next token ``(B,)`` from logits ``(B, V)``: greedy at temperature 0, else sampled."""
     if temperature == 0:

@@ -44,8 +44,8 @@ def _build() -> dict[str, dict[str, Any]]:
             presets[f"{recipe}-{suffix}"] = dict(
                 recipe=recipe, n_layers=n_layers, d_model=d_model, n_heads=n_heads, vocab_size=50304, max_seq_len=1024
             )
-    presets["tiny"] = dict(recipe="gpt2", n_layers=2, d_model=64, n_heads=4, vocab_size=256, max_seq_len=256)
-    presets["tiny-llama"] = dict(recipe="llama", n_layers=2, d_model=64, n_heads=4, vocab_size=256, max_seq_len=256)
+    presets["tiny"] = dict(recipe="gpt2", n_layers=2, d_model=64, n_heads=8, vocab_size=256, max_seq_len=256)
+    presets["tiny-llama"] = dict(recipe="llama", n_layers=2, d_model=64, n_heads=8, vocab_size=256, max_seq_len=256)
     return presets
 
 

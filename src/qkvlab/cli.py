@@ -1,0 +1,179 @@
+"""The ``qkvlab`` command line.
+
+Commands: ``variants`` (cost table of a preset's variants), ``presets`` (list the named
+shapes), ``demo`` (the main job). A user's mistake prints one line and exits with 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from qkvlab.errors import ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+console = Console() if sys.stdout.isatty() else Console(width=170)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"Unknown dtype {name!r}; use one of {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
+def _split_variants(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    out: list[str] = []
+    for v in values:
+        out.extend(p.strip() for p in v.split(",") if p.strip())
+    return out
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def variants_table(rows: list[dict], title: str) -> Table:
+    ctx = rows[0]["context"] if rows else 0
+    seq = rows[0]["seq_len"] if rows else 0
+    table = Table(title=title, title_justify="left")
+    for col, just in [
+        ("variant", "left"),
+        ("id", "left"),
+        ("params", "right"),
+        ("attn params", "right"),
+        (f"GMACs @{seq}", "right"),
+        ("cached/layer", "right"),
+        ("KV B/token", "right"),
+        ("measured", "right"),
+        (f"KV @{ctx // 1024}k", "right"),
+        ("cache vs QKV", "right"),
+    ]:
+        table.add_column(col, justify=just)
+    for r in rows:
+        table.add_row(
+            r["variant"],
+            r["id"],
+            f"{r['params_total']:,}",
+            f"{r['params_attention']:,}",
+            f"{r['macs'] / 1e9:,.2f}",
+            f"{r['cached_tensors_per_layer']}",
+            f"{r['kv_cache_bytes_per_token']:,}",
+            f"{r['kv_cache_bytes_per_token_measured']:,.0f}",
+            human_bytes(r["kv_cache_bytes_at_context"]),
+            f"-{100 * r['cache_reduction']:.4g}%" if r["cache_reduction"] else "0%",
+        )
+    return table
+
+
+@app.command()
+def variants(
+    preset: Annotated[str, typer.Option(help="Model shape: a preset name (see `qkvlab presets`).")] = "paper-300m",
+    variant: Annotated[
+        list[str] | None,
+        typer.Option("--variant", "-v", help="Variant(s), repeatable or comma-separated; default: the paper's."),
+    ] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Sequence length for MACs (default: the preset's).")] = None,
+    context: Annotated[int, typer.Option(help="Context length for the cache-size column.")] = 32768,
+    dtype: Annotated[str, typer.Option(help="Cache dtype: bf16, fp16 or fp32.")] = "bf16",
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
+) -> None:
+    """Parameters, MACs and KV-cache bytes (analytic and measured) per variant of a preset."""
+    from qkvlab.costs import variant_costs
+    from qkvlab.models import get_preset, paper_variants
+
+    names = _split_variants(variant) or paper_variants(preset)
+    base = get_preset(preset)
+    rows = variant_costs(base, names, seq_len=seq_len, context=context, dtype=_dtype(dtype))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    console.print(variants_table(rows, f"{preset}: costs per variant ({dtype} cache, measured from allocated tensors)"))
+
+
+@app.command()
+def presets() -> None:
+    """List the named model shapes."""
+    from qkvlab.costs import build_on_meta, count_params
+    from qkvlab.models import PRESETS, get_preset
+
+    table = Table(title="presets (parameters of the QKV variant; ladder names give non-embedding size)")
+    for col in ("name", "recipe", "layers", "d_model", "heads", "d_ff", "vocab", "max len", "params", "non-emb"):
+        table.add_column(col, justify="left" if col in ("name", "recipe") else "right")
+    for name in PRESETS:
+        cfg = get_preset(name)
+        p = count_params(build_on_meta(cfg))
+        non_emb = p["total"] - p["embedding"] - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
+        table.add_row(
+            name, cfg.recipe, str(cfg.n_layers), str(cfg.d_model), str(cfg.n_heads), str(cfg.d_ff),
+            f"{cfg.vocab_size:,}", str(cfg.max_seq_len), f"{p['total'] / 1e6:,.1f}M", f"{non_emb / 1e6:,.2f}M",
+        )  # fmt: skip
+    console.print(table)
+
+
+@app.command()
+def demo(
+    preset: Annotated[str, typer.Option(help="Preset for the cost table.")] = "paper-300m",
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per variant.")] = 48,
+    seed: Annotated[int, typer.Option(help="Random seed for the tiny models.")] = 0,
+) -> None:
+    """The main job: the paper's variant-cost table, then cached generation per variant.
+
+    Each variant gets a tiny random GPT (gpt2 recipe); its cached greedy decode is checked
+    against full recomputation, and tokens/s and cache bytes are measured.
+    """
+    from qkvlab.models import GPT, get_preset, paper_variants
+
+    variants(preset=preset, variant=None, seq_len=None, context=32768, dtype="bf16", as_json=False)
+    table = Table(title="cached generation, tiny random GPT (2 layers, d=64, 8 heads), CPU, fp32")
+    for col in ("variant", "cache tensors", "cache bytes", "B/token", "tokens/s", "cached == full recompute"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    prompt = torch.arange(16).view(1, -1) % 256
+    ok_all = True
+    for name in paper_variants("paper-300m"):
+        torch.manual_seed(seed)
+        model = GPT(get_preset("tiny", variant=name)).eval()
+        cache = model.new_cache(1, prompt.shape[1] + new_tokens)
+        t0 = time.perf_counter()
+        out = model.generate(prompt, new_tokens, cache=cache)
+        dt = time.perf_counter() - t0
+        ref = model.generate(prompt, new_tokens, use_cache=False)
+        ok = torch.equal(out, ref)
+        ok_all &= ok
+        table.add_row(
+            model.config.variant.paper_name,
+            str(cache.n_tensors),
+            f"{cache.nbytes:,}",
+            f"{cache.measured_bytes_per_token:,.0f}",
+            f"{new_tokens / dt:,.0f}",
+            "yes" if ok else "NO",
+        )
+    console.print(table)
+    if not ok_all:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

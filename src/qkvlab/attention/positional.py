@@ -12,6 +12,11 @@ import torch
 from torch import nn
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Half-precision inputs are computed in float32; float32/float64 stay as they are."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dimension (Zhang & Sennrich, 2019)."""
 
@@ -21,9 +26,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        dt = _compute_dtype(x)
+        xf = x.to(dt)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * self.weight.to(dt)).to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -49,9 +55,10 @@ class Rotary(nn.Module):
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         T = x.shape[-2]
-        cos = self.cos[offset : offset + T]
-        sin = self.sin[offset : offset + T]
-        xf = x.float()
+        dt = _compute_dtype(x)
+        cos = self.cos[offset : offset + T].to(dt)
+        sin = self.sin[offset : offset + T].to(dt)
+        xf = x.to(dt)
         x1, x2 = xf.chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)
         return (xf * cos + rotated * sin).to(x.dtype)

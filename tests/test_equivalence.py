@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import GRID, N_HEADS, grid_ids, variant_id
 
+from conftest import GRID, N_HEADS, grid_ids, variant_id
 from qkvlab import GPT, EncoderConfig, GPTConfig, KVCache, SequenceEncoder
 from qkvlab.attention import Attention, VariantSpec
 from qkvlab.attention import backends as backends_mod
@@ -164,7 +164,7 @@ def test_pos2d_fix_breaks_symmetry_and_matches_materialised_reference(variant):
     logits = info.logits
     assert (logits - logits.transpose(-1, -2)).abs().max() > 1e-3
     # Materialised: S[..., None] + P, mixed by the 1x1 conv (m weights + bias).
-    q_raw, k_raw, _ = attn.qkv(x)
+    _, k_raw, _ = attn.qkv(x)
     k = attn.key_role(attn._heads(k_raw, attn.n_kv_heads), 0)
     S = (k @ k.transpose(-1, -2)) * attn.scale  # Q = K
     T = x.shape[1]

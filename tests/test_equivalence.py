@@ -277,3 +277,13 @@ def test_cache_reset_reuses_memory():
     a = model.generate(tokens(1, 4), 6, cache=cache)
     b = model.generate(a[:, :4], 6, cache=cache)
     assert torch.equal(a, b) and cache.layers[0].k.data_ptr() == ptr
+
+
+def test_generate_under_autocast_uses_an_autocast_dtype_cache():
+    model = tiny_gpt("q_kv+rope", "llama").float()
+    prompt = tokens(1, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model.new_cache(1, 12)
+        out = model.generate(prompt, 7, cache=cache)
+    assert cache.dtype == torch.bfloat16 and cache.length == 11
+    assert out.shape == (1, 12)

@@ -117,8 +117,14 @@ class KVCache:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> KVCache:
-        """Allocate a cache matching ``model.cache_layout()``; dtype/device default to the model's."""
+        """Allocate a cache matching ``model.cache_layout()``.
+
+        dtype and device default to the model's; inside ``torch.autocast`` the dtype defaults
+        to the autocast dtype, which is what the projections then produce.
+        """
         param = next(model.parameters())
+        if dtype is None and torch.is_autocast_enabled(param.device.type):
+            dtype = torch.get_autocast_dtype(param.device.type)
         max_len = max_len if max_len is not None else model.config.max_seq_len
         if max_len > model.config.max_seq_len:
             raise ConfigError(

@@ -1,0 +1,89 @@
+"""CUDA checks of the core path: cached decode, backends, cache allocation. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qkvlab import GPT, GPTConfig, KVCache
+from qkvlab.attention import Attention
+from qkvlab.attention import backends as backends_mod
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+VARIANTS = ["q_k_v", "q_kv", "qk_v", "qkv", "q_k_v+gqa2", "q_kv+gqa2", "q_kv+mqa"]
+TOL = {torch.float32: 2e-4, torch.bfloat16: 6e-2}
+
+
+def cuda_gpt(variant: str, recipe: str, dtype: torch.dtype) -> GPT:
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layers=2, d_model=128, n_heads=4, vocab_size=512, max_seq_len=256, recipe=recipe, variant=variant)
+    return GPT(cfg).to("cuda", dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("recipe", ["gpt2", "llama"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cuda_cached_decode_matches_full_forward(variant, recipe, dtype):
+    model = cuda_gpt(variant, recipe, dtype)
+    idx = torch.randint(0, 512, (2, 40), device="cuda")
+    with torch.no_grad():
+        full = model(idx).float()
+        cache = model.new_cache(2, 40)
+        steps = [model(idx[:, :32], cache=cache)]
+        steps += [model(idx[:, t : t + 1], cache=cache) for t in range(32, 40)]
+    got = torch.cat(steps, 1).float()
+    scale = full.abs().max().item()
+    assert (got - full).abs().max().item() <= TOL[dtype] * max(scale, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["q_kv+rope", "q_kv+gqa2+learned", "qkv+rope+qknorm", "(Q=K-V)+"])
+def test_cuda_sdpa_matches_reference(variant, dtype):
+    from qkvlab.attention import VariantSpec
+
+    spec = VariantSpec.parse(variant)
+    spec = spec if spec.pos else spec.replace(pos="learned")
+    attn = Attention(128, 4, spec, causal="(" not in variant, max_seq_len=256).to("cuda", dtype)
+    x = torch.randn(2, 100, 128, device="cuda", dtype=dtype)
+    outs = {}
+    for name in ("sdpa", "reference"):
+        attn.backend = name
+        outs[name] = attn(x).float()
+    scale = outs["reference"].abs().max().item()
+    assert (outs["sdpa"] - outs["reference"]).abs().max().item() <= TOL[dtype] * max(scale, 1.0)
+
+
+@pytest.mark.parametrize("variant, halves", [("q_k_v", False), ("q_kv", True), ("q_kv+mqa", True)])
+def test_cuda_cache_allocation_is_measured(variant, halves):
+    model = cuda_gpt(variant, "gpt2", torch.bfloat16)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    cache = KVCache.for_model(model, 4, 256)
+    after = torch.cuda.memory_allocated()
+    assert after - before == cache.nbytes == cache.bytes_per_token * 4 * 256
+    assert cache.n_tensors == 2 * (1 if halves else 2)
+
+
+def test_cuda_shared_kv_reaches_sdpa_as_one_tensor(monkeypatch):
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((k is v, k.shape[1]))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(backends_mod.F, "scaled_dot_product_attention", spy)
+    model = cuda_gpt("q_kv+gqa2", "gpt2", torch.bfloat16)
+    with torch.no_grad():
+        model.generate(torch.randint(0, 512, (1, 16), device="cuda"), 8)
+    assert seen and all(s == (True, 2) for s in seen)
+
+
+def test_cuda_generate_under_autocast():
+    model = cuda_gpt("q_kv+rope", "llama", torch.float32)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        cache = model.new_cache(1, 64)
+        out = model.generate(torch.randint(0, 512, (1, 16), device="cuda"), 16, cache=cache)
+    assert cache.dtype == torch.bfloat16 and out.shape == (1, 32)

@@ -18,11 +18,12 @@ _PAPER = {
     "paper-1.2b": dict(n_layers=22, d_model=2048, n_heads=32, d_ff=8192, dropout=0.1),
 }
 
-# (name suffix, n_layers, d_model, n_heads); n_heads divisible by 4 so GQA-4 fits every rung.
+# (name suffix, n_layers, d_model, n_heads); at least 8 heads, a multiple of 4, so that
+# GQA-4 is real grouping (4 KV heads < n_heads) on every rung.
 _LADDER = [
-    ("1m", 5, 128, 4),
-    ("3m", 7, 192, 4),
-    ("10m", 12, 256, 4),
+    ("1m", 5, 128, 8),
+    ("3m", 7, 192, 8),
+    ("10m", 12, 256, 8),
     ("30m", 10, 512, 8),
     ("85m", 12, 768, 12),
     ("300m", 24, 1024, 16),

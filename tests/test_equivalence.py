@@ -287,3 +287,20 @@ def test_generate_under_autocast_uses_an_autocast_dtype_cache():
         out = model.generate(prompt, 7, cache=cache)
     assert cache.dtype == torch.bfloat16 and cache.length == 11
     assert out.shape == (1, 12)
+
+
+def test_cache_for_a_meta_model_counts_tensors_by_identity():
+    from qkvlab.costs import build_on_meta
+
+    for variant, per_layer in (("q_k_v", 2), ("q_kv", 1)):
+        model = build_on_meta(GPTConfig(n_layers=3, d_model=32, n_heads=4, vocab_size=64, variant=variant))
+        cache = KVCache.for_model(model, 2, 8)
+        assert cache.device.type == "meta"
+        assert cache.n_tensors == 3 * per_layer
+        assert cache.nbytes == cache.bytes_per_token * 2 * 8
+
+
+def test_gqa_equal_to_n_heads_warns_and_builds_mha():
+    with pytest.warns(UserWarning, match="that is MHA"):
+        cfg = GPTConfig(n_layers=1, d_model=32, n_heads=4, vocab_size=64, variant="GQA-4")
+    assert cfg.variant.n_kv_heads is None and cfg.variant.paper_name == "QKV"

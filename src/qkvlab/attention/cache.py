@@ -123,8 +123,9 @@ class KVCache:
         to the autocast dtype, which is what the projections then produce.
         """
         param = next(model.parameters())
-        if dtype is None and torch.is_autocast_enabled(param.device.type):
-            dtype = torch.get_autocast_dtype(param.device.type)
+        kind = param.device.type
+        if dtype is None and kind in ("cpu", "cuda", "xpu", "mps", "hpu") and torch.is_autocast_enabled(kind):
+            dtype = torch.get_autocast_dtype(kind)
         max_len = max_len if max_len is not None else model.config.max_seq_len
         if max_len > model.config.max_seq_len:
             raise ConfigError(
@@ -148,12 +149,17 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         """Bytes really allocated: the sum over distinct storages."""
-        seen: dict[int, int] = {}
+        return sum(st.nbytes() for st in self._storages().values())
+
+    def _storages(self) -> dict[int, torch.UntypedStorage]:
+        # Meta tensors all report data_ptr 0, so tell them apart by identity there.
+        meta = self.device.type == "meta"
+        out: dict[int, torch.UntypedStorage] = {}
         for layer in self.layers:
             for t in (layer.k, layer.v):
                 st = t.untyped_storage()
-                seen[st.data_ptr()] = st.nbytes()
-        return sum(seen.values())
+                out[id(t) if meta else st.data_ptr()] = st
+        return out
 
     @property
     def measured_bytes_per_token(self) -> float:
@@ -162,7 +168,7 @@ class KVCache:
     @property
     def n_tensors(self) -> int:
         """Distinct tensors allocated (one per layer when K=V is shared)."""
-        return len({t.untyped_storage().data_ptr() for layer in self.layers for t in (layer.k, layer.v)})
+        return len(self._storages())
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:

@@ -16,6 +16,7 @@ A positional scheme named in the variant (``"q_kv+rope"``) wins over the recipe'
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -105,6 +106,12 @@ class TransformerConfig:
         if variant.pos is None:
             variant = variant.replace(pos=self.default_pos())
         if variant.n_kv_heads == self.n_heads:
+            if variant.n_kv_heads > 1:
+                warnings.warn(
+                    f"Variant {variant.id!r} asks for {variant.n_kv_heads} KV heads on a model with "
+                    f"n_heads={self.n_heads}: that is MHA, so it is built (and named) as MHA.",
+                    stacklevel=3,
+                )
             variant = variant.replace(n_kv_heads=None)
         if variant.pos == "rope" and self.head_dim % 2:
             raise ConfigError(f"RoPE needs an even head_dim, got {self.head_dim}; use pos 'learned' or 'none'.")

@@ -35,10 +35,15 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     """Rotary position embedding (Su et al., 2021), "rotate half" layout.
 
-    Tables are built once for ``max_seq_len`` positions and kept as non-persistent
-    buffers, so one instance can be shared by every layer of a model.
-    ``forward(x, offset)`` rotates ``x`` of shape ``(B, H, T, D)`` as if its tokens sat
+    Pair ``(x[d], x[d + D/2])`` of a token at position ``p`` is rotated by angle
+    ``p * theta**(-2d/D)``. Half-width cos/sin tables are built once for ``max_seq_len``
+    positions and kept as non-persistent buffers, so one instance can be shared by every
+    layer. ``forward(x, offset)`` rotates ``x`` of shape ``(B, H, T, D)`` as if its tokens sat
     at positions ``offset .. offset + T - 1``.
+
+    Without autograd (decoding) the rotation writes into one output buffer with fused
+    multiply-adds; this matters for a shared K=V cache, whose key role is re-derived from
+    the pre-RoPE cache at every step on the non-fused path.
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
@@ -46,22 +51,24 @@ class Rotary(nn.Module):
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        t = torch.arange(max_seq_len, dtype=torch.float64)
-        freqs = torch.outer(t, inv_freq)  # (S, D/2)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (S, D)
-        self.register_buffer("cos", emb.cos().float(), persistent=False)
-        self.register_buffer("sin", emb.sin().float(), persistent=False)
+        freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (S, D/2)
+        self.register_buffer("cos", freqs.cos().float(), persistent=False)
+        self.register_buffer("sin", freqs.sin().float(), persistent=False)
         self.max_seq_len = max_seq_len
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         T = x.shape[-2]
         dt = _compute_dtype(x)
-        cos = self.cos[offset : offset + T].to(dt)
-        sin = self.sin[offset : offset + T].to(dt)
-        xf = x.to(dt)
-        x1, x2 = xf.chunk(2, dim=-1)
-        rotated = torch.cat([-x2, x1], dim=-1)
-        return (xf * cos + rotated * sin).to(x.dtype)
+        c = self.cos[offset : offset + T].to(dt)
+        s = self.sin[offset : offset + T].to(dt)
+        x1, x2 = x.to(dt).chunk(2, dim=-1)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+        out = torch.empty(x.shape, dtype=dt, device=x.device)
+        o1, o2 = out.chunk(2, dim=-1)
+        torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-1)
+        torch.mul(x2, c, out=o2).addcmul_(x1, s)
+        return out.to(x.dtype)
 
 
 def sinusoid_features(n: int, dim: int) -> torch.Tensor:

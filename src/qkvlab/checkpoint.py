@@ -21,6 +21,9 @@ from torch import nn
 from qkvlab.errors import ConfigError
 
 FORMAT = "qkvlab/1"
+RESERVED_METADATA = ("format", "family", "config", "aliases")
+# Config fields that do not change what the weights mean; they may differ on load.
+RUNTIME_FIELDS = ("dropout", "attn_dropout", "emb_dropout", "backend", "init_std")
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -45,6 +48,12 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str,
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise ConfigError("save_model needs a qkvlab model (with a .config); got " + type(model).__name__)
+    clash = sorted(set(metadata or {}) & set(RESERVED_METADATA))
+    if clash:
+        raise ConfigError(
+            f"Metadata keys {clash} are reserved by qkvlab checkpoints ({', '.join(RESERVED_METADATA)}); "
+            "rename them, e.g. 'user_config'."
+        )
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
@@ -126,7 +135,10 @@ def load_into(model: nn.Module, path: str | os.PathLike, *, device: str | torch.
     stored = json.loads(meta["config"])
     cfg = model.config
     if meta.get("family") != cfg.family:
-        raise ConfigError(f"Checkpoint {str(path)!r} holds a {meta.get('family')!r} model, not a {cfg.family!r} one.")
+        raise ConfigError(
+            f"Checkpoint {str(path)!r} holds a {meta.get('family')!r} model, not a {cfg.family!r} one; "
+            "load it with qkvlab.load_model(path), which builds the right family."
+        )
     from qkvlab.attention.variant import VariantSpec
 
     ck_variant = VariantSpec.parse(stored["variant"])
@@ -135,6 +147,16 @@ def load_into(model: nn.Module, path: str | os.PathLike, *, device: str | torch.
             f"Checkpoint {str(path)!r} holds variant {ck_variant.id!r} ({ck_variant.paper_name}) but the model "
             f"is {cfg.variant.id!r} ({cfg.variant.paper_name}). Build the model from the checkpoint with "
             "qkvlab.load_model(path), or create it with the checkpoint's variant."
+        )
+    own_cfg = cfg.to_dict()
+    differs = sorted(
+        k for k in own_cfg if k not in RUNTIME_FIELDS and k != "variant" and stored.get(k, own_cfg[k]) != own_cfg[k]
+    )
+    if differs:
+        detail = ", ".join(f"{k}: checkpoint {stored[k]!r} vs model {own_cfg[k]!r}" for k in differs)
+        raise ConfigError(
+            f"Checkpoint {str(path)!r} was saved from another architecture ({detail}). Build the model from "
+            "the checkpoint with qkvlab.load_model(path), or with the checkpoint's settings."
         )
     if device is None:
         device = next(model.parameters()).device

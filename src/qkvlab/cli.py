@@ -171,7 +171,7 @@ def main() -> None:
     try:
         app()
     except ConfigError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

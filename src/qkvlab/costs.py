@@ -11,7 +11,10 @@ output projection, per layer    L * (Hq * D) * d
 q k^T and A v, per layer        L^2 * (Hq * D) each (no causal halving)
 2D fix, per layer               L * Hq * D (query scaled by sum w) + L * m
 MLP, per layer                  2 * L * d * d_ff (GELU), 3 * L * d * d_ff (SwiGLU)
-LM head                         L * d * V
+LM head (GPT)                   L * d * V
+label head (sequence encoder)   L * d * n_labels
+ViT                             patches: (L - 1) * C * p^2 * d; head on the class token: d * classes
+set encoder                     input: L * in_features * d; scores: L * d
 =============================== ===========================================
 
 Norms, RoPE, softmax and biases are not counted, as in the paper.
@@ -56,8 +59,11 @@ def count_params(model: nn.Module) -> dict[str, int]:
     return {"total": total, "attention": attention, "embedding": embedding, "mlp": mlp, "norm": norm, "other": other}
 
 
-def macs(cfg: TransformerConfig, seq_len: int, *, vocab_size: int | None = None) -> dict[str, int]:
-    """Multiply-accumulates of one forward pass over ``seq_len`` tokens (batch 1)."""
+def macs(cfg: TransformerConfig, seq_len: int) -> dict[str, int]:
+    """Multiply-accumulates of one forward pass over ``seq_len`` tokens (batch 1).
+
+    For a ViT ``seq_len`` counts the class token too (patches + 1).
+    """
     L, d, D, Hq = seq_len, cfg.d_model, cfg.head_dim, cfg.n_heads
     v: VariantSpec = cfg.variant
     n_kv = cfg.n_kv_heads
@@ -68,8 +74,7 @@ def macs(cfg: TransformerConfig, seq_len: int, *, vocab_size: int | None = None)
     fix = (L * Hq * D + L * cfg.pos2d_channels) if v.pos2d else 0
     mlp = (2 if cfg.mlp == "gelu" else 3) * L * d * cfg.d_ff
     per_layer_attn = proj + out + scores + fix
-    vocab = vocab_size if vocab_size is not None else getattr(cfg, "vocab_size", 0)
-    head = L * d * vocab
+    head = _io_macs(cfg, L)
     attention = cfg.n_layers * per_layer_attn
     total = attention + cfg.n_layers * mlp + head
     return {
@@ -80,6 +85,20 @@ def macs(cfg: TransformerConfig, seq_len: int, *, vocab_size: int | None = None)
         "mlp": cfg.n_layers * mlp,
         "head": head,
     }
+
+
+def _io_macs(cfg: TransformerConfig, L: int) -> int:
+    """MACs of the family's input and output layers (embedding lookups cost none)."""
+    d = cfg.d_model
+    if cfg.family == "gpt":
+        return L * d * cfg.vocab_size
+    if cfg.family == "encoder":
+        return L * d * cfg.n_labels
+    if cfg.family == "vit":
+        return (L - 1) * cfg.channels * cfg.patch_size**2 * d + d * cfg.n_classes
+    if cfg.family == "set":
+        return L * cfg.in_features * d + L * d
+    raise ValueError(f"no MAC rule for family {cfg.family!r}")
 
 
 def build_on_meta(cfg: TransformerConfig) -> nn.Module:

@@ -247,10 +247,9 @@ class VariantSpec:
         m = re.fullmatch(r"\((.+)\)\+(.*)", s)
         if m:
             pos2d = True
-            base, rest = m.group(1), m.group(2)
-            mods = [p for p in rest.split("+")] if rest else []
-            if mods and mods[0] == "":
-                mods = mods[1:]
+            base, *mods = m.group(1).split("+")
+            rest = m.group(2)
+            mods += [p for p in rest.split("+") if p] if rest else []
         else:
             base, *mods = s.split("+")
         fields: dict[str, Any] = {"pos2d": pos2d}

@@ -76,6 +76,9 @@ class TransformerConfig:
     backend: str = "sdpa"
 
     def __post_init__(self) -> None:
+        from qkvlab.attention.backends import get_backend
+
+        get_backend(self.backend)  # unknown name: ConfigError listing the registered ones
         if self.recipe not in RECIPES:
             raise ConfigError(f"Unknown recipe {self.recipe!r}; use one of {', '.join(RECIPES)}.")
         for name in ("n_layers", "d_model", "n_heads", "max_seq_len"):

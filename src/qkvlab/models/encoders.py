@@ -25,8 +25,11 @@ class SequenceEncoder(nn.Module):
         init_weights(self, config)
 
     def forward(self, idx: torch.Tensor, *, padding_mask: torch.Tensor | None = None, need_weights: bool = False):
-        if idx.dim() != 2:
-            raise ConfigError(f"SequenceEncoder expects token ids (batch, seq), got shape {tuple(idx.shape)}.")
+        if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32):
+            raise ConfigError(
+                f"SequenceEncoder expects token ids of shape (batch, seq) and integer dtype, got shape "
+                f"{tuple(idx.shape)} and dtype {idx.dtype}."
+            )
         h = self.backbone(self.embed(idx), padding_mask=padding_mask, need_weights=need_weights)
         if need_weights:
             h, infos = h

@@ -1,0 +1,5 @@
+"""``python -m qkvlab``: the command line."""
+
+from qkvlab.cli import main
+
+main()

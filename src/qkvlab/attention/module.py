@@ -131,7 +131,9 @@ class Attention(nn.Module):
         q_raw, k_raw, v_raw = self.qkv(x)
         k_src = self._heads(k_raw, self.n_kv_heads)
         v_src = k_src if self.kv_shared else self._heads(v_raw, self.n_kv_heads)
-        k_new = self.key_role(k_src, offset)
+        # The key role of the new tokens; a shared K=V cache re-derives it on read instead.
+        needs_k_new = cache is None or not self.kv_shared or self.qk_shared
+        k_new = self.key_role(k_src, offset) if needs_k_new else k_src
         if self.qk_shared:
             q = k_new  # same source, same transforms: symmetric scores
         else:

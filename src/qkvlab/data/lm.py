@@ -1,0 +1,262 @@
+"""Language-model data: a corpus, tokenised once into a memory-mapped cache, split by document.
+
+:func:`load_lm_data` reads the corpus (:mod:`qkvlab.data.corpus` says how each source is cut
+into documents), keeps the first ``max_docs`` documents, and splits them by document: a
+permutation drawn from ``numpy.random.default_rng(seed)`` picks
+``round(val_fraction * n_docs)`` documents (at least one, at most ``n_docs - 1``) for
+validation; both splits keep corpus order. A trained BPE (``"bpe:<n>"``) learns from the
+training documents only. Each split is packed as ``doc, eot, doc, eot, ...`` into one flat
+array of token ids (``uint16`` when the vocabulary fits, else ``uint32``); nothing is
+padded, so every position is a real token and the trainer never has padding to mask.
+
+The arrays live in ``<cache_dir>/<corpus>-<tokenizer>-<key>/{train,val}.bin`` with a
+``meta.json`` beside them; ``key`` hashes the corpus content, the tokenizer's hash and the
+split settings, so a changed file or tokenizer gets a new cache. Each file is written to a
+temporary name and renamed (``meta.json`` last), under a file lock, so concurrent
+processes (torchrun ranks) and killed runs never leave or read half a cache. The next call
+with the same inputs reads the corpus (to hash it) but does not tokenise again: it maps
+the files with ``numpy.memmap``.
+
+Example::
+
+    data = load_lm_data("stdlib", "gpt2", max_docs=50)
+    data.train[:10], data.vocab_size, data.eot_id, data.meta["corpus_hash"]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qkvlab.checkpoint import atomic_write
+from qkvlab.data.corpus import load_corpus
+from qkvlab.data.tokenizers import Tokenizer, default_cache_root, get_tokenizer
+from qkvlab.errors import ConfigError
+
+CACHE_FORMAT = "qkvlab-tokens/1"
+_BATCH_CHARS = 1 << 20  # characters per encode_batch call
+
+
+@dataclass
+class TokenSplits:
+    """Packed token ids of a corpus, split by document.
+
+    ``train`` and ``val`` are 1-D ``np.memmap`` arrays (``uint16`` if ``vocab_size < 65536``,
+    else ``uint32``) of the documents joined, each followed by ``eot_id``; ``val`` is an empty
+    array when ``val_fraction`` is 0. ``meta`` records the corpus (name, content hash,
+    documents per split), the tokenizer (id, hash, spec to rebuild it), token counts and the
+    cache path.
+    """
+
+    train: np.ndarray = field(repr=False)
+    val: np.ndarray = field(repr=False)
+    vocab_size: int
+    eot_id: int
+    meta: dict = field(repr=False)
+
+
+def default_token_cache() -> Path:
+    """``$QKVLAB_CACHE/tokens`` if ``QKVLAB_CACHE`` is set, else ``~/.cache/qkvlab/tokens``."""
+    return default_cache_root() / "tokens"
+
+
+def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of the training and validation documents (each sorted)."""
+    if val_fraction == 0:
+        return list(range(n_docs)), []
+    if n_docs < 2:
+        raise ConfigError(
+            f"The corpus has {n_docs} document; a validation split needs at least 2. Give more text, or pass "
+            "val_fraction=0 to train without validation."
+        )
+    n_val = min(max(1, round(val_fraction * n_docs)), n_docs - 1)
+    order = np.random.default_rng(seed).permutation(n_docs)
+    val = sorted(int(i) for i in order[:n_val])
+    chosen = set(val)
+    return [i for i in range(n_docs) if i not in chosen], val
+
+
+def _check_args(val_fraction: float, seed: int, vocab_size: int) -> None:
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 <= val_fraction < 1:
+        raise ConfigError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}; the usual is 0.05.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an integer, got {seed!r}.")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ConfigError(f"vocab_size must be a positive integer, got {vocab_size!r}.")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.")[:48] or "corpus"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (POSIX ``flock``; no lock where that is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: concurrent writers still never see half a file (rename)
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _batches(docs: Sequence[str]) -> Iterator[Sequence[str]]:
+    start, chars = 0, 0
+    for i, doc in enumerate(docs):
+        chars += len(doc)
+        if chars >= _BATCH_CHARS:
+            yield docs[start : i + 1]
+            start, chars = i + 1, 0
+    if start < len(docs):
+        yield docs[start:]
+
+
+def _write_tokens(path: Path, docs: Sequence[str], tok: Tokenizer, dtype: np.dtype) -> int:
+    """Tokenise ``docs`` into ``path`` as ``doc eot doc eot ...``; returns the token count."""
+    count = 0
+    eot = np.array([tok.eot_id], dtype=dtype)
+
+    def write(tmp: str) -> None:
+        nonlocal count
+        with open(tmp, "wb") as f:
+            for batch in _batches(docs):
+                parts: list[np.ndarray] = []
+                for ids in tok.encode_batch_np(batch, dtype):
+                    parts += [ids, eot]
+                packed = np.concatenate(parts)
+                f.write(packed.tobytes())
+                count += packed.size
+
+    atomic_write(path, write)
+    return count
+
+
+def _map(path: Path, dtype: str, n_tokens: int) -> np.ndarray:
+    if n_tokens == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
+
+
+def _read_meta(folder: Path) -> dict | None:
+    """The cache's meta if the cache is complete and consistent, else None."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("format") != CACHE_FORMAT:
+            return None
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for split in ("train", "val"):
+            if (folder / f"{split}.bin").stat().st_size != meta[f"n_tokens_{split}"] * itemsize:
+                return None
+        return meta
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_lm_data(
+    source: str | os.PathLike,
+    tokenizer: str = "byte",
+    *,
+    cache_dir: str | Path | None = None,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    max_docs: int | None = None,
+    vocab_size: int = 4096,
+    encoding: str = "utf-8",
+) -> TokenSplits:
+    """Tokenise ``source`` with ``tokenizer`` once (cached) and return the packed splits.
+
+    Args:
+        source: ``"stdlib"``, a text file, folder, glob, ``.zip`` or ``"hf:<path>[:split][:column]"``.
+        tokenizer: ``"byte"``, ``"gpt2"``, ``"gpt2:<folder>"``, ``"bpe"``, ``"bpe:<vocab_size>"`` or ``"bpe:<folder>"``.
+        cache_dir: where token caches go (default ``$QKVLAB_CACHE/tokens`` or ``~/.cache/qkvlab/tokens``);
+            trained BPEs go to its ``tokenizers/`` subfolder.
+        val_fraction: share of documents held out for validation, in [0, 1).
+        seed: picks the validation documents.
+        max_docs: keep only the first documents of the corpus (quick runs).
+        vocab_size: vocabulary of a BPE trained here (``"bpe"``); ``"bpe:<n>"`` overrides it.
+        encoding: text encoding of the corpus files (UTF-8 by default; see :mod:`qkvlab.data.corpus`).
+    """
+    _check_args(val_fraction, seed, vocab_size)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_token_cache()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"Cannot create the token cache folder {str(root)!r}: {e.strerror or e}. "
+            "Pass cache_dir= or set QKVLAB_CACHE to a writable folder."
+        ) from None
+    corpus = load_corpus(source, max_docs=max_docs, encoding=encoding)
+    train_idx, val_idx = split_documents(len(corpus.documents), val_fraction, seed)
+    train_docs = [corpus.documents[i] for i in train_idx]
+    val_docs = [corpus.documents[i] for i in val_idx]
+
+    with _file_lock(root / f".lock-{corpus.hash[:16]}"):
+        tok = get_tokenizer(tokenizer, documents=train_docs, vocab_size=vocab_size, cache_dir=root / "tokenizers")
+        settings = {
+            "format": CACHE_FORMAT,
+            "corpus_hash": corpus.hash,
+            "tokenizer_hash": tok.hash,
+            "val_fraction": float(val_fraction),
+            "seed": seed,
+            "n_docs": len(corpus.documents),
+        }
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        folder = root / f"{_slug(corpus.name)}-{_slug(tok.id)}-{key}"
+        meta = _read_meta(folder)
+        cache_hit = meta is not None
+        if meta is None:
+            dtype = np.dtype(np.uint16 if tok.vocab_size < 65536 else np.uint32)
+            start = time.perf_counter()
+            try:
+                n_train = _write_tokens(folder / "train.bin", train_docs, tok, dtype)
+                n_val = _write_tokens(folder / "val.bin", val_docs, tok, dtype)
+            except OSError as e:
+                raise ConfigError(
+                    f"Cannot write the token cache in {str(folder)!r}: {e.strerror or e}. Free disk space, or pass "
+                    "cache_dir= / set QKVLAB_CACHE to a writable folder."
+                ) from None
+            meta = {
+                **settings,
+                "corpus": corpus.name,
+                "source": corpus.source,
+                "split_rule": corpus.rule,
+                "n_skipped": len(corpus.skipped),
+                "skipped": corpus.skipped[:10],
+                "max_docs": max_docs,
+                "n_chars": corpus.n_chars,
+                "tokenizer": tok.id,
+                "tokenizer_spec": tok.spec,
+                "vocab_size": tok.vocab_size,
+                "eot_id": tok.eot_id,
+                "dtype": dtype.name,
+                "n_docs_train": len(train_docs),
+                "n_docs_val": len(val_docs),
+                "n_tokens_train": n_train,
+                "n_tokens_val": n_val,
+                "n_tokens": n_train + n_val,
+                "tokenize_seconds": round(time.perf_counter() - start, 3),
+            }
+            atomic_write(folder / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+
+    meta = {**meta, "cache_path": str(folder), "cache_hit": cache_hit, "tokenizer_spec": tok.spec}
+    return TokenSplits(
+        train=_map(folder / "train.bin", meta["dtype"], meta["n_tokens_train"]),
+        val=_map(folder / "val.bin", meta["dtype"], meta["n_tokens_val"]),
+        vocab_size=tok.vocab_size,
+        eot_id=tok.eot_id,
+        meta=meta,
+    )

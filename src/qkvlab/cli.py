@@ -1,7 +1,8 @@
 """The ``qkvlab`` command line.
 
 Commands: ``variants`` (cost table of a preset's variants), ``presets`` (list the named
-shapes), ``demo`` (the main job). A user's mistake prints one line and exits with 2.
+shapes), ``demo`` (the main job), ``train`` (a YAML config plus ``KEY=VALUE`` overrides),
+``eval ppl`` (perplexity of a checkpoint). A user's mistake prints one line and exits with 2.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Annotated
 
 import torch
@@ -165,6 +167,104 @@ def demo(
     console.print(table)
     if not ok_all:
         raise typer.Exit(1)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/lm/tiny-stdlib.yaml.", show_default=False)],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="KEY=VALUE overrides with dotted keys, values read as YAML: optim.lr=3e-4 model.variant=Q-K=V.",
+            show_default=False,
+        ),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the latest checkpoint in out_dir (same config).")
+    ] = False,
+) -> None:
+    """Train a model from a config; under torchrun, on every process (DDP or FSDP2)."""
+    from qkvlab.train import load_config
+    from qkvlab.train import train as run_training
+
+    run_training(load_config(config, overrides or []), resume=resume)
+
+
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a trained checkpoint.")
+app.add_typer(eval_app, name="eval")
+
+
+def _checkpoint_file(path: Path) -> Path:
+    """A weights file from a .safetensors path, a checkpoint folder or a run folder."""
+    if path.is_file():
+        return path
+    if (path / "model.safetensors").is_file():
+        return path / "model.safetensors"
+    from qkvlab.train import latest_checkpoint
+
+    latest = latest_checkpoint(path) if path.is_dir() else None
+    if latest is None:
+        raise ConfigError(
+            f"No checkpoint at {str(path)!r}; pass a .safetensors file, a ckpt-* folder or a run folder "
+            "(with model.safetensors or checkpoints/latest)."
+        )
+    return latest / "model.safetensors"
+
+
+@eval_app.command("ppl")
+def eval_ppl(
+    checkpoint: Annotated[Path, typer.Argument(help="Weights file, checkpoint folder or run folder.")],
+    data: Annotated[
+        str | None, typer.Option(help="Corpus (as data.source); default: the one the checkpoint was trained on.")
+    ] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer; default: the training run's.")] = None,
+    split: Annotated[str, typer.Option(help="'val' or 'train' split of the corpus.")] = "val",
+    seq_len: Annotated[int | None, typer.Option(help="Window length; default: the training run's.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    max_batches: Annotated[int | None, typer.Option(help="Score at most this many batches.")] = None,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Perplexity of a checkpoint on fixed, non-overlapping windows of a corpus split."""
+    from qkvlab.checkpoint import load_model, read_metadata
+    from qkvlab.train import DataConfig, load_splits
+    from qkvlab.train.trainer import RunContext, evaluate_lm
+
+    path = _checkpoint_file(checkpoint)
+    meta = read_metadata(path)
+    trained = json.loads(meta["train_config"]) if "train_config" in meta else {}
+    data_cfg = dict(trained.get("data") or {})
+    if data is not None:
+        data_cfg["source"] = data
+    elif "source" not in data_cfg:
+        raise ConfigError(f"{str(path)!r} does not record its training data; pass --data SOURCE.")
+    if tokenizer is not None:
+        data_cfg["tokenizer"] = tokenizer
+    if split not in ("val", "train"):
+        raise ConfigError(f"--split must be 'val' or 'train', got {split!r}.")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    model = load_model(path, device=dev)
+    seq_len = seq_len or trained.get("seq_len") or model.config.max_seq_len
+    splits = load_splits(DataConfig(**data_cfg))
+    if splits.vocab_size > model.config.vocab_size:
+        raise ConfigError(
+            f"The tokenizer's vocabulary ({splits.vocab_size}) is larger than the model's "
+            f"({model.config.vocab_size}); evaluate with the tokenizer the model was trained with."
+        )
+    tokens = splits.val if split == "val" else splits.train
+    ctx = RunContext(device=dev, amp_dtype=torch.bfloat16 if dev.type == "cuda" else None)
+    max_windows = None if max_batches is None else max_batches * batch_size
+    result = evaluate_lm(
+        model, tokens, seq_len=seq_len, batch_size=batch_size, max_windows=max_windows, ctx=ctx, prefix=""
+    )
+    result = {"checkpoint": str(path), "data": data_cfg["source"], "split": split, "seq_len": seq_len, **result}
+    if as_json:
+        print(json.dumps(result))
+    else:
+        loss, ppl, n = result["loss"], result["ppl"], result["tokens"]
+        print(f"{path}: {split} loss {loss:.4f}, perplexity {ppl:.3f} over {n:,} tokens")
 
 
 def main() -> None:

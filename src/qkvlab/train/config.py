@@ -1,0 +1,395 @@
+"""Training configs: plain dataclasses that validate themselves and round-trip through YAML.
+
+A config file is YAML with these sections (every key is optional; see the dataclasses for
+defaults)::
+
+    model:                      # a preset plus any GPTConfig field
+      preset: tiny
+      variant: Q-K=V
+    data:   {source: stdlib, tokenizer: byte, max_docs: 2000}
+    optim:  {lr: 1.0e-3, betas: [0.9, 0.95], weight_decay: 0.1, grad_clip: 1.0}
+    schedule: {warmup_steps: 20, min_lr: 1.0e-4}
+    log:    {every: 10, tensorboard: true, progress: true}
+    batch_size: 16              # global: sequences per micro-step over all processes
+    grad_accum: 1
+    seq_len: 128
+    max_steps: 200              # or max_tokens: 400000 (wins when set)
+    out_dir: runs/tiny
+
+Command-line overrides are ``KEY=VALUE`` with a dotted key, the value read as YAML:
+``optim.lr=3e-4 model.variant=Q-K=V optim.betas=[0.9,0.99] data.max_docs=null``.
+An unknown key is an error that names the nearest valid key and lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qkvlab.errors import ConfigError
+from qkvlab.models.config import GPTConfig
+from qkvlab.models.presets import PRESETS
+
+DTYPE_CHOICES = ("auto", "fp32", "bf16")
+DISTRIBUTED_CHOICES = ("ddp", "fsdp")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from.
+
+    Args:
+        source: anything :func:`qkvlab.data.lm.load_lm_data` reads (``"stdlib"``, a text file,
+            folder or glob, a local ``datasets`` path), or a ``.npy`` file of token ids that is
+            already tokenised (then ``tokenizer`` is unused, the vocabulary is ``max id + 1``
+            and the last ``val_fraction`` of the ids is the validation split).
+        tokenizer: ``"byte"``, ``"gpt2"`` or ``"bpe"`` (trained on the corpus).
+        max_docs: read at most this many documents (None: all).
+        val_fraction: share of documents held out for validation.
+        vocab_size: vocabulary of a trained BPE tokenizer.
+        seed: seed of the train/validation split (kept apart from the training seed, so
+            runs with different seeds are scored on the same validation set).
+        cache_dir: token cache folder (None: the data package's default).
+    """
+
+    source: str = "stdlib"
+    tokenizer: str = "byte"
+    max_docs: int | None = None
+    val_fraction: float = 0.05
+    vocab_size: int = 4096
+    seed: int = 0
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(bool(self.source), "data.source must name a corpus, e.g. 'stdlib' or a text file.")
+        _check(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction}.")
+        _check(self.max_docs is None or self.max_docs >= 1, f"data.max_docs must be >= 1, got {self.max_docs}.")
+        _check(self.vocab_size >= 2, f"data.vocab_size must be >= 2, got {self.vocab_size}.")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW. Weight decay applies to weights with two or more dimensions only (not to
+    biases, norm gains or 1-D parameters). ``grad_clip`` is the max global gradient norm
+    (0 turns clipping off)."""
+
+    lr: float = 6e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        _check(math.isfinite(self.lr) and self.lr > 0, f"optim.lr must be a positive number, got {self.lr}.")
+        _check(all(0.0 <= b < 1.0 for b in self.betas), f"optim.betas must be in [0, 1), got {list(self.betas)}.")
+        _check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}.")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}.")
+        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}.")
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr`` at the last step.
+    ``min_lr`` defaults to a tenth of ``optim.lr``."""
+
+    warmup_steps: int = 100
+    min_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}.")
+        _check(self.min_lr is None or self.min_lr >= 0, f"schedule.min_lr must be >= 0, got {self.min_lr}.")
+
+
+@dataclass
+class LogConfig:
+    """``metrics.jsonl`` is always written; TensorBoard event files too when ``tensorboard``
+    is on and ``torch.utils.tensorboard`` imports. ``every``: optimizer steps between rows."""
+
+    every: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 1, f"log.every must be >= 1, got {self.every}.")
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "log": LogConfig}
+MODEL_KEYS = ("preset", *(f.name for f in dataclasses.fields(GPTConfig)))
+# Keys that may change when a run resumes: they do not change what is computed.
+RESUMABLE_CHANGES = (
+    "out_dir",
+    "device",
+    "compile",
+    "distributed",
+    "eval_every",
+    "eval_batches",
+    "ckpt_every",
+    "keep_checkpoints",
+    "log.every",
+    "log.tensorboard",
+    "log.progress",
+    "data.cache_dir",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs.
+
+    Args:
+        model: ``preset`` (a name from :data:`qkvlab.models.PRESETS`, or None for GPTConfig's
+            defaults) plus any :class:`~qkvlab.models.GPTConfig` field, e.g. ``variant``.
+            ``vocab_size`` defaults to the tokenizer's, ``max_seq_len`` to ``seq_len``.
+        batch_size: sequences per micro-step over *all* processes (the global micro-batch);
+            each of W processes takes ``batch_size / W``, so results do not depend on W.
+        grad_accum: micro-steps per optimizer step. Tokens per step:
+            ``batch_size * grad_accum * seq_len``.
+        max_steps: optimizer steps; ``max_tokens``, when set, replaces it (rounded up to
+            whole steps).
+        eval_every: steps between validation passes (0: only at the end), each over
+            ``eval_batches`` batches of fixed windows of the validation split.
+        ckpt_every: steps between checkpoints (0: only at the end); the newest
+            ``keep_checkpoints`` are kept.
+        device: ``"auto"`` (CUDA if present, else CPU), ``"cpu"``, ``"cuda"``.
+        dtype: ``"auto"`` (bf16 autocast on GPU, fp32 on CPU), ``"fp32"`` or ``"bf16"``.
+        compile: wrap the model in ``torch.compile``.
+        distributed: under torchrun, ``"ddp"`` (replicated) or ``"fsdp"`` (FSDP2, sharded).
+    """
+
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    batch_size: int = 32
+    grad_accum: int = 1
+    seq_len: int = 128
+    max_steps: int = 1000
+    max_tokens: int | None = None
+    eval_every: int = 100
+    eval_batches: int = 20
+    ckpt_every: int = 0
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/train"
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    distributed: str = "ddp"
+
+    def __post_init__(self) -> None:
+        for name, cls in SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(f"{name} must be a {cls.__name__}; build configs with TrainConfig.from_dict.")
+        for name in ("batch_size", "grad_accum", "seq_len", "max_steps", "eval_batches", "keep_checkpoints"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("eval_every", "ckpt_every"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0 (0 = only at the end), got {getattr(self, name)}.")
+        _check(self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}.")
+        _check(self.dtype in DTYPE_CHOICES, f"dtype must be one of {', '.join(DTYPE_CHOICES)}; got {self.dtype!r}.")
+        _check(
+            self.distributed in DISTRIBUTED_CHOICES,
+            f"distributed must be one of {', '.join(DISTRIBUTED_CHOICES)}; got {self.distributed!r}.",
+        )
+        _check(
+            self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
+            f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}.",
+        )
+        _check_keys("model", self.model, MODEL_KEYS)
+        preset = self.model.get("preset")
+        if preset is not None and preset not in PRESETS:
+            raise ConfigError(f"Unknown model.preset {preset!r}; available: {', '.join(PRESETS)}.")
+        self.model_config()  # a bad variant or shape fails here, before any data is read
+
+    # ------------------------------------------------------------- derived
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        if self.max_tokens is not None:
+            return math.ceil(self.max_tokens / self.tokens_per_step)
+        return self.max_steps
+
+    @property
+    def min_lr(self) -> float:
+        return self.optim.lr / 10 if self.schedule.min_lr is None else self.schedule.min_lr
+
+    def model_config(self, vocab_size: int | None = None) -> GPTConfig:
+        """The resolved model config; ``vocab_size`` is the tokenizer's (None: not known yet).
+
+        An explicit ``model.vocab_size`` wins but must hold the tokenizer's vocabulary;
+        otherwise the model gets exactly the tokenizer's. ``max_seq_len`` defaults to ``seq_len``.
+        """
+        fields = {k: v for k, v in self.model.items() if k != "preset"}
+        base = dict(PRESETS[self.model["preset"]]) if self.model.get("preset") else {}
+        explicit_vocab = fields.get("vocab_size")
+        if explicit_vocab is not None and vocab_size is not None and explicit_vocab < vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={explicit_vocab} is smaller than the tokenizer's vocabulary ({vocab_size}); "
+                "remove model.vocab_size (it defaults to the tokenizer's) or raise it."
+            )
+        if explicit_vocab is None and vocab_size is not None:
+            fields["vocab_size"] = vocab_size
+        fields.setdefault("max_seq_len", self.seq_len)
+        if fields["max_seq_len"] < self.seq_len:
+            raise ConfigError(
+                f"model.max_seq_len={fields['max_seq_len']} is shorter than seq_len={self.seq_len}; "
+                "raise model.max_seq_len or lower seq_len."
+            )
+        return GPTConfig(**{**base, **fields})
+
+    # ------------------------------------------------------------- dict / YAML
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["optim"]["betas"] = list(self.optim.betas)
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> TrainConfig:
+        """Build and validate a config; unknown keys and wrong types raise :class:`ConfigError`."""
+        d = dict(d or {})
+        _check_keys("", d, [f.name for f in dataclasses.fields(cls)])
+        hints = typing.get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for name, value in d.items():
+            if name in SECTIONS:
+                kwargs[name] = _section(name, SECTIONS[name], value)
+            elif name == "model":
+                _check(value is None or isinstance(value, dict), f"model must be a mapping, got {value!r}.")
+                kwargs[name] = {"preset": "tiny", **(value or {})}  # `preset: null`: GPTConfig's defaults
+            else:
+                kwargs[name] = _coerce(name, value, hints[name])
+        return cls(**kwargs)
+
+    def diff(self, other: TrainConfig) -> list[str]:
+        """Dotted keys whose values differ between two configs."""
+        return sorted(_flat_diff(self.to_dict(), other.to_dict()))
+
+
+def _section(name: str, cls: type, value: Any) -> Any:
+    if value is None:
+        return cls()
+    _check(isinstance(value, dict), f"{name} must be a mapping of keys to values, got {value!r}.")
+    _check_keys(name, value, [f.name for f in dataclasses.fields(cls)])
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in value.items()})
+
+
+def _check_keys(prefix: str, d: dict[str, Any], valid: typing.Sequence[str]) -> None:
+    for key in d:
+        if key not in valid:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            near = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" Did you mean {(prefix + '.' if prefix else '') + near[0]!r}?" if near else ""
+            where = f"under {prefix!r}" if prefix else "at the top level"
+            raise ConfigError(f"Unknown config key {full!r}.{hint} Valid keys {where}: {', '.join(valid)}.")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """``value`` checked against the annotation ``tp`` (int, float, bool, str, optionals, a pair)."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
+            return None
+        tp = args[0]
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, float) and value.is_integer():  # max_tokens=1e6
+        return int(value)
+    if tp in (bool, str) and isinstance(value, tp):
+        return value
+    if typing.get_origin(tp) is tuple and isinstance(value, list | tuple):
+        item_types = typing.get_args(tp)
+        if len(value) == len(item_types):
+            return tuple(_coerce(f"{key}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, item_types, strict=True)))
+    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+    if typing.get_origin(tp) is tuple:
+        expected = f"a list of {len(typing.get_args(tp))} numbers"
+    raise ConfigError(f"{key} must be {expected}, got {value!r} ({type(value).__name__}).")
+
+
+def _flat_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for key in set(a) | set(b):
+        full = f"{prefix}{key}"
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out |= _flat_diff(va, vb, full + ".")
+        elif va != vb:
+            out.add(full)
+    return out
+
+
+# ------------------------------------------------------------------ overrides
+def parse_value(text: str) -> Any:
+    """A command-line value read as YAML, with ``3e-4`` read as a number (YAML 1.1 reads it as text)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(d: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
+    """A copy of the config dict ``d`` with each ``dotted.key=value`` override set."""
+    out = yaml.safe_load(yaml.safe_dump(d)) or {}  # deep copy through plain data
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(
+                f"Override {item!r} is not KEY=VALUE; write a dotted key and a value, e.g. optim.lr=3e-4."
+            )
+        parts = key.split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"Override {item!r}: {'.'.join(parts[: i + 1])!r} is a value, not a section.")
+            node = node[part]
+        node[parts[-1]] = parse_value(text)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> TrainConfig:
+    """Read a YAML config (None: all defaults), apply ``KEY=VALUE`` overrides, validate."""
+    d: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"No config file at {str(path)!r}; pass a YAML file such as configs/lm/tiny-stdlib.yaml.")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"Cannot parse config {str(path)!r}: {e}".replace("\n", " ")) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"Config {str(path)!r} must be a YAML mapping of keys to values.")
+        d = loaded or {}
+    return TrainConfig.from_dict(apply_overrides(d, overrides))

@@ -1,0 +1,803 @@
+"""The training loop: one code path from a laptop CPU to ``torchrun`` on many GPUs.
+
+:func:`train` runs a :class:`TrainConfig`. What is trained is a :class:`Task`: it builds the
+model, hands out batches, computes the loss and evaluates. :class:`LMTask` (packed token
+windows, next-token cross-entropy, validation loss and perplexity) is the one every GPT
+variant uses; vision and synthetic tasks plug in their own.
+
+Each optimizer step runs ``grad_accum`` micro-batches (gradients synchronised on the last
+only), clips the global gradient norm, sets the warmup + cosine learning rate and steps
+AdamW. Under torchrun the model is wrapped in DDP or FSDP2 (``distributed``); every process
+takes its share of each global batch, so the numbers do not depend on the process count.
+Process 0 writes ``config.yaml`` and ``run.json`` at the start, a ``metrics.jsonl`` row per
+log or eval step, checkpoints, and at the end ``model.safetensors`` and ``summary.json``.
+
+Example::
+
+    from qkvlab.train import load_config, train
+    summary = train(load_config("configs/lm/tiny-stdlib.yaml", ["model.variant=Q-K=V"]))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from qkvlab.errors import ConfigError
+from qkvlab.train import state as ckpt
+from qkvlab.train.batches import IGNORE_INDEX, PackedBatches, eval_windows, lm_loss
+from qkvlab.train.config import RESUMABLE_CHANGES, DataConfig, TrainConfig
+
+Batch = Any
+
+
+# ================================================================== the run context
+@dataclass
+class RunContext:
+    """Where this process runs: its rank among ``world_size`` processes, device and autocast dtype."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp_dtype: torch.dtype | None = None
+    rank: int = 0
+    world_size: int = 1
+    owns_process_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast when asked for (default on GPU), else nothing: fp32."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over all processes (a no-op in one process)."""
+        if not self.distributed:
+            return values
+        values = values.to(self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def setup_context(config: TrainConfig) -> RunContext:
+    """Resolve device and dtype; join the process group when launched by torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if config.batch_size % world_size:
+        raise ConfigError(
+            f"batch_size={config.batch_size} (the global micro-batch) does not divide over {world_size} "
+            f"processes; use a multiple of {world_size}."
+        )
+    if config.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={config.device!r} but CUDA is not available; use device=cpu or device=auto.")
+        torch.cuda.set_device(device)
+    if config.dtype == "auto":
+        amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    else:
+        amp_dtype = torch.bfloat16 if config.dtype == "bf16" else None
+    owns = False
+    if world_size > 1 and not dist.is_initialized():
+        if not dist.is_available():
+            raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed.")
+        if device.type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
+        owns = True
+    if world_size > 1:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    return RunContext(device=device, amp_dtype=amp_dtype, rank=rank, world_size=world_size, owns_process_group=owns)
+
+
+# ================================================================== tasks
+class BatchSource(Protocol):
+    """An endless, resumable stream of this process's batches.
+
+    Process 0's ``state_dict`` is saved for every process, so it must describe the position
+    in the *global* stream (as :class:`PackedBatches` does: it counts global batches).
+    """
+
+    def next(self) -> Batch: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Task(Protocol):
+    """What the trainer trains: a model, its batches, its loss and its evaluation.
+
+    ``loss`` returns the mean loss of one batch (already on the device); ``evaluate``
+    returns metrics whose names start with ``val_`` and must be the same on every process
+    (sum partial results with ``ctx.sum``); ``count`` is the batch's size in the units of
+    throughput (tokens for language models). ``info`` goes into ``run.json``.
+    """
+
+    def build_model(self) -> nn.Module: ...
+    def batches(self, batch_size: int, *, seed: int, ctx: RunContext) -> BatchSource: ...
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
+    def count(self, batch: Batch) -> int: ...
+    def evaluate(self, model: nn.Module, *, batch_size: int, max_batches: int, ctx: RunContext) -> dict[str, float]: ...
+    def info(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class LMSplits:
+    """Token ids of a corpus: ``train`` and ``val`` 1-D arrays, the vocabulary size, metadata."""
+
+    train: np.ndarray
+    val: np.ndarray
+    vocab_size: int
+    eot_id: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def load_splits(data: DataConfig) -> LMSplits:
+    """Tokens for ``data``: a pre-tokenised ``.npy`` file here, everything else via :mod:`qkvlab.data`."""
+    if data.source.endswith(".npy"):
+        path = Path(data.source)
+        if not path.is_file():
+            raise ConfigError(f"No token file at {data.source!r}; data.source must name an existing .npy file.")
+        tokens = np.load(path, mmap_mode="r")
+        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer) or len(tokens) < 4:
+            raise ConfigError(
+                f"{data.source!r} must hold a 1-D integer array of at least 4 token ids, "
+                f"got {tokens.dtype} {tuple(tokens.shape)}."
+            )
+        n_val = max(2, int(len(tokens) * data.val_fraction))
+        meta = {"source": str(path.resolve()), "tokenizer": "pre-tokenised", "n_tokens": len(tokens)}
+        return LMSplits(tokens[:-n_val], tokens[-n_val:], int(tokens.max()) + 1, None, meta)
+    try:
+        from qkvlab.data.lm import load_lm_data
+    except ImportError as e:
+        raise ConfigError(
+            f"Reading data.source={data.source!r} needs qkvlab.data.lm, which failed to import ({e}); "
+            "pass a .npy file of token ids instead."
+        ) from None
+    s = load_lm_data(
+        data.source,
+        data.tokenizer,
+        cache_dir=data.cache_dir,
+        val_fraction=data.val_fraction,
+        seed=data.seed,
+        max_docs=data.max_docs,
+        vocab_size=data.vocab_size,
+    )
+    return LMSplits(s.train, s.val, int(s.vocab_size), s.eot_id, dict(s.meta))
+
+
+@torch.no_grad()
+def evaluate_lm(
+    model: nn.Module,
+    tokens: np.ndarray,
+    *,
+    seq_len: int,
+    batch_size: int,
+    max_windows: int | None = None,
+    ctx: RunContext | None = None,
+    prefix: str = "val_",
+) -> dict[str, float]:
+    """Token-weighted cross-entropy and perplexity of ``model`` over fixed windows of ``tokens``.
+
+    ``batch_size`` is global: each of the ``ctx.world_size`` processes scores its share.
+    Returns ``{prefix}loss``, ``{prefix}ppl`` and ``{prefix}tokens`` (the scored count).
+    """
+    ctx = ctx or RunContext()
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (summed loss, scored tokens)
+    windows = eval_windows(
+        tokens,
+        max(1, batch_size // ctx.world_size),
+        seq_len,
+        max_windows=max_windows,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+    )
+    for x, y in windows:
+        x, y = x.to(ctx.device), y.to(ctx.device)
+        with ctx.autocast():
+            logits = model(x)
+        total[0] += lm_loss(logits, y, reduction="sum").double()
+        total[1] += (y != IGNORE_INDEX).sum()
+    total = ctx.sum(total)
+    loss = (total[0] / total[1]).item()
+    return {f"{prefix}loss": loss, f"{prefix}ppl": math.exp(min(loss, 700.0)), f"{prefix}tokens": int(total[1].item())}
+
+
+class LMTask:
+    """Next-token prediction on packed token windows; evaluation is validation loss and perplexity.
+
+    The model maps ids ``(B, T)`` to logits ``(B, T, V)``; any such module works.
+    """
+
+    def __init__(self, config: TrainConfig, splits: LMSplits):
+        self.config = config
+        self.splits = splits
+        self.model_config = config.model_config(splits.vocab_size)
+        if len(splits.val) < config.seq_len + 1:  # fail now, not at the first evaluation
+            raise ConfigError(
+                f"The validation split has {len(splits.val)} tokens, too few for one window of "
+                f"seq_len={config.seq_len}; raise data.val_fraction or lower seq_len."
+            )
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, ctx: RunContext) -> LMTask:
+        # Process 0 reads (and caches) the corpus first, so the others find the cache ready.
+        if not ctx.is_main:
+            ctx.barrier()
+        splits = load_splits(config.data)
+        if ctx.is_main:
+            ctx.barrier()
+        return cls(config, splits)
+
+    def build_model(self) -> nn.Module:
+        from qkvlab.models import build_model
+
+        return build_model(self.model_config)
+
+    def batches(self, batch_size: int, *, seed: int, ctx: RunContext) -> PackedBatches:
+        return PackedBatches(
+            self.splits.train, batch_size, self.config.seq_len, seed=seed, rank=ctx.rank, world_size=ctx.world_size
+        )
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        x, y = batch
+        return lm_loss(model(x), y)
+
+    def count(self, batch: Batch) -> int:
+        return int((batch[1] != IGNORE_INDEX).sum())
+
+    def evaluate(self, model: nn.Module, *, batch_size: int, max_batches: int, ctx: RunContext) -> dict[str, float]:
+        """Validation loss and perplexity over the first ``max_batches`` global batches of windows."""
+        return evaluate_lm(
+            model,
+            self.splits.val,
+            seq_len=self.config.seq_len,
+            batch_size=batch_size,
+            max_windows=max_batches * batch_size,
+            ctx=ctx,
+        )
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "data": {**self.splits.meta, "train_tokens": len(self.splits.train), "val_tokens": len(self.splits.val)},
+            "model": self.model_config.to_dict(),
+            "vocab_size": self.splits.vocab_size,
+        }
+
+
+# ================================================================== pieces of the loop
+def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) of ``total``: linear warmup to ``lr``
+    over ``warmup`` steps, then cosine decay that reaches ``min_lr`` at the last step."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on weights of two or more dimensions only (not biases, norms)."""
+    decay, no_decay = [], []
+    for p in model.parameters():  # tied parameters appear once
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": config.optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    o = config.optim
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, foreach=True)
+
+
+def wrap_model(model: nn.Module, config: TrainConfig, ctx: RunContext) -> nn.Module:
+    """DDP or FSDP2 under torchrun; the model as is in one process.
+
+    FSDP2 shards each element of every ``nn.ModuleList`` (the repeated blocks) as one unit,
+    then the remaining parameters (embeddings, final norm, head) as the root unit.
+    """
+    if not ctx.distributed:
+        return model
+    if config.distributed == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for module in model.modules():
+            if isinstance(module, nn.ModuleList):
+                for block in module:
+                    fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on micro-steps that are not the last of an accumulation."""
+    if enabled:
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple | list):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def _as_float(t: torch.Tensor) -> float:
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
+def run_info(config: TrainConfig, ctx: RunContext, task: Task, n_params: int) -> dict[str, Any]:
+    """Code version, library versions and hardware, saved as ``run.json`` next to the config."""
+    import qkvlab
+
+    src = Path(qkvlab.__file__).resolve().parent
+    git: dict[str, Any] = {"commit": None, "dirty": None}
+    try:
+        run = dict(cwd=src, capture_output=True, text=True, timeout=10, check=True)
+        git["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout
+        git["dirty"] = bool(status.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    gpus = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": sys.argv,
+        "git": git,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "qkvlab": qkvlab.__version__,
+            "cuda": torch.version.cuda,
+        },
+        "hardware": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "gpus": gpus,
+            "device": str(ctx.device),
+            "world_size": ctx.world_size,
+        },
+        "params": n_params,
+        "total_steps": config.total_steps,
+        "tokens_per_step": config.tokens_per_step,
+        "amp_dtype": str(ctx.amp_dtype).removeprefix("torch.") if ctx.amp_dtype else "fp32",
+        **task.info(),
+    }
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one JSON object per row) and, when available, TensorBoard."""
+
+    KEYS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_ppl")
+
+    def __init__(self, out_dir: Path, *, resume_step: int | None, tensorboard: bool):
+        self.path = out_dir / "metrics.jsonl"
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():  # drop rows a killed run wrote after its last checkpoint
+            rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [r for r in rows if json.loads(r)["step"] <= resume_step]
+            ckpt.atomic_write(self.path, lambda p: Path(p).write_text("".join(r + "\n" for r in kept)))
+        self.file = open(self.path, "a")  # noqa: SIM115 (closed in close())
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, row: dict[str, Any]) -> None:
+        row = {k: row.get(k) for k in self.KEYS} | {k: v for k, v in row.items() if k not in self.KEYS}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "tokens") and isinstance(v, int | float):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ================================================================== the trainer
+class Trainer:
+    """Runs one :class:`TrainConfig` on a :class:`Task` (default: :class:`LMTask` from ``config.data``).
+
+    Args:
+        config: the run.
+        task: what to train; None builds an :class:`LMTask` from ``config.data``.
+        on_checkpoint: called on process 0 after each checkpoint as ``(step, folder)``.
+        verbose: print the start line, one line per checkpoint and the summary (process 0).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        task: Task | None = None,
+        *,
+        on_checkpoint: Callable[[int, Path], None] | None = None,
+        verbose: bool = True,
+    ):
+        self.config = config
+        self.task = task
+        self.on_checkpoint = on_checkpoint
+        self.verbose = verbose
+
+    def say(self, message: str) -> None:
+        if self.verbose and self.ctx.is_main:
+            tqdm.write(message, file=sys.stdout)
+            sys.stdout.flush()
+
+    # ------------------------------------------------------------- set-up
+    def _check_resume(self, out: Path, resume: bool) -> Path | None:
+        """The checkpoint to resume from; refuse a changed config or a silent overwrite."""
+        latest = ckpt.latest_checkpoint(out)
+        saved = out / "config.yaml"
+        if resume and saved.is_file():
+            from qkvlab.train.config import load_config
+
+            before = load_config(saved)
+            changed = [k for k in self.config.diff(before) if k not in RESUMABLE_CHANGES]
+            if changed:
+                old, new = before.to_dict(), self.config.to_dict()
+                detail = ", ".join(f"{k}: saved {_get(old, k)!r}, now {_get(new, k)!r}" for k in changed)
+                raise ConfigError(
+                    f"Cannot resume {str(out)!r} with a changed config ({detail}). Resume with the settings in "
+                    "its config.yaml, or start a new run in another out_dir."
+                )
+        if not resume and latest is not None:
+            raise ConfigError(
+                f"{str(out)!r} already holds a run (checkpoint {latest.name}); pass --resume to continue it, "
+                "or choose another out_dir."
+            )
+        return latest if resume else None
+
+    def _setup(self, resume: bool) -> None:
+        config, ctx = self.config, self.ctx
+        self.out = Path(config.out_dir)
+        if ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        ctx.barrier()
+        self.resume_from = self._check_resume(self.out, resume)
+        if self.task is None:
+            self.task = LMTask.from_config(config, ctx)
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        torch.manual_seed(config.seed)  # the same initial weights on every process
+        self.raw = self.task.build_model().to(ctx.device)
+        self.n_params = sum(p.numel() for p in self.raw.parameters())
+        self.wrapped = wrap_model(self.raw, config, ctx)  # DDP / FSDP: owns the gradient sync
+        self.optimizer = build_optimizer(self.raw, config)  # after FSDP: its parameters are the shards
+        self.model = torch.compile(self.wrapped) if config.compile else self.wrapped
+        # Each process draws its own dropout masks from here on.
+        torch.manual_seed(config.seed + 1_000_003 * ctx.rank)
+        self.batches = self.task.batches(config.batch_size // ctx.world_size, seed=config.seed, ctx=ctx)
+        self.step, self.tokens = 0, 0
+        self.last_loss: float | None = None  # training loss of the latest step
+        self.last_eval: dict[str, float] = {}
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+        elif ctx.is_main:
+            ckpt.atomic_write(self.out / "config.yaml", lambda p: Path(p).write_text(config.to_yaml()))
+            info = run_info(config, ctx, self.task, self.n_params)
+            ckpt.atomic_write(self.out / "run.json", lambda p: Path(p).write_text(json.dumps(info, indent=2)))
+        self.log = (
+            MetricsLog(
+                self.out,
+                resume_step=self.step if self.resume_from is not None else None,
+                tensorboard=config.log.tensorboard,
+            )
+            if ctx.is_main
+            else None
+        )
+
+    # ------------------------------------------------------------- checkpoints
+    @property
+    def _fsdp(self) -> bool:
+        return self.ctx.distributed and self.config.distributed == "fsdp"
+
+    def _whole_model(self) -> nn.Module | None:
+        """An unsharded model to save on process 0: the model itself, or under FSDP a CPU copy
+        gathered from the shards (a collective: every process calls this; the others get None)."""
+        if not self._fsdp:
+            return self.raw if self.ctx.is_main else None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.ctx.is_main:
+            return None
+        copy = self.task.build_model()
+        copy.load_state_dict(state)
+        return copy
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The full optimizer state keyed by parameter name (a collective under FSDP)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.raw, self.optimizer, options=options)
+
+    def _last_saved(self) -> str:
+        return f"step {self.saved_step}" if self.saved_step else "none yet"
+
+    def _weights_metadata(self) -> dict[str, str]:
+        return {"train_step": str(self.step), "train_config": json.dumps(self.config.to_dict())}
+
+    def save_checkpoint(self) -> None:
+        ctx = self.ctx
+        model, optim_state = self._whole_model(), self._optimizer_state()
+        rng = [None] * ctx.world_size
+        if ctx.distributed:
+            dist.all_gather_object(rng, ckpt.rng_state())
+        else:
+            rng = [ckpt.rng_state()]
+        if model is not None:
+            state = {
+                "step": self.step,
+                "tokens": self.tokens,
+                "optimizer": optim_state,
+                "data": self.batches.state_dict(),
+                "rng": rng,
+                "last_eval": self.last_eval,
+                "last_loss": self.last_loss,
+                "config": json.dumps(self.config.to_dict()),
+            }
+            try:
+                path = ckpt.save_checkpoint(
+                    self.out,
+                    self.step,
+                    model=model,
+                    state=state,
+                    metadata=self._weights_metadata(),
+                    keep=self.config.keep_checkpoints,
+                )
+            except OSError as e:
+                raise ConfigError(
+                    f"Could not write the checkpoint of step {self.step} in {str(self.out)!r}: {e}. The previous "
+                    f"checkpoint ({self._last_saved()}) is intact; free disk space or fix permissions, then rerun "
+                    "with --resume."
+                ) from None
+            self.saved_step = self.step
+            self.say(f"checkpoint saved step={self.step} path={path}")
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(self.step, path)
+        ctx.barrier()
+
+    def _load(self, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        weights = ckpt.load_weights(path / ckpt.WEIGHTS)
+        own = set(self.raw.state_dict())
+        if set(weights) != own:
+            raise ConfigError(
+                f"Checkpoint {str(path)!r} does not fit the model (missing {sorted(own - set(weights))[:5]}, "
+                f"unexpected {sorted(set(weights) - own)[:5]}); resume with the config it was saved with."
+            )
+        set_model_state_dict(self.raw, weights, options=options)
+        state = ckpt.load_state(path)
+        set_optimizer_state_dict(self.raw, self.optimizer, state["optimizer"], options=options)
+        self.batches.load_state_dict(state["data"])
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.last_eval = dict(state.get("last_eval", {}))
+        self.last_loss = state.get("last_loss")
+        self.saved_step = self.step
+        rng = state["rng"]
+        if len(rng) == self.ctx.world_size:
+            ckpt.set_rng_state(rng[self.ctx.rank])
+        else:
+            self.say(f"note: checkpoint from {len(rng)} process(es), resuming on {self.ctx.world_size}: fresh RNG")
+        self.say(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------- one step
+    def train_step(self) -> tuple[float, float, int]:
+        """One optimizer step; returns (mean loss over micro-batches and processes, grad norm, tokens)."""
+        config, ctx = self.config, self.ctx
+        warmup = config.schedule.warmup_steps
+        lr = lr_at(self.step, lr=config.optim.lr, min_lr=config.min_lr, warmup=warmup, total=config.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        loss_sum = torch.zeros((), device=ctx.device)
+        count = 0
+        for micro in range(config.grad_accum):
+            batch = self.batches.next()
+            count += self.task.count(batch)
+            batch = _to_device(batch, ctx.device)
+            with gradient_sync(self.wrapped, micro == config.grad_accum - 1), ctx.autocast():
+                loss = self.task.loss(self.model, batch)
+                (loss / config.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        loss = ctx.sum(loss_sum / config.grad_accum).item() / ctx.world_size
+        clip = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
+        grad_norm = _as_float(torch.nn.utils.clip_grad_norm_(self.raw.parameters(), clip))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise ConfigError(
+                f"Training diverged at step {self.step + 1}: loss={loss}, grad norm={grad_norm}. The last good "
+                f"checkpoint is {self._last_saved()} in {str(self.out)!r}; lower optim.lr (now {config.optim.lr}) "
+                "or raise schedule.warmup_steps, then rerun (or --resume)."
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss, grad_norm, count * ctx.world_size
+
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        metrics = self.task.evaluate(
+            self.model, batch_size=self.config.batch_size, max_batches=self.config.eval_batches, ctx=self.ctx
+        )
+        self.last_eval = dict(metrics)
+        return metrics
+
+    # ------------------------------------------------------------- the loop
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train to ``config.total_steps`` (continuing the latest checkpoint if ``resume``); the summary."""
+        self.ctx = setup_context(self.config)
+        try:
+            return self._fit(resume)
+        finally:
+            if getattr(self, "log", None) is not None:
+                self.log.close()
+            if self.ctx.owns_process_group and dist.is_initialized():
+                dist.destroy_process_group()
+
+    def _fit(self, resume: bool) -> dict[str, Any]:
+        config, ctx = self.config, self.ctx
+        self.saved_step = 0
+        self._setup(resume)
+        total = config.total_steps
+        self.say(
+            f"training {self.n_params:,} parameters for {total} steps of {config.tokens_per_step:,} tokens "
+            f"on {ctx.world_size} x {ctx.device.type} ({'fp32' if ctx.amp_dtype is None else 'bf16 autocast'}); "
+            f"run folder {self.out}"
+        )
+        bar = tqdm(
+            total=total,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (ctx.is_main and config.log.progress),
+        )
+        train_time, run_tokens, window_tokens, window_time = 0.0, 0, 0, 0.0
+        while self.step < total:
+            t0 = time.perf_counter()
+            loss, grad_norm, n = self.train_step()
+            self.last_loss = loss
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)
+            dt = time.perf_counter() - t0
+            self.tokens += n
+            train_time, run_tokens = train_time + dt, run_tokens + n
+            window_tokens, window_time = window_tokens + n, window_time + dt
+            row: dict[str, Any] = {}
+            if self.step % config.log.every == 0 or self.step == total:
+                row = {
+                    "step": self.step,
+                    "tokens": self.tokens,
+                    "loss": loss,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": window_tokens / window_time,
+                }
+                window_tokens, window_time = 0, 0.0
+            if (config.eval_every and self.step % config.eval_every == 0) or self.step == total:
+                row = {"step": self.step, "tokens": self.tokens, **row, **self.evaluate()}
+            if row and self.log is not None:
+                self.log.write(row)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{loss:.4f}",
+                tok_s=f"{n / dt:,.0f}",
+                **({"val": f"{self.last_eval['val_loss']:.4f}"} if self.last_eval else {}),
+                refresh=False,
+            )
+            if (config.ckpt_every and self.step % config.ckpt_every == 0) or self.step == total:
+                self.save_checkpoint()
+        bar.close()
+        if not self.last_eval:  # resumed a finished run whose summary is missing
+            self.evaluate()
+        summary = {
+            "out_dir": str(self.out),
+            "steps": self.step,
+            "tokens": self.tokens,
+            "params": self.n_params,
+            "train_loss": self.last_loss,
+            **self.last_eval,
+            "train_tokens_per_s": run_tokens / train_time if train_time else None,
+            "train_time_s": train_time,
+            "world_size": ctx.world_size,
+        }
+        model = self._whole_model()
+        if model is not None:
+            ckpt.save_weights(model, self.out / "model.safetensors", self._weights_metadata())
+            ckpt.atomic_write(self.out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
+            self.say(
+                f"done: step {self.step}, val loss {summary.get('val_loss', float('nan')):.4f}, "
+                f"ppl {summary.get('val_ppl', float('nan')):.2f}; weights in {self.out / 'model.safetensors'}"
+            )
+        return summary
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    task: Task | None = None,
+    on_checkpoint: Callable[[int, Path], None] | None = None,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Run ``config`` to the end and return its summary (see :class:`Trainer`)."""
+    return Trainer(config, task, on_checkpoint=on_checkpoint, verbose=verbose).fit(resume=resume)

@@ -267,6 +267,73 @@ def eval_ppl(
         print(f"{path}: {split} loss {loss:.4f}, perplexity {ppl:.3f} over {n:,} tokens")
 
 
+def _tokenizer_for(path: Path, meta: dict[str, str], override: str | None):
+    """The training run's tokenizer (or ``override``); a trained BPE is found through its corpus."""
+    from qkvlab.data import get_tokenizer, load_lm_data
+
+    trains_here = (
+        override is not None
+        and override.partition(":")[0] == "bpe"
+        and (override.partition(":")[2].isdigit() or override == "bpe")
+    )
+    if override is not None and not trains_here:
+        return get_tokenizer(override)  # byte, gpt2[:folder], bpe:<folder>
+    data = dict((json.loads(meta["train_config"]) if "train_config" in meta else {}).get("data") or {})
+    name = override or data.get("tokenizer")
+    if name is None or str(data.get("source", "")).endswith(".npy"):
+        raise ConfigError(
+            f"{str(path)!r} does not record a tokenizer (trained on pre-tokenised ids?); pass --tokenizer "
+            "byte, gpt2 or bpe:<folder>."
+        )
+    if not name.startswith("bpe"):
+        return get_tokenizer(name)
+    splits = load_lm_data(
+        data["source"], name, max_docs=data.get("max_docs"), val_fraction=data.get("val_fraction", 0.05),
+        seed=data.get("seed", 0), vocab_size=data.get("vocab_size", 4096), cache_dir=data.get("cache_dir"),
+    )  # fmt: skip
+    return get_tokenizer(splits.meta["tokenizer_spec"])
+
+
+@app.command()
+def generate(
+    checkpoint: Annotated[Path, typer.Argument(help="Weights file, checkpoint folder or run folder.")],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")] = "def ",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.8,
+    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens.")] = 50,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer; default: the training run's.")] = None,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
+) -> None:
+    """Continue a prompt with KV-cached decoding; prints the text, tokens/s and the cache's bytes."""
+    from qkvlab.checkpoint import load_model, read_metadata
+
+    path = _checkpoint_file(checkpoint)
+    meta = read_metadata(path)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(path, device=device).eval()
+    tok = _tokenizer_for(path, meta, tokenizer)
+    ids = tok.encode(prompt)
+    if not ids:
+        raise ConfigError("The prompt is empty after tokenisation; pass a non-empty --prompt.")
+    idx = torch.tensor([ids], device=device)
+    cache = model.new_cache(1, len(ids) + max_new_tokens)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    t0 = time.perf_counter()
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen, cache=cache)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    console.print(tok.decode(out[0].tolist()), highlight=False, markup=False)
+    spec = model.config.variant
+    console.print(
+        f"[dim]{spec.paper_name} ({spec.id}): {max_new_tokens} tokens in {dt:.2f} s = "
+        f"{max_new_tokens / dt:,.1f} tokens/s (prefill {len(ids)} + decode, batch 1, {device}); KV cache "
+        f"{cache.n_tensors} tensors, {cache.bytes_per_token:,} B/token, {human_bytes(cache.nbytes)} allocated[/]"
+    )
+
+
 def main() -> None:
     try:
         app()

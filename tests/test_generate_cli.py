@@ -1,0 +1,52 @@
+"""`qkvlab generate`: KV-cached continuation of a prompt from a trained checkpoint."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from qkvlab.cli import app
+from qkvlab.train import load_config, train
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for d in range(20):  # a folder: one document per file
+        (corpus / f"m{d}.py").write_text("\n\n".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(40)))
+    cfg = root / "cfg.yaml"
+    cfg.write_text(
+        f"model: {{preset: tiny, variant: Q-GQA-4}}\n"
+        f"data: {{source: {corpus}, tokenizer: byte, cache_dir: {root / 'cache'}}}\n"
+        f"batch_size: 8\nseq_len: 32\nmax_steps: 6\neval_every: 3\nckpt_every: 3\nout_dir: {root / 'run'}\n"
+    )
+    train(load_config(cfg, []))
+    return root / "run"
+
+
+def test_generate_prints_text_speed_and_cache_bytes(run_dir):
+    result = CliRunner().invoke(app, ["generate", str(run_dir), "--prompt", "def f", "--max-new-tokens", "12"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("def f")
+    m = re.search(
+        r"Q-GQA-4 \(q_kv\+gqa4\+learned\): 12 tokens in .* tokens/s .* KV cache 2 tensors, (\d+) B/token", result.output
+    )
+    assert m, result.output
+    # tiny: 2 layers x 1 tensor x 4 KV heads x head_dim 8 x 4 bytes (fp32)
+    assert int(m.group(1)) == 2 * 1 * 4 * 8 * 4
+
+
+def test_generate_is_reproducible_with_a_seed(run_dir):
+    args = ["generate", str(run_dir), "--prompt", "def", "--max-new-tokens", "16", "--seed", "3"]
+    a, b = CliRunner().invoke(app, args), CliRunner().invoke(app, args)
+    assert a.exit_code == 0 and a.output.splitlines()[0] == b.output.splitlines()[0]
+
+
+def test_generate_refuses_a_missing_checkpoint(tmp_path):
+    result = CliRunner().invoke(app, ["generate", str(tmp_path / "nope")])
+    assert result.exit_code != 0
+    assert "No checkpoint" in str(result.exception)

@@ -1,0 +1,841 @@
+"""Sweeps: a grid of training configs that one runner executes, resumably.
+
+A sweep file is YAML::
+
+    name: lm-variants-tiny              # optional; default: the file name
+    study_dir: studies/lm-variants-tiny # optional; default: studies/<name>
+    base: ../lm/tiny-stdlib.yaml        # a train config: a path (relative to this file,
+                                        #   else to the working directory) or a mapping
+    grid:                               # the Cartesian product of these lists
+      variant: [QKV, Q-K=V, GQA-4]      # -> model.variant (paper notation or our ids)
+      model: [gpt2-1m, gpt2-3m]         # -> model.preset (names from qkvlab.models.PRESETS)
+      tokens: [1e6, 4M]                 # -> max_tokens (token budget; k / M / B suffixes allowed)
+      seed: [0, 1]                      # -> seed
+      optim.lr: [1e-3, 3e-3]            # any other dotted config key is an axis too
+    overrides:                          # set in every run (a mapping or KEY=VALUE strings)
+      log.progress: false
+
+Each grid point gets a readable, stable id, e.g. ``q_kv-gpt2-1m-t1e6-s0-3f9a0c12``: the
+variant id, the model, the budget, the seed and 8 hex digits of a SHA-256 of the resolved
+config. Points that cannot be built (the query tied to a key or value with grouped KV heads;
+GQA-N on a model with N heads, which is MHA and would repeat another run) are recorded as
+``"skipped"`` with the reason. :func:`run_sweep` runs the others in order, appends one row
+per finished run to ``results.jsonl`` and skips runs already finished there, so a killed
+sweep resumes where it stopped; a run whose folder already holds files is resumed with the
+trainer's own ``resume=True``.
+
+With several devices, one thread per device takes the next run from a shared queue and
+trains it in a subprocess that sees only that device (``CUDA_VISIBLE_DEVICES``; its output
+goes to ``study_dir/.jobs/<run_id>.log``); the parent alone writes ``results.jsonl``. A
+fresh process per run also hands all GPU memory back between runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import functools
+import hashlib
+import itertools
+import json
+import math
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qkvlab.attention.variant import VariantSpec
+from qkvlab.checkpoint import atomic_write
+from qkvlab.errors import ConfigError
+from qkvlab.study.results import RUNS_DIR, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ResultsStore, read_metrics
+
+#: The named grid axes and the config key each one sets.
+AXES = {"variant": "model.variant", "model": "model.preset", "tokens": "max_tokens", "seed": "seed"}
+SWEEP_KEYS = ("name", "study_dir", "base", "grid", "overrides", "description")
+#: Config keys left out of the run id: they do not change what a run computes.
+ID_EXCLUDED = ("out_dir", "device", "log.progress", "log.tensorboard", "data.cache_dir")
+DEFAULT_PRESET = "tiny"  # the trainer's default when a config names no preset
+
+#: ``run_fn(config, resume=...) -> summary``: trains one resolved config (a plain dict).
+RunFn = Callable[..., dict[str, Any]]
+
+
+# ================================================================== the sweep spec
+@dataclass
+class SweepSpec:
+    """A parsed sweep file: a base train config, the grid axes and overrides for every run.
+
+    Args:
+        base: the train config every run starts from (a plain nested mapping).
+        grid: axis name -> list of values; see the module docstring for the axes.
+        overrides: dotted key -> value, applied to ``base`` before the grid values.
+        name: the study's name (shown in the report).
+        study_dir: where results go when :func:`run_sweep` is given none.
+    """
+
+    base: dict[str, Any]
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    name: str = "sweep"
+    study_dir: str | None = None
+    description: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, root: str | os.PathLike | None = None, name: str = "sweep") -> SweepSpec:
+        """Validate a sweep mapping; a ``base`` path is looked up under ``root``, then the working directory."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"A sweep must be a mapping with 'base' and 'grid', got {type(d).__name__}.")
+        _check_keys("sweep", d, SWEEP_KEYS)
+        if "base" not in d:
+            raise ConfigError("The sweep has no 'base': give a train config mapping or the path of a train YAML.")
+        base = _load_base(d["base"], Path(root) if root is not None else None)
+        grid = d.get("grid") or {}
+        if not isinstance(grid, dict):
+            raise ConfigError(f"'grid' must map axis names to lists, e.g. {{variant: [QKV, Q-K=V]}}, got {grid!r}.")
+        for axis, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"grid.{axis} must be a non-empty list, e.g. [{values!r}], got {values!r}.")
+            if axis not in AXES and "." not in axis and difflib.get_close_matches(axis, AXES, n=1, cutoff=0.75):
+                near = difflib.get_close_matches(axis, AXES, n=1, cutoff=0.75)[0]
+                raise ConfigError(f"Unknown grid axis {axis!r}; did you mean {near!r}? Axes: {', '.join(AXES)}.")
+        return cls(
+            base=base,
+            grid={str(k): list(v) for k, v in grid.items()},
+            overrides=_parse_overrides(d.get("overrides")),
+            name=str(d.get("name") or name),
+            study_dir=None if d.get("study_dir") is None else str(d["study_dir"]),
+            description=d.get("description"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_sweep(path: str | os.PathLike) -> SweepSpec:
+    """Read a sweep YAML (format in the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"No sweep file at {str(path)!r}; pass a YAML such as configs/studies/lm-variants-tiny.yaml.")
+    d = _read_yaml(path, "sweep")
+    return SweepSpec.from_dict(d, root=path.parent, name=path.stem)
+
+
+def _read_yaml(path: Path, what: str) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"Cannot parse {what} file {str(path)!r}: {e}".replace("\n", " ")) from None
+
+
+def _load_base(base: Any, root: Path | None) -> dict[str, Any]:
+    if isinstance(base, dict):
+        return copy.deepcopy(base)
+    if not isinstance(base, str | os.PathLike):
+        raise ConfigError(f"'base' must be a train config mapping or a YAML path, got {base!r}.")
+    tried = [root / base] if root is not None else []
+    tried.append(Path(base))
+    for candidate in tried:
+        if candidate.is_file():
+            loaded = _read_yaml(candidate, "base config")
+            if loaded is not None and not isinstance(loaded, dict):
+                raise ConfigError(f"Base config {str(candidate)!r} must be a YAML mapping.")
+            return loaded or {}
+    looked = " and ".join(repr(str(p)) for p in tried)
+    raise ConfigError(f"Base config {str(base)!r} not found (looked at {looked}); fix the 'base' path of the sweep.")
+
+
+def _parse_overrides(overrides: Any) -> dict[str, Any]:
+    if overrides is None:
+        return {}
+    if isinstance(overrides, dict):
+        return {str(k): v for k, v in overrides.items()}
+    if isinstance(overrides, list):
+        out: dict[str, Any] = {}
+        for item in overrides:
+            key, sep, text = str(item).partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"Override {item!r} is not KEY=VALUE; write e.g. 'optim.lr=3e-4'.")
+            out[key.strip()] = _yaml_value(text)
+        return out
+    raise ConfigError(f"'overrides' must be a mapping or a list of KEY=VALUE strings, got {overrides!r}.")
+
+
+def _yaml_value(text: str) -> Any:
+    """A value read as YAML, with ``3e-4`` read as a number (YAML 1.1 reads it as text)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _check_keys(where: str, d: dict[str, Any], valid: Sequence[str]) -> None:
+    for key in d:
+        if key not in valid:
+            near = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"Unknown {where} key {key!r}.{hint} Valid keys: {', '.join(valid)}.")
+
+
+def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``config["a"]["b"] = value`` for ``key="a.b"``, creating sections as needed."""
+    parts = key.split(".")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise ConfigError(f"Cannot set {key!r}: {'.'.join(parts[: i + 1])!r} is a value, not a section.")
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def get_dotted(config: dict[str, Any], key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def parse_tokens(value: Any) -> int:
+    """A token budget: an integer, a float such as ``1e6``, or text such as ``"1e6"``, ``"400k"``, ``"4M"``."""
+    scale = 1
+    text = value
+    if isinstance(value, str):
+        text = value.strip().replace("_", "").replace(",", "")
+        suffix = text[-1:].lower()
+        if suffix in ("k", "m", "b"):
+            scale, text = {"k": 10**3, "m": 10**6, "b": 10**9}[suffix], text[:-1]
+    try:
+        number = float(text) * scale
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number < 1 or number != int(number):
+        raise ConfigError(f"Token budget {value!r} is not a positive whole number; write e.g. 1000000, 1e6 or 1M.")
+    return int(number)
+
+
+def format_tokens(n: int) -> str:
+    """Short form of a token count for ids and labels: 1000000 -> ``1e6``, 2500000 -> ``2.5e6``."""
+    if n < 1000:
+        return str(n)
+    exponent = math.floor(math.log10(n))
+    mantissa = n / 10**exponent
+    if abs(mantissa * 100 - round(mantissa * 100)) < 1e-9:
+        return f"{mantissa:g}e{exponent}"
+    return str(n)
+
+
+# ================================================================== grid points
+@dataclass
+class RunPlan:
+    """One grid point: its id, its labels and the resolved train config (``out_dir`` unset).
+
+    ``status`` is ``"pending"`` or ``"skipped"`` (then ``reason`` says why).
+    """
+
+    run_id: str
+    variant: str
+    variant_id: str
+    model: str
+    tokens: int | None
+    seed: int
+    config: dict[str, Any]
+    axes: dict[str, Any] = field(default_factory=dict)
+    status: str = "pending"
+    reason: str | None = None
+
+
+def model_config_for(config: dict[str, Any]):
+    """The :class:`~qkvlab.models.GPTConfig` a train config asks for, resolved as the trainer does.
+
+    The vocabulary is the preset's (the trainer uses the tokenizer's), which changes neither
+    the attention layers nor the KV cache. Only :class:`GPTConfig` fields are read; the
+    trainer itself rejects unknown keys.
+    """
+    from qkvlab.models.config import GPTConfig
+    from qkvlab.models.presets import PRESETS
+
+    model = dict(config.get("model") or {})
+    preset = model.pop("preset", DEFAULT_PRESET)
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"Unknown model.preset {preset!r}; available: {', '.join(PRESETS)}.")
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    fields = {**(PRESETS[preset] if preset else {}), **{k: v for k, v in model.items() if k in known}}
+    if "max_seq_len" not in model and config.get("seq_len") is not None:
+        fields["max_seq_len"] = config["seq_len"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "GQA-N on N heads is MHA" is reported as a skip instead
+        return GPTConfig(**fields)
+
+
+def _model_name(config: dict[str, Any]) -> str:
+    preset = (config.get("model") or {}).get("preset", DEFAULT_PRESET)
+    return str(preset) if preset else "custom"
+
+
+def _why_invalid(config: dict[str, Any], spec: VariantSpec, model: str) -> str | None:
+    """Why this grid point cannot run (None when it can)."""
+    try:
+        cfg = model_config_for(config)
+    except ConfigError as e:
+        return str(e)
+    g = spec.n_kv_heads
+    if g is not None and g > 1 and g == cfg.n_heads:
+        same = spec.replace(n_kv_heads=None).paper_name
+        return (
+            f"Variant {spec.paper_name!r} asks for {g} KV heads on {model!r}, which has n_heads={cfg.n_heads}: "
+            f"that is MHA, the same model as {same!r}, so it would repeat that run. Drop it from the grid or "
+            f"use fewer KV heads (a divisor of {cfg.n_heads})."
+        )
+    return None
+
+
+def run_id_for(config: dict[str, Any], *, variant_id: str, model: str, tokens: int | None, seed: int) -> str:
+    """A readable id plus 8 hex digits of a SHA-256 of the config (keys in :data:`ID_EXCLUDED` left out)."""
+    hashed = copy.deepcopy(config)
+    for key in ID_EXCLUDED:
+        parent, _, last = key.rpartition(".")
+        node = get_dotted(hashed, parent) if parent else hashed
+        if isinstance(node, dict):
+            node.pop(last, None)
+    digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    if tokens is not None:
+        budget = f"-t{format_tokens(tokens)}"
+    else:
+        budget = f"-steps{config['max_steps']}" if config.get("max_steps") is not None else ""
+    readable = f"{variant_id.replace('+', '.')}-{model}{budget}-s{seed}"
+    return re.sub(r"[^A-Za-z0-9_.=-]", "-", readable) + f"-{digest}"
+
+
+def expand(spec: SweepSpec) -> list[RunPlan]:
+    """The Cartesian product of the grid, in the order model > tokens > other axes > seed > variant.
+
+    A misspelt variant or preset raises :class:`ConfigError`; a point that cannot be built
+    (see the module docstring) comes back with ``status="skipped"`` and the reason.
+    """
+    from qkvlab.models.presets import PRESETS
+
+    base = copy.deepcopy(spec.base)
+    base.pop("out_dir", None)  # each run's out_dir is its folder in the study, set when it runs
+    for key, value in spec.overrides.items():
+        set_dotted(base, key, value)
+    grid = dict(spec.grid)
+    for preset in grid.get("model", []):
+        if preset not in PRESETS:
+            near = difflib.get_close_matches(str(preset), PRESETS, n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"grid.model: unknown preset {preset!r}.{hint} Available: {', '.join(PRESETS)}.")
+    if "variant" in grid:
+        grid["variant"] = [VariantSpec.parse(v).id for v in grid["variant"]]
+    if "tokens" in grid:
+        grid["tokens"] = [parse_tokens(t) for t in grid["tokens"]]
+    for seed in grid.get("seed", []):
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ConfigError(f"grid.seed: {seed!r} is not an integer; write seeds as e.g. [0, 1, 2].")
+    extra = [k for k in grid if k not in AXES]
+    order = [k for k in ("model", "tokens", *extra, "seed", "variant") if k in grid]
+
+    plans: list[RunPlan] = []
+    checked_shapes: set[str] = set()
+    for values in itertools.product(*(grid[k] for k in order)):
+        point = dict(zip(order, values, strict=True))
+        config = copy.deepcopy(base)
+        for axis, value in point.items():
+            set_dotted(config, AXES.get(axis, axis), value)
+        if "max_tokens" in config and config["max_tokens"] is not None:
+            config["max_tokens"] = parse_tokens(config["max_tokens"])
+        spec_v = VariantSpec.parse(get_dotted(config, "model.variant") or "QKV")
+        set_dotted(config, "model.variant", spec_v.id)
+        model = _model_name(config)
+        mha = copy.deepcopy(config)
+        set_dotted(mha, "model.variant", VariantSpec(pos=spec_v.pos).id)
+        shape = json.dumps([mha["model"], config.get("seq_len")], sort_keys=True, default=str)
+        if shape not in checked_shapes:  # the model itself must build (as QKV): else no variant can
+            model_config_for(mha)
+            checked_shapes.add(shape)
+        tokens = config.get("max_tokens")
+        seed = int(config.get("seed", 0))
+        run_id = run_id_for(config, variant_id=spec_v.id, model=model, tokens=tokens, seed=seed)
+        reason = _why_invalid(config, spec_v, model)
+        plans.append(
+            RunPlan(
+                run_id=run_id,
+                variant=spec_v.paper_name,
+                variant_id=spec_v.id,
+                model=model,
+                tokens=tokens,
+                seed=seed,
+                config=config,
+                axes=point,
+                status=STATUS_SKIPPED if reason else "pending",
+                reason=reason,
+            )
+        )
+    ids = [p.run_id for p in plans]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ConfigError(f"The grid repeats runs {dupes[:3]}: two grid values give the same config; remove one.")
+    return plans
+
+
+# ================================================================== results rows
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+@functools.cache
+def _code_version() -> tuple[str | None, bool | None]:
+    """(git commit, dirty) of the qkvlab source tree, or (None, None) outside a git checkout."""
+    import qkvlab
+
+    src = Path(qkvlab.__file__).resolve().parent
+    try:
+        run = dict(cwd=src, capture_output=True, text=True, timeout=10, check=True)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip())
+        return commit or None, dirty
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+@functools.lru_cache(maxsize=64)
+def _costs(model_json: str) -> dict[str, Any]:
+    """Parameters and KV-cache bytes (bf16) of a model config, vs QKV of the same shape."""
+    from qkvlab.costs import variant_costs
+    from qkvlab.models.config import GPTConfig
+
+    cfg = GPTConfig.from_dict(json.loads(model_json))
+    (row,) = variant_costs(cfg, [cfg.variant])
+    keep = ("params_total", "params_attention", "kv_cache_bytes_per_token", "cache_reduction", "dtype")
+    return {("kv_cache_dtype" if k == "dtype" else k): row[k] for k in keep}
+
+
+def _run_info(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "run.json"
+    try:
+        info = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        info = {}
+    return info if isinstance(info, dict) else {}
+
+
+def _last_eval(run_dir: Path) -> dict[str, Any]:
+    """``val_loss`` / ``val_ppl`` of the last eval row in ``metrics.jsonl`` (for a summary without them)."""
+    evals = [m for m in read_metrics(run_dir) if m.get("val_loss") is not None]
+    return {k: evals[-1][k] for k in ("val_loss", "val_ppl") if k in evals[-1]} if evals else {}
+
+
+def _plan_row(plan: RunPlan) -> dict[str, Any]:
+    return {
+        "run_id": plan.run_id,
+        "variant": plan.variant,
+        "variant_id": plan.variant_id,
+        "model": plan.model,
+        "tokens_budget": plan.tokens,
+        "max_steps": plan.config.get("max_steps"),
+        "seed": plan.seed,
+        "axes": plan.axes,
+        "out_dir": None if plan.status == STATUS_SKIPPED else str(Path(RUNS_DIR) / plan.run_id),
+    }
+
+
+def skipped_row(plan: RunPlan) -> dict[str, Any]:
+    """The results row of a grid point that cannot be built."""
+    return {**_plan_row(plan), "status": STATUS_SKIPPED, "reason": plan.reason, "config": plan.config}
+
+
+def result_row(
+    plan: RunPlan,
+    config: dict[str, Any],
+    summary: dict[str, Any],
+    *,
+    run_dir: Path,
+    started: str,
+    wall_s: float,
+    resumed: bool,
+) -> dict[str, Any]:
+    """The results row of a finished run, from the trainer's summary and its run folder."""
+    info = _run_info(run_dir)
+    summary = {**_last_eval(run_dir), **{k: v for k, v in summary.items() if v is not None}}
+    model_cfg = info.get("model")
+    if not isinstance(model_cfg, dict):  # no run.json: resolve as the trainer would (preset vocabulary)
+        model_cfg = model_config_for(config).to_dict()
+    costs = _costs(json.dumps(model_cfg, sort_keys=True))
+    git = info.get("git") if isinstance(info.get("git"), dict) else {}
+    commit, dirty = (git.get("commit"), git.get("dirty")) if git.get("commit") else _code_version()
+    row: dict[str, Any] = {
+        **_plan_row(plan),
+        "status": STATUS_OK,
+        "tokens": summary.get("tokens", plan.tokens),
+        "steps": summary.get("steps"),
+        "val_loss": summary.get("val_loss"),
+        "val_ppl": summary.get("val_ppl"),
+        "train_loss": summary.get("train_loss"),
+        "train_tokens_per_s": summary.get("train_tokens_per_s"),
+        "train_time_s": summary.get("train_time_s"),
+        **costs,
+        "params_trained": summary.get("params"),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "config": config,
+        "started": started,
+        "finished": now(),
+        "wall_s": wall_s,
+        "resumed": resumed,
+    }
+    for key in ("decode_tokens_per_s", "world_size"):  # optional extras a run may report
+        if summary.get(key) is not None:
+            row[key] = summary[key]
+    return row
+
+
+def failed_row(plan: RunPlan, config: dict[str, Any], error: str, *, started: str) -> dict[str, Any]:
+    return {
+        **_plan_row(plan),
+        "status": STATUS_FAILED,
+        "error": error,
+        "config": config,
+        "started": started,
+        "finished": now(),
+    }
+
+
+# ================================================================== running
+def default_run_fn() -> RunFn:
+    """:func:`qkvlab.train.train` behind the sweep's ``run_fn(config_dict, resume=...)`` contract."""
+    try:
+        from qkvlab.train import TrainConfig, train
+    except ImportError as e:
+        raise ConfigError(
+            f"qkvlab sweep needs the trainer (qkvlab.train), which cannot be imported here ({e}). Reinstall "
+            "qkvlab (pip install -e .), or pass run_fn= to run_sweep."
+        ) from None
+
+    def run(config: dict[str, Any], *, resume: bool = False) -> dict[str, Any]:
+        return train(TrainConfig.from_dict(config), resume=resume)
+
+    return run
+
+
+def check_with_trainer(plans: Sequence[RunPlan]) -> None:
+    """Validate every runnable grid point with the trainer's own config class, before the first run.
+
+    A misspelt key in the base config then stops the sweep at once instead of failing every run.
+    """
+    from qkvlab.train import TrainConfig
+
+    for plan in plans:
+        if plan.status != STATUS_SKIPPED:
+            try:
+                TrainConfig.from_dict({**plan.config, "out_dir": "unused"})
+            except ConfigError as e:
+                raise ConfigError(f"Grid point {plan.run_id}: {e}") from None
+
+
+def parse_devices(devices: str | Sequence[str | int] | None) -> list[str]:
+    """Devices from ``"0,1"``, ``"all"``, ``"cpu"`` or a list; entries are CUDA indices or ``"cpu"``."""
+    if devices is None:
+        return []
+    items = [s.strip() for s in devices.split(",")] if isinstance(devices, str) else [str(d).strip() for d in devices]
+    items = [s for s in items if s]
+    if items == ["all"]:
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ConfigError("--devices all: no CUDA device is visible; run without --devices (sequential).")
+        return [str(i) for i in range(count)]
+    for item in items:
+        if item != "cpu" and not item.isdigit():
+            raise ConfigError(f"Bad device {item!r}; give CUDA indices such as '0,1', 'all', or 'cpu'.")
+    wanted = [int(i) for i in items if i.isdigit()]
+    if wanted:
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if max(wanted) >= count:
+            raise ConfigError(
+                f"Device {max(wanted)} asked for, but {count} CUDA device(s) are visible; "
+                f"use indices below {count}, or 'cpu'."
+            )
+    return items
+
+
+@dataclass
+class SweepSummary:
+    """What :func:`run_sweep` did, by run id."""
+
+    study_dir: Path
+    planned: int = 0
+    ran: list[str] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)
+    already_done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.planned} grid points: {len(self.ran)} ran ({len(self.resumed)} resumed), "
+            f"{len(self.already_done)} already done, {len(self.skipped)} skipped as invalid, "
+            f"{len(self.failed)} failed; results in {self.study_dir / 'results.jsonl'}"
+        )
+
+
+def run_sweep(
+    spec: SweepSpec | str | os.PathLike,
+    study_dir: str | os.PathLike | None = None,
+    *,
+    run_fn: RunFn | None = None,
+    devices: str | Sequence[str | int] | None = None,
+    verbose: bool = True,
+) -> SweepSummary:
+    """Run every grid point of ``spec`` not yet finished in ``study_dir``'s results.
+
+    Args:
+        spec: a :class:`SweepSpec` or the path of a sweep YAML.
+        study_dir: the study folder; default ``spec.study_dir``, else ``studies/<name>``.
+        run_fn: ``run_fn(config: dict, *, resume: bool) -> summary dict``; default
+            :func:`qkvlab.train.train` (see :func:`default_run_fn`). With several devices it
+            must be a module-level function, since each run happens in a subprocess.
+        devices: None (sequential, the config's own device), one device (sequential on it),
+            or several (one run per device at a time); see :func:`parse_devices`.
+        verbose: print one line per run.
+
+    A ``KeyboardInterrupt`` stops the sweep at once; finished runs stay in ``results.jsonl``
+    and the next call continues with the rest.
+    """
+    if not isinstance(spec, SweepSpec):
+        spec = load_sweep(spec)
+    study = Path(study_dir if study_dir is not None else spec.study_dir or Path("studies") / spec.name)
+    device_list = parse_devices(devices)
+    parallel = len(device_list) >= 2
+    if parallel:
+        _function_ref(run_fn)  # refuse a run_fn that a worker process cannot import, before any run
+    plans = expand(spec)
+    local_fn = run_fn or default_run_fn()  # a missing trainer fails here, before anything is written
+    if run_fn is None:
+        check_with_trainer(plans)
+    store = ResultsStore(study)
+    study.mkdir(parents=True, exist_ok=True)
+    atomic_write(study / "sweep.yaml", lambda p: Path(p).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False)))
+
+    summary = SweepSummary(study_dir=study, planned=len(plans))
+    latest = store.latest()
+    pending: list[RunPlan] = []
+    for plan in plans:
+        prior = latest.get(plan.run_id, {}).get("status")
+        if plan.status == STATUS_SKIPPED:
+            if prior != STATUS_SKIPPED:
+                store.append(skipped_row(plan))
+            summary.skipped.append(plan.run_id)
+        elif prior == STATUS_OK:
+            summary.already_done.append(plan.run_id)
+        else:
+            pending.append(plan)
+    say = print if verbose else (lambda *a, **k: None)
+    say(
+        f"sweep {spec.name!r}: {len(plans)} grid points, {len(summary.already_done)} already done, "
+        f"{len(summary.skipped)} skipped as invalid, {len(pending)} to run; study folder {study}",
+        flush=True,
+    )
+    if parallel:
+        _run_parallel(pending, store, summary, run_fn, device_list, say)  # None: the trainer, in each worker
+    else:
+        device = device_list[0] if device_list else None
+        for k, plan in enumerate(pending, start=1):
+            say(f"[{k}/{len(pending)}] {plan.run_id}: {plan.variant} on {plan.model}, seed {plan.seed}", flush=True)
+            _run_one(plan, store, summary, local_fn, device, say)
+    say(str(summary), flush=True)
+    return summary
+
+
+def _device_config(config: dict[str, Any], device: str | None) -> dict[str, Any]:
+    config = copy.deepcopy(config)
+    if device is not None:
+        config["device"] = "cpu" if device == "cpu" else f"cuda:{device}"
+    return config
+
+
+def _outcome(row: dict[str, Any]) -> str:
+    loss, ppl, wall = row.get("val_loss"), row.get("val_ppl"), row.get("wall_s") or 0.0
+    scores = f"val loss {loss:.4f}, val ppl {ppl:.2f}" if loss is not None and ppl is not None else "no val loss"
+    return f"{scores} ({wall:.0f} s)"
+
+
+def _is_partial(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(run_dir.iterdir())
+
+
+def _run_one(
+    plan: RunPlan,
+    store: ResultsStore,
+    summary: SweepSummary,
+    run_fn: RunFn,
+    device: str | None,
+    say: Callable[..., None],
+) -> None:
+    """Train one plan in this process and append its row (ok or failed)."""
+    run_dir = store.run_dir(plan.run_id)
+    resume = _is_partial(run_dir)
+    config = _device_config(plan.config, device)
+    config["out_dir"] = str(run_dir)
+    started, t0 = now(), time.perf_counter()
+    try:
+        result = run_fn(config, resume=resume)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+        store.append(failed_row(plan, config, error, started=started))
+        summary.failed.append((plan.run_id, error))
+        say(f"  failed: {error}", flush=True)
+        return
+    row = result_row(
+        plan,
+        config,
+        dict(result or {}),
+        run_dir=run_dir,
+        started=started,
+        wall_s=time.perf_counter() - t0,
+        resumed=resume,
+    )
+    store.append(row)
+    summary.ran.append(plan.run_id)
+    if resume:
+        summary.resumed.append(plan.run_id)
+    say(f"  done: {_outcome(row)}", flush=True)
+
+
+# ------------------------------------------------------------------ several devices
+_WORKER = "import sys; from qkvlab.study.sweep import worker_main; sys.exit(worker_main(sys.argv[1:]))"
+JOBS_DIR = ".jobs"
+
+
+def _function_ref(fn: RunFn | None) -> str | None:
+    """``module:qualname`` of a module-level function, so a subprocess can import it."""
+    if fn is None:
+        return None
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or module == "__main__" or "<locals>" in name or "." in name:
+        raise ConfigError(
+            f"With several devices each run happens in a subprocess, so run_fn must be a module-level function "
+            f"it can import; {fn!r} is not. Define it at the top level of a module, or run on one device."
+        )
+    return f"{module}:{name}"
+
+
+def worker_main(argv: Sequence[str]) -> int:
+    """Subprocess entry: train the job file ``argv[0]`` and write its result file. Exit 0 on success."""
+    job_path = Path(argv[0])
+    job = json.loads(job_path.read_text())
+    out = Path(job["result"])
+    try:
+        if job["run_fn"]:
+            import importlib
+
+            module, _, name = job["run_fn"].partition(":")
+            run_fn = getattr(importlib.import_module(module), name)
+        else:
+            run_fn = default_run_fn()
+        summary = run_fn(job["config"], resume=job["resume"])
+        result = {"ok": True, "summary": summary}
+    except Exception as e:
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    atomic_write(out, lambda p: Path(p).write_text(json.dumps(result, default=str)))
+    return 0 if result["ok"] else 1
+
+
+def _run_parallel(
+    pending: list[RunPlan],
+    store: ResultsStore,
+    summary: SweepSummary,
+    run_fn: RunFn | None,
+    devices: list[str],
+    say: Callable[..., None],
+) -> None:
+    """One thread per device takes plans from a queue and trains each in a subprocess on that device."""
+    ref = _function_ref(run_fn)
+    jobs = store.study_dir / JOBS_DIR
+    jobs.mkdir(parents=True, exist_ok=True)
+    todo: queue.Queue[RunPlan] = queue.Queue()
+    for plan in pending:
+        todo.put(plan)
+    stop = threading.Event()
+    procs: dict[str, subprocess.Popen] = {}
+    lock = threading.Lock()
+
+    def work(device: str) -> None:
+        while not stop.is_set():
+            try:
+                plan = todo.get_nowait()
+            except queue.Empty:
+                return
+            run_dir = store.run_dir(plan.run_id)
+            resume = _is_partial(run_dir)
+            config = _device_config(plan.config, "cpu" if device == "cpu" else "0")
+            config["out_dir"] = str(run_dir)
+            job, result_path = jobs / f"{plan.run_id}.json", jobs / f"{plan.run_id}.result.json"
+            result_path.unlink(missing_ok=True)
+            job.write_text(json.dumps({"config": config, "resume": resume, "run_fn": ref, "result": str(result_path)}))
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": "" if device == "cpu" else device}
+            started, t0 = now(), time.perf_counter()
+            say(f"[device {device}] {plan.run_id}: {plan.variant} on {plan.model}, seed {plan.seed}", flush=True)
+            with open(jobs / f"{plan.run_id}.log", "w") as log:
+                proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(job)], env=env, stdout=log, stderr=log)
+                with lock:
+                    procs[device] = proc
+                proc.wait()
+            if stop.is_set():
+                return  # interrupted: not recorded, so the next sweep runs (resumes) it
+            result = json.loads(result_path.read_text()) if result_path.is_file() else None
+            if result and result.get("ok"):
+                row = result_row(
+                    plan,
+                    config,
+                    dict(result["summary"] or {}),
+                    run_dir=run_dir,
+                    started=started,
+                    wall_s=time.perf_counter() - t0,
+                    resumed=resume,
+                )
+                store.append(row)
+                with lock:
+                    summary.ran.append(plan.run_id)
+                    if resume:
+                        summary.resumed.append(plan.run_id)
+                say(f"[device {device}] done {plan.run_id}: {_outcome(row)}", flush=True)
+            else:
+                error = (result or {}).get("error") or f"worker exited with {proc.returncode}; see {log.name}"
+                store.append(failed_row(plan, config, error, started=started))
+                with lock:
+                    summary.failed.append((plan.run_id, error))
+                say(f"[device {device}] failed {plan.run_id}: {error}", flush=True)
+
+    threads = [threading.Thread(target=work, args=(d,), name=f"sweep-{d}", daemon=True) for d in devices]
+    try:
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(timeout=0.2)
+    except KeyboardInterrupt:
+        stop.set()
+        with lock:
+            running = [p for p in procs.values() if p.poll() is None]
+        for p in running:
+            p.terminate()
+        for t in threads:
+            t.join(timeout=30)
+        raise

@@ -129,44 +129,80 @@ def presets() -> None:
 
 @app.command()
 def demo(
-    preset: Annotated[str, typer.Option(help="Preset for the cost table.")] = "paper-300m",
-    new_tokens: Annotated[int, typer.Option(help="Tokens generated per variant.")] = 48,
-    seed: Annotated[int, typer.Option(help="Random seed for the tiny models.")] = 0,
+    out: Annotated[Path, typer.Option(help="Study folder for the runs, results and report.")] = Path("runs/demo"),
+    tokens: Annotated[str, typer.Option(help="Training tokens per variant (e.g. 1.5M).")] = "1.5M",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; each variant trains once per seed.")] = "0",
 ) -> None:
-    """The main job: the paper's variant-cost table, then cached generation per variant.
+    """The main job: train the paper's eight LM variants on the stdlib corpus and compare them.
 
-    Each variant gets a tiny random GPT (gpt2 recipe); its cached greedy decode is checked
-    against full recomputation, and tokens/s and cache bytes are measured.
+    First the paper-300m cost table; then each variant trains the tiny GPT on the Python
+    standard library's source (byte-level, nothing downloaded) for the same token budget;
+    then a table of validation perplexity, change vs QKV, KV-cache bytes, parameters and
+    training / decoding speed, and a markdown report with plots. A killed demo resumes.
     """
-    from qkvlab.models import GPT, get_preset, paper_variants
+    from qkvlab.study import read_jsonl, run_sweep, summarize_group, write_report
+    from qkvlab.study.demo import demo_run_fn, demo_spec
+    from qkvlab.study.sweep import parse_tokens
 
-    variants(preset=preset, variant=None, seq_len=None, context=32768, dtype="bf16", as_json=False)
-    table = Table(title="cached generation, tiny random GPT (2 layers, d=64, 8 heads), CPU, fp32")
-    for col in ("variant", "cache tensors", "cache bytes", "B/token", "tokens/s", "cached == full recompute"):
+    t0 = time.perf_counter()
+    variants(preset="paper-300m", variant=None, seq_len=None, context=32768, dtype="bf16", as_json=False)
+    seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    if not seed_list:
+        raise ConfigError(f"--seeds must list at least one integer, got {seeds!r}.")
+    spec = demo_spec(parse_tokens(tokens), seed_list, out)
+    summary = run_sweep(spec, out, run_fn=demo_run_fn())
+    rows = [r for r in read_jsonl(out / "results.jsonl") if r.get("status") == "ok"]
+    stats = summarize_group(rows)
+    table = Table(title=f"demo: tiny GPT on the stdlib corpus, {tokens} tokens per run, seeds {seeds} (CPU)")
+    cols = ("variant", "val PPL", "vs QKV", "KV B/token (bf16)", "KV @32k", "params", "train tok/s", "decode tok/s")
+    for col in cols:
         table.add_column(col, justify="left" if col == "variant" else "right")
-    prompt = torch.arange(16).view(1, -1) % 256
-    ok_all = True
-    for name in paper_variants("paper-300m"):
-        torch.manual_seed(seed)
-        model = GPT(get_preset("tiny", variant=name)).eval()
-        cache = model.new_cache(1, prompt.shape[1] + new_tokens)
-        t0 = time.perf_counter()
-        out = model.generate(prompt, new_tokens, cache=cache)
-        dt = time.perf_counter() - t0
-        ref = model.generate(prompt, new_tokens, use_cache=False)
-        ok = torch.equal(out, ref)
-        ok_all &= ok
+    for st in stats:
+        ppl, sd, n = st.val_ppl
+        kv = st.first("kv_cache_bytes_per_token") or 0
         table.add_row(
-            model.config.variant.paper_name,
-            str(cache.n_tensors),
-            f"{cache.nbytes:,}",
-            f"{cache.measured_bytes_per_token:,.0f}",
-            f"{new_tokens / dt:,.0f}",
-            "yes" if ok else "NO",
+            st.label,
+            f"{ppl:.3f}" + (f" ± {sd:.3f}" if n > 1 and sd is not None else ""),
+            "-" if st.baseline or st.ppl_change is None else f"{100 * st.ppl_change:+.2f}%",
+            f"{kv:,}",
+            human_bytes(kv * 32768),
+            f"{st.first('params_total'):,}",
+            f"{st.mean('train_tokens_per_s') or 0:,.0f}",
+            f"{st.mean('decode_tokens_per_s') or 0:,.0f}",
         )
     console.print(table)
-    if not ok_all:
+    report = write_report(out)
+    console.print(f"{summary}\nreport: {report}\nwall time: {time.perf_counter() - t0:,.0f} s")
+    if summary.failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="Sweep YAML (base config + grid).", show_default=False)],
+    out: Annotated[Path | None, typer.Option(help="Study folder (default: the sweep's study_dir).")] = None,
+    devices: Annotated[
+        str | None, typer.Option(help="'cpu', 'all' or GPU ids like '0,1': one run per device at a time.")
+    ] = None,
+) -> None:
+    """Run a grid of training runs (variants x models x token budgets x seeds); resumes if killed."""
+    from qkvlab.study import load_sweep, run_sweep
+
+    summary = run_sweep(load_sweep(config), out, devices=devices)
+    console.print(str(summary))
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    study_dir: Annotated[Path, typer.Argument(help="A study folder with results.jsonl.", show_default=False)],
+    plots: Annotated[bool, typer.Option(help="Write PNG plots (needs matplotlib).")] = True,
+) -> None:
+    """Write report.md (paper-style tables) and plots for a study folder from its results."""
+    from qkvlab.study import write_report
+
+    console.print(str(write_report(study_dir, plots=plots)))
 
 
 @app.command()

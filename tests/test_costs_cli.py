@@ -378,15 +378,3 @@ def test_cli_presets():
     assert rows["paper-300m"][1:6] == ["gpt2", "20", "1024", "16", "4096"]
     assert rows["paper-300m"][8] == "305.5M"
     assert rows["paper-1.2b"][8] == "1,215.1M"
-
-
-def test_cli_demo():
-    result, out = invoke("demo", "--new-tokens", "8")
-    assert result.exit_code == 0, result.output
-    assert [r[0] for r in table_rows(out, 10)] == list(PAPER_LM_VARIANTS)  # the cost table
-    rows = table_rows(out, 6)  # cached generation: variant, tensors, bytes, B/token, tok/s, cached == full
-    assert [r[0] for r in rows] == list(PAPER_LM_VARIANTS)
-    assert all(r[-1] == "yes" for r in rows), rows
-    tensors = {r[0]: int(r[1]) for r in rows}
-    assert tensors["Q-K=V"] == tensors["Q-MQA"] == 2  # 2 layers, one K=V tensor each
-    assert tensors["QKV"] == tensors["MQA"] == 4

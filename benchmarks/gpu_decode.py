@@ -1,0 +1,515 @@
+"""GPU benchmark: one-token decode over a shared K=V cache with RoPE on the key role (issue 5, D1-D5).
+
+At Hq=32, D=128, bf16, for each point (B rows, S cached tokens, Hkv KV heads: 32 = MHA, 8 = GQA-8)
+this script, in one run:
+
+1. measures the copy bandwidth (device-to-device copy of 1 GiB, bytes read + written);
+2. checks every method first, on random data: relative error ``||out - ref|| / ||ref||`` against
+   the float32 reference :func:`qkvlab.kernels.decode_attention_reference` (per-row lengths,
+   incl. length 1 and lengths that are not a multiple of the tile, for B > 1); our kernel writes
+   into a NaN-poisoned buffer. The run stops if a check fails;
+3. times each method with ``triton.testing.do_bench`` (median of many calls; it flushes the L2
+   before every call, so the cache is read cold), in several rounds, method after method;
+4. prints a table and writes JSON (GPU, driver, torch, triton) to ``$OUT/gpu_decode.json`` when
+   ``$OUT`` is set and to ``--out`` when given.
+
+Methods (``unique bytes`` = bytes of cache the method must read once):
+
+- ``ours_rope_kv``: our Triton kernel on a K=V cache of raw ``s``, key role ``rope(s)`` in registers,
+  value ``s``: the target. Reads ``B*Hkv*S*D*2`` bytes.
+- ``ours_rope_qkn_kv``: the same with QK-norm (``rope(rmsnorm(s))``) on the key role.
+- ``ours_sep_kv``: our kernel on separate K (final keys) and V: like for like with SDPA MHA.
+- ``sdpa_<backend>``: ``F.scaled_dot_product_attention`` on separate K and V (the MHA baseline;
+  ``enable_gqa`` for Hkv < Hq) for each backend that runs (cudnn, flash; memory-efficient was
+  1.2-6x slower in a first run, so it is left out); ``best_mha`` is the fastest, named.
+- ``alias_<backend>``: SDPA given the SAME tensor as key and value and no RoPE: the K=V floor
+  (it cannot express RoPE on the key role only).
+
+Goals (issue 5): D1 ours_rope_kv >= 1.85x faster than best_mha at the bandwidth-bound points;
+D2 its unique bytes / time >= 85% of copy bandwidth there; D3 within 5% of alias_cudnn; D4 GQA-8
+B=1 S=32k >= 1.3x faster than alias_cudnn; D5 never slower than best_mha.
+
+Run on the GPU machine from the repository root::
+
+    PYTHONPATH=src python3 benchmarks/gpu_decode.py                  # full run, a few minutes
+    PYTHONPATH=src python3 benchmarks/gpu_decode.py --sweep          # also tune launch configs
+    PYTHONPATH=src python3 benchmarks/gpu_decode.py --out benchmarks/results/gpu_decode.json
+    TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/gpu_decode.py --smoke   # CPU, tiny shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qkvlab.attention.positional import Rotary
+from qkvlab.kernels import DecodeConfig, decode_attention, decode_attention_reference
+
+HQ, D = 32, 128
+MAIN_POINTS = [(1, 32768, 32), (1, 131072, 32), (16, 8192, 32), (64, 4096, 32)]  # bandwidth-bound (D1-D3)
+GQA_POINT = (1, 32768, 8)  # D4
+SMALL_POINTS = [(1, 512, 32), (1, 2048, 32), (1, 4096, 32), (8, 1024, 32), (32, 512, 32)]
+SMOKE_POINTS = [(1, 96, 4), (3, 80, 2)]
+TOL = 2e-2  # bf16 operands; typical errors are 3e-3 to 6e-3
+
+
+# ----------------------------------------------------------------------------- setup
+def env_info(device: torch.device) -> dict:
+    info = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, sm_count=p.multi_processor_count, memory_GiB=round(p.total_memory / 2**30, 1))
+        info["l2_MB"] = round(getattr(p, "L2_cache_size", 0) / 1e6, 1)
+        try:
+            q = "--query-gpu=driver_version,clocks.max.sm,clocks.max.mem"
+            out = subprocess.run(["nvidia-smi", q, "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+            info["driver"], info["max_sm_clock"], info["max_mem_clock"] = (x.strip() for x in out.stdout.split(","))
+        except (OSError, ValueError, subprocess.SubprocessError):
+            info["driver"] = None
+    else:
+        info.update(gpu=f"cpu ({platform.processor() or platform.machine()}), Triton interpreter")
+    return info
+
+
+EAGER_FALLBACKS: list[str] = []
+
+
+def capture_graph(fn):
+    """``fn`` captured in a CUDA graph (after one eager call, which also compiles); returns replay."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    return g.replay
+
+
+def timer(device: torch.device, rep_ms: int, graphs: bool = True):
+    """Median time in microseconds of ``fn()``: do_bench on CUDA (L2 flushed each call), a clock on CPU.
+
+    On CUDA each method is captured in a CUDA graph and the replay is timed, so host launch
+    overhead (Python checks, Triton's launcher: more than the kernel itself at small sizes)
+    stays out of the number, for every method alike; ``fn.eager`` or ``graphs=False`` times
+    the plain call. A method that cannot be captured is timed eagerly and listed.
+    """
+    if device.type == "cuda":
+        import triton.testing
+
+        def cuda_time(fn, name=""):
+            run = fn
+            if graphs and not getattr(fn, "eager", False):
+                try:
+                    run = capture_graph(fn)
+                except Exception as e:  # not capturable: time the eager call, and say so
+                    EAGER_FALLBACKS.append(f"{name}: {type(e).__name__}: {str(e)[:120]}")
+                    torch.cuda.synchronize()
+            return triton.testing.do_bench(run, warmup=25, rep=rep_ms, return_mode="median") * 1e3
+
+        return cuda_time
+
+    def cpu_time(fn, name=""):
+        fn()
+        ts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts) * 1e6
+
+    return cpu_time
+
+
+def copy_bandwidth(device: torch.device, bench) -> float:
+    """GB/s of a device-to-device copy of 1 GiB (64 MiB on CPU), counting read + write."""
+    n = (2**30 if device.type == "cuda" else 2**26) // 2
+    x = torch.randn(n, device=device).to(torch.bfloat16)
+    y = torch.empty_like(x)
+    copy = lambda: y.copy_(x)  # noqa: E731 - one big kernel: timed as a plain call
+    copy.eager = True
+    us = bench(copy, "copy")
+    return 2 * n * 2 / us / 1e3
+
+
+# ----------------------------------------------------------------------------- one point
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+class Point:
+    """Random inputs for one (B, S, Hkv) point, in bf16 on ``device``."""
+
+    def __init__(self, B, S, Hkv, device, dtype=torch.bfloat16, seed=0):
+        g = torch.Generator(device=device).manual_seed(seed)
+        self.B, self.S, self.Hkv = B, S, Hkv
+        self.scale = D**-0.5
+        self.q4 = torch.randn(B, HQ, 1, D, device=device, generator=g).to(dtype)
+        self.q = self.q4[:, :, 0]
+        self.s = torch.randn(B, Hkv, S, D, device=device, generator=g).to(dtype)  # shared cache (raw s)
+        self.k = torch.randn(B, Hkv, S, D, device=device, generator=g).to(dtype)  # MHA: final keys
+        self.v = torch.randn(B, Hkv, S, D, device=device, generator=g).to(dtype)
+        rot = Rotary(D, S).to(device)
+        self.cos, self.sin = rot.cos, rot.sin
+        self.norm_w = (torch.rand(D, device=device, generator=g) + 0.5).to(dtype)
+        self.full = torch.full((B,), S, dtype=torch.int32, device=device)
+        if B == 1:
+            mixed = [S - 3]
+        else:
+            mixed = torch.randint(1, S + 1, (B,), device=device, generator=g).tolist()
+            mixed[0], mixed[1] = 1, S
+        self.mixed = torch.tensor(mixed, dtype=torch.int32, device=device)
+        self.out = torch.empty(B, HQ, D, device=device, dtype=dtype)
+
+    @property
+    def elems(self) -> int:
+        return self.B * self.Hkv * self.S * D
+
+    def ours(self, which: str, lengths, config=None, out=None):
+        rope = dict(rope_cos=self.cos, rope_sin=self.sin)
+        common = dict(scale=self.scale, max_length=self.S, config=config, out=out)
+        if which == "rope_kv":
+            return lambda: decode_attention(self.q, self.s, self.s, lengths, shared_kv=True, **rope, **common)
+        if which == "rope_qkn_kv":
+            nw = self.norm_w
+            return lambda: decode_attention(
+                self.q, self.s, self.s, lengths, shared_kv=True, k_norm_weight=nw, **rope, **common
+            )
+        if which == "sep_kv":
+            return lambda: decode_attention(self.q, self.k, self.v, lengths, **common)
+        raise ValueError(which)
+
+    def reference(self, which: str, lengths):
+        rope = dict(rope_cos=self.cos, rope_sin=self.sin)
+        if which == "rope_kv":
+            return decode_attention_reference(self.q, self.s, None, lengths, scale=self.scale, shared_kv=True, **rope)
+        if which == "rope_qkn_kv":
+            return decode_attention_reference(
+                self.q, self.s, None, lengths, scale=self.scale, shared_kv=True, k_norm_weight=self.norm_w, **rope
+            )
+        if which == "sep_kv":
+            return decode_attention_reference(self.q, self.k, self.v, lengths, scale=self.scale)
+        if which == "alias":
+            return decode_attention_reference(self.q, self.s, None, lengths, scale=self.scale, shared_kv=True)
+        raise ValueError(which)
+
+    def sdpa(self, backend, alias: bool):
+        from torch.nn.attention import sdpa_kernel
+
+        k, v = (self.s, self.s) if alias else (self.k, self.v)
+        gqa = self.Hkv != HQ
+
+        def fn():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(self.q4, k, v, scale=self.scale, enable_gqa=gqa)
+
+        return fn
+
+
+def sdpa_backends():
+    from torch.nn.attention import SDPBackend
+
+    return {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+    }
+
+
+def run_point(B, S, Hkv, device, bench, rounds: int, log) -> dict:
+    """Check, then time, every method at one point; returns the JSON record."""
+    pt = Point(B, S, Hkv, device)
+    elem = pt.s.element_size()
+    kv_bytes = pt.elems * elem
+    small = (pt.q.numel() * 2) * elem  # q read + out written
+    rec = {"B": B, "S": S, "Hq": HQ, "Hkv": Hkv, "D": D, "dtype": "bfloat16", "methods": {}}
+    methods = {}
+    # --- correctness first (per-row lengths); ours writes into a NaN-poisoned buffer
+    for which in ("rope_kv", "rope_qkn_kv", "sep_kv"):
+        ref = pt.reference(which, pt.mixed)
+        pt.out.fill_(float("nan"))
+        pt.ours(which, pt.mixed, out=pt.out)()
+        err = rel_err(pt.out, ref)
+        shared = which != "sep_kv"
+        name = f"ours_{which}"
+        rec["methods"][name] = {"rel_err": err, "bytes": kv_bytes * (1 if shared else 2) + small}
+        methods[name] = pt.ours(which, pt.full)
+        del ref
+    eager = pt.ours("rope_kv", pt.full)
+    eager.eager = True  # the same call without a CUDA graph: host overhead included
+    methods["ours_rope_kv_eager"] = eager
+    rec["methods"]["ours_rope_kv_eager"] = dict(rec["methods"]["ours_rope_kv"])
+    if device.type == "cuda":
+        ref_sep = pt.reference("sep_kv", pt.full)
+        ref_alias = pt.reference("alias", pt.full)
+        for be_name, be in sdpa_backends().items():
+            for alias in (False, True):
+                name = f"{'alias' if alias else 'sdpa'}_{be_name}"
+                fn = pt.sdpa(be, alias)
+                try:
+                    got = fn()[:, :, 0]
+                    torch.cuda.synchronize()
+                except RuntimeError as e:  # backend does not support this case
+                    rec["methods"][name] = {"error": str(e).splitlines()[0][:160]}
+                    continue
+                err = rel_err(got, ref_alias if alias else ref_sep)
+                rec["methods"][name] = {"rel_err": err, "bytes": kv_bytes * (1 if alias else 2) + small}
+                methods[name] = fn
+        del ref_sep, ref_alias
+    bad = {n: m["rel_err"] for n, m in rec["methods"].items() if "rel_err" in m and not m["rel_err"] < TOL}
+    if bad:
+        log(f"CORRECTNESS FAILURE at B={B} S={S} Hkv={Hkv}: {bad}")
+        rec["failed"] = bad
+    # --- timing: rounds of every method in turn
+    times = {n: [] for n in methods}
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            times[name].append(bench(fn, name))
+    for name, ts in times.items():
+        m = rec["methods"][name]
+        m["us_rounds"] = [round(t, 2) for t in ts]
+        m["us"] = statistics.median(ts)
+        m["GBps"] = m["bytes"] / m["us"] / 1e3
+    mha = {n: m["us"] for n, m in rec["methods"].items() if n.startswith("sdpa_") and "us" in m}
+    alias = {n: m["us"] for n, m in rec["methods"].items() if n.startswith("alias_") and "us" in m}
+    if mha:
+        rec["best_mha"] = min(mha, key=mha.get)
+    if alias:
+        rec["best_alias"] = min(alias, key=alias.get)
+    del pt, methods
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rec
+
+
+# ----------------------------------------------------------------------------- sweep
+def sweep_configs(G: int) -> list[DecodeConfig]:
+    """Launch configs to compare (tl.dot score path): tile, warps, RoPE table mode, split target."""
+    tiles = [(64, 4, "add_regs"), (32, 4, "add_regs"), (64, 8, "add_regs"), (128, 8, "add_regs"), (64, 4, "add")]
+    cfgs = [DecodeConfig(block_n=bn, num_warps=w, rope_mode=mode) for bn, w, mode in tiles]
+    cfgs += [DecodeConfig(programs_per_sm=pps) for pps in (2, 8)]
+    return cfgs
+
+
+def run_sweep(device, bench, log, smoke=False) -> list[dict]:
+    """Time launch configurations of ours_rope_kv at a few points (one round each, checked first)."""
+    rows = []
+    big = [(1, 96, 32), (1, 96, 8)] if smoke else [(1, 32768, 32), (16, 8192, 32), GQA_POINT]
+    small = ((1, 64),) if smoke else ((1, 512), (1, 4096))
+    for B, S, Hkv in big:
+        pt = Point(B, S, Hkv, device, seed=1)
+        ref = pt.reference("rope_kv", pt.mixed)
+        for cfg in sweep_configs(HQ // Hkv):
+            row = {"B": B, "S": S, "Hkv": Hkv, "config": {k: v for k, v in vars(cfg).items() if v is not None}}
+            try:
+                pt.out.fill_(float("nan"))
+                pt.ours("rope_kv", pt.mixed, config=cfg, out=pt.out)()
+                row["rel_err"] = rel_err(pt.out, ref)
+                row["us"] = bench(pt.ours("rope_kv", pt.full, config=cfg), "sweep")
+                row["GBps"] = pt.elems * 2 / row["us"] / 1e3
+            except Exception as e:  # a config that does not compile is a result too
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            rows.append(row)
+            log(
+                f"  sweep B={B} S={S} Hkv={Hkv} {row['config']}: {row.get('us', float('nan')):.1f} us "
+                f"err={row.get('rel_err', float('nan')):.1e} {row.get('error', '')}"
+            )
+        for B2, S2 in small if Hkv == HQ and B == 1 else ():
+            pt2 = Point(B2, S2, Hkv, device, seed=2)
+            for splits in (1, 2, 4, 8, 16):
+                cfg = DecodeConfig(num_splits=splits)
+                us = bench(pt2.ours("rope_kv", pt2.full, config=cfg), "sweep")
+                rows.append({"B": B2, "S": S2, "Hkv": Hkv, "config": {"num_splits": splits}, "us": us})
+                log(f"  sweep B={B2} S={S2} splits={splits}: {us:.1f} us")
+        del pt, ref
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+def compiled_report() -> list[dict]:
+    """Registers, spills and shared memory of every compiled split-kernel variant (from Triton's cache)."""
+    from qkvlab.kernels import kv_decode
+
+    rows = []
+    try:
+        fn = kv_decode._kernels(False)[0]
+        for entry in fn.device_caches.values():
+            for key, ck in entry[0].items():
+                md = ck.metadata
+                consts = getattr(getattr(ck, "src", None), "constants", None)
+                rows.append(
+                    {
+                        "n_regs": getattr(ck, "n_regs", None),
+                        "n_spills": getattr(ck, "n_spills", None),
+                        "num_warps": getattr(md, "num_warps", None),
+                        "num_stages": getattr(md, "num_stages", None),
+                        "shared": getattr(md, "shared", None),
+                        "constexprs": str(consts)[:400] if consts is not None else str(key)[-400:],
+                    }
+                )
+    except Exception as e:  # introspection of Triton internals is best effort
+        rows.append({"error": f"{type(e).__name__}: {e}"})
+    return rows
+
+
+def goals(points: list[dict], copy_gbps: float) -> dict:
+    main = [p for p in points if (p["B"], p["S"], p["Hkv"]) in MAIN_POINTS]
+    res = {}
+
+    def ours(p):
+        return p["methods"]["ours_rope_kv"]["us"]
+
+    def best_mha(p):
+        return p["methods"][p["best_mha"]]["us"] if "best_mha" in p else math.nan
+
+    d1 = [best_mha(p) / ours(p) for p in main]
+    res["D1_speedup_vs_best_mha"] = {"target": 1.85, "values": d1, "met": bool(d1) and min(d1) >= 1.85}
+    d2 = [p["methods"]["ours_rope_kv"]["GBps"] / copy_gbps for p in main]
+    res["D2_fraction_of_copy_bw"] = {"target": 0.85, "values": d2, "met": bool(d2) and min(d2) >= 0.85}
+    d3 = [ours(p) / p["methods"]["alias_cudnn"]["us"] for p in main if "us" in p["methods"].get("alias_cudnn", {})]
+    res["D3_time_over_alias_cudnn"] = {"target": 1.05, "values": d3, "met": bool(d3) and max(d3) <= 1.05}
+    g = [p for p in points if (p["B"], p["S"], p["Hkv"]) == GQA_POINT]
+    d4 = [p["methods"]["alias_cudnn"]["us"] / ours(p) for p in g if "us" in p["methods"].get("alias_cudnn", {})]
+    res["D4_gqa8_speedup_vs_alias_cudnn"] = {"target": 1.3, "values": d4, "met": bool(d4) and min(d4) >= 1.3}
+    d5 = [best_mha(p) / ours(p) for p in points]
+    res["D5_min_speedup_vs_best_mha_all_points"] = {"target": 1.0, "values": d5, "met": bool(d5) and min(d5) >= 1.0}
+    return res
+
+
+def table(points: list[dict], copy_gbps: float) -> str:
+    cols = ["ours_rope_kv", "ours_rope_kv_eager", "ours_rope_qkn_kv", "ours_sep_kv", "best_mha", "alias_cudnn"]
+    short = {"ours_rope_kv_eager": "ours_rope (eager)", "ours_rope_qkn_kv": "ours_rope_qkn_kv"}
+    head = (
+        f"{'B':>3} {'S':>7} {'Hkv':>3} | " + " ".join(f"{short.get(c, c):>17}" for c in cols) + " | "
+        f"{'GB/s ours':>9} {'%copy':>5} {'xMHA':>5} {'/alias':>6} {'err ours':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for p in points:
+        m = p["methods"]
+        cells = []
+        for c in cols:
+            name = p.get("best_mha") if c == "best_mha" else c
+            t = m.get(name, {}).get("us") if name else None
+            label = f"{t:.1f}" if t is not None else "n/a"
+            if c == "best_mha" and name:
+                label += f" {name.split('_', 1)[1][:5]}"
+            cells.append(f"{label:>17}")
+        ours = m["ours_rope_kv"]
+        mha = m.get(p.get("best_mha", ""), {}).get("us", math.nan)
+        alias = m.get("alias_cudnn", {}).get("us", math.nan)
+        lines.append(
+            f"{p['B']:>3} {p['S']:>7} {p['Hkv']:>3} | " + " ".join(cells) + " | "
+            f"{ours['GBps']:>9.0f} {100 * ours['GBps'] / copy_gbps:>5.1f} {mha / ours['us']:>5.2f} "
+            f"{ours['us'] / alias:>6.3f} {ours['rel_err']:>8.1e}"
+        )
+    lines.append(f"times in us (median, cold L2); copy bandwidth {copy_gbps:.0f} GB/s (read + write)")
+    lines.append(
+        "xMHA = best MHA SDPA time / ours_rope_kv time; /alias = ours_rope_kv / SDPA cuDNN K=V alias (no RoPE)"
+    )
+    return "\n".join(lines)
+
+
+def write_json(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float) + "\n")
+    tmp.replace(path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, help="also write the JSON here (e.g. benchmarks/results/gpu_decode.json)")
+    ap.add_argument("--sweep", action="store_true", help="first time a grid of launch configs")
+    ap.add_argument("--no-main", action="store_true", help="skip the main table (with --sweep)")
+    ap.add_argument("--rounds", type=int, default=3, help="timing rounds per method (median reported)")
+    ap.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
+    ap.add_argument("--points", choices=["all", "main", "small"], default="all")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
+    ap.add_argument("--no-graphs", action="store_true", help="time plain calls, not CUDA-graph replays")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if device.type == "cpu" and not args.smoke:
+        print("no CUDA device: run with --smoke (and TRITON_INTERPRET=1) for a CPU check of this script")
+        return 2
+    bench = timer(device, args.rep_ms, graphs=not args.no_graphs)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    t_start = time.time()
+    info = env_info(device)
+    log(f"device: {info}")
+    copy_gbps = copy_bandwidth(device, bench)
+    log(f"copy bandwidth: {copy_gbps:.0f} GB/s")
+    data = {"benchmark": "gpu_decode", "env": info, "copy_GBps": copy_gbps, "points": [], "argv": sys.argv[1:]}
+    data["timing"] = "triton.testing.do_bench median (L2 flushed before each call) of " + (
+        "plain calls" if args.no_graphs else "CUDA-graph replays, one graph per method (ours_rope_kv_eager: plain call)"
+    )
+    if args.sweep:
+        data["sweep"] = run_sweep(device, bench, log, smoke=args.smoke)
+    if not args.no_main:
+        if args.smoke:
+            pts = SMOKE_POINTS
+        else:
+            pts = {"main": [*MAIN_POINTS, GQA_POINT], "small": SMALL_POINTS}.get(
+                args.points, [*MAIN_POINTS, GQA_POINT, *SMALL_POINTS]
+            )
+        for B, S, Hkv in pts:
+            rec = run_point(B, S, Hkv, device, bench, args.rounds, log)
+            data["points"].append(rec)
+            errs = {n: f"{m['rel_err']:.1e}" for n, m in rec["methods"].items() if "rel_err" in m}
+            ts = {n: round(m["us"], 1) for n, m in rec["methods"].items() if "us" in m}
+            log(f"B={B} S={S} Hkv={Hkv}: err {errs}\n    us {ts}")
+        if data["points"] and not args.smoke:
+            data["goals"] = goals(data["points"], copy_gbps)
+    if device.type == "cuda":
+        data["compiled"] = compiled_report()
+        for r in data["compiled"]:
+            log(f"compiled: {r}")
+    data["eager_fallbacks"] = EAGER_FALLBACKS
+    for line in EAGER_FALLBACKS:
+        log(f"timed without a graph: {line}")
+    data["wall_s"] = round(time.time() - t_start, 1)
+    targets = [Path(os.environ["OUT"]) / "gpu_decode.json"] if os.environ.get("OUT") else []
+    if args.out:
+        targets.append(args.out)
+    for t in targets:
+        write_json(data, t)
+    if data["points"]:
+        log("\n" + table(data["points"], copy_gbps))
+    for name, g in data.get("goals", {}).items():
+        vals = ", ".join(f"{v:.3f}" for v in g["values"])
+        log(f"{name}: {'MET' if g['met'] else 'missed'} (target {g['target']}; {vals})")
+    failed = [p for p in data["points"] if "failed" in p]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

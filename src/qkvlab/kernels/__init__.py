@@ -1,0 +1,21 @@
+"""Fused GPU kernels (Triton) with plain-PyTorch references.
+
+``kv_decode``: one-token decode attention over a KV cache, including a shared K=V cache whose
+key role (``rope(norm(s))``) is derived from the raw cached ``s`` in registers. Importing this
+package never needs Triton; without it (or on a CPU without ``TRITON_INTERPRET=1``) the entry
+points fall back to the reference with a warning.
+"""
+
+from qkvlab.kernels.kv_decode import (
+    DecodeConfig,
+    decode_attention,
+    decode_attention_reference,
+    shared_kv_decode_supported,
+)
+
+__all__ = [
+    "DecodeConfig",
+    "decode_attention",
+    "decode_attention_reference",
+    "shared_kv_decode_supported",
+]

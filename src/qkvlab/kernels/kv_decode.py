@@ -1,0 +1,714 @@
+"""Decode attention (one query token per row) over a KV cache, with a shared K=V cache.
+
+Semantics (the same for the reference and the kernel)::
+
+    q        (B, Hq, D)        one query token per row, already rotated / normed by the caller
+    k_cache  (B, Hkv, S, D)    Hq % Hkv == 0; query head h reads KV head h // (Hq // Hkv)
+    v_cache  (B, Hkv, S, D)    the same tensor object as k_cache for a shared K=V cache
+    lengths  (B,)              valid cache length per row; keys j >= lengths[b] are masked
+
+    key_j   = rope_j(norm(k_cache[..., j, :]))     norm: x * rsqrt(mean(x^2) + eps) * w (if given)
+                                                    rope_j: "rotate half" at position j (if given)
+    value_j = v_cache[..., j, :]                    (the raw ``s`` when K=V is shared)
+    out     = softmax(scale * q . key^T) @ value    (B, Hq, D), in q's dtype
+
+For a shared K=V cache the cache holds the raw projection ``s`` before RoPE and QK-norm;
+the key role is re-derived on every read and the value is ``s`` itself. With separate caches
+``k_cache`` normally holds final keys (pass no rope / norm); if rope / norm are given they are
+applied to ``k_cache`` the same way, which is also how a separate *pre-RoPE* key cache reads.
+
+:func:`decode_attention_reference` is the ground truth (plain PyTorch, float32 / float64
+math). :func:`decode_attention` is a Triton split-K ("flash-decoding") kernel with the same
+signature; it falls back to the reference, with one warning, for anything it does not support
+(see :func:`decode_unsupported_reason`), so it never returns a wrong answer.
+
+Calling it from the attention module (``q`` of shape ``(B, Hq, 1, D)`` works too)::
+
+    out = decode_attention(q, layer.k, layer.v, lengths, scale=attn.scale,
+                           rope_cos=attn.rotary.cos, rope_sin=attn.rotary.sin,
+                           k_norm_weight=attn.k_norm.weight, shared_kv=layer.kv_shared)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+try:  # Triton is optional: the reference path works without it.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+_LOG2E = 1.4426950408889634
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------- reference
+def decode_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor | None,
+    lengths: torch.Tensor | int,
+    *,
+    scale: float,
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    shared_kv: bool = False,
+) -> torch.Tensor:
+    """Decode attention in plain PyTorch; the ground truth for :func:`decode_attention`.
+
+    Args:
+        q: ``(B, Hq, D)`` (or ``(B, Hq, 1, D)``) queries, already rotated / normed.
+        k_cache: ``(B, Hkv, S, D)``; raw ``s`` for a shared cache, else keys.
+        v_cache: ``(B, Hkv, S, D)`` values; the same object as ``k_cache`` (or None) if shared.
+        lengths: ``(B,)`` integer valid lengths (1 <= length <= S), or one int for all rows.
+        scale: softmax scale on ``q . k``.
+        rope_cos, rope_sin: ``(R, D/2)`` half-width tables (``Rotary.cos`` / ``.sin``), R >= S.
+        k_norm_weight: ``(D,)`` RMSNorm weight of the key role (QK-norm), or None.
+        eps: RMSNorm epsilon.
+        shared_kv: the cache is one shared K=V tensor (``v_cache`` is ``k_cache`` or None).
+
+    Returns ``(B, Hq, D)`` (``(B, Hq, 1, D)`` for a 4-D ``q``) in ``q``'s dtype. Math runs in
+    float64 for float64 inputs, else float32.
+    """
+    q3, v_cache, lengths, four_d = _check_args(
+        q, k_cache, v_cache, lengths, rope_cos, rope_sin, k_norm_weight, shared_kv
+    )
+    B, Hq, D = q3.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
+    compute = torch.float64 if q3.dtype == torch.float64 else torch.float32
+    s = k_cache.to(compute)
+    key = s
+    if k_norm_weight is not None:
+        key = key * torch.rsqrt(key.pow(2).mean(-1, keepdim=True) + eps) * k_norm_weight.to(compute)
+    if rope_cos is not None:
+        c = rope_cos[:S].to(device=key.device, dtype=compute)
+        sn = rope_sin[:S].to(device=key.device, dtype=compute)
+        k1, k2 = key.chunk(2, dim=-1)
+        key = torch.cat([k1 * c - k2 * sn, k2 * c + k1 * sn], dim=-1)
+    value = s if v_cache is k_cache else v_cache.to(compute)
+    qg = q3.to(compute).reshape(B, Hkv, G, D)
+    logits = torch.einsum("bhgd,bhsd->bhgs", qg, key) * scale
+    visible = torch.arange(S, device=q3.device)[None, :] < lengths.to(q3.device)[:, None]  # (B, S)
+    logits = logits.masked_fill(~visible[:, None, None, :], float("-inf"))
+    weights = logits.softmax(dim=-1)
+    out = torch.einsum("bhgs,bhsd->bhgd", weights, value).reshape(B, Hq, D).to(q3.dtype)
+    return out.unsqueeze(2) if four_d else out
+
+
+def _check_args(q, k_cache, v_cache, lengths, rope_cos, rope_sin, k_norm_weight, shared_kv):
+    """Validate shapes (ValueError on inconsistent arguments); returns (q3, v_cache, lengths, four_d)."""
+    four_d = q.dim() == 4
+    if four_d:
+        if q.shape[2] != 1:
+            raise ValueError(f"decode attention takes one query token per row; q has shape {tuple(q.shape)}")
+        q = q[:, :, 0]
+    if q.dim() != 3 or k_cache.dim() != 4:
+        raise ValueError(
+            f"expected q (B, Hq, D) and k_cache (B, Hkv, S, D); got {tuple(q.shape)} and {tuple(k_cache.shape)}"
+        )
+    if shared_kv and v_cache is not None and v_cache is not k_cache:
+        raise ValueError("shared_kv=True needs v_cache to be k_cache (or None)")
+    if v_cache is None:
+        if not shared_kv:
+            raise ValueError("v_cache is None but shared_kv is False")
+        v_cache = k_cache
+    B, Hq, D = q.shape
+    if k_cache.shape[0] != B or k_cache.shape[3] != D or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"cache shapes {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not match q {tuple(q.shape)}"
+        )
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    if isinstance(lengths, int):
+        lengths = torch.full((B,), lengths, dtype=torch.int32, device=q.device)
+    if lengths.shape != (B,) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise ValueError(
+            f"lengths must be an integer tensor of shape ({B},), got {lengths.dtype} {tuple(lengths.shape)}"
+        )
+    if (rope_cos is None) != (rope_sin is None):
+        raise ValueError("pass both rope_cos and rope_sin, or neither")
+    if rope_cos is not None:
+        if D % 2 or rope_cos.dim() != 2 or rope_cos.shape != rope_sin.shape or rope_cos.shape[1] != D // 2:
+            raise ValueError(f"RoPE tables must be (R, D/2) = (R, {D // 2}); got {tuple(rope_cos.shape)}")
+        if rope_cos.shape[0] < S:
+            raise ValueError(f"RoPE tables have {rope_cos.shape[0]} positions but the cache has {S}")
+    if k_norm_weight is not None and k_norm_weight.shape != (D,):
+        raise ValueError(f"k_norm_weight must have shape ({D},), got {tuple(k_norm_weight.shape)}")
+    return q, v_cache, lengths, four_d
+
+
+# --------------------------------------------------------------------------- dispatch
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """Last dim contiguous and every row start 16-byte aligned (vector loads)."""
+    if t.stride(-1) != 1 or t.data_ptr() % 16:
+        return False
+    esize = t.element_size()
+    return all((st * esize) % 16 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1], strict=True) if n > 1)
+
+
+def decode_unsupported_reason(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor | None = None,
+    *,
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+) -> str | None:
+    """Why :func:`decode_attention` would fall back to the reference here, or None if it runs.
+
+    Takes validated shapes (``q`` 3-D or 4-D); looks at Triton, device, dtypes, head width,
+    strides and alignment.
+    """
+    if not HAS_TRITON:
+        return "Triton is not installed"
+    v_cache = k_cache if v_cache is None else v_cache
+    q3 = q[:, :, 0] if q.dim() == 4 else q
+    tensors = [q3, k_cache, v_cache]
+    extras = [t for t in (rope_cos, rope_sin, k_norm_weight) if t is not None]
+    devices = {t.device for t in tensors + extras}
+    if len(devices) != 1:
+        return f"tensors are on different devices: {sorted(map(str, devices))}"
+    device = q3.device
+    if device.type != "cuda" and not _interpreting():
+        return f"tensors are on {device.type}; the Triton kernel needs CUDA (or TRITON_INTERPRET=1)"
+    if q3.dtype not in _KERNEL_DTYPES:
+        return f"dtype {q3.dtype} is not one of float16 / bfloat16 / float32"
+    if k_cache.dtype != q3.dtype or v_cache.dtype != q3.dtype:
+        return f"mixed dtypes: q {q3.dtype}, k {k_cache.dtype}, v {v_cache.dtype}"
+    D = q3.shape[-1]
+    if D < 16 or D > 256 or D & (D - 1):
+        return f"head dim {D} is not a power of two in [16, 256]"
+    if q3.shape[1] // k_cache.shape[1] > 64:
+        return f"query group of {q3.shape[1] // k_cache.shape[1]} heads per KV head is over 64"
+    for name, t in (("q", q3), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not _aligned(t):
+            return f"{name} is not contiguous in its last dim with 16-byte aligned rows (strides {t.stride()})"
+    for name, t in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
+        if t is not None and (t.stride(-1) != 1 or not t.dtype.is_floating_point):
+            return f"{name} must be a floating table contiguous in its last dim"
+    if k_norm_weight is not None and (k_norm_weight.stride(0) != 1 or not k_norm_weight.dtype.is_floating_point):
+        return "k_norm_weight must be a contiguous floating vector"
+    return None
+
+
+def shared_kv_decode_supported(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor | None = None,
+    *,
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+) -> bool:
+    """True if :func:`decode_attention` runs its Triton kernel (no fallback) on these arguments."""
+    reason = decode_unsupported_reason(
+        q, k_cache, v_cache, rope_cos=rope_cos, rope_sin=rope_sin, k_norm_weight=k_norm_weight
+    )
+    return reason is None
+
+
+# --------------------------------------------------------------------------- kernels
+# The kernel bodies are plain functions, jit-compiled on first use (see _kernels): Triton decides
+# between the compiler and the interpreter when a function is decorated, so deciding late lets a
+# test set TRITON_INTERPRET=1 after Triton was imported. For the same reason the kernels call no
+# jit *function* of Triton's standard library (tl.sum, tl.max, tl.zeros were decorated when Triton
+# was imported, maybe for the other mode): reductions call tl.reduce with the standard library's
+# combine functions, which both the compiler and the interpreter (its numpy fast path) accept.
+if HAS_TRITON:
+    _sum_fn = tl.standard._sum_combine
+    _max_fn = tl.standard._elementwise_max
+
+
+def _decode_split_kernel(
+    Q,
+    K,
+    V,
+    Lens,
+    Cos,
+    Sin,
+    W,
+    Opart,
+    LSEpart,
+    Out,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_ob,
+    stride_oh,
+    stride_cs,
+    n_kv_heads,
+    n_q_heads,
+    seq_len,
+    split_len,
+    num_splits,
+    cos_rows,
+    qk_scale,
+    eps,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ONE_SPLIT: tl.constexpr,
+    SHARED: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
+    ROPE_MODE: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """One program = one (batch row, KV head, split of the sequence).
+
+    Tiling: the program holds all ``G`` query heads of its KV head as the rows of a
+    ``(GP, D)`` block (``GP`` = G padded to a power of two, to 16 for ``tl.dot``) and walks its
+    split in tiles of ``BLOCK_N`` keys. Each tile of the cache is loaded ONCE as two half-width
+    blocks ``x1 = s[:, :D/2]``, ``x2 = s[:, D/2:]`` (the two halves of the RoPE pairs). The key
+    role is built in registers: optional RMSNorm (its ``rsqrt`` factor is applied to the score
+    column rather than to every element), optional RoPE by angle addition
+    (``cos((n0+n)t) = cos(n0 t)cos(n t) - sin(n0 t)sin(n t)``: one table row per tile plus the
+    table's first ``BLOCK_N`` rows, the same for every tile, so the tables cost no per-key DRAM
+    traffic; ``ROPE_MODE`` 1 holds those rows in registers, 0 re-reads them each tile (L1 hits),
+    2 reads one table row per key instead). The next tile's loads are issued before the current tile is computed
+    (register double-buffering), so each program keeps a tile in flight. Scores ``(GP, BLOCK_N)``
+    come from ``tl.dot`` (tensor cores, rows padded) or from broadcast-multiply + ``tl.sum``
+    (small head dims); ``DOT_F32`` runs the dots in float32 (float32 inputs, and bfloat16 under
+    the interpreter). Online softmax in base 2 with a running max ``m`` and sum ``l``. The value
+    is the raw tile (shared K=V) or a tile of ``V``. The split's normalised partial output and
+    its log2-sum-exp go to ``Opart`` /
+    ``LSEpart``; with a single split the final output is written directly.
+    """
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid_bh // n_kv_heads).to(tl.int64)  # 64-bit row / head offsets: caches can pass 2^31 elements
+    kvh = (pid_bh % n_kv_heads).to(tl.int64)
+    length = tl.minimum(tl.load(Lens + b).to(tl.int32), seq_len)  # never read past the cache
+    start = split * split_len
+    end = tl.minimum(start + split_len, length)
+    if split == num_splits - 1:
+        end = length  # the last split takes any remainder: coverage never depends on the hint
+
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, HALF)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_mask = offs_g < G
+    heads = kvh * G + offs_g
+
+    q_rows = Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
+    q1 = tl.load(q_rows, mask=g_mask[:, None], other=0.0)
+    q2 = tl.load(q_rows + HALF, mask=g_mask[:, None], other=0.0)
+    if (not USE_DOT) or DOT_F32:
+        q1 = q1.to(tl.float32)
+        q2 = q2.to(tl.float32)
+    if HAS_NORM:
+        w1 = tl.load(W + offs_d).to(tl.float32)
+        w2 = tl.load(W + HALF + offs_d).to(tl.float32)
+    small_rows = offs_n[:, None] * stride_cs + offs_d[None, :]  # angles n * theta_d, n < BLOCK_N
+    if HAS_ROPE and ROPE_MODE == 1:  # held in registers for the whole loop
+        small = (offs_n < cos_rows)[:, None]
+        cos_n = tl.load(Cos + small_rows, mask=small, other=1.0).to(tl.float32)
+        sin_n = tl.load(Sin + small_rows, mask=small, other=0.0).to(tl.float32)
+
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.full([GP], 0.0, tl.float32)
+    acc1 = tl.full([GP, HALF], 0.0, tl.float32)
+    acc2 = tl.full([GP, HALF], 0.0, tl.float32)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+
+    # Register double-buffering (PREFETCH): the loads of tile i+1 are issued before tile i is computed.
+    first = start + offs_n
+    kp = k_base + first[:, None] * stride_ks + offs_d[None, :]
+    x1 = tl.load(kp, mask=(first < end)[:, None], other=0.0)
+    x2 = tl.load(kp + HALF, mask=(first < end)[:, None], other=0.0)
+    # A while loop, not range(): older Triton interpreters cannot take tensor bounds in range().
+    n0 = start
+    while n0 < end:
+        pos = n0 + offs_n
+        n_mask = pos < end
+        if not PREFETCH:
+            kp = k_base + pos[:, None] * stride_ks + offs_d[None, :]
+            x1 = tl.load(kp, mask=n_mask[:, None], other=0.0)
+            x2 = tl.load(kp + HALF, mask=n_mask[:, None], other=0.0)
+        if not SHARED:
+            vp = v_base + pos[:, None] * stride_vs + offs_d[None, :]
+            v1 = tl.load(vp, mask=n_mask[:, None], other=0.0)
+            v2 = tl.load(vp + HALF, mask=n_mask[:, None], other=0.0)
+        if PREFETCH:
+            nxt = pos + BLOCK_N
+            kp = k_base + nxt[:, None] * stride_ks + offs_d[None, :]
+            x1_next = tl.load(kp, mask=(nxt < end)[:, None], other=0.0)
+            x2_next = tl.load(kp + HALF, mask=(nxt < end)[:, None], other=0.0)
+
+        k1 = x1.to(tl.float32)
+        k2 = x2.to(tl.float32)
+        if HAS_NORM:
+            ssq = tl.reduce(k1 * k1, 1, _sum_fn) + tl.reduce(k2 * k2, 1, _sum_fn)
+            rnorm = tl.rsqrt(ssq / (2 * HALF) + eps)
+            k1 = k1 * w1[None, :]
+            k2 = k2 * w2[None, :]
+        if HAS_ROPE:
+            if ROPE_MODE == 2:  # per-key rows of the tables
+                rows = pos[:, None] * stride_cs + offs_d[None, :]
+                c = tl.load(Cos + rows, mask=n_mask[:, None], other=1.0).to(tl.float32)
+                sn = tl.load(Sin + rows, mask=n_mask[:, None], other=0.0).to(tl.float32)
+            else:  # angle addition from the tile's base row
+                if ROPE_MODE == 0:  # small table re-read each tile (an L1 hit; the mask keeps it in the loop)
+                    cos_n = tl.load(Cos + small_rows, mask=n_mask[:, None], other=1.0).to(tl.float32)
+                    sin_n = tl.load(Sin + small_rows, mask=n_mask[:, None], other=0.0).to(tl.float32)
+                cb = tl.load(Cos + n0 * stride_cs + offs_d).to(tl.float32)
+                sb = tl.load(Sin + n0 * stride_cs + offs_d).to(tl.float32)
+                c = cb[None, :] * cos_n - sb[None, :] * sin_n
+                sn = sb[None, :] * cos_n + cb[None, :] * sin_n
+            r1 = k1 * c - k2 * sn
+            k2 = k2 * c + k1 * sn
+            k1 = r1
+        if USE_DOT:
+            qk = tl.dot(q1, tl.trans(k1.to(q1.dtype)), input_precision=DOT_PRECISION)
+            qk = tl.dot(q2, tl.trans(k2.to(q2.dtype)), qk, input_precision=DOT_PRECISION)
+        else:
+            qk = tl.reduce(q1[:, None, :] * k1[None, :, :], 2, _sum_fn) + tl.reduce(
+                q2[:, None, :] * k2[None, :, :], 2, _sum_fn
+            )
+        if HAS_NORM:
+            qk = qk * (rnorm * qk_scale)[None, :]
+        else:
+            qk = qk * qk_scale
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
+        m_i = m_new
+
+        if SHARED:
+            v1 = x1
+            v2 = x2
+        if USE_DOT:
+            if DOT_F32:
+                v1 = v1.to(tl.float32)
+                v2 = v2.to(tl.float32)
+            pv = p.to(v1.dtype)
+            acc1 = tl.dot(pv, v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
+            acc2 = tl.dot(pv, v2, acc2 * alpha[:, None], input_precision=DOT_PRECISION)
+        else:
+            acc1 = acc1 * alpha[:, None] + tl.reduce(p[:, :, None] * v1.to(tl.float32)[None, :, :], 1, _sum_fn)
+            acc2 = acc2 * alpha[:, None] + tl.reduce(p[:, :, None] * v2.to(tl.float32)[None, :, :], 1, _sum_fn)
+        if PREFETCH:
+            x1 = x1_next
+            x2 = x2_next
+        n0 += BLOCK_N
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o1 = acc1 / l_safe[:, None]
+    o2 = acc2 / l_safe[:, None]
+    if ONE_SPLIT:
+        o_rows = Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_rows, o1.to(Out.dtype.element_ty), mask=g_mask[:, None])
+        tl.store(o_rows + HALF, o2.to(Out.dtype.element_ty), mask=g_mask[:, None])
+    else:
+        row = b * n_q_heads + heads  # (GP,) rows of the (B * Hq, num_splits, D) partials
+        p_rows = Opart + (row[:, None] * num_splits + split) * (2 * HALF) + offs_d[None, :]
+        tl.store(p_rows, o1, mask=g_mask[:, None])
+        tl.store(p_rows + HALF, o2, mask=g_mask[:, None])
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(LSEpart + row * num_splits + split, lse, mask=g_mask)
+
+
+def _decode_combine_kernel(
+    Opart,
+    LSEpart,
+    Out,
+    stride_ob,
+    stride_oh,
+    n_q_heads,
+    num_splits,
+    SPLITS_P2: tl.constexpr,
+    D: tl.constexpr,
+):
+    """One program = one (batch row, query head): merge the ``num_splits`` partial outputs.
+
+    Tiling: the ``(SPLITS_P2, D)`` block of partials and their log2-sum-exps are read at
+    once; weights ``2^(lse_i - max)`` (zero for empty splits) normalise the weighted sum.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    b = row // n_q_heads
+    h = row % n_q_heads
+    offs_s = tl.arange(0, SPLITS_P2)
+    offs_d = tl.arange(0, D)
+    s_mask = offs_s < num_splits
+    lse = tl.load(LSEpart + row * num_splits + offs_s, mask=s_mask, other=float("-inf"))
+    m = tl.reduce(lse, 0, _max_fn)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)
+    denom = tl.reduce(w, 0, _sum_fn)
+    o = tl.load(Opart + (row * num_splits + offs_s[:, None]) * D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    out = tl.reduce(w[:, None] * o, 0, _sum_fn) / tl.where(denom > 0, denom, 1.0)
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
+
+
+@functools.cache
+def _kernels(interpret: bool):
+    """The (split, combine) kernels, decorated for the compiler or the interpreter.
+
+    ``triton.jit`` reads ``TRITON_INTERPRET`` itself; ``interpret`` (its current value) keys
+    the cache so that both modes can live in one process.
+    """
+    del interpret
+    return triton.jit(_decode_split_kernel), triton.jit(_decode_combine_kernel)
+
+
+# --------------------------------------------------------------------------- launch
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch choices for :func:`decode_attention`; None picks the heuristic default.
+
+    ``block_n``: keys per tile. ``num_warps`` / ``num_stages``: Triton launch options.
+    ``use_dot``: tensor-core ``tl.dot`` with query rows padded to 16 (default, for D >= 32).
+    ``num_splits``: sequence splits per (row, KV head). ``programs_per_sm``: the split
+    heuristic's target of programs per multiprocessor. ``rope_mode``: how the kernel gets
+    cos / sin of key position ``n0 + n``: ``"add_regs"`` angle addition from the tile's table
+    row and the table's first ``block_n`` rows, held in registers; ``"add"`` the same with those
+    rows re-read each tile; ``"direct"`` one table row per key. On an H100 (B=1, Hq=Hkv=32,
+    S=32k, bf16, RoPE only) they took 156, 196 and 171 us; with QK-norm too, ``"add_regs"``
+    spills registers (355 us against 210 for ``"add"``). None (default): ``"add_regs"`` without
+    QK-norm, ``"add"`` with it.
+    ``prefetch``: issue the next tile's loads before computing the current one.
+    """
+
+    block_n: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    use_dot: bool | None = None
+    num_splits: int | None = None
+    programs_per_sm: int = 4
+    rope_mode: str | None = None
+    prefetch: bool = True
+
+
+_ROPE_MODES = {"add": 0, "add_regs": 1, "direct": 2}
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _plan(B, Hkv, G, D, S_hint, device, cfg: DecodeConfig):
+    """Concrete (GP, block_n, num_warps, num_stages, use_dot, num_splits, split_len)."""
+    half = D // 2
+    if cfg.rope_mode is not None and cfg.rope_mode not in _ROPE_MODES:
+        raise ValueError(f"rope_mode must be one of {sorted(_ROPE_MODES)} or None, got {cfg.rope_mode!r}")
+    # Tensor cores for any group (rows padded to 16): measured far faster than the tl.sum path
+    # on an H100 even for MHA (the broadcast products need ~255 registers and spill).
+    use_dot = cfg.use_dot if cfg.use_dot is not None else True
+    use_dot = use_dot and half >= 16
+    gp = triton.next_power_of_2(G)
+    if use_dot:
+        gp = max(gp, 16)
+    if cfg.block_n is not None:
+        block_n = cfg.block_n
+    elif use_dot:
+        block_n = 64
+    else:  # keep the (GP, BLOCK_N, D/2) broadcast product near 8k elements
+        block_n = max(16, min(128, 8192 // (gp * half)))
+    num_warps = cfg.num_warps or 4
+    num_stages = cfg.num_stages or 2
+    n_tiles = max(1, triton.cdiv(S_hint, block_n))
+    if cfg.num_splits is not None:
+        splits = max(1, min(cfg.num_splits, n_tiles))
+    else:
+        n_sm = _sm_count(device.index or 0) if device.type == "cuda" else 8
+        splits = triton.cdiv(cfg.programs_per_sm * n_sm, B * Hkv)
+        # at least 2 tiles per split (H100, B=1, S=512: 4 splits 13.8 us, 2 splits 16.3 us)
+        splits = max(1, min(splits, n_tiles // 2))
+    split_len = triton.cdiv(n_tiles, splits) * block_n
+    splits = triton.cdiv(n_tiles * block_n, split_len)  # drop splits that would start past S_hint
+    return gp, block_n, num_warps, num_stages, use_dot, splits, split_len
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor | None,
+    lengths: torch.Tensor | int,
+    *,
+    scale: float,
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    shared_kv: bool = False,
+    max_length: int | None = None,
+    config: DecodeConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Split-K Triton decode attention; same arguments and result as :func:`decode_attention_reference`.
+
+    Extra keyword arguments: ``max_length`` is a hint (an upper bound of ``lengths``, e.g. the
+    cache's filled length) used only to balance the splits; without it the cache's allocated
+    length ``S`` is used. Correctness never depends on it. ``config`` overrides the launch
+    heuristics (:class:`DecodeConfig`). ``out``: a contiguous ``(B, Hq, D)`` tensor of q's dtype
+    to write into (a static buffer for CUDA graphs); it is returned.
+
+    A shared K=V cache (``k_cache is v_cache``, or ``shared_kv=True``) is read once per tile;
+    separate caches read both tensors. Unsupported inputs (see :func:`decode_unsupported_reason`)
+    fall back to the reference with one ``warnings.warn``. ``lengths`` must lie in ``[1, S]``
+    (not checked, to avoid a device sync); a row of length 0 gets zeros.
+    """
+    q3, v_cache, lengths, four_d = _check_args(
+        q, k_cache, v_cache, lengths, rope_cos, rope_sin, k_norm_weight, shared_kv
+    )
+    reason = decode_unsupported_reason(
+        q3, k_cache, v_cache, rope_cos=rope_cos, rope_sin=rope_sin, k_norm_weight=k_norm_weight
+    )
+    if reason is not None:
+        warnings.warn(
+            f"qkvlab decode_attention: falling back to the PyTorch reference ({reason}).", RuntimeWarning, stacklevel=2
+        )
+        res = decode_attention_reference(
+            q,
+            k_cache,
+            v_cache,
+            lengths,
+            scale=scale,
+            rope_cos=rope_cos,
+            rope_sin=rope_sin,
+            k_norm_weight=k_norm_weight,
+            eps=eps,
+            shared_kv=shared_kv,
+        )
+        if out is None:
+            return res
+        return out.copy_(res.reshape(out.shape))
+    B, Hq, D = q3.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
+    cfg = config or DecodeConfig()
+    S_hint = min(S, max_length) if max_length else S
+    gp, block_n, num_warps, num_stages, use_dot, splits, split_len = _plan(B, Hkv, G, D, S_hint, q3.device, cfg)
+    split_kernel, combine_kernel = _kernels(_interpreting())
+
+    shared = v_cache is k_cache or (v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride())
+    lengths = lengths.to(q3.device)
+    result = out
+    if out is None:
+        out = torch.empty((B, Hq, D), dtype=q3.dtype, device=q3.device)
+    elif out.dtype != q3.dtype or out.numel() != B * Hq * D or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {q3.dtype} tensor of {B * Hq * D} elements")
+    out = out.view(B, Hq, D)
+    if splits > 1:
+        o_part = torch.empty((B * Hq, splits, D), dtype=torch.float32, device=q3.device)
+        lse_part = torch.empty((B * Hq, splits), dtype=torch.float32, device=q3.device)
+    else:
+        o_part = lse_part = out  # unused
+    # The interpreter's tl.dot mishandles bfloat16 operands: it then multiplies in float32.
+    dot_f32 = q3.dtype == torch.float32 or (q3.dtype == torch.bfloat16 and _interpreting())
+    has_rope = rope_cos is not None
+    cos = rope_cos if has_rope else out
+    sin = rope_sin if has_rope else out
+    weight = k_norm_weight if k_norm_weight is not None else out
+    split_kernel[(B * Hkv, splits)](
+        q3,
+        k_cache,
+        v_cache,
+        lengths,
+        cos,
+        sin,
+        weight,
+        o_part,
+        lse_part,
+        out,
+        q3.stride(0),
+        q3.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        out.stride(0),
+        out.stride(1),
+        cos.stride(0) if has_rope else 0,
+        Hkv,
+        Hq,
+        S,
+        split_len,
+        splits,
+        cos.shape[0] if has_rope else 0,
+        float(scale) * _LOG2E,
+        float(eps),
+        G=G,
+        GP=gp,
+        HALF=D // 2,
+        BLOCK_N=block_n,
+        ONE_SPLIT=splits == 1,
+        SHARED=shared,
+        HAS_ROPE=has_rope,
+        ROPE_MODE=_ROPE_MODES[cfg.rope_mode or ("add" if k_norm_weight is not None else "add_regs")],
+        HAS_NORM=k_norm_weight is not None,
+        USE_DOT=use_dot,
+        DOT_PRECISION="ieee" if dot_f32 else "tf32",
+        DOT_F32=dot_f32,
+        PREFETCH=cfg.prefetch,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if splits > 1:
+        combine_kernel[(B * Hq,)](
+            o_part,
+            lse_part,
+            out,
+            out.stride(0),
+            out.stride(1),
+            Hq,
+            splits,
+            SPLITS_P2=triton.next_power_of_2(splits),
+            D=D,
+            num_warps=4 if D >= 128 else 2,
+        )
+    if result is not None:
+        return result
+    return out.unsqueeze(2) if four_d else out
+
+
+def decode_bytes(B: int, Hkv: int, S: int, D: int, dtype: torch.dtype, *, shared: bool) -> int:
+    """Unique cache bytes one decode step must read: ``(1 if shared else 2) * B*Hkv*S*D*elem``."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return (1 if shared else 2) * B * Hkv * S * D * elem
+
+
+__all__ = [
+    "HAS_TRITON",
+    "DecodeConfig",
+    "decode_attention",
+    "decode_attention_reference",
+    "decode_bytes",
+    "decode_unsupported_reason",
+    "shared_kv_decode_supported",
+]

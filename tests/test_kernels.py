@@ -1,0 +1,302 @@
+"""The Triton decode kernel (``qkvlab.kernels.kv_decode``) against its PyTorch reference.
+
+Runs on CPU under the Triton interpreter (``TRITON_INTERPRET=1``, set per test so nothing
+leaks into other test modules); skipped where Triton is missing. Shapes are tiny: the
+interpreter executes every program in numpy.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import qkvlab
+from qkvlab.attention.positional import Rotary
+from qkvlab.kernels import DecodeConfig, decode_attention, decode_attention_reference, shared_kv_decode_supported
+from qkvlab.kernels.kv_decode import HAS_TRITON, decode_unsupported_reason
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (the interpreter runs on CPU)")
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def make_inputs(B, Hq, Hkv, S, D, *, shared, rope, norm, dtype=torch.float32, lengths=None, seed=0):
+    """Random q, caches, lengths and key-role tensors; lengths default to a mix incl. 1 and S."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, S, D, generator=g).to(dtype)
+    v = k if shared else torch.randn(B, Hkv, S, D, generator=g).to(dtype)
+    if lengths is None:
+        lengths = torch.tensor([1, S, S // 2 + 3, 17][:B] + [S] * max(0, B - 4), dtype=torch.int32)
+    kw = {}
+    if rope:
+        rot = Rotary(D, S + 7)
+        kw.update(rope_cos=rot.cos, rope_sin=rot.sin)
+    if norm:
+        kw["k_norm_weight"] = (torch.rand(D, generator=g) + 0.5).to(dtype)
+    return q, k, v, lengths, kw
+
+
+def reference64(q, k, v, lengths, *, shared, **kw):
+    """The reference in float64 on upcast inputs (one shared tensor stays one tensor)."""
+    k64 = k.double()
+    v64 = k64 if shared else v.double()
+    kw64 = {name: t.double() for name, t in kw.items()}
+    return decode_attention_reference(
+        q.double(), k64, v64, lengths, scale=q.shape[-1] ** -0.5, shared_kv=shared, **kw64
+    )
+
+
+def rel_err(out, ref):
+    assert torch.isfinite(out).all()
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
+KEY_ROLES = {"raw": (False, False), "rope": (True, False), "qknorm": (False, True), "rope+qknorm": (True, True)}
+
+
+@needs_triton
+@pytest.mark.parametrize("heads", list(HEADS))
+@pytest.mark.parametrize("key_role", list(KEY_ROLES))
+@pytest.mark.parametrize("shared", [True, False], ids=["k=v", "k,v"])
+def test_kernel_matches_reference_fp32(shared, key_role, heads):
+    Hq, Hkv = HEADS[heads]
+    rope, norm = KEY_ROLES[key_role]
+    # 4 rows: lengths 1, S, S/2+3 and 17 (none a multiple of the 16-key tile but S); 3 splits.
+    q, k, v, lengths, kw = make_inputs(4, Hq, Hkv, 50, 32, shared=shared, rope=rope, norm=norm)
+    out = decode_attention(
+        q, k, v, lengths, scale=32**-0.5, shared_kv=shared, config=DecodeConfig(block_n=16, num_splits=3), **kw
+    )
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert rel_err(out, reference64(q, k, v, lengths, shared=shared, **kw)) < 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("use_dot", [False, True], ids=["sum", "dot"])
+@pytest.mark.parametrize("splits", [1, 2, 5])
+@pytest.mark.parametrize("shape", [(8, 2, 64), (16, 1, 32), (2, 2, 16)], ids=["gqa4-d64", "mqa16-d32", "mha-d16"])
+def test_kernel_tilings(shape, splits, use_dot):
+    """Both score paths (tl.dot with padded rows, tl.sum), 1 split (direct store) and many."""
+    Hq, Hkv, D = shape
+    q, k, _, lengths, kw = make_inputs(3, Hq, Hkv, 45, D, shared=True, rope=True, norm=True)
+    cfg = DecodeConfig(block_n=16, num_splits=splits, use_dot=use_dot)
+    out = decode_attention(q, k, k, lengths, scale=D**-0.5, config=cfg, **kw)
+    assert rel_err(out, reference64(q, k, k, lengths, shared=True, **kw)) < 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("use_dot", [False, True], ids=["sum", "dot"])
+@pytest.mark.parametrize("shared", [True, False], ids=["k=v", "k,v"])
+def test_kernel_half_precision(shared, use_dot, dtype):
+    q, k, v, lengths, kw = make_inputs(3, 8, 2, 40, 32, shared=shared, rope=True, norm=True, dtype=dtype)
+    cfg = DecodeConfig(block_n=16, num_splits=2, use_dot=use_dot)
+    out = decode_attention(q, k, v, lengths, scale=32**-0.5, shared_kv=shared, config=cfg, **kw)
+    assert out.dtype == dtype
+    assert rel_err(out, reference64(q, k, v, lengths, shared=shared, **kw)) < 1.5e-2
+
+
+@needs_triton
+def test_kernel_default_plan_4d_query_and_int_length():
+    """Heuristic launch, q of shape (B, Hq, 1, D) and one int length for every row."""
+    q, k, _, _, kw = make_inputs(2, 4, 2, 70, 32, shared=True, rope=True, norm=False)
+    out = decode_attention(q[:, :, None], k, None, 61, scale=32**-0.5, shared_kv=True, **kw)
+    assert out.shape == (2, 4, 1, 32)
+    lengths = torch.full((2,), 61, dtype=torch.int64)
+    ref = reference64(q, k, k, lengths, shared=True, **kw)
+    assert rel_err(out[:, :, 0], ref) < 1e-5
+
+
+@needs_triton
+def test_kernel_strided_cache_view_and_length_hint():
+    """A view of a longer cache (row stride > S * D) and a max_length hint smaller than S."""
+    q, big, _, _, kw = make_inputs(2, 4, 2, 64, 32, shared=True, rope=True, norm=True)
+    k = big[:, :, :48]  # the module's cache.read(48) view: strided in S, contiguous in D
+    lengths = torch.tensor([48, 20], dtype=torch.int32)
+    out = decode_attention(q, k, k, lengths, scale=32**-0.5, max_length=32, config=DecodeConfig(block_n=16), **kw)
+    assert rel_err(out, reference64(q, k.contiguous(), None, lengths, shared=True, **kw)) < 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no_prefetch"])
+@pytest.mark.parametrize("rope_mode", ["add", "add_regs", "direct"])
+def test_rope_modes_agree(rope_mode, prefetch):
+    q, k, _, lengths, kw = make_inputs(2, 4, 4, 40, 32, shared=True, rope=True, norm=False)
+    cfg = DecodeConfig(block_n=16, num_splits=2, rope_mode=rope_mode, prefetch=prefetch)
+    out = decode_attention(q, k, k, lengths, scale=32**-0.5, config=cfg, **kw)
+    assert rel_err(out, reference64(q, k, k, lengths, shared=True, **kw)) < 1e-5
+
+
+# ----------------------------------------------------------------------------- fallback
+def _fallback_cases():
+    q, k, _, lengths, kw = make_inputs(2, 4, 2, 24, 32, shared=True, rope=True, norm=False)
+    cases = {
+        "float64": (q.double(), k.double(), lengths, {n: t.double() for n, t in kw.items()}, "dtype"),
+        "head_dim_24": (q[..., :24].contiguous(), k[..., :24].contiguous(), lengths, {}, "head dim"),
+        "non_contiguous_d": (q, k.transpose(2, 3).contiguous().transpose(2, 3)[..., :24, :], lengths, kw, "contiguous"),
+        "misaligned": (q, torch.empty(k.numel() + 1)[1:].view_as(k).copy_(k), lengths, kw, "aligned"),
+        "mixed_dtypes": (q.half(), k, lengths, kw, "mixed"),
+    }
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_fallback_cases()))
+def test_fallback_warns_once_and_is_right(case):
+    q, k, lengths, kw, words = _fallback_cases()[case]
+    assert not shared_kv_decode_supported(q, k, None, **kw)
+    assert words in decode_unsupported_reason(q, k, None, **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = decode_attention(q, k, None, lengths, scale=0.2, shared_kv=True, **kw)
+    assert len(caught) == 1 and "falling back" in str(caught[0].message)
+    ref = decode_attention_reference(q, k, None, lengths, scale=0.2, shared_kv=True, **kw)
+    torch.testing.assert_close(out, ref)
+
+
+def test_fallback_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, _, lengths, kw = make_inputs(2, 4, 2, 24, 32, shared=True, rope=True, norm=True)
+    assert not shared_kv_decode_supported(q, k, None, **kw)
+    with pytest.warns(RuntimeWarning, match="falling back") as record:
+        out = decode_attention(q, k, None, lengths, scale=0.2, shared_kv=True, **kw)
+    assert len(record) == 1
+    torch.testing.assert_close(out, decode_attention_reference(q, k, None, lengths, scale=0.2, shared_kv=True, **kw))
+
+
+@needs_triton
+def test_supported_inputs_do_not_warn():
+    q, k, _, lengths, kw = make_inputs(2, 4, 2, 24, 32, shared=True, rope=True, norm=True)
+    assert shared_kv_decode_supported(q, k, None, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decode_attention(q, k, None, lengths, scale=0.2, shared_kv=True, **kw)
+
+
+def test_bad_arguments_raise():
+    q, k, v, lengths, kw = make_inputs(2, 4, 2, 24, 32, shared=False, rope=True, norm=False)
+    with pytest.raises(ValueError, match="multiple"):
+        decode_attention(q[:, :3], k, v, lengths, scale=0.2)
+    with pytest.raises(ValueError, match="shared_kv"):
+        decode_attention(q, k, v, lengths, scale=0.2, shared_kv=True)
+    with pytest.raises(ValueError, match="RoPE tables"):
+        decode_attention(q, k, v, lengths, scale=0.2, rope_cos=kw["rope_cos"][:, :8], rope_sin=kw["rope_sin"][:, :8])
+    with pytest.raises(ValueError, match="both"):
+        decode_attention(q, k, v, lengths, scale=0.2, rope_cos=kw["rope_cos"])
+    with pytest.raises(ValueError, match="lengths"):
+        decode_attention(q, k, v, lengths[:1], scale=0.2)
+
+
+# ------------------------------------------------------------------ agreement with the model
+def test_reference_matches_attention_module_decode():
+    """Layer 0 of a Q-K=V + GQA-2 + RoPE + QK-norm model: cached decode equals the reference."""
+    torch.manual_seed(0)
+    cfg = qkvlab.GPTConfig(
+        n_layers=1,
+        d_model=64,
+        n_heads=4,
+        variant="q_kv+gqa2+rope+qknorm",
+        recipe="llama",
+        vocab_size=32,
+        max_seq_len=64,
+    )
+    model = qkvlab.GPT(cfg).double().eval()
+    attn = model.backbone.blocks[0].attn
+    with torch.no_grad():  # give the norms non-trivial weights
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+    B, L = 2, 13
+    idx = torch.randint(0, 32, (B, L))
+    cache = model.new_cache(B, L)
+    seen = {}
+    hooks = [
+        attn.register_forward_pre_hook(lambda m, args, kwargs: seen.update(x=args[0]), with_kwargs=True),
+        attn.o_proj.register_forward_pre_hook(lambda m, args: seen.update(attn_out=args[0])),
+    ]
+    with torch.no_grad():
+        model.prefill(idx[:, : L - 1], cache)
+        model.decode_one(idx[:, L - 1], cache)
+        for h in hooks:
+            h.remove()
+        layer = cache.layers[0]
+        assert layer.kv_shared and attn.kv_shared
+        q_raw, _, _ = attn.qkv(seen["x"])
+        q = attn.query_role(attn._heads(q_raw, attn.n_heads), L - 1)  # (B, Hq, 1, D)
+        lengths = torch.full((B,), L, dtype=torch.int32)
+        args = dict(
+            scale=attn.scale,
+            rope_cos=attn.rotary.cos,
+            rope_sin=attn.rotary.sin,
+            k_norm_weight=attn.k_norm.weight,
+            eps=attn.k_norm.eps,
+            shared_kv=True,
+        )
+        ref = decode_attention_reference(q, layer.k, layer.v, lengths, **args)  # (B, Hq, 1, D)
+    want = seen["attn_out"]  # (B, 1, Hq * D), the module's attention output before o_proj
+    got = ref.transpose(1, 2).reshape(want.shape)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    if HAS_TRITON:  # the kernel (fp32, interpreter) on the same cache agrees too
+        args32 = {n: (t.float() if torch.is_tensor(t) else t) for n, t in args.items()}
+        out = decode_attention(q.float(), layer.k.float(), None, lengths, **args32)
+        torch.testing.assert_close(out.double().transpose(1, 2).reshape(want.shape), want, rtol=1e-4, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("splits", [1, 3])
+def test_out_buffer_is_fully_written(splits):
+    """A NaN-poisoned ``out`` comes back finite and right: every element was written."""
+    q, k, _, lengths, kw = make_inputs(3, 8, 2, 40, 32, shared=True, rope=True, norm=True)
+    out = torch.full_like(q, float("nan"))
+    got = decode_attention(q, k, k, lengths, scale=32**-0.5, out=out, config=DecodeConfig(num_splits=splits), **kw)
+    assert got is out
+    assert rel_err(out, reference64(q, k, k, lengths, shared=True, **kw)) < 1e-5
+
+
+# ------------------------------------------------------------------ compiled kernel on a GPU
+CUDA_CASES = [
+    # (dtype, Hq, Hkv, D, shared, rope, norm, use_dot, splits)
+    (torch.float32, 4, 4, 64, True, True, True, False, 3),
+    (torch.float32, 8, 2, 128, True, True, True, True, 1),
+    (torch.bfloat16, 4, 4, 128, True, True, False, False, 4),
+    (torch.bfloat16, 4, 4, 128, True, True, False, True, 4),
+    (torch.bfloat16, 32, 8, 128, True, True, True, True, 7),
+    (torch.bfloat16, 32, 8, 128, True, True, True, False, 7),
+    (torch.bfloat16, 16, 1, 64, True, False, True, None, None),
+    (torch.bfloat16, 4, 4, 128, False, False, False, None, 2),
+    (torch.float16, 8, 2, 64, False, True, True, None, 1),
+    (torch.float16, 32, 32, 128, True, True, False, None, None),
+]
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_cuda_kernel_matches_reference(case, monkeypatch):
+    """The compiled kernel (not the interpreter) on a GPU; lengths 1, S, S/2+3, 17; poisoned out."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    dtype, Hq, Hkv, D, shared, rope, norm, use_dot, splits = case
+    q, k, v, lengths, kw = make_inputs(4, Hq, Hkv, 300, D, shared=shared, rope=rope, norm=norm, dtype=dtype)
+    q, k, lengths = q.cuda(), k.cuda(), lengths.cuda()
+    v = k if shared else v.cuda()
+    kw = {n: t.cuda() for n, t in kw.items()}
+    out = torch.full_like(q, float("nan"))
+    cfg = DecodeConfig(num_splits=splits, use_dot=use_dot)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        decode_attention(q, k, v, lengths, scale=D**-0.5, shared_kv=shared, config=cfg, out=out, **kw)
+    ref = reference64(q.cpu(), k.cpu(), v.cpu(), lengths.cpu(), shared=shared, **{n: t.cpu() for n, t in kw.items()})
+    assert rel_err(out.cpu(), ref) < (2e-4 if dtype == torch.float32 else 1.5e-2)
+
+
+@needs_triton
+def test_lengths_past_the_cache_read_only_the_cache():
+    """A length over S reads the S cached keys (as the reference does), never past the cache."""
+    q, k, _, _, kw = make_inputs(2, 4, 2, 40, 32, shared=True, rope=True, norm=False)
+    lengths = torch.tensor([45, 40], dtype=torch.int32)
+    out = decode_attention(q, k, k, lengths, scale=32**-0.5, config=DecodeConfig(block_n=16), **kw)
+    assert rel_err(out, reference64(q, k, k, torch.tensor([40, 40]), shared=True, **kw)) < 1e-5

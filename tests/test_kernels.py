@@ -300,3 +300,37 @@ def test_lengths_past_the_cache_read_only_the_cache():
     lengths = torch.tensor([45, 40], dtype=torch.int32)
     out = decode_attention(q, k, k, lengths, scale=32**-0.5, config=DecodeConfig(block_n=16), **kw)
     assert rel_err(out, reference64(q, k, k, torch.tensor([40, 40]), shared=True, **kw)) < 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", ["q_kv+rope", "q_kv+gqa2+rope+qknorm", "qkv+rope", "q_kv+mqa+qknorm+learned"])
+def test_model_decode_through_the_kernel_matches_the_pytorch_path(variant, monkeypatch):
+    """The attention module's decode step routed through the kernel (interpreter on CPU)."""
+    import qkvlab.kernels
+    from qkvlab import GPT, GPTConfig
+    from qkvlab.attention import Attention
+
+    calls = []
+    real = qkvlab.kernels.decode_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qkvlab.kernels, "decode_attention", spy)
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layers=2, d_model=64, n_heads=4, vocab_size=32, max_seq_len=64, recipe="llama", variant=variant)
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, 32, (2, 12))
+    outs = {}
+    for use_kernel in (False, True):
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.decode_kernel = use_kernel
+        cache = model.new_cache(2, 16)
+        with torch.no_grad():
+            model(idx[:, :9], cache=cache)
+            outs[use_kernel] = torch.cat([model(idx[:, t : t + 1], cache=cache) for t in range(9, 12)], 1)
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-4, atol=1e-4)
+    assert len(calls) == 2 * 3  # every layer of every decode step took the kernel (and only those)

@@ -95,6 +95,10 @@ class Attention(nn.Module):
         self.pos2d = Pos2DFix(max_seq_len, pos2d_channels) if variant.pos2d else None
         # Does the key role differ from the raw shared tensor?
         self.key_transformed = self.rotary is not None or self.k_norm is not None
+        # Decode with a shared K=V cache and a key transform: the Triton kernel (which derives
+        # the key role in registers) where it runs. "auto": on CUDA; True: also under
+        # TRITON_INTERPRET on CPU (tests); False: never (benchmarks of the PyTorch path).
+        self.decode_kernel: bool | str = "auto"
 
     # ------------------------------------------------------------------ roles
     def _heads(self, t: torch.Tensor, h: int) -> torch.Tensor:
@@ -144,6 +148,8 @@ class Attention(nn.Module):
         elif self.kv_shared:
             # Store the raw shared tensor once; derive the key role on read.
             cache.write(offset, k_src)
+            if T == 1 and self._kernel_decode_ok(q, cache, padding_mask, need_weights):
+                return self._kernel_decode(q, cache, offset, B)
             s_all, _ = cache.read(offset + T)
             k = self.key_role(s_all, 0) if self.key_transformed else s_all
             v = s_all
@@ -171,6 +177,41 @@ class Attention(nn.Module):
         )
         y = self.o_proj(res.out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         return (y, res) if need_weights else y
+
+    def _kernel_decode_ok(self, q, cache: LayerKVCache, padding_mask, need_weights: bool) -> bool:
+        if not self.key_transformed or self.pos2d is not None or padding_mask is not None or need_weights:
+            return False
+        if self.decode_kernel is False or (self.decode_kernel == "auto" and not q.is_cuda):
+            return False
+        from qkvlab.kernels import shared_kv_decode_supported
+
+        return shared_kv_decode_supported(
+            q,
+            cache.k,
+            cache.v,
+            rope_cos=self.rotary.cos if self.rotary is not None else None,
+            rope_sin=self.rotary.sin if self.rotary is not None else None,
+            k_norm_weight=self.k_norm.weight if self.k_norm is not None else None,
+        )
+
+    def _kernel_decode(self, q: torch.Tensor, cache: LayerKVCache, offset: int, B: int) -> torch.Tensor:
+        """One decode step over the shared cache by the Triton kernel: ``q`` ``(B, Hq, 1, D)``."""
+        from qkvlab.kernels import decode_attention
+
+        out = decode_attention(
+            q,
+            cache.k,
+            cache.v,
+            offset + 1,
+            scale=self.scale,
+            rope_cos=self.rotary.cos if self.rotary is not None else None,
+            rope_sin=self.rotary.sin if self.rotary is not None else None,
+            k_norm_weight=self.k_norm.weight if self.k_norm is not None else None,
+            eps=self.k_norm.eps if self.k_norm is not None else 1e-6,
+            shared_kv=True,
+            max_length=offset + 1,
+        )  # (B, Hq, 1, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, 1, self.n_heads * self.head_dim))
 
     def extra_repr(self) -> str:
         return (

@@ -43,6 +43,34 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
+def state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``model``'s state dict on CPU with each shared tensor once, and the other names as aliases."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    return tensors, aliases
+
+
+def read_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a file written by :func:`save_model` or :func:`state_tensors`, aliases restored."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"Cannot read the tensors of checkpoint {str(path)!r}: {e}. The file is corrupt.") from None
+    for alias, target in json.loads(meta.get("aliases", "{}")).items():
+        tensors[alias] = tensors[target]
+    return tensors
+
+
 def save_model(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> Path:
     """Write ``model`` (weights + config) to ``path`` atomically; returns the path."""
     config = getattr(model, "config", None)
@@ -54,16 +82,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str,
             f"Metadata keys {clash} are reserved by qkvlab checkpoints ({', '.join(RESERVED_METADATA)}); "
             "rename them, e.g. 'user_config'."
         )
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        tensors[name] = t.detach().contiguous().cpu()
+    tensors, aliases = state_tensors(model)
     meta = {
         "format": FORMAT,
         "family": config.family,
@@ -94,16 +113,6 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
             "metadata); convert it or load the weights yourself."
         )
     return meta
-
-
-def _load_tensors(path: Path, meta: dict[str, str], device: str | torch.device) -> dict[str, torch.Tensor]:
-    try:
-        tensors = load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ConfigError(f"Cannot read the tensors of checkpoint {str(path)!r}: {e}. The file is corrupt.") from None
-    for alias, target in json.loads(meta.get("aliases", "{}")).items():
-        tensors[alias] = tensors[target]
-    return tensors
 
 
 def checkpoint_config(path: str | os.PathLike):
@@ -160,7 +169,7 @@ def load_into(model: nn.Module, path: str | os.PathLike, *, device: str | torch.
         )
     if device is None:
         device = next(model.parameters()).device
-    tensors = _load_tensors(path, meta, device)
+    tensors = read_tensors(path, device)
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))

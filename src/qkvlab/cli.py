@@ -305,13 +305,11 @@ def eval_ppl(
 
 def _tokenizer_for(path: Path, meta: dict[str, str], override: str | None):
     """The training run's tokenizer (or ``override``); a trained BPE is found through its corpus."""
-    from qkvlab.data import get_tokenizer, load_lm_data
+    from qkvlab.data import get_tokenizer
+    from qkvlab.train import DataConfig, load_splits
 
-    trains_here = (
-        override is not None
-        and override.partition(":")[0] == "bpe"
-        and (override.partition(":")[2].isdigit() or override == "bpe")
-    )
+    kind, _, arg = (override or "").partition(":")
+    trains_here = kind == "bpe" and (arg.isdigit() or not arg)  # "bpe" / "bpe:4096": trained on the corpus
     if override is not None and not trains_here:
         return get_tokenizer(override)  # byte, gpt2[:folder], bpe:<folder>
     data = dict((json.loads(meta["train_config"]) if "train_config" in meta else {}).get("data") or {})
@@ -323,11 +321,8 @@ def _tokenizer_for(path: Path, meta: dict[str, str], override: str | None):
         )
     if not name.startswith("bpe"):
         return get_tokenizer(name)
-    splits = load_lm_data(
-        data["source"], name, max_docs=data.get("max_docs"), val_fraction=data.get("val_fraction", 0.05),
-        seed=data.get("seed", 0), vocab_size=data.get("vocab_size", 4096), cache_dir=data.get("cache_dir"),
-    )  # fmt: skip
-    return get_tokenizer(splits.meta["tokenizer_spec"])
+    # A BPE trained on the corpus: the training run's data settings find it in the cache.
+    return get_tokenizer(load_splits(DataConfig(**{**data, "tokenizer": name})).meta["tokenizer_spec"])
 
 
 @app.command()

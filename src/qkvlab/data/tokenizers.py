@@ -28,6 +28,7 @@ after each document.
 
 from __future__ import annotations
 
+import abc
 import difflib
 import hashlib
 import json
@@ -60,7 +61,7 @@ def default_cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "qkvlab"
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Text <-> ids. ``id`` is a readable name, ``hash`` pins the exact vocabulary, ``spec``
     is a string :func:`get_tokenizer` rebuilds this tokenizer from without training data.
 
@@ -80,15 +81,17 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 
+    @abc.abstractmethod
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        raise NotImplementedError
+        """One id list per text; eot is never produced from text."""
 
     def encode_batch_np(self, texts: Sequence[str], dtype: np.dtype | type = np.uint32) -> list[np.ndarray]:
         """Like :meth:`encode_batch` but one 1-D array per text (the fast path of the token cache)."""
         return [np.asarray(ids, dtype=dtype) for ids in self.encode_batch(texts)]
 
+    @abc.abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
-        raise NotImplementedError
+        """The text of ``ids``."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.id!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"

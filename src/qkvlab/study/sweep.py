@@ -59,6 +59,7 @@ from qkvlab.attention.variant import VariantSpec
 from qkvlab.checkpoint import atomic_write
 from qkvlab.errors import ConfigError
 from qkvlab.study.results import RUNS_DIR, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ResultsStore, read_metrics
+from qkvlab.train.config import parse_value, set_dotted
 
 #: The named grid axes and the config key each one sets.
 AXES = {"variant": "model.variant", "model": "model.preset", "tokens": "max_tokens", "seed": "seed"}
@@ -166,20 +167,9 @@ def _parse_overrides(overrides: Any) -> dict[str, Any]:
             key, sep, text = str(item).partition("=")
             if not sep or not key.strip():
                 raise ConfigError(f"Override {item!r} is not KEY=VALUE; write e.g. 'optim.lr=3e-4'.")
-            out[key.strip()] = _yaml_value(text)
+            out[key.strip()] = parse_value(text)
         return out
     raise ConfigError(f"'overrides' must be a mapping or a list of KEY=VALUE strings, got {overrides!r}.")
-
-
-def _yaml_value(text: str) -> Any:
-    """A value read as YAML, with ``3e-4`` read as a number (YAML 1.1 reads it as text)."""
-    value = yaml.safe_load(text)
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c in value for c in ".eE") else int(value)
-        except ValueError:
-            return value
-    return value
 
 
 def _check_keys(where: str, d: dict[str, Any], valid: Sequence[str]) -> None:
@@ -188,19 +178,6 @@ def _check_keys(where: str, d: dict[str, Any], valid: Sequence[str]) -> None:
             near = difflib.get_close_matches(str(key), valid, n=1)
             hint = f" Did you mean {near[0]!r}?" if near else ""
             raise ConfigError(f"Unknown {where} key {key!r}.{hint} Valid keys: {', '.join(valid)}.")
-
-
-def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``config["a"]["b"] = value`` for ``key="a.b"``, creating sections as needed."""
-    parts = key.split(".")
-    node = config
-    for i, part in enumerate(parts[:-1]):
-        if node.get(part) is None:
-            node[part] = {}
-        if not isinstance(node[part], dict):
-            raise ConfigError(f"Cannot set {key!r}: {'.'.join(parts[: i + 1])!r} is a value, not a section.")
-        node = node[part]
-    node[parts[-1]] = value
 
 
 def get_dotted(config: dict[str, Any], key: str) -> Any:

@@ -356,6 +356,19 @@ def parse_value(text: str) -> Any:
     return value
 
 
+def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``config["a"]["b"] = value`` for ``key="a.b"``, creating sections as needed."""
+    parts = key.split(".")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise ConfigError(f"Cannot set {key!r}: {'.'.join(parts[: i + 1])!r} is a value, not a section.")
+        node = node[part]
+    node[parts[-1]] = value
+
+
 def apply_overrides(d: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
     """A copy of the config dict ``d`` with each ``dotted.key=value`` override set."""
     out = yaml.safe_load(yaml.safe_dump(d)) or {}  # deep copy through plain data
@@ -366,15 +379,7 @@ def apply_overrides(d: dict[str, Any], overrides: typing.Iterable[str]) -> dict[
             raise ConfigError(
                 f"Override {item!r} is not KEY=VALUE; write a dotted key and a value, e.g. optim.lr=3e-4."
             )
-        parts = key.split(".")
-        node = out
-        for i, part in enumerate(parts[:-1]):
-            if node.get(part) is None:
-                node[part] = {}
-            if not isinstance(node[part], dict):
-                raise ConfigError(f"Override {item!r}: {'.'.join(parts[: i + 1])!r} is a value, not a section.")
-            node = node[part]
-        node[parts[-1]] = parse_value(text)
+        set_dotted(out, key, parse_value(text))
     return out
 
 

@@ -27,11 +27,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from qkvlab.checkpoint import atomic_write, save_model
+from qkvlab.checkpoint import atomic_write, read_tensors, save_model, state_tensors
 from qkvlab.errors import ConfigError
 
 CHECKPOINTS = "checkpoints"
@@ -66,31 +65,14 @@ def save_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> None
     if config is not None and hasattr(config, "to_dict"):
         save_model(model, path, metadata=metadata)
         return
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        tensors[name] = t.detach().contiguous().cpu()
+    tensors, aliases = state_tensors(model)
     meta = {**metadata, "aliases": json.dumps(aliases)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """The full state dict stored by :func:`save_weights` (tied names restored), on CPU."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ConfigError(f"Cannot read checkpoint weights {str(path)!r}: {e}; the file is corrupt.") from None
-    for alias, target in json.loads(meta.get("aliases", "{}")).items():
-        tensors[alias] = tensors[target]
-    return tensors
+    return read_tensors(path)
 
 
 # ------------------------------------------------------------------ RNG

@@ -111,7 +111,7 @@ def test_paper_presets_have_the_papers_shapes(name, layers, d, heads, ff, params
     assert count_params(build_on_meta(cfg))["total"] == params
 
 
-def test_size_ladder_spans_1m_to_350m_for_both_recipes():
+def test_size_ladder_spans_0p3m_to_350m_for_both_recipes():
     for recipe in ("gpt2", "llama"):
         names = [n for n in PRESETS if n.startswith(f"{recipe}-")]
         sizes = []

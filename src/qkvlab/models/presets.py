@@ -21,6 +21,7 @@ _PAPER = {
 # (name suffix, n_layers, d_model, n_heads); at least 8 heads, a multiple of 4, so that
 # GQA-4 is real grouping (4 KV heads < n_heads) on every rung.
 _LADDER = [
+    ("0.3m", 3, 96, 8),
     ("1m", 5, 128, 8),
     ("3m", 7, 192, 8),
     ("10m", 12, 256, 8),

@@ -40,13 +40,10 @@ Run on the GPU machine from the repository root::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,6 +51,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchutil import env_info
 from qkvlab.attention.positional import Rotary
 from qkvlab.kernels import DecodeConfig, decode_attention, decode_attention_reference
 
@@ -66,35 +64,6 @@ TOL = 2e-2  # bf16 operands; typical errors are 3e-3 to 6e-3
 
 
 # ----------------------------------------------------------------------------- setup
-def env_info(device: torch.device) -> dict:
-    info = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda_runtime": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-    }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        info.update(gpu=p.name, sm_count=p.multi_processor_count, memory_GiB=round(p.total_memory / 2**30, 1))
-        info["l2_MB"] = round(getattr(p, "L2_cache_size", 0) / 1e6, 1)
-        try:
-            q = "--query-gpu=driver_version,clocks.max.sm,clocks.max.mem"
-            out = subprocess.run(["nvidia-smi", q, "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
-            info["driver"], info["max_sm_clock"], info["max_mem_clock"] = (x.strip() for x in out.stdout.split(","))
-        except (OSError, ValueError, subprocess.SubprocessError):
-            info["driver"] = None
-    else:
-        info.update(gpu=f"cpu ({platform.processor() or platform.machine()}), Triton interpreter")
-    return info
-
-
 EAGER_FALLBACKS: list[str] = []
 
 

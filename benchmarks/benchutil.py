@@ -1,0 +1,56 @@
+"""Shared helpers of the GPU benchmarks: the hardware and versions every JSON records."""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import subprocess
+
+import torch
+
+
+def env_info(device: torch.device) -> dict:
+    """Date, Python / torch / CUDA / cuDNN / Triton versions, GPU name, SMs, memory, driver, clocks."""
+    info = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, sm_count=p.multi_processor_count, memory_GiB=round(p.total_memory / 2**30, 1))
+        info["l2_MB"] = round(getattr(p, "L2_cache_size", 0) / 1e6, 1)
+        try:
+            q = "--query-gpu=driver_version,clocks.max.sm,clocks.max.mem"
+            out = subprocess.run(["nvidia-smi", q, "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+            info["driver"], info["max_sm_clock"], info["max_mem_clock"] = (x.strip() for x in out.stdout.split(","))
+        except (OSError, ValueError, subprocess.SubprocessError):
+            info["driver"] = None
+    else:
+        info.update(gpu=f"cpu ({platform.processor() or platform.machine()}), Triton interpreter")
+    return info
+
+
+#: Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from NVIDIA's data sheets, by name fragment.
+BF16_PEAK = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989.4e12),  # SXM5 (the "H100 80GB HBM3" name)
+    ("H200", 989.4e12),
+    ("A100", 312e12),
+]
+
+
+def bf16_peak(name: str) -> float | None:
+    for frag, peak in BF16_PEAK:
+        if frag in name:
+            return peak
+    return None

@@ -87,3 +87,32 @@ def test_cuda_generate_under_autocast():
         cache = model.new_cache(1, 64)
         out = model.generate(torch.randint(0, 512, (1, 16), device="cuda"), 16, cache=cache)
     assert cache.dtype == torch.bfloat16 and out.shape == (1, 32)
+
+
+@pytest.mark.parametrize("recipe", ["gpt2", "llama"])
+@pytest.mark.parametrize("variant", [*VARIANTS, "q_kv+rope+qknorm"])
+def test_cuda_graph_decode_matches_eager(variant, recipe):
+    """StaticDecoder captured as a CUDA graph gives the eager decode's logits, step after step."""
+    from qkvlab.models.decoding import StaticDecoder
+
+    model = cuda_gpt(variant, recipe, torch.float32)
+    idx = torch.randint(0, 512, (2, 30), device="cuda")
+    steps = torch.randint(0, 512, (2, 8), device="cuda")
+    outs = {}
+    for graph in (False, True):
+        cache = model.new_cache(2, 64)
+        model.prefill(idx, cache)
+        dec = StaticDecoder(model, cache, cuda_graph=graph)
+        outs[graph] = torch.stack([dec.step(steps[:, t]) for t in range(steps.shape[1])], 1)
+        assert (dec.graph is not None) == graph and cache.length == 38
+    eager = model.new_cache(2, 64)
+    model.prefill(idx, eager)
+    ref = torch.stack([model.decode_one(steps[:, t], eager) for t in range(steps.shape[1])], 1)
+    torch.testing.assert_close(outs[False], ref, rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(outs[True], ref, rtol=2e-4, atol=2e-4)
+
+
+def test_cuda_graph_generate_matches_eager_generate():
+    model = cuda_gpt("q_kv+gqa2", "llama", torch.float32)
+    idx = torch.randint(0, 512, (3, 17), device="cuda")
+    assert torch.equal(model.generate(idx, 40, cuda_graph=True), model.generate(idx, 40, cuda_graph=False))

@@ -114,6 +114,16 @@ def test_kernel_default_plan_4d_query_and_int_length():
 
 
 @needs_triton
+def test_kernel_reads_an_expanded_lengths_tensor_per_row():
+    """A stride-0 lengths tensor (one device position expanded to every row) is read per row."""
+    q, k, _, _, kw = make_inputs(3, 4, 2, 40, 16, shared=True, rope=True, norm=False)
+    lengths = torch.tensor(23, dtype=torch.int32).expand(3)
+    out = decode_attention(q, k, k, lengths, scale=16**-0.5, shared_kv=True, **kw)
+    ref = reference64(q, k, k, torch.full((3,), 23), shared=True, **kw)
+    assert rel_err(out, ref) < 1e-5
+
+
+@needs_triton
 def test_kernel_strided_cache_view_and_length_hint():
     """A view of a longer cache (row stride > S * D) and a max_length hint smaller than S."""
     q, big, _, _, kw = make_inputs(2, 4, 2, 64, 32, shared=True, rope=True, norm=True)

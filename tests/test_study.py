@@ -483,10 +483,10 @@ def test_the_example_sweep_loads_and_expands():
     s = load_sweep(EXAMPLE)
     plans = expand(s)
     assert s.name == "lm-variants-tiny" and s.base["data"]["source"] == "stdlib"  # base read relative to the file
-    assert len(plans) == 8 * 2 and all(p.status == "pending" for p in plans)
+    assert len(plans) == 10 * 2 and all(p.status == "pending" for p in plans)
     assert [p.variant for p in plans[:8]] == list(PAPER_LM_VARIANTS)
     assert {p.config["max_tokens"] for p in plans} == {400_000} and {p.seed for p in plans} == {0, 1}
-    assert len({p.run_id for p in plans}) == 16
+    assert len({p.run_id for p in plans}) == 20
     try:
         from qkvlab.train import TrainConfig
     except ImportError:

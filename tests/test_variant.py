@@ -202,15 +202,18 @@ def test_paper_name_of_head_sharing_on_other_sharings():
 # ------------------------------------------------------------------ round trips
 
 ROUND_TRIP = [
-    VariantSpec(sharing, heads, pos, pos2d, qk_norm)
+    VariantSpec(sharing, heads, pos, pos2d, qk_norm, linear)
     for sharing in ("q_k_v", "q_kv", "qk_v", "qkv", "qv_k", "k_v")
     for heads in (None, 1, 2, 4)
     for pos in (None, "none", "learned", "rope")
     for pos2d in (False, True)
     for qk_norm in (False, True)
+    for linear in (False, True)
     # valid head sharing only (checked by validate below); 2d with GQA is covered separately
     if heads is None or sharing in ("q_k_v", "q_kv", "k_v")
     if not (pos2d and heads is not None and sharing == "k_v")
+    # linear attention takes neither RoPE nor the 2D fix
+    if not (linear and (pos == "rope" or pos2d))
 ]
 
 
@@ -300,7 +303,12 @@ def test_to_dict():
         "pos": "rope",
         "pos2d": True,
         "qk_norm": True,
+        "linear": False,
     }
+    assert VariantSpec.parse(VariantSpec("qkv", linear=True).to_dict()) == VariantSpec("qkv", linear=True)
+    # A dict written before linear attention existed still parses (as softmax).
+    old = {"sharing": "q_kv", "n_kv_heads": None, "pos": "learned", "pos2d": False, "qk_norm": False}
+    assert VariantSpec.parse(old) == VariantSpec("q_kv", pos="learned")
 
 
 # ------------------------------------------------------------------- validate
@@ -361,3 +369,67 @@ def test_config_resolves_the_variant():
     assert GPTConfig(variant=VariantSpec("qkv")).variant == VariantSpec("qkv", pos="learned")
     from_dict = GPTConfig(variant={"sharing": "qk_v", "qk_norm": True}).variant
     assert from_dict == VariantSpec("qk_v", None, "learned", False, True)
+
+
+# ------------------------------------------------------------- linear attention
+
+
+@pytest.mark.parametrize(
+    "text, expected, paper_name",
+    [
+        ("qkv+linear", VariantSpec("qkv", linear=True), "Q=K=V (linear)"),
+        ("Q=K=V+linear", VariantSpec("qkv", linear=True), "Q=K=V (linear)"),
+        ("Q=K=V (linear)", VariantSpec("qkv", linear=True), "Q=K=V (linear)"),
+        ("Q=K=V(LINEAR)", VariantSpec("qkv", linear=True), "Q=K=V (linear)"),
+        ("QKV+linear", VariantSpec("q_k_v", linear=True), "QKV (linear)"),
+        ("QKV (linear)", VariantSpec("q_k_v", linear=True), "QKV (linear)"),
+        ("Q-GQA-4 (linear)", VariantSpec("q_kv", 4, linear=True), "Q-GQA-4 (linear)"),
+        ("q_kv+linear+gqa4+learned", VariantSpec("q_kv", 4, "learned", linear=True), "Q-GQA-4 (linear)"),
+        ("Q=K-V+none+qknorm+linear", VariantSpec("qk_v", None, "none", False, True, True), "Q=K-V (linear)"),
+        ("q_kv+softmax", VariantSpec("q_kv"), "Q-K=V"),
+        ("Q-K=V (softmax)", VariantSpec("q_kv"), "Q-K=V"),
+    ],
+)
+def test_parse_linear_attention(text, expected, paper_name):
+    spec = parse_variant(text)
+    assert spec == expected
+    assert spec.paper_name == paper_name
+    assert parse_variant(spec.id) == spec
+    assert parse_variant(paper_name) == spec.replace(pos=None, qk_norm=False)
+
+
+def test_linear_id_is_a_suffix_and_softmax_ids_are_unchanged():
+    assert VariantSpec("qkv", linear=True).id == "qkv+linear"
+    assert VariantSpec("q_kv", 2, "none", False, True, True).id == "q_kv+gqa2+none+qknorm+linear"
+    assert [parse_variant(v).id for v in PAPER_LM_VARIANTS][:2] == ["q_k_v", "q_kv"]  # no '+softmax' added
+    assert parse_variant("qkv+linear") != parse_variant("qkv")
+    assert not parse_variant("Q=K=V").linear
+
+
+@pytest.mark.parametrize(
+    "text, fragments",
+    [
+        ("qkv+rope+linear", ["RoPE", "'+learned'", "'+none'"]),
+        ("(Q=K=V)+linear", ["2D positional fix", "Drop '+2d'"]),
+        ("qk_v+2d+linear", ["2D positional fix"]),
+        ("qkv+linear+linear", ["twice"]),
+        ("qkv+softmax+linear", ["twice"]),
+        ("qkv+lineer", ["'lineer'", "linear"]),
+    ],
+)
+def test_linear_attention_rejects(text, fragments):
+    with pytest.raises(ConfigError) as err:
+        parse_variant(text)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_config_with_linear_attention_and_the_llama_recipe():
+    with pytest.raises(ConfigError, match="RoPE"):
+        GPTConfig(variant="Q=K=V+linear", recipe="llama")  # llama's default positions are RoPE
+    assert GPTConfig(variant="Q=K=V+linear+none", recipe="llama").variant == VariantSpec(
+        "qkv", None, "none", linear=True
+    )
+    cfg = GPTConfig(variant="QKV+linear", linear_feature="relu", linear_decay=0.9)
+    assert cfg.variant == VariantSpec("q_k_v", None, "learned", linear=True)
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg  # plain data, round trip

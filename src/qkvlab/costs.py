@@ -17,7 +17,13 @@ ViT                             patches: (L - 1) * C * p^2 * d; head on the clas
 set encoder                     input: L * in_features * d; scores: L * d
 =============================== ===========================================
 
-Norms, RoPE, softmax and biases are not counted, as in the paper.
+Norms, RoPE, softmax and biases are not counted, as in the paper. Linear attention
+(variants ``+linear``) trains with the masked form, which has the same two ``L^2`` products
+(``phi(q) phi(k)^T`` and weights times ``V``), so the same rule counts it; feature maps are
+not counted. It decodes with a fixed-size :class:`~qkvlab.attention.cache.LinearState`
+instead of a KV cache: its rows report 0 bytes per token (measured: the state allocated for
+twice the length is no larger) and the state's bytes in ``decode_state_bytes``, held in
+float32 when the activations are half precision.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qkvlab.attention.cache import KVCache
+from qkvlab.attention.cache import KVCache, LinearState
 from qkvlab.attention.module import Attention
 from qkvlab.attention.variant import VariantSpec
 from qkvlab.models.config import GPTConfig, TransformerConfig
@@ -120,7 +126,9 @@ def variant_costs(
     """One row of costs per variant, on the shape of ``base``.
 
     ``cache_reduction`` is relative to QKV (MHA, same shape and positions) and is computed
-    from the measured cache bytes.
+    from the measured cache bytes per token. ``decode_state_bytes`` is the fixed state of a
+    linear-attention variant (0 for softmax attention); ``kv_cache_bytes_at_context`` is the
+    per-token bytes times ``context`` plus that state.
     """
     seq_len = seq_len or base.max_seq_len
     baseline = None
@@ -133,8 +141,16 @@ def variant_costs(
         cfg = base.replace(variant=parsed.to_dict())
         model = build_on_meta(cfg)
         params = count_params(model)
-        cache = KVCache(model.cache_layout(), batch_size=1, max_len=measure_len, dtype=dtype)
-        measured = cache.measured_bytes_per_token
+        layout = model.cache_layout()
+        if layout.linear:
+            cache = LinearState(layout, 1, measure_len, dtype=LinearState.state_dtype(dtype))
+            longer = LinearState(layout, 1, 2 * measure_len, dtype=cache.dtype)
+            measured = (longer.nbytes - cache.nbytes) / measure_len
+            state_bytes = cache.nbytes
+        else:
+            cache = KVCache(layout, batch_size=1, max_len=measure_len, dtype=dtype)
+            measured = cache.measured_bytes_per_token
+            state_bytes = 0
         m = macs(cfg, seq_len)
         row = {
             "variant": cfg.variant.paper_name,
@@ -149,7 +165,8 @@ def variant_costs(
             "kv_cache_bytes_per_token": cache.bytes_per_token,
             "kv_cache_bytes_per_token_measured": measured,
             "context": context,
-            "kv_cache_bytes_at_context": int(measured * context),
+            "decode_state_bytes": state_bytes,
+            "kv_cache_bytes_at_context": int(measured * context) + state_bytes,
             "dtype": str(dtype).removeprefix("torch."),
         }
         if baseline is None:

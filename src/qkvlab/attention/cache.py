@@ -1,4 +1,5 @@
-"""A static, pre-allocated KV cache that stores a shared key/value tensor once.
+"""Decode state: a static KV cache that stores a shared key/value tensor once, and the
+fixed-size state of linear attention.
 
 Layout per layer: ``(B, n_kv_heads, max_len, head_dim)``. For a variant whose key and
 value come from one projection (``q_kv``, ``qkv``, ...) the layer holds **one** tensor,
@@ -12,6 +13,11 @@ Example::
     logits = model(prompt, cache=cache)         # prefill, writes positions 0..T-1
     logits = model(next_token, cache=cache)     # decode one token at position T
     cache.bytes_per_token, cache.nbytes         # analytic vs real allocation
+
+A linear-attention model (variant ``+linear``) keeps no per-token cache: its layers carry a
+:class:`LinearState` (per KV head a matrix ``S`` of ``head_dim x head_dim`` and a vector
+``n``) whose size does not depend on the sequence length. :func:`new_decode_state` (what
+``GPT.new_cache`` calls) builds whichever of the two the model needs.
 """
 
 from __future__ import annotations
@@ -31,15 +37,29 @@ class CacheLayout:
     n_kv_heads: int
     head_dim: int
     kv_shared: bool
+    linear: bool = False
 
     @property
     def tensors_per_layer(self) -> int:
+        """Per layer: 1 or 2 cached tensors (K=V shared or not); linear attention holds S and n."""
+        if self.linear:
+            return 2
         return 1 if self.kv_shared else 2
 
     def bytes_per_token(self, dtype: torch.dtype) -> int:
-        """``(1 if K=V else 2) * n_kv_heads * head_dim * dtype bytes * n_layers``."""
+        """``(1 if K=V else 2) * n_kv_heads * head_dim * dtype bytes * n_layers``; 0 for linear attention."""
+        if self.linear:
+            return 0
         elem = torch.empty((), dtype=dtype).element_size()
         return self.n_layers * self.tensors_per_layer * self.n_kv_heads * self.head_dim * elem
+
+    def state_bytes(self, dtype: torch.dtype) -> int:
+        """Fixed bytes per sequence: ``n_layers * n_kv_heads * (D*D + D) * dtype bytes`` for linear
+        attention (the state ``S`` and normaliser ``n``), 0 for a KV cache."""
+        if not self.linear:
+            return 0
+        elem = torch.empty((), dtype=dtype).element_size()
+        return self.n_layers * self.n_kv_heads * (self.head_dim * self.head_dim + self.head_dim) * elem
 
 
 class LayerKVCache:
@@ -66,6 +86,19 @@ class LayerKVCache:
             if v is None:
                 raise ValueError("a K/V layer cache needs a value tensor")
             self.v[:, :, pos : pos + T].copy_(v)
+
+    def write_at(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
+        """Write one position given as a 0-d device tensor (no host sync: graph-safe).
+
+        ``k`` (and ``v``) are ``(B, Hkv, 1, D)``; for a shared layer leave ``v`` as None.
+        """
+        self.owner._check(k, 1)
+        idx = pos.reshape(1)
+        self.k.index_copy_(2, idx, k)
+        if not self.kv_shared:
+            if v is None:
+                raise ValueError("a K/V layer cache needs a value tensor")
+            self.v.index_copy_(2, idx, v)
 
     def read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the first ``length`` positions: ``(k, v)``, the same view twice if shared."""
@@ -94,6 +127,11 @@ class KVCache:
     ):
         if batch_size < 1 or max_len < 1:
             raise ConfigError(f"KVCache needs batch_size >= 1 and max_len >= 1, got {batch_size} and {max_len}.")
+        if layout.linear:
+            raise ConfigError(
+                "A linear-attention model keeps a fixed-size state, not a KV cache; build it with "
+                "model.new_cache(batch_size) or LinearState.for_model(model, batch_size)."
+            )
         self.layout = layout
         self.batch_size = batch_size
         self.max_len = max_len
@@ -122,23 +160,8 @@ class KVCache:
         dtype and device default to the model's; inside ``torch.autocast`` the dtype defaults
         to the autocast dtype, which is what the projections then produce.
         """
-        param = next(model.parameters())
-        kind = param.device.type
-        if dtype is None and kind in ("cpu", "cuda", "xpu", "mps", "hpu") and torch.is_autocast_enabled(kind):
-            dtype = torch.get_autocast_dtype(kind)
-        max_len = max_len if max_len is not None else model.config.max_seq_len
-        if max_len > model.config.max_seq_len:
-            raise ConfigError(
-                f"Cache max_len={max_len} exceeds the model's max_seq_len={model.config.max_seq_len}; "
-                "positions past it have no embedding. Use max_len <= max_seq_len."
-            )
-        return cls(
-            model.cache_layout(),
-            batch_size,
-            max_len,
-            dtype=dtype or param.dtype,
-            device=device or param.device,
-        )
+        max_len, dtype, device = _resolve_for_model(model, max_len, dtype, device)
+        return cls(model.cache_layout(), batch_size, max_len, dtype=dtype, device=device)
 
     # ------------------------------------------------------------------ bytes
     @property
@@ -215,3 +238,202 @@ class KVCache:
             f"B={self.batch_size}, Hkv={self.layout.n_kv_heads}, max_len={self.max_len}, D={self.layout.head_dim}, "
             f"dtype={self.dtype}, length={self.length}, bytes/token={self.bytes_per_token})"
         )
+
+
+def _resolve_for_model(
+    model: torch.nn.Module,
+    max_len: int | None,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+) -> tuple[int, torch.dtype, torch.device | str]:
+    """``max_len`` (default and bound: ``max_seq_len``), the activation dtype and the model's device."""
+    param = next(model.parameters())
+    kind = param.device.type
+    if dtype is None and kind in ("cpu", "cuda", "xpu", "mps", "hpu") and torch.is_autocast_enabled(kind):
+        dtype = torch.get_autocast_dtype(kind)
+    max_len = max_len if max_len is not None else model.config.max_seq_len
+    if max_len > model.config.max_seq_len:
+        raise ConfigError(
+            f"Cache max_len={max_len} exceeds the model's max_seq_len={model.config.max_seq_len}; "
+            "positions past it have no embedding. Use max_len <= max_seq_len."
+        )
+    return max_len, dtype or param.dtype, device or param.device
+
+
+class LayerLinearState:
+    """One layer's linear-attention state: ``S`` ``(B, Hkv, D, D)`` and ``n`` ``(B, Hkv, D)``.
+
+    :func:`qkvlab.attention.linear.recurrent` updates both in place.
+    """
+
+    def __init__(self, owner: LinearState, S: torch.Tensor, n: torch.Tensor):
+        self.owner = owner
+        self.S = S
+        self.n = n
+
+
+class LinearState:
+    """Fixed-size decode state of a linear-attention model (all layers); replaces the KV cache.
+
+    Per layer and KV head it holds ``S = sum_s lam^(t-s) phi(k_s) v_s^T`` (``head_dim x head_dim``)
+    and ``n = sum_s phi(k_s)`` (``head_dim``), see :mod:`qkvlab.attention.linear`. Its size does
+    not depend on how many tokens it has seen: ``bytes_per_token == 0`` and ``nbytes`` (measured
+    from the storages) equals ``layout.state_bytes(dtype) * batch_size``. It has the interface the
+    GPT uses for a :class:`KVCache` (``length``, ``layers``, ``reset``, ``advance``, ...).
+
+    Args:
+        layout: the model's layout (``layout.linear`` must be True).
+        batch_size: rows decoded together.
+        max_len: positions the state may advance to (learned position embeddings end at the
+            model's ``max_seq_len``); it allocates nothing per position.
+        dtype: of the state; :meth:`for_model` uses float32 for half-precision models, since
+            the state is a running sum over every token seen.
+
+    Example::
+
+        state = model.new_cache(batch_size=1)       # a LinearState for a '+linear' variant
+        logits = model.prefill(prompt, state)
+        logits = model.decode_one(logits.argmax(-1), state)
+        state.nbytes                                # the same after 10 or 10,000 tokens
+    """
+
+    def __init__(
+        self,
+        layout: CacheLayout,
+        batch_size: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        if not layout.linear:
+            raise ConfigError(
+                "LinearState is the decode state of linear attention (variants with '+linear'); this "
+                "model uses softmax attention: build a KV cache with model.new_cache(batch_size)."
+            )
+        if batch_size < 1 or max_len < 1:
+            raise ConfigError(f"LinearState needs batch_size >= 1 and max_len >= 1, got {batch_size} and {max_len}.")
+        self.layout = layout
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.length = 0
+        B, H, D = batch_size, layout.n_kv_heads, layout.head_dim
+        self.layers = [
+            LayerLinearState(
+                self,
+                torch.zeros((B, H, D, D), dtype=dtype, device=self.device),
+                torch.zeros((B, H, D), dtype=dtype, device=self.device),
+            )
+            for _ in range(layout.n_layers)
+        ]
+
+    @staticmethod
+    def state_dtype(activation_dtype: torch.dtype) -> torch.dtype:
+        """float32 for half-precision activations (a long running sum), else the activation dtype."""
+        return torch.float32 if activation_dtype in (torch.float16, torch.bfloat16) else activation_dtype
+
+    @classmethod
+    def for_model(
+        cls,
+        model: torch.nn.Module,
+        batch_size: int,
+        max_len: int | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> LinearState:
+        """A zero state matching ``model.cache_layout()``; dtype as :meth:`state_dtype` unless given."""
+        explicit = dtype
+        max_len, act_dtype, device = _resolve_for_model(model, max_len, dtype, device)
+        dtype = explicit if explicit is not None else cls.state_dtype(act_dtype)
+        return cls(model.cache_layout(), batch_size, max_len, dtype=dtype, device=device)
+
+    # ------------------------------------------------------------------ bytes
+    @property
+    def bytes_per_token(self) -> int:
+        """0: the state does not grow with the sequence."""
+        return 0
+
+    @property
+    def measured_bytes_per_token(self) -> float:
+        """0.0: the allocation does not depend on the length (``nbytes`` is fixed at construction)."""
+        return 0.0
+
+    @property
+    def state_bytes(self) -> int:
+        """Analytic bytes of the whole state (all layers, all rows)."""
+        return self.layout.state_bytes(self.dtype) * self.batch_size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes really allocated: the sum over distinct storages."""
+        return sum(st.nbytes() for st in self._storages().values())
+
+    def _storages(self) -> dict[int, torch.UntypedStorage]:
+        meta = self.device.type == "meta"
+        out: dict[int, torch.UntypedStorage] = {}
+        for layer in self.layers:
+            for t in (layer.S, layer.n):
+                st = t.untyped_storage()
+                out[id(t) if meta else st.data_ptr()] = st
+        return out
+
+    @property
+    def n_tensors(self) -> int:
+        """Distinct tensors allocated: two per layer (S and n)."""
+        return len(self._storages())
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget everything seen: zero S and n in place, length 0."""
+        for layer in self.layers:
+            layer.S.zero_()
+            layer.n.zero_()
+        self.length = 0
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def check_room(self, T: int) -> None:
+        if self.length + T > self.max_len:
+            raise ConfigError(
+                f"Linear-attention state at position {self.length} + {T} new > max_len={self.max_len} "
+                "(positions past it have no embedding). Create it with a larger max_len "
+                "(model.new_cache(batch_size, max_len=...)) or generate fewer tokens."
+            )
+
+    def check_compatible(self, layout: CacheLayout, batch_size: int, device: torch.device) -> None:
+        """Raise a clear error if this state was built for another model, batch or device."""
+        if layout != self.layout:
+            raise ConfigError(
+                f"This linear-attention state was allocated for {self.layout} but the model needs {layout}; "
+                "build it with model.new_cache(batch_size)."
+            )
+        if batch_size != self.batch_size:
+            raise ConfigError(f"Batch of {batch_size} rows given to a state allocated for {self.batch_size}.")
+        if device.type != self.device.type or (device.index or 0) != (self.device.index or 0):
+            raise ConfigError(
+                f"Linear-attention state is on {self.device} but the model runs on {device}; build it on "
+                "the model's device (model.new_cache(...) does this) or move the model."
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"LinearState(layers={self.layout.n_layers}, B={self.batch_size}, Hkv={self.layout.n_kv_heads}, "
+            f"D={self.layout.head_dim}, dtype={self.dtype}, length={self.length}, nbytes={self.nbytes})"
+        )
+
+
+def new_decode_state(
+    model: torch.nn.Module,
+    batch_size: int,
+    max_len: int | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> KVCache | LinearState:
+    """The decode state ``model`` needs: a :class:`LinearState` for linear attention, else a :class:`KVCache`."""
+    cls = LinearState if model.cache_layout().linear else KVCache
+    return cls.for_model(model, batch_size, max_len, dtype=dtype, device=device)

@@ -11,6 +11,10 @@ Hkv key/value heads, D head width)::
              otherwise  -> stores key (rotated) and value
     scores : 2D fix "(X)+" -> q * sum(w) and the additive (T, S) map P @ w + b
     backend(q, k, v)  with k is v when K=V has no key transform; Hkv < Hq passed as is
+
+Linear attention (variant ``+linear``, :mod:`qkvlab.attention.linear`) takes the same roles
+and replaces scores + backend by ``phi(q)^T S / phi(q)^T n``: the masked form without a
+cache, the recurrent form with a :class:`~qkvlab.attention.cache.LayerLinearState`.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qkvlab.attention import linear as linear_attn
 from qkvlab.attention.backends import AttentionOutput, get_backend
-from qkvlab.attention.cache import LayerKVCache
+from qkvlab.attention.cache import LayerKVCache, LayerLinearState
 from qkvlab.attention.positional import Pos2DFix, RMSNorm, Rotary, default_scale
 from qkvlab.attention.projections import ProjectionStrategy
 from qkvlab.attention.variant import VariantSpec
@@ -40,7 +45,11 @@ class Attention(nn.Module):
         max_seq_len: longest sequence (RoPE tables, 2D fix tables).
         rotary: a :class:`Rotary` to share between layers (built if None and RoPE is on).
         pos2d_channels: ``m``, channels of the 2D fix.
-        backend: name in the backend registry (``"sdpa"`` or ``"reference"``).
+        backend: name in the backend registry (``"sdpa"`` or ``"reference"``); unused by
+            linear attention.
+        linear_feature: feature map of linear attention (``variant.linear``): ``"elu+1"``
+            or ``"relu"``.
+        linear_decay: decay ``lam`` in (0, 1] of linear attention's state; 1 = none.
 
     ``forward(x, offset=0, cache=None, padding_mask=None, need_weights=False)`` with ``x``
     of shape ``(B, T, d_model)`` returns ``(B, T, d_model)``, or with ``need_weights`` a
@@ -62,6 +71,8 @@ class Attention(nn.Module):
         rope_theta: float = 10000.0,
         pos2d_channels: int = 10,
         backend: str = "sdpa",
+        linear_feature: str = "elu+1",
+        linear_decay: float = 1.0,
     ):
         super().__init__()
         head_dim = head_dim or d_model // n_heads
@@ -99,6 +110,10 @@ class Attention(nn.Module):
         # the key role in registers) where it runs. "auto": on CUDA; True: also under
         # TRITON_INTERPRET on CPU (tests); False: never (benchmarks of the PyTorch path).
         self.decode_kernel: bool | str = "auto"
+        self.linear = variant.linear
+        self.linear_feature = linear_feature
+        self.feature_map = linear_attn.get_feature_map(linear_feature) if self.linear else None
+        self.linear_decay = linear_attn.check_decay(linear_decay, causal=causal) if self.linear else 1.0
 
     # ------------------------------------------------------------------ roles
     def _heads(self, t: torch.Tensor, h: int) -> torch.Tensor:
@@ -127,7 +142,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         *,
         offset: int = 0,
-        cache: LayerKVCache | None = None,
+        cache: LayerKVCache | LayerLinearState | None = None,
         padding_mask: torch.Tensor | None = None,
         need_weights: bool = False,
     ):
@@ -135,6 +150,10 @@ class Attention(nn.Module):
         q_raw, k_raw, v_raw = self.qkv(x)
         k_src = self._heads(k_raw, self.n_kv_heads)
         v_src = k_src if self.kv_shared else self._heads(v_raw, self.n_kv_heads)
+        if self.linear:
+            return self._linear_forward(q_raw, k_src, v_src, offset, cache, padding_mask, need_weights)
+        if isinstance(offset, torch.Tensor):
+            return self._static_decode(q_raw, k_src, v_src, offset, cache)
         # The key role of the new tokens; a shared K=V cache re-derives it on read instead.
         needs_k_new = cache is None or not self.kv_shared or self.qk_shared
         k_new = self.key_role(k_src, offset) if needs_k_new else k_src
@@ -178,6 +197,96 @@ class Attention(nn.Module):
         y = self.o_proj(res.out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         return (y, res) if need_weights else y
 
+    def _linear_forward(self, q_raw, k_src, v_src, offset, cache, padding_mask, need_weights):
+        """Linear attention over the same roles: masked form, or the recurrent one with a state."""
+        B, T = k_src.shape[0], k_src.shape[2]
+        kf = self.feature_map(self.key_role(k_src, offset))  # (B, Hkv, T, D)
+        # Q=K: one source, one transform, one feature map: phi(q) is phi(k).
+        qf = kf if self.qk_shared else self.feature_map(self.query_role(self._heads(q_raw, self.n_heads), offset))
+        res = None
+        if cache is None:
+            out, weights, kernel = linear_attn.parallel(
+                qf,
+                kf,
+                v_src,
+                causal=self.causal,
+                decay=self.linear_decay,
+                key_mask=padding_mask,
+                dropout_p=self.attn_dropout if self.training else 0.0,
+                need_weights=need_weights,
+            )
+            res = AttentionOutput(out, weights, kernel)
+        else:
+            if not isinstance(cache, LayerLinearState):
+                raise ConfigError(
+                    f"Variant {self.variant.id!r} uses linear attention, which decodes with a LinearState, "
+                    f"not {type(cache).__name__}; build it with model.new_cache(batch_size)."
+                )
+            if need_weights:
+                raise ConfigError(
+                    "need_weights with linear attention needs the whole sequence in one call (the "
+                    "decode state keeps no per-token weights); run the model without a cache."
+                )
+            mask = None if padding_mask is None else padding_mask[:, offset : offset + T]
+            out = linear_attn.recurrent(qf, kf, v_src, cache, decay=self.linear_decay, key_mask=mask)
+        y = self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return (y, res) if need_weights else y
+
+    def _static_decode(self, q_raw, k_src, v_src, pos: torch.Tensor, cache: LayerKVCache) -> torch.Tensor:
+        """One token at the device position ``pos`` with static shapes (CUDA-graph safe).
+
+        Writes with ``index_copy_`` and attends over the whole allocated cache with per-row
+        length ``pos + 1``: the Triton decode kernel (it skips tiles past the length) where
+        it runs, else the backend with a key mask.
+        """
+        B = k_src.shape[0]
+        if not isinstance(cache, LayerKVCache) or self.pos2d is not None:
+            raise ConfigError("Static decoding needs a KV cache and a causal model without the 2D fix.")
+        k_new = None
+        if self.kv_shared:
+            cache.write_at(pos, k_src)  # the raw shared tensor, as on the dynamic path
+            if self.qk_shared:
+                k_new = self.key_role(k_src, pos)
+        else:
+            k_new = self.key_role(k_src, pos)
+            cache.write_at(pos, k_new, v_src)
+        q = k_new if self.qk_shared else self.query_role(self._heads(q_raw, self.n_heads), pos)
+        derive = self.kv_shared and self.key_transformed  # the key role is derived from raw s on read
+        rope = dict(
+            rope_cos=self.rotary.cos if derive and self.rotary is not None else None,
+            rope_sin=self.rotary.sin if derive and self.rotary is not None else None,
+            k_norm_weight=self.k_norm.weight if derive and self.k_norm is not None else None,
+        )
+        if self._kernel_static_ok(q, cache, rope):
+            from qkvlab.kernels import decode_attention
+
+            lengths = (pos + 1).to(torch.int32).reshape(1).repeat(B)  # contiguous: one per row
+            out = decode_attention(
+                q,
+                cache.k,
+                cache.v,
+                lengths,
+                scale=self.scale,
+                eps=self.k_norm.eps if self.k_norm is not None else 1e-6,
+                shared_kv=self.kv_shared,
+                **rope,
+            )  # (B, Hq, 1, D)
+        else:
+            S = cache.k.shape[2]
+            k_all = self.key_role(cache.k, 0) if derive else cache.k
+            visible = (torch.arange(S, device=q.device) <= pos).expand(B, S)
+            out = get_backend(self.backend)(
+                q, k_all, cache.v, causal=False, key_padding_mask=visible, scale=self.scale
+            ).out
+        return self.o_proj(out.transpose(1, 2).reshape(B, 1, self.n_heads * self.head_dim))
+
+    def _kernel_static_ok(self, q, cache: LayerKVCache, rope: dict) -> bool:
+        if self.decode_kernel is False or (self.decode_kernel == "auto" and not q.is_cuda):
+            return False
+        from qkvlab.kernels import decode_unsupported_reason
+
+        return decode_unsupported_reason(q, cache.k, cache.v, **rope) is None
+
     def _kernel_decode_ok(self, q, cache: LayerKVCache, padding_mask, need_weights: bool) -> bool:
         if not self.key_transformed or self.pos2d is not None or padding_mask is not None or need_weights:
             return False
@@ -214,9 +323,12 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, 1, self.n_heads * self.head_dim))
 
     def extra_repr(self) -> str:
+        kind = (
+            f"linear={self.linear_feature!r}, decay={self.linear_decay}" if self.linear else f"backend={self.backend!r}"
+        )
         return (
             f"variant={self.variant.id!r} ({self.variant.paper_name}), heads={self.n_heads}, "
-            f"kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, causal={self.causal}, backend={self.backend!r}"
+            f"kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, causal={self.causal}, {kind}"
         )
 
 

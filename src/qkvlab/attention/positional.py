@@ -39,7 +39,8 @@ class Rotary(nn.Module):
     ``p * theta**(-2d/D)``. Half-width cos/sin tables are built once for ``max_seq_len``
     positions and kept as non-persistent buffers, so one instance can be shared by every
     layer. ``forward(x, offset)`` rotates ``x`` of shape ``(B, H, T, D)`` as if its tokens sat
-    at positions ``offset .. offset + T - 1``.
+    at positions ``offset .. offset + T - 1``; ``offset`` is an int or a 0-d integer tensor
+    on ``x``'s device (static decoding under CUDA graphs).
 
     Without autograd (decoding) the rotation writes into one output buffer with fused
     multiply-adds; this matters for a shared K=V cache, whose key role is re-derived from
@@ -56,11 +57,18 @@ class Rotary(nn.Module):
         self.register_buffer("sin", freqs.sin().float(), persistent=False)
         self.max_seq_len = max_seq_len
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
         T = x.shape[-2]
         dt = _compute_dtype(x)
-        c = self.cos[offset : offset + T].to(dt)
-        s = self.sin[offset : offset + T].to(dt)
+        if isinstance(offset, torch.Tensor):
+            # A position held on the device (a 0-d integer tensor): no host sync and no
+            # shape that depends on its value, so a CUDA graph can capture the step.
+            idx = offset.reshape(()) + torch.arange(T, device=x.device)
+            c = self.cos.index_select(0, idx).to(dt)
+            s = self.sin.index_select(0, idx).to(dt)
+        else:
+            c = self.cos[offset : offset + T].to(dt)
+            s = self.sin[offset : offset + T].to(dt)
         x1, x2 = x.to(dt).chunk(2, dim=-1)
         if torch.is_grad_enabled() and x.requires_grad:
             return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)

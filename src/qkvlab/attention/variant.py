@@ -19,14 +19,22 @@ k_v    K-V (Q = x)      K and V
 Head sharing is ``n_kv_heads`` (``None`` means one KV head per query head, MHA).
 Modifiers follow the base, joined by ``+``: ``gqa4`` / ``mqa`` / ``mha``, a positional
 scheme ``none`` / ``learned`` / ``rope``, ``2d`` for the paper's 2D positional fix
-"(X)+" and ``qknorm``. The paper's notation parses as well::
+"(X)+", ``qknorm`` and ``linear`` for kernelised linear attention (paper App. A: under
+Q=K=V it is a recurrence with a fixed-size state; see :mod:`qkvlab.attention.linear`).
+Linear attention has no score map for RoPE or the 2D fix to act on, so ``linear`` with
+``rope`` or ``2d`` is refused. The paper's notation parses as well, a linear variant
+written with a " (linear)" suffix::
 
     >>> VariantSpec.parse("Q-GQA-4")
-    VariantSpec(sharing='q_kv', n_kv_heads=4, pos=None, pos2d=False, qk_norm=False)
+    VariantSpec(sharing='q_kv', n_kv_heads=4, pos=None, pos2d=False, qk_norm=False, linear=False)
     >>> VariantSpec.parse("(Q=K-V)+").paper_name
     '(Q=K-V)+'
     >>> VariantSpec.parse("q_kv+mqa+rope").id
     'q_kv+mqa+rope'
+    >>> VariantSpec.parse("Q=K=V+linear").paper_name
+    'Q=K=V (linear)'
+    >>> VariantSpec.parse("Q=K=V (linear)").id
+    'qkv+linear'
 """
 
 from __future__ import annotations
@@ -57,8 +65,8 @@ PAPER_LM_VARIANTS = ("QKV", "Q-K=V", "Q=K-V", "Q=K=V", "GQA-4", "MQA", "Q-GQA-4"
 _HELP = (
     "Write a variant as our id, e.g. 'q_kv', 'q_kv+gqa4+rope', 'qk_v+2d', or in the paper's "
     "notation, e.g. 'QKV', 'Q-K=V', 'Q=K-V', 'Q=K=V', 'GQA-4', 'MQA', 'Q-GQA-4', 'Q-MQA', "
-    "'(Q=K-V)+'. Sharing ids: " + ", ".join(SHARING_PAPER_NAMES) + "; modifiers: gqaN, mqa, "
-    "mha, none, learned, rope, 2d, qknorm."
+    "'(Q=K-V)+', 'Q=K=V (linear)'. Sharing ids: " + ", ".join(SHARING_PAPER_NAMES) + "; modifiers: "
+    "gqaN, mqa, mha, none, learned, rope, 2d, qknorm, linear (softmax is the default)."
 )
 
 
@@ -98,6 +106,8 @@ class VariantSpec:
             or ``"rope"``; ``None`` takes the model recipe's default.
         pos2d: add the paper's 2D positional fix "(X)+" to the score map (non-causal only).
         qk_norm: RMS-normalise the query and key roles per head (never the value).
+        linear: kernelised linear attention instead of softmax (id ``+linear``, paper name
+            ``"... (linear)"``); decodes with a fixed-size state instead of a KV cache.
     """
 
     sharing: str = "q_k_v"
@@ -105,6 +115,7 @@ class VariantSpec:
     pos: str | None = None
     pos2d: bool = False
     qk_norm: bool = False
+    linear: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sharing", normalize_sharing(self.sharing))
@@ -116,6 +127,18 @@ class VariantSpec:
             raise ConfigError(
                 f"Unknown positional scheme {self.pos!r}; use one of {', '.join(POSITIONAL_SCHEMES)} "
                 "(or leave it unset to take the model recipe's default)."
+            )
+        if self.linear and self.pos == "rope":
+            raise ConfigError(
+                f"Variant {self.sharing}+rope+linear: RoPE is not supported with linear attention (it "
+                "would have to rotate the feature maps, not the roles). Use learned absolute positions "
+                "('+learned', the gpt2 recipe) or none ('+none'); with the llama recipe name one of them "
+                "in the variant, e.g. 'Q=K=V+linear+none'."
+            )
+        if self.linear and self.pos2d:
+            raise ConfigError(
+                f"Variant {self.sharing}+2d+linear: the 2D positional fix acts on a softmax score map, "
+                "which linear attention does not form. Drop '+2d' / the '(X)+' form, or drop '+linear'."
             )
 
     # ----------------------------------------------------------------- structure
@@ -202,11 +225,16 @@ class VariantSpec:
             parts.append("2d")
         if self.qk_norm:
             parts.append("qknorm")
+        if self.linear:
+            parts.append("linear")
         return "+".join(parts)
 
     @property
     def paper_name(self) -> str:
-        """The paper's notation for sharing, head sharing and the 2D fix (e.g. ``Q-GQA-4``)."""
+        """The paper's notation for sharing, head sharing and the 2D fix (e.g. ``Q-GQA-4``).
+
+        A linear variant gets the suffix ``" (linear)"``, e.g. ``"Q=K=V (linear)"``.
+        """
         base = SHARING_PAPER_NAMES.get(self.sharing) or "-".join("=".join(r.upper() for r in g) for g in self.groups)
         g = self.n_kv_heads
         if g is not None:
@@ -217,6 +245,8 @@ class VariantSpec:
                 base = f"Q-{heads}"
             else:
                 base = f"{base}+{heads}"
+        if self.linear:
+            return f"{base} (linear)"  # never with pos2d: __post_init__ refuses the pair
         return f"({base})+" if self.pos2d else base
 
     def __str__(self) -> str:
@@ -243,6 +273,10 @@ class VariantSpec:
             raise ConfigError(f"Empty or non-string variant {text!r}. {_HELP}")
         raw = text
         s = text.strip().replace("⁺", "+").replace("≠", "-").replace(" ", "")
+        linear = False
+        kind = re.fullmatch(r"(.+)\((linear|softmax)\)", s, flags=re.IGNORECASE)
+        if kind:  # the paper-name form "Q=K=V (linear)"
+            s, linear = kind.group(1), kind.group(2).lower() == "linear"
         pos2d = False
         m = re.fullmatch(r"\((.+)\)\+(.*)", s)
         if m:
@@ -254,6 +288,8 @@ class VariantSpec:
             base, *mods = s.split("+")
         fields: dict[str, Any] = {"pos2d": pos2d}
         fields.update(_parse_base(base, raw))
+        if kind:
+            fields["linear"] = linear
         # A second base in paper notation may follow: "Q=K-V+GQA-4" or "K-V+MQA".
         for mod in mods:
             _apply_modifier(fields, mod, raw)
@@ -297,6 +333,10 @@ def _apply_modifier(fields: dict[str, Any], mod: str, raw: str) -> None:
         fields["pos2d"] = True
     elif low in ("qknorm", "qk_norm", "qk-norm"):
         fields["qk_norm"] = True
+    elif low in ("linear", "softmax"):
+        if "linear" in fields:
+            raise ConfigError(f"Variant {raw!r} names the attention kind (linear / softmax) twice. {_HELP}")
+        fields["linear"] = low == "linear"
     else:
         raise ConfigError(f"Unknown modifier {mod!r} in variant {raw!r}. {_HELP}")
 

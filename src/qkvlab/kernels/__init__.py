@@ -10,6 +10,7 @@ from qkvlab.kernels.kv_decode import (
     DecodeConfig,
     decode_attention,
     decode_attention_reference,
+    decode_unsupported_reason,
     shared_kv_decode_supported,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "DecodeConfig",
     "decode_attention",
     "decode_attention_reference",
+    "decode_unsupported_reason",
     "shared_kv_decode_supported",
 ]

@@ -148,7 +148,8 @@ def _check_args(q, k_cache, v_cache, lengths, rope_cos, rope_sin, k_norm_weight,
             raise ValueError(f"RoPE tables have {rope_cos.shape[0]} positions but the cache has {S}")
     if k_norm_weight is not None and k_norm_weight.shape != (D,):
         raise ValueError(f"k_norm_weight must have shape ({D},), got {tuple(k_norm_weight.shape)}")
-    return q, v_cache, lengths, four_d
+    # The kernel reads lengths[row] by pointer: an expanded (stride-0) tensor would be misread.
+    return q, v_cache, lengths.contiguous(), four_d
 
 
 # --------------------------------------------------------------------------- dispatch

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from qkvlab.attention.backends import AttentionOutput
-from qkvlab.attention.cache import CacheLayout, KVCache
+from qkvlab.attention.cache import CacheLayout, KVCache, LinearState
 from qkvlab.attention.module import Attention, check_padding_mask
 from qkvlab.attention.positional import RMSNorm, Rotary
 from qkvlab.errors import ConfigError
@@ -56,6 +56,8 @@ class Block(nn.Module):
             rope_theta=cfg.rope_theta,
             pos2d_channels=cfg.pos2d_channels,
             backend=cfg.backend,
+            linear_feature=cfg.linear_feature,
+            linear_decay=cfg.linear_decay,
         )
         self.norm2 = make_norm(cfg)
         self.mlp = MLP(cfg)
@@ -74,7 +76,9 @@ class Backbone(nn.Module):
 
     ``forward(x, offset=0, cache=None, padding_mask=None, need_weights=False)`` takes token
     embeddings ``x`` of shape ``(B, T, d_model)`` at positions ``offset .. offset+T-1``.
-    With a :class:`KVCache` the offset is the cache's length and the cache advances by T.
+    With a :class:`KVCache` (or the :class:`LinearState` of a linear-attention model) the
+    offset is the cache's length and the cache advances by T. ``position`` (a 0-d tensor on
+    the device) runs the static one-token step instead, see :meth:`_static_step`.
     """
 
     def __init__(self, cfg: TransformerConfig):
@@ -88,17 +92,21 @@ class Backbone(nn.Module):
         self.norm = make_norm(cfg)
 
     def cache_layout(self) -> CacheLayout:
-        return CacheLayout(self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim, self.cfg.variant.kv_shared)
+        v = self.cfg.variant
+        return CacheLayout(self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim, v.kv_shared, linear=v.linear)
 
     def forward(
         self,
         x: torch.Tensor,
         *,
-        cache: KVCache | None = None,
+        cache: KVCache | LinearState | None = None,
         padding_mask: torch.Tensor | None = None,
         need_weights: bool = False,
+        position: torch.Tensor | None = None,
     ):
         B, T, _ = x.shape
+        if position is not None:
+            return self._static_step(x, cache, position, padding_mask, need_weights)
         offset = 0
         if cache is not None:
             cache.check_compatible(self.cache_layout(), B, x.device)
@@ -125,6 +133,29 @@ class Backbone(nn.Module):
             cache.advance(T)
         x = self.norm(x)
         return (x, infos) if need_weights else x
+
+    def _static_step(self, x, cache, position, padding_mask, need_weights):
+        """One token at the device position ``position`` (0-d integer tensor): no host sync.
+
+        The caller (:class:`~qkvlab.models.decoding.StaticDecoder`) checks room in the cache
+        and advances it; everything here has static shapes, so a CUDA graph can capture it.
+        """
+        B, T, _ = x.shape
+        if cache is None or T != 1 or padding_mask is not None or need_weights:
+            raise ConfigError(
+                "A device position (static decoding) takes one token per row, a cache, no padding mask "
+                f"and no weights; got T={T}, cache={'yes' if cache is not None else 'no'}, "
+                f"padding_mask={'yes' if padding_mask is not None else 'no'}, need_weights={need_weights}."
+            )
+        if position.dim() != 0 or position.dtype.is_floating_point:
+            raise ConfigError(f"position must be a 0-d integer tensor, got {position.dtype} {tuple(position.shape)}.")
+        cache.check_compatible(self.cache_layout(), B, x.device)
+        if self.wpe is not None:
+            x = x + self.wpe(position.reshape(1))
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, offset=position, cache=cache.layers[i])
+        return self.norm(x)
 
 
 def init_weights(model: nn.Module, cfg: TransformerConfig) -> None:

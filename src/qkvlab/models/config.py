@@ -11,6 +11,8 @@ llama    RMSNorm   SwiGLU no     rope      no
 ======== ========= ====== ====== ========= ====================
 
 A positional scheme named in the variant (``"q_kv+rope"``) wins over the recipe's.
+Linear attention (``"Q=K=V+linear"``) refuses RoPE, so with the ``llama`` recipe name
+``+none`` or ``+learned`` in the variant.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ class TransformerConfig:
             ``emb_dropout`` after the embedding.
         norm, mlp, bias: override the recipe's choice.
         backend: attention backend from the registry (``"sdpa"``, ``"reference"``).
+        linear_feature: feature map of linear attention (variants ``+linear``): ``"elu+1"``
+            (default) or ``"relu"``; see :mod:`qkvlab.attention.linear`.
+        linear_decay: decay ``lam`` in (0, 1] of the linear-attention state (1 = none;
+            below 1 causal models only). The normaliser is not decayed (DESIGN.md).
     """
 
     causal: ClassVar[bool] = True
@@ -74,9 +80,12 @@ class TransformerConfig:
     pos2d_channels: int = 10
     init_std: float = 0.02
     backend: str = "sdpa"
+    linear_feature: str = "elu+1"
+    linear_decay: float = 1.0
 
     def __post_init__(self) -> None:
         from qkvlab.attention.backends import get_backend
+        from qkvlab.attention.linear import check_decay, get_feature_map
 
         get_backend(self.backend)  # unknown name: ConfigError listing the registered ones
         if self.recipe not in RECIPES:
@@ -116,6 +125,9 @@ class TransformerConfig:
                     stacklevel=3,
                 )
             variant = variant.replace(n_kv_heads=None)
+        get_feature_map(self.linear_feature)
+        check_decay(self.linear_decay, causal=self.causal or not variant.linear)
+        self.linear_decay = float(self.linear_decay)
         if variant.pos == "rope" and self.head_dim % 2:
             raise ConfigError(f"RoPE needs an even head_dim, got {self.head_dim}; use pos 'learned' or 'none'.")
         variant.validate(n_heads=self.n_heads, head_dim=self.head_dim, d_model=self.d_model, causal=self.causal)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qkvlab.attention.cache import CacheLayout, KVCache
+from qkvlab.attention.cache import CacheLayout, KVCache, LinearState, new_decode_state
 from qkvlab.errors import ConfigError
 from qkvlab.models.blocks import Backbone, init_weights
 from qkvlab.models.config import GPTConfig
@@ -44,26 +44,33 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         padding_mask: torch.Tensor | None = None,
         need_weights: bool = False,
+        position: torch.Tensor | None = None,
     ):
         """Logits for ``idx``; with ``cache`` the tokens continue the cached prefix.
 
         ``padding_mask`` is ``(B, cached + T)`` bool, True for real tokens (keys).
         With ``need_weights`` returns ``(logits, [AttentionOutput per layer])``.
+        ``position`` (a 0-d integer tensor on the device) runs the static one-token step of
+        :class:`~qkvlab.models.decoding.StaticDecoder` at that position; the cache is not
+        advanced then.
         """
         if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32, torch.int64):
             raise ConfigError(
                 f"GPT expects token ids of shape (batch, seq) and integer dtype, got shape "
                 f"{tuple(idx.shape)} and dtype {idx.dtype}."
             )
-        h = self.backbone(self.wte(idx), cache=cache, padding_mask=padding_mask, need_weights=need_weights)
+        h = self.backbone(
+            self.wte(idx), cache=cache, padding_mask=padding_mask, need_weights=need_weights, position=position
+        )
         if need_weights:
             h, infos = h
             return self.lm_head(h), infos
         return self.lm_head(h)
 
     # ------------------------------------------------------------- generation
-    def new_cache(self, batch_size: int, max_len: int | None = None, **kw) -> KVCache:
-        return KVCache.for_model(self, batch_size, max_len, **kw)
+    def new_cache(self, batch_size: int, max_len: int | None = None, **kw) -> KVCache | LinearState:
+        """A KV cache, or the fixed-size :class:`LinearState` of a linear-attention variant."""
+        return new_decode_state(self, batch_size, max_len, **kw)
 
     @torch.no_grad()
     def prefill(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -88,8 +95,12 @@ class GPT(nn.Module):
         generator: torch.Generator | None = None,
         cache: KVCache | None = None,
         use_cache: bool = True,
+        cuda_graph: bool | str = False,
     ) -> torch.Tensor:
         """Extend ``idx`` ``(B, T)`` by ``max_new_tokens``; returns ``(B, T + max_new_tokens)``.
+
+        ``cuda_graph`` (True, or ``"auto"``: on CUDA only) decodes with
+        :class:`~qkvlab.models.decoding.StaticDecoder`, one CUDA-graph replay per token.
 
         ``temperature=0`` is greedy; otherwise sample from ``softmax(logits / temperature)``,
         restricted to the ``top_k`` most likely tokens if given. Cached decoding is the
@@ -108,6 +119,8 @@ class GPT(nn.Module):
             raise ConfigError(f"top_k must be >= 1, got {top_k}.")
         if temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {temperature}.")
+        if cuda_graph not in (True, False, "auto"):
+            raise ConfigError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}.")
         out = torch.empty(B, total, dtype=idx.dtype, device=idx.device)
         out[:, :T] = idx
         if max_new_tokens == 0:
@@ -120,12 +133,20 @@ class GPT(nn.Module):
             logits = self.prefill(idx, cache)
         else:
             logits = self(idx)[:, -1]
+        step = None
+        auto = cuda_graph == "auto" and cache is not None and cache.device.type == "cuda"
+        if use_cache and (cuda_graph is True or (auto and isinstance(cache, KVCache))):
+            from qkvlab.models.decoding import StaticDecoder
+
+            step = StaticDecoder(self, cache, cuda_graph=cuda_graph).step
+        elif use_cache:
+            step = lambda tok: self.decode_one(tok, cache)  # noqa: E731
         for t in range(T, total):
             nxt = sample(logits, temperature=temperature, top_k=top_k, generator=generator)
             out[:, t] = nxt
             if t + 1 == total:
                 break
-            logits = self.decode_one(nxt, cache) if use_cache else self(out[:, : t + 1])[:, -1]
+            logits = step(nxt) if step is not None else self(out[:, : t + 1])[:, -1]
         return out
 
 

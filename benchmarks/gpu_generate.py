@@ -1,0 +1,213 @@
+"""GPU benchmark: KV-cached generation of a ~1B llama-recipe model, QKV vs Q-K=V vs GQA-8 vs Q-GQA-8.
+
+Issue 5, goals G1 (decode tokens/s, Q-K=V vs QKV at batch 1: >= 1.45x at 32k context and
+>= 1.1x at 4k) and G2 (cached tokens that fit a fixed memory budget: >= 1.95x).
+
+Model: 16 layers, d_model 2048, 32 heads of 64 (Llama-3.2-1B's attention shape), SwiGLU
+d_ff 8192, RoPE, RMSNorm, GPT-2 vocabulary (50,304): 1.18B parameters for QKV. Random
+weights in bf16 (speed does not depend on the values). For each variant, batch (1, 16) and
+context (4k, 32k), the cache is filled with random entries up to the context (no prefill is
+timed; a 32k prefill at batch 16 would need the full logits), then decode steps are timed
+with CUDA events (median of ``--steps`` steps, after warm-up):
+
+- ``eager``: ``model.decode_one`` (the dynamic path: SDPA, or the Triton kernel for K=V
+  with RoPE), one Python-launched kernel sequence per token;
+- ``graph``: :class:`qkvlab.models.decoding.StaticDecoder`, the static step (device position,
+  whole-cache read with per-row lengths) replayed as a CUDA graph.
+
+Before timing, the graph step is checked against the eager step on the same cache (logits,
+relative error in bf16). G2 allocates the largest cache of ``--budget-gib`` for each variant
+(measured from the real allocation) and reports cached tokens and the ratio to QKV.
+
+Run on the GPU machine from the repository root::
+
+    PYTHONPATH=src python3 benchmarks/gpu_generate.py --out benchmarks/results/gpu_generate.json
+    PYTHONPATH=src python3 benchmarks/gpu_generate.py --smoke      # CPU, tiny model, eager only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+
+import torch
+
+from benchutil import env_info
+from qkvlab.attention.cache import KVCache
+from qkvlab.models import GPT, GPTConfig
+from qkvlab.models.decoding import StaticDecoder
+
+VARIANTS = ["QKV", "Q-K=V", "GQA-8", "Q-GQA-8"]
+ONE_B = dict(recipe="llama", n_layers=16, d_model=2048, n_heads=32, d_ff=8192, vocab_size=50304)
+SMOKE = dict(recipe="llama", n_layers=2, d_model=64, n_heads=8, d_ff=128, vocab_size=97)
+
+
+def build(variant: str, shape: dict, max_len: int, device, dtype) -> GPT:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GPT(GPTConfig(variant=variant, max_seq_len=max_len, **shape))
+    return model.to(dtype).eval()
+
+
+def fill_cache(cache: KVCache, length: int, gen: torch.Generator) -> None:
+    """Random entries in the first ``length`` positions (unit-scale, like normed activations)."""
+    for layer in cache.layers:
+        for t in {id(layer.k): layer.k, id(layer.v): layer.v}.values():
+            t[:, :, :length].normal_(generator=gen)
+    cache.reset()
+    cache.advance(length)
+
+
+def time_steps(step, token, steps: int, device) -> float:
+    """Median seconds of one decode step."""
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step(token)
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            import time
+
+            t0 = time.perf_counter()
+            step(token)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def decode_case(model, variant, B, S, args, device) -> dict:
+    steps = args.steps
+    max_len = S + args.warmup + 2 * steps + 8
+    gen = torch.Generator(device=device).manual_seed(1)
+    row = dict(variant=variant, B=B, context=S)
+    try:
+        cache = model.new_cache(B, max_len)
+    except torch.OutOfMemoryError:
+        row["error"] = "OOM allocating the cache"
+        return row
+    row["cache_GiB"] = cache.nbytes / 2**30
+    token = torch.randint(0, model.config.vocab_size, (B,), device=device, generator=gen)
+
+    # eager (dynamic path)
+    fill_cache(cache, S, gen)
+    for _ in range(args.warmup):
+        model.decode_one(token, cache)
+    fill_cache(cache, S, gen)
+    row["eager_step_s"] = time_steps(lambda t: model.decode_one(t, cache), token, steps, device)
+
+    # static step: check against eager at the same position, then time (graph on CUDA)
+    fill_cache(cache, S, gen)
+    ref = model.decode_one(token, cache).float()
+    cache.reset()
+    cache.advance(S)
+    dec = StaticDecoder(model, cache, cuda_graph="auto" if not args.no_graph else False, warmup=args.warmup)
+    got = dec.step(token).float()
+    row["graph_rel_err"] = float((got - ref).norm() / ref.norm())
+    row["graph_used"] = dec.graph is not None
+    row["static_step_s"] = time_steps(dec.step, token, steps, device)
+    for mode in ("eager", "static"):
+        row[f"{mode}_tokens_per_s"] = B / row[f"{mode}_step_s"]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def budget_case(model, budget_bytes: int, device) -> dict:
+    """Largest batch x context cache that fits ``budget_bytes`` (context = model max), measured."""
+    probe = model.new_cache(1, 1)
+    per_token = probe.bytes_per_token
+    tokens = budget_bytes // per_token
+    length = min(tokens, model.config.max_seq_len)
+    batch = max(1, tokens // length)
+    cache = KVCache.for_model(model, batch, length)
+    out = dict(bytes_per_token=per_token, measured_bytes_per_token=cache.measured_bytes_per_token)
+    out.update(batch=batch, length=length, cached_tokens=batch * length, nbytes=cache.nbytes)
+    del cache
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, eager only (a check of the script)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--no-graph", action="store_true", help="time the static step without CUDA graphs")
+    ap.add_argument("--budget-gib", type=float, default=16.0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if device.type == "cpu" and not args.smoke:
+        raise SystemExit("no CUDA GPU: run with --smoke for a CPU check of the script")
+    shape = SMOKE if args.smoke else ONE_B
+    points = [(1, 64), (2, 96)] if args.smoke else [(1, 4096), (1, 32768), (16, 4096), (16, 32768)]
+    if args.smoke:
+        args.steps, args.warmup, args.budget_gib = 3, 1, 1 / 1024
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    env = env_info(device)
+    print(f"{env['gpu']}, torch {env['torch']}, triton {env.get('triton')}")
+    max_ctx = max(s for _, s in points)
+    rows, budget = [], {}
+    for variant in VARIANTS:
+        model = build(variant, shape, max_ctx + 2 * args.steps + args.warmup + 16, device, dtype)
+        n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        for B, S in points:
+            row = decode_case(model, variant, B, S, args, device)
+            row["params"] = n_params
+            rows.append(row)
+            if "error" in row:
+                print(f"{variant:<8} B={B:<3} S={S:<6} {row['error']}", flush=True)
+                continue
+            static = "static (graph)" if row["graph_used"] else "static"
+            print(
+                f"{variant:<8} B={B:<3} S={S:<6} cache {row['cache_GiB']:6.2f} GiB  "
+                f"eager {row['eager_tokens_per_s']:9.1f} tok/s  {static} {row['static_tokens_per_s']:9.1f} tok/s  "
+                f"check rel.err {row['graph_rel_err']:.1e}",
+                flush=True,
+            )
+        budget[variant] = budget_case(model, int(args.budget_gib * 2**30), device)
+        del model
+    tol = 1e-4 if args.smoke else 3e-2
+    bad = [r for r in rows if r.get("graph_rel_err", 0) > tol]
+    ratios = {}
+    for B, S in points:
+        by = {r["variant"]: r for r in rows if r["B"] == B and r["context"] == S and "error" not in r}
+        if "QKV" in by:
+            for v in VARIANTS[1:]:
+                if v in by:
+                    for mode in ("eager", "static"):
+                        key = f"B={B} S={S} {mode}: {v} / QKV"
+                        ratios[key] = by[v][f"{mode}_tokens_per_s"] / by["QKV"][f"{mode}_tokens_per_s"]
+    print("\ndecode tokens/s ratios vs QKV")
+    for k, v in ratios.items():
+        print(f"  {k:<40} {v:6.3f}x")
+    print(f"\nG2: cached tokens in {args.budget_gib:g} GiB")
+    for v, b in budget.items():
+        r = b["cached_tokens"] / budget["QKV"]["cached_tokens"]
+        print(f"  {v:<8} {b['cached_tokens']:>12,} tokens ({b['batch']} x {b['length']})  {r:5.2f}x QKV")
+    doc = dict(
+        benchmark="gpu_generate",
+        env=env,
+        model=shape,
+        dtype=str(dtype),
+        rows=rows,
+        ratios=ratios,
+        budget_GiB=args.budget_gib,
+        budget=budget,
+    )
+    out_env = os.environ.get("OUT") and os.path.join(os.environ["OUT"], "gpu_generate.json")
+    for path in filter(None, [args.out, None if args.smoke else out_env]):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(doc, indent=1))
+        print(f"wrote {path}")
+    if bad:
+        raise SystemExit(f"static step differs from eager beyond {tol}: {bad}")
+
+
+if __name__ == "__main__":
+    main()

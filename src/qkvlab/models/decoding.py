@@ -1,0 +1,117 @@
+"""A static decode step, replayed as a CUDA graph.
+
+Eager decoding of a small or medium model at batch 1 is bound by kernel launches, not by
+the GPU: a 1B model issues hundreds of small kernels per token. A CUDA graph records the
+step once and replays it with one launch, but only if the step has no host synchronisation
+and no shape that depends on the position. :class:`StaticDecoder` runs the model's decode
+step in that form: the position is a 0-d tensor on the device, new keys/values are written
+with ``index_copy_`` into the static :class:`~qkvlab.attention.cache.KVCache`, and
+attention reads the whole allocated cache with per-row lengths (the Triton decode kernel,
+which skips tiles past each row's length; masked SDPA where the kernel does not run).
+
+Example::
+
+    cache = model.new_cache(batch_size=1, max_len=4096)
+    logits = model.prefill(prompt, cache)
+    dec = StaticDecoder(model, cache)               # captures on CUDA, eager elsewhere
+    for _ in range(n):
+        token = logits.argmax(-1)
+        logits = dec.step(token)                    # (B, V); the cache advances by one
+
+``model.generate(..., cuda_graph=True)`` does this for you.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qkvlab.attention.cache import KVCache
+from qkvlab.errors import ConfigError
+
+
+class StaticDecoder:
+    """One-token decode steps of ``model`` over ``cache`` with static shapes.
+
+    Args:
+        model: a GPT (anything whose ``forward(idx, cache=..., position=...)`` accepts a
+            device position).
+        cache: the static cache the prompt was prefilled into; it advances by one per step.
+        cuda_graph: ``"auto"`` (capture on CUDA), True (capture; CUDA only) or False (run the
+            static step eagerly, e.g. to check it on CPU).
+        warmup: eager steps before capture (they compile Triton kernels and settle
+            allocations); they write only into the next free cache position, which the first
+            real step overwrites.
+    """
+
+    def __init__(self, model: nn.Module, cache: KVCache, *, cuda_graph: bool | str = "auto", warmup: int = 2):
+        if cuda_graph not in (True, False, "auto"):
+            raise ConfigError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}.")
+        if not isinstance(cache, KVCache):
+            raise ConfigError(
+                f"StaticDecoder runs over a KVCache, got {type(cache).__name__}; a linear-attention "
+                "state decodes with model.decode_one (its step is already fixed-size)."
+            )
+        device = cache.device
+        if cuda_graph is True and device.type != "cuda":
+            raise ConfigError(
+                f"cuda_graph=True needs the model and cache on a CUDA device, but the cache is on {device}; "
+                "use cuda_graph='auto' (eager off CUDA) or move the model to the GPU."
+            )
+        self.model = model
+        self.cache = cache
+        self.use_graph = device.type == "cuda" and cuda_graph in (True, "auto")
+        self.token = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._logits: torch.Tensor | None = None
+        self._warmup = warmup
+
+    @torch.no_grad()
+    def _run(self) -> torch.Tensor:
+        return self.model(self.token, cache=self.cache, position=self.pos)[:, -1]
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Record the step (called by the first :meth:`step` when graphs are on)."""
+        self._check_room()
+        self.pos.fill_(self.cache.length)
+        stream = torch.cuda.Stream(device=self.cache.device)
+        stream.wait_stream(torch.cuda.current_stream(self.cache.device))
+        with torch.cuda.stream(stream):
+            for _ in range(max(1, self._warmup)):
+                self._run()
+        torch.cuda.current_stream(self.cache.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._logits = self._run()
+        self.graph = graph
+
+    def _check_room(self) -> None:
+        if self.cache.length + 1 > self.cache.max_len:
+            raise ConfigError(
+                f"KV cache full: {self.cache.length} positions used, max_len={self.cache.max_len}. "
+                "Allocate a longer cache or generate fewer tokens."
+            )
+        if self.cache.length == 0:
+            raise ConfigError("StaticDecoder continues a prefilled cache; run model.prefill(prompt, cache) first.")
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Decode ``token`` ``(B,)`` at position ``cache.length``; returns logits ``(B, V)`` (a copy)."""
+        self._check_room()
+        if token.numel() != self.cache.batch_size:
+            raise ConfigError(
+                f"step() got {token.numel()} tokens for a cache of batch {self.cache.batch_size}; pass one per row."
+            )
+        if self.use_graph and self.graph is None:
+            self.capture()
+        self.token.copy_(token.view(-1, 1))
+        self.pos.fill_(self.cache.length)
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self._logits.clone()
+        else:
+            logits = self._run()
+        self.cache.advance(1)
+        return logits

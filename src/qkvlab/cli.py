@@ -2,7 +2,9 @@
 
 Commands: ``variants`` (cost table of a preset's variants), ``presets`` (list the named
 shapes), ``demo`` (the main job), ``train`` (a YAML config plus ``KEY=VALUE`` overrides),
-``eval ppl`` (perplexity of a checkpoint). A user's mistake prints one line and exits with 2.
+``eval ppl`` (perplexity of a checkpoint), ``generate`` (KV-cached sampling), ``sweep`` and
+``report`` (studies), ``analyze`` (projection similarity, effective rank, attention symmetry and
+maps of checkpoints). A user's mistake prints one line and exits with 2.
 """
 
 from __future__ import annotations
@@ -301,6 +303,93 @@ def eval_ppl(
     else:
         loss, ppl, n = result["loss"], result["ppl"], result["tokens"]
         print(f"{path}: {split} loss {loss:.4f}, perplexity {ppl:.3f} over {n:,} tokens")
+
+
+def _analysis_label(path: Path, taken: set[str]) -> str:
+    label = path.parent.name if path.name == "model.safetensors" else path.stem
+    if label.startswith("ckpt-") and path.parent.parent.name == "checkpoints":
+        label = f"{path.parent.parent.parent.name}-{label}"
+    base, i = label or "model", 1
+    while label in taken:
+        i += 1
+        label = f"{base}-{i}"
+    taken.add(label)
+    return label
+
+
+@app.command()
+def analyze(
+    checkpoints: Annotated[
+        list[Path], typer.Argument(help="Weights file(s), checkpoint or run folder(s).", show_default=False)
+    ],
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="GPT: corpus (as data.source), default the training run's; other families: a .npy file of "
+            "inputs; 'random' for random inputs."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output folder (default: 'analysis' beside a single checkpoint); one subfolder each."),
+    ] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Map length; default: the training run's.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences in the analysed batch.")] = 8,
+    split: Annotated[str, typer.Option(help="'val' or 'train' split of the corpus.")] = "val",
+    pairs: Annotated[str, typer.Option(help="Projection pairs, e.g. 'K-V,Q-K', or 'all'.")] = "all",
+    plots: Annotated[bool, typer.Option(help="Write PNG figures (needs matplotlib).")] = True,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Projection similarity (cosine, subspace, CKA), effective ranks and attention symmetry of checkpoints.
+
+    Writes analysis.json and PNG figures (attention maps per layer and head, similarity per
+    layer, singular-value spectra) per checkpoint, and variants.png with the maps side by side
+    when several are given. Methods are stated in analysis.json and in qkvlab.analysis.
+    """
+    from qkvlab.analysis.runner import analyze_checkpoint, compare_maps, summary_rows
+
+    if not checkpoints:
+        raise ConfigError("Name at least one checkpoint to analyse.")
+    if len(checkpoints) > 1 and out is None:
+        raise ConfigError("Several checkpoints need --out DIR (each gets a subfolder there).")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    paths = [_checkpoint_file(c) for c in checkpoints]
+    taken: set[str] = set()
+    results, captures = {}, {}
+    for path in paths:
+        label = _analysis_label(path, taken)
+        if out is None:
+            dest = path.parent / "analysis"
+        else:
+            dest = out if len(paths) == 1 else out / label
+        result, extras = analyze_checkpoint(
+            path, out=dest, data=data, seq_len=seq_len, batch_size=batch_size, split=split, pairs=pairs,
+            plots=plots, device=device,
+        )  # fmt: skip
+        results[label] = result
+        name, i = result["model"]["paper_name"], 1
+        while name in captures:
+            i += 1
+            name = f"{result['model']['paper_name']} #{i}"
+        captures[name] = extras["capture"]
+        if not as_json:
+            info = result["model"]
+            table = Table(title=f"{info['paper_name']} ({info['variant']}), {label}", title_justify="left")
+            table.add_column("measure")
+            table.add_column("value (mean over layers)")
+            for row in summary_rows(result):
+                table.add_row(*row)
+            console.print(table)
+            console.print(f"checkpoint {path}\ninputs: {result['inputs']['source']} {result['inputs']['shape']}")
+            console.print(f"wrote {dest}")
+    if len(paths) > 1 and plots and any(c is not None for c in captures.values()):
+        figure = compare_maps(captures, out / "variants.png")
+        if not as_json:
+            console.print(f"maps side by side: {figure}")
+    if as_json:
+        print(json.dumps(next(iter(results.values())) if len(results) == 1 else results, indent=2))
 
 
 def _tokenizer_for(path: Path, meta: dict[str, str], override: str | None):

@@ -1,7 +1,7 @@
 """Projection-shared attention: variant spec, projections, positions, backends, KV cache."""
 
 from qkvlab.attention.backends import AttentionOutput, available_backends, get_backend, register_backend
-from qkvlab.attention.cache import CacheLayout, KVCache, LayerKVCache
+from qkvlab.attention.cache import CacheLayout, KVCache, LayerKVCache, LinearState, new_decode_state
 from qkvlab.attention.module import Attention
 from qkvlab.attention.positional import Pos2DFix, RMSNorm, Rotary
 from qkvlab.attention.projections import ProjectionStrategy
@@ -14,6 +14,7 @@ __all__ = [
     "CacheLayout",
     "KVCache",
     "LayerKVCache",
+    "LinearState",
     "Pos2DFix",
     "ProjectionStrategy",
     "RMSNorm",
@@ -21,6 +22,7 @@ __all__ = [
     "VariantSpec",
     "available_backends",
     "get_backend",
+    "new_decode_state",
     "parse_variant",
     "register_backend",
 ]

@@ -50,3 +50,9 @@ def test_generate_refuses_a_missing_checkpoint(tmp_path):
     result = CliRunner().invoke(app, ["generate", str(tmp_path / "nope")])
     assert result.exit_code != 0
     assert "No checkpoint" in str(result.exception)
+
+
+def test_generate_refuses_cuda_graph_off_cuda(run_dir):
+    result = CliRunner().invoke(app, ["generate", str(run_dir), "--device", "cpu", "--cuda-graph"])
+    assert result.exit_code != 0
+    assert "--cuda-graph needs a CUDA device" in (result.output + str(result.exception))

@@ -424,6 +424,9 @@ def generate(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer; default: the training run's.")] = None,
     device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
+    cuda_graph: Annotated[
+        bool, typer.Option(help="On CUDA, replay each decode step as a CUDA graph (static decode step).")
+    ] = False,
 ) -> None:
     """Continue a prompt with KV-cached decoding; prints the text, tokens/s and the cache's bytes."""
     from qkvlab.checkpoint import load_model, read_metadata
@@ -432,6 +435,8 @@ def generate(
     meta = read_metadata(path)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cuda_graph and not device.startswith("cuda"):
+        raise ConfigError(f"--cuda-graph needs a CUDA device, but the model runs on {device!r}; drop the flag.")
     model = load_model(path, device=device).eval()
     tok = _tokenizer_for(path, meta, tokenizer)
     ids = tok.encode(prompt)
@@ -441,7 +446,9 @@ def generate(
     cache = model.new_cache(1, len(ids) + max_new_tokens)
     gen = torch.Generator(device=device).manual_seed(seed)
     t0 = time.perf_counter()
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen, cache=cache)
+    out = model.generate(
+        idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen, cache=cache, cuda_graph=cuda_graph
+    )
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0

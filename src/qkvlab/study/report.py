@@ -13,12 +13,23 @@ number) and writes ``report/report.md`` plus PNGs:
   vs tokens per variant, log x;
 * the grid points that were skipped (with the reason) and the runs that failed.
 
+A study whose metric is not perplexity (``metric: val_acc`` in the sweep file, or runs that
+report accuracy and no perplexity, such as the synthetic tasks) gets a report in the layout
+of the paper's Table 2 instead: one table per value of ``group_by`` (default ``task.kind``)
+with a row per variant, the metric as mean ± std over every run of the group (seeds and the
+other sweep settings, which are averaged), the mean seed-to-seed spread, the change vs QKV
+(in points for accuracies, in % otherwise) and, with ``paper_table: table2``, the paper's
+published number beside ours; then a summary table (variants x groups and their average) and
+the metric per value of each averaged setting. The paper's numbers are the only typed-in
+numbers, kept in :data:`PAPER_TABLES` with their source and always labelled as the paper's.
+
 Plots use matplotlib's object API with the Agg canvas (no pyplot, no global backend change);
 matplotlib is imported only when plotting.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 from collections.abc import Iterable, Sequence
@@ -38,6 +49,58 @@ REPORT_DIR = "report"
 CONTEXT = 32768  # the context at which the paper quotes cache sizes (Table 7)
 
 GroupKey = tuple[str, int | None, int | None]  # (model, token budget, max_steps when there is no budget)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric a study can compare: its column label, its direction and how change vs QKV is shown."""
+
+    key: str
+    label: str
+    higher_is_better: bool
+    change: str  # "points" (difference x 100, for rates in [0, 1]) or "relative" (ratio - 1, in %)
+
+
+METRICS: dict[str, Metric] = {
+    m.key: m
+    for m in (
+        Metric("val_ppl", "Val PPL", False, "relative"),
+        Metric("val_loss", "Val loss", False, "relative"),
+        Metric("val_acc", "Val acc", True, "points"),
+        Metric("val_seq_acc", "Val sequence acc", True, "points"),
+        Metric("val_auroc", "Val AUROC", True, "points"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class PaperTable:
+    """Published reference numbers (not results): ``values[variant paper name][group value]``."""
+
+    title: str
+    source: str
+    metric: str
+    group_by: str
+    values: dict[str, dict[str, float]]
+
+
+#: The paper's own numbers, quoted to set ours beside them. Never results of this code.
+PAPER_TABLES: dict[str, PaperTable] = {
+    "table2": PaperTable(
+        title="paper Table 2 (synthetic tasks, mean token accuracy)",
+        source="PAPER.md section 2.1, 'Table 2: synthetic tasks, mean accuracy [T]'",
+        metric="val_acc",
+        group_by="task.kind",
+        values={
+            "QKV": {"reverse": 0.698, "sort": 0.971, "sub": 1.0, "swap": 0.588, "copy": 1.0},
+            "Q=K-V": {"reverse": 0.705, "sort": 0.967, "sub": 1.0, "swap": 0.597, "copy": 1.0},
+            "(Q=K-V)+": {"reverse": 0.718, "sort": 0.963, "sub": 1.0, "swap": 0.671, "copy": 1.0},
+            "Q-K=V": {"reverse": 0.701, "sort": 0.958, "sub": 1.0, "swap": 0.590, "copy": 1.0},
+            "Q=K=V": {"reverse": 0.514, "sort": 0.939, "sub": 1.0, "swap": 0.446, "copy": 1.0},
+            "(Q=K=V)+": {"reverse": 0.581, "sort": 0.957, "sub": 1.0, "swap": 0.576, "copy": 1.0},
+        },
+    ),
+}
 
 
 # ================================================================== statistics
@@ -60,9 +123,11 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 def is_baseline(variant_id: str) -> bool:
-    """QKV: three projections, one KV head per query head, no 2D fix or QK-norm."""
+    """QKV: three projections, one KV head per query head, softmax, no 2D fix or QK-norm."""
     spec = VariantSpec.parse(variant_id)
-    return spec.sharing == "q_k_v" and spec.n_kv_heads is None and not spec.pos2d and not spec.qk_norm
+    return (
+        spec.sharing == "q_k_v" and spec.n_kv_heads is None and not spec.pos2d and not spec.qk_norm and not spec.linear
+    )
 
 
 def _variant_order(variant_id: str) -> tuple[int, str]:
@@ -345,8 +410,21 @@ def _commits(rows: list[dict[str, Any]]) -> str:
     return ", ".join(f"{k} ({n} run{'s' if n != 1 else ''})" for k, n in counts.items()) or "none"
 
 
-def write_report(study_dir: str | os.PathLike, *, plots: bool = True) -> Path:
-    """Write ``study_dir/report/report.md`` (+ PNGs when ``plots``) and return the markdown's path."""
+def _sweep_settings(study_dir: Path) -> dict[str, Any]:
+    sweep = study_dir / "sweep.yaml"
+    try:
+        d = yaml.safe_load(sweep.read_text()) if sweep.is_file() else {}
+    except (OSError, yaml.YAMLError):
+        d = {}
+    return d if isinstance(d, dict) else {}
+
+
+def write_report(study_dir: str | os.PathLike, *, plots: bool = True, metric: str | None = None) -> Path:
+    """Write ``study_dir/report/report.md`` (+ PNGs when ``plots``) and return the markdown's path.
+
+    ``metric``: what to compare (a key of :data:`METRICS`); default: the sweep's ``metric``,
+    else ``val_ppl``, or ``val_acc`` when the runs report accuracy but no perplexity.
+    """
     study = Path(study_dir)
     store = ResultsStore(study)
     if not store.path.is_file():
@@ -359,6 +437,25 @@ def write_report(study_dir: str | os.PathLike, *, plots: bool = True) -> Path:
     failed = [r for r in latest if r.get("status") == STATUS_FAILED]
     out = study / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
+    settings = _sweep_settings(study)
+    metric = metric or settings.get("metric")
+    if metric is None:
+        has = {k for r in ok for k in ("val_ppl", "val_acc") if r.get(k) is not None}
+        metric = "val_acc" if has == {"val_acc"} else "val_ppl"
+    if metric not in METRICS:
+        raise ConfigError(f"Unknown metric {metric!r}; use one of {', '.join(METRICS)}.")
+    if metric != "val_ppl":
+        return _metric_report(
+            study,
+            store,
+            ok,
+            skipped,
+            failed,
+            metric=METRICS[metric],
+            group_by=settings.get("group_by"),
+            paper_table=settings.get("paper_table"),
+            plots=plots,
+        )
 
     groups: dict[GroupKey, list[dict[str, Any]]] = {}
     for row in ok:
@@ -507,3 +604,347 @@ def _ladders(
     if lines:
         lines = ["## Scaling ladders", "", *lines]
     return lines
+
+
+# ================================================================== accuracy-style studies (paper Table 2)
+def _row_value(row: dict[str, Any], key: str) -> Any:
+    """A dotted key of a row's resolved config (``task.kind``, ``model.d_model``), else of the row."""
+    node: Any = row.get("config") or {}
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return row.get(key) if node is None else node
+
+
+def _table2_order(variant_id: str) -> tuple[int, int, str]:
+    """QKV first, then the paper's Table 2 rows, then the LM table's order, then the rest."""
+    name = VariantSpec.parse(variant_id).paper_name
+    table2 = list(PAPER_TABLES["table2"].values)
+    rank = table2.index(name) if name in table2 else len(table2)
+    return (-1 if is_baseline(variant_id) else rank, *_variant_order(variant_id))
+
+
+def _value_order(value: Any) -> tuple[int, Any]:
+    from qkvlab.data.synthetic import TASKS
+
+    if value in TASKS:
+        return (0, TASKS.index(value))
+    return (1, (0, value) if isinstance(value, int | float) else (1, str(value)))
+
+
+def _group_name(keys: Sequence[str], values: tuple[Any, ...]) -> str:
+    if len(keys) == 1:
+        return str(values[0])
+    return ", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
+
+
+def _fmt_change(x: float | None, metric: Metric) -> str:
+    if x is None:
+        return "n/a"
+    if metric.change == "points":
+        return f"{100 * x:+.1f} pt"
+    return f"{100 * x:+.2f}%"
+
+
+@dataclass
+class MetricStats:
+    """One row of an accuracy-style table: a variant over every run of a group."""
+
+    variant_id: str
+    label: str
+    rows: list[dict[str, Any]]
+    stat: tuple[float | None, float | None, int]
+    by_setting: dict[tuple, list[float]]
+    seed_std: float | None
+    change: float | None = None
+    baseline: bool = False
+
+
+def _setting(row: dict[str, Any], averaged: Sequence[str]) -> tuple:
+    return tuple(_row_value(row, k) for k in averaged)
+
+
+def metric_stats(rows: list[dict[str, Any]], metric: Metric, averaged: Sequence[str]) -> list[MetricStats]:
+    """Per variant: mean ± std over all runs, the mean seed std per setting, and the change vs QKV.
+
+    The change is taken over the settings both the variant and QKV finished (mean of the
+    per-setting means), so a variant with skipped settings is still compared like for like.
+    """
+    by_variant: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get(metric.key) is not None:
+            by_variant.setdefault(row["variant_id"], []).append(row)
+    ids = sorted(by_variant, key=_table2_order)
+    names = [VariantSpec.parse(v).paper_name for v in ids]
+    stats = []
+    for vid, name in zip(ids, names, strict=True):
+        group = by_variant[vid]
+        by_setting: dict[tuple, list[float]] = {}
+        for r in group:
+            by_setting.setdefault(_setting(r, averaged), []).append(float(r[metric.key]))
+        stds = [statistics.stdev(v) for v in by_setting.values() if len(v) > 1]
+        stats.append(
+            MetricStats(
+                variant_id=vid,
+                label=name if names.count(name) == 1 else f"{name} (`{vid}`)",
+                rows=group,
+                stat=mean_std(r[metric.key] for r in group),
+                by_setting=by_setting,
+                seed_std=statistics.fmean(stds) if stds else None,
+                baseline=is_baseline(vid),
+            )
+        )
+    base = next((s for s in stats if s.baseline), None)
+    if base is not None:
+        for s in stats:
+            common = [k for k in s.by_setting if k in base.by_setting]
+            if not common:
+                continue
+            ours = statistics.fmean(statistics.fmean(s.by_setting[k]) for k in common)
+            theirs = statistics.fmean(statistics.fmean(base.by_setting[k]) for k in common)
+            if metric.change == "points":
+                s.change = ours - theirs
+            elif theirs:
+                s.change = ours / theirs - 1.0
+    return stats
+
+
+def _paper_value(table: PaperTable | None, stat: MetricStats, group: tuple[Any, ...]) -> float | None:
+    if table is None or len(group) != 1:
+        return None
+    return table.values.get(VariantSpec.parse(stat.variant_id).paper_name, {}).get(str(group[0]))
+
+
+def _averaged_axes(rows: list[dict[str, Any]], group_by: Sequence[str]) -> list[str]:
+    """Grid axes that vary over the runs, other than seed, variant and the grouping keys."""
+    from qkvlab.study.sweep import AXES
+
+    names: list[str] = []
+    for r in rows:
+        for axis in r.get("axes") or {}:
+            key = AXES.get(axis, axis)
+            if axis in ("seed", "variant") or key in ("seed", "model.variant") or key in group_by:
+                continue
+            if key not in names:
+                names.append(key)
+    return [k for k in names if len({json_key(_row_value(r, k)) for r in rows}) > 1]
+
+
+def json_key(value: Any) -> str:
+    """A hashable, printable form of a config value (numbers and strings print as themselves)."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+
+
+def _parse_key(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def plot_metric_bars(
+    groups: list[tuple[str, list[MetricStats]]], metric: Metric, colors: dict, path: Path, title: str
+) -> Path | None:
+    """The metric per group (x) and variant (bars, error bar 1 std over runs)."""
+    if not groups:
+        return None
+    fig = _figure(width=max(7.0, 1.4 * len(groups) + 3), height=4.5)
+    ax = fig.add_subplot()
+    ids = list(dict.fromkeys(s.variant_id for _, stats in groups for s in stats))
+    labels = {s.variant_id: s.label for _, stats in groups for s in stats}
+    width = 0.8 / max(1, len(ids))
+    for j, vid in enumerate(ids):
+        xs, ys, errs = [], [], []
+        for i, (_, stats) in enumerate(groups):
+            s = next((s for s in stats if s.variant_id == vid), None)
+            if s is not None and s.stat[0] is not None:
+                xs.append(i + (j - (len(ids) - 1) / 2) * width)
+                ys.append(s.stat[0])
+                errs.append(s.stat[1] or 0.0)
+        ax.bar(xs, ys, width, yerr=errs, capsize=2, color=colors[vid], label=labels[vid])
+    ax.set_xticks(range(len(groups)), [name for name, _ in groups])
+    ax.set_ylabel(metric.label)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, ncol=3)
+    return _save(fig, path)
+
+
+def _metric_report(
+    study: Path,
+    store: ResultsStore,
+    ok: list[dict[str, Any]],
+    skipped: list[dict[str, Any]],
+    failed: list[dict[str, Any]],
+    *,
+    metric: Metric,
+    group_by: Sequence[str] | str | None,
+    paper_table: str | None,
+    plots: bool,
+) -> Path:
+    out = study / REPORT_DIR
+    table = PAPER_TABLES.get(paper_table) if paper_table else None
+    if paper_table and table is None:
+        raise ConfigError(f"Unknown paper_table {paper_table!r}; use one of {', '.join(PAPER_TABLES)} or leave it out.")
+    if table is not None and table.metric != metric.key:
+        table = None  # the paper's numbers are of another metric: not comparable
+    if isinstance(group_by, str):
+        group_by = [group_by]
+    if not group_by:
+        group_by = [table.group_by] if table else (["task.kind"] if any(_row_value(r, "task.kind") for r in ok) else [])
+    group_by = list(group_by)
+    rows = [r for r in ok if r.get(metric.key) is not None]
+    averaged = _averaged_axes(rows, group_by)
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(_row_value(r, k) for k in group_by), []).append(r)
+    order = sorted(groups, key=lambda g: tuple(_value_order(v) for v in g))
+    all_ids = sorted({r["variant_id"] for r in rows}, key=_table2_order)
+    colors = {vid: f"C{i % 10}" for i, vid in enumerate(all_ids)}
+    finished = sorted(r["finished"] for r in ok if r.get("finished"))
+    seeds = sorted({r.get("seed") for r in rows}, key=str)
+    better = "higher" if metric.higher_is_better else "lower"
+    change = "in points (x 100)" if metric.change == "points" else "in %"
+
+    lines = [
+        f"# Study report: {_study_name(study)}",
+        "",
+        f"Computed from `{study / store.path.name}` ({len(ok)} finished runs, {len(skipped)} skipped grid "
+        f"points, {len(failed)} failed runs); no number in this report is typed in"
+        + (f", except the columns marked *paper*, which quote {table.title} from {table.source}." if table else "."),
+        "",
+        f"- Code (git commit of the runs): {_commits(ok)}.",
+    ]
+    if finished:
+        lines.append(f"- Runs finished between {finished[0]} and {finished[-1]}.")
+    lines += [
+        f"- Metric: `{metric.key}` ({metric.label}, {better} is better), one table per "
+        + (f"value of `{', '.join(group_by)}`." if group_by else "study.")
+        + f" Seeds: {', '.join(map(str, seeds)) or 'none'}.",
+        "- Averaged settings: "
+        + (", ".join(f"`{k}`" for k in averaged) if averaged else "none (one setting)")
+        + ". Mean ± std: over every run of the variant in the group (seeds x settings, n runs). Seed std: the "
+        "standard deviation over seeds within one setting, averaged over settings.",
+        f"- Δ vs QKV: the variant's mean minus QKV's, {change}, over the settings both finished.",
+        "",
+    ]
+    summary: list[tuple[str, list[MetricStats]]] = []
+    for g in order:
+        stats = metric_stats(groups[g], metric, averaged)
+        name = _group_name(group_by, g) if group_by else "all runs"
+        summary.append((name, stats))
+        settings = {_setting(r, averaged) for r in groups[g]}
+        lines += [f"## {name}", ""]
+        if group_by == ["task.kind"]:
+            from qkvlab.data.synthetic import DESCRIPTIONS
+
+            if g[0] in DESCRIPTIONS:
+                lines += [f"Task: {DESCRIPTIONS[g[0]]}. {len(settings)} setting(s).", ""]
+        header = ["Variant", "n", f"{metric.label} (mean ± std)", "Seed std", "Δ vs QKV", "Params (mean)"]
+        if table is not None:
+            header.insert(3, "Paper")
+        body = []
+        for s in stats:
+            cells = [
+                s.label,
+                str(s.stat[2]),
+                fmt_mean_std(s.stat, 3),
+                "n/a" if s.seed_std is None else f"{s.seed_std:.3f}",
+                "baseline" if s.baseline else _fmt_change(s.change, metric),
+                fmt_count(mean_std(r.get("params_total") for r in s.rows)[0]),
+            ]
+            if table is not None:
+                paper = _paper_value(table, s, g)
+                cells.insert(3, "n/a" if paper is None else f"{paper:.3f}")
+            body.append(cells)
+        lines += [*markdown_table(header, body), ""]
+
+    if len(summary) > 1:
+        lines += _summary_table(summary, order, metric, table)
+    for axis in averaged:
+        lines += _by_setting_table(rows, axis, metric)
+    if plots and summary:
+        path = plot_metric_bars(summary, metric, colors, out / f"{_slug(metric.key)}-by-group.png", _study_name(study))
+        if path is not None:
+            lines += [f"![{metric.label} per group and variant]({path.name})", ""]
+        for stale in out.glob("*.png"):
+            if stale != path:
+                stale.unlink()
+    if skipped:
+        lines += ["## Skipped grid points", "", "These combinations cannot be built, so they were not trained:", ""]
+        merged: dict[tuple[str, str, str, str], list[Any]] = {}
+        for r in skipped:
+            axes = {k: v for k, v in (r.get("axes") or {}).items() if k not in ("seed", "variant")}
+            setting = ", ".join(f"{k}={v}" for k, v in axes.items()) or "-"
+            key = (r.get("variant", ""), setting, r.get("model", ""), r.get("reason", ""))
+            merged.setdefault(key, []).append(r.get("seed"))
+        lines += markdown_table(
+            ["Variant", "Setting", "Model", "Seeds", "Reason"],
+            [[v, st, m, ", ".join(map(str, sd)), reason] for (v, st, m, reason), sd in merged.items()],
+        )
+        lines.append("")
+    if failed:
+        lines += ["## Failed runs", "", "Rerunning the sweep retries these (resuming from their folders).", ""]
+        lines += markdown_table(
+            ["Run", "Variant", "Error"],
+            [[f"`{r['run_id']}`", r.get("variant", ""), r.get("error", "")] for r in failed],
+        )
+        lines.append("")
+    report = out / "report.md"
+    atomic_write(report, lambda tmp: Path(tmp).write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8"))
+    return report
+
+
+def _summary_table(
+    summary: list[tuple[str, list[MetricStats]]], order: list[tuple], metric: Metric, table: PaperTable | None
+) -> list[str]:
+    """Variants x groups (and their average), the paper's number beside ours when there is one."""
+    ids = sorted({s.variant_id for _, stats in summary for s in stats}, key=_table2_order)
+    header = ["Variant"]
+    for name, _ in summary:
+        header += [name.upper()] + (["paper"] if table is not None else [])
+    header += ["Avg"] + (["paper Avg (same groups)"] if table is not None else [])
+    body = []
+    for vid in ids:
+        label = next(s.label for _, stats in summary for s in stats if s.variant_id == vid)
+        cells, ours, theirs = [label], [], []
+        for g, (_, stats) in zip(order, summary, strict=True):
+            s = next((s for s in stats if s.variant_id == vid), None)
+            value = None if s is None else s.stat[0]
+            cells.append("n/a" if value is None else f"{value:.3f}")
+            if value is not None:
+                ours.append(value)
+            if table is not None:
+                paper = None if s is None else _paper_value(table, s, g)
+                cells.append("n/a" if paper is None else f"{paper:.3f}")
+                if paper is not None:
+                    theirs.append(paper)
+        complete = len(ours) == len(summary)
+        cells.append(f"{statistics.fmean(ours):.3f}" if complete else "n/a")
+        if table is not None:
+            cells.append(f"{statistics.fmean(theirs):.3f}" if complete and len(theirs) == len(summary) else "n/a")
+        body.append(cells)
+    title = "## Summary (layout of the paper's Table 2)" if table is not None else "## Summary"
+    note = f"{metric.label}, mean over all runs of each group; Avg: mean over the groups (only where all are present)."
+    return [title, "", note, "", *markdown_table(header, body), ""]
+
+
+def _by_setting_table(rows: list[dict[str, Any]], axis: str, metric: Metric) -> list[str]:
+    """The metric per value of one averaged setting (all groups together), per variant."""
+    values = sorted({json_key(_row_value(r, axis)) for r in rows}, key=lambda v: _value_order(_parse_key(v)))
+    ids = sorted({r["variant_id"] for r in rows}, key=_table2_order)
+    body = []
+    for vid in ids:
+        mine = [r for r in rows if r["variant_id"] == vid]
+        cells = [VariantSpec.parse(vid).paper_name]
+        for v in values:
+            stat = mean_std(r[metric.key] for r in mine if json_key(_row_value(r, axis)) == v)
+            cells.append(fmt_mean_std(stat, 3))
+        body.append(cells)
+    return [
+        f"## {metric.label} by `{axis}`",
+        "",
+        "Mean ± std over every run at that value (all groups, seeds and other settings).",
+        "",
+        *markdown_table(["Variant", *[f"{axis.split('.')[-1]}={v}" for v in values]], body),
+        "",
+    ]

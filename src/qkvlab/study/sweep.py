@@ -14,6 +14,15 @@ A sweep file is YAML::
       optim.lr: [1e-3, 3e-3]            # any other dotted config key is an axis too
     overrides:                          # set in every run (a mapping or KEY=VALUE strings)
       log.progress: false
+    metric: val_ppl                     # optional: what the report compares (default: val_ppl,
+                                        #   or val_acc when the runs report accuracy); see
+                                        #   qkvlab.study.report.METRICS
+    group_by: [task.kind]               # optional: one table per value of these config keys
+    paper_table: table2                 # optional: the paper's numbers beside ours in the report
+
+Any task trains through the same grid: a base config with ``task: {name: synthetic, ...}``
+and axes such as ``task.kind: [reverse, sort]``, ``task.seq_len: [16, 64]`` or
+``model.d_model: [32, 64]`` (every dotted key is an axis).
 
 Each grid point gets a readable, stable id, e.g. ``q_kv-gpt2-1m-t1e6-s0-3f9a0c12``: the
 variant id, the model, the budget, the seed and 8 hex digits of a SHA-256 of the resolved
@@ -63,7 +72,7 @@ from qkvlab.train.config import parse_value, set_dotted
 
 #: The named grid axes and the config key each one sets.
 AXES = {"variant": "model.variant", "model": "model.preset", "tokens": "max_tokens", "seed": "seed"}
-SWEEP_KEYS = ("name", "study_dir", "base", "grid", "overrides", "description")
+SWEEP_KEYS = ("name", "study_dir", "base", "grid", "overrides", "description", "metric", "group_by", "paper_table")
 #: Config keys left out of the run id: they do not change what a run computes.
 ID_EXCLUDED = ("out_dir", "device", "log.progress", "log.tensorboard", "data.cache_dir")
 DEFAULT_PRESET = "tiny"  # the trainer's default when a config names no preset
@@ -91,6 +100,9 @@ class SweepSpec:
     name: str = "sweep"
     study_dir: str | None = None
     description: str | None = None
+    metric: str | None = None
+    group_by: list[str] | None = None
+    paper_table: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, root: str | os.PathLike | None = None, name: str = "sweep") -> SweepSpec:
@@ -110,6 +122,7 @@ class SweepSpec:
             if axis not in AXES and "." not in axis and difflib.get_close_matches(axis, AXES, n=1, cutoff=0.75):
                 near = difflib.get_close_matches(axis, AXES, n=1, cutoff=0.75)[0]
                 raise ConfigError(f"Unknown grid axis {axis!r}; did you mean {near!r}? Axes: {', '.join(AXES)}.")
+        metric, group_by, paper_table = _report_settings(d)
         return cls(
             base=base,
             grid={str(k): list(v) for k, v in grid.items()},
@@ -117,10 +130,33 @@ class SweepSpec:
             name=str(d.get("name") or name),
             study_dir=None if d.get("study_dir") is None else str(d["study_dir"]),
             description=d.get("description"),
+            metric=metric,
+            group_by=group_by,
+            paper_table=paper_table,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _report_settings(d: dict[str, Any]) -> tuple[str | None, list[str] | None, str | None]:
+    """``metric``, ``group_by`` and ``paper_table`` of a sweep mapping, checked."""
+    from qkvlab.study.report import METRICS, PAPER_TABLES
+
+    metric = d.get("metric")
+    if metric is not None and metric not in METRICS:
+        raise ConfigError(f"Unknown metric {metric!r}; use one of {', '.join(METRICS)}.")
+    group_by = d.get("group_by")
+    if isinstance(group_by, str):
+        group_by = [group_by]
+    if group_by is not None and (not isinstance(group_by, list) or not all(isinstance(k, str) for k in group_by)):
+        raise ConfigError(
+            f"group_by must be a dotted config key or a list of them, e.g. [task.kind]; got {group_by!r}."
+        )
+    table = d.get("paper_table")
+    if table is not None and table not in PAPER_TABLES:
+        raise ConfigError(f"Unknown paper_table {table!r}; use one of {', '.join(PAPER_TABLES)} or leave it out.")
+    return metric, group_by, table
 
 
 def load_sweep(path: str | os.PathLike) -> SweepSpec:
@@ -236,13 +272,28 @@ class RunPlan:
     reason: str | None = None
 
 
-def model_config_for(config: dict[str, Any]):
-    """The :class:`~qkvlab.models.GPTConfig` a train config asks for, resolved as the trainer does.
+def task_of(config: dict[str, Any]) -> str:
+    """The task name of a train config dict (``"lm"`` when it has no ``task`` section)."""
+    task = config.get("task")
+    return str(task.get("name", "lm")) if isinstance(task, dict) else "lm"
 
-    The vocabulary is the preset's (the trainer uses the tokenizer's), which changes neither
-    the attention layers nor the KV cache. Only :class:`GPTConfig` fields are read; the
-    trainer itself rejects unknown keys.
+
+def model_config_for(config: dict[str, Any]):
+    """The model config a train config asks for, resolved as the trainer does.
+
+    For the language model (:class:`~qkvlab.models.GPTConfig`) the vocabulary is the preset's
+    (the trainer uses the tokenizer's), which changes neither the attention layers nor the
+    KV cache; only :class:`GPTConfig` fields are read, the trainer itself rejects unknown keys.
+    Another task resolves its own model config (``model_config`` of its class); None when
+    the task cannot say without its data.
     """
+    if task_of(config) != "lm":
+        from qkvlab.tasks import model_config
+        from qkvlab.train import TrainConfig
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "GQA-N on N heads is MHA" is reported as a skip instead
+            return model_config(TrainConfig.from_dict({**config, "out_dir": "unused"}))
     from qkvlab.models.config import GPTConfig
     from qkvlab.models.presets import PRESETS
 
@@ -270,6 +321,8 @@ def _why_invalid(config: dict[str, Any], spec: VariantSpec, model: str) -> str |
         cfg = model_config_for(config)
     except ConfigError as e:
         return str(e)
+    if cfg is None:  # the task cannot resolve its model without data: the run itself will tell
+        return None
     g = spec.n_kv_heads
     if g is not None and g > 1 and g == cfg.n_heads:
         same = spec.replace(n_kv_heads=None).paper_name
@@ -295,6 +348,9 @@ def run_id_for(config: dict[str, Any], *, variant_id: str, model: str, tokens: i
     else:
         budget = f"-steps{config['max_steps']}" if config.get("max_steps") is not None else ""
     readable = f"{variant_id.replace('+', '.')}-{model}{budget}-s{seed}"
+    if task_of(config) != "lm":  # e.g. reverse-qk_v.2d-custom-steps1000-s0-...
+        task = config["task"]
+        readable = f"{task.get('kind') or task.get('name')}-{readable}"
     return re.sub(r"[^A-Za-z0-9_.=-]", "-", readable) + f"-{digest}"
 
 
@@ -389,12 +445,35 @@ def _code_version() -> tuple[str | None, bool | None]:
         return None, None
 
 
-@functools.lru_cache(maxsize=64)
-def _costs(model_json: str) -> dict[str, Any]:
-    """Parameters and KV-cache bytes (bf16) of a model config, vs QKV of the same shape."""
-    from qkvlab.costs import variant_costs
-    from qkvlab.models.config import GPTConfig
+def model_family(model_cfg: dict[str, Any]) -> str:
+    """The family (``gpt``, ``encoder``, ``vit``, ``set``) of a resolved model config dict."""
+    for key, family in (("n_labels", "encoder"), ("image_size", "vit"), ("in_features", "set")):
+        if key in model_cfg:
+            return family
+    return "gpt"
 
+
+@functools.lru_cache(maxsize=64)
+def _costs(model_json: str, family: str = "gpt") -> dict[str, Any]:
+    """Parameters and KV-cache bytes (bf16) of a model config, vs QKV of the same shape.
+
+    Only a causal language model has a KV cache; other families get their parameter counts
+    and None for the cache columns.
+    """
+    from qkvlab.costs import variant_costs
+    from qkvlab.models.config import CONFIG_TYPES, GPTConfig
+
+    if family != "gpt":
+        from qkvlab.costs import build_on_meta, count_params
+
+        none = {"kv_cache_bytes_per_token": None, "cache_reduction": None, "kv_cache_dtype": None}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                params = count_params(build_on_meta(CONFIG_TYPES[family].from_dict(json.loads(model_json))))
+        except (ConfigError, KeyError, TypeError, ValueError):
+            return {"params_total": None, "params_attention": None, **none}
+        return {"params_total": params["total"], "params_attention": params["attention"], **none}
     cfg = GPTConfig.from_dict(json.loads(model_json))
     (row,) = variant_costs(cfg, [cfg.variant])
     keep = ("params_total", "params_attention", "kv_cache_bytes_per_token", "cache_reduction", "dtype")
@@ -411,9 +490,11 @@ def _run_info(run_dir: Path) -> dict[str, Any]:
 
 
 def _last_eval(run_dir: Path) -> dict[str, Any]:
-    """``val_loss`` / ``val_ppl`` of the last eval row in ``metrics.jsonl`` (for a summary without them)."""
+    """The ``val_*`` metrics of the last eval row in ``metrics.jsonl`` (for a summary without them)."""
     evals = [m for m in read_metrics(run_dir) if m.get("val_loss") is not None]
-    return {k: evals[-1][k] for k in ("val_loss", "val_ppl") if k in evals[-1]} if evals else {}
+    if not evals:
+        return {}
+    return {k: v for k, v in evals[-1].items() if k.startswith("val_") and v is not None}
 
 
 def _plan_row(plan: RunPlan) -> dict[str, Any]:
@@ -449,9 +530,12 @@ def result_row(
     info = _run_info(run_dir)
     summary = {**_last_eval(run_dir), **{k: v for k, v in summary.items() if v is not None}}
     model_cfg = info.get("model")
+    family = info.get("model_family")
     if not isinstance(model_cfg, dict):  # no run.json: resolve as the trainer would (preset vocabulary)
-        model_cfg = model_config_for(config).to_dict()
-    costs = _costs(json.dumps(model_cfg, sort_keys=True))
+        resolved = model_config_for(config)
+        model_cfg, family = (resolved.to_dict(), resolved.family) if resolved is not None else ({}, None)
+    family = family if isinstance(family, str) else model_family(model_cfg)
+    costs = _costs(json.dumps(model_cfg, sort_keys=True), family) if model_cfg else {}
     git = info.get("git") if isinstance(info.get("git"), dict) else {}
     commit, dirty = (git.get("commit"), git.get("dirty")) if git.get("commit") else _code_version()
     row: dict[str, Any] = {
@@ -477,6 +561,11 @@ def result_row(
     for key in ("decode_tokens_per_s", "world_size"):  # optional extras a run may report
         if summary.get(key) is not None:
             row[key] = summary[key]
+    for key, value in summary.items():  # every other validation metric (val_acc, ...)
+        if key.startswith("val_") and key not in row:
+            row[key] = value
+    if task_of(config) != "lm":
+        row["task"] = dict(config["task"])
     return row
 
 
@@ -648,8 +737,13 @@ def _device_config(config: dict[str, Any], device: str | None) -> dict[str, Any]
 
 
 def _outcome(row: dict[str, Any]) -> str:
-    loss, ppl, wall = row.get("val_loss"), row.get("val_ppl"), row.get("wall_s") or 0.0
-    scores = f"val loss {loss:.4f}, val ppl {ppl:.2f}" if loss is not None and ppl is not None else "no val loss"
+    loss, ppl, acc, wall = row.get("val_loss"), row.get("val_ppl"), row.get("val_acc"), row.get("wall_s") or 0.0
+    if loss is not None and ppl is not None:
+        scores = f"val loss {loss:.4f}, val ppl {ppl:.2f}"
+    elif loss is not None and acc is not None:
+        scores = f"val loss {loss:.4f}, val acc {acc:.4f}"
+    else:
+        scores = "no val loss"
     return f"{scores} ({wall:.0f} s)"
 
 

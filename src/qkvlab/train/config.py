@@ -10,6 +10,7 @@ defaults)::
     optim:  {lr: 1.0e-3, betas: [0.9, 0.95], weight_decay: 0.1, grad_clip: 1.0}
     schedule: {warmup_steps: 20, min_lr: 1.0e-4}
     log:    {every: 10, tensorboard: true, progress: true}
+    task:   {name: lm}          # what is trained; see below
     batch_size: 16              # global: sequences per micro-step over all processes
     grad_accum: 1
     seq_len: 128
@@ -19,6 +20,14 @@ defaults)::
 Command-line overrides are ``KEY=VALUE`` with a dotted key, the value read as YAML:
 ``optim.lr=3e-4 model.variant=Q-K=V optim.betas=[0.9,0.99] data.max_docs=null``.
 An unknown key is an error that names the nearest valid key and lists the valid ones.
+
+``task`` is a free-form mapping like ``model``: ``name`` picks the task class from the
+registry in :mod:`qkvlab.tasks` (``lm``, ``synthetic``, ``vision``, ``anomaly``) and the other
+keys are that task's settings, which the task validates; for a task other than ``lm`` the
+``model`` keys are validated by the task too, against its own model config (e.g.
+:class:`~qkvlab.models.EncoderConfig` for ``synthetic``)::
+
+    task: {name: synthetic, kind: reverse, seq_len: 16, n_train: 10000, n_test: 2000, epochs: 2}
 """
 
 from __future__ import annotations
@@ -168,6 +177,9 @@ class TrainConfig:
         dtype: ``"auto"`` (bf16 autocast on GPU, fp32 on CPU), ``"fp32"`` or ``"bf16"``.
         compile: wrap the model in ``torch.compile``.
         distributed: under torchrun, ``"ddp"`` (replicated) or ``"fsdp"`` (FSDP2, sharded).
+        task: ``name`` (default ``"lm"``: next-token prediction on ``data``) plus the task's own
+            settings; see :mod:`qkvlab.tasks`. A task may set its own step budget (the
+            synthetic task's ``epochs``); :attr:`total_steps` is the language model's.
     """
 
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
@@ -175,6 +187,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    task: dict[str, Any] = field(default_factory=lambda: {"name": "lm"})
     batch_size: int = 32
     grad_accum: int = 1
     seq_len: int = 128
@@ -209,13 +222,25 @@ class TrainConfig:
             self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
             f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}.",
         )
-        _check_keys("model", self.model, MODEL_KEYS)
+        from qkvlab import tasks
+
+        _check(isinstance(self.task, dict), f"task must be a mapping such as {{name: lm}}, got {self.task!r}.")
+        name = tasks.task_name(self.task)
         preset = self.model.get("preset")
         if preset is not None and preset not in PRESETS:
             raise ConfigError(f"Unknown model.preset {preset!r}; available: {', '.join(PRESETS)}.")
+        if name != "lm":
+            tasks.check_config(self)  # the task validates its settings and its model section
+            return
+        _check_keys("task", self.task, ["name"])
+        _check_keys("model", self.model, MODEL_KEYS)
         self.model_config()  # a bad variant or shape fails here, before any data is read
 
     # ------------------------------------------------------------- derived
+    @property
+    def task_name(self) -> str:
+        return self.task.get("name", "lm")
+
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.grad_accum * self.seq_len
@@ -276,6 +301,12 @@ class TrainConfig:
             elif name == "model":
                 _check(value is None or isinstance(value, dict), f"model must be a mapping, got {value!r}.")
                 kwargs[name] = {"preset": "tiny", **(value or {})}  # `preset: null`: GPTConfig's defaults
+            elif name == "task":
+                _check(
+                    value is None or isinstance(value, dict),
+                    f"task must be a mapping such as {{name: synthetic, kind: reverse}}, got {value!r}.",
+                )
+                kwargs[name] = {"name": "lm", **(value or {})}
             else:
                 kwargs[name] = _coerce(name, value, hints[name])
         return cls(**kwargs)

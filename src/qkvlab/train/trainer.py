@@ -3,7 +3,8 @@
 :func:`train` runs a :class:`TrainConfig`. What is trained is a :class:`Task`: it builds the
 model, hands out batches, computes the loss and evaluates. :class:`LMTask` (packed token
 windows, next-token cross-entropy, validation loss and perplexity) is the one every GPT
-variant uses; vision and synthetic tasks plug in their own.
+variant uses; the config's ``task`` section picks another from :mod:`qkvlab.tasks`
+(synthetic, vision, anomaly), or a :class:`Task` object is passed in.
 
 Each optimizer step runs ``grad_accum`` micro-batches (gradients synchronised on the last
 only), clips the global gradient norm, sets the warmup + cosine learning rate and steps
@@ -143,7 +144,12 @@ class Task(Protocol):
     ``loss`` returns the mean loss of one batch (already on the device); ``evaluate``
     returns metrics whose names start with ``val_`` and must be the same on every process
     (sum partial results with ``ctx.sum``); ``count`` is the batch's size in the units of
-    throughput (tokens for language models). ``info`` goes into ``run.json``.
+    throughput and of ``max_tokens`` (tokens for language models, scored positions for
+    labelling tasks). ``info`` goes into ``run.json``.
+
+    Optional: ``metric_keys`` (the ``val_`` names that get a column of their own in
+    ``metrics.jsonl``), ``total_steps(config)`` (the step budget, when the task sets it, e.g.
+    by epochs) and ``count_per_step(config)`` (counted units per optimizer step).
     """
 
     def build_model(self) -> nn.Module: ...
@@ -242,6 +248,8 @@ class LMTask:
 
     The model maps ids ``(B, T)`` to logits ``(B, T, V)``; any such module works.
     """
+
+    metric_keys = ("val_loss", "val_ppl")
 
     def __init__(self, config: TrainConfig, splits: LMSplits):
         self.config = config
@@ -383,6 +391,18 @@ def _as_float(t: torch.Tensor) -> float:
     return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
+def total_steps(config: TrainConfig, task: Task) -> int:
+    """Optimizer steps of the run: the task's own budget when it sets one, else the config's."""
+    fn = getattr(task, "total_steps", None)
+    return int(fn(config)) if fn is not None else config.total_steps
+
+
+def count_per_step(config: TrainConfig, task: Task) -> int:
+    """Counted units (tokens, scored positions) per optimizer step."""
+    fn = getattr(task, "count_per_step", None)
+    return int(fn(config)) if fn is not None else config.tokens_per_step
+
+
 def run_info(config: TrainConfig, ctx: RunContext, task: Task, n_params: int) -> dict[str, Any]:
     """Code version, library versions and hardware, saved as ``run.json`` next to the config."""
     import qkvlab
@@ -420,8 +440,8 @@ def run_info(config: TrainConfig, ctx: RunContext, task: Task, n_params: int) ->
             "world_size": ctx.world_size,
         },
         "params": n_params,
-        "total_steps": config.total_steps,
-        "tokens_per_step": config.tokens_per_step,
+        "total_steps": total_steps(config, task),
+        "tokens_per_step": count_per_step(config, task),
         "amp_dtype": str(ctx.amp_dtype).removeprefix("torch.") if ctx.amp_dtype else "fp32",
         **task.info(),
     }
@@ -431,8 +451,18 @@ class MetricsLog:
     """``metrics.jsonl`` (one JSON object per row) and, when available, TensorBoard."""
 
     KEYS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_ppl")
+    TRAIN_KEYS = KEYS[:6]
 
-    def __init__(self, out_dir: Path, *, resume_step: int | None, tensorboard: bool):
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        resume_step: int | None,
+        tensorboard: bool,
+        metric_keys: tuple[str, ...] = ("val_loss", "val_ppl"),
+    ):
+        """``metric_keys``: evaluation columns written in every row (None where not evaluated)."""
+        self.keys = (*self.TRAIN_KEYS, *metric_keys)
         self.path = out_dir / "metrics.jsonl"
         if resume_step is None:
             self.path.write_text("")
@@ -451,7 +481,7 @@ class MetricsLog:
                 pass
 
     def write(self, row: dict[str, Any]) -> None:
-        row = {k: row.get(k) for k in self.KEYS} | {k: v for k, v in row.items() if k not in self.KEYS}
+        row = {k: row.get(k) for k in self.keys} | {k: v for k, v in row.items() if k not in self.keys}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -467,11 +497,12 @@ class MetricsLog:
 
 # ================================================================== the trainer
 class Trainer:
-    """Runs one :class:`TrainConfig` on a :class:`Task` (default: :class:`LMTask` from ``config.data``).
+    """Runs one :class:`TrainConfig` on a :class:`Task` (default: the one ``config.task`` names).
 
     Args:
         config: the run.
-        task: what to train; None builds an :class:`LMTask` from ``config.data``.
+        task: what to train; None builds the task of ``config.task`` with
+            :func:`qkvlab.tasks.build_task` (:class:`LMTask` on ``config.data`` by default).
         on_checkpoint: called on process 0 after each checkpoint as ``(step, folder)``.
         verbose: print the start line, one line per checkpoint and the summary (process 0).
     """
@@ -526,7 +557,10 @@ class Trainer:
         ctx.barrier()
         self.resume_from = self._check_resume(self.out, resume)
         if self.task is None:
-            self.task = LMTask.from_config(config, ctx)
+            from qkvlab.tasks import build_task
+
+            self.task = build_task(config, ctx)
+        self.total_steps = total_steps(config, self.task)
         random.seed(config.seed)
         np.random.seed(config.seed)
         torch.manual_seed(config.seed)  # the same initial weights on every process
@@ -552,6 +586,7 @@ class Trainer:
                 self.out,
                 resume_step=self.step if self.resume_from is not None else None,
                 tensorboard=config.log.tensorboard,
+                metric_keys=tuple(getattr(self.task, "metric_keys", ("val_loss",))),
             )
             if ctx.is_main
             else None
@@ -664,7 +699,7 @@ class Trainer:
         """One optimizer step; returns (mean loss over micro-batches and processes, grad norm, tokens)."""
         config, ctx = self.config, self.ctx
         warmup = config.schedule.warmup_steps
-        lr = lr_at(self.step, lr=config.optim.lr, min_lr=config.min_lr, warmup=warmup, total=config.total_steps)
+        lr = lr_at(self.step, lr=config.optim.lr, min_lr=config.min_lr, warmup=warmup, total=self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
@@ -703,7 +738,7 @@ class Trainer:
 
     # ------------------------------------------------------------- the loop
     def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train to ``config.total_steps`` (continuing the latest checkpoint if ``resume``); the summary."""
+        """Train to the run's total steps (continuing the latest checkpoint if ``resume``); the summary."""
         self.ctx = setup_context(self.config)
         try:
             return self._fit(resume)
@@ -717,9 +752,9 @@ class Trainer:
         config, ctx = self.config, self.ctx
         self.saved_step = 0
         self._setup(resume)
-        total = config.total_steps
+        total = self.total_steps
         self.say(
-            f"training {self.n_params:,} parameters for {total} steps of {config.tokens_per_step:,} tokens "
+            f"training {self.n_params:,} parameters for {total} steps of {count_per_step(config, self.task):,} tokens "
             f"on {ctx.world_size} x {ctx.device.type} ({'fp32' if ctx.amp_dtype is None else 'bf16 autocast'}); "
             f"run folder {self.out}"
         )
@@ -761,7 +796,7 @@ class Trainer:
             bar.set_postfix(
                 loss=f"{loss:.4f}",
                 tok_s=f"{n / dt:,.0f}",
-                **({"val": f"{self.last_eval['val_loss']:.4f}"} if self.last_eval else {}),
+                **({"val": f"{self.last_eval['val_loss']:.4f}"} if "val_loss" in self.last_eval else {}),
                 refresh=False,
             )
             if (config.ckpt_every and self.step % config.ckpt_every == 0) or self.step == total:
@@ -784,10 +819,12 @@ class Trainer:
         if model is not None:
             ckpt.save_weights(model, self.out / "model.safetensors", self._weights_metadata())
             ckpt.atomic_write(self.out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
-            self.say(
-                f"done: step {self.step}, val loss {summary.get('val_loss', float('nan')):.4f}, "
-                f"ppl {summary.get('val_ppl', float('nan')):.2f}; weights in {self.out / 'model.safetensors'}"
-            )
+            scores = [f"val loss {summary.get('val_loss', float('nan')):.4f}"]
+            if "val_ppl" in summary:
+                scores.append(f"ppl {summary['val_ppl']:.2f}")
+            if "val_acc" in summary:
+                scores.append(f"acc {summary['val_acc']:.4f}")
+            self.say(f"done: step {self.step}, {', '.join(scores)}; weights in {self.out / 'model.safetensors'}")
         return summary
 
 

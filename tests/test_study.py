@@ -27,6 +27,7 @@ from qkvlab.study import (
     run_sweep,
     write_report,
 )
+from qkvlab.study.report import rank_correlation
 from qkvlab.study.sweep import default_run_fn, format_tokens
 
 REPO = Path(__file__).resolve().parents[1]
@@ -465,6 +466,31 @@ def test_report_tables_are_computed_from_the_results(tmp_path: Path):
         data = (study / "report" / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 1000
         assert f"]({name})" in md
+
+
+def test_report_sets_the_papers_table4_beside_ours(tmp_path: Path):
+    study = _fake_study(tmp_path / "study")
+    md = write_report(study, plots=False, paper_table="table4").read_text()
+    beside = _table(md, "Beside the paper")
+    assert list(beside) == ["QKV", "Q-K=V", "Q=K-V", "Q=K=V", "GQA-4", "MQA", "Q-GQA-4", "Q-MQA"]
+    assert (beside["Q-K=V"]["Paper Val PPL"], beside["Q-K=V"]["Paper Δ vs QKV"]) == ("5.27", "+3.1%")
+    assert beside["Q-K=V"]["Our Δ, tiny, 1e4 tokens"] == "+4.55%"  # from the results, as in the main table
+    assert beside["Q-MQA"]["Our Δ, tiny, 1e4 tokens"] == "+20.00%"
+    assert beside["Q=K=V"]["Our Δ, tiny, 1e4 tokens"] == "n/a"  # not run
+    assert beside["QKV"]["Our Δ, gpt2-1m, 1e4 tokens"] == "baseline"
+    # tiny/1e4: QKV 0, Q-K=V +4.5%, Q-MQA +20%; paper 0, 3.1%, 4.8%: same order, rho = +1
+    assert "our order by change vs QKV (best first): QKV < Q-K=V < Q-MQA" in md
+    assert "over these 3 variants: +1.00." in md
+    with pytest.raises(ConfigError, match="not a perplexity table"):
+        write_report(study, plots=False, paper_table="table2")
+
+
+def test_rank_correlation():
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert rank_correlation([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
+    assert rank_correlation([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0)  # ties share their mean rank
+    assert rank_correlation([1, 2], [2, 1]) is None
 
 
 def test_pareto_front_keeps_the_points_nothing_beats():

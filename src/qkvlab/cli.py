@@ -200,11 +200,14 @@ def sweep(
 def report(
     study_dir: Annotated[Path, typer.Argument(help="A study folder with results.jsonl.", show_default=False)],
     plots: Annotated[bool, typer.Option(help="Write PNG plots (needs matplotlib).")] = True,
+    paper_table: Annotated[
+        str | None, typer.Option(help="The paper's table to set beside ours: table2 (synthetic) or table4 (LM).")
+    ] = None,
 ) -> None:
     """Write report.md (paper-style tables) and plots for a study folder from its results."""
     from qkvlab.study import write_report
 
-    console.print(str(write_report(study_dir, plots=plots)))
+    console.print(str(write_report(study_dir, plots=plots, paper_table=paper_table)))
 
 
 @app.command()

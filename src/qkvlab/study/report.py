@@ -100,6 +100,22 @@ PAPER_TABLES: dict[str, PaperTable] = {
             "(Q=K=V)+": {"reverse": 0.581, "sort": 0.957, "sub": 1.0, "swap": 0.576, "copy": 1.0},
         },
     ),
+    "table4": PaperTable(
+        title="paper Table 4 (300M parameters, SlimPajama, 10B tokens, GPT-2 BPE; validation perplexity)",
+        source="PAPER.md section 2.5.1, 'Table 4: 300M, SlimPajama, 10B tokens' (Val PPL and the paper's own Δ)",
+        metric="val_ppl",
+        group_by="",
+        values={
+            "QKV": {"val_ppl": 5.11, "delta": 0.0},
+            "Q-K=V": {"val_ppl": 5.27, "delta": 0.031},
+            "Q=K-V": {"val_ppl": 5.36, "delta": 0.049},
+            "Q=K=V": {"val_ppl": 6.41, "delta": 0.254},
+            "GQA-4": {"val_ppl": 5.15, "delta": 0.007},
+            "MQA": {"val_ppl": 5.19, "delta": 0.015},
+            "Q-GQA-4": {"val_ppl": 5.32, "delta": 0.039},
+            "Q-MQA": {"val_ppl": 5.36, "delta": 0.048},
+        },
+    ),
 }
 
 
@@ -419,11 +435,14 @@ def _sweep_settings(study_dir: Path) -> dict[str, Any]:
     return d if isinstance(d, dict) else {}
 
 
-def write_report(study_dir: str | os.PathLike, *, plots: bool = True, metric: str | None = None) -> Path:
+def write_report(
+    study_dir: str | os.PathLike, *, plots: bool = True, metric: str | None = None, paper_table: str | None = None
+) -> Path:
     """Write ``study_dir/report/report.md`` (+ PNGs when ``plots``) and return the markdown's path.
 
     ``metric``: what to compare (a key of :data:`METRICS`); default: the sweep's ``metric``,
     else ``val_ppl``, or ``val_acc`` when the runs report accuracy but no perplexity.
+    ``paper_table``: a key of :data:`PAPER_TABLES` to set beside ours (default: the sweep's).
     """
     study = Path(study_dir)
     store = ResultsStore(study)
@@ -453,7 +472,7 @@ def write_report(study_dir: str | os.PathLike, *, plots: bool = True, metric: st
             failed,
             metric=METRICS[metric],
             group_by=settings.get("group_by"),
-            paper_table=settings.get("paper_table"),
+            paper_table=paper_table or settings.get("paper_table"),
             plots=plots,
         )
 
@@ -518,6 +537,15 @@ def write_report(study_dir: str | os.PathLike, *, plots: bool = True, metric: st
 
     if plots:
         lines += _ladders(groups, order, colors, out, written)
+    paper_table = paper_table or settings.get("paper_table")
+    if paper_table:
+        table = PAPER_TABLES.get(paper_table)
+        if table is None or table.metric != "val_ppl":
+            lm_tables = [k for k, t in PAPER_TABLES.items() if t.metric == "val_ppl"]
+            raise ConfigError(
+                f"paper_table {paper_table!r} is not a perplexity table; use one of {', '.join(lm_tables)}."
+            )
+        lines += _beside_paper_lm(table, [(group_label(k), summarize_group(groups[k])) for k in order])
     if skipped:
         lines += ["## Skipped grid points", "", "These combinations cannot be built, so they were not trained:", ""]
         lines += _skipped_table(skipped)
@@ -537,6 +565,68 @@ def write_report(study_dir: str | os.PathLike, *, plots: bool = True, metric: st
     report = out / "report.md"
     atomic_write(report, lambda tmp: Path(tmp).write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8"))
     return report
+
+
+def rank_correlation(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (ties get their mean rank); None for fewer than 3 pairs."""
+    if len(xs) != len(ys) or len(xs) < 3:
+        return None
+
+    def ranks(v: Sequence[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2.0
+            i = j + 1
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / var if var else None
+
+
+def _beside_paper_lm(table: PaperTable, groups: list[tuple[str, list[VariantStats]]]) -> list[str]:
+    """Our change vs QKV per group beside the paper's perplexities and changes, with rank agreement."""
+    names = list(table.values)
+    lines = [
+        "## Beside the paper",
+        "",
+        f"The paper's numbers are quoted from {table.source}: {table.title}. They are the paper's, not results "
+        "of this code, and come from a model and a token budget thousands of times larger, so compare the "
+        "ranking and the sign of the change vs QKV, not the values.",
+        "",
+    ]
+    by_group = {label: {VariantSpec.parse(s.variant_id).paper_name: s for s in stats} for label, stats in groups}
+    header = ["Variant", "Paper Val PPL", "Paper Δ vs QKV"] + [f"Our Δ, {label}" for label, _ in groups]
+    body = []
+    for name in names:
+        paper = table.values[name]
+        cells = [name, f"{paper['val_ppl']:.2f}", "baseline" if name == "QKV" else fmt_pct(paper["delta"], digits=1)]
+        for label, _ in groups:
+            st = by_group[label].get(name)
+            cells.append("n/a" if st is None else ("baseline" if st.baseline else fmt_pct(st.ppl_change)))
+        body.append(cells)
+    lines += [*markdown_table(header, body), ""]
+    for label, _ in groups:
+        common = [n for n in names if n in by_group[label] and by_group[label][n].ppl_change is not None]
+        ours = [by_group[label][n].ppl_change for n in common]
+        theirs = [table.values[n]["delta"] for n in common]
+        rho = rank_correlation(theirs, ours)
+        order_ours = " < ".join(n for _, n in sorted(zip(ours, common, strict=True)))
+        lines.append(
+            f"- {label}: our order by change vs QKV (best first): {order_ours}. Spearman rank correlation with "
+            f"the paper's Δ over these {len(common)} variants: " + ("n/a" if rho is None else f"{rho:+.2f}") + "."
+        )
+    paper_order = " < ".join(sorted(names, key=lambda n: table.values[n]["delta"]))
+    lines += [f"- The paper's order: {paper_order}.", ""]
+    return lines
 
 
 def _skipped_table(skipped: list[dict[str, Any]]) -> list[str]:

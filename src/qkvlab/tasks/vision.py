@@ -1,0 +1,441 @@
+"""Image classification with a ViT (PAPER.md 2.2, Table 3) as a trainer :class:`~qkvlab.train.trainer.Task`.
+
+A :class:`~qkvlab.models.ViT` built from ``config.model`` (variant, shape, ``patch_size``;
+image size, channels and class count come from the data) is trained with cross-entropy;
+evaluation covers the whole validation set: ``val_loss``, ``val_acc`` and ``val_images``.
+
+The task section of a train config::
+
+    task:
+      name: vision
+      dataset: mnist       # mnist, fashion-mnist, cifar10, cifar100, tinyimagenet, folder
+      path: null           # where the data is (default: the dataset's usual folders; see
+                           #   qkvlab.data.vision); required for dataset 'folder'
+      n_train: null        # use a seeded random subset of this many training images
+      n_test: null         # and of this many validation images
+      val_split: test      # 'test' (the dataset's test split, as in the paper) or a fraction
+                           #   of the training images held out instead
+      normalize: dataset   # 'dataset': per-channel mean/std of the training images; 'none': x/255
+      augment: false       # the paper trains without augmentation; true: random crop (pad 4),
+                           #   plus horizontal flips for colour images
+      epochs: 20           # budget in passes over the training images; or a mapping such as
+                           #   {mnist: 20, cifar10: 40} read with the current dataset
+      seed: 0              # data seed (subsets, held-out split), apart from the training seed
+      cache_dir: null      # decoded-image cache (default $QKVLAB_CACHE/images)
+
+The step budget is ``task.epochs`` (``ceil(epochs * n_train / (batch_size * grad_accum))``
+steps) if set, else ``max_tokens`` counted in images, else ``max_steps``.
+
+The ``model`` section holds :class:`~qkvlab.models.ViTConfig` fields plus an optional
+``preset`` for the shape (its vocabulary and length are not used). Variants may use the 2D
+positional fix, e.g. ``(Q=K-V)+``. ``image_size``, ``channels`` and ``n_classes`` may be
+left out; if given they must match the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qkvlab.data import vision as vdata
+from qkvlab.errors import ConfigError
+from qkvlab.models.config import ViTConfig
+
+TASK_KEYS = (
+    "name",
+    "dataset",
+    "path",
+    "n_train",
+    "n_test",
+    "val_split",
+    "normalize",
+    "augment",
+    "epochs",
+    "seed",
+    "cache_dir",
+)
+NORMALIZE = ("dataset", "none")
+# Preset fields that describe a language model, not a ViT.
+_NOT_VIT = ("vocab_size", "max_seq_len", "tie_embeddings")
+
+
+def check_keys(where: str, d: dict[str, Any], valid: tuple[str, ...]) -> None:
+    for key in d:
+        if key not in valid:
+            near = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" Did you mean '{where}.{near[0]}'?" if near else ""
+            raise ConfigError(
+                f"Unknown config key '{where}.{key}'.{hint} Valid keys under '{where}': {', '.join(valid)}."
+            )
+
+
+def as_int(key: str, value: Any, minimum: int, *, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"task.{key} must be an integer >= {minimum}{' or null' if optional else ''}, got {value!r}.")
+    return value
+
+
+def as_epochs(value: Any, dataset: str) -> float | None:
+    """``task.epochs``: a positive number, or a mapping from dataset name to one."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if dataset not in value:
+            raise ConfigError(
+                f"task.epochs is a per-dataset mapping ({', '.join(map(str, value))}) without an entry for "
+                f"dataset {dataset!r}; add '{dataset}: <epochs>' to it."
+            )
+        value = value[dataset]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"task.epochs must be a positive number of passes over the training set, got {value!r}.")
+    return float(value)
+
+
+def model_fields(config, family: type, task: str) -> dict[str, Any]:
+    """``config.model`` as keyword arguments of ``family``, on top of its preset's shape."""
+    from qkvlab.models.presets import PRESETS
+
+    valid = ("preset", *(f.name for f in dataclasses.fields(family)))
+    check_keys("model", config.model, valid)
+    preset = config.model.get("preset")
+    base = {}
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"Unknown model.preset {preset!r}; available: {', '.join(PRESETS)}.")
+        base = {k: v for k, v in PRESETS[preset].items() if k not in _NOT_VIT and k in valid}
+    return {**base, **{k: v for k, v in config.model.items() if k != "preset"}}
+
+
+def build_config(family: type, fields: dict[str, Any], task: str):
+    try:
+        return family(**fields)
+    except TypeError as e:  # a wrongly typed field
+        raise ConfigError(f"Bad model section for the {task} task: {e}.") from None
+
+
+@dataclass(frozen=True)
+class VisionSettings:
+    """The validated ``task`` section of a vision run."""
+
+    dataset: str
+    path: str | None = None
+    n_train: int | None = None
+    n_test: int | None = None
+    val_split: str | float = "test"
+    normalize: str = "dataset"
+    augment: bool = False
+    epochs: float | None = None
+    seed: int = 0
+    cache_dir: str | None = None
+
+    @classmethod
+    def from_train_config(cls, config) -> VisionSettings:
+        task = dict(config.task)
+        check_keys("task", task, TASK_KEYS)
+        dataset = task.get("dataset")
+        if dataset not in vdata.DATASET_NAMES:
+            raise ConfigError(
+                f"task.dataset={dataset!r} is not a dataset; use one of {', '.join(vdata.DATASET_NAMES)}."
+            )
+        path = task.get("path")
+        if path is not None and not isinstance(path, str):
+            raise ConfigError(f"task.path must be a file or folder path, got {path!r}.")
+        if dataset == "folder" and not path:
+            raise ConfigError(
+                "task.dataset=folder needs task.path: a folder or zip of <split>/<class>/*.jpg|png images."
+            )
+        val = task.get("val_split", "test")
+        if val != "test" and (isinstance(val, bool) or not isinstance(val, int | float) or not 0 < val < 1):
+            raise ConfigError(
+                f"task.val_split must be 'test' or a fraction in (0, 1) of the training images, got {val!r}."
+            )
+        normalize = task.get("normalize", "dataset")
+        if normalize not in NORMALIZE:
+            raise ConfigError(f"task.normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}.")
+        augment = task.get("augment", False)
+        if not isinstance(augment, bool):
+            raise ConfigError(f"task.augment must be true or false, got {augment!r}.")
+        epochs = as_epochs(task.get("epochs"), dataset)
+        if epochs is not None and config.max_tokens is not None:
+            raise ConfigError(
+                f"Both task.epochs={epochs:g} and max_tokens={config.max_tokens} set the step budget; "
+                "remove one of them (max_tokens=null, or drop task.epochs)."
+            )
+        cache_dir = task.get("cache_dir")
+        return cls(
+            dataset=dataset,
+            path=path,
+            n_train=as_int("n_train", task.get("n_train"), 1, optional=True),
+            n_test=as_int("n_test", task.get("n_test"), 1, optional=True),
+            val_split=val if val == "test" else float(val),
+            normalize=normalize,
+            augment=augment,
+            epochs=epochs,
+            seed=as_int("seed", task.get("seed", 0), 0),
+            cache_dir=None if cache_dir is None else str(cache_dir),
+        )
+
+
+# ================================================================== data
+@dataclass
+class VisionData:
+    """Training and validation images (``uint8`` ``(N, H, W, C)``), labels, class names and
+    the per-channel normalisation (applied on the device, batch by batch)."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    classes: list[str]
+    mean: np.ndarray
+    std: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.train_x.shape[1:])  # type: ignore[return-value]
+
+
+def _subset(n: int, limit: int | None, rng: np.random.Generator, key: str, what: str) -> np.ndarray:
+    if limit is None:
+        return np.arange(n)
+    if limit > n:
+        raise ConfigError(f"task.{key}={limit} but the {what} has only {n} images; lower task.{key} or remove it.")
+    return np.sort(rng.permutation(n)[:limit])
+
+
+def prepare_data(s: VisionSettings, ds: vdata.ImageDataset | None = None) -> VisionData:
+    """Load the dataset (unless given), carve the validation split and subsets, compute the normalisation."""
+    ds = ds if ds is not None else vdata.load_dataset(s.dataset, s.path, cache_dir=s.cache_dir)
+    h, w, c = ds.image_shape
+    if h != w:
+        raise ConfigError(
+            f"The ViT needs square images; {ds.meta.get('path')!r} holds {w}x{h} images. Crop or pad them."
+        )
+    rng = np.random.default_rng(s.seed)
+    train_x, train_y = ds.train_images, ds.train_labels
+    if s.val_split == "test":
+        if len(ds.test_images) == 0:
+            raise ConfigError(
+                f"{ds.meta.get('path')!r} has no test split; set task.val_split to a fraction such as 0.1 to hold "
+                "out part of the training images."
+            )
+        val_x, val_y = ds.test_images, ds.test_labels
+    else:
+        order = rng.permutation(len(train_x))
+        n_val = min(len(train_x) - 1, max(1, round(s.val_split * len(train_x))))
+        val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+        val_x, val_y, train_x, train_y = train_x[val_idx], train_y[val_idx], train_x[train_idx], train_y[train_idx]
+    keep = _subset(len(train_x), s.n_train, rng, "n_train", "training split")
+    train_x, train_y = train_x[keep], train_y[keep]
+    keep = _subset(len(val_x), s.n_test, rng, "n_test", "validation split")
+    val_x, val_y = val_x[keep], val_y[keep]
+    if s.normalize == "dataset":
+        flat = train_x.reshape(-1, c)
+        mean = flat.mean(0, dtype=np.float64) / 255
+        std = np.maximum(np.sqrt((flat.astype(np.float64) ** 2).mean(0) / 255**2 - mean**2), 1e-3)
+    else:
+        mean, std = np.zeros(c), np.ones(c)
+    return VisionData(
+        np.ascontiguousarray(train_x),
+        train_y,
+        np.ascontiguousarray(val_x),
+        val_y,
+        list(ds.classes),
+        mean,
+        std,
+        dict(ds.meta),
+    )
+
+
+class Normalizer:
+    """``uint8`` ``(B, H, W, C)`` -> normalised float ``(B, C, H, W)`` on the batch's device."""
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean.device != x.device:
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        x = x.permute(0, 3, 1, 2).float().div_(255)
+        return (x - self.mean) / self.std
+
+
+class AugmentedBatches:
+    """Random crops (zero padding ``pad``) and, if ``flip``, horizontal flips on top of a batch
+    source. The draws depend only on ``(seed, global batch, rank)``, so resuming replays them."""
+
+    def __init__(self, inner, *, seed: int, rank: int, flip: bool, pad: int = 4):
+        self.inner, self.seed, self.rank, self.flip, self.pad = inner, seed, rank, flip, pad
+
+    def next(self):
+        rng = np.random.default_rng([self.seed, 0xA06, self.inner.batch, self.rank])
+        x, y = self.inner.next()
+        x = x.numpy()
+        b, h, w, _ = x.shape
+        p = self.pad
+        padded = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+        dy, dx = rng.integers(0, 2 * p + 1, size=(2, b))
+        out = np.stack([padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
+        if self.flip:
+            flips = rng.random(b) < 0.5
+            out[flips] = out[flips, :, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(out)), y
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
+# ================================================================== the task
+class VisionTask:
+    """A ViT classifier on one image dataset (see the module docstring)."""
+
+    metric_keys = ("val_loss", "val_acc")
+
+    def __init__(self, config, data: VisionData | None = None):
+        self.config = config
+        self.settings = VisionSettings.from_train_config(config)
+        self.data = data if data is not None else prepare_data(self.settings)
+        self.model_cfg = self.model_config(config, shape=(*self.data.shape, len(self.data.classes)))
+        self.normalize = Normalizer(self.data.mean, self.data.std)
+
+    # ------------------------------------------------------------- config
+    @classmethod
+    def check_config(cls, config) -> None:
+        settings = VisionSettings.from_train_config(config)
+        if cls.model_config(config) is None:  # shape unknown until the data is read: check the rest
+            fields = model_fields(config, ViTConfig, "vision")
+            patch = fields.get("patch_size", 4)
+            fields = {"channels": 3, "n_classes": 2, **fields, "image_size": patch}
+            build_config(ViTConfig, fields, f"vision ({settings.dataset})")
+
+    @classmethod
+    def model_config(cls, config, shape: tuple[int, int, int, int] | None = None) -> ViTConfig | None:
+        """The ViT this task trains. ``shape`` is the data's ``(H, W, C, n_classes)``; without it a
+        named dataset's known shape is used, and None is returned for a 'folder' dataset whose
+        shape the model section does not give."""
+        settings = VisionSettings.from_train_config(config)
+        fields = model_fields(config, ViTConfig, "vision")
+        if shape is None and settings.dataset in vdata.DATASETS:
+            info = vdata.DATASETS[settings.dataset]
+            shape = (info.image_size, info.image_size, info.channels, info.n_classes)
+        if shape is None:
+            if not all(k in fields for k in ("image_size", "channels", "n_classes")):
+                return None
+        else:
+            want = {"image_size": shape[0], "channels": shape[2], "n_classes": shape[3]}
+            for key, value in want.items():
+                if key in fields and fields[key] != value:
+                    raise ConfigError(
+                        f"model.{key}={fields[key]!r} but the {settings.dataset} data has {key} {value}; "
+                        f"remove model.{key} (it comes from the data)."
+                    )
+            fields.update(want)
+        return build_config(ViTConfig, fields, f"vision ({settings.dataset})")
+
+    @classmethod
+    def from_config(cls, config, ctx) -> VisionTask:
+        # Process 0 decodes (and caches) the images first, so the others find the cache ready.
+        if not ctx.is_main:
+            ctx.barrier()
+        task = cls(config)
+        if ctx.is_main:
+            ctx.barrier()
+        return task
+
+    # ------------------------------------------------------------- budget
+    def total_steps(self, config) -> int:
+        per_step = config.batch_size * config.grad_accum
+        if self.settings.epochs is not None:
+            return max(1, math.ceil(self.settings.epochs * len(self.data.train_x) / per_step))
+        if config.max_tokens is not None:
+            return max(1, math.ceil(config.max_tokens / per_step))
+        return config.max_steps
+
+    def count_per_step(self, config) -> int:
+        """Images per optimizer step (the trainer's "tokens")."""
+        return config.batch_size * config.grad_accum
+
+    # ------------------------------------------------------------- the Task protocol
+    def build_model(self) -> nn.Module:
+        from qkvlab.models import build_model
+
+        return build_model(self.model_cfg)
+
+    def batches(self, batch_size: int, *, seed: int, ctx):
+        from qkvlab.tasks.synthetic import ExampleBatches
+
+        source = ExampleBatches(
+            self.data.train_x, self.data.train_y, batch_size, seed=seed, rank=ctx.rank, world_size=ctx.world_size
+        )
+        if not self.settings.augment:
+            return source
+        return AugmentedBatches(source, seed=seed, rank=ctx.rank, flip=self.data.shape[2] == 3)
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(self.normalize(x)).float(), y)
+
+    def count(self, batch) -> int:
+        return len(batch[1])
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, *, batch_size: int, max_batches: int, ctx) -> dict[str, float]:
+        """Loss and accuracy over the whole validation set (``task.n_test`` sizes it, not
+        ``max_batches``). Each process scores every ``world_size``-th image; sums are added."""
+        model.eval()
+        x_all = torch.from_numpy(self.data.val_x[ctx.rank :: ctx.world_size])
+        y_all = torch.from_numpy(self.data.val_y[ctx.rank :: ctx.world_size])
+        total = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # summed loss, correct, images
+        step = max(1, batch_size // ctx.world_size)
+        for i in range(0, len(x_all), step):
+            x, y = x_all[i : i + step].to(ctx.device), y_all[i : i + step].to(ctx.device)
+            with ctx.autocast():
+                logits = model(self.normalize(x)).float()
+            total[0] += F.cross_entropy(logits, y, reduction="sum").double()
+            total[1] += (logits.argmax(-1) == y).sum()
+            total[2] += len(y)
+        total = ctx.sum(total)
+        return {
+            "val_loss": (total[0] / total[2]).item(),
+            "val_acc": (total[1] / total[2]).item(),
+            "val_images": int(total[2].item()),
+        }
+
+    def info(self) -> dict[str, Any]:
+        s, d = self.settings, self.data
+        return {
+            "task": {
+                "name": "vision",
+                "dataset": s.dataset,
+                "source": d.meta,
+                "image_shape": list(d.shape),
+                "n_classes": len(d.classes),
+                "classes": d.classes,
+                "n_train": len(d.train_x),
+                "n_val": len(d.val_x),
+                "val_split": s.val_split,
+                "normalize": {"kind": s.normalize, "mean": d.mean.tolist(), "std": d.std.tolist()},
+                "augment": s.augment,
+                "epochs": s.epochs,
+                "seed": s.seed,
+            },
+            "model": self.model_cfg.to_dict(),
+            "model_family": self.model_cfg.family,
+        }

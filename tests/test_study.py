@@ -519,3 +519,13 @@ def test_the_example_sweep_loads_and_expands():
         return
     for plan in plans:  # every grid point is a config the trainer accepts
         TrainConfig.from_dict({**plan.config, "out_dir": "unused"})
+
+
+def test_paper_table3_columns_are_dataset_names_the_vision_task_knows():
+    from qkvlab.data.vision import DATASETS
+    from qkvlab.study.report import PAPER_TABLES
+
+    table = PAPER_TABLES["table3"]
+    assert table.group_by == "task.dataset" and table.metric == "val_acc"
+    assert {d for row in table.values.values() for d in row} <= set(DATASETS)
+    assert table.values["Q=K=V"]["tinyimagenet"] == 0.266  # the paper's best TinyImageNet row

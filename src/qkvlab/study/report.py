@@ -100,6 +100,32 @@ PAPER_TABLES: dict[str, PaperTable] = {
             "(Q=K=V)+": {"reverse": 0.581, "sort": 0.957, "sub": 1.0, "swap": 0.576, "copy": 1.0},
         },
     ),
+    "table3": PaperTable(
+        title="paper Table 3 (vision, accuracy; the anomaly column is odd-one-out accuracy over sets)",
+        source="PAPER.md section 2.2, 'Table 3: vision, accuracy [T]'",
+        metric="val_acc",
+        group_by="task.dataset",
+        values={
+            "QKV": {"mnist": 0.981, "fashion-mnist": 0.887, "cifar10": 0.663, "cifar100": 0.363, "tinyimagenet": 0.229},
+            "Q=K-V": {
+                "mnist": 0.981,
+                "fashion-mnist": 0.885,
+                "cifar10": 0.666,
+                "cifar100": 0.369,
+                "tinyimagenet": 0.236,
+            },
+            "(Q=K-V)+": {"mnist": 0.982, "fashion-mnist": 0.884, "cifar10": 0.662, "cifar100": 0.366},
+            "Q-K=V": {"mnist": 0.976, "fashion-mnist": 0.883, "cifar10": 0.659, "cifar100": 0.358},
+            "Q=K=V": {
+                "mnist": 0.978,
+                "fashion-mnist": 0.877,
+                "cifar10": 0.672,
+                "cifar100": 0.376,
+                "tinyimagenet": 0.266,
+            },
+            "(Q=K=V)+": {"mnist": 0.977, "fashion-mnist": 0.875, "cifar10": 0.669, "cifar100": 0.364},
+        },
+    ),
     "table4": PaperTable(
         title="paper Table 4 (300M parameters, SlimPajama, 10B tokens, GPT-2 BPE; validation perplexity)",
         source="PAPER.md section 2.5.1, 'Table 4: 300M, SlimPajama, 10B tokens' (Val PPL and the paper's own Δ)",

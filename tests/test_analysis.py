@@ -356,3 +356,32 @@ def test_cli_analyze_bad_input(ckpts, args, message):
 def test_cli_analyze_missing_checkpoint(tmp_path):
     res = CliRunner().invoke(app, ["analyze", str(tmp_path / "nope")])
     assert isinstance(res.exception, ConfigError) and "No checkpoint" in str(res.exception)
+
+
+def test_analyze_a_synthetic_run_uses_its_own_test_lists(tmp_path):
+    from qkvlab.analysis.runner import _train_config, analyze_checkpoint, synthetic_batch
+    from qkvlab.checkpoint import read_metadata
+    from qkvlab.data.synthetic import make_dataset
+    from qkvlab.train import TrainConfig, train
+
+    cfg = TrainConfig.from_dict(
+        {
+            "task": {"name": "synthetic", "kind": "swap", "seq_len": 6, "n_train": 64, "n_test": 16, "seed": 3},
+            "model": {"n_layers": 1, "d_model": 16, "n_heads": 2, "variant": "Q=K-V"},
+            "log": {"progress": False},
+            "batch_size": 8,
+            "max_steps": 2,
+            "eval_every": 0,
+            "out_dir": str(tmp_path / "run"),
+        }
+    )
+    train(cfg, verbose=False)
+    weights = tmp_path / "run" / "model.safetensors"
+    trained = _train_config(read_metadata(weights))
+    x, src = synthetic_batch(trained, batch_size=5, seq_len=None)
+    assert "swap" in src["source"]
+    assert np.array_equal(x.numpy(), make_dataset("swap", 6, 64, 16, 3).test_x[:5])  # the run's own test lists
+    result, _ = analyze_checkpoint(weights, batch_size=5, plots=False)
+    assert result["inputs"]["kind"] == "task" and result["inputs"]["shape"] == [5, 6]
+    with pytest.raises(ConfigError, match="trained on lists of 6"):
+        analyze_checkpoint(weights, seq_len=8, plots=False)

@@ -199,6 +199,8 @@ def other_batch(
         return arr, {"kind": "file", "source": str(path)}
     trained = _train_config(meta)
     task = trained.get("task") or {}
+    if data is None and family == "encoder" and task.get("name") == "synthetic":
+        return synthetic_batch(trained, batch_size=batch_size, seq_len=seq_len)
     n = seq_len or task.get("seq_len") or trained.get("seq_len") or min(cfg.max_seq_len, 64)
     gen = torch.Generator().manual_seed(seed)
     if family == "vit":
@@ -215,6 +217,24 @@ def other_batch(
         "kind": "random",
         "source": f"random {family} inputs, seed {seed} (weights-only measures are unaffected)",
     }
+
+
+def synthetic_batch(trained: dict, *, batch_size: int, seq_len: int | None) -> tuple[torch.Tensor, dict]:
+    """The first ``batch_size`` lists of the run's own test set (regenerated from its task seed)."""
+    from qkvlab.data.synthetic import make_dataset
+    from qkvlab.tasks.synthetic import SyntheticSettings
+    from qkvlab.train import TrainConfig
+
+    s = SyntheticSettings.from_train_config(TrainConfig.from_dict(trained))
+    if seq_len is not None and seq_len != s.seq_len:
+        raise ConfigError(
+            f"--seq-len {seq_len}: this synthetic model was trained on lists of {s.seq_len}; "
+            "leave --seq-len out (its test lists are used)."
+        )
+    data = make_dataset(s.kind, s.seq_len, s.n_train, s.n_test, s.seed)
+    x = torch.as_tensor(data.test_x[:batch_size]).long()
+    src = {"kind": "task", "source": f"synthetic {s.kind!r} test lists (seq_len {s.seq_len}, data seed {s.seed})"}
+    return x, src
 
 
 def analyze_checkpoint(

@@ -385,3 +385,38 @@ def test_analyze_a_synthetic_run_uses_its_own_test_lists(tmp_path):
     assert result["inputs"]["kind"] == "task" and result["inputs"]["shape"] == [5, 6]
     with pytest.raises(ConfigError, match="trained on lists of 6"):
         analyze_checkpoint(weights, seq_len=8, plots=False)
+
+
+def test_cli_maps_draws_tasks_by_variants_from_a_study(tmp_path):
+    from qkvlab.study import SweepSpec, run_sweep
+
+    spec = SweepSpec.from_dict(
+        {
+            "name": "maps",
+            "base": {
+                "task": {"name": "synthetic", "kind": "copy", "seq_len": 6, "n_train": 32, "n_test": 8},
+                "model": {"n_layers": 2, "d_model": 16, "n_heads": 2},
+                "log": {"progress": False},
+                "batch_size": 8,
+                "max_steps": 1,
+                "eval_every": 0,
+            },
+            "metric": "val_acc",
+            "grid": {"variant": ["QKV", "Q=K-V"], "task.kind": ["reverse", "swap"], "seed": [0]},
+        }
+    )
+    study = tmp_path / "study"
+    summary = run_sweep(spec, study, verbose=False)
+    assert len(summary.ran) == 4
+    result = CliRunner().invoke(app, ["maps", str(study), "--layer", "1"])
+    assert result.exit_code == 0, result.output
+    png = study / "report" / "attention-maps.png"
+    assert png.read_bytes().startswith(b"\x89PNG") and "(4 runs)" in result.output
+    drawn = json.loads(png.with_suffix(".json").read_text())
+    assert {(r["task"], r["variant"]) for r in drawn["runs"]} == {
+        (t, v) for t in ("reverse", "swap") for v in ("QKV", "Q=K-V")
+    }
+    bad = CliRunner().invoke(app, ["maps", str(study), "--where", "model.d_model=99"])
+    assert bad.exit_code != 0 and "No finished task runs" in (bad.output + str(bad.exception))
+    bad = CliRunner().invoke(app, ["maps", str(study), "--layer", "5"])
+    assert bad.exit_code != 0 and "out of range" in (bad.output + str(bad.exception))

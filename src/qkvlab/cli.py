@@ -4,7 +4,7 @@ Commands: ``variants`` (cost table of a preset's variants), ``presets`` (list th
 shapes), ``demo`` (the main job), ``train`` (a YAML config plus ``KEY=VALUE`` overrides),
 ``eval ppl`` (perplexity of a checkpoint), ``generate`` (KV-cached sampling), ``sweep`` and
 ``report`` (studies), ``analyze`` (projection similarity, effective rank, attention symmetry and
-maps of checkpoints). A user's mistake prints one line and exits with 2.
+maps of checkpoints), ``maps`` (a task study's attention maps, tasks x variants). A user's mistake prints one line and exits with 2.
 """
 
 from __future__ import annotations
@@ -208,6 +208,34 @@ def report(
     from qkvlab.study import write_report
 
     console.print(str(write_report(study_dir, plots=plots, paper_table=paper_table)))
+
+
+@app.command()
+def maps(
+    study_dir: Annotated[Path, typer.Argument(help="A task study folder (results.jsonl).", show_default=False)],
+    where: Annotated[
+        list[str] | None, typer.Option(help="KEY=VALUE setting to draw, e.g. model.d_model=64 (repeatable).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Which seed's runs.")] = 0,
+    layer: Annotated[int, typer.Option(help="Which attention layer.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="PNG path (default: STUDY/report/attention-maps.png).")] = None,
+) -> None:
+    """Attention maps of a synthetic-task study: rows tasks, columns variants (the paper's appendix figure)."""
+    from qkvlab.analysis.runner import study_task_maps
+    from qkvlab.train.config import parse_value
+
+    settings = {}
+    for item in where or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--where {item!r}: write KEY=VALUE, e.g. --where model.d_model=64.")
+        settings[key] = parse_value(value)
+    path = out or Path(study_dir) / "report" / "attention-maps.png"
+    fig, drawn = study_task_maps(study_dir, path, where=settings, seed=seed, layer=layer)
+    (Path(fig).with_suffix(".json")).write_text(
+        json.dumps({"where": settings, "seed": seed, "layer": layer, "runs": drawn}, indent=1)
+    )
+    console.print(f"{fig} ({len(drawn)} runs)")
 
 
 @app.command()

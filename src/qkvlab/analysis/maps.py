@@ -249,6 +249,45 @@ def plot_variants(maps: dict[str, AttentionCapture | list[torch.Tensor]], path: 
     return _save(fig, path)
 
 
+def plot_task_grid(
+    maps: dict[tuple[str, str], AttentionCapture | list[torch.Tensor]],
+    path: str | Path,
+    *,
+    layer: int = 0,
+    sample: int = 0,
+    title: str | None = None,
+) -> Path:
+    """Rows: tasks, columns: variants (the paper's appendix figure); one layer, weights averaged over heads.
+
+    ``maps`` is keyed by ``(task, variant)`` in the order rows and columns should appear; a
+    missing pair leaves its cell empty.
+    """
+    if not maps:
+        raise ConfigError("plot_task_grid needs at least one (task, variant) capture.")
+    tasks = list(dict.fromkeys(t for t, _ in maps))
+    variants = list(dict.fromkeys(v for _, v in maps))
+    fig, axes = _figure(len(tasks), len(variants), size=1.8)
+    for ri, task in enumerate(tasks):
+        for ci, variant in enumerate(variants):
+            ax = axes[ri][ci]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            cap = maps.get((task, variant))
+            if cap is not None:
+                layers = _maps(cap)
+                if not 0 <= layer < len(layers):
+                    raise ConfigError(f"layer={layer} is out of range: the model has {len(layers)} attention layers.")
+                m = _sample(layers[layer], sample).mean(0)
+                ax.imshow(m.numpy(), cmap="viridis", vmin=0, vmax=_vmax(m), interpolation="nearest")
+            if ri == 0:
+                ax.set_title(textwrap.fill(variant, 14), fontsize=8)
+            if ci == 0:
+                ax.set_ylabel(task, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
 def plot_similarity(similarity: dict, path: str | Path, *, title: str | None = None) -> Path:
     """Per-layer similarity of each projection pair, one panel per method (from :func:`projection_similarity`)."""
     methods = [m for m in ("cosine", "subspace", "cka") if any(m in e for e in similarity.values())]

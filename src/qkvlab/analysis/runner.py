@@ -19,11 +19,13 @@ from qkvlab.analysis.maps import (
     plot_attention_grid,
     plot_similarity,
     plot_spectra,
+    plot_task_grid,
     plot_variants,
 )
 from qkvlab.analysis.rank import ENERGY_FRACTIONS, batched_rank, energy_key, mean, rank_summary, singular_values
 from qkvlab.analysis.similarity import attention_modules, projection_similarity
 from qkvlab.analysis.symmetry import attention_symmetry
+from qkvlab.attention.variant import VariantSpec
 from qkvlab.errors import ConfigError
 
 METHODS = {
@@ -287,6 +289,71 @@ def analyze_checkpoint(
         result["files"] = files
         (out / "analysis.json").write_text(json.dumps(result, indent=2))
     return result, extras
+
+
+def study_task_maps(
+    study_dir: str | Path,
+    path: str | Path,
+    *,
+    where: dict[str, Any] | None = None,
+    seed: int = 0,
+    layer: int = 0,
+    device: str = "cpu",
+) -> tuple[Path, list[dict[str, Any]]]:
+    """Attention maps of a task study's runs: rows ``task.kind``, columns variants (paper's appendix figure).
+
+    Takes the finished runs of ``seed`` whose recorded settings match ``where`` (dotted keys,
+    e.g. ``{"model.d_model": 64}``), one per (task, variant); each is run on the first list of
+    its own test set. Returns the figure's path and the runs drawn.
+    """
+    from qkvlab.checkpoint import load_model, read_metadata
+    from qkvlab.study.report import _row_value, _table2_order
+    from qkvlab.study.results import STATUS_OK, ResultsStore
+
+    study = Path(study_dir)
+    store = ResultsStore(study)
+    if not store.path.is_file():
+        raise ConfigError(f"No {store.path.name} in {str(study)!r}; pass the folder of a finished study.")
+    where = dict(where or {})
+    rows = [
+        r
+        for r in store.latest().values()
+        if r.get("status") == STATUS_OK
+        and r.get("seed") == seed
+        and _row_value(r, "task.kind") is not None
+        and all(str(_row_value(r, k)) == str(v) for k, v in where.items())
+    ]
+    if not rows:
+        raise ConfigError(
+            f"No finished task runs with seed {seed} and settings {where or '{}'} in {str(study)!r}; "
+            "check the --where values against the study's grid."
+        )
+    chosen: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: r["run_id"]):
+        chosen.setdefault((str(_row_value(r, "task.kind")), r["variant_id"]), r)
+    tasks = list(dict.fromkeys(k for k, _ in chosen))
+    variants = sorted({v for _, v in chosen}, key=_table2_order)
+    captures: dict[tuple[str, str], Any] = {}
+    drawn = []
+    for task in tasks:
+        for vid in variants:
+            r = chosen.get((task, vid))
+            if r is None:
+                continue
+            weights = study / r["out_dir"] / "model.safetensors"
+            meta = read_metadata(weights)
+            model = load_model(weights, device=device).eval()
+            x, _ = synthetic_batch(_train_config(meta), batch_size=1, seq_len=None)
+            name = VariantSpec.parse(vid).paper_name
+            captures[(task, name)] = collect_attention(model, x.to(device), keep_inputs=False)
+            drawn.append({"task": task, "variant": name, "run_id": r["run_id"], "val_acc": r.get("val_acc")})
+    settings = ", ".join(f"{k}={v}" for k, v in where.items())
+    title = f"{_study_title(study)}: layer {layer}, head mean, seed {seed}" + (f", {settings}" if settings else "")
+    return plot_task_grid(captures, path, layer=layer, title=title), drawn
+
+
+def _study_title(study: Path) -> str:
+    return study.resolve().name
 
 
 def compare_maps(captures: dict[str, Any], path: str | Path) -> Path:

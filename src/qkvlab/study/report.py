@@ -585,8 +585,8 @@ def write_report(
         lines.append("")
 
     if plots:
-        for stale in out.glob("*.png"):  # plots of groups that are gone
-            if stale not in written:
+        for stale in out.glob("*.png"):  # plots of groups that are gone (other figures stay)
+            if stale not in written and stale.name.startswith(("loss-", "pareto-", "ladder-")):
                 stale.unlink()
     report = out / "report.md"
     atomic_write(report, lambda tmp: Path(tmp).write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8"))
@@ -982,7 +982,7 @@ def _metric_report(
         path = plot_metric_bars(summary, metric, colors, out / f"{_slug(metric.key)}-by-group.png", _study_name(study))
         if path is not None:
             lines += [f"![{metric.label} per group and variant]({path.name})", ""]
-        for stale in out.glob("*.png"):
+        for stale in out.glob("*-by-group.png"):  # this report's own plots only (attention maps etc. stay)
             if stale != path:
                 stale.unlink()
     if skipped:

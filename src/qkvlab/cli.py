@@ -4,7 +4,8 @@ Commands: ``variants`` (cost table of a preset's variants), ``presets`` (list th
 shapes), ``demo`` (the main job), ``train`` (a YAML config plus ``KEY=VALUE`` overrides),
 ``eval ppl`` (perplexity of a checkpoint), ``generate`` (KV-cached sampling), ``sweep`` and
 ``report`` (studies), ``analyze`` (projection similarity, effective rank, attention symmetry and
-maps of checkpoints), ``maps`` (a task study's attention maps, tasks x variants). A user's mistake prints one line and exits with 2.
+maps of checkpoints), ``maps`` (a task study's attention maps, tasks x variants). A user's
+mistake prints one line and exits with 2.
 """
 
 from __future__ import annotations

@@ -529,3 +529,43 @@ def test_paper_table3_columns_are_dataset_names_the_vision_task_knows():
     assert table.group_by == "task.dataset" and table.metric == "val_acc"
     assert {d for row in table.values.values() for d in row} <= set(DATASETS)
     assert table.values["Q=K=V"]["tinyimagenet"] == 0.266  # the paper's best TinyImageNet row
+
+
+def test_report_shows_linear_attention_state_not_a_zero_cache(tmp_path: Path):
+    store = ResultsStore(tmp_path)
+    common = dict(kv_cache_dtype="bfloat16", params_total=1000, params_attention=100)
+    store.append(
+        _row(
+            "a",
+            "QKV",
+            "q_k_v+learned",
+            "tiny",
+            100,
+            0,
+            10.0,
+            kv_cache_bytes_per_token=512,
+            cache_reduction=0.0,
+            **common,
+        )
+    )
+    store.append(
+        _row(
+            "b",
+            "QKV (linear)",
+            "q_k_v+learned+linear",
+            "tiny",
+            100,
+            0,
+            11.0,
+            kv_cache_bytes_per_token=0,
+            cache_reduction=1.0,
+            decode_state_bytes=4608,
+            **common,
+        )
+    )
+    md = write_report(tmp_path, plots=False).read_text()
+    table = _table(md, "tiny, 100 tokens")
+    assert table["QKV"]["Δ PPL vs QKV"] == "baseline"  # the linear row is not the baseline
+    lin = table["QKV (linear)"]
+    assert lin["Δ PPL vs QKV"] == "+10.00%"
+    assert lin["KV cache B/token"] == "0 (fixed 4.50 KiB state)" and lin["Cache reduction"] == "n/a"

@@ -303,15 +303,23 @@ def variant_table(stats: list[VariantStats], *, decode: bool) -> list[str]:
     body = []
     for s in stats:
         kv = s.first("kv_cache_bytes_per_token")
+        state = s.first("decode_state_bytes")  # linear attention: a fixed-size state, no per-token cache
+        cache_cells = (
+            [f"0 (fixed {fmt_bytes(state)} state)", f"{fmt_bytes(state)} (fixed)", "n/a"]
+            if state
+            else [
+                "n/a" if kv is None else f"{kv:,}",
+                fmt_bytes(None if kv is None else kv * CONTEXT),
+                fmt_pct(s.first("cache_reduction"), signed=False, digits=1),
+            ]
+        )
         cells = [
             s.label,
             str(s.val_ppl[2] or len(s.rows)),
             fmt_mean_std(s.val_loss, 4),
             fmt_mean_std(s.val_ppl, 2),
             "baseline" if s.baseline else fmt_pct(s.ppl_change),
-            "n/a" if kv is None else f"{kv:,}",
-            fmt_bytes(None if kv is None else kv * CONTEXT),
-            fmt_pct(s.first("cache_reduction"), signed=False, digits=1),
+            *cache_cells,
             fmt_count(s.first("params_total")),
             fmt_count(s.first("params_attention")),
             fmt_rate(s.mean("train_tokens_per_s")),

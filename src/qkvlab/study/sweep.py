@@ -467,6 +467,7 @@ def _costs(model_json: str, family: str = "gpt") -> dict[str, Any]:
         from qkvlab.costs import build_on_meta, count_params
 
         none = {"kv_cache_bytes_per_token": None, "cache_reduction": None, "kv_cache_dtype": None}
+        none["decode_state_bytes"] = None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -477,7 +478,9 @@ def _costs(model_json: str, family: str = "gpt") -> dict[str, Any]:
     cfg = GPTConfig.from_dict(json.loads(model_json))
     (row,) = variant_costs(cfg, [cfg.variant])
     keep = ("params_total", "params_attention", "kv_cache_bytes_per_token", "cache_reduction", "dtype")
-    return {("kv_cache_dtype" if k == "dtype" else k): row[k] for k in keep}
+    out = {("kv_cache_dtype" if k == "dtype" else k): row[k] for k in keep}
+    out["decode_state_bytes"] = row.get("decode_state_bytes") or None  # linear attention's fixed state
+    return out
 
 
 def _run_info(run_dir: Path) -> dict[str, Any]:

@@ -106,7 +106,73 @@ class LayerKVCache:
         return (k, k) if self.kv_shared else (k, self.v[:, :, :length])
 
 
-class KVCache:
+class _DecodeState:
+    """What a KV cache and a linear-attention state share: sizes, position, storages, checks.
+
+    Subclasses set ``noun`` and ``alloc_hint`` (for error messages), fill ``layers`` and say
+    which tensors a layer holds in :meth:`_layer_tensors`.
+    """
+
+    noun = "decode state"
+    alloc_hint = "model.new_cache(batch_size)"
+
+    def __init__(self, layout: CacheLayout, batch_size: int, max_len: int, dtype: torch.dtype, device) -> None:
+        if batch_size < 1 or max_len < 1:
+            raise ConfigError(
+                f"{type(self).__name__} needs batch_size >= 1 and max_len >= 1, got {batch_size} and {max_len}."
+            )
+        self.layout = layout
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.length = 0
+        self.layers: list = []
+
+    @staticmethod
+    def _layer_tensors(layer) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes really allocated: the sum over distinct storages."""
+        return sum(st.nbytes() for st in self._storages().values())
+
+    def _storages(self) -> dict[int, torch.UntypedStorage]:
+        # Meta tensors all report data_ptr 0, so tell them apart by identity there.
+        meta = self.device.type == "meta"
+        out: dict[int, torch.UntypedStorage] = {}
+        for layer in self.layers:
+            for t in self._layer_tensors(layer):
+                st = t.untyped_storage()
+                out[id(t) if meta else st.data_ptr()] = st
+        return out
+
+    @property
+    def n_tensors(self) -> int:
+        """Distinct tensors allocated."""
+        return len(self._storages())
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def check_compatible(self, layout: CacheLayout, batch_size: int, device: torch.device) -> None:
+        """Raise a clear error if this state was built for another model, batch or device."""
+        if layout != self.layout:
+            raise ConfigError(
+                f"This {self.noun} was allocated for {self.layout} but the model needs {layout}; "
+                f"allocate it with {self.alloc_hint}."
+            )
+        if batch_size != self.batch_size:
+            raise ConfigError(f"Batch of {batch_size} rows given to a {self.noun} allocated for {self.batch_size}.")
+        if device.type != self.device.type or (device.index or 0) != (self.device.index or 0):
+            raise ConfigError(
+                f"The {self.noun} is on {self.device} but the model runs on {device}; allocate it on the "
+                f"model's device ({self.alloc_hint} does this) or move the model."
+            )
+
+
+class KVCache(_DecodeState):
     """Static cache for all layers of one model; see the module docstring.
 
     Args:
@@ -115,6 +181,9 @@ class KVCache:
         max_len: positions allocated; writing past it raises :class:`ConfigError`.
         dtype, device: of the stored tensors; they must match the model's activations.
     """
+
+    noun = "KV cache"
+    alloc_hint = "KVCache.for_model(model, ...)"
 
     def __init__(
         self,
@@ -125,19 +194,12 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        if batch_size < 1 or max_len < 1:
-            raise ConfigError(f"KVCache needs batch_size >= 1 and max_len >= 1, got {batch_size} and {max_len}.")
+        super().__init__(layout, batch_size, max_len, dtype, device)
         if layout.linear:
             raise ConfigError(
                 "A linear-attention model keeps a fixed-size state, not a KV cache; build it with "
                 "model.new_cache(batch_size) or LinearState.for_model(model, batch_size)."
             )
-        self.layout = layout
-        self.batch_size = batch_size
-        self.max_len = max_len
-        self.dtype = dtype
-        self.device = torch.device(device)
-        self.length = 0
         shape = (batch_size, layout.n_kv_heads, max_len, layout.head_dim)
         self.layers: list[LayerKVCache] = []
         for _ in range(layout.n_layers):
@@ -169,36 +231,17 @@ class KVCache:
         """Analytic bytes per cached token (all layers), from the layout and dtype."""
         return self.layout.bytes_per_token(self.dtype)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes really allocated: the sum over distinct storages."""
-        return sum(st.nbytes() for st in self._storages().values())
-
-    def _storages(self) -> dict[int, torch.UntypedStorage]:
-        # Meta tensors all report data_ptr 0, so tell them apart by identity there.
-        meta = self.device.type == "meta"
-        out: dict[int, torch.UntypedStorage] = {}
-        for layer in self.layers:
-            for t in (layer.k, layer.v):
-                st = t.untyped_storage()
-                out[id(t) if meta else st.data_ptr()] = st
-        return out
+    @staticmethod
+    def _layer_tensors(layer: LayerKVCache) -> tuple[torch.Tensor, ...]:
+        return (layer.k, layer.v)  # the same tensor twice when K=V is shared: one storage
 
     @property
     def measured_bytes_per_token(self) -> float:
         return self.nbytes / (self.batch_size * self.max_len)
 
-    @property
-    def n_tensors(self) -> int:
-        """Distinct tensors allocated (one per layer when K=V is shared)."""
-        return len(self._storages())
-
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         self.length = 0
-
-    def advance(self, n: int) -> None:
-        self.length += n
 
     def check_room(self, T: int) -> None:
         if self.length + T > self.max_len:
@@ -206,21 +249,6 @@ class KVCache:
                 f"KV cache full: {self.length} positions used + {T} new > max_len={self.max_len}. "
                 "Allocate a longer cache (KVCache.for_model(model, batch_size, max_len=...)) or "
                 "generate fewer tokens."
-            )
-
-    def check_compatible(self, layout: CacheLayout, batch_size: int, device: torch.device) -> None:
-        """Raise a clear error if this cache was built for another model, batch or device."""
-        if layout != self.layout:
-            raise ConfigError(
-                f"This KV cache was allocated for {self.layout} but the model needs {layout}; "
-                "allocate it with KVCache.for_model(model, ...)."
-            )
-        if batch_size != self.batch_size:
-            raise ConfigError(f"Batch of {batch_size} rows given to a KV cache allocated for {self.batch_size}.")
-        if device.type != self.device.type or (device.index or 0) != (self.device.index or 0):
-            raise ConfigError(
-                f"KV cache is on {self.device} but the model runs on {device}; allocate the cache on "
-                "the model's device (KVCache.for_model(model, ...) does this) or move the model."
             )
 
     def _check(self, t: torch.Tensor, end: int) -> None:
@@ -272,7 +300,7 @@ class LayerLinearState:
         self.n = n
 
 
-class LinearState:
+class LinearState(_DecodeState):
     """Fixed-size decode state of a linear-attention model (all layers); replaces the KV cache.
 
     Per layer and KV head it holds ``S = sum_s lam^(t-s) phi(k_s) v_s^T`` (``head_dim x head_dim``)
@@ -297,6 +325,9 @@ class LinearState:
         state.nbytes                                # the same after 10 or 10,000 tokens
     """
 
+    noun = "linear-attention state"
+    alloc_hint = "model.new_cache(batch_size)"
+
     def __init__(
         self,
         layout: CacheLayout,
@@ -311,14 +342,7 @@ class LinearState:
                 "LinearState is the decode state of linear attention (variants with '+linear'); this "
                 "model uses softmax attention: build a KV cache with model.new_cache(batch_size)."
             )
-        if batch_size < 1 or max_len < 1:
-            raise ConfigError(f"LinearState needs batch_size >= 1 and max_len >= 1, got {batch_size} and {max_len}.")
-        self.layout = layout
-        self.batch_size = batch_size
-        self.max_len = max_len
-        self.dtype = dtype
-        self.device = torch.device(device)
-        self.length = 0
+        super().__init__(layout, batch_size, max_len, dtype, device)
         B, H, D = batch_size, layout.n_kv_heads, layout.head_dim
         self.layers = [
             LayerLinearState(
@@ -366,24 +390,9 @@ class LinearState:
         """Analytic bytes of the whole state (all layers, all rows)."""
         return self.layout.state_bytes(self.dtype) * self.batch_size
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes really allocated: the sum over distinct storages."""
-        return sum(st.nbytes() for st in self._storages().values())
-
-    def _storages(self) -> dict[int, torch.UntypedStorage]:
-        meta = self.device.type == "meta"
-        out: dict[int, torch.UntypedStorage] = {}
-        for layer in self.layers:
-            for t in (layer.S, layer.n):
-                st = t.untyped_storage()
-                out[id(t) if meta else st.data_ptr()] = st
-        return out
-
-    @property
-    def n_tensors(self) -> int:
-        """Distinct tensors allocated: two per layer (S and n)."""
-        return len(self._storages())
+    @staticmethod
+    def _layer_tensors(layer: LayerLinearState) -> tuple[torch.Tensor, ...]:
+        return (layer.S, layer.n)
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -393,30 +402,12 @@ class LinearState:
             layer.n.zero_()
         self.length = 0
 
-    def advance(self, n: int) -> None:
-        self.length += n
-
     def check_room(self, T: int) -> None:
         if self.length + T > self.max_len:
             raise ConfigError(
                 f"Linear-attention state at position {self.length} + {T} new > max_len={self.max_len} "
                 "(positions past it have no embedding). Create it with a larger max_len "
                 "(model.new_cache(batch_size, max_len=...)) or generate fewer tokens."
-            )
-
-    def check_compatible(self, layout: CacheLayout, batch_size: int, device: torch.device) -> None:
-        """Raise a clear error if this state was built for another model, batch or device."""
-        if layout != self.layout:
-            raise ConfigError(
-                f"This linear-attention state was allocated for {self.layout} but the model needs {layout}; "
-                "build it with model.new_cache(batch_size)."
-            )
-        if batch_size != self.batch_size:
-            raise ConfigError(f"Batch of {batch_size} rows given to a state allocated for {self.batch_size}.")
-        if device.type != self.device.type or (device.index or 0) != (self.device.index or 0):
-            raise ConfigError(
-                f"Linear-attention state is on {self.device} but the model runs on {device}; build it on "
-                "the model's device (model.new_cache(...) does this) or move the model."
             )
 
     def __repr__(self) -> str:

@@ -59,7 +59,8 @@ from qkvlab.checkpoint import atomic_write
 from qkvlab.data import vision as vdata
 from qkvlab.errors import ConfigError
 from qkvlab.models.config import SetConfig
-from qkvlab.tasks.vision import as_epochs, as_int, build_config, check_keys, model_fields
+from qkvlab.tasks.vision import as_epochs, as_int, build_config, model_fields
+from qkvlab.train.config import check_keys
 
 TASK_KEYS = (
     "name",

@@ -30,7 +30,6 @@ shared synthetic one, the labels are the ten digits, ``max_seq_len`` defaults to
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -43,18 +42,9 @@ from torch import nn
 from qkvlab.data import synthetic as synth
 from qkvlab.errors import ConfigError
 from qkvlab.models.config import EncoderConfig
+from qkvlab.train.config import check_keys
 
 TASK_KEYS = ("name", "kind", "seq_len", "n_train", "n_test", "seed", "epochs")
-
-
-def _check_keys(where: str, d: dict[str, Any], valid: tuple[str, ...]) -> None:
-    for key in d:
-        if key not in valid:
-            near = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" Did you mean '{where}.{near[0]}'?" if near else ""
-            raise ConfigError(
-                f"Unknown config key '{where}.{key}'.{hint} Valid keys under '{where}': {', '.join(valid)}."
-            )
 
 
 def _int(key: str, value: Any, minimum: int) -> int:
@@ -79,7 +69,7 @@ class SyntheticSettings:
     @classmethod
     def from_train_config(cls, config) -> SyntheticSettings:
         task = dict(config.task)
-        _check_keys("task", task, TASK_KEYS)
+        check_keys("task", task, TASK_KEYS)
         if "kind" not in task:
             raise ConfigError(f"The synthetic task needs task.kind, one of {', '.join(synth.TASKS)}.")
         kind = task["kind"]
@@ -211,7 +201,7 @@ class SyntheticTask:
 
         settings = SyntheticSettings.from_train_config(config)
         valid = ("preset", *(f.name for f in dataclasses.fields(EncoderConfig)))
-        _check_keys("model", config.model, valid)
+        check_keys("model", config.model, valid)
         fields = {k: v for k, v in config.model.items() if k != "preset"}
         preset = config.model.get("preset")
         base = {k: v for k, v in PRESETS[preset].items() if k not in ("vocab_size", "max_seq_len")} if preset else {}

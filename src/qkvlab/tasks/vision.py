@@ -35,7 +35,6 @@ left out; if given they must match the data.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +47,7 @@ from torch import nn
 from qkvlab.data import vision as vdata
 from qkvlab.errors import ConfigError
 from qkvlab.models.config import ViTConfig
+from qkvlab.train.config import check_keys
 
 TASK_KEYS = (
     "name",
@@ -65,16 +65,6 @@ TASK_KEYS = (
 NORMALIZE = ("dataset", "none")
 # Preset fields that describe a language model, not a ViT.
 _NOT_VIT = ("vocab_size", "max_seq_len", "tie_embeddings")
-
-
-def check_keys(where: str, d: dict[str, Any], valid: tuple[str, ...]) -> None:
-    for key in d:
-        if key not in valid:
-            near = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" Did you mean '{where}.{near[0]}'?" if near else ""
-            raise ConfigError(
-                f"Unknown config key '{where}.{key}'.{hint} Valid keys under '{where}': {', '.join(valid)}."
-            )
 
 
 def as_int(key: str, value: Any, minimum: int, *, optional: bool = False) -> int | None:

@@ -232,8 +232,8 @@ class TrainConfig:
         if name != "lm":
             tasks.check_config(self)  # the task validates its settings and its model section
             return
-        _check_keys("task", self.task, ["name"])
-        _check_keys("model", self.model, MODEL_KEYS)
+        check_keys("task", self.task, ["name"])
+        check_keys("model", self.model, MODEL_KEYS)
         self.model_config()  # a bad variant or shape fails here, before any data is read
 
     # ------------------------------------------------------------- derived
@@ -292,7 +292,7 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any] | None) -> TrainConfig:
         """Build and validate a config; unknown keys and wrong types raise :class:`ConfigError`."""
         d = dict(d or {})
-        _check_keys("", d, [f.name for f in dataclasses.fields(cls)])
+        check_keys("", d, [f.name for f in dataclasses.fields(cls)])
         hints = typing.get_type_hints(cls)
         kwargs: dict[str, Any] = {}
         for name, value in d.items():
@@ -320,12 +320,13 @@ def _section(name: str, cls: type, value: Any) -> Any:
     if value is None:
         return cls()
     _check(isinstance(value, dict), f"{name} must be a mapping of keys to values, got {value!r}.")
-    _check_keys(name, value, [f.name for f in dataclasses.fields(cls)])
+    check_keys(name, value, [f.name for f in dataclasses.fields(cls)])
     hints = typing.get_type_hints(cls)
     return cls(**{k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in value.items()})
 
 
-def _check_keys(prefix: str, d: dict[str, Any], valid: typing.Sequence[str]) -> None:
+def check_keys(prefix: str, d: dict[str, Any], valid: typing.Sequence[str]) -> None:
+    """ConfigError for the first key of ``d`` not in ``valid``, naming the nearest valid one."""
     for key in d:
         if key not in valid:
             full = f"{prefix}.{key}" if prefix else str(key)

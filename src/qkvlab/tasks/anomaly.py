@@ -59,7 +59,7 @@ from qkvlab.checkpoint import atomic_write
 from qkvlab.data import vision as vdata
 from qkvlab.errors import ConfigError
 from qkvlab.models.config import SetConfig
-from qkvlab.tasks.vision import as_epochs, as_int, build_config, model_fields
+from qkvlab.tasks.vision import as_epochs, as_int, build_config, evaluate_classifier, model_fields
 from qkvlab.train.config import check_keys
 
 TASK_KEYS = (
@@ -552,23 +552,14 @@ class AnomalyTask:
         """Loss and odd-one-out accuracy over all ``n_test_sets`` test sets, summed over processes."""
         model.eval()
         feats = self.test_feats.to(ctx.device)
-        sets_all = torch.from_numpy(self.test_sets[ctx.rank :: ctx.world_size])
-        odd_all = torch.from_numpy(self.test_odd[ctx.rank :: ctx.world_size])
-        total = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # summed loss, correct, sets
-        step = max(1, batch_size // ctx.world_size)
-        for i in range(0, len(sets_all), step):
-            sets, odd = sets_all[i : i + step].to(ctx.device), odd_all[i : i + step].to(ctx.device)
-            with ctx.autocast():
-                scores = model(feats[sets]).float()
-            total[0] += F.cross_entropy(scores, odd, reduction="sum").double()
-            total[1] += (scores.argmax(-1) == odd).sum()
-            total[2] += len(odd)
-        total = ctx.sum(total)
-        return {
-            "val_loss": (total[0] / total[2]).item(),
-            "val_acc": (total[1] / total[2]).item(),
-            "val_sets": int(total[2].item()),
-        }
+        return evaluate_classifier(
+            lambda sets: model(feats[sets]),
+            self.test_sets,
+            self.test_odd,
+            batch_size=batch_size,
+            ctx=ctx,
+            count_key="val_sets",
+        )
 
     def info(self) -> dict[str, Any]:
         s, f = self.settings, self.features

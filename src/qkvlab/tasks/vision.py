@@ -67,6 +67,31 @@ NORMALIZE = ("dataset", "none")
 _NOT_VIT = ("vocab_size", "max_seq_len", "tie_embeddings")
 
 
+def evaluate_classifier(forward, inputs, labels, *, batch_size: int, ctx, count_key: str) -> dict[str, float]:
+    """Summed cross-entropy and accuracy of ``forward(inputs)`` against ``labels`` over all processes.
+
+    Each process scores every ``world_size``-th example (numpy arrays, moved to the device a
+    batch at a time); returns ``val_loss``, ``val_acc`` and the example count as ``count_key``.
+    """
+    x_all = torch.from_numpy(inputs[ctx.rank :: ctx.world_size])
+    y_all = torch.from_numpy(labels[ctx.rank :: ctx.world_size])
+    total = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # summed loss, correct, examples
+    step = max(1, batch_size // ctx.world_size)
+    for i in range(0, len(x_all), step):
+        x, y = x_all[i : i + step].to(ctx.device), y_all[i : i + step].to(ctx.device)
+        with ctx.autocast():
+            logits = forward(x).float()
+        total[0] += F.cross_entropy(logits, y, reduction="sum").double()
+        total[1] += (logits.argmax(-1) == y).sum()
+        total[2] += len(y)
+    total = ctx.sum(total)
+    return {
+        "val_loss": (total[0] / total[2]).item(),
+        "val_acc": (total[1] / total[2]).item(),
+        count_key: int(total[2].item()),
+    }
+
+
 def as_int(key: str, value: Any, minimum: int, *, optional: bool = False) -> int | None:
     if value is None and optional:
         return None
@@ -390,23 +415,14 @@ class VisionTask:
         """Loss and accuracy over the whole validation set (``task.n_test`` sizes it, not
         ``max_batches``). Each process scores every ``world_size``-th image; sums are added."""
         model.eval()
-        x_all = torch.from_numpy(self.data.val_x[ctx.rank :: ctx.world_size])
-        y_all = torch.from_numpy(self.data.val_y[ctx.rank :: ctx.world_size])
-        total = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # summed loss, correct, images
-        step = max(1, batch_size // ctx.world_size)
-        for i in range(0, len(x_all), step):
-            x, y = x_all[i : i + step].to(ctx.device), y_all[i : i + step].to(ctx.device)
-            with ctx.autocast():
-                logits = model(self.normalize(x)).float()
-            total[0] += F.cross_entropy(logits, y, reduction="sum").double()
-            total[1] += (logits.argmax(-1) == y).sum()
-            total[2] += len(y)
-        total = ctx.sum(total)
-        return {
-            "val_loss": (total[0] / total[2]).item(),
-            "val_acc": (total[1] / total[2]).item(),
-            "val_images": int(total[2].item()),
-        }
+        return evaluate_classifier(
+            lambda x: model(self.normalize(x)),
+            self.data.val_x,
+            self.data.val_y,
+            batch_size=batch_size,
+            ctx=ctx,
+            count_key="val_images",
+        )
 
     def info(self) -> dict[str, Any]:
         s, d = self.settings, self.data

@@ -54,3 +54,25 @@ def bf16_peak(name: str) -> float | None:
         if frag in name:
             return peak
     return None
+
+
+def write_json(doc: dict, name: str, extra_path: str | None = None) -> list[str]:
+    """Write ``doc`` to ``extra_path`` (if given) and to ``$OUT/name`` (on the device machine).
+
+    Called after every case as well as at the end, so a run stopped at its time limit still
+    leaves the rows it finished. Each write replaces the file atomically.
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    out_env = os.environ.get("OUT") and os.path.join(os.environ["OUT"], name)
+    written = []
+    for path in filter(None, [extra_path, out_env]):
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(p.suffix + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        tmp.replace(p)
+        written.append(str(p))
+    return written

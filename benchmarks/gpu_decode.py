@@ -279,11 +279,20 @@ def run_point(B, S, Hkv, device, bench, rounds: int, log) -> dict:
 
 # ----------------------------------------------------------------------------- sweep
 def sweep_configs(G: int) -> list[DecodeConfig]:
-    """Launch configs to compare (tl.dot score path): tile, warps, RoPE table mode, split target."""
-    tiles = [(64, 4, "add_regs"), (32, 4, "add_regs"), (64, 8, "add_regs"), (128, 8, "add_regs"), (64, 4, "add")]
-    cfgs = [DecodeConfig(block_n=bn, num_warps=w, rope_mode=mode) for bn, w, mode in tiles]
-    cfgs += [DecodeConfig(programs_per_sm=pps) for pps in (2, 8)]
-    return cfgs
+    """Launch configs to compare (tl.dot score path): RoPE mode, prefetch, pipelining depth, tile, warps, splits."""
+    C = DecodeConfig
+    return [
+        C(),  # the defaults: qrot, 3 stages, no register prefetch, 4 programs per SM, >= 2 tiles a split
+        C(rope_mode="add_regs"),
+        C(num_stages=5),
+        C(num_warps=2),
+        C(block_n=128, num_stages=2),
+        C(programs_per_sm=3),
+        C(programs_per_sm=6),
+        C(min_tiles_per_split=8),
+        C(min_tiles_per_split=16),
+        C(min_tiles_per_split=16, programs_per_sm=8),
+    ]
 
 
 def run_sweep(device, bench, log, smoke=False) -> list[dict]:
@@ -441,8 +450,13 @@ def main(argv=None) -> int:
     data["timing"] = "triton.testing.do_bench median (L2 flushed before each call) of " + (
         "plain calls" if args.no_graphs else "CUDA-graph replays, one graph per method (ours_rope_kv_eager: plain call)"
     )
+    targets = [Path(os.environ["OUT"]) / "gpu_decode.json"] if os.environ.get("OUT") else []
+    if args.out:
+        targets.append(args.out)
     if args.sweep:
         data["sweep"] = run_sweep(device, bench, log, smoke=args.smoke)
+        for t in targets:  # kept even if the main table is stopped at the time limit
+            write_json(data, t)
     if not args.no_main:
         if args.smoke:
             pts = SMOKE_POINTS
@@ -466,9 +480,6 @@ def main(argv=None) -> int:
     for line in EAGER_FALLBACKS:
         log(f"timed without a graph: {line}")
     data["wall_s"] = round(time.time() - t_start, 1)
-    targets = [Path(os.environ["OUT"]) / "gpu_decode.json"] if os.environ.get("OUT") else []
-    if args.out:
-        targets.append(args.out)
     for t in targets:
         write_json(data, t)
     if data["points"]:

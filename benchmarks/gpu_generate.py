@@ -4,8 +4,8 @@ Issue 5, goals G1 (decode tokens/s, Q-K=V vs QKV at batch 1: >= 1.45x at 32k con
 >= 1.1x at 4k) and G2 (cached tokens that fit a fixed memory budget: >= 1.95x).
 
 Model: 16 layers, d_model 2048, 32 heads of 64 (Llama-3.2-1B's attention shape), SwiGLU
-d_ff 8192, RoPE, RMSNorm, GPT-2 vocabulary (50,304): 1.18B parameters for QKV. Random
-weights in bf16 (speed does not depend on the values). For each variant, batch (1, 16) and
+d_ff 8192, RoPE, RMSNorm, GPT-2 vocabulary (50,304): 1.28B parameters for QKV (untied embedding
+and head). Random weights in bf16 (speed does not depend on the values). For each variant, batch (1, 16) and
 context (4k, 32k), the cache is filled with random entries up to the context (no prefill is
 timed; a 32k prefill at batch 16 would need the full logits), then decode steps are timed
 with CUDA events (median of ``--steps`` steps, after warm-up):
@@ -28,14 +28,14 @@ Run on the GPU machine from the repository root::
 from __future__ import annotations
 
 import argparse
-import json
+import gc
 import os
 import statistics
 from pathlib import Path
 
 import torch
 
-from benchutil import env_info
+from benchutil import env_info, write_json
 from qkvlab.attention.cache import KVCache
 from qkvlab.models import GPT, GPTConfig
 from qkvlab.models.decoding import StaticDecoder
@@ -90,6 +90,7 @@ def decode_case(model, variant, B, S, args, device) -> dict:
         cache = model.new_cache(B, max_len)
     except torch.OutOfMemoryError:
         row["error"] = "OOM allocating the cache"
+        release(device)  # the layers allocated before the failure
         return row
     row["cache_GiB"] = cache.nbytes / 2**30
     token = torch.randint(0, model.config.vocab_size, (B,), device=device, generator=gen)
@@ -113,9 +114,52 @@ def decode_case(model, variant, B, S, args, device) -> dict:
     row["static_step_s"] = time_steps(dec.step, token, steps, device)
     for mode in ("eager", "static"):
         row[f"{mode}_tokens_per_s"] = B / row[f"{mode}_step_s"]
+    dec = cache = None  # drop the references before collecting
+    release(device)
+    return row
+
+
+def release(device) -> None:
+    """Free what the last case held (graph pools and caches sit in reference cycles)."""
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return row
+
+
+def profile_eager(model, variant: str, B: int, S: int, device, out_dir: str | None) -> str:
+    """torch.profiler table of a few eager decode steps (where the eager step's time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = model.new_cache(B, S + 16)
+    fill_cache(cache, S, torch.Generator(device=device).manual_seed(2))
+    token = torch.zeros(B, dtype=torch.long, device=device)
+    for _ in range(3):
+        model.decode_one(token, cache)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(4):
+            model.decode_one(token, cache)
+        torch.cuda.synchronize()
+    text = prof.key_averages().table(sort_by="cpu_time_total", row_limit=18)
+    text += "\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+    # The static step without a graph: its GPU kernels are what a graph replay runs.
+    cache.reset()
+    cache.advance(S)
+    dec = StaticDecoder(model, cache, cuda_graph=False, warmup=1)
+    dec.step(token)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(4):
+            dec.step(token)
+        torch.cuda.synchronize()
+    text += "\n\nstatic step (4 steps, no graph), by GPU time\n"
+    text += prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    dec = None
+    if out_dir:
+        Path(out_dir, f"profile_eager_{variant.replace('=', '').replace('-', '_')}.txt").write_text(text)
+    del cache
+    release(device)
+    return text
 
 
 def budget_case(model, budget_bytes: int, device) -> dict:
@@ -139,6 +183,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-graph", action="store_true", help="time the static step without CUDA graphs")
     ap.add_argument("--budget-gib", type=float, default=16.0)
+    ap.add_argument("--profile", default="", help="comma list of variants whose eager decode steps are profiled first")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -153,13 +199,21 @@ def main() -> None:
     print(f"{env['gpu']}, torch {env['torch']}, triton {env.get('triton')}")
     max_ctx = max(s for _, s in points)
     rows, budget = [], {}
-    for variant in VARIANTS:
+    for variant in args.variants.split(","):
         model = build(variant, shape, max_ctx + 2 * args.steps + args.warmup + 16, device, dtype)
+        if variant in args.profile.split(",") and device.type == "cuda":
+            print(profile_eager(model, variant, 1, 4096, device, os.environ.get("OUT")), flush=True)
         n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         for B, S in points:
             row = decode_case(model, variant, B, S, args, device)
             row["params"] = n_params
             rows.append(row)
+            if not args.smoke:
+                write_json(
+                    {"benchmark": "gpu_generate", "env": env, "partial": True, "rows": rows},
+                    "gpu_generate.json",
+                    args.out,
+                )
             if "error" in row:
                 print(f"{variant:<8} B={B:<3} S={S:<6} {row['error']}", flush=True)
                 continue
@@ -172,6 +226,7 @@ def main() -> None:
             )
         budget[variant] = budget_case(model, int(args.budget_gib * 2**30), device)
         del model
+        release(device)
     tol = 1e-4 if args.smoke else 3e-2
     bad = [r for r in rows if r.get("graph_rel_err", 0) > tol]
     ratios = {}
@@ -200,11 +255,9 @@ def main() -> None:
         budget_GiB=args.budget_gib,
         budget=budget,
     )
-    out_env = os.environ.get("OUT") and os.path.join(os.environ["OUT"], "gpu_generate.json")
-    for path in filter(None, [args.out, None if args.smoke else out_env]):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(doc, indent=1))
-        print(f"wrote {path}")
+    if not args.smoke:
+        for path in write_json(doc, "gpu_generate.json", args.out):
+            print(f"wrote {path}")
     if bad:
         raise SystemExit(f"static step differs from eager beyond {tol}: {bad}")
 

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import os
 import statistics
 import sys
 import time
@@ -48,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchutil import bf16_peak, env_info
+from benchutil import bf16_peak, env_info, write_json
 from qkvlab.models import build_model, get_preset
 from qkvlab.train.batches import lm_loss
 
@@ -168,16 +166,21 @@ def run_case(
     return res
 
 
-def qkvlab_case(preset: str, variant: str, *, compiled: bool, B: int, T: int, args, peak) -> dict:
+def qkvlab_case(
+    preset: str, variant: str, *, compiled: bool, B: int, T: int, args, peak, whole_loss: bool = False
+) -> dict:
     torch.manual_seed(0)
     cfg = get_preset(preset, variant=variant)
     model = build_model(cfg).cuda().train()
-    fwd = torch.compile(model) if compiled else model
+    fwd = torch.compile(model) if compiled and not whole_loss else model
 
     def loss_fn(batch):
         return lm_loss(fwd(batch[:, :-1]), batch[:, 1:])
 
-    label = f"qkvlab {preset} {variant} {'compiled' if compiled else 'eager'}"
+    if whole_loss:  # model + fp32 cross-entropy in one graph: the logits' upcast fuses into the loss
+        loss_fn = torch.compile(loss_fn)
+    how = "compiled with loss" if whole_loss else "compiled" if compiled else "eager"
+    label = f"qkvlab {preset} {variant} {how}"
     res = run_case(
         label,
         model,
@@ -191,7 +194,7 @@ def qkvlab_case(preset: str, variant: str, *, compiled: bool, B: int, T: int, ar
         args=args,
         peak=peak,
     )
-    res.update(source="qkvlab", preset=preset, variant=variant, compiled=compiled)
+    res.update(source="qkvlab", preset=preset, variant=variant, compiled=compiled, whole_loss=whole_loss)
     return res
 
 
@@ -230,6 +233,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default="ladder,paper", help="comma list of: ladder, paper")
     ap.add_argument("--ref-dir", default=".data/paper_ref", help="folder with the paper's transformer_*_300_M.py")
+    ap.add_argument("--ladder-presets", default="gpt2-85m,gpt2-300m")
+    ap.add_argument(
+        "--ladder-modes", default="model,loss", help="torch.compile the model alone, and/or model + loss in one graph"
+    )
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--out", default=None)
@@ -244,21 +251,36 @@ def main() -> None:
     print(f"{env['gpu']} (driver {env.get('driver')}), torch {env['torch']}, dense bf16 peak {tflops} TFLOP/s")
     cases = set(args.cases.split(","))
     rows: list[dict] = []
+
+    def add(row: dict) -> None:  # saved after every case: a run stopped at its limit keeps its rows
+        rows.append(row)
+        write_json(
+            {"benchmark": "gpu_train_throughput", "env": env, "partial": True, "rows": rows},
+            "gpu_train_throughput.json",
+            args.out,
+        )
+
     if "ladder" in cases:
-        for preset, B in (("gpt2-85m", 16), ("gpt2-300m", 16)):
-            for variant in ("QKV", "Q-K=V"):
-                rows.append(qkvlab_case(preset, variant, compiled=True, B=B, T=1024, args=args, peak=peak))
+        for preset in args.ladder_presets.split(","):
+            for mode in args.ladder_modes.split(","):
+                for variant in ("QKV", "Q-K=V"):
+                    whole = mode == "loss"
+                    add(
+                        qkvlab_case(
+                            preset, variant, compiled=True, B=16, T=1024, args=args, peak=peak, whole_loss=whole
+                        )
+                    )
     if "paper" in cases:
         B, T = 8, 1024
         for variant in ("QKV", "Q-K=V"):
-            rows.append(qkvlab_case("paper-300m", variant, compiled=False, B=B, T=T, args=args, peak=peak))
-            rows.append(qkvlab_case("paper-300m", variant, compiled=True, B=B, T=T, args=args, peak=peak))
+            add(qkvlab_case("paper-300m", variant, compiled=False, B=B, T=T, args=args, peak=peak))
+            add(qkvlab_case("paper-300m", variant, compiled=True, B=B, T=T, args=args, peak=peak))
         for filename, cls, variant in (
             ("transformer_KQV_300_M.py", "GPT", "QKV"),
             ("transformer_KV_1_300_M.py", "GPT_QKV_KEqualsV", "Q-K=V"),
         ):
             for sdpa in (False, True):
-                rows.append(reference_case(filename, cls, variant, sdpa=sdpa, B=B, T=T, args=args, peak=peak))
+                add(reference_case(filename, cls, variant, sdpa=sdpa, B=B, T=T, args=args, peak=peak))
 
     def find(**kw):
         return next((r for r in rows if all(r.get(k) == v for k, v in kw.items())), None)
@@ -266,15 +288,15 @@ def main() -> None:
     print("\nratios (tokens/s)")
     summary = {}
     for preset in ("gpt2-85m", "gpt2-300m", "paper-300m"):
-        for compiled in (True, False):
-            a = find(preset=preset, variant="QKV", compiled=compiled)
-            b = find(preset=preset, variant="Q-K=V", compiled=compiled)
+        for compiled, whole in ((True, True), (True, False), (False, False)):
+            a = find(preset=preset, variant="QKV", compiled=compiled, whole_loss=whole)
+            b = find(preset=preset, variant="Q-K=V", compiled=compiled, whole_loss=whole)
             if a and b:
-                key = f"{preset} {'compiled' if compiled else 'eager'}: Q-K=V / QKV"
-                summary[key] = b["tokens_per_s"] / a["tokens_per_s"]
+                how = "compiled with loss" if whole else "compiled" if compiled else "eager"
+                summary[f"{preset} {how}: Q-K=V / QKV"] = b["tokens_per_s"] / a["tokens_per_s"]
     for variant in ("QKV", "Q-K=V"):
         ours_e = find(preset="paper-300m", variant=variant, compiled=False)
-        ours_c = find(preset="paper-300m", variant=variant, compiled=True)
+        ours_c = find(preset="paper-300m", variant=variant, compiled=True, whole_loss=False)
         for sdpa in (False, True):
             ref = find(source="paper", variant=variant, sdpa=sdpa)
             if ref and ours_e:
@@ -284,8 +306,8 @@ def main() -> None:
                     summary[key] = ours["tokens_per_s"] / ref["tokens_per_s"]
     for k, v in summary.items():
         print(f"  {k:<55} {v:6.3f}x")
-    t1 = summary.get("gpt2-85m compiled: Q-K=V / QKV")
-    mfu350 = [r["mfu"] for r in rows if r.get("preset") == "gpt2-300m" and r.get("mfu") is not None]
+    t1 = summary.get("gpt2-85m compiled with loss: Q-K=V / QKV", summary.get("gpt2-85m compiled: Q-K=V / QKV"))
+    mfu350 = {r["case"]: r["mfu"] for r in rows if r.get("preset") == "gpt2-300m" and r.get("mfu") is not None}
     goals = {
         "T1_ratio_124m": t1,
         "T1_ratio_goal": 1.03,
@@ -303,10 +325,7 @@ def main() -> None:
         "ratios": summary,
         "goals": goals,
     }
-    out_env = os.environ.get("OUT") and os.path.join(os.environ["OUT"], "gpu_train_throughput.json")
-    for path in filter(None, [args.out, out_env]):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(doc, indent=1))
+    for path in write_json(doc, "gpu_train_throughput.json", args.out):
         print(f"wrote {path}")
 
 

@@ -56,3 +56,11 @@ def test_generate_refuses_cuda_graph_off_cuda(run_dir):
     result = CliRunner().invoke(app, ["generate", str(run_dir), "--device", "cpu", "--cuda-graph"])
     assert result.exit_code != 0
     assert "--cuda-graph needs a CUDA device" in (result.output + str(result.exception))
+
+
+def test_generate_no_cuda_graph_flag_gives_the_same_text(run_dir):
+    """The default (graphs on CUDA only) and --no-cuda-graph decode the same tokens on a CPU."""
+    args = ["generate", str(run_dir), "--device", "cpu", "--prompt", "def", "--max-new-tokens", "8", "--seed", "1"]
+    a, b = CliRunner().invoke(app, args), CliRunner().invoke(app, [*args, "--no-cuda-graph"])
+    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
+    assert a.output.splitlines()[0] == b.output.splitlines()[0]

@@ -116,3 +116,19 @@ def test_cuda_graph_generate_matches_eager_generate():
     model = cuda_gpt("q_kv+gqa2", "llama", torch.float32)
     idx = torch.randint(0, 512, (3, 17), device="cuda")
     assert torch.equal(model.generate(idx, 40, cuda_graph=True), model.generate(idx, 40, cuda_graph=False))
+
+
+def test_cuda_cached_decode_does_not_use_cudnn_attention():
+    """cuDNN plans a new graph for every key length (ms of host time per call): eager decode avoids it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = cuda_gpt("q_k_v", "llama", torch.bfloat16)
+    cache = model.new_cache(1, 64)
+    idx = torch.randint(0, 512, (1, 8), device="cuda")
+    model.prefill(idx, cache)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for t in range(3):
+            model.decode_one(idx[:, t], cache)
+    names = {e.key for e in prof.key_averages()}
+    assert "aten::scaled_dot_product_attention" in names  # the profile saw the attention calls
+    assert not any("cudnn_attention" in n for n in names), sorted(n for n in names if "attention" in n)

@@ -134,11 +134,14 @@ def test_kernel_strided_cache_view_and_length_hint():
 
 
 @needs_triton
+@pytest.mark.parametrize("stages", [1, 3])
+@pytest.mark.parametrize("norm", [False, True], ids=["rope", "rope_qkn"])
 @pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no_prefetch"])
-@pytest.mark.parametrize("rope_mode", ["add", "add_regs", "direct"])
-def test_rope_modes_agree(rope_mode, prefetch):
-    q, k, _, lengths, kw = make_inputs(2, 4, 4, 40, 32, shared=True, rope=True, norm=False)
-    cfg = DecodeConfig(block_n=16, num_splits=2, rope_mode=rope_mode, prefetch=prefetch)
+@pytest.mark.parametrize("rope_mode", ["add", "add_regs", "direct", "qrot"])
+def test_rope_modes_agree(rope_mode, prefetch, norm, stages):
+    """Every way of getting the key's angles (incl. rotating the query per tile) gives the reference."""
+    q, k, _, lengths, kw = make_inputs(2, 8, 2, 40, 32, shared=True, rope=True, norm=norm)
+    cfg = DecodeConfig(block_n=16, num_splits=2, rope_mode=rope_mode, prefetch=prefetch, num_stages=stages)
     out = decode_attention(q, k, k, lengths, scale=32**-0.5, config=cfg, **kw)
     assert rel_err(out, reference64(q, k, k, lengths, shared=True, **kw)) < 1e-5
 
@@ -301,6 +304,33 @@ def test_cuda_kernel_matches_reference(case, monkeypatch):
         decode_attention(q, k, v, lengths, scale=D**-0.5, shared_kv=shared, config=cfg, out=out, **kw)
     ref = reference64(q.cpu(), k.cpu(), v.cpu(), lengths.cpu(), shared=shared, **{n: t.cpu() for n, t in kw.items()})
     assert rel_err(out.cpu(), ref) < (2e-4 if dtype == torch.float32 else 1.5e-2)
+
+
+CUDA_CONFIGS = [
+    DecodeConfig(),
+    DecodeConfig(rope_mode="qrot", prefetch=False, num_stages=3),
+    DecodeConfig(rope_mode="qrot", prefetch=True, num_stages=1),
+    DecodeConfig(rope_mode="add_regs", prefetch=False, num_stages=4, block_n=32),
+    DecodeConfig(rope_mode="qrot", prefetch=False, num_stages=3, block_n=128, num_warps=8),
+]
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("norm", [False, True], ids=["rope", "rope_qkn"])
+@pytest.mark.parametrize("cfg", CUDA_CONFIGS, ids=lambda c: f"{c.rope_mode}-pf{int(c.prefetch)}-st{c.num_stages}")
+def test_cuda_kernel_launch_configs(cfg, norm, monkeypatch):
+    """Compiled launch variants (RoPE mode, prefetch, pipelining depth, tile) all match the reference."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, _, lengths, kw = make_inputs(3, 32, 8, 1000, 128, shared=True, rope=True, norm=norm, dtype=torch.bfloat16)
+    q, k, lengths = q.cuda(), k.cuda(), lengths.cuda()
+    kw = {n: t.cuda() for n, t in kw.items()}
+    out = torch.full_like(q, float("nan"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decode_attention(q, k, k, lengths, scale=128**-0.5, shared_kv=True, config=cfg, out=out, **kw)
+    ref = reference64(q.cpu(), k.cpu(), None, lengths.cpu(), shared=True, **{n: t.cpu() for n, t in kw.items()})
+    assert rel_err(out.cpu(), ref) < 1.5e-2
 
 
 @needs_triton

@@ -494,3 +494,21 @@ def test_cli_trains_and_scores_perplexity(tokens_file, tmp_path, capsys, monkeyp
         cli.main()
     err = capsys.readouterr().err
     assert bad.value.code == 2 and err.count("\n") == 1 and "Did you mean 'optim.lr'?" in err
+
+
+@pytest.mark.skipif(
+    sys.platform == "win32" or not any(map(__import__("shutil").which, ("cc", "gcc", "clang"))),
+    reason="torch.compile on CPU needs a C compiler",
+)
+def test_compiled_training_loss_matches_eager(tokens_file, tmp_path):
+    """compile=true compiles model + loss as one graph; the losses and weights match eager training."""
+    runs = {}
+    for name, flag in (("eager", "false"), ("compiled", "true")):
+        cfg = tiny_config(tokens_file, tmp_path / name, "max_steps=4", "eval_every=0", f"compile={flag}")
+        train(cfg, verbose=False)
+        runs[name] = [json.loads(r)["loss"] for r in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    losses = [[r for r in runs[n] if r is not None] for n in ("eager", "compiled")]
+    assert len(losses[0]) == len(losses[1]) == 4
+    assert np.allclose(losses[0], losses[1], rtol=0, atol=1e-4)
+    a, b = weights(tmp_path / "eager/model.safetensors"), weights(tmp_path / "compiled/model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)

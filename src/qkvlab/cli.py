@@ -457,8 +457,12 @@ def generate(
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer; default: the training run's.")] = None,
     device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
     cuda_graph: Annotated[
-        bool, typer.Option(help="On CUDA, replay each decode step as a CUDA graph (static decode step).")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--cuda-graph/--no-cuda-graph",
+            help="Replay each decode step as a CUDA graph (static decode step). Default: on for CUDA.",
+        ),
+    ] = None,
 ) -> None:
     """Continue a prompt with KV-cached decoding; prints the text, tokens/s and the cache's bytes."""
     from qkvlab.checkpoint import load_model, read_metadata
@@ -467,7 +471,9 @@ def generate(
     meta = read_metadata(path)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cuda_graph and not device.startswith("cuda"):
+    if cuda_graph is None:
+        cuda_graph = "auto"
+    elif cuda_graph and not device.startswith("cuda"):
         raise ConfigError(f"--cuda-graph needs a CUDA device, but the model runs on {device!r}; drop the flag.")
     model = load_model(path, device=device).eval()
     tok = _tokenizer_for(path, meta, tokenizer)

@@ -282,6 +282,7 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr,
     PREFETCH: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     """One program = one (batch row, KV head, split of the sequence).
 
@@ -290,12 +291,17 @@ def _decode_split_kernel(
     split in tiles of ``BLOCK_N`` keys. Each tile of the cache is loaded ONCE as two half-width
     blocks ``x1 = s[:, :D/2]``, ``x2 = s[:, D/2:]`` (the two halves of the RoPE pairs). The key
     role is built in registers: optional RMSNorm (its ``rsqrt`` factor is applied to the score
-    column rather than to every element), optional RoPE by angle addition
-    (``cos((n0+n)t) = cos(n0 t)cos(n t) - sin(n0 t)sin(n t)``: one table row per tile plus the
-    table's first ``BLOCK_N`` rows, the same for every tile, so the tables cost no per-key DRAM
-    traffic; ``ROPE_MODE`` 1 holds those rows in registers, 0 re-reads them each tile (L1 hits),
-    2 reads one table row per key instead). The next tile's loads are issued before the current tile is computed
-    (register double-buffering), so each program keeps a tile in flight. Scores ``(GP, BLOCK_N)``
+    column rather than to every element) and optional RoPE. ``ROPE_MODE`` 3 (default) uses
+    ``q . R(n0+n) k = (R(n0)^T q) . (R(n) k)``: the ``(GP, D)`` query block is rotated back by
+    the tile's base angle (one table row per tile) and each key by the angles of ``n < BLOCK_N``,
+    the table's first ``BLOCK_N`` rows, held in registers for the whole loop. The other modes
+    rotate the keys by ``(n0+n) t`` built by angle addition
+    (``cos((n0+n)t) = cos(n0 t)cos(n t) - sin(n0 t)sin(n t)``) from those rows held in registers
+    (1) or re-read each tile (0), or read one table row per key (2). None of them costs per-key
+    DRAM traffic beyond the cache. The tile loop is a ``tl.range`` with ``NUM_STAGES``: the
+    compiler's software pipeliner keeps that many tiles' loads in flight in shared memory.
+    ``PREFETCH`` instead issues the next tile's loads into registers before the current tile is
+    computed (the first version's loop). Scores ``(GP, BLOCK_N)``
     come from ``tl.dot`` (tensor cores, rows padded) or from broadcast-multiply + ``tl.sum``
     (small head dims); ``DOT_F32`` runs the dots in float32 (float32 inputs, and bfloat16 under
     the interpreter). Online softmax in base 2 with a running max ``m`` and sum ``l``. The value
@@ -329,7 +335,10 @@ def _decode_split_kernel(
         w1 = tl.load(W + offs_d).to(tl.float32)
         w2 = tl.load(W + HALF + offs_d).to(tl.float32)
     small_rows = offs_n[:, None] * stride_cs + offs_d[None, :]  # angles n * theta_d, n < BLOCK_N
-    if HAS_ROPE and ROPE_MODE == 1:  # held in registers for the whole loop
+    if HAS_ROPE and ROPE_MODE == 3:  # the query is re-rotated per tile: keep an fp32 copy
+        q1f = q1.to(tl.float32)
+        q2f = q2.to(tl.float32)
+    if HAS_ROPE and (ROPE_MODE == 1 or ROPE_MODE == 3):  # held in registers for the whole loop
         small = (offs_n < cos_rows)[:, None]
         cos_n = tl.load(Cos + small_rows, mask=small, other=1.0).to(tl.float32)
         sin_n = tl.load(Sin + small_rows, mask=small, other=0.0).to(tl.float32)
@@ -342,13 +351,14 @@ def _decode_split_kernel(
     v_base = V + b * stride_vb + kvh * stride_vh
 
     # Register double-buffering (PREFETCH): the loads of tile i+1 are issued before tile i is computed.
-    first = start + offs_n
-    kp = k_base + first[:, None] * stride_ks + offs_d[None, :]
-    x1 = tl.load(kp, mask=(first < end)[:, None], other=0.0)
-    x2 = tl.load(kp + HALF, mask=(first < end)[:, None], other=0.0)
-    # A while loop, not range(): older Triton interpreters cannot take tensor bounds in range().
-    n0 = start
-    while n0 < end:
+    if PREFETCH:
+        first = start + offs_n
+        kp = k_base + first[:, None] * stride_ks + offs_d[None, :]
+        x1 = tl.load(kp, mask=(first < end)[:, None], other=0.0)
+        x2 = tl.load(kp + HALF, mask=(first < end)[:, None], other=0.0)
+    # tl.range with NUM_STAGES > 1 lets the compiler's software pipeliner keep that many tiles'
+    # loads in flight (asynchronous copies to shared memory), independently of PREFETCH.
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
         pos = n0 + offs_n
         n_mask = pos < end
         if not PREFETCH:
@@ -372,7 +382,19 @@ def _decode_split_kernel(
             rnorm = tl.rsqrt(ssq / (2 * HALF) + eps)
             k1 = k1 * w1[None, :]
             k2 = k2 * w2[None, :]
-        if HAS_ROPE:
+        qd1 = q1
+        qd2 = q2
+        if HAS_ROPE and ROPE_MODE == 3:
+            # q . R(n0 + n) k = (R(n0)^T q) . (R(n) k): rotate the (GP, D) query block back by the
+            # tile's base angle, and the keys only by the loop-invariant angles of n < BLOCK_N.
+            cb = tl.load(Cos + n0 * stride_cs + offs_d).to(tl.float32)[None, :]
+            sb = tl.load(Sin + n0 * stride_cs + offs_d).to(tl.float32)[None, :]
+            qd1 = (q1f * cb + q2f * sb).to(q1.dtype)
+            qd2 = (q2f * cb - q1f * sb).to(q2.dtype)
+            r1 = k1 * cos_n - k2 * sin_n
+            k2 = k2 * cos_n + k1 * sin_n
+            k1 = r1
+        elif HAS_ROPE:
             if ROPE_MODE == 2:  # per-key rows of the tables
                 rows = pos[:, None] * stride_cs + offs_d[None, :]
                 c = tl.load(Cos + rows, mask=n_mask[:, None], other=1.0).to(tl.float32)
@@ -389,11 +411,11 @@ def _decode_split_kernel(
             k2 = k2 * c + k1 * sn
             k1 = r1
         if USE_DOT:
-            qk = tl.dot(q1, tl.trans(k1.to(q1.dtype)), input_precision=DOT_PRECISION)
-            qk = tl.dot(q2, tl.trans(k2.to(q2.dtype)), qk, input_precision=DOT_PRECISION)
+            qk = tl.dot(qd1, tl.trans(k1.to(q1.dtype)), input_precision=DOT_PRECISION)
+            qk = tl.dot(qd2, tl.trans(k2.to(q2.dtype)), qk, input_precision=DOT_PRECISION)
         else:
-            qk = tl.reduce(q1[:, None, :] * k1[None, :, :], 2, _sum_fn) + tl.reduce(
-                q2[:, None, :] * k2[None, :, :], 2, _sum_fn
+            qk = tl.reduce(qd1[:, None, :] * k1[None, :, :], 2, _sum_fn) + tl.reduce(
+                qd2[:, None, :] * k2[None, :, :], 2, _sum_fn
             )
         if HAS_NORM:
             qk = qk * (rnorm * qk_scale)[None, :]
@@ -423,7 +445,6 @@ def _decode_split_kernel(
         if PREFETCH:
             x1 = x1_next
             x2 = x2_next
-        n0 += BLOCK_N
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o1 = acc1 / l_safe[:, None]
@@ -489,17 +510,27 @@ def _kernels(interpret: bool):
 class DecodeConfig:
     """Launch choices for :func:`decode_attention`; None picks the heuristic default.
 
-    ``block_n``: keys per tile. ``num_warps`` / ``num_stages``: Triton launch options.
-    ``use_dot``: tensor-core ``tl.dot`` with query rows padded to 16 (default, for D >= 32).
-    ``num_splits``: sequence splits per (row, KV head). ``programs_per_sm``: the split
-    heuristic's target of programs per multiprocessor. ``rope_mode``: how the kernel gets
-    cos / sin of key position ``n0 + n``: ``"add_regs"`` angle addition from the tile's table
-    row and the table's first ``block_n`` rows, held in registers; ``"add"`` the same with those
-    rows re-read each tile; ``"direct"`` one table row per key. On an H100 (B=1, Hq=Hkv=32,
-    S=32k, bf16, RoPE only) they took 156, 196 and 171 us; with QK-norm too, ``"add_regs"``
-    spills registers (355 us against 210 for ``"add"``). None (default): ``"add_regs"`` without
-    QK-norm, ``"add"`` with it.
-    ``prefetch``: issue the next tile's loads before computing the current one.
+    ``block_n``: keys per tile. ``num_warps``: Triton's warps per program. ``num_stages``: the
+    software-pipelining depth of the tile loop (``tl.range``): that many tiles' loads in flight
+    through shared memory (default 3). ``use_dot``: tensor-core ``tl.dot`` with query rows
+    padded to 16 (default, for D >= 32). ``num_splits``: sequence splits per (row, KV head).
+    ``programs_per_sm``: the split heuristic's target of programs per multiprocessor;
+    ``min_tiles_per_split``: its floor on the tiles each split walks (default: a eighth of
+    the tiles, within [2, 16]).
+    ``rope_mode``: how the kernel gets the key's rotation at position ``n0 + n`` (tile base
+    ``n0``): ``"qrot"`` rotates the query block back by ``n0`` once per tile and the keys by the
+    loop-invariant angles of ``n < block_n`` (held in registers), using
+    ``q . R(n0 + n) k = (R(n0)^T q) . (R(n) k)``; ``"add_regs"`` builds ``cos / sin((n0 + n) t)``
+    by angle addition from the tile's table row and those held rows; ``"add"`` the same,
+    re-reading the rows each tile; ``"direct"`` one table row per key.
+    ``prefetch``: issue the next tile's loads into registers before computing the current one
+    (manual double-buffering, the loop of the first version; with ``num_stages`` > 1 the
+    compiler's pipeliner does this better).
+
+    Defaults, from an H100 sweep (B=1, Hq=Hkv=32, S=32k, bf16, RoPE, do_bench medians, cold
+    L2): ``qrot`` + 3 stages 125 us; ``add_regs`` + 3 stages 130; ``add`` + 3 stages 150;
+    ``add_regs`` + register prefetch, no pipelining (the first version) 171; 2 stages 150;
+    block_n 32 208-213; 8 warps 180. ``benchmarks/gpu_decode.py --sweep`` repeats it.
     """
 
     block_n: int | None = None
@@ -508,11 +539,12 @@ class DecodeConfig:
     use_dot: bool | None = None
     num_splits: int | None = None
     programs_per_sm: int = 4
+    min_tiles_per_split: int | None = None
     rope_mode: str | None = None
-    prefetch: bool = True
+    prefetch: bool = False
 
 
-_ROPE_MODES = {"add": 0, "add_regs": 1, "direct": 2}
+_ROPE_MODES = {"add": 0, "add_regs": 1, "direct": 2, "qrot": 3}
 
 
 @functools.cache
@@ -539,15 +571,19 @@ def _plan(B, Hkv, G, D, S_hint, device, cfg: DecodeConfig):
     else:  # keep the (GP, BLOCK_N, D/2) broadcast product near 8k elements
         block_n = max(16, min(128, 8192 // (gp * half)))
     num_warps = cfg.num_warps or 4
-    num_stages = cfg.num_stages or 2
+    num_stages = cfg.num_stages or 3
     n_tiles = max(1, triton.cdiv(S_hint, block_n))
     if cfg.num_splits is not None:
         splits = max(1, min(cfg.num_splits, n_tiles))
     else:
         n_sm = _sm_count(device.index or 0) if device.type == "cuda" else 8
         splits = triton.cdiv(cfg.programs_per_sm * n_sm, B * Hkv)
-        # at least 2 tiles per split (H100, B=1, S=512: 4 splits 13.8 us, 2 splits 16.3 us)
-        splits = max(1, min(splits, n_tiles // 2))
+        # A floor on the tiles per split: each split pays a pipeline fill and a combine row.
+        # Default n_tiles / 8 within [2, 16], from the H100 sweep (bf16, D=128, 64-key tiles):
+        # B=1 S=512 4 splits 12.8 us vs 1 split 15.7; B=1 S=4k 8 splits 26.0 vs 16 splits 28.7;
+        # GQA-8 B=1 S=32k 32 splits 42.1 vs 64 splits 46.9.
+        min_tiles = cfg.min_tiles_per_split or min(16, max(2, n_tiles // 8))
+        splits = max(1, min(splits, n_tiles // max(1, min_tiles)))
     split_len = triton.cdiv(n_tiles, splits) * block_n
     splits = triton.cdiv(n_tiles * block_n, split_len)  # drop splits that would start past S_hint
     return gp, block_n, num_warps, num_stages, use_dot, splits, split_len
@@ -671,12 +707,13 @@ def decode_attention(
         ONE_SPLIT=splits == 1,
         SHARED=shared,
         HAS_ROPE=has_rope,
-        ROPE_MODE=_ROPE_MODES[cfg.rope_mode or ("add" if k_norm_weight is not None else "add_regs")],
+        ROPE_MODE=_ROPE_MODES[cfg.rope_mode or "qrot"],
         HAS_NORM=k_norm_weight is not None,
         USE_DOT=use_dot,
         DOT_PRECISION="ieee" if dot_f32 else "tf32",
         DOT_F32=dot_f32,
         PREFETCH=cfg.prefetch,
+        NUM_STAGES=num_stages,
         num_warps=num_warps,
         num_stages=num_stages,
     )

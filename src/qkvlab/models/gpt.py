@@ -95,12 +95,15 @@ class GPT(nn.Module):
         generator: torch.Generator | None = None,
         cache: KVCache | None = None,
         use_cache: bool = True,
-        cuda_graph: bool | str = False,
+        cuda_graph: bool | str = "auto",
     ) -> torch.Tensor:
         """Extend ``idx`` ``(B, T)`` by ``max_new_tokens``; returns ``(B, T + max_new_tokens)``.
 
-        ``cuda_graph`` (True, or ``"auto"``: on CUDA only) decodes with
-        :class:`~qkvlab.models.decoding.StaticDecoder`, one CUDA-graph replay per token.
+        ``cuda_graph`` (True, or ``"auto"``, the default: on CUDA only) decodes with
+        :class:`~qkvlab.models.decoding.StaticDecoder`, one CUDA-graph replay per token; False
+        keeps the dynamic step. On an H100 (1.28B llama-recipe model, bf16, batch 1, 4k context)
+        the graph replay ran 5-9x the tokens/s of the dynamic step, which is bound by host-side
+        launches (``benchmarks/results/gpu_generate.json``).
 
         ``temperature=0`` is greedy; otherwise sample from ``softmax(logits / temperature)``,
         restricted to the ``top_k`` most likely tokens if given. Cached decoding is the

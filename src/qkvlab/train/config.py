@@ -175,7 +175,8 @@ class TrainConfig:
             ``keep_checkpoints`` are kept.
         device: ``"auto"`` (CUDA if present, else CPU), ``"cpu"``, ``"cuda"``.
         dtype: ``"auto"`` (bf16 autocast on GPU, fp32 on CPU), ``"fp32"`` or ``"bf16"``.
-        compile: wrap the model in ``torch.compile``.
+        compile: ``torch.compile`` the training loss (model + loss in one graph; the model
+            alone under DDP / FSDP) and the model for evaluation.
         distributed: under torchrun, ``"ddp"`` (replicated) or ``"fsdp"`` (FSDP2, sharded).
         task: ``name`` (default ``"lm"``: next-token prediction on ``data``) plus the task's own
             settings; see :mod:`qkvlab.tasks`. A task may set its own step budget (the

@@ -359,5 +359,9 @@ def test_set_encoder_with_positions(variant, resolved):
         lambda: SetConfig(in_features=12, variant=variant, **SMALL),
         f"'{resolved}'",
         "permutation-equivariant",
-        "Drop the positional scheme",
+        "Drop the positional scheme" if "2d" not in resolved else "allow_pos2d=true",
     )
+    if "2d" not in resolved:  # the opt-in covers the 2D fix only
+        expect_error(
+            lambda: SetConfig(in_features=12, variant=variant, allow_pos2d=True, **SMALL), "Drop the positional"
+        )

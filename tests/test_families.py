@@ -51,6 +51,19 @@ def test_set_encoder_is_permutation_equivariant(variant):
     torch.testing.assert_close(model(x[:, perm]), scores[:, perm], rtol=1e-12, atol=1e-12)
 
 
+def test_set_encoder_with_the_2d_fix_is_an_explicit_opt_in_and_sees_order():
+    """allow_pos2d builds the paper's "+" rows for sets; the scores then depend on the element order."""
+    model = SetEncoder(SetConfig(in_features=12, variant="(Q=K=V)+", allow_pos2d=True, **SMALL)).double().eval()
+    assert model.config.variant.pos2d and model.config.variant.pos == "none"
+    with torch.no_grad():  # a non-zero row / column mix, so the positional term is not a constant
+        for layer in model.modules():
+            if hasattr(layer, "m_row"):
+                layer.weight.normal_()
+    x = torch.randn(2, 10, 12, dtype=torch.float64)
+    perm = torch.arange(9, -1, -1)
+    assert not torch.allclose(model(x[:, perm]), model(x)[:, perm], atol=1e-6)
+
+
 def test_encoder_is_bidirectional_and_gpt_is_causal():
     enc = SequenceEncoder(EncoderConfig(vocab_size=10, max_seq_len=16, **SMALL)).eval()
     gpt = GPT(GPTConfig(vocab_size=10, max_seq_len=16, **SMALL)).eval()

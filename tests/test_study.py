@@ -525,10 +525,15 @@ def test_paper_table3_columns_are_dataset_names_the_vision_task_knows():
     from qkvlab.data.vision import DATASETS
     from qkvlab.study.report import PAPER_TABLES
 
+    from qkvlab.tasks import TASKS
+
     table = PAPER_TABLES["table3"]
     assert table.group_by == "task.dataset" and table.metric == "val_acc"
-    assert {d for row in table.values.values() for d in row} <= set(DATASETS)
+    # vision columns are dataset names; the Anomaly column is the task's name (group_by task.name)
+    assert {d for row in table.values.values() for d in row} <= set(DATASETS) | {"anomaly"}
+    assert "anomaly" in TASKS and all("anomaly" in row for row in table.values.values())
     assert table.values["Q=K=V"]["tinyimagenet"] == 0.266  # the paper's best TinyImageNet row
+    assert table.values["(Q=K-V)+"]["anomaly"] == 0.966  # the paper's best Anomaly row
 
 
 def test_report_shows_linear_attention_state_not_a_zero_cache(tmp_path: Path):

@@ -214,21 +214,34 @@ class ViTConfig(TransformerConfig):
 
 @dataclass
 class SetConfig(TransformerConfig):
-    """Permutation-equivariant set encoder (no positions) scoring each element."""
+    """Permutation-equivariant set encoder (no positions) scoring each element.
+
+    ``allow_pos2d``: accept the paper's 2D fix ("(X)+" variants) over the elements' indices in
+    the set. That makes the encoder depend on the order of the set (no longer equivariant); the
+    paper's Table 3 has "+" rows for set anomaly all the same, so this is an explicit opt-in
+    for reproducing them. Other positional schemes are always refused.
+    """
 
     causal: ClassVar[bool] = False
     family: ClassVar[str] = "set"
     in_features: int = 512
+    allow_pos2d: bool = False
 
     def default_pos(self) -> str:
         return "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.variant.pos != "none" or self.variant.pos2d:
+        if self.variant.pos != "none" or (self.variant.pos2d and not self.allow_pos2d):
+            hint = (
+                "Drop the positional scheme from the variant."
+                if self.variant.pos != "none"
+                else "Drop '2d' / '+' from the variant, or set allow_pos2d=true to use the 2D fix over "
+                "the elements' indices (the encoder then depends on the order of the set)."
+            )
             raise ConfigError(
                 f"A set encoder must be permutation-equivariant, so it takes no positions; got variant "
-                f"{self.variant.id!r}. Drop the positional scheme / '2d' from the variant."
+                f"{self.variant.id!r}. {hint}"
             )
 
 

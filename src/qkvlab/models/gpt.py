@@ -101,8 +101,8 @@ class GPT(nn.Module):
 
         ``cuda_graph`` (True, or ``"auto"``, the default: on CUDA only) decodes with
         :class:`~qkvlab.models.decoding.StaticDecoder`, one CUDA-graph replay per token; False
-        keeps the dynamic step. On an H100 (1.28B llama-recipe model, bf16, batch 1, 4k context)
-        the graph replay ran 5-9x the tokens/s of the dynamic step, which is bound by host-side
+        keeps the dynamic step. On an H100 (1.28B llama-recipe model, bf16, batch 1, 4k and 32k)
+        the graph replay ran 3-12x the tokens/s of the dynamic step, which is bound by host-side
         launches (``benchmarks/results/gpu_generate.json``).
 
         ``temperature=0`` is greedy; otherwise sample from ``softmax(logits / temperature)``,

@@ -37,7 +37,8 @@ The task section of a train config::
       cache_dir: null           # default $QKVLAB_CACHE
 
 The ``model`` section holds :class:`~qkvlab.models.SetConfig` fields (``in_features`` comes
-from the backbone). The 2D positional fix is refused: it would break permutation equivariance.
+from the backbone). The 2D positional fix (the paper's "+" rows) breaks permutation
+equivariance, so it is refused unless ``model.allow_pos2d: true`` opts in.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ Methods (``unique bytes`` = bytes of cache the method must read once):
   value ``s``: the target. Reads ``B*Hkv*S*D*2`` bytes.
 - ``ours_rope_qkn_kv``: the same with QK-norm (``rope(rmsnorm(s))``) on the key role.
 - ``ours_sep_kv``: our kernel on separate K (final keys) and V: like for like with SDPA MHA.
+- ``ours_kv``: our kernel on the shared cache without RoPE (the aliased floor's problem): what
+  the key-role arithmetic costs is ``ours_rope_kv`` minus this.
 - ``sdpa_<backend>``: ``F.scaled_dot_product_attention`` on separate K and V (the MHA baseline;
   ``enable_gqa`` for Hkv < Hq) for each backend that runs (cudnn, flash; memory-efficient was
   1.2-6x slower in a first run, so it is left out); ``best_mha`` is the fastest, named.
@@ -173,6 +175,8 @@ class Point:
             )
         if which == "sep_kv":
             return lambda: decode_attention(self.q, self.k, self.v, lengths, **common)
+        if which == "kv":  # shared K=V without RoPE: our kernel on the aliased floor's problem
+            return lambda: decode_attention(self.q, self.s, self.s, lengths, shared_kv=True, **common)
         raise ValueError(which)
 
     def reference(self, which: str, lengths):
@@ -185,7 +189,7 @@ class Point:
             )
         if which == "sep_kv":
             return decode_attention_reference(self.q, self.k, self.v, lengths, scale=self.scale)
-        if which == "alias":
+        if which in ("alias", "kv"):
             return decode_attention_reference(self.q, self.s, None, lengths, scale=self.scale, shared_kv=True)
         raise ValueError(which)
 
@@ -220,7 +224,7 @@ def run_point(B, S, Hkv, device, bench, rounds: int, log) -> dict:
     rec = {"B": B, "S": S, "Hq": HQ, "Hkv": Hkv, "D": D, "dtype": "bfloat16", "methods": {}}
     methods = {}
     # --- correctness first (per-row lengths); ours writes into a NaN-poisoned buffer
-    for which in ("rope_kv", "rope_qkn_kv", "sep_kv"):
+    for which in ("rope_kv", "rope_qkn_kv", "sep_kv", "kv"):
         ref = pt.reference(which, pt.mixed)
         pt.out.fill_(float("nan"))
         pt.ours(which, pt.mixed, out=pt.out)()

@@ -343,7 +343,9 @@ def test_lengths_past_the_cache_read_only_the_cache():
 
 
 @needs_triton
-@pytest.mark.parametrize("variant", ["q_kv+rope", "q_kv+gqa2+rope+qknorm", "qkv+rope", "q_kv+mqa+qknorm+learned"])
+@pytest.mark.parametrize(
+    "variant", ["q_kv+rope", "q_kv+gqa2+rope+qknorm", "qkv+rope", "q_kv+mqa+qknorm+learned", "q_kv+learned"]
+)
 def test_model_decode_through_the_kernel_matches_the_pytorch_path(variant, monkeypatch):
     """The attention module's decode step routed through the kernel (interpreter on CPU)."""
     import qkvlab.kernels

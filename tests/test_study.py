@@ -524,7 +524,6 @@ def test_the_example_sweep_loads_and_expands():
 def test_paper_table3_columns_are_dataset_names_the_vision_task_knows():
     from qkvlab.data.vision import DATASETS
     from qkvlab.study.report import PAPER_TABLES
-
     from qkvlab.tasks import TASKS
 
     table = PAPER_TABLES["table3"]

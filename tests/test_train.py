@@ -252,6 +252,44 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert all(a >= b for a, b in itertools.pairwise(lrs[4:]))
 
 
+def test_lr_schedule_multistep_and_constant():
+    kw = dict(lr=1.0, min_lr=0.1, warmup=2, total=20)
+    lrs = [lr_at(s, kind="multistep", milestones=[0.5, 0.75], gamma=0.1, **kw) for s in range(20)]
+    assert lrs[:2] == [0.5, 1.0]  # warmup first
+    assert lrs[2:10] == [1.0] * 8  # steps 10 and 15 are the milestones (MultiStepLR at 50% / 75%)
+    assert all(math.isclose(x, 0.1) for x in lrs[10:15]) and all(math.isclose(x, 0.01) for x in lrs[15:])
+    assert [lr_at(s, kind="constant", **kw) for s in range(2, 20)] == [1.0] * 18
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("schedule.kind=linear", ["schedule.kind", "cosine, multistep, constant", "'linear'"]),
+        ("schedule.milestones=[0.75,0.5]", ["schedule.milestones", "increasing"]),
+        ("schedule.milestones=[1.5]", ["schedule.milestones", "(0, 1)"]),
+        ("schedule.gamma=0", ["schedule.gamma", "(0, 1]"]),
+    ],
+)
+def test_bad_schedule_settings_name_the_value(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_multistep_schedule_drives_training(tokens_file, tmp_path):
+    """The trainer applies schedule.kind: the logged lr drops by gamma at the milestones."""
+    overrides = ["max_steps=8", "eval_every=0", "schedule.warmup_steps=0", "schedule.kind=multistep"]
+    cfg = tiny_config(tokens_file, tmp_path / "ms", *overrides)
+    train(cfg, verbose=False)
+    rows = [json.loads(r) for r in (tmp_path / "ms" / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    assert len(lrs) >= 6, rows[:3]
+    for step, lr in lrs.items():  # rows carry the step count after the update of step - 1
+        expect = lr_at(step - 1, lr=3e-3, min_lr=3e-4, warmup=0, total=8, kind="multistep")
+        assert math.isclose(lr, expect, rel_tol=1e-9), (step, lr, expect)
+    assert math.isclose(min(lrs.values()), 3e-5)  # both milestones were reached: 3e-3 * 0.1**2
+
+
 def test_weight_decay_applies_to_matrices_only():
     model = GPT(GPTConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=64))
     opt = build_optimizer(model, load_config(None, ["optim.weight_decay=0.1"]))

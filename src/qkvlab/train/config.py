@@ -112,15 +112,38 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr`` at the last step.
-    ``min_lr`` defaults to a tenth of ``optim.lr``."""
+    """Linear warmup over ``warmup_steps``, then by ``kind``:
+
+    - ``"cosine"`` (default): cosine decay to ``min_lr`` at the last step; ``min_lr`` defaults
+      to a tenth of ``optim.lr``;
+    - ``"multistep"``: PyTorch's MultiStepLR on fractions of the run: the rate is multiplied by
+      ``gamma`` at each of ``milestones`` (default 0.5 and 0.75 of the steps, gamma 0.1, as the
+      paper's vision code steps it per epoch);
+    - ``"constant"``: the peak rate to the end.
+    """
 
     warmup_steps: int = 100
     min_lr: float | None = None
+    kind: str = "cosine"
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    gamma: float = 0.1
 
     def __post_init__(self) -> None:
         _check(self.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}.")
         _check(self.min_lr is None or self.min_lr >= 0, f"schedule.min_lr must be >= 0, got {self.min_lr}.")
+        _check(
+            self.kind in SCHEDULE_KINDS,
+            f"schedule.kind must be one of {', '.join(SCHEDULE_KINDS)}, got {self.kind!r}.",
+        )
+        ms = list(self.milestones)
+        _check(
+            all(isinstance(m, (int, float)) and 0 < m < 1 for m in ms) and ms == sorted(ms),
+            f"schedule.milestones must be increasing fractions of the run in (0, 1), got {self.milestones!r}.",
+        )
+        _check(0 < self.gamma <= 1, f"schedule.gamma must be in (0, 1], got {self.gamma}.")
+
+
+SCHEDULE_KINDS = ("cosine", "multistep", "constant")
 
 
 @dataclass
@@ -338,7 +361,7 @@ def check_keys(prefix: str, d: dict[str, Any], valid: typing.Sequence[str]) -> N
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """``value`` checked against the annotation ``tp`` (int, float, bool, str, optionals, a pair)."""
+    """``value`` checked against the annotation ``tp`` (int, float, bool, str, optionals, tuples, lists)."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None and len(args) < len(typing.get_args(tp)):
@@ -352,6 +375,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return int(value)
     if tp in (bool, str) and isinstance(value, tp):
         return value
+    if typing.get_origin(tp) is list and isinstance(value, list | tuple):
+        (item,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if typing.get_origin(tp) is tuple and isinstance(value, list | tuple):
         item_types = typing.get_args(tp)
         if len(value) == len(item_types):
@@ -359,6 +385,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
     if typing.get_origin(tp) is tuple:
         expected = f"a list of {len(typing.get_args(tp))} numbers"
+    if typing.get_origin(tp) is list:
+        expected = "a list"
     raise ConfigError(f"{key} must be {expected}, got {value!r} ({type(value).__name__}).")
 
 

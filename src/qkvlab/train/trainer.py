@@ -30,7 +30,7 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -308,11 +308,27 @@ class LMTask:
 
 
 # ================================================================== pieces of the loop
-def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:
+def lr_at(
+    step: int,
+    *,
+    lr: float,
+    min_lr: float,
+    warmup: int,
+    total: int,
+    kind: str = "cosine",
+    milestones: Sequence[float] = (0.5, 0.75),
+    gamma: float = 0.1,
+) -> float:
     """Learning rate of optimizer step ``step`` (0-based) of ``total``: linear warmup to ``lr``
-    over ``warmup`` steps, then cosine decay that reaches ``min_lr`` at the last step."""
+    over ``warmup`` steps, then (``kind``) cosine decay that reaches ``min_lr`` at the last step,
+    a step decay by ``gamma`` at each of ``milestones`` (fractions of ``total``, rounded to
+    steps: PyTorch's MultiStepLR), or the constant ``lr``."""
     if step < warmup:
         return lr * (step + 1) / warmup
+    if kind == "constant":
+        return lr
+    if kind == "multistep":
+        return lr * gamma ** sum(step >= round(m * total) for m in milestones)
     progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
@@ -707,7 +723,17 @@ class Trainer:
         """One optimizer step; returns (mean loss over micro-batches and processes, grad norm, tokens)."""
         config, ctx = self.config, self.ctx
         warmup = config.schedule.warmup_steps
-        lr = lr_at(self.step, lr=config.optim.lr, min_lr=config.min_lr, warmup=warmup, total=self.total_steps)
+        sched = config.schedule
+        lr = lr_at(
+            self.step,
+            lr=config.optim.lr,
+            min_lr=config.min_lr,
+            warmup=warmup,
+            total=self.total_steps,
+            kind=sched.kind,
+            milestones=sched.milestones,
+            gamma=sched.gamma,
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()

@@ -15,7 +15,9 @@ width. The attention term is not halved for the causal mask (PaLM's convention).
 Cases (``--cases``; default all):
 
 - ``ladder``: qkvlab ``gpt2-85m`` (124.5M parameters with the GPT-2 vocabulary) and
-  ``gpt2-300m`` (354.9M), QKV and Q-K=V, ``torch.compile``d, T=1024;
+  ``gpt2-300m`` (354.9M), QKV and Q-K=V, T=1024, ``torch.compile``d two ways
+  (``--ladder-modes``): the model alone (``model``), and model + loss as one graph (``loss``,
+  what ``compile: true`` in a training config does; on an H100 1.29x the tokens/s at 124M);
 - ``paper``: the paper's 300M shape (``paper-300m``, dropout 0.1) in qkvlab, eager and
   compiled, beside the paper's own model classes ``GPT`` (QKV) and ``GPT_QKV_KEqualsV`` (Q-K=V)
   from its ``transformer_KQV_300_M.py`` / ``transformer_KV_1_300_M.py`` (main @ ffedd92, MIT),

@@ -185,6 +185,7 @@ def main() -> None:
     ap.add_argument("--budget-gib", type=float, default=16.0)
     ap.add_argument("--profile", default="", help="comma list of variants whose eager decode steps are profiled first")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--points", default="", help="comma list of BATCHxCONTEXT, e.g. 1x4096,1x32768 (default: all four)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -192,6 +193,8 @@ def main() -> None:
         raise SystemExit("no CUDA GPU: run with --smoke for a CPU check of the script")
     shape = SMOKE if args.smoke else ONE_B
     points = [(1, 64), (2, 96)] if args.smoke else [(1, 4096), (1, 32768), (16, 4096), (16, 32768)]
+    if args.points and not args.smoke:
+        points = [tuple(int(v) for v in p.split("x")) for p in args.points.split(",")]
     if args.smoke:
         args.steps, args.warmup, args.budget_gib = 3, 1, 1 / 1024
     dtype = torch.float32 if args.smoke else torch.bfloat16

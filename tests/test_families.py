@@ -151,3 +151,28 @@ def test_every_attention_layer_is_the_one_module():
     ):
         attns = [m for m in model.modules() if isinstance(m, Attention)]
         assert len(attns) == 2
+
+
+@pytest.mark.parametrize(
+    "x_dtype, w_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)],
+    ids=["fp32", "bf16", "autocast-mixed"],
+)
+def test_rms_norm_matches_its_formula(x_dtype, w_dtype):
+    """RMSNorm (torch's fused rms_norm when dtypes match) equals x * rsqrt(mean(x^2) + eps) * w in fp32."""
+    torch.manual_seed(0)
+    norm = RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    norm = norm.to(w_dtype)
+    x = (3 * torch.randn(2, 5, 48)).to(x_dtype).requires_grad_()
+    out = norm(x)
+    xf, wf = x.float(), norm.weight.float()
+    ref = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * wf).to(x_dtype)
+    assert out.dtype == x_dtype
+    tol = 1e-6 if x_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+    gx, gw = torch.autograd.grad(out.float().square().sum(), [x, norm.weight])
+    rx, rw = torch.autograd.grad(ref.float().square().sum(), [x, norm.weight])
+    torch.testing.assert_close(gx.float(), rx.float(), rtol=tol, atol=tol * 10)
+    torch.testing.assert_close(gw.float(), rw.float(), rtol=tol, atol=tol * 10)

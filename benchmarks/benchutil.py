@@ -72,7 +72,7 @@ def write_json(doc: dict, name: str, extra_path: str | None = None) -> list[str]
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
+        tmp.write_text(json.dumps(doc, indent=1, default=float) + "\n")
         tmp.replace(p)
         written.append(str(p))
     return written

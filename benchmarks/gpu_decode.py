@@ -42,9 +42,7 @@ Run on the GPU machine from the repository root::
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -53,7 +51,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchutil import env_info
+from benchutil import env_info, write_json
 from qkvlab.attention.positional import Rotary
 from qkvlab.kernels import DecodeConfig, decode_attention, decode_attention_reference
 
@@ -417,13 +415,6 @@ def table(points: list[dict], copy_gbps: float) -> str:
     return "\n".join(lines)
 
 
-def write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float) + "\n")
-    tmp.replace(path)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="also write the JSON here (e.g. benchmarks/results/gpu_decode.json)")
@@ -454,13 +445,9 @@ def main(argv=None) -> int:
     data["timing"] = "triton.testing.do_bench median (L2 flushed before each call) of " + (
         "plain calls" if args.no_graphs else "CUDA-graph replays, one graph per method (ours_rope_kv_eager: plain call)"
     )
-    targets = [Path(os.environ["OUT"]) / "gpu_decode.json"] if os.environ.get("OUT") else []
-    if args.out:
-        targets.append(args.out)
     if args.sweep:
         data["sweep"] = run_sweep(device, bench, log, smoke=args.smoke)
-        for t in targets:  # kept even if the main table is stopped at the time limit
-            write_json(data, t)
+        write_json(data, "gpu_decode.json", args.out)  # kept even if the main table is stopped later
     if not args.no_main:
         if args.smoke:
             pts = SMOKE_POINTS
@@ -484,8 +471,7 @@ def main(argv=None) -> int:
     for line in EAGER_FALLBACKS:
         log(f"timed without a graph: {line}")
     data["wall_s"] = round(time.time() - t_start, 1)
-    for t in targets:
-        write_json(data, t)
+    write_json(data, "gpu_decode.json", args.out)
     if data["points"]:
         log("\n" + table(data["points"], copy_gbps))
     for name, g in data.get("goals", {}).items():

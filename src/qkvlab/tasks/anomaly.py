@@ -515,12 +515,14 @@ class AnomalyTask:
 
     # ------------------------------------------------------------- budget
     def total_steps(self, config) -> int:
-        per_step = config.batch_size * config.grad_accum
-        if self.settings.epochs is not None:
-            return max(1, math.ceil(self.settings.epochs * self.settings.n_train_sets / per_step))
-        if config.max_tokens is not None:
-            return max(1, math.ceil(config.max_tokens / per_step))
-        return config.max_steps
+        from qkvlab.tasks.synthetic import epoch_budget
+
+        return epoch_budget(
+            config,
+            epochs=self.settings.epochs,
+            n_examples=self.settings.n_train_sets,
+            count_per_step=self.count_per_step(config),
+        )
 
     def count_per_step(self, config) -> int:
         """Sets per optimizer step (the trainer's "tokens")."""

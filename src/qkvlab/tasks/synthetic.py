@@ -166,6 +166,16 @@ class ExampleBatches:
 
 
 # ================================================================== the task
+def epoch_budget(config, *, epochs: float | None, n_examples: int, count_per_step: int) -> int:
+    """Optimizer steps of an example-based task: ``epochs`` passes over ``n_examples`` when set,
+    else ``max_tokens`` counted in the task's units (``count_per_step`` a step), else ``max_steps``."""
+    if epochs is not None:
+        return max(1, math.ceil(epochs * n_examples / (config.batch_size * config.grad_accum)))
+    if config.max_tokens is not None:
+        return max(1, math.ceil(config.max_tokens / count_per_step))
+    return config.max_steps
+
+
 def example_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy over the scored positions (targets != -100), in fp32."""
     return F.cross_entropy(
@@ -232,12 +242,9 @@ class SyntheticTask:
     # ------------------------------------------------------------- budget
     def total_steps(self, config) -> int:
         settings = SyntheticSettings.from_train_config(config)
-        per_step = config.batch_size * config.grad_accum
-        if settings.epochs is not None:
-            return max(1, math.ceil(settings.epochs * settings.n_train / per_step))
-        if config.max_tokens is not None:
-            return max(1, math.ceil(config.max_tokens / self.count_per_step(config)))
-        return config.max_steps
+        return epoch_budget(
+            config, epochs=settings.epochs, n_examples=settings.n_train, count_per_step=self.count_per_step(config)
+        )
 
     def count_per_step(self, config) -> int:
         """Scored positions per optimizer step (the trainer's "tokens")."""

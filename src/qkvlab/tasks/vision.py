@@ -376,12 +376,14 @@ class VisionTask:
 
     # ------------------------------------------------------------- budget
     def total_steps(self, config) -> int:
-        per_step = config.batch_size * config.grad_accum
-        if self.settings.epochs is not None:
-            return max(1, math.ceil(self.settings.epochs * len(self.data.train_x) / per_step))
-        if config.max_tokens is not None:
-            return max(1, math.ceil(config.max_tokens / per_step))
-        return config.max_steps
+        from qkvlab.tasks.synthetic import epoch_budget
+
+        return epoch_budget(
+            config,
+            epochs=self.settings.epochs,
+            n_examples=len(self.data.train_x),
+            count_per_step=self.count_per_step(config),
+        )
 
     def count_per_step(self, config) -> int:
         """Images per optimizer step (the trainer's "tokens")."""

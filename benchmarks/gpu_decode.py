@@ -281,53 +281,85 @@ def run_point(B, S, Hkv, device, bench, rounds: int, log) -> dict:
 
 # ----------------------------------------------------------------------------- sweep
 def sweep_configs(G: int) -> list[DecodeConfig]:
-    """Launch configs to compare (tl.dot score path): RoPE mode, prefetch, pipelining depth, tile, warps, splits."""
+    """Launch configs to compare: how the key role is rotated (float32 or 16-bit arithmetic), how
+    the splits are counted, tile, warps and pipelining depth. Earlier grids (the angles re-read
+    from L1 each tile, 8 warps, PTX on packed bf16x2 pairs) are in the committed sweep JSONs."""
     C = DecodeConfig
     return [
-        C(),  # the defaults: qrot, 3 stages, no register prefetch, 4 programs per SM, >= 2 tiles a split
-        C(rope_mode="add_regs"),
-        C(num_stages=5),
-        C(num_warps=2),
-        C(block_n=128, num_stages=2),
-        C(programs_per_sm=3),
-        C(programs_per_sm=6),
-        C(min_tiles_per_split=8),
-        C(min_tiles_per_split=16),
-        C(min_tiles_per_split=16, programs_per_sm=8),
+        C(rope_math="fp32"),
+        C(rope_math="fp32", split_policy="programs"),  # the last session's default
+        C(),  # the defaults: 16-bit rotation, 128-key tiles, 3 stages, wave-filling splits
+        C(rope_math="native", block_n=64),
+        C(rope_math="native", block_n=64, num_stages=4),
+        C(rope_math="native", block_n=128, num_stages=2),
+        C(rope_math="native", block_n=128, split_policy="programs"),
+        C(rope_math="native", num_warps=8, block_n=128),
     ]
 
 
-def run_sweep(device, bench, log, smoke=False) -> list[dict]:
-    """Time launch configurations of ours_rope_kv at a few points (one round each, checked first)."""
+SPLIT_GRID = {1: (4, 8, 12, 16, 17, 24, 32, 48), 16: (1, 2, 3, 4), 64: (1, 2)}
+GQA_SPLIT_GRID = (8, 16, 24, 32, 48, 64, 128)
+
+
+def _sweep_row(pt, which, cfg, ref, bench) -> dict:
+    row = {"B": pt.B, "S": pt.S, "Hkv": pt.Hkv, "which": which}
+    row["config"] = {k: v for k, v in vars(cfg).items() if v is not None and v is not False}
+    try:
+        pt.out.fill_(float("nan"))
+        pt.ours(which, pt.mixed, config=cfg, out=pt.out)()
+        row["rel_err"] = rel_err(pt.out, ref)
+        row["us"] = bench(pt.ours(which, pt.full, config=cfg), "sweep")
+        row["GBps"] = pt.elems * 2 / row["us"] / 1e3
+    except Exception as e:  # a config that does not compile is a result too
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    return row
+
+
+def run_sweep(device, bench, log, smoke=False, split_configs: int = 3) -> list[dict]:
+    """Time launch configurations of ours_rope_kv at the goal points (each checked first), then
+    the split count for the ``split_configs`` fastest configs (on summed time over the points)."""
     rows = []
-    big = [(1, 96, 32), (1, 96, 8)] if smoke else [(1, 32768, 32), (16, 8192, 32), GQA_POINT]
-    small = ((1, 64),) if smoke else ((1, 512), (1, 4096))
-    for B, S, Hkv in big:
-        pt = Point(B, S, Hkv, device, seed=1)
+    points = [(1, 96, 32), (2, 64, 32), (1, 96, 8)] if smoke else [*MAIN_POINTS, GQA_POINT]
+    cfgs = sweep_configs(1)
+    made = {}
+    for B, S, Hkv in points:
+        pt = made[(B, S, Hkv)] = Point(B, S, Hkv, device, seed=1)
         ref = pt.reference("rope_kv", pt.mixed)
-        for cfg in sweep_configs(HQ // Hkv):
-            row = {"B": B, "S": S, "Hkv": Hkv, "config": {k: v for k, v in vars(cfg).items() if v is not None}}
-            try:
-                pt.out.fill_(float("nan"))
-                pt.ours("rope_kv", pt.mixed, config=cfg, out=pt.out)()
-                row["rel_err"] = rel_err(pt.out, ref)
-                row["us"] = bench(pt.ours("rope_kv", pt.full, config=cfg), "sweep")
-                row["GBps"] = pt.elems * 2 / row["us"] / 1e3
-            except Exception as e:  # a config that does not compile is a result too
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        for i, cfg in enumerate(cfgs):
+            row = _sweep_row(pt, "rope_kv", cfg, ref, bench)
+            row["config_index"] = i
             rows.append(row)
             log(
-                f"  sweep B={B} S={S} Hkv={Hkv} {row['config']}: {row.get('us', float('nan')):.1f} us "
+                f"  sweep B={B} S={S} Hkv={Hkv} #{i} {row['config']}: {row.get('us', float('nan')):.1f} us "
                 f"err={row.get('rel_err', float('nan')):.1e} {row.get('error', '')}"
             )
-        for B2, S2 in small if Hkv == HQ and B == 1 else ():
-            pt2 = Point(B2, S2, Hkv, device, seed=2)
-            for splits in (1, 2, 4, 8, 16):
-                cfg = DecodeConfig(num_splits=splits)
-                us = bench(pt2.ours("rope_kv", pt2.full, config=cfg), "sweep")
-                rows.append({"B": B2, "S": S2, "Hkv": Hkv, "config": {"num_splits": splits}, "us": us})
-                log(f"  sweep B={B2} S={S2} splits={splits}: {us:.1f} us")
-        del pt, ref
+        ref_kv = pt.reference("kv", pt.mixed)
+        for policy in ("waves", "programs"):  # our kernel without RoPE: the floor it can reach
+            row = _sweep_row(pt, "kv", DecodeConfig(split_policy=policy), ref_kv, bench)
+            rows.append(row)
+            log(f"  sweep B={B} S={S} Hkv={Hkv} kv {policy}: {row.get('us', float('nan')):.1f} us")
+        del ref, ref_kv
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    total = {}
+    for r in rows:
+        if r["which"] == "rope_kv":
+            total.setdefault(r["config_index"], []).append(r.get("us", float("inf")))
+    ranked = sorted(total, key=lambda i: sum(total[i]))[:split_configs]
+    log(f"  fastest configs (summed): {[(i, round(sum(total[i]), 1)) for i in ranked]}")
+    for B, S, Hkv in points:
+        pt = made[(B, S, Hkv)]
+        ref = pt.reference("rope_kv", pt.mixed)
+        grid = GQA_SPLIT_GRID if Hkv != HQ else SPLIT_GRID.get(B, (1, 2, 4))
+        for i in ranked:
+            for splits in grid:
+                cfg = DecodeConfig(**{**vars(cfgs[i]), "num_splits": splits})
+                row = _sweep_row(pt, "rope_kv", cfg, ref, bench)
+                row["config_index"] = i
+                rows.append(row)
+                log(f"  splits B={B} S={S} Hkv={Hkv} #{i} splits={splits}: {row.get('us', float('nan')):.1f} us")
+        del ref
+    made.clear()
     return rows
 
 
@@ -420,6 +452,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="also write the JSON here (e.g. benchmarks/results/gpu_decode.json)")
     ap.add_argument("--sweep", action="store_true", help="first time a grid of launch configs")
     ap.add_argument("--no-main", action="store_true", help="skip the main table (with --sweep)")
+    ap.add_argument("--split-configs", type=int, default=3, help="configs whose split count --sweep also varies")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds per method (median reported)")
     ap.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
     ap.add_argument("--points", choices=["all", "main", "small"], default="all")
@@ -446,7 +479,7 @@ def main(argv=None) -> int:
         "plain calls" if args.no_graphs else "CUDA-graph replays, one graph per method (ours_rope_kv_eager: plain call)"
     )
     if args.sweep:
-        data["sweep"] = run_sweep(device, bench, log, smoke=args.smoke)
+        data["sweep"] = run_sweep(device, bench, log, smoke=args.smoke, split_configs=args.split_configs)
         write_json(data, "gpu_decode.json", args.out)  # kept even if the main table is stopped later
     if not args.no_main:
         if args.smoke:
@@ -465,8 +498,8 @@ def main(argv=None) -> int:
             data["goals"] = goals(data["points"], copy_gbps)
     if device.type == "cuda":
         data["compiled"] = compiled_report()
-        for r in data["compiled"]:
-            log(f"compiled: {r}")
+        regs = sorted({(r.get("n_regs"), r.get("num_warps"), r.get("shared")) for r in data["compiled"]}, key=str)
+        log(f"compiled split-kernel variants (registers, warps, shared bytes): {regs}")
     data["eager_fallbacks"] = EAGER_FALLBACKS
     for line in EAGER_FALLBACKS:
         log(f"timed without a graph: {line}")

@@ -312,13 +312,21 @@ CUDA_CONFIGS = [
     DecodeConfig(rope_mode="qrot", prefetch=True, num_stages=1),
     DecodeConfig(rope_mode="add_regs", prefetch=False, num_stages=4, block_n=32),
     DecodeConfig(rope_mode="qrot", prefetch=False, num_stages=3, block_n=128, num_warps=8),
+    DecodeConfig(rope_math="native"),
+    DecodeConfig(rope_math="fp32", block_n=64),
+    DecodeConfig(rope_math="native", num_warps=8, block_n=128, split_policy="programs"),
+    DecodeConfig(rope_mode="add_regs", rope_math="native", block_n=128),
 ]
 
 
 @needs_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("norm", [False, True], ids=["rope", "rope_qkn"])
-@pytest.mark.parametrize("cfg", CUDA_CONFIGS, ids=lambda c: f"{c.rope_mode}-pf{int(c.prefetch)}-st{c.num_stages}")
+@pytest.mark.parametrize(
+    "cfg",
+    CUDA_CONFIGS,
+    ids=lambda c: f"{c.rope_mode}-{c.rope_math}-pf{int(c.prefetch)}-st{c.num_stages}-w{c.num_warps}-{c.split_policy}",
+)
 def test_cuda_kernel_launch_configs(cfg, norm, monkeypatch):
     """Compiled launch variants (RoPE mode, prefetch, pipelining depth, tile) all match the reference."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -376,3 +384,57 @@ def test_model_decode_through_the_kernel_matches_the_pytorch_path(variant, monke
             outs[use_kernel] = torch.cat([model(idx[:, t : t + 1], cache=cache) for t in range(9, 12)], 1)
     torch.testing.assert_close(outs[True], outs[False], rtol=1e-4, atol=1e-4)
     assert len(calls) == 2 * 3  # every layer of every decode step took the kernel (and only those)
+
+
+# ----------------------------------------------------------------------------- launch planning
+def test_split_waves_fills_whole_waves():
+    """The wave model never leaves a nearly empty last wave and prefers fewer splits on ties."""
+    from qkvlab.kernels.kv_decode import _split_waves
+
+    # B=1, 32 KV heads, 512 tiles, 264 resident programs (2 per SM on 132 SMs): 8 splits = 256 programs
+    # (one full wave); the 17 splits of a "4 programs per SM" target would need 3 waves.
+    assert _split_waves(32, 512, 264) == 8
+    # More pairs than slots: no splitting.
+    assert _split_waves(2048, 64, 264) == 1
+    # Few tiles: never more splits than tiles.
+    assert _split_waves(1, 3, 264) == 3
+    for pairs, tiles, slots in [(8, 512, 264), (32, 2048, 528), (512, 128, 264), (4, 40, 100)]:
+        s = _split_waves(pairs, tiles, slots)
+        programs = pairs * s
+        assert 1 <= s <= tiles
+        assert programs <= slots or programs % slots == 0 or programs % slots >= slots // 2, (pairs, tiles, s)
+
+
+def test_bad_config_values_are_named():
+    q, k, _, lengths, kw = make_inputs(1, 4, 2, 16, 32, shared=True, rope=True, norm=False)
+    for field, value in [("rope_math", "bf16"), ("split_policy", "max"), ("rope_mode", "rotate")]:
+        with pytest.raises(ValueError, match=repr(value)):
+            decode_attention(q, k, k, lengths, scale=0.2, config=DecodeConfig(**{field: value}), **kw)
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["qrot", "add", "add_regs", "direct"])
+@pytest.mark.parametrize("norm", [False, True], ids=["rope", "rope_qkn"])
+def test_native_rope_math_half(mode, norm):
+    """Rotating the key role in float16 (``rope_math="native"``) stays at float16 accuracy."""
+    q, k, _, lengths, kw = make_inputs(2, 8, 2, 40, 32, shared=True, rope=True, norm=norm, dtype=torch.float16)
+    cfg = DecodeConfig(block_n=16, num_splits=2, rope_mode=mode, rope_math="native")
+    out = decode_attention(q, k, k, lengths, scale=32**-0.5, config=cfg, **kw)
+    assert out.dtype == torch.float16
+    assert rel_err(out, reference64(q, k, k, lengths, shared=True, **kw)) < 1e-3
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_residency_is_read_from_the_compiled_kernel(monkeypatch):
+    """The wave split policy reads registers / shared memory of the compiled kernel."""
+    from qkvlab.kernels import kv_decode
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, _, lengths, kw = make_inputs(1, 32, 32, 4096, 128, shared=True, rope=True, norm=False, dtype=torch.bfloat16)
+    q, k, lengths = q.cuda(), k.cuda(), lengths.cuda()
+    kw = {n: t.cuda() for n, t in kw.items()}
+    kv_decode._RESIDENT.clear()
+    decode_attention(q, k, k, lengths, scale=128**-0.5, shared_kv=True, **kw)
+    (value,) = kv_decode._RESIDENT.values()
+    assert value is not None and 1 <= value <= 32

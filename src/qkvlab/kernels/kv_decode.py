@@ -283,6 +283,7 @@ def _decode_split_kernel(
     DOT_F32: tl.constexpr,
     PREFETCH: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    ROPE_TY: tl.constexpr,
 ):
     """One program = one (batch row, KV head, split of the sequence).
 
@@ -338,10 +339,12 @@ def _decode_split_kernel(
     if HAS_ROPE and ROPE_MODE == 3:  # the query is re-rotated per tile: keep an fp32 copy
         q1f = q1.to(tl.float32)
         q2f = q2.to(tl.float32)
+    # ROPE_TY: float32, or the cache's 16-bit dtype (ptxas packs that arithmetic in pairs,
+    # half the registers); the dot rounds the rotated key to that dtype anyway.
     if HAS_ROPE and (ROPE_MODE == 1 or ROPE_MODE == 3):  # held in registers for the whole loop
         small = (offs_n < cos_rows)[:, None]
-        cos_n = tl.load(Cos + small_rows, mask=small, other=1.0).to(tl.float32)
-        sin_n = tl.load(Sin + small_rows, mask=small, other=0.0).to(tl.float32)
+        cos_n = tl.load(Cos + small_rows, mask=small, other=1.0).to(ROPE_TY)
+        sin_n = tl.load(Sin + small_rows, mask=small, other=0.0).to(ROPE_TY)
 
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.full([GP], 0.0, tl.float32)
@@ -375,13 +378,15 @@ def _decode_split_kernel(
             x1_next = tl.load(kp, mask=(nxt < end)[:, None], other=0.0)
             x2_next = tl.load(kp + HALF, mask=(nxt < end)[:, None], other=0.0)
 
-        k1 = x1.to(tl.float32)
-        k2 = x2.to(tl.float32)
+        k1 = x1.to(ROPE_TY)
+        k2 = x2.to(ROPE_TY)
         if HAS_NORM:
-            ssq = tl.reduce(k1 * k1, 1, _sum_fn) + tl.reduce(k2 * k2, 1, _sum_fn)
+            f1 = x1.to(tl.float32)
+            f2 = x2.to(tl.float32)
+            ssq = tl.reduce(f1 * f1, 1, _sum_fn) + tl.reduce(f2 * f2, 1, _sum_fn)
             rnorm = tl.rsqrt(ssq / (2 * HALF) + eps)
-            k1 = k1 * w1[None, :]
-            k2 = k2 * w2[None, :]
+            k1 = k1 * w1.to(ROPE_TY)[None, :]
+            k2 = k2 * w2.to(ROPE_TY)[None, :]
         qd1 = q1
         qd2 = q2
         if HAS_ROPE and ROPE_MODE == 3:
@@ -510,27 +515,36 @@ def _kernels(interpret: bool):
 class DecodeConfig:
     """Launch choices for :func:`decode_attention`; None picks the heuristic default.
 
-    ``block_n``: keys per tile. ``num_warps``: Triton's warps per program. ``num_stages``: the
-    software-pipelining depth of the tile loop (``tl.range``): that many tiles' loads in flight
-    through shared memory (default 3). ``use_dot``: tensor-core ``tl.dot`` with query rows
-    padded to 16 (default, for D >= 32). ``num_splits``: sequence splits per (row, KV head).
-    ``programs_per_sm``: the split heuristic's target of programs per multiprocessor;
-    ``min_tiles_per_split``: its floor on the tiles each split walks (default: a eighth of
-    the tiles, within [2, 16]).
+    ``block_n``: keys per tile (default 128 for a shared K=V cache with RoPE and D <= 128, else
+    64). ``num_warps``: Triton's warps per program (4). ``num_stages``: the software-pipelining
+    depth of the tile loop (``tl.range``): that many tiles' loads in flight through shared memory
+    (default 3). ``use_dot``: tensor-core ``tl.dot`` with query rows padded to 16 (default, for
+    D >= 32). ``num_splits``: sequence splits per (row, KV head), overriding the policy.
+    ``split_policy``: ``"waves"`` (default on CUDA) reads how many programs of the compiled kernel
+    fit on a multiprocessor (registers, shared memory) and picks the split count whose programs
+    fill whole waves (:func:`_split_waves`); ``"programs"`` (the interpreter's) targets
+    ``programs_per_sm`` programs per multiprocessor with a floor of ``min_tiles_per_split``
+    tiles per split (default a eighth of the tiles, within [2, 16]).
+    ``rope_math``: ``"native"`` (default) rotates the key role in the cache's 16-bit dtype
+    (the rotated key is rounded to it for the dot anyway), ``"fp32"`` in float32; float32
+    caches, and bfloat16 under the interpreter, always use float32.
     ``rope_mode``: how the kernel gets the key's rotation at position ``n0 + n`` (tile base
-    ``n0``): ``"qrot"`` rotates the query block back by ``n0`` once per tile and the keys by the
-    loop-invariant angles of ``n < block_n`` (held in registers), using
+    ``n0``): ``"qrot"`` (default) rotates the query block back by ``n0`` once per tile and the
+    keys by the loop-invariant angles of ``n < block_n`` (held in registers), using
     ``q . R(n0 + n) k = (R(n0)^T q) . (R(n) k)``; ``"add_regs"`` builds ``cos / sin((n0 + n) t)``
     by angle addition from the tile's table row and those held rows; ``"add"`` the same,
     re-reading the rows each tile; ``"direct"`` one table row per key.
     ``prefetch``: issue the next tile's loads into registers before computing the current one
-    (manual double-buffering, the loop of the first version; with ``num_stages`` > 1 the
-    compiler's pipeliner does this better).
+    (manual double-buffering, the first version's loop; the pipeliner does better).
 
-    Defaults, from an H100 sweep (B=1, Hq=Hkv=32, S=32k, bf16, RoPE, do_bench medians, cold
-    L2): ``qrot`` + 3 stages 125 us; ``add_regs`` + 3 stages 130; ``add`` + 3 stages 150;
-    ``add_regs`` + register prefetch, no pipelining (the first version) 171; 2 stages 150;
-    block_n 32 208-213; 8 warps 180. ``benchmarks/gpu_decode.py --sweep`` repeats it.
+    Defaults, from H100 sweeps (bf16, Hq=32, D=128, RoPE K=V, do_bench medians, cold L2;
+    ``benchmarks/gpu_decode.py --sweep``, results in ``benchmarks/results/gpu_decode_sweep_*``):
+    B=1 S=128k: float32 rotation, 64-key tiles, 4 programs per SM (the previous default) 547 us;
+    the same with wave-filling splits 445 (2 resident programs per SM: 8 splits instead of 17,
+    which left a third wave of 16 programs); 16-bit rotation 410 (168 registers instead of 245,
+    3 programs per SM); and 128-key tiles 378, against 372 for this kernel without RoPE.
+    ``qrot`` beat ``add_regs`` (125 vs 130 us at S=32k), 3 stages beat 2 (150) and register
+    prefetch (171); 8 warps, 32-key tiles, and the angles re-read from L1 were slower.
     """
 
     block_n: int | None = None
@@ -542,8 +556,11 @@ class DecodeConfig:
     min_tiles_per_split: int | None = None
     rope_mode: str | None = None
     prefetch: bool = False
+    rope_math: str | None = None
+    split_policy: str | None = None
 
 
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32} if HAS_TRITON else {}
 _ROPE_MODES = {"add": 0, "add_regs": 1, "direct": 2, "qrot": 3}
 
 
@@ -552,11 +569,18 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _plan(B, Hkv, G, D, S_hint, device, cfg: DecodeConfig):
-    """Concrete (GP, block_n, num_warps, num_stages, use_dot, num_splits, split_len)."""
+def _plan(B, Hkv, G, D, device, cfg: DecodeConfig, *, rotated_shared: bool = False):
+    """Concrete tile choices (GP, block_n, num_warps, num_stages, use_dot).
+
+    ``rotated_shared``: a shared K=V cache whose key role is rotated in the kernel (RoPE).
+    """
     half = D // 2
     if cfg.rope_mode is not None and cfg.rope_mode not in _ROPE_MODES:
         raise ValueError(f"rope_mode must be one of {sorted(_ROPE_MODES)} or None, got {cfg.rope_mode!r}")
+    if cfg.rope_math not in (None, "fp32", "native"):
+        raise ValueError(f"rope_math must be 'fp32', 'native' or None, got {cfg.rope_math!r}")
+    if cfg.split_policy not in (None, "waves", "programs"):
+        raise ValueError(f"split_policy must be 'waves', 'programs' or None, got {cfg.split_policy!r}")
     # Tensor cores for any group (rows padded to 16): measured far faster than the tl.sum path
     # on an H100 even for MHA (the broadcast products need ~255 registers and spill).
     use_dot = cfg.use_dot if cfg.use_dot is not None else True
@@ -567,26 +591,72 @@ def _plan(B, Hkv, G, D, S_hint, device, cfg: DecodeConfig):
     if cfg.block_n is not None:
         block_n = cfg.block_n
     elif use_dot:
-        block_n = 64
+        # 128-key tiles when the key role is rotated (more independent work per iteration to
+        # hide the rotation's latency); H100, bf16, Hq=32, D=128, 16-bit rotation: B=1 S=128k
+        # 378 vs 410 us, B=64 S=4k 728 vs 820 us; GQA-8 B=1 S=32k 43.8 vs 43.2 (noise).
+        block_n = 128 if rotated_shared and half <= 64 else 64
     else:  # keep the (GP, BLOCK_N, D/2) broadcast product near 8k elements
         block_n = max(16, min(128, 8192 // (gp * half)))
     num_warps = cfg.num_warps or 4
     num_stages = cfg.num_stages or 3
-    n_tiles = max(1, triton.cdiv(S_hint, block_n))
+    return gp, block_n, num_warps, num_stages, use_dot
+
+
+def _split_waves(pairs: int, n_tiles: int, slots: int, overhead_tiles: int = 2) -> int:
+    """Splits per (row, KV head) that minimise ``waves * (tiles per split + overhead)``.
+
+    ``slots``: programs resident on the whole GPU at once. A program count just over a multiple
+    of ``slots`` leaves a nearly empty last wave that costs a whole wave's time; this model picks
+    the split count whose programs fill their waves (ties: fewer splits). ``overhead_tiles``: a
+    split's fixed cost (pipeline fill, its combine row), in tiles.
+    """
+    best_cost, best = None, 1
+    for s in range(1, min(n_tiles, max(1, 4 * slots // pairs)) + 1):
+        cost = -(-pairs * s // slots) * (-(-n_tiles // s) + overhead_tiles)
+        if best_cost is None or cost < best_cost:
+            best_cost, best = cost, s
+    return best
+
+
+def _num_splits(B, Hkv, n_tiles, device, cfg: DecodeConfig, resident_per_sm: int | None) -> int:
+    """Sequence splits per (row, KV head)."""
     if cfg.num_splits is not None:
-        splits = max(1, min(cfg.num_splits, n_tiles))
-    else:
-        n_sm = _sm_count(device.index or 0) if device.type == "cuda" else 8
-        splits = triton.cdiv(cfg.programs_per_sm * n_sm, B * Hkv)
-        # A floor on the tiles per split: each split pays a pipeline fill and a combine row.
-        # Default n_tiles / 8 within [2, 16], from the H100 sweep (bf16, D=128, 64-key tiles):
-        # B=1 S=512 4 splits 12.8 us vs 1 split 15.7; B=1 S=4k 8 splits 26.0 vs 16 splits 28.7;
-        # GQA-8 B=1 S=32k 32 splits 42.1 vs 64 splits 46.9.
-        min_tiles = cfg.min_tiles_per_split or min(16, max(2, n_tiles // 8))
-        splits = max(1, min(splits, n_tiles // max(1, min_tiles)))
-    split_len = triton.cdiv(n_tiles, splits) * block_n
-    splits = triton.cdiv(n_tiles * block_n, split_len)  # drop splits that would start past S_hint
-    return gp, block_n, num_warps, num_stages, use_dot, splits, split_len
+        return max(1, min(cfg.num_splits, n_tiles))
+    n_sm = _sm_count(device.index or 0) if device.type == "cuda" else 8
+    if resident_per_sm is not None and (cfg.split_policy or "waves") == "waves":
+        return _split_waves(B * Hkv, n_tiles, resident_per_sm * n_sm)
+    splits = triton.cdiv(cfg.programs_per_sm * n_sm, B * Hkv)
+    # A floor on the tiles per split: each split pays a pipeline fill and a combine row.
+    # Default n_tiles / 8 within [2, 16], from the H100 sweep (bf16, D=128, 64-key tiles):
+    # B=1 S=512 4 splits 12.8 us vs 1 split 15.7; B=1 S=4k 8 splits 26.0 vs 16 splits 28.7;
+    # GQA-8 B=1 S=32k 32 splits 42.1 vs 64 splits 46.9.
+    min_tiles = cfg.min_tiles_per_split or min(16, max(2, n_tiles // 8))
+    return max(1, min(splits, n_tiles // max(1, min_tiles)))
+
+
+_RESIDENT: dict = {}
+
+
+def _resident_per_sm(kernel, launch_key) -> int | None:
+    """Programs of a compiled kernel that fit on one multiprocessor at once (registers, shared
+    memory, threads), or None where that is unknown (the interpreter, no CUDA)."""
+    if launch_key in _RESIDENT:
+        return _RESIDENT[launch_key]
+    value = None
+    try:
+        kernel._init_handles()
+        warps = kernel.metadata.num_warps
+        props = torch.cuda.get_device_properties(launch_key[0])
+        regs_sm = getattr(props, "regs_per_multiprocessor", 65536)
+        threads_sm = getattr(props, "max_threads_per_multi_processor", 2048)
+        smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+        regs = -(-max(kernel.n_regs, 1) // 8) * 8 * 32 * warps  # allocated per warp in 256-register units
+        smem = kernel.metadata.shared + 1024  # the driver reserves 1 KiB per block
+        value = max(1, min(regs_sm // regs, smem_sm // smem, threads_sm // (32 * warps), 32))
+    except Exception:  # Triton internals differ between versions: fall back to the plain heuristic
+        value = None
+    _RESIDENT[launch_key] = value
+    return value
 
 
 def decode_attention(
@@ -648,10 +718,15 @@ def decode_attention(
     G = Hq // Hkv
     cfg = config or DecodeConfig()
     S_hint = min(S, max_length) if max_length else S
-    gp, block_n, num_warps, num_stages, use_dot, splits, split_len = _plan(B, Hkv, G, D, S_hint, q3.device, cfg)
-    split_kernel, combine_kernel = _kernels(_interpreting())
-
     shared = v_cache is k_cache or (v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride())
+    has_rope = rope_cos is not None
+    gp, block_n, num_warps, num_stages, use_dot = _plan(
+        B, Hkv, G, D, q3.device, cfg, rotated_shared=shared and has_rope
+    )
+    n_tiles = max(1, triton.cdiv(S_hint, block_n))
+    interpreting = _interpreting()
+    split_kernel, combine_kernel = _kernels(interpreting)
+
     lengths = lengths.to(q3.device)
     result = out
     if out is None:
@@ -659,52 +734,17 @@ def decode_attention(
     elif out.dtype != q3.dtype or out.numel() != B * Hq * D or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {q3.dtype} tensor of {B * Hq * D} elements")
     out = out.view(B, Hq, D)
-    if splits > 1:
-        o_part = torch.empty((B * Hq, splits, D), dtype=torch.float32, device=q3.device)
-        lse_part = torch.empty((B * Hq, splits), dtype=torch.float32, device=q3.device)
-    else:
-        o_part = lse_part = out  # unused
     # The interpreter's tl.dot mishandles bfloat16 operands: it then multiplies in float32.
-    dot_f32 = q3.dtype == torch.float32 or (q3.dtype == torch.bfloat16 and _interpreting())
-    has_rope = rope_cos is not None
+    dot_f32 = q3.dtype == torch.float32 or (q3.dtype == torch.bfloat16 and interpreting)
+    native = (cfg.rope_math or "native") == "native" and not dot_f32
     cos = rope_cos if has_rope else out
     sin = rope_sin if has_rope else out
     weight = k_norm_weight if k_norm_weight is not None else out
-    split_kernel[(B * Hkv, splits)](
-        q3,
-        k_cache,
-        v_cache,
-        lengths,
-        cos,
-        sin,
-        weight,
-        o_part,
-        lse_part,
-        out,
-        q3.stride(0),
-        q3.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        out.stride(0),
-        out.stride(1),
-        cos.stride(0) if has_rope else 0,
-        Hkv,
-        Hq,
-        S,
-        split_len,
-        splits,
-        cos.shape[0] if has_rope else 0,
-        float(scale) * _LOG2E,
-        float(eps),
+    consts = dict(
         G=G,
         GP=gp,
         HALF=D // 2,
         BLOCK_N=block_n,
-        ONE_SPLIT=splits == 1,
         SHARED=shared,
         HAS_ROPE=has_rope,
         ROPE_MODE=_ROPE_MODES[cfg.rope_mode or "qrot"],
@@ -714,9 +754,63 @@ def decode_attention(
         DOT_F32=dot_f32,
         PREFETCH=cfg.prefetch,
         NUM_STAGES=num_stages,
+        # The interpreter has no 16-bit bfloat arithmetic: it rotates in float32 there (as its dots).
+        ROPE_TY=_TL_DTYPES[q3.dtype] if native else tl.float32,
         num_warps=num_warps,
         num_stages=num_stages,
     )
+
+    def args(o_part, lse_part, split_len, splits):
+        return (
+            q3,
+            k_cache,
+            v_cache,
+            lengths,
+            cos,
+            sin,
+            weight,
+            o_part,
+            lse_part,
+            out,
+            q3.stride(0),
+            q3.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
+            out.stride(0),
+            out.stride(1),
+            cos.stride(0) if has_rope else 0,
+            Hkv,
+            Hq,
+            S,
+            split_len,
+            splits,
+            cos.shape[0] if has_rope else 0,
+            float(scale) * _LOG2E,
+            float(eps),
+        )
+
+    resident = None
+    if cfg.num_splits is None and (cfg.split_policy or "waves") == "waves" and not interpreting:
+        # Residency of the multi-split kernel, compiled (not launched) on first use; cached.
+        key = (q3.device.index or 0, q3.dtype, tuple((k, str(v)) for k, v in consts.items()))
+        if key not in _RESIDENT:
+            dummy = torch.empty(2, dtype=torch.float32, device=q3.device)
+            compiled = split_kernel.warmup(*args(dummy, dummy, block_n, 2), grid=(1,), ONE_SPLIT=False, **consts)
+            _resident_per_sm(compiled, key)
+        resident = _RESIDENT[key]
+    splits = _num_splits(B, Hkv, n_tiles, q3.device, cfg, resident)
+    split_len = triton.cdiv(n_tiles, splits) * block_n
+    splits = triton.cdiv(n_tiles * block_n, split_len)  # drop splits that would start past S_hint
+    if splits > 1:
+        o_part = torch.empty((B * Hq, splits, D), dtype=torch.float32, device=q3.device)
+        lse_part = torch.empty((B * Hq, splits), dtype=torch.float32, device=q3.device)
+    else:
+        o_part = lse_part = out  # unused
+    split_kernel[(B * Hkv, splits)](*args(o_part, lse_part, split_len, splits), ONE_SPLIT=splits == 1, **consts)
     if splits > 1:
         combine_kernel[(B * Hq,)](
             o_part,

@@ -280,11 +280,13 @@ def run_point(B, S, Hkv, device, bench, rounds: int, log) -> dict:
 
 
 # ----------------------------------------------------------------------------- sweep
-def sweep_configs(G: int) -> list[DecodeConfig]:
+def sweep_configs(G: int, which: str = "rope_kv") -> list[DecodeConfig]:
     """Launch configs to compare: how the key role is rotated (float32 or 16-bit arithmetic), how
     the splits are counted, tile, warps and pipelining depth. Earlier grids (the angles re-read
     from L1 each tile, 8 warps, PTX on packed bf16x2 pairs) are in the committed sweep JSONs."""
     C = DecodeConfig
+    if which == "rope_qkn_kv":  # QK-norm: sums of squares by tl.dot or in float32 registers
+        return [C(), C(norm_math="fp32"), C(block_n=64), C(block_n=64, norm_math="fp32")]
     return [
         C(rope_math="fp32"),
         C(rope_math="fp32", split_policy="programs"),  # the last session's default
@@ -315,18 +317,19 @@ def _sweep_row(pt, which, cfg, ref, bench) -> dict:
     return row
 
 
-def run_sweep(device, bench, log, smoke=False, split_configs: int = 3) -> list[dict]:
+def run_sweep(device, bench, log, smoke=False, split_configs: int = 3, points=None, which="rope_kv") -> list[dict]:
     """Time launch configurations of ours_rope_kv at the goal points (each checked first), then
     the split count for the ``split_configs`` fastest configs (on summed time over the points)."""
     rows = []
-    points = [(1, 96, 32), (2, 64, 32), (1, 96, 8)] if smoke else [*MAIN_POINTS, GQA_POINT]
-    cfgs = sweep_configs(1)
+    if points is None:
+        points = [(1, 96, 32), (2, 64, 32), (1, 96, 8)] if smoke else [*MAIN_POINTS, GQA_POINT]
+    cfgs = sweep_configs(1, which)
     made = {}
     for B, S, Hkv in points:
         pt = made[(B, S, Hkv)] = Point(B, S, Hkv, device, seed=1)
-        ref = pt.reference("rope_kv", pt.mixed)
+        ref = pt.reference(which, pt.mixed)
         for i, cfg in enumerate(cfgs):
-            row = _sweep_row(pt, "rope_kv", cfg, ref, bench)
+            row = _sweep_row(pt, which, cfg, ref, bench)
             row["config_index"] = i
             rows.append(row)
             log(
@@ -343,18 +346,18 @@ def run_sweep(device, bench, log, smoke=False, split_configs: int = 3) -> list[d
             torch.cuda.empty_cache()
     total = {}
     for r in rows:
-        if r["which"] == "rope_kv":
+        if r["which"] == which:
             total.setdefault(r["config_index"], []).append(r.get("us", float("inf")))
     ranked = sorted(total, key=lambda i: sum(total[i]))[:split_configs]
     log(f"  fastest configs (summed): {[(i, round(sum(total[i]), 1)) for i in ranked]}")
     for B, S, Hkv in points:
         pt = made[(B, S, Hkv)]
-        ref = pt.reference("rope_kv", pt.mixed)
+        ref = pt.reference(which, pt.mixed)
         grid = GQA_SPLIT_GRID if Hkv != HQ else SPLIT_GRID.get(B, (1, 2, 4))
         for i in ranked:
             for splits in grid:
                 cfg = DecodeConfig(**{**vars(cfgs[i]), "num_splits": splits})
-                row = _sweep_row(pt, "rope_kv", cfg, ref, bench)
+                row = _sweep_row(pt, which, cfg, ref, bench)
                 row["config_index"] = i
                 rows.append(row)
                 log(f"  splits B={B} S={S} Hkv={Hkv} #{i} splits={splits}: {row.get('us', float('nan')):.1f} us")
@@ -453,6 +456,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="store_true", help="first time a grid of launch configs")
     ap.add_argument("--no-main", action="store_true", help="skip the main table (with --sweep)")
     ap.add_argument("--split-configs", type=int, default=3, help="configs whose split count --sweep also varies")
+    ap.add_argument("--sweep-which", default="rope_kv", choices=["rope_kv", "rope_qkn_kv"], help="method --sweep times")
+    ap.add_argument("--sweep-points", default="", help="comma list of BxSxHkv for --sweep, e.g. 1x512x32,8x1024x32")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds per method (median reported)")
     ap.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
     ap.add_argument("--points", choices=["all", "main", "small"], default="all")
@@ -479,7 +484,10 @@ def main(argv=None) -> int:
         "plain calls" if args.no_graphs else "CUDA-graph replays, one graph per method (ours_rope_kv_eager: plain call)"
     )
     if args.sweep:
-        data["sweep"] = run_sweep(device, bench, log, smoke=args.smoke, split_configs=args.split_configs)
+        pts = [tuple(int(v) for v in p.split("x")) for p in args.sweep_points.split(",") if p] or None
+        data["sweep"] = run_sweep(
+            device, bench, log, smoke=args.smoke, split_configs=args.split_configs, points=pts, which=args.sweep_which
+        )
         write_json(data, "gpu_decode.json", args.out)  # kept even if the main table is stopped later
     if not args.no_main:
         if args.smoke:

@@ -316,6 +316,7 @@ CUDA_CONFIGS = [
     DecodeConfig(rope_math="fp32", block_n=64),
     DecodeConfig(rope_math="native", num_warps=8, block_n=128, split_policy="programs"),
     DecodeConfig(rope_mode="add_regs", rope_math="native", block_n=128),
+    DecodeConfig(norm_math="fp32"),
 ]
 
 
@@ -407,9 +408,20 @@ def test_split_waves_fills_whole_waves():
 
 def test_bad_config_values_are_named():
     q, k, _, lengths, kw = make_inputs(1, 4, 2, 16, 32, shared=True, rope=True, norm=False)
-    for field, value in [("rope_math", "bf16"), ("split_policy", "max"), ("rope_mode", "rotate")]:
+    for field, value in [("rope_math", "bf16"), ("split_policy", "max"), ("rope_mode", "rotate"), ("norm_math", "x")]:
         with pytest.raises(ValueError, match=repr(value)):
             decode_attention(q, k, k, lengths, scale=0.2, config=DecodeConfig(**{field: value}), **kw)
+
+
+@needs_triton
+@pytest.mark.parametrize("norm_math", ["dot", "fp32"])
+def test_qk_norm_sums_of_squares_by_dot(norm_math):
+    """QK-norm's per-key sums of squares on the tensor-core path (16-bit squares, float32 sums)
+    and in float32 registers agree with the reference."""
+    q, k, _, lengths, kw = make_inputs(2, 8, 2, 40, 32, shared=True, rope=True, norm=True, dtype=torch.float16)
+    cfg = DecodeConfig(block_n=16, num_splits=2, norm_math=norm_math)
+    out = decode_attention(q, k, k, lengths, scale=32**-0.5, config=cfg, **kw)
+    assert rel_err(out, reference64(q, k, k, lengths, shared=True, **kw)) < 1e-3
 
 
 @needs_triton

@@ -49,6 +49,16 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     HAS_TRITON = False
 
 _LOG2E = 1.4426950408889634
+
+
+def _cdiv(a: int, b: int) -> int:  # host-side; Triton's own helpers can be jit functions (slow to call)
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -284,6 +294,7 @@ def _decode_split_kernel(
     PREFETCH: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     ROPE_TY: tl.constexpr,
+    NORM_DOT: tl.constexpr,
 ):
     """One program = one (batch row, KV head, split of the sequence).
 
@@ -380,7 +391,16 @@ def _decode_split_kernel(
 
         k1 = x1.to(ROPE_TY)
         k2 = x2.to(ROPE_TY)
-        if HAS_NORM:
+        if HAS_NORM and NORM_DOT:
+            # Sums of squares on the tensor cores, already in the scores' (GP, BLOCK_N) layout:
+            # ones(GP, D) @ (x * x)^T, each square rounded to x's dtype, summed in float32.
+            ones = tl.full([GP, HALF], 1.0, x1.dtype)
+            ssq_t = tl.dot(ones, tl.trans(x1 * x1), input_precision=DOT_PRECISION)
+            ssq_t = tl.dot(ones, tl.trans(x2 * x2), ssq_t, input_precision=DOT_PRECISION)
+            rnorm_t = tl.rsqrt(ssq_t / (2 * HALF) + eps)
+            k1 = k1 * w1.to(ROPE_TY)[None, :]
+            k2 = k2 * w2.to(ROPE_TY)[None, :]
+        elif HAS_NORM:
             f1 = x1.to(tl.float32)
             f2 = x2.to(tl.float32)
             ssq = tl.reduce(f1 * f1, 1, _sum_fn) + tl.reduce(f2 * f2, 1, _sum_fn)
@@ -422,7 +442,9 @@ def _decode_split_kernel(
             qk = tl.reduce(qd1[:, None, :] * k1[None, :, :], 2, _sum_fn) + tl.reduce(
                 qd2[:, None, :] * k2[None, :, :], 2, _sum_fn
             )
-        if HAS_NORM:
+        if HAS_NORM and NORM_DOT:
+            qk = qk * (rnorm_t * qk_scale)
+        elif HAS_NORM:
             qk = qk * (rnorm * qk_scale)[None, :]
         else:
             qk = qk * qk_scale
@@ -528,6 +550,9 @@ class DecodeConfig:
     ``rope_math``: ``"native"`` (default) rotates the key role in the cache's 16-bit dtype
     (the rotated key is rounded to it for the dot anyway), ``"fp32"`` in float32; float32
     caches, and bfloat16 under the interpreter, always use float32.
+    ``norm_math`` (QK-norm): ``"dot"`` (default on the tensor-core path for 16-bit caches) sums
+    each key's squares with ``tl.dot(ones, (x * x)^T)``, straight into the scores' layout;
+    ``"fp32"`` converts the tile to float32 and reduces in registers.
     ``rope_mode``: how the kernel gets the key's rotation at position ``n0 + n`` (tile base
     ``n0``): ``"qrot"`` (default) rotates the query block back by ``n0`` once per tile and the
     keys by the loop-invariant angles of ``n < block_n`` (held in registers), using
@@ -558,6 +583,7 @@ class DecodeConfig:
     prefetch: bool = False
     rope_math: str | None = None
     split_policy: str | None = None
+    norm_math: str | None = None
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32} if HAS_TRITON else {}
@@ -579,13 +605,15 @@ def _plan(B, Hkv, G, D, device, cfg: DecodeConfig, *, rotated_shared: bool = Fal
         raise ValueError(f"rope_mode must be one of {sorted(_ROPE_MODES)} or None, got {cfg.rope_mode!r}")
     if cfg.rope_math not in (None, "fp32", "native"):
         raise ValueError(f"rope_math must be 'fp32', 'native' or None, got {cfg.rope_math!r}")
+    if cfg.norm_math not in (None, "fp32", "dot"):
+        raise ValueError(f"norm_math must be 'fp32', 'dot' or None, got {cfg.norm_math!r}")
     if cfg.split_policy not in (None, "waves", "programs"):
         raise ValueError(f"split_policy must be 'waves', 'programs' or None, got {cfg.split_policy!r}")
     # Tensor cores for any group (rows padded to 16): measured far faster than the tl.sum path
     # on an H100 even for MHA (the broadcast products need ~255 registers and spill).
     use_dot = cfg.use_dot if cfg.use_dot is not None else True
     use_dot = use_dot and half >= 16
-    gp = triton.next_power_of_2(G)
+    gp = _next_pow2(G)
     if use_dot:
         gp = max(gp, 16)
     if cfg.block_n is not None:
@@ -602,6 +630,7 @@ def _plan(B, Hkv, G, D, device, cfg: DecodeConfig, *, rotated_shared: bool = Fal
     return gp, block_n, num_warps, num_stages, use_dot
 
 
+@functools.lru_cache(maxsize=4096)
 def _split_waves(pairs: int, n_tiles: int, slots: int, overhead_tiles: int = 2) -> int:
     """Splits per (row, KV head) that minimise ``waves * (tiles per split + overhead)``.
 
@@ -625,7 +654,7 @@ def _num_splits(B, Hkv, n_tiles, device, cfg: DecodeConfig, resident_per_sm: int
     n_sm = _sm_count(device.index or 0) if device.type == "cuda" else 8
     if resident_per_sm is not None and (cfg.split_policy or "waves") == "waves":
         return _split_waves(B * Hkv, n_tiles, resident_per_sm * n_sm)
-    splits = triton.cdiv(cfg.programs_per_sm * n_sm, B * Hkv)
+    splits = _cdiv(cfg.programs_per_sm * n_sm, B * Hkv)
     # A floor on the tiles per split: each split pays a pipeline fill and a combine row.
     # Default n_tiles / 8 within [2, 16], from the H100 sweep (bf16, D=128, 64-key tiles):
     # B=1 S=512 4 splits 12.8 us vs 1 split 15.7; B=1 S=4k 8 splits 26.0 vs 16 splits 28.7;
@@ -637,13 +666,13 @@ def _num_splits(B, Hkv, n_tiles, device, cfg: DecodeConfig, resident_per_sm: int
 _RESIDENT: dict = {}
 
 
-def _resident_per_sm(kernel, launch_key) -> int | None:
-    """Programs of a compiled kernel that fit on one multiprocessor at once (registers, shared
-    memory, threads), or None where that is unknown (the interpreter, no CUDA)."""
-    if launch_key in _RESIDENT:
-        return _RESIDENT[launch_key]
+def _resident_per_sm(compile_kernel, launch_key) -> int | None:
+    """Programs of a kernel that fit on one multiprocessor at once (registers, shared memory,
+    threads), or None where that is unknown. ``compile_kernel()`` compiles it without a launch
+    (Triton's ``warmup``); the answer is cached under ``launch_key``."""
     value = None
     try:
+        kernel = compile_kernel()
         kernel._init_handles()
         warps = kernel.metadata.num_warps
         props = torch.cuda.get_device_properties(launch_key[0])
@@ -653,7 +682,7 @@ def _resident_per_sm(kernel, launch_key) -> int | None:
         regs = -(-max(kernel.n_regs, 1) // 8) * 8 * 32 * warps  # allocated per warp in 256-register units
         smem = kernel.metadata.shared + 1024  # the driver reserves 1 KiB per block
         value = max(1, min(regs_sm // regs, smem_sm // smem, threads_sm // (32 * warps), 32))
-    except Exception:  # Triton internals differ between versions: fall back to the plain heuristic
+    except Exception:  # Triton internals differ between versions: the plain heuristic then
         value = None
     _RESIDENT[launch_key] = value
     return value
@@ -723,7 +752,7 @@ def decode_attention(
     gp, block_n, num_warps, num_stages, use_dot = _plan(
         B, Hkv, G, D, q3.device, cfg, rotated_shared=shared and has_rope
     )
-    n_tiles = max(1, triton.cdiv(S_hint, block_n))
+    n_tiles = max(1, _cdiv(S_hint, block_n))
     interpreting = _interpreting()
     split_kernel, combine_kernel = _kernels(interpreting)
 
@@ -756,6 +785,8 @@ def decode_attention(
         NUM_STAGES=num_stages,
         # The interpreter has no 16-bit bfloat arithmetic: it rotates in float32 there (as its dots).
         ROPE_TY=_TL_DTYPES[q3.dtype] if native else tl.float32,
+        # QK-norm's sums of squares by tl.dot (16-bit caches on the tensor-core path)
+        NORM_DOT=use_dot and not dot_f32 and cfg.norm_math != "fp32",
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -796,15 +827,16 @@ def decode_attention(
     resident = None
     if cfg.num_splits is None and (cfg.split_policy or "waves") == "waves" and not interpreting:
         # Residency of the multi-split kernel, compiled (not launched) on first use; cached.
-        key = (q3.device.index or 0, q3.dtype, tuple((k, str(v)) for k, v in consts.items()))
-        if key not in _RESIDENT:
-            dummy = torch.empty(2, dtype=torch.float32, device=q3.device)
-            compiled = split_kernel.warmup(*args(dummy, dummy, block_n, 2), grid=(1,), ONE_SPLIT=False, **consts)
-            _resident_per_sm(compiled, key)
-        resident = _RESIDENT[key]
+        key = (q3.device.index or 0, q3.dtype, tuple(consts.items()))
+
+        def compile_split_kernel():
+            part = torch.empty(2, dtype=torch.float32, device=q3.device)
+            return split_kernel.warmup(*args(part, part, block_n, 2), grid=(1,), ONE_SPLIT=False, **consts)
+
+        resident = _RESIDENT[key] if key in _RESIDENT else _resident_per_sm(compile_split_kernel, key)
     splits = _num_splits(B, Hkv, n_tiles, q3.device, cfg, resident)
-    split_len = triton.cdiv(n_tiles, splits) * block_n
-    splits = triton.cdiv(n_tiles * block_n, split_len)  # drop splits that would start past S_hint
+    split_len = _cdiv(n_tiles, splits) * block_n
+    splits = _cdiv(n_tiles * block_n, split_len)  # drop splits that would start past S_hint
     if splits > 1:
         o_part = torch.empty((B * Hq, splits, D), dtype=torch.float32, device=q3.device)
         lse_part = torch.empty((B * Hq, splits), dtype=torch.float32, device=q3.device)
@@ -820,7 +852,7 @@ def decode_attention(
             out.stride(1),
             Hq,
             splits,
-            SPLITS_P2=triton.next_power_of_2(splits),
+            SPLITS_P2=_next_pow2(splits),
             D=D,
             num_warps=4 if D >= 128 else 2,
         )

@@ -450,3 +450,58 @@ def test_cuda_residency_is_read_from_the_compiled_kernel(monkeypatch):
     decode_attention(q, k, k, lengths, scale=128**-0.5, shared_kv=True, **kw)
     (value,) = kv_decode._RESIDENT.values()
     assert value is not None and 1 <= value <= 32
+
+
+@needs_triton
+@pytest.mark.parametrize("splits", [2, 5])
+def test_fused_combine_matches_and_resets_its_tickets(splits):
+    """The last split merging the partials itself (an online merge) gives the separate combine
+    kernel's answer (max first) to float32 rounding, also with empty splits (a row of length 1),
+    and leaves its ticket counters at zero for the next call."""
+    from qkvlab.kernels import kv_decode
+
+    q, k, _, _, kw = make_inputs(3, 8, 2, 40, 32, shared=True, rope=True, norm=False)
+    lengths = torch.tensor([40, 1, 23], dtype=torch.int32)
+    ref = reference64(q, k, k, lengths, shared=True, **kw)
+    outs = {}
+    for fused in (True, False):
+        cfg = DecodeConfig(block_n=8, num_splits=splits, fused_combine=fused)
+        outs[fused] = decode_attention(q, k, k, lengths, scale=32**-0.5, config=cfg, **kw)
+        assert rel_err(outs[fused], ref) < 1e-5
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-6, atol=1e-7)
+    tickets = kv_decode._COUNTERS[("cpu", 0)]
+    assert int(tickets.abs().sum()) == 0
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fused_combine_in_a_graph_and_on_two_streams(monkeypatch):
+    """The fused merge under CUDA-graph replay (its tickets come from the capture pool) and on
+    two streams at once (each stream has its own tickets) matches the reference."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, _, lengths, kw = make_inputs(2, 32, 8, 3000, 128, shared=True, rope=True, norm=False, dtype=torch.bfloat16)
+    q, k, lengths = q.cuda(), k.cuda(), lengths.cuda()
+    kw = {n: t.cuda() for n, t in kw.items()}
+    cfg = DecodeConfig(num_splits=7)
+    ref = reference64(q.cpu(), k.cpu(), None, lengths.cpu(), shared=True, **{n: t.cpu() for n, t in kw.items()})
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, k, k, lengths, scale=128**-0.5, shared_kv=True, config=cfg, out=out, **kw)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode_attention(q, k, k, lengths, scale=128**-0.5, shared_kv=True, config=cfg, out=out, **kw)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out.cpu(), ref) < 1.5e-2
+    outs = [torch.full_like(q, float("nan")) for _ in range(2)]
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    for _ in range(5):
+        for s, o in zip(streams, outs, strict=True):
+            with torch.cuda.stream(s):
+                decode_attention(q, k, k, lengths, scale=128**-0.5, shared_kv=True, config=cfg, out=o, **kw)
+    torch.cuda.synchronize()
+    for o in outs:
+        assert rel_err(o.cpu(), ref) < 1.5e-2

@@ -259,7 +259,6 @@ def _decode_split_kernel(
     W,
     Opart,
     LSEpart,
-    Counter,
     Out,
     stride_qb,
     stride_qh,
@@ -296,7 +295,6 @@ def _decode_split_kernel(
     NUM_STAGES: tl.constexpr,
     ROPE_TY: tl.constexpr,
     NORM_DOT: tl.constexpr,
-    FUSED: tl.constexpr,
 ):
     """One program = one (batch row, KV head, split of the sequence).
 
@@ -489,37 +487,6 @@ def _decode_split_kernel(
         tl.store(p_rows + HALF, o2, mask=g_mask[:, None])
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(LSEpart + row * num_splits + split, lse, mask=g_mask)
-        if FUSED:
-            # The last split of this (row, KV head) to finish merges all of them: no second
-            # launch. The barrier orders every thread's stores before the (single-thread,
-            # acquire-release, GPU-scope) ticket; the merge reads around L1 (.cg).
-            tl.debug_barrier()
-            ticket = tl.atomic_add(Counter + pid_bh, 1, sem="acq_rel", scope="gpu")
-            if ticket == num_splits - 1:
-                m_c = tl.full([GP], float("-inf"), tl.float32)
-                den = tl.full([GP], 0.0, tl.float32)
-                c1 = tl.full([GP, HALF], 0.0, tl.float32)
-                c2 = tl.full([GP, HALF], 0.0, tl.float32)
-                for sp in range(0, num_splits):
-                    lse_s = tl.load(
-                        LSEpart + row * num_splits + sp, mask=g_mask, other=float("-inf"), cache_modifier=".cg"
-                    )
-                    m_new = tl.maximum(m_c, lse_s)
-                    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    a = tl.exp2(m_c - m_ref)
-                    w = tl.exp2(lse_s - m_ref)
-                    s_rows = Opart + (row[:, None] * num_splits + sp) * (2 * HALF) + offs_d[None, :]
-                    o1s = tl.load(s_rows, mask=g_mask[:, None], other=0.0, cache_modifier=".cg")
-                    o2s = tl.load(s_rows + HALF, mask=g_mask[:, None], other=0.0, cache_modifier=".cg")
-                    c1 = c1 * a[:, None] + w[:, None] * o1s
-                    c2 = c2 * a[:, None] + w[:, None] * o2s
-                    den = den * a + w
-                    m_c = m_new
-                den = tl.where(den > 0, den, 1.0)
-                o_rows = Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-                tl.store(o_rows, (c1 / den[:, None]).to(Out.dtype.element_ty), mask=g_mask[:, None])
-                tl.store(o_rows + HALF, (c2 / den[:, None]).to(Out.dtype.element_ty), mask=g_mask[:, None])
-                tl.atomic_xchg(Counter + pid_bh, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
 def _decode_combine_kernel(
@@ -586,8 +553,6 @@ class DecodeConfig:
     ``norm_math`` (QK-norm): ``"dot"`` (default on the tensor-core path for 16-bit caches) sums
     each key's squares with ``tl.dot(ones, (x * x)^T)``, straight into the scores' layout;
     ``"fp32"`` converts the tile to float32 and reduces in registers.
-    ``fused_combine``: the last split of each (row, KV head) to finish merges the partials
-    (an atomic ticket per pair; default), instead of a second kernel launch.
     ``rope_mode``: how the kernel gets the key's rotation at position ``n0 + n`` (tile base
     ``n0``): ``"qrot"`` (default) rotates the query block back by ``n0`` once per tile and the
     keys by the loop-invariant angles of ``n < block_n`` (held in registers), using
@@ -619,7 +584,6 @@ class DecodeConfig:
     rope_math: str | None = None
     split_policy: str | None = None
     norm_math: str | None = None
-    fused_combine: bool | None = None
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32} if HAS_TRITON else {}
@@ -700,41 +664,6 @@ def _num_splits(B, Hkv, n_tiles, device, cfg: DecodeConfig, resident_per_sm: int
 
 
 _RESIDENT: dict = {}
-_COUNTERS: dict = {}  # (device, stream) -> int32 tickets for calls issued on that stream
-_CAPTURE_POOL: dict = {}  # device -> [int32 tickets, next free]: one slice per captured call
-_CAPTURE_POOL_SIZE = 1 << 16
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor | None:
-    """Zeroed int32 tickets (one per (row, KV head)) for the fused merge, or None (then the
-    separate combine kernel runs).
-
-    Every launch that uses them leaves them at zero again. Calls on one stream run one after
-    another, so they share that stream's tickets; streams never share. A call captured into a
-    CUDA graph gets a slice of its own from a per-device pool (allocated, zeroed, by the first
-    call outside capture), so graphs replayed at once on several streams never share tickets
-    either. Without a pool, or once it is used up, a captured call falls back.
-    """
-    if device.type != "cuda":  # the interpreter runs programs one after another
-        buf = _COUNTERS.get(("cpu", 0))
-        if buf is None or buf.numel() < n:
-            buf = _COUNTERS[("cpu", 0)] = torch.zeros(max(n, 1024), dtype=torch.int32)
-        return buf[:n]
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if torch.cuda.is_current_stream_capturing():
-        pool = _CAPTURE_POOL.get(index)
-        if pool is None or pool[1] + n > pool[0].numel():
-            return None
-        view = pool[0][pool[1] : pool[1] + n]
-        pool[1] += n
-        return view
-    if index not in _CAPTURE_POOL:
-        _CAPTURE_POOL[index] = [torch.zeros(_CAPTURE_POOL_SIZE, dtype=torch.int32, device=device), 0]
-    key = (index, torch.cuda.current_stream(device).cuda_stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return buf[:n]
 
 
 def _resident_per_sm(compile_kernel, launch_key) -> int | None:
@@ -837,9 +766,6 @@ def decode_attention(
     # The interpreter's tl.dot mishandles bfloat16 operands: it then multiplies in float32.
     dot_f32 = q3.dtype == torch.float32 or (q3.dtype == torch.bfloat16 and interpreting)
     native = (cfg.rope_math or "native") == "native" and not dot_f32
-    # The last split merges the partials itself (no combine launch) where a ticket counter per
-    # (row, KV head) is at hand; see _counters.
-    counters = _counters(q3.device, B * Hkv) if cfg.fused_combine is not False else None
     cos = rope_cos if has_rope else out
     sin = rope_sin if has_rope else out
     weight = k_norm_weight if k_norm_weight is not None else out
@@ -861,7 +787,6 @@ def decode_attention(
         ROPE_TY=_TL_DTYPES[q3.dtype] if native else tl.float32,
         # QK-norm's sums of squares by tl.dot (16-bit caches on the tensor-core path)
         NORM_DOT=use_dot and not dot_f32 and cfg.norm_math != "fp32",
-        FUSED=counters is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -877,7 +802,6 @@ def decode_attention(
             weight,
             o_part,
             lse_part,
-            counters if counters is not None else lse_part,
             out,
             q3.stride(0),
             q3.stride(1),
@@ -919,7 +843,7 @@ def decode_attention(
     else:
         o_part = lse_part = out  # unused
     split_kernel[(B * Hkv, splits)](*args(o_part, lse_part, split_len, splits), ONE_SPLIT=splits == 1, **consts)
-    if splits > 1 and counters is None:
+    if splits > 1:
         combine_kernel[(B * Hq,)](
             o_part,
             lse_part,

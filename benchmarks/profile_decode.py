@@ -6,6 +6,10 @@ Nsight Compute reads the hardware counters of the split kernel; on the GPU machi
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \\
         python3 benchmarks/profile_decode.py --B 1 --S 131072 --Hkv 32 --config '{"rope_math": "native"}'
 
+``--host`` instead times the host side of eager calls (no CUDA graph) and prints a cProfile of
+them (``results/profile_decode_eager_host.txt``: B=1 S=4k, 200-285 us of host time per call over two
+runs; under cProfile 46% of it is Triton's launcher, run twice: split and combine kernels).
+
 Inputs are those of ``gpu_decode.py`` (bf16, Hq=32, D=128, a shared K=V cache, RoPE on the key
 role unless ``--which kv``); the result is checked against the float32 reference first.
 """
@@ -13,8 +17,12 @@ role unless ``--which kv``); the result is checked against the float32 reference
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import sys
+import time
 
 import torch
 
@@ -30,6 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--which", default="rope_kv", choices=["rope_kv", "rope_qkn_kv", "sep_kv", "kv"])
     ap.add_argument("--config", default="{}", help="DecodeConfig fields as JSON")
     ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--host", action="store_true", help="time and cProfile the host side of eager calls")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_decode.py needs a CUDA GPU", file=sys.stderr)
@@ -39,6 +48,25 @@ def main(argv=None) -> int:
     fn = pt.ours(args.which, pt.full, config=cfg, out=pt.out)
     fn()
     err = rel_err(pt.out, pt.reference(args.which, pt.full))
+    if args.host:
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(500):
+            fn()
+        host_us = (time.perf_counter() - t0) / 500 * 1e6
+        torch.cuda.synchronize()
+        print(f"host time per eager call (launches are asynchronous; 500 calls): {host_us:.1f} us")
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(500):
+            fn()
+        prof.disable()
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(18)
+        print(text.getvalue())
     for _ in range(args.calls):
         fn()
     torch.cuda.synchronize()

@@ -393,10 +393,17 @@ def _decode_split_kernel(
         k2 = x2.to(ROPE_TY)
         if HAS_NORM and NORM_DOT:
             # Sums of squares on the tensor cores, already in the scores' (GP, BLOCK_N) layout:
-            # ones(GP, D) @ (x * x)^T, each square rounded to x's dtype, summed in float32.
-            ones = tl.full([GP, HALF], 1.0, x1.dtype)
-            ssq_t = tl.dot(ones, tl.trans(x1 * x1), input_precision=DOT_PRECISION)
-            ssq_t = tl.dot(ones, tl.trans(x2 * x2), ssq_t, input_precision=DOT_PRECISION)
+            # ones(GP, D) @ (x * x)^T, each square rounded to bf16 (float32's range: no overflow),
+            # summed in float32; in float32 throughout where the dots are (the interpreter).
+            if DOT_F32:
+                s1 = x1.to(tl.float32)
+                s2 = x2.to(tl.float32)
+            else:
+                s1 = x1
+                s2 = x2
+            ones = tl.full([GP, HALF], 1.0, s1.dtype)
+            ssq_t = tl.dot(ones, tl.trans(s1 * s1), input_precision=DOT_PRECISION)
+            ssq_t = tl.dot(ones, tl.trans(s2 * s2), ssq_t, input_precision=DOT_PRECISION)
             rnorm_t = tl.rsqrt(ssq_t / (2 * HALF) + eps)
             k1 = k1 * w1.to(ROPE_TY)[None, :]
             k2 = k2 * w2.to(ROPE_TY)[None, :]
@@ -550,9 +557,10 @@ class DecodeConfig:
     ``rope_math``: ``"native"`` (default) rotates the key role in the cache's 16-bit dtype
     (the rotated key is rounded to it for the dot anyway), ``"fp32"`` in float32; float32
     caches, and bfloat16 under the interpreter, always use float32.
-    ``norm_math`` (QK-norm): ``"dot"`` (default on the tensor-core path for 16-bit caches) sums
-    each key's squares with ``tl.dot(ones, (x * x)^T)``, straight into the scores' layout;
-    ``"fp32"`` converts the tile to float32 and reduces in registers.
+    ``norm_math`` (QK-norm): ``"dot"`` (default on the tensor-core path for bfloat16 caches)
+    sums each key's squares with ``tl.dot(ones, (x * x)^T)``, straight into the scores' layout;
+    ``"fp32"`` (always for float16, whose squares overflow past 256, and float32 caches)
+    converts the tile to float32 and reduces in registers.
     ``rope_mode``: how the kernel gets the key's rotation at position ``n0 + n`` (tile base
     ``n0``): ``"qrot"`` (default) rotates the query block back by ``n0`` once per tile and the
     keys by the loop-invariant angles of ``n < block_n`` (held in registers), using
@@ -785,8 +793,9 @@ def decode_attention(
         NUM_STAGES=num_stages,
         # The interpreter has no 16-bit bfloat arithmetic: it rotates in float32 there (as its dots).
         ROPE_TY=_TL_DTYPES[q3.dtype] if native else tl.float32,
-        # QK-norm's sums of squares by tl.dot (16-bit caches on the tensor-core path)
-        NORM_DOT=use_dot and not dot_f32 and cfg.norm_math != "fp32",
+        # QK-norm's sums of squares by tl.dot: bfloat16 caches only (float16 squares overflow
+        # past 256; float32 caches keep the float32 sums)
+        NORM_DOT=use_dot and q3.dtype == torch.bfloat16 and cfg.norm_math != "fp32",
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -484,7 +484,10 @@ def main(argv=None) -> int:
         "plain calls" if args.no_graphs else "CUDA-graph replays, one graph per method (ours_rope_kv_eager: plain call)"
     )
     if args.sweep:
-        pts = [tuple(int(v) for v in p.split("x")) for p in args.sweep_points.split(",") if p] or None
+        pts = [p.split("x") for p in args.sweep_points.split(",") if p]
+        if any(len(p) != 3 or not all(v.isdigit() for v in p) for p in pts):
+            ap.error(f"--sweep-points takes BxSxHkv triples of integers, e.g. 1x512x32; got {args.sweep_points!r}")
+        pts = [tuple(int(v) for v in p) for p in pts] or None
         data["sweep"] = run_sweep(
             device, bench, log, smoke=args.smoke, split_configs=args.split_configs, points=pts, which=args.sweep_which
         )

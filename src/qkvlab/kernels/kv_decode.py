@@ -603,12 +603,8 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _plan(B, Hkv, G, D, device, cfg: DecodeConfig, *, rotated_shared: bool = False):
-    """Concrete tile choices (GP, block_n, num_warps, num_stages, use_dot).
-
-    ``rotated_shared``: a shared K=V cache whose key role is rotated in the kernel (RoPE).
-    """
-    half = D // 2
+def _check_config(cfg: DecodeConfig) -> None:
+    """ValueError naming a :class:`DecodeConfig` field whose value is not one of its choices."""
     if cfg.rope_mode is not None and cfg.rope_mode not in _ROPE_MODES:
         raise ValueError(f"rope_mode must be one of {sorted(_ROPE_MODES)} or None, got {cfg.rope_mode!r}")
     if cfg.rope_math not in (None, "fp32", "native"):
@@ -617,6 +613,14 @@ def _plan(B, Hkv, G, D, device, cfg: DecodeConfig, *, rotated_shared: bool = Fal
         raise ValueError(f"norm_math must be 'fp32', 'dot' or None, got {cfg.norm_math!r}")
     if cfg.split_policy not in (None, "waves", "programs"):
         raise ValueError(f"split_policy must be 'waves', 'programs' or None, got {cfg.split_policy!r}")
+
+
+def _plan(B, Hkv, G, D, device, cfg: DecodeConfig, *, rotated_shared: bool = False):
+    """Concrete tile choices (GP, block_n, num_warps, num_stages, use_dot).
+
+    ``rotated_shared``: a shared K=V cache whose key role is rotated in the kernel (RoPE).
+    """
+    half = D // 2
     # Tensor cores for any group (rows padded to 16): measured far faster than the tl.sum path
     # on an H100 even for MHA (the broadcast products need ~255 registers and spill).
     use_dot = cfg.use_dot if cfg.use_dot is not None else True
@@ -728,6 +732,8 @@ def decode_attention(
     q3, v_cache, lengths, four_d = _check_args(
         q, k_cache, v_cache, lengths, rope_cos, rope_sin, k_norm_weight, shared_kv
     )
+    cfg = config or DecodeConfig()
+    _check_config(cfg)
     reason = decode_unsupported_reason(
         q3, k_cache, v_cache, rope_cos=rope_cos, rope_sin=rope_sin, k_norm_weight=k_norm_weight
     )
@@ -753,7 +759,6 @@ def decode_attention(
     B, Hq, D = q3.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv
-    cfg = config or DecodeConfig()
     S_hint = min(S, max_length) if max_length else S
     shared = v_cache is k_cache or (v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride())
     has_rope = rope_cos is not None

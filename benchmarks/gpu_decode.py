@@ -280,7 +280,7 @@ def run_point(B, S, Hkv, device, bench, rounds: int, log) -> dict:
 
 
 # ----------------------------------------------------------------------------- sweep
-def sweep_configs(G: int, which: str = "rope_kv") -> list[DecodeConfig]:
+def sweep_configs(which: str = "rope_kv") -> list[DecodeConfig]:
     """Launch configs to compare: how the key role is rotated (float32 or 16-bit arithmetic), how
     the splits are counted, tile, warps and pipelining depth. Earlier grids (the angles re-read
     from L1 each tile, 8 warps, PTX on packed bf16x2 pairs) are in the committed sweep JSONs."""
@@ -323,7 +323,7 @@ def run_sweep(device, bench, log, smoke=False, split_configs: int = 3, points=No
     rows = []
     if points is None:
         points = [(1, 96, 32), (2, 64, 32), (1, 96, 8)] if smoke else [*MAIN_POINTS, GQA_POINT]
-    cfgs = sweep_configs(1, which)
+    cfgs = sweep_configs(which)
     made = {}
     for B, S, Hkv in points:
         pt = made[(B, S, Hkv)] = Point(B, S, Hkv, device, seed=1)

@@ -842,12 +842,14 @@ def decode_attention(
     if cfg.num_splits is None and (cfg.split_policy or "waves") == "waves" and not interpreting:
         # Residency of the multi-split kernel, compiled (not launched) on first use; cached.
         key = (q3.device.index or 0, q3.dtype, tuple(consts.items()))
+        if key not in _RESIDENT:  # value None: unknown, the plain heuristic
 
-        def compile_split_kernel():
-            part = torch.empty(2, dtype=torch.float32, device=q3.device)
-            return split_kernel.warmup(*args(part, part, block_n, 2), grid=(1,), ONE_SPLIT=False, **consts)
+            def compile_split_kernel():
+                part = torch.empty(2, dtype=torch.float32, device=q3.device)
+                return split_kernel.warmup(*args(part, part, block_n, 2), grid=(1,), ONE_SPLIT=False, **consts)
 
-        resident = _RESIDENT[key] if key in _RESIDENT else _resident_per_sm(compile_split_kernel, key)
+            _resident_per_sm(compile_split_kernel, key)
+        resident = _RESIDENT[key]
     splits = _num_splits(B, Hkv, n_tiles, q3.device, cfg, resident)
     split_len = _cdiv(n_tiles, splits) * block_n
     splits = _cdiv(n_tiles * block_n, split_len)  # drop splits that would start past S_hint

@@ -722,13 +722,12 @@ class Trainer:
     def train_step(self) -> tuple[float, float, int]:
         """One optimizer step; returns (mean loss over micro-batches and processes, grad norm, tokens)."""
         config, ctx = self.config, self.ctx
-        warmup = config.schedule.warmup_steps
         sched = config.schedule
         lr = lr_at(
             self.step,
             lr=config.optim.lr,
             min_lr=config.min_lr,
-            warmup=warmup,
+            warmup=sched.warmup_steps,
             total=self.total_steps,
             kind=sched.kind,
             milestones=sched.milestones,

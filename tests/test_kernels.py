@@ -317,6 +317,9 @@ CUDA_CONFIGS = [
     DecodeConfig(rope_math="native", num_warps=8, block_n=128, split_policy="programs"),
     DecodeConfig(rope_mode="add_regs", rope_math="native", block_n=128),
     DecodeConfig(norm_math="fp32"),
+    DecodeConfig(pdl=False),
+    DecodeConfig(rope_table="rows"),
+    DecodeConfig(rope_table="factored", rope_mode="add_regs", rope_math="native", block_n=128),
 ]
 
 
@@ -408,7 +411,9 @@ def test_split_waves_fills_whole_waves():
 
 def test_bad_config_values_are_named():
     q, k, _, lengths, kw = make_inputs(1, 4, 2, 16, 32, shared=True, rope=True, norm=False)
-    for field, value in [("rope_math", "bf16"), ("split_policy", "max"), ("rope_mode", "rotate"), ("norm_math", "x")]:
+    bad = [("rope_math", "bf16"), ("split_policy", "max"), ("rope_mode", "rotate"), ("norm_math", "x"), ("pdl", "on")]
+    bad.append(("rope_table", "half"))
+    for field, value in bad:
         with pytest.raises(ValueError, match=repr(value)):
             decode_attention(q, k, k, lengths, scale=0.2, config=DecodeConfig(**{field: value}), **kw)
 
@@ -433,6 +438,19 @@ def test_qk_norm_half_cache_with_large_values():
     out = decode_attention(q, k, k, lengths, scale=32**-0.5, config=DecodeConfig(block_n=16, num_splits=2), **kw)
     assert torch.isfinite(out).all()
     assert rel_err(out, reference64(q, k, k, lengths, shared=True, **kw)) < 1e-2
+
+
+@needs_triton
+@pytest.mark.parametrize("table", ["rows", "factored"])
+@pytest.mark.parametrize("mode", ["qrot", "add_regs"])
+@pytest.mark.parametrize(("S", "block_n"), [(300, 128), (300, 32), (10, 128)])
+def test_rope_table_rows_and_factored(table, mode, S, block_n):
+    """The held RoPE rows read whole or built by angle addition from 16 + block_n/16 rows (also
+    for a table shorter than the tile) give the reference's result."""
+    q, k, _, lengths, kw = make_inputs(3, 8, 2, S, 32, shared=True, rope=True, norm=False)
+    cfg = DecodeConfig(block_n=block_n, num_splits=2, rope_mode=mode, rope_table=table)
+    out = decode_attention(q, k, k, lengths, scale=32**-0.5, config=cfg, **kw)
+    assert rel_err(out, reference64(q, k, k, lengths, shared=True, **kw)) < 1e-5
 
 
 @needs_triton
@@ -461,3 +479,47 @@ def test_cuda_residency_is_read_from_the_compiled_kernel(monkeypatch):
     decode_attention(q, k, k, lengths, scale=128**-0.5, shared_kv=True, **kw)
     (value,) = kv_decode._RESIDENT.values()
     assert value is not None and 1 <= value <= 32
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("pdl", [True, False])
+def test_cuda_programmatic_dependent_combine_in_a_graph(pdl, monkeypatch):
+    """The combine kernel launched as a programmatic dependent (PDL) waits for every split: two
+    decode calls captured in one CUDA graph, replayed on fresh inputs, match the reference each time."""
+    from qkvlab.kernels import kv_decode
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if pdl and torch.cuda.get_device_capability()[0] >= 9:
+        assert kv_decode._pdl_supported(torch.cuda.current_device())  # the PDL path is the one tested
+    shapes = [(1, 32, 32, 4096, [4093]), (2, 32, 8, 3000, [3000, 1777])]
+    bufs = []
+    for B, Hq, Hkv, S, lens in shapes:
+        lens = torch.tensor(lens, dtype=torch.int32)
+        q, k, _, lengths, kw = make_inputs(
+            B, Hq, Hkv, S, 128, shared=True, rope=True, norm=False, dtype=torch.bfloat16, lengths=lens
+        )
+        bufs.append(([t.cuda() for t in (q, k, lengths)], {n: t.cuda() for n, t in kw.items()}))
+    outs = [torch.empty_like(b[0][0]) for b in bufs]
+    cfg = DecodeConfig(pdl=pdl)
+
+    def step():
+        for ((q, k, lengths), kw), out in zip(bufs, outs, strict=True):
+            decode_attention(q, k, k, lengths, scale=128**-0.5, shared_kv=True, config=cfg, out=out, **kw)
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for trial in range(3):
+        for (q, k, _lengths), _ in bufs:
+            q.normal_()
+            k.normal_()
+        for out in outs:
+            out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for ((q, k, lengths), kw), out in zip(bufs, outs, strict=True):
+            ref = reference64(q.cpu(), k.cpu(), None, lengths.cpu(), shared=True, **{n: t.cpu() for n, t in kw.items()})
+            assert rel_err(out.cpu(), ref) < 1.5e-2, trial

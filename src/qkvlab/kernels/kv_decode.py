@@ -247,6 +247,11 @@ def shared_kv_decode_supported(
 if HAS_TRITON:
     _sum_fn = tl.standard._sum_combine
     _max_fn = tl.standard._elementwise_max
+    try:  # programmatic dependent launch (Hopper+); Triton >= 3.4 has these and ``launch_pdl``
+        from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch_dependents
+        from triton.language.extra.cuda import gdc_wait as _gdc_wait
+    except ImportError:  # pragma: no cover - older Triton: the combine kernel launches plainly
+        _gdc_launch_dependents = _gdc_wait = None
 
 
 def _decode_split_kernel(
@@ -295,6 +300,8 @@ def _decode_split_kernel(
     NUM_STAGES: tl.constexpr,
     ROPE_TY: tl.constexpr,
     NORM_DOT: tl.constexpr,
+    PDL: tl.constexpr,
+    TABLE_LO: tl.constexpr,
 ):
     """One program = one (batch row, KV head, split of the sequence).
 
@@ -319,7 +326,12 @@ def _decode_split_kernel(
     the interpreter). Online softmax in base 2 with a running max ``m`` and sum ``l``. The value
     is the raw tile (shared K=V) or a tile of ``V``. The split's normalised partial output and
     its log2-sum-exp go to ``Opart`` /
-    ``LSEpart``; with a single split the final output is written directly.
+    ``LSEpart``; with a single split the final output is written directly. ``PDL``: the combine
+    kernel is a programmatic dependent launch; each program signals it once its results are
+    stored, so the combine grid is launched while the last splits finish (its programs wait in
+    ``griddepcontrol.wait`` until this grid is done). ``TABLE_LO`` < ``BLOCK_N``: the held RoPE
+    rows of ``n < BLOCK_N`` are built by angle addition from ``TABLE_LO + BLOCK_N / TABLE_LO``
+    distinct table rows instead of read whole.
     """
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -353,9 +365,25 @@ def _decode_split_kernel(
     # ROPE_TY: float32, or the cache's 16-bit dtype (ptxas packs that arithmetic in pairs,
     # half the registers); the dot rounds the rotated key to that dtype anyway.
     if HAS_ROPE and (ROPE_MODE == 1 or ROPE_MODE == 3):  # held in registers for the whole loop
-        small = (offs_n < cos_rows)[:, None]
-        cos_n = tl.load(Cos + small_rows, mask=small, other=1.0).to(ROPE_TY)
-        sin_n = tl.load(Sin + small_rows, mask=small, other=0.0).to(ROPE_TY)
+        if TABLE_LO < BLOCK_N:
+            # Factored: n = i * LO + j, built by angle addition from LO + BLOCK_N / LO table rows
+            # (24 instead of 128 for 128-key tiles), which every program reads from L2 at start.
+            offs_lo = tl.arange(0, TABLE_LO)
+            offs_hi = tl.arange(0, BLOCK_N // TABLE_LO) * TABLE_LO
+            lo_rows = offs_lo[:, None] * stride_cs + offs_d[None, :]
+            hi_rows = offs_hi[:, None] * stride_cs + offs_d[None, :]
+            c_lo = tl.load(Cos + lo_rows, mask=(offs_lo < cos_rows)[:, None], other=1.0).to(tl.float32)
+            s_lo = tl.load(Sin + lo_rows, mask=(offs_lo < cos_rows)[:, None], other=0.0).to(tl.float32)
+            c_hi = tl.load(Cos + hi_rows, mask=(offs_hi < cos_rows)[:, None], other=1.0).to(tl.float32)
+            s_hi = tl.load(Sin + hi_rows, mask=(offs_hi < cos_rows)[:, None], other=0.0).to(tl.float32)
+            c3 = c_hi[:, None, :] * c_lo[None, :, :] - s_hi[:, None, :] * s_lo[None, :, :]
+            s3 = s_hi[:, None, :] * c_lo[None, :, :] + c_hi[:, None, :] * s_lo[None, :, :]
+            cos_n = tl.reshape(c3, (BLOCK_N, HALF)).to(ROPE_TY)
+            sin_n = tl.reshape(s3, (BLOCK_N, HALF)).to(ROPE_TY)
+        else:
+            small = (offs_n < cos_rows)[:, None]
+            cos_n = tl.load(Cos + small_rows, mask=small, other=1.0).to(ROPE_TY)
+            sin_n = tl.load(Sin + small_rows, mask=small, other=0.0).to(ROPE_TY)
 
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.full([GP], 0.0, tl.float32)
@@ -494,6 +522,8 @@ def _decode_split_kernel(
         tl.store(p_rows + HALF, o2, mask=g_mask[:, None])
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(LSEpart + row * num_splits + split, lse, mask=g_mask)
+        if PDL:  # this program's results are stored: the combine kernel may start launching
+            _gdc_launch_dependents()
 
 
 def _decode_combine_kernel(
@@ -506,11 +536,13 @@ def _decode_combine_kernel(
     num_splits,
     SPLITS_P2: tl.constexpr,
     D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One program = one (batch row, query head): merge the ``num_splits`` partial outputs.
 
     Tiling: the ``(SPLITS_P2, D)`` block of partials and their log2-sum-exps are read at
     once; weights ``2^(lse_i - max)`` (zero for empty splits) normalise the weighted sum.
+    ``PDL``: launched as a programmatic dependent of the split kernel: wait for its results.
     """
     row = tl.program_id(0).to(tl.int64)
     b = row // n_q_heads
@@ -518,6 +550,8 @@ def _decode_combine_kernel(
     offs_s = tl.arange(0, SPLITS_P2)
     offs_d = tl.arange(0, D)
     s_mask = offs_s < num_splits
+    if PDL:
+        _gdc_wait()  # every split has finished and its stores are visible
     lse = tl.load(LSEpart + row * num_splits + offs_s, mask=s_mask, other=float("-inf"))
     m = tl.reduce(lse, 0, _max_fn)
     m = tl.where(m == float("-inf"), 0.0, m)
@@ -569,6 +603,13 @@ class DecodeConfig:
     re-reading the rows each tile; ``"direct"`` one table row per key.
     ``prefetch``: issue the next tile's loads into registers before computing the current one
     (manual double-buffering, the first version's loop; the pipeliner does better).
+    ``rope_table``: how a program gets the RoPE rows of ``n < block_n`` it holds: ``"rows"``
+    reads all ``block_n`` rows, ``"factored"`` builds them by angle addition from
+    ``16 + block_n / 16`` rows (a sixth of the L2 reads for 128-key tiles, paid by every program
+    at its start). Default: rows for a single wave of splits of at least 32 tiles, else factored.
+    ``pdl``: launch the combine kernel as a programmatic dependent of the split kernel, so its
+    launch overlaps the splits' tail (default on where supported: compiled, compute capability
+    9.0 or newer, a Triton with ``launch_pdl``); False launches it after the split kernel ends.
 
     Defaults, from H100 sweeps (bf16, Hq=32, D=128, RoPE K=V, do_bench medians, cold L2;
     ``benchmarks/gpu_decode.py --sweep``, results in ``benchmarks/results/gpu_decode_sweep_*``):
@@ -592,6 +633,8 @@ class DecodeConfig:
     rope_math: str | None = None
     split_policy: str | None = None
     norm_math: str | None = None
+    pdl: bool | None = None
+    rope_table: str | None = None
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32} if HAS_TRITON else {}
@@ -601,6 +644,21 @@ _ROPE_MODES = {"add": 0, "add_regs": 1, "direct": 2, "qrot": 3}
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.cache
+def _pdl_supported(index: int) -> bool:
+    """Programmatic dependent launch works here: Triton has the launch option, the GPU is sm_90+."""
+    if not HAS_TRITON or _gdc_wait is None:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        if "launch_pdl" not in getattr(CUDAOptions, "__dataclass_fields__", {}):
+            return False
+    except ImportError:  # pragma: no cover - a Triton without the NVIDIA backend
+        return False
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def _check_config(cfg: DecodeConfig) -> None:
@@ -613,6 +671,10 @@ def _check_config(cfg: DecodeConfig) -> None:
         raise ValueError(f"norm_math must be 'fp32', 'dot' or None, got {cfg.norm_math!r}")
     if cfg.split_policy not in (None, "waves", "programs"):
         raise ValueError(f"split_policy must be 'waves', 'programs' or None, got {cfg.split_policy!r}")
+    if cfg.rope_table not in (None, "rows", "factored"):
+        raise ValueError(f"rope_table must be 'rows', 'factored' or None, got {cfg.rope_table!r}")
+    if cfg.pdl not in (None, True, False):
+        raise ValueError(f"pdl must be True, False or None, got {cfg.pdl!r}")
 
 
 def _plan(B, Hkv, G, D, device, cfg: DecodeConfig, *, rotated_shared: bool = False):
@@ -779,6 +841,8 @@ def decode_attention(
     # The interpreter's tl.dot mishandles bfloat16 operands: it then multiplies in float32.
     dot_f32 = q3.dtype == torch.float32 or (q3.dtype == torch.bfloat16 and interpreting)
     native = (cfg.rope_math or "native") == "native" and not dot_f32
+    pdl = cfg.pdl is not False and q3.device.type == "cuda" and not interpreting
+    pdl = pdl and _pdl_supported(q3.device.index or 0)
     cos = rope_cos if has_rope else out
     sin = rope_sin if has_rope else out
     weight = k_norm_weight if k_norm_weight is not None else out
@@ -801,6 +865,8 @@ def decode_attention(
         # QK-norm's sums of squares by tl.dot: bfloat16 caches only (float16 squares overflow
         # past 256; float32 caches keep the float32 sums)
         NORM_DOT=use_dot and q3.dtype == torch.bfloat16 and cfg.norm_math != "fp32",
+        PDL=pdl,
+        TABLE_LO=block_n if cfg.rope_table == "rows" else min(16, block_n),
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -853,6 +919,12 @@ def decode_attention(
     splits = _num_splits(B, Hkv, n_tiles, q3.device, cfg, resident)
     split_len = _cdiv(n_tiles, splits) * block_n
     splits = _cdiv(n_tiles * block_n, split_len)  # drop splits that would start past S_hint
+    if cfg.rope_table is None and consts["TABLE_LO"] < block_n and resident:
+        # One wave of long splits: the whole table rows (H100, B=1 S=32k: 100.0-100.1 vs 101.0-101.1
+        # us factored); every other case factored (B=32 S=512: 57.8 vs 63.0; B=64 S=4k: 711 vs 720).
+        one_wave = B * Hkv * splits <= resident * _sm_count(q3.device.index or 0)
+        if one_wave and split_len >= 32 * block_n:
+            consts["TABLE_LO"] = block_n
     if splits > 1:
         o_part = torch.empty((B * Hq, splits, D), dtype=torch.float32, device=q3.device)
         lse_part = torch.empty((B * Hq, splits), dtype=torch.float32, device=q3.device)
@@ -870,7 +942,9 @@ def decode_attention(
             splits,
             SPLITS_P2=_next_pow2(splits),
             D=D,
+            PDL=pdl,
             num_warps=4 if D >= 128 else 2,
+            **({"launch_pdl": True} if pdl else {}),
         )
     if result is not None:
         return result

@@ -8,8 +8,13 @@ this script, in one run:
    the float32 reference :func:`qkvlab.kernels.decode_attention_reference` (per-row lengths,
    incl. length 1 and lengths that are not a multiple of the tile, for B > 1); our kernel writes
    into a NaN-poisoned buffer. The run stops if a check fails;
-3. times each method with ``triton.testing.do_bench`` (median of many calls; it flushes the L2
-   before every call, so the cache is read cold), in several rounds, method after method;
+3. times each method (median of many calls, the L2 flushed before every call so the cache is
+   read cold), in several rounds, method after method. ``--flush zero`` (default) is
+   ``triton.testing.do_bench``, which flushes by writing zeros over 256 MB: the L2 is then full
+   of dirty lines that the timed call's first reads must write back to DRAM (about 50 MB, a
+   fixed ~10 us that every method pays). ``--flush read`` reads a 256 MB buffer instead: as cold
+   for the cache, but clean, as after the weight reads that precede attention in a decode step.
+   ``--flush none`` (a check) leaves the L2 warm;
 4. prints a table and writes JSON (GPU, driver, torch, triton) to ``$OUT/gpu_decode.json`` when
    ``$OUT`` is set and to ``--out`` when given.
 
@@ -26,6 +31,9 @@ Methods (``unique bytes`` = bytes of cache the method must read once):
   1.2-6x slower in a first run, so it is left out); ``best_mha`` is the fastest, named.
 - ``alias_<backend>``: SDPA given the SAME tensor as key and value and no RoPE: the K=V floor
   (it cannot express RoPE on the key role only).
+- ``stream_read``: not attention: ``torch.sum`` over the K=V cache, the same unique bytes read once
+  under the same timing. No decode method can be much faster; ``alias_cudnn / stream_read`` at the
+  GQA-8 point bounds the D4 speedup any kernel that reads the cache can reach.
 
 Goals (issue 5): D1 ours_rope_kv >= 1.85x faster than best_mha at the bandwidth-bound points;
 D2 its unique bytes / time >= 85% of copy bandwidth there; D3 within 5% of alias_cudnn; D4 GQA-8
@@ -36,12 +44,14 @@ Run on the GPU machine from the repository root::
     PYTHONPATH=src python3 benchmarks/gpu_decode.py                  # full run, a few minutes
     PYTHONPATH=src python3 benchmarks/gpu_decode.py --sweep          # also tune launch configs
     PYTHONPATH=src python3 benchmarks/gpu_decode.py --out benchmarks/results/gpu_decode.json
+    PYTHONPATH=src python3 benchmarks/gpu_decode.py --flush read --out benchmarks/results/gpu_decode_flush_read.json
     TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/gpu_decode.py --smoke   # CPU, tiny shapes
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import sys
@@ -79,8 +89,41 @@ def capture_graph(fn):
     return g.replay
 
 
-def timer(device: torch.device, rep_ms: int, graphs: bool = True):
-    """Median time in microseconds of ``fn()``: do_bench on CUDA (L2 flushed each call), a clock on CPU.
+def _median_event_us(run, flush, rep_ms: int) -> float:
+    """Median microseconds of ``run()`` between two events, ``flush()`` before each (as do_bench)."""
+    run()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        flush()
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    n = max(5, min(10000, int(rep_ms / max(start.elapsed_time(end) / 5, 1e-3))))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        flush()
+        starts[i].record()
+        run()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)) * 1e3
+
+
+FLUSHES = {
+    "zero": "triton.testing.do_bench: the L2 is flushed by writing zeros over 256 MB, which leaves it "
+    "full of dirty lines that the timed call's reads must write back",
+    "read": "events around each call, after a flush that READS a 256 MB buffer (a torch.sum): the L2 "
+    "is as cold for the cache but holds clean lines, as after a decode step's weight reads",
+    "none": "events around each call, no flush: a cache that fits the L2 is read warm (a check that "
+    "the flushes matter; not a decode step's condition)",
+}
+
+
+def timer(device: torch.device, rep_ms: int, graphs: bool = True, flush: str = "zero"):
+    """Median time in microseconds of ``fn()`` with a cold L2 on CUDA (see ``FLUSHES``), a clock on CPU.
 
     On CUDA each method is captured in a CUDA graph and the replay is timed, so host launch
     overhead (Python checks, Triton's launcher: more than the kernel itself at small sizes)
@@ -90,6 +133,14 @@ def timer(device: torch.device, rep_ms: int, graphs: bool = True):
     if device.type == "cuda":
         import triton.testing
 
+        if flush not in FLUSHES:
+            raise ValueError(f"flush must be one of {sorted(FLUSHES)}, got {flush!r}")
+        flush_buf = torch.ones(2**26, dtype=torch.float32, device=device)  # 256 MB, 5x the H100's L2
+        flush_sum = torch.empty((), dtype=torch.float32, device=device)
+
+        def read_flush():
+            torch.sum(flush_buf, dim=0, out=flush_sum)
+
         def cuda_time(fn, name=""):
             run = fn
             if graphs and not getattr(fn, "eager", False):
@@ -98,6 +149,8 @@ def timer(device: torch.device, rep_ms: int, graphs: bool = True):
                 except Exception as e:  # not capturable: time the eager call, and say so
                     EAGER_FALLBACKS.append(f"{name}: {type(e).__name__}: {str(e)[:120]}")
                     torch.cuda.synchronize()
+            if flush != "zero":
+                return _median_event_us(run, read_flush if flush == "read" else lambda: None, rep_ms)
             return triton.testing.do_bench(run, warmup=25, rep=rep_ms, return_mode="median") * 1e3
 
         return cuda_time
@@ -253,6 +306,12 @@ def run_point(B, S, Hkv, device, bench, rounds: int, log) -> dict:
                 rec["methods"][name] = {"rel_err": err, "bytes": kv_bytes * (1 if alias else 2) + small}
                 methods[name] = fn
         del ref_sep, ref_alias
+        # Not attention: the unique bytes of the K=V cache read once by a plain reduction, under the
+        # same timing. No decode method can be much faster; it bounds what D4 can reach.
+        total = torch.empty((), dtype=torch.float32, device=device)
+        dims = tuple(range(pt.s.dim()))
+        methods["stream_read"] = functools.partial(torch.sum, pt.s, dim=dims, dtype=torch.float32, out=total)
+        rec["methods"]["stream_read"] = {"bytes": kv_bytes}
     bad = {n: m["rel_err"] for n, m in rec["methods"].items() if "rel_err" in m and not m["rel_err"] < TOL}
     if bad:
         log(f"CORRECTNESS FAILURE at B={B} S={S} Hkv={Hkv}: {bad}")
@@ -280,11 +339,15 @@ def run_point(B, S, Hkv, device, bench, rounds: int, log) -> dict:
 
 
 # ----------------------------------------------------------------------------- sweep
-def sweep_configs(which: str = "rope_kv") -> list[DecodeConfig]:
+def sweep_configs(which: str = "rope_kv", grid: str = "launch") -> list[DecodeConfig]:
     """Launch configs to compare: how the key role is rotated (float32 or 16-bit arithmetic), how
     the splits are counted, tile, warps and pipelining depth. Earlier grids (the angles re-read
-    from L1 each tile, 8 warps, PTX on packed bf16x2 pairs) are in the committed sweep JSONs."""
+    from L1 each tile, 8 warps, PTX on packed bf16x2 pairs) are in the committed sweep JSONs.
+    ``grid="pdl"``: the defaults, without the combine kernel as a programmatic dependent launch, and
+    with each way of holding the RoPE rows."""
     C = DecodeConfig
+    if grid == "pdl":
+        return [C(), C(pdl=False), C(rope_table="rows"), C(rope_table="factored")]
     if which == "rope_qkn_kv":  # QK-norm: sums of squares by tl.dot or in float32 registers
         return [C(), C(norm_math="fp32"), C(block_n=64), C(block_n=64, norm_math="fp32")]
     return [
@@ -305,7 +368,9 @@ GQA_SPLIT_GRID = (8, 16, 24, 32, 48, 64, 128)
 
 def _sweep_row(pt, which, cfg, ref, bench) -> dict:
     row = {"B": pt.B, "S": pt.S, "Hkv": pt.Hkv, "which": which}
-    row["config"] = {k: v for k, v in vars(cfg).items() if v is not None and v is not False}
+    row["config"] = {
+        k: v for k, v in vars(cfg).items() if v is not None and v != DecodeConfig.__dataclass_fields__[k].default
+    }
     try:
         pt.out.fill_(float("nan"))
         pt.ours(which, pt.mixed, config=cfg, out=pt.out)()
@@ -317,13 +382,15 @@ def _sweep_row(pt, which, cfg, ref, bench) -> dict:
     return row
 
 
-def run_sweep(device, bench, log, smoke=False, split_configs: int = 3, points=None, which="rope_kv") -> list[dict]:
+def run_sweep(
+    device, bench, log, smoke=False, split_configs: int = 3, points=None, which="rope_kv", grid="launch"
+) -> list[dict]:
     """Time launch configurations of ours_rope_kv at the goal points (each checked first), then
     the split count for the ``split_configs`` fastest configs (on summed time over the points)."""
     rows = []
     if points is None:
         points = [(1, 96, 32), (2, 64, 32), (1, 96, 8)] if smoke else [*MAIN_POINTS, GQA_POINT]
-    cfgs = sweep_configs(which)
+    cfgs = sweep_configs(which, grid)
     made = {}
     for B, S, Hkv in points:
         pt = made[(B, S, Hkv)] = Point(B, S, Hkv, device, seed=1)
@@ -412,13 +479,32 @@ def goals(points: list[dict], copy_gbps: float) -> dict:
     g = [p for p in points if (p["B"], p["S"], p["Hkv"]) == GQA_POINT]
     d4 = [p["methods"]["alias_cudnn"]["us"] / ours(p) for p in g if "us" in p["methods"].get("alias_cudnn", {})]
     res["D4_gqa8_speedup_vs_alias_cudnn"] = {"target": 1.3, "values": d4, "met": bool(d4) and min(d4) >= 1.3}
+    d4_bound = [
+        p["methods"]["alias_cudnn"]["us"] / p["methods"]["stream_read"]["us"]
+        for p in g
+        if "us" in p["methods"].get("stream_read", {})
+    ]
+    res["D4_bound_alias_cudnn_over_stream_read"] = {
+        "target": 1.3,
+        "values": d4_bound,
+        "met": bool(d4_bound) and min(d4_bound) >= 1.3,
+        "note": "not a goal: the D4 speedup a kernel exactly as fast as a plain read of the cache would reach",
+    }
     d5 = [best_mha(p) / ours(p) for p in points]
     res["D5_min_speedup_vs_best_mha_all_points"] = {"target": 1.0, "values": d5, "met": bool(d5) and min(d5) >= 1.0}
     return res
 
 
-def table(points: list[dict], copy_gbps: float) -> str:
-    cols = ["ours_rope_kv", "ours_rope_kv_eager", "ours_rope_qkn_kv", "ours_sep_kv", "best_mha", "alias_cudnn"]
+def table(points: list[dict], copy_gbps: float, flush: str = "zero") -> str:
+    cols = [
+        "ours_rope_kv",
+        "ours_rope_kv_eager",
+        "ours_rope_qkn_kv",
+        "ours_sep_kv",
+        "best_mha",
+        "alias_cudnn",
+        "stream_read",
+    ]
     short = {"ours_rope_kv_eager": "ours_rope (eager)", "ours_rope_qkn_kv": "ours_rope_qkn_kv"}
     head = (
         f"{'B':>3} {'S':>7} {'Hkv':>3} | " + " ".join(f"{short.get(c, c):>17}" for c in cols) + " | "
@@ -443,7 +529,7 @@ def table(points: list[dict], copy_gbps: float) -> str:
             f"{ours['GBps']:>9.0f} {100 * ours['GBps'] / copy_gbps:>5.1f} {mha / ours['us']:>5.2f} "
             f"{ours['us'] / alias:>6.3f} {ours['rel_err']:>8.1e}"
         )
-    lines.append(f"times in us (median, cold L2); copy bandwidth {copy_gbps:.0f} GB/s (read + write)")
+    lines.append(f"times in us (median, L2 flush: {flush}); copy bandwidth {copy_gbps:.0f} GB/s (read + write)")
     lines.append(
         "xMHA = best MHA SDPA time / ours_rope_kv time; /alias = ours_rope_kv / SDPA cuDNN K=V alias (no RoPE)"
     )
@@ -457,19 +543,26 @@ def main(argv=None) -> int:
     ap.add_argument("--no-main", action="store_true", help="skip the main table (with --sweep)")
     ap.add_argument("--split-configs", type=int, default=3, help="configs whose split count --sweep also varies")
     ap.add_argument("--sweep-which", default="rope_kv", choices=["rope_kv", "rope_qkn_kv"], help="method --sweep times")
+    ap.add_argument("--sweep-grid", default="launch", choices=["launch", "pdl"], help="configs --sweep times")
     ap.add_argument("--sweep-points", default="", help="comma list of BxSxHkv for --sweep, e.g. 1x512x32,8x1024x32")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds per method (median reported)")
     ap.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
     ap.add_argument("--points", choices=["all", "main", "small"], default="all")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
     ap.add_argument("--no-graphs", action="store_true", help="time plain calls, not CUDA-graph replays")
+    ap.add_argument(
+        "--flush",
+        choices=sorted(FLUSHES),
+        default="zero",
+        help="how the L2 is made cold before each timed call: zero (do_bench's, leaves dirty lines) or read",
+    )
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type == "cpu" and not args.smoke:
         print("no CUDA device: run with --smoke (and TRITON_INTERPRET=1) for a CPU check of this script")
         return 2
-    bench = timer(device, args.rep_ms, graphs=not args.no_graphs)
+    bench = timer(device, args.rep_ms, graphs=not args.no_graphs, flush=args.flush)
 
     def log(msg):
         print(msg, flush=True)
@@ -480,7 +573,8 @@ def main(argv=None) -> int:
     copy_gbps = copy_bandwidth(device, bench)
     log(f"copy bandwidth: {copy_gbps:.0f} GB/s")
     data = {"benchmark": "gpu_decode", "env": info, "copy_GBps": copy_gbps, "points": [], "argv": sys.argv[1:]}
-    data["timing"] = "triton.testing.do_bench median (L2 flushed before each call) of " + (
+    data["flush"] = args.flush
+    data["timing"] = f"median of many calls, L2 flushed before each: {FLUSHES[args.flush]}; timed: " + (
         "plain calls" if args.no_graphs else "CUDA-graph replays, one graph per method (ours_rope_kv_eager: plain call)"
     )
     if args.sweep:
@@ -489,7 +583,14 @@ def main(argv=None) -> int:
             ap.error(f"--sweep-points takes BxSxHkv triples of integers, e.g. 1x512x32; got {args.sweep_points!r}")
         pts = [tuple(int(v) for v in p) for p in pts] or None
         data["sweep"] = run_sweep(
-            device, bench, log, smoke=args.smoke, split_configs=args.split_configs, points=pts, which=args.sweep_which
+            device,
+            bench,
+            log,
+            smoke=args.smoke,
+            split_configs=args.split_configs,
+            points=pts,
+            which=args.sweep_which,
+            grid=args.sweep_grid,
         )
         write_json(data, "gpu_decode.json", args.out)  # kept even if the main table is stopped later
     if not args.no_main:
@@ -517,7 +618,7 @@ def main(argv=None) -> int:
     data["wall_s"] = round(time.time() - t_start, 1)
     write_json(data, "gpu_decode.json", args.out)
     if data["points"]:
-        log("\n" + table(data["points"], copy_gbps))
+        log("\n" + table(data["points"], copy_gbps, args.flush))
     for name, g in data.get("goals", {}).items():
         vals = ", ".join(f"{v:.3f}" for v in g["values"])
         log(f"{name}: {'MET' if g['met'] else 'missed'} (target {g['target']}; {vals})")

@@ -737,6 +737,14 @@ def _num_splits(B, Hkv, n_tiles, device, cfg: DecodeConfig, resident_per_sm: int
     return max(1, min(splits, n_tiles // max(1, min_tiles)))
 
 
+def _whole_table_rows(programs: int, tiles_per_split: int, slots: int) -> bool:
+    """Default ``rope_table``: read the held RoPE rows whole (not factored) for one wave of long
+    splits. H100, bf16, D=128: B=1 S=32k (256 programs of 32 tiles) 100.0-100.1 us with the rows
+    read whole vs 101.0-101.1 factored; factored elsewhere (B=32 S=512: 57.8 vs 63.0; B=64 S=4k,
+    eight waves of 32 tiles: 711 vs 720)."""
+    return programs <= slots and tiles_per_split >= 32
+
+
 _RESIDENT: dict = {}
 
 
@@ -919,12 +927,10 @@ def decode_attention(
     splits = _num_splits(B, Hkv, n_tiles, q3.device, cfg, resident)
     split_len = _cdiv(n_tiles, splits) * block_n
     splits = _cdiv(n_tiles * block_n, split_len)  # drop splits that would start past S_hint
-    if cfg.rope_table is None and consts["TABLE_LO"] < block_n and resident:
-        # One wave of long splits: the whole table rows (H100, B=1 S=32k: 100.0-100.1 vs 101.0-101.1
-        # us factored); every other case factored (B=32 S=512: 57.8 vs 63.0; B=64 S=4k: 711 vs 720).
-        one_wave = B * Hkv * splits <= resident * _sm_count(q3.device.index or 0)
-        if one_wave and split_len >= 32 * block_n:
-            consts["TABLE_LO"] = block_n
+    auto_table = has_rope and cfg.rope_table is None and consts["TABLE_LO"] < block_n and resident
+    slots = resident * _sm_count(q3.device.index or 0) if auto_table else 0
+    if auto_table and _whole_table_rows(B * Hkv * splits, split_len // block_n, slots):
+        consts["TABLE_LO"] = block_n
     if splits > 1:
         o_part = torch.empty((B * Hq, splits, D), dtype=torch.float32, device=q3.device)
         lse_part = torch.empty((B * Hq, splits), dtype=torch.float32, device=q3.device)

@@ -135,11 +135,17 @@ def timer(device: torch.device, rep_ms: int, graphs: bool = True, flush: str = "
 
         if flush not in FLUSHES:
             raise ValueError(f"flush must be one of {sorted(FLUSHES)}, got {flush!r}")
-        flush_buf = torch.ones(2**26, dtype=torch.float32, device=device)  # 256 MB, 5x the H100's L2
-        flush_sum = torch.empty((), dtype=torch.float32, device=device)
+        flush_fn = None  # zero: do_bench's own flush
+        if flush == "read":
+            flush_buf = torch.ones(2**26, dtype=torch.float32, device=device)  # 256 MB, 5x the H100's L2
+            flush_sum = torch.empty((), dtype=torch.float32, device=device)
 
-        def read_flush():
-            torch.sum(flush_buf, dim=0, out=flush_sum)
+            def flush_fn():
+                torch.sum(flush_buf, dim=0, out=flush_sum)
+        elif flush == "none":
+
+            def flush_fn():
+                pass
 
         def cuda_time(fn, name=""):
             run = fn
@@ -149,8 +155,8 @@ def timer(device: torch.device, rep_ms: int, graphs: bool = True, flush: str = "
                 except Exception as e:  # not capturable: time the eager call, and say so
                     EAGER_FALLBACKS.append(f"{name}: {type(e).__name__}: {str(e)[:120]}")
                     torch.cuda.synchronize()
-            if flush != "zero":
-                return _median_event_us(run, read_flush if flush == "read" else lambda: None, rep_ms)
+            if flush_fn is not None:
+                return _median_event_us(run, flush_fn, rep_ms)
             return triton.testing.do_bench(run, warmup=25, rep=rep_ms, return_mode="median") * 1e3
 
         return cuda_time

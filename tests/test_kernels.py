@@ -420,8 +420,14 @@ def test_rope_table_default_reads_rows_whole_only_for_one_wave_of_long_splits():
 
 def test_bad_config_values_are_named():
     q, k, _, lengths, kw = make_inputs(1, 4, 2, 16, 32, shared=True, rope=True, norm=False)
-    bad = [("rope_math", "bf16"), ("split_policy", "max"), ("rope_mode", "rotate"), ("norm_math", "x"), ("pdl", "on")]
-    bad.append(("rope_table", "half"))
+    bad = [
+        ("rope_math", "bf16"),
+        ("split_policy", "max"),
+        ("rope_mode", "rotate"),
+        ("norm_math", "x"),
+        ("pdl", "on"),
+        ("rope_table", "half"),
+    ]
     for field, value in bad:
         with pytest.raises(ValueError, match=repr(value)):
             decode_attention(q, k, k, lengths, scale=0.2, config=DecodeConfig(**{field: value}), **kw)

@@ -354,6 +354,15 @@ def sweep_configs(which: str = "rope_kv", grid: str = "launch") -> list[DecodeCo
     C = DecodeConfig
     if grid == "pdl":
         return [C(), C(pdl=False), C(rope_table="rows"), C(rope_table="factored")]
+    if grid == "tiles":  # tile length and depth (e.g. at --head-dim 64, where a 128-key tile is 16 KB)
+        return [
+            C(),
+            C(block_n=256),
+            C(block_n=256, num_stages=2),
+            C(block_n=256, num_warps=8),
+            C(block_n=64),
+            C(num_stages=4),
+        ]
     if which == "rope_qkn_kv":  # QK-norm: sums of squares by tl.dot or in float32 registers
         return [C(), C(norm_math="fp32"), C(block_n=64), C(block_n=64, norm_math="fp32")]
     return [
@@ -543,13 +552,15 @@ def table(points: list[dict], copy_gbps: float, flush: str = "zero") -> str:
 
 
 def main(argv=None) -> int:
+    global D
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="also write the JSON here (e.g. benchmarks/results/gpu_decode.json)")
     ap.add_argument("--sweep", action="store_true", help="first time a grid of launch configs")
     ap.add_argument("--no-main", action="store_true", help="skip the main table (with --sweep)")
     ap.add_argument("--split-configs", type=int, default=3, help="configs whose split count --sweep also varies")
     ap.add_argument("--sweep-which", default="rope_kv", choices=["rope_kv", "rope_qkn_kv"], help="method --sweep times")
-    ap.add_argument("--sweep-grid", default="launch", choices=["launch", "pdl"], help="configs --sweep times")
+    ap.add_argument("--sweep-grid", default="launch", choices=["launch", "pdl", "tiles"], help="configs --sweep times")
+    ap.add_argument("--head-dim", type=int, default=D, help="head width D (the goals are stated at 128)")
     ap.add_argument("--sweep-points", default="", help="comma list of BxSxHkv for --sweep, e.g. 1x512x32,8x1024x32")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds per method (median reported)")
     ap.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
@@ -563,6 +574,7 @@ def main(argv=None) -> int:
         help="how the L2 is made cold before each timed call: zero (do_bench's, leaves dirty lines) or read",
     )
     args = ap.parse_args(argv)
+    D = args.head_dim
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type == "cpu" and not args.smoke:
@@ -580,6 +592,7 @@ def main(argv=None) -> int:
     log(f"copy bandwidth: {copy_gbps:.0f} GB/s")
     data = {"benchmark": "gpu_decode", "env": info, "copy_GBps": copy_gbps, "points": [], "argv": sys.argv[1:]}
     data["flush"] = args.flush
+    data["head_dim"] = D
     data["timing"] = f"median of many calls, L2 flushed before each: {FLUSHES[args.flush]}; timed: " + (
         "plain calls" if args.no_graphs else "CUDA-graph replays, one graph per method (ours_rope_kv_eager: plain call)"
     )

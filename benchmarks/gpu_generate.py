@@ -13,7 +13,10 @@ with CUDA events (median of ``--steps`` steps, after warm-up):
 - ``eager``: ``model.decode_one`` (the dynamic path: SDPA, or the Triton kernel for K=V
   with RoPE), one Python-launched kernel sequence per token;
 - ``graph``: :class:`qkvlab.models.decoding.StaticDecoder`, the static step (device position,
-  whole-cache read with per-row lengths) replayed as a CUDA graph.
+  whole-cache read with per-row lengths) replayed as a CUDA graph;
+- ``compiled`` (with ``--compile``): the same static step through ``torch.compile`` (Inductor
+  fuses the small kernels; the decode kernel stays one opaque operator), then replayed as a
+  CUDA graph. The first step's wall time, compile included, is recorded as ``compile_s``.
 
 Before timing, the graph step is checked against the eager step on the same cache (logits,
 relative error in bf16). G2 allocates the largest cache of ``--budget-gib`` for each variant
@@ -31,6 +34,7 @@ import argparse
 import gc
 import os
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -73,8 +77,6 @@ def time_steps(step, token, steps: int, device) -> float:
             b.synchronize()
             times.append(a.elapsed_time(b) / 1e3)
         else:
-            import time
-
             t0 = time.perf_counter()
             step(token)
             times.append(time.perf_counter() - t0)
@@ -112,7 +114,22 @@ def decode_case(model, variant, B, S, args, device) -> dict:
     row["graph_rel_err"] = float((got - ref).norm() / ref.norm())
     row["graph_used"] = dec.graph is not None
     row["static_step_s"] = time_steps(dec.step, token, steps, device)
-    for mode in ("eager", "static"):
+    modes = ["eager", "static"]
+    if args.compile:
+        dec = None
+        release(device)
+        cache.reset()
+        cache.advance(S)
+        dec = StaticDecoder(
+            model, cache, cuda_graph="auto" if not args.no_graph else False, warmup=args.warmup, compile=True
+        )
+        t0 = time.perf_counter()
+        got = dec.step(token).float()
+        row["compile_s"] = time.perf_counter() - t0
+        row["compiled_rel_err"] = float((got - ref).norm() / ref.norm())
+        row["compiled_step_s"] = time_steps(dec.step, token, steps, device)
+        modes.append("compiled")
+    for mode in modes:
         row[f"{mode}_tokens_per_s"] = B / row[f"{mode}_step_s"]
     dec = cache = None  # drop the references before collecting
     release(device)
@@ -182,6 +199,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-graph", action="store_true", help="time the static step without CUDA graphs")
+    ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd static step")
     ap.add_argument("--budget-gib", type=float, default=16.0)
     ap.add_argument("--profile", default="", help="comma list of variants whose eager decode steps are profiled first")
     ap.add_argument("--variants", default=",".join(VARIANTS))
@@ -203,6 +221,8 @@ def main() -> None:
     max_ctx = max(s for _, s in points)
     rows, budget = [], {}
     for variant in args.variants.split(","):
+        if args.compile:
+            torch._dynamo.reset()  # each variant compiles afresh (one cache entry per shape set)
         model = build(variant, shape, max_ctx + 2 * args.steps + args.warmup + 16, device, dtype)
         if variant in args.profile.split(",") and device.type == "cuda":
             print(profile_eager(model, variant, 1, 4096, device, os.environ.get("OUT")), flush=True)
@@ -227,18 +247,29 @@ def main() -> None:
                 f"check rel.err {row['graph_rel_err']:.1e}",
                 flush=True,
             )
+            if args.compile:
+                print(
+                    f"{'':<8} compiled {row['compiled_tokens_per_s']:9.1f} tok/s ({row['compile_s']:.0f} s to compile "
+                    f"and run the first step)  check rel.err {row['compiled_rel_err']:.1e}",
+                    flush=True,
+                )
         budget[variant] = budget_case(model, int(args.budget_gib * 2**30), device)
         del model
         release(device)
-    tol = 1e-4 if args.smoke else 3e-2
-    bad = [r for r in rows if r.get("graph_rel_err", 0) > tol]
+    # bf16 logits of a 16-layer model computed two correct ways differ by a few percent (QKV's
+    # graph step, the Triton kernel, against its eager step, SDPA: 2.4-2.7e-2); Inductor's fused
+    # kernels round differently again (3.0-3.6e-2 on an H100).
+    tol, tol_compiled = (1e-4, 1e-4) if args.smoke else (3e-2, 5e-2)
+    bad = [r for r in rows if r.get("graph_rel_err", 0) > tol or r.get("compiled_rel_err", 0) > tol_compiled]
     ratios = {}
     for B, S in points:
         by = {r["variant"]: r for r in rows if r["B"] == B and r["context"] == S and "error" not in r}
         if "QKV" in by:
             for v in VARIANTS[1:]:
                 if v in by:
-                    for mode in ("eager", "static"):
+                    for mode in ("eager", "static", "compiled"):
+                        if f"{mode}_tokens_per_s" not in by[v] or f"{mode}_tokens_per_s" not in by["QKV"]:
+                            continue
                         key = f"B={B} S={S} {mode}: {v} / QKV"
                         ratios[key] = by[v][f"{mode}_tokens_per_s"] / by["QKV"][f"{mode}_tokens_per_s"]
     print("\ndecode tokens/s ratios vs QKV")
@@ -262,7 +293,7 @@ def main() -> None:
         for path in write_json(doc, "gpu_generate.json", args.out):
             print(f"wrote {path}")
     if bad:
-        raise SystemExit(f"static step differs from eager beyond {tol}: {bad}")
+        raise SystemExit(f"static step differs from eager beyond {tol} (compiled: {tol_compiled}): {bad}")
 
 
 if __name__ == "__main__":

@@ -112,6 +112,26 @@ def test_cuda_graph_decode_matches_eager(variant, recipe):
     torch.testing.assert_close(outs[True], ref, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("variant", ["q_k_v", "q_kv+rope+qknorm", "q_kv+gqa2"])
+def test_cuda_compiled_graph_decode_matches_eager(variant):
+    """compile=True + CUDA graph: Inductor's fused step around the kernel operator, captured and replayed."""
+    from qkvlab.models.decoding import StaticDecoder
+
+    torch._dynamo.reset()
+    model = cuda_gpt(variant, "llama", torch.float32)
+    idx = torch.randint(0, 512, (2, 30), device="cuda")
+    steps = torch.randint(0, 512, (2, 8), device="cuda")
+    cache = model.new_cache(2, 64)
+    model.prefill(idx, cache)
+    dec = StaticDecoder(model, cache, compile=True)
+    got = torch.stack([dec.step(steps[:, t]) for t in range(steps.shape[1])], 1)
+    assert dec.graph is not None and cache.length == 38
+    eager = model.new_cache(2, 64)
+    model.prefill(idx, eager)
+    ref = torch.stack([model.decode_one(steps[:, t], eager) for t in range(steps.shape[1])], 1)
+    torch.testing.assert_close(got, ref, rtol=2e-4, atol=2e-4)
+
+
 def test_cuda_graph_generate_matches_eager_generate():
     model = cuda_gpt("q_kv+gqa2", "llama", torch.float32)
     idx = torch.randint(0, 512, (3, 17), device="cuda")

@@ -463,6 +463,13 @@ def generate(
             help="Replay each decode step as a CUDA graph (static decode step). Default: on for CUDA.",
         ),
     ] = None,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile/--no-compile",
+            help="torch.compile the static decode step (fuses its small kernels; the first step compiles).",
+        ),
+    ] = False,
 ) -> None:
     """Continue a prompt with KV-cached decoding; prints the text, tokens/s and the cache's bytes."""
     from qkvlab.checkpoint import load_model, read_metadata
@@ -485,7 +492,14 @@ def generate(
     gen = torch.Generator(device=device).manual_seed(seed)
     t0 = time.perf_counter()
     out = model.generate(
-        idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen, cache=cache, cuda_graph=cuda_graph
+        idx,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        generator=gen,
+        cache=cache,
+        cuda_graph=cuda_graph,
+        compile=compile,
     )
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -261,16 +261,16 @@ class Attention(nn.Module):
             from qkvlab.kernels import decode_attention
 
             lengths = (pos + 1).to(torch.int32).reshape(1).repeat(B)  # contiguous: one per row
-            out = decode_attention(
-                q,
-                cache.k,
-                cache.v,
-                lengths,
-                scale=self.scale,
-                eps=self.k_norm.eps if self.k_norm is not None else 1e-6,
-                shared_kv=self.kv_shared,
-                **rope,
-            )  # (B, Hq, 1, D)
+            eps = self.k_norm.eps if self.k_norm is not None else 1e-6
+            if torch.compiler.is_compiling():  # an opaque operator in the compiled graph
+                cos, sin, weight = rope["rope_cos"], rope["rope_sin"], rope["k_norm_weight"]
+                out = torch.ops.qkvlab.decode_attention(
+                    q, cache.k, cache.v, lengths, self.scale, cos, sin, weight, eps, self.kv_shared
+                )
+            else:
+                out = decode_attention(
+                    q, cache.k, cache.v, lengths, scale=self.scale, eps=eps, shared_kv=self.kv_shared, **rope
+                )  # (B, Hq, 1, D)
         else:
             S = cache.k.shape[2]
             k_all = self.key_role(cache.k, 0) if derive else cache.k

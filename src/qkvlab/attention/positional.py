@@ -76,7 +76,9 @@ class Rotary(nn.Module):
             c = self.cos[offset : offset + T].to(dt)
             s = self.sin[offset : offset + T].to(dt)
         x1, x2 = x.to(dt).chunk(2, dim=-1)
-        if torch.is_grad_enabled() and x.requires_grad:
+        if (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
+            # Autograd, or a compiled graph (which fuses this into one kernel; out= into views
+            # of one buffer does not trace).
             return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
         out = torch.empty(x.shape, dtype=dt, device=x.device)
         o1, o2 = out.chunk(2, dim=-1)

@@ -168,8 +168,12 @@ def _interpreting() -> bool:
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    """Last dim contiguous and every row start 16-byte aligned (vector loads)."""
-    if t.stride(-1) != 1 or t.data_ptr() % 16:
+    """Last dim contiguous and every row start 16-byte aligned (vector loads).
+
+    While ``torch.compile`` traces, tensors have no address: only the strides are checked, and
+    :func:`decode_attention` checks the address again when the compiled graph runs.
+    """
+    if t.stride(-1) != 1 or (not torch.compiler.is_compiling() and t.data_ptr() % 16):
         return False
     esize = t.element_size()
     return all((st * esize) % 16 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1], strict=True) if n > 1)
@@ -957,6 +961,45 @@ def decode_attention(
     return out.unsqueeze(2) if four_d else out
 
 
+@torch.library.custom_op("qkvlab::decode_attention", mutates_args=())
+def decode_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    rope_cos: torch.Tensor | None,
+    rope_sin: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    eps: float,
+    shared_kv: bool,
+) -> torch.Tensor:
+    """:func:`decode_attention` as the PyTorch operator ``torch.ops.qkvlab.decode_attention``.
+
+    ``torch.compile`` keeps an operator opaque: it fuses the code around the call (projections,
+    RoPE of the query, the cache write) and calls the kernel as is, whose launch heuristics are
+    host code that a graph cannot trace. Lengths are a device tensor (no ``max_length`` hint)
+    and the default :class:`DecodeConfig` applies.
+    """
+    return decode_attention(
+        q,
+        k_cache,
+        v_cache,
+        lengths,
+        scale=scale,
+        rope_cos=rope_cos,
+        rope_sin=rope_sin,
+        k_norm_weight=k_norm_weight,
+        eps=eps,
+        shared_kv=shared_kv,
+    )
+
+
+@decode_attention_op.register_fake
+def _decode_attention_fake(q, k_cache, v_cache, lengths, scale, rope_cos, rope_sin, k_norm_weight, eps, shared_kv):
+    return q.new_empty(q.shape)  # (B, Hq, D) or (B, Hq, 1, D), contiguous, as the kernel returns
+
+
 def decode_bytes(B: int, Hkv: int, S: int, D: int, dtype: torch.dtype, *, shared: bool) -> int:
     """Unique cache bytes one decode step must read: ``(1 if shared else 2) * B*Hkv*S*D*elem``."""
     elem = torch.empty((), dtype=dtype).element_size()
@@ -967,6 +1010,7 @@ __all__ = [
     "HAS_TRITON",
     "DecodeConfig",
     "decode_attention",
+    "decode_attention_op",
     "decode_attention_reference",
     "decode_bytes",
     "decode_unsupported_reason",

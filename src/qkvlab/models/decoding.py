@@ -19,6 +19,12 @@ Example::
         logits = dec.step(token)                    # (B, V); the cache advances by one
 
 ``model.generate(..., cuda_graph=True)`` does this for you.
+
+``compile=True`` also runs the step through ``torch.compile`` (one graph; the decode kernel is
+the opaque operator ``torch.ops.qkvlab.decode_attention``) before the CUDA graph records it:
+Inductor fuses the small kernels around the matrix products (norms, RoPE of the query, the
+cache write, SwiGLU, residual adds, casts), which a graph replay still runs one by one. The
+first step then takes the compile time (tens of seconds for a 1B model).
 """
 
 from __future__ import annotations
@@ -42,11 +48,22 @@ class StaticDecoder:
         warmup: eager steps before capture (they compile Triton kernels and settle
             allocations); they write only into the next free cache position, which the first
             real step overwrites.
+        compile: run the step through ``torch.compile`` (``fullgraph=True``), graphed or not.
     """
 
-    def __init__(self, model: nn.Module, cache: KVCache, *, cuda_graph: bool | str = "auto", warmup: int = 2):
+    def __init__(
+        self,
+        model: nn.Module,
+        cache: KVCache,
+        *,
+        cuda_graph: bool | str = "auto",
+        warmup: int = 2,
+        compile: bool = False,
+    ):
         if cuda_graph not in (True, False, "auto"):
             raise ConfigError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}.")
+        if not isinstance(compile, bool):
+            raise ConfigError(f"compile must be True or False, got {compile!r}.")
         if not isinstance(cache, KVCache):
             raise ConfigError(
                 f"StaticDecoder runs over a KVCache, got {type(cache).__name__}; a linear-attention "
@@ -66,6 +83,8 @@ class StaticDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self._logits: torch.Tensor | None = None
         self._warmup = warmup
+        self.compiled = compile
+        self._fn = torch.compile(self._run, fullgraph=True) if compile else self._run
 
     @torch.no_grad()
     def _run(self) -> torch.Tensor:
@@ -80,11 +99,11 @@ class StaticDecoder:
         stream.wait_stream(torch.cuda.current_stream(self.cache.device))
         with torch.cuda.stream(stream):
             for _ in range(max(1, self._warmup)):
-                self._run()
+                self._fn()
         torch.cuda.current_stream(self.cache.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._logits = self._run()
+            self._logits = self._fn()
         self.graph = graph
 
     def _check_room(self) -> None:
@@ -112,6 +131,6 @@ class StaticDecoder:
             self.graph.replay()
             logits = self._logits.clone()
         else:
-            logits = self._run()
+            logits = self._fn()
         self.cache.advance(1)
         return logits

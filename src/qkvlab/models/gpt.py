@@ -96,6 +96,7 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         use_cache: bool = True,
         cuda_graph: bool | str = "auto",
+        compile: bool = False,
     ) -> torch.Tensor:
         """Extend ``idx`` ``(B, T)`` by ``max_new_tokens``; returns ``(B, T + max_new_tokens)``.
 
@@ -103,7 +104,9 @@ class GPT(nn.Module):
         :class:`~qkvlab.models.decoding.StaticDecoder`, one CUDA-graph replay per token; False
         keeps the dynamic step. On an H100 (1.28B llama-recipe model, bf16, batch 1, 4k and 32k)
         the graph replay ran 3-12x the tokens/s of the dynamic step, which is bound by host-side
-        launches (``benchmarks/results/gpu_generate.json``).
+        launches (``benchmarks/results/gpu_generate.json``). ``compile=True`` runs the static
+        step through ``torch.compile`` first (see :class:`~qkvlab.models.decoding.StaticDecoder`),
+        graphed or not; it needs a KV cache.
 
         ``temperature=0`` is greedy; otherwise sample from ``softmax(logits / temperature)``,
         restricted to the ``top_k`` most likely tokens if given. Cached decoding is the
@@ -124,6 +127,11 @@ class GPT(nn.Module):
             raise ConfigError(f"temperature must be >= 0, got {temperature}.")
         if cuda_graph not in (True, False, "auto"):
             raise ConfigError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}.")
+        if compile and (not use_cache or self.config.variant.linear):
+            raise ConfigError(
+                "compile=True compiles the static decode step over a KV cache: it needs use_cache=True and "
+                f"softmax attention (variant {self.config.variant.id!r}, use_cache={use_cache})."
+            )
         out = torch.empty(B, total, dtype=idx.dtype, device=idx.device)
         out[:, :T] = idx
         if max_new_tokens == 0:
@@ -138,10 +146,10 @@ class GPT(nn.Module):
             logits = self(idx)[:, -1]
         step = None
         auto = cuda_graph == "auto" and cache is not None and cache.device.type == "cuda"
-        if use_cache and (cuda_graph is True or (auto and isinstance(cache, KVCache))):
+        if use_cache and (compile or cuda_graph is True or (auto and isinstance(cache, KVCache))):
             from qkvlab.models.decoding import StaticDecoder
 
-            step = StaticDecoder(self, cache, cuda_graph=cuda_graph).step
+            step = StaticDecoder(self, cache, cuda_graph=cuda_graph, compile=compile).step
         elif use_cache:
             step = lambda tok: self.decode_one(tok, cache)  # noqa: E731
         for t in range(T, total):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+import shutil
+import sys
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from qkvlab.cli import app
@@ -62,5 +65,19 @@ def test_generate_no_cuda_graph_flag_gives_the_same_text(run_dir):
     """The default (graphs on CUDA only) and --no-cuda-graph decode the same tokens on a CPU."""
     args = ["generate", str(run_dir), "--device", "cpu", "--prompt", "def", "--max-new-tokens", "8", "--seed", "1"]
     a, b = CliRunner().invoke(app, args), CliRunner().invoke(app, [*args, "--no-cuda-graph"])
+    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
+    assert a.output.splitlines()[0] == b.output.splitlines()[0]
+
+
+@pytest.mark.skipif(
+    sys.platform == "win32" or not any(map(shutil.which, ("cc", "gcc", "clang"))),
+    reason="torch.compile on CPU needs a C compiler",
+)
+def test_generate_compile_flag_gives_the_same_greedy_text(run_dir):
+    """--compile decodes through the compiled static step; greedy tokens match the dynamic step's."""
+    torch._dynamo.reset()
+    args = ["generate", str(run_dir), "--device", "cpu", "--prompt", "def", "--max-new-tokens", "8"]
+    args += ["--temperature", "0"]
+    a, b = CliRunner().invoke(app, args), CliRunner().invoke(app, [*args, "--compile"])
     assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
     assert a.output.splitlines()[0] == b.output.splitlines()[0]

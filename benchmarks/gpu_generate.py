@@ -120,12 +120,12 @@ def decode_case(model, variant, B, S, args, device) -> dict:
         release(device)
         cache.reset()
         cache.advance(S)
-        dec = StaticDecoder(
-            model, cache, cuda_graph="auto" if not args.no_graph else False, warmup=args.warmup, compile=True
-        )
+        graph = "auto" if not args.no_graph else False
+        dec = StaticDecoder(model, cache, cuda_graph=graph, warmup=args.warmup, compile=args.compile_mode)
         t0 = time.perf_counter()
         got = dec.step(token).float()
         row["compile_s"] = time.perf_counter() - t0
+        row["compile_mode"] = args.compile_mode
         row["compiled_rel_err"] = float((got - ref).norm() / ref.norm())
         row["compiled_step_s"] = time_steps(dec.step, token, steps, device)
         modes.append("compiled")
@@ -200,6 +200,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-graph", action="store_true", help="time the static step without CUDA graphs")
     ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd static step")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode of --compile")
     ap.add_argument("--budget-gib", type=float, default=16.0)
     ap.add_argument("--profile", default="", help="comma list of variants whose eager decode steps are profiled first")
     ap.add_argument("--variants", default=",".join(VARIANTS))

@@ -18,8 +18,13 @@ import qkvlab
 from qkvlab import GPT, GPTConfig
 from qkvlab.attention import Attention
 from qkvlab.errors import ConfigError
-from qkvlab.kernels.kv_decode import HAS_TRITON
+from qkvlab.kernels.kv_decode import HAS_TRITON, _interpreter_problem
 from qkvlab.models.decoding import StaticDecoder
+
+INTERPRETER_PROBLEM = _interpreter_problem() if HAS_TRITON else "Triton is not installed"
+needs_interpreter = pytest.mark.skipif(
+    INTERPRETER_PROBLEM is not None, reason=f"no working Triton interpreter: {INTERPRETER_PROBLEM}"
+)
 
 VARIANTS = ["q_k_v", "q_kv", "qk_v", "qkv", "q_k_v+gqa2", "q_kv+gqa2", "q_kv+mqa"]
 
@@ -105,7 +110,7 @@ def test_generate_with_static_steps_matches_recompute():
     assert torch.equal(torch.cat(out, 1), ref)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (the interpreter runs on CPU)")
+@needs_interpreter
 @pytest.mark.parametrize("variant", ["q_kv", "q_k_v", "q_kv+mqa", "q_kv+rope+qknorm"])
 def test_static_step_takes_the_decode_kernel_under_the_interpreter(variant, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -177,21 +182,21 @@ def run_static(model: GPT, prompt: torch.Tensor, tokens: torch.Tensor, max_len: 
 
 
 @needs_cc
-@pytest.mark.parametrize("variant", ["q_kv+rope+qknorm", "q_k_v+gqa2"])
-def test_compiled_static_step_equals_the_eager_one(variant):
-    """compile=True: one graph (fullgraph) whose logits match the eager static step's."""
+@pytest.mark.parametrize(("variant", "mode"), [("q_kv+rope+qknorm", True), ("q_k_v+gqa2", "default")])
+def test_compiled_static_step_equals_the_eager_one(variant, mode):
+    """compile=True (or a mode): one graph (fullgraph) whose logits match the eager static step's."""
     torch._dynamo.reset()
     model = small_gpt(variant, "llama", dtype=torch.float32)
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, 41, (2, 5), generator=g)
     tokens = torch.randint(0, 41, (2, 4), generator=g)
     eager = run_static(model, prompt, tokens, max_len=12)
-    compiled = run_static(model, prompt, tokens, max_len=12, compile=True)
+    compiled = run_static(model, prompt, tokens, max_len=12, compile=mode)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
 @needs_cc
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (the interpreter runs on CPU)")
+@needs_interpreter
 def test_compiled_static_step_calls_the_decode_kernel_as_an_operator(monkeypatch):
     """Under compile the kernel is torch.ops.qkvlab.decode_attention, traced as opaque and run as is."""
     from qkvlab.kernels import kv_decode

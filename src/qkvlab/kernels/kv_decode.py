@@ -222,6 +222,8 @@ def decode_unsupported_reason(
             return f"{name} must be a floating table contiguous in its last dim"
     if k_norm_weight is not None and (k_norm_weight.stride(0) != 1 or not k_norm_weight.dtype.is_floating_point):
         return "k_norm_weight must be a contiguous floating vector"
+    if device.type != "cuda" and not torch.compiler.is_compiling():  # can this Triton's interpreter run it?
+        return _interpreter_problem()  # (under torch.compile the operator checks when it runs)
     return None
 
 
@@ -575,6 +577,46 @@ def _kernels(interpret: bool):
     """
     del interpret
     return triton.jit(_decode_split_kernel), triton.jit(_decode_combine_kernel)
+
+
+def _range_probe_kernel(Lens, Out):
+    n = tl.load(Lens)  # a loaded scalar as a loop bound, as the split kernel's tile loop has
+    count = n * 0
+    for _ in tl.range(0, n, 2):
+        count += 1
+    tl.store(Out, count)
+
+
+@functools.cache
+def _interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run the kernels here, or None (checked once, on CPU).
+
+    Triton 3.6's interpreter turns a loop bound it loaded into an int with ``int(array)``,
+    which numpy 2 (2.4.6 here) refuses for a one-element array; Triton 3.9 squeezes it first.
+    Every ``tl.range`` over a loaded length then raises. A one-program probe finds out.
+    """
+    old = os.environ.get("TRITON_INTERPRET")
+    try:
+        lens = torch.tensor([5], dtype=torch.int32)
+        out = torch.zeros(1, dtype=torch.int32)
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the probe is decorated: always the interpreter
+        probe = triton.jit(_range_probe_kernel)
+        probe[(1,)](lens, out)
+        if int(out[0]) == 3:
+            return None
+        return f"Triton {triton.__version__}'s interpreter counted {int(out[0])} loop steps instead of 3"
+    except Exception as e:  # any failure: the interpreter cannot be trusted here
+        import numpy
+
+        return (
+            f"Triton {triton.__version__}'s interpreter fails on loops over loaded bounds with numpy "
+            f"{numpy.__version__} ({type(e).__name__}: {str(e)[:80]}); Triton 3.9's interpreter runs the kernel"
+        )
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
 
 
 # --------------------------------------------------------------------------- launch

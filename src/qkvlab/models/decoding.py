@@ -35,6 +35,9 @@ from torch import nn
 from qkvlab.attention.cache import KVCache
 from qkvlab.errors import ConfigError
 
+#: ``torch.compile`` modes a :class:`StaticDecoder` accepts (its own CUDA graph records the step).
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
 
 class StaticDecoder:
     """One-token decode steps of ``model`` over ``cache`` with static shapes.
@@ -48,7 +51,10 @@ class StaticDecoder:
         warmup: eager steps before capture (they compile Triton kernels and settle
             allocations); they write only into the next free cache position, which the first
             real step overwrites.
-        compile: run the step through ``torch.compile`` (``fullgraph=True``), graphed or not.
+        compile: run the step through ``torch.compile`` (``fullgraph=True``), graphed or not:
+            True (Inductor's default mode) or a mode name, ``"default"`` or
+            ``"max-autotune-no-cudagraphs"`` (also tunes the matrix products; a longer compile).
+            Modes with their own CUDA graphs are refused: this class records the graph.
     """
 
     def __init__(
@@ -58,12 +64,15 @@ class StaticDecoder:
         *,
         cuda_graph: bool | str = "auto",
         warmup: int = 2,
-        compile: bool = False,
+        compile: bool | str = False,
     ):
         if cuda_graph not in (True, False, "auto"):
             raise ConfigError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}.")
-        if not isinstance(compile, bool):
-            raise ConfigError(f"compile must be True or False, got {compile!r}.")
+        if not isinstance(compile, bool) and compile not in COMPILE_MODES:
+            raise ConfigError(
+                f"compile must be True, False or a mode in {COMPILE_MODES}, got {compile!r} "
+                "(modes with CUDA graphs of their own are not offered: StaticDecoder records the graph)."
+            )
         if not isinstance(cache, KVCache):
             raise ConfigError(
                 f"StaticDecoder runs over a KVCache, got {type(cache).__name__}; a linear-attention "
@@ -84,7 +93,8 @@ class StaticDecoder:
         self._logits: torch.Tensor | None = None
         self._warmup = warmup
         self.compiled = compile
-        self._fn = torch.compile(self._run, fullgraph=True) if compile else self._run
+        mode = compile if isinstance(compile, str) else None
+        self._fn = torch.compile(self._run, fullgraph=True, mode=mode) if compile else self._run
 
     @torch.no_grad()
     def _run(self) -> torch.Tensor:

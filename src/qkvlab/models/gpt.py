@@ -96,7 +96,7 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         use_cache: bool = True,
         cuda_graph: bool | str = "auto",
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> torch.Tensor:
         """Extend ``idx`` ``(B, T)`` by ``max_new_tokens``; returns ``(B, T + max_new_tokens)``.
 
@@ -106,7 +106,7 @@ class GPT(nn.Module):
         the graph replay ran 3-12x the tokens/s of the dynamic step, which is bound by host-side
         launches (``benchmarks/results/gpu_generate.json``). ``compile=True`` runs the static
         step through ``torch.compile`` first (see :class:`~qkvlab.models.decoding.StaticDecoder`),
-        graphed or not; it needs a KV cache.
+        graphed or not (a mode name picks Inductor's mode); it needs a KV cache.
 
         ``temperature=0`` is greedy; otherwise sample from ``softmax(logits / temperature)``,
         restricted to the ``top_k`` most likely tokens if given. Cached decoding is the

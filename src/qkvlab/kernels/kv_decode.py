@@ -606,11 +606,15 @@ def _interpreter_problem() -> str | None:
             return None
         return f"Triton {triton.__version__}'s interpreter counted {int(out[0])} loop steps instead of 3"
     except Exception as e:  # any failure: the interpreter cannot be trusted here
-        import numpy
+        try:
+            import numpy
 
+            np_version = f"numpy {numpy.__version__}"
+        except ImportError:
+            np_version = "no numpy (the interpreter needs it)"
         return (
-            f"Triton {triton.__version__}'s interpreter fails on loops over loaded bounds with numpy "
-            f"{numpy.__version__} ({type(e).__name__}: {str(e)[:80]}); Triton 3.9's interpreter runs the kernel"
+            f"Triton {triton.__version__}'s interpreter fails a one-program probe (a loop over a loaded "
+            f"bound) with {np_version}: {type(e).__name__}: {str(e)[:80]}; Triton 3.9's interpreter runs the kernel"
         )
     finally:
         if old is None:

@@ -94,7 +94,6 @@ class StaticDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self._logits: torch.Tensor | None = None
         self._warmup = warmup
-        self.compiled = compile
         mode = compile if isinstance(compile, str) else None
         self._fn = torch.compile(self._run, fullgraph=True, mode=mode) if compile else self._run
 

@@ -20,7 +20,10 @@ with CUDA events (median of ``--steps`` steps, after warm-up):
 
 Before timing, the graph step is checked against the eager step on the same cache (logits,
 relative error in bf16). G2 allocates the largest cache of ``--budget-gib`` for each variant
-(measured from the real allocation) and reports cached tokens and the ratio to QKV.
+(measured from the real allocation) and reports cached tokens and the ratio to QKV. With
+``--budget-decode`` each variant is also timed at the largest batch whose cache of
+``--budget-context`` tokens (plus the steps' headroom) fits that budget: the serving question
+"how many tokens/s does a fixed amount of cache memory give", where a smaller cache buys rows.
 
 Run on the GPU machine from the repository root::
 
@@ -83,9 +86,14 @@ def time_steps(step, token, steps: int, device) -> float:
     return statistics.median(times)
 
 
+def cache_len(S: int, args) -> int:
+    """Positions a decode case allocates: the context, then room for every step it times."""
+    return S + args.warmup + 2 * args.steps + 8
+
+
 def decode_case(model, variant, B, S, args, device) -> dict:
     steps = args.steps
-    max_len = S + args.warmup + 2 * steps + 8
+    max_len = cache_len(S, args)
     gen = torch.Generator(device=device).manual_seed(1)
     row = dict(variant=variant, B=B, context=S)
     try:
@@ -193,6 +201,18 @@ def budget_case(model, budget_bytes: int, device) -> dict:
     return out
 
 
+def budget_batch(model, budget_bytes: int, S: int, args) -> int:
+    """Rows of ``S`` context (plus the timed steps' headroom) whose cache fits ``budget_bytes``."""
+    per_token = model.new_cache(1, 1).bytes_per_token
+    return budget_bytes // (per_token * cache_len(S, args))
+
+
+def partial(env: dict, rows: list, budget: dict, args) -> None:
+    """What the run has measured so far, written after each case (a long run that is cut keeps it)."""
+    doc = {"benchmark": "gpu_generate", "env": env, "partial": True, "rows": rows, "budget": budget}
+    write_json(doc, "gpu_generate.json", args.out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, eager only (a check of the script)")
@@ -202,9 +222,19 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd static step")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode of --compile")
     ap.add_argument("--budget-gib", type=float, default=16.0)
+    ap.add_argument(
+        "--budget-decode",
+        action="store_true",
+        help="also time each variant at the largest batch whose --budget-context cache fits --budget-gib",
+    )
+    ap.add_argument("--budget-context", type=int, default=32768, help="context of the --budget-decode point")
     ap.add_argument("--profile", default="", help="comma list of variants whose eager decode steps are profiled first")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--points", default="", help="comma list of BATCHxCONTEXT, e.g. 1x4096,1x32768 (default: all four)")
+    ap.add_argument(
+        "--points",
+        default="",
+        help="comma list of BATCHxCONTEXT, e.g. 1x4096,1x32768 (default: all four; 'none' with --budget-decode)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -213,13 +243,15 @@ def main() -> None:
     shape = SMOKE if args.smoke else ONE_B
     points = [(1, 64), (2, 96)] if args.smoke else [(1, 4096), (1, 32768), (16, 4096), (16, 32768)]
     if args.points and not args.smoke:
-        points = [tuple(int(v) for v in p.split("x")) for p in args.points.split(",")]
+        points = [] if args.points == "none" else [tuple(int(v) for v in p.split("x")) for p in args.points.split(",")]
+    if not points and not args.budget_decode:
+        raise SystemExit("--points none times nothing without --budget-decode")
     if args.smoke:
-        args.steps, args.warmup, args.budget_gib = 3, 1, 1 / 1024
+        args.steps, args.warmup, args.budget_gib, args.budget_context = 3, 1, 1 / 1024, 48
     dtype = torch.float32 if args.smoke else torch.bfloat16
     env = env_info(device)
     print(f"{env['gpu']}, torch {env['torch']}, triton {env.get('triton')}")
-    max_ctx = max(s for _, s in points)
+    max_ctx = max([s for _, s in points] + ([args.budget_context] if args.budget_decode else []))
     rows, budget = [], {}
     for variant in args.variants.split(","):
         if args.compile:
@@ -233,11 +265,7 @@ def main() -> None:
             row["params"] = n_params
             rows.append(row)
             if not args.smoke:
-                write_json(
-                    {"benchmark": "gpu_generate", "env": env, "partial": True, "rows": rows},
-                    "gpu_generate.json",
-                    args.out,
-                )
+                partial(env, rows, budget, args)
             if "error" in row:
                 print(f"{variant:<8} B={B:<3} S={S:<6} {row['error']}", flush=True)
                 continue
@@ -255,13 +283,34 @@ def main() -> None:
                     flush=True,
                 )
         budget[variant] = budget_case(model, int(args.budget_gib * 2**30), device)
+        if args.budget_decode:
+            B = budget_batch(model, int(args.budget_gib * 2**30), args.budget_context, args)
+            if B < 1:
+                raise SystemExit(
+                    f"--budget-gib {args.budget_gib:g} holds no {variant} row of {args.budget_context} tokens: "
+                    "raise --budget-gib or lower --budget-context"
+                )
+            row = decode_case(model, variant, B, args.budget_context, args, device)
+            budget[variant]["decode"] = row
+            if "error" in row:
+                print(f"{variant:<8} budget B={B} S={args.budget_context} {row['error']}", flush=True)
+            else:
+                extra = f"  compiled {row['compiled_tokens_per_s']:9.1f} tok/s" if args.compile else ""
+                print(
+                    f"{variant:<8} budget B={B:<3} S={args.budget_context:<6} cache {row['cache_GiB']:6.2f} GiB  "
+                    f"static {row['static_tokens_per_s']:9.1f} tok/s{extra}  check rel.err {row['graph_rel_err']:.1e}",
+                    flush=True,
+                )
+            if not args.smoke:
+                partial(env, rows, budget, args)
         del model
         release(device)
     # bf16 logits of a 16-layer model computed two correct ways differ by a few percent (QKV's
     # graph step, the Triton kernel, against its eager step, SDPA: 2.4-2.7e-2); Inductor's fused
     # kernels round differently again (3.0-3.6e-2 on an H100).
     tol, tol_compiled = (1e-4, 1e-4) if args.smoke else (3e-2, 5e-2)
-    bad = [r for r in rows if r.get("graph_rel_err", 0) > tol or r.get("compiled_rel_err", 0) > tol_compiled]
+    checked = rows + [b["decode"] for b in budget.values() if "decode" in b]
+    bad = [r for r in checked if r.get("graph_rel_err", 0) > tol or r.get("compiled_rel_err", 0) > tol_compiled]
     ratios = {}
     for B, S in points:
         by = {r["variant"]: r for r in rows if r["B"] == B and r["context"] == S and "error" not in r}
@@ -280,6 +329,22 @@ def main() -> None:
     for v, b in budget.items():
         r = b["cached_tokens"] / budget["QKV"]["cached_tokens"]
         print(f"  {v:<8} {b['cached_tokens']:>12,} tokens ({b['batch']} x {b['length']})  {r:5.2f}x QKV")
+    base = budget.get("QKV", {}).get("decode", {})
+    if args.budget_decode and "error" not in base:
+        print(f"\ndecode tokens/s at the largest batch of {args.budget_context}-token rows in {args.budget_gib:g} GiB")
+        for v, b in budget.items():
+            row = b.get("decode", {})
+            if "error" in row:
+                continue
+            for mode in ("eager", "static", "compiled"):
+                key = f"{mode}_tokens_per_s"
+                if key in row and key in base:
+                    ratios[f"budget {args.budget_gib:g} GiB S={args.budget_context} {mode}: {v} / QKV"] = (
+                        row[key] / base[key]
+                    )
+                    print(
+                        f"  {v:<8} B={row['B']:<3} {mode:<8} {row[key]:10.1f} tok/s  {row[key] / base[key]:5.2f}x QKV"
+                    )
     doc = dict(
         benchmark="gpu_generate",
         env=env,
@@ -288,6 +353,7 @@ def main() -> None:
         rows=rows,
         ratios=ratios,
         budget_GiB=args.budget_gib,
+        budget_context=args.budget_context if args.budget_decode else None,
         budget=budget,
     )
     if not args.smoke:

@@ -442,15 +442,6 @@ def test_split_waves_fills_whole_waves():
         assert programs <= slots or programs % slots == 0 or programs % slots >= slots // 2, (pairs, tiles, s)
 
 
-def test_rope_table_default_reads_rows_whole_only_for_one_wave_of_long_splits():
-    from qkvlab.kernels.kv_decode import _whole_table_rows
-
-    assert _whole_table_rows(256, 32, 264)  # B=1 S=32k, D=128: 8 splits of 32 tiles, one wave
-    assert not _whole_table_rows(2048, 32, 264)  # B=64 S=4k: eight waves
-    assert not _whole_table_rows(1024, 4, 264)  # B=32 S=512
-    assert not _whole_table_rows(256, 4, 264)  # B=1 S=4k: short splits
-
-
 def test_bad_config_values_are_named():
     q, k, _, lengths, kw = make_inputs(1, 4, 2, 16, 32, shared=True, rope=True, norm=False)
     bad = [

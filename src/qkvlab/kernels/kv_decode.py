@@ -656,7 +656,9 @@ class DecodeConfig:
     ``rope_table``: how a program gets the RoPE rows of ``n < block_n`` it holds: ``"rows"``
     reads all ``block_n`` rows, ``"factored"`` builds them by angle addition from
     ``16 + block_n / 16`` rows (a sixth of the L2 reads for 128-key tiles, paid by every program
-    at its start). Default: rows for a single wave of splits of at least 32 tiles, else factored.
+    at its start). Default: factored. Reading the rows whole was 1 us faster on an H100 for one
+    wave of long splits (B=1 S=32k, D=128: 100.0 vs 101.0 us) but 20-24% slower on an H200
+    (B=1 S=32k 94.8 vs 78.7 us, S=128k 340.5 vs 275.3; ``gpu_decode_h200_sweep_pdl.json``).
     ``pdl``: launch the combine kernel as a programmatic dependent of the split kernel, so its
     launch overlaps the splits' tail (default on where supported: compiled, compute capability
     9.0 or newer, a Triton with ``launch_pdl``); False launches it after the split kernel ends.
@@ -785,14 +787,6 @@ def _num_splits(B, Hkv, n_tiles, device, cfg: DecodeConfig, resident_per_sm: int
     # GQA-8 B=1 S=32k 32 splits 42.1 vs 64 splits 46.9.
     min_tiles = cfg.min_tiles_per_split or min(16, max(2, n_tiles // 8))
     return max(1, min(splits, n_tiles // max(1, min_tiles)))
-
-
-def _whole_table_rows(programs: int, tiles_per_split: int, slots: int) -> bool:
-    """Default ``rope_table``: read the held RoPE rows whole (not factored) for one wave of long
-    splits. H100, bf16, D=128: B=1 S=32k (256 programs of 32 tiles) 100.0-100.1 us with the rows
-    read whole vs 101.0-101.1 factored; factored elsewhere (B=32 S=512: 57.8 vs 63.0; B=64 S=4k,
-    eight waves of 32 tiles: 711 vs 720)."""
-    return programs <= slots and tiles_per_split >= 32
 
 
 _RESIDENT: dict = {}
@@ -977,10 +971,6 @@ def decode_attention(
     splits = _num_splits(B, Hkv, n_tiles, q3.device, cfg, resident)
     split_len = _cdiv(n_tiles, splits) * block_n
     splits = _cdiv(n_tiles * block_n, split_len)  # drop splits that would start past S_hint
-    auto_table = has_rope and cfg.rope_table is None and consts["TABLE_LO"] < block_n and resident
-    slots = resident * _sm_count(q3.device.index or 0) if auto_table else 0
-    if auto_table and _whole_table_rows(B * Hkv * splits, split_len // block_n, slots):
-        consts["TABLE_LO"] = block_n
     if splits > 1:
         o_part = torch.empty((B * Hq, splits, D), dtype=torch.float32, device=q3.device)
         lse_part = torch.empty((B * Hq, splits), dtype=torch.float32, device=q3.device)

@@ -28,6 +28,7 @@ relative error in bf16). G2 allocates the largest cache of ``--budget-gib`` for 
 Run on the GPU machine from the repository root::
 
     PYTHONPATH=src python3 benchmarks/gpu_generate.py --out benchmarks/results/gpu_generate.json
+    PYTHONPATH=src python3 benchmarks/gpu_generate.py --compile --budget-decode --points none   # tokens/s in 16 GiB
     PYTHONPATH=src python3 benchmarks/gpu_generate.py --smoke      # CPU, tiny model, eager only
 """
 

@@ -1,6 +1,6 @@
 """The GPU benchmark scripts' CPU smoke modes: they still run, check and report (no timing is asserted).
 
-The full runs need an H100 (``benchmarks/results/`` holds their output); these checks keep the
+The full runs need a CUDA GPU (``benchmarks/results/`` holds their H100 / H200 output); these keep the
 scripts from rotting between those runs: every correctness check a script makes before timing
 runs here on tiny shapes, and a failed check exits non-zero.
 """

@@ -328,10 +328,10 @@ def main() -> None:
         print(f"  {k:<40} {v:6.3f}x")
     print(f"\nG2: cached tokens in {args.budget_gib:g} GiB")
     for v, b in budget.items():
-        r = b["cached_tokens"] / budget["QKV"]["cached_tokens"]
-        print(f"  {v:<8} {b['cached_tokens']:>12,} tokens ({b['batch']} x {b['length']})  {r:5.2f}x QKV")
+        vs = f"  {b['cached_tokens'] / budget['QKV']['cached_tokens']:5.2f}x QKV" if "QKV" in budget else ""
+        print(f"  {v:<8} {b['cached_tokens']:>12,} tokens ({b['batch']} x {b['length']}){vs}")
     base = budget.get("QKV", {}).get("decode", {})
-    if args.budget_decode and "error" not in base:
+    if args.budget_decode and base and "error" not in base:
         print(f"\ndecode tokens/s at the largest batch of {args.budget_context}-token rows in {args.budget_gib:g} GiB")
         for v, b in budget.items():
             row = b.get("decode", {})

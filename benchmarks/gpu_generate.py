@@ -202,9 +202,8 @@ def budget_case(model, budget_bytes: int, device) -> dict:
     return out
 
 
-def budget_batch(model, budget_bytes: int, S: int, args) -> int:
+def budget_batch(per_token: int, budget_bytes: int, S: int, args) -> int:
     """Rows of ``S`` context (plus the timed steps' headroom) whose cache fits ``budget_bytes``."""
-    per_token = model.new_cache(1, 1).bytes_per_token
     return budget_bytes // (per_token * cache_len(S, args))
 
 
@@ -285,7 +284,9 @@ def main() -> None:
                 )
         budget[variant] = budget_case(model, int(args.budget_gib * 2**30), device)
         if args.budget_decode:
-            B = budget_batch(model, int(args.budget_gib * 2**30), args.budget_context, args)
+            B = budget_batch(
+                budget[variant]["bytes_per_token"], int(args.budget_gib * 2**30), args.budget_context, args
+            )
             if B < 1:
                 raise SystemExit(
                     f"--budget-gib {args.budget_gib:g} holds no {variant} row of {args.budget_context} tokens: "

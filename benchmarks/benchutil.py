@@ -8,6 +8,8 @@ import subprocess
 
 import torch
 
+from qkvlab.costs import BF16_PEAK, bf16_peak  # noqa: F401  (the benchmarks take them from here)
+
 
 def env_info(device: torch.device) -> dict:
     """Date, Python / torch / CUDA / cuDNN / Triton versions, GPU name, SMs, memory, driver, clocks."""
@@ -37,23 +39,6 @@ def env_info(device: torch.device) -> dict:
     else:
         info.update(gpu=f"cpu ({platform.processor() or platform.machine()}), Triton interpreter")
     return info
-
-
-#: Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from NVIDIA's data sheets, by name fragment.
-BF16_PEAK = [
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989.4e12),  # SXM5 (the "H100 80GB HBM3" name)
-    ("H200", 989.4e12),
-    ("A100", 312e12),
-]
-
-
-def bf16_peak(name: str) -> float | None:
-    for frag, peak in BF16_PEAK:
-        if frag in name:
-            return peak
-    return None
 
 
 def write_json(doc: dict, name: str, extra_path: str | None = None) -> list[str]:

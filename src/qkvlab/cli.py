@@ -185,13 +185,20 @@ def sweep(
     config: Annotated[Path, typer.Argument(help="Sweep YAML (base config + grid).", show_default=False)],
     out: Annotated[Path | None, typer.Option(help="Study folder (default: the sweep's study_dir).")] = None,
     devices: Annotated[
-        str | None, typer.Option(help="'cpu', 'all' or GPU ids like '0,1': one run per device at a time.")
+        str | None,
+        typer.Option(
+            help="'cpu', 'all' or GPU ids like '0,1': one run per entry at a time ('0,0,0': three at once on GPU 0)."
+        ),
+    ] = None,
+    time_limit: Annotated[
+        float | None,
+        typer.Option(help="Seconds: start only runs expected to finish inside them; the rest wait for the next call."),
     ] = None,
 ) -> None:
     """Run a grid of training runs (variants x models x token budgets x seeds); resumes if killed."""
     from qkvlab.study import load_sweep, run_sweep
 
-    summary = run_sweep(load_sweep(config), out, devices=devices)
+    summary = run_sweep(load_sweep(config), out, devices=devices, time_limit=time_limit)
     console.print(str(summary))
     if summary.failed:
         raise typer.Exit(1)
@@ -205,9 +212,24 @@ def report(
         str | None, typer.Option(help="The paper's table to set beside ours: table2 (synthetic) or table4 (LM).")
     ] = None,
 ) -> None:
-    """Write report.md (paper-style tables) and plots for a study folder from its results."""
+    """Write report.md (paper-style tables) and plots for a study folder from its results.
+
+    A study whose sweep.yaml says ``report: ladder`` gets the scaling-ladder analysis instead.
+    """
+    import yaml
+
     from qkvlab.study import write_report
 
+    sweep_file = Path(study_dir) / "sweep.yaml"
+    try:
+        sweep = yaml.safe_load(sweep_file.read_text()) if sweep_file.is_file() else None
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"Cannot read {str(sweep_file)!r}: {str(e).splitlines()[0]}") from None
+    if isinstance(sweep, dict) and sweep.get("report") == "ladder":
+        from qkvlab.study.ladder import write_ladder_report
+
+        console.print(str(write_ladder_report(study_dir, plots=plots)))
+        return
     console.print(str(write_report(study_dir, plots=plots, paper_table=paper_table)))
 
 
@@ -442,6 +464,9 @@ def _tokenizer_for(path: Path, meta: dict[str, str], override: str | None):
         )
     if not name.startswith("bpe"):
         return get_tokenizer(name)
+    for folder in (path, path.parent, path.parent.parent):  # the copy the trainer saves in its run folder
+        if (folder / "tokenizer" / "vocab.json").is_file():
+            return get_tokenizer(f"bpe:{folder / 'tokenizer'}")
     # A BPE trained on the corpus: the training run's data settings find it in the cache.
     return get_tokenizer(load_splits(DataConfig(**{**data, "tokenizer": name})).meta["tokenizer_spec"])
 

@@ -65,6 +65,44 @@ def count_params(model: nn.Module) -> dict[str, int]:
     return {"total": total, "attention": attention, "embedding": embedding, "mlp": mlp, "norm": norm, "other": other}
 
 
+def params_nonembedding(model: nn.Module) -> int:
+    """Kaplan et al.'s N: parameters outside the token and position embeddings and an untied
+    output head (the quantity scaling laws are fitted against)."""
+    counts = count_params(model)
+    head = getattr(model, "lm_head", None)
+    embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    untied = head is not None and all(head.weight is not w for w in embeddings)
+    return counts["total"] - counts["embedding"] - (head.weight.numel() if untied else 0)
+
+
+def train_flops_per_token(model: nn.Module, seq_len: int) -> int:
+    """Training FLOPs per token by PaLM's count (Chowdhery et al., 2022, appendix B):
+    ``6 N_matmul + 12 L T d_attn``, where ``N_matmul`` counts every linear layer's weight (the
+    output head included, also when tied to the embedding) and ``d_attn`` is the query width."""
+    n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    attn = [m for m in model.modules() if isinstance(m, Attention)]
+    d_attn = sum(m.n_heads * m.head_dim for m in attn)
+    return 6 * n_matmul + 12 * seq_len * d_attn
+
+
+#: Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from NVIDIA's data sheets, by name fragment.
+BF16_PEAK = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989.4e12),  # SXM5 (the "H100 80GB HBM3" name)
+    ("H200", 989.4e12),
+    ("A100", 312e12),
+]
+
+
+def bf16_peak(name: str) -> float | None:
+    """The dense bf16 peak of a GPU named ``name`` (``torch.cuda.get_device_name``), or None."""
+    for frag, peak in BF16_PEAK:
+        if frag in name:
+            return peak
+    return None
+
+
 def macs(cfg: TransformerConfig, seq_len: int) -> dict[str, int]:
     """Multiply-accumulates of one forward pass over ``seq_len`` tokens (batch 1).
 

@@ -9,6 +9,11 @@ training documents only. Each split is packed as ``doc, eot, doc, eot, ...`` int
 array of token ids (``uint16`` when the vocabulary fits, else ``uint32``); nothing is
 padded, so every position is a real token and the trainer never has padding to mask.
 
+A corpus that comes already split (separate training and validation books, say) names its
+validation corpus as ``val_source``: then every document of ``source`` trains and every
+document of ``val_source`` validates. ``extra`` names further corpora scored with the same
+tokenizer (an out-of-domain test set), each packed whole into ``<name>.bin``.
+
 The arrays live in ``<cache_dir>/<corpus>-<tokenizer>-<key>/{train,val}.bin`` with a
 ``meta.json`` beside them; ``key`` hashes the corpus content, the tokenizer's hash and the
 split settings, so a changed file or tokenizer gets a new cache. Each file is written to a
@@ -62,6 +67,11 @@ class TokenSplits:
     vocab_size: int
     eot_id: int
     meta: dict = field(repr=False)
+    extra: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+
+#: Names an extra corpus may take: they become file names and metric prefixes (``<name>_ppl``).
+EXTRA_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
 def default_token_cache() -> Path:
@@ -158,7 +168,7 @@ def _read_meta(folder: Path) -> dict | None:
         if meta.get("format") != CACHE_FORMAT:
             return None
         itemsize = np.dtype(meta["dtype"]).itemsize
-        for split in ("train", "val"):
+        for split in ("train", "val", *meta.get("extra", [])):
             if (folder / f"{split}.bin").stat().st_size != meta[f"n_tokens_{split}"] * itemsize:
                 return None
         return meta
@@ -176,6 +186,8 @@ def load_lm_data(
     max_docs: int | None = None,
     vocab_size: int = 4096,
     encoding: str = "utf-8",
+    val_source: str | os.PathLike | None = None,
+    extra: dict[str, str | os.PathLike] | None = None,
 ) -> TokenSplits:
     """Tokenise ``source`` with ``tokenizer`` once (cached) and return the packed splits.
 
@@ -189,8 +201,19 @@ def load_lm_data(
         max_docs: keep only the first documents of the corpus (quick runs).
         vocab_size: vocabulary of a BPE trained here (``"bpe"``); ``"bpe:<n>"`` overrides it.
         encoding: text encoding of the corpus files (UTF-8 by default; see :mod:`qkvlab.data.corpus`).
+        val_source: a separate validation corpus (any ``source`` form); ``source`` then trains
+            whole and ``val_fraction`` and ``seed`` are unused. ``max_docs`` limits both.
+        extra: name -> corpus of further evaluation sets, tokenised whole; names are lower-case
+            identifiers (``dickens``), used as file names and metric prefixes.
     """
     _check_args(val_fraction, seed, vocab_size)
+    extra = dict(extra or {})
+    for name in extra:
+        if not isinstance(name, str) or not EXTRA_NAME.match(name) or name in ("train", "val"):
+            raise ConfigError(
+                f"Extra evaluation set name {name!r} must be a lower-case identifier such as 'dickens' "
+                "(letters, digits, '_'; not 'train' or 'val')."
+            )
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_token_cache()
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -200,9 +223,15 @@ def load_lm_data(
             "Pass cache_dir= or set QKVLAB_CACHE to a writable folder."
         ) from None
     corpus = load_corpus(source, max_docs=max_docs, encoding=encoding)
-    train_idx, val_idx = split_documents(len(corpus.documents), val_fraction, seed)
-    train_docs = [corpus.documents[i] for i in train_idx]
-    val_docs = [corpus.documents[i] for i in val_idx]
+    val_corpus = None
+    if val_source is not None:
+        val_corpus = load_corpus(val_source, max_docs=max_docs, encoding=encoding)
+        train_docs, val_docs = list(corpus.documents), list(val_corpus.documents)
+    else:
+        train_idx, val_idx = split_documents(len(corpus.documents), val_fraction, seed)
+        train_docs = [corpus.documents[i] for i in train_idx]
+        val_docs = [corpus.documents[i] for i in val_idx]
+    extra_corpora = {name: load_corpus(src, encoding=encoding) for name, src in sorted(extra.items())}
 
     with _file_lock(root / f".lock-{corpus.hash[:16]}"):
         tok = get_tokenizer(tokenizer, documents=train_docs, vocab_size=vocab_size, cache_dir=root / "tokenizers")
@@ -214,6 +243,10 @@ def load_lm_data(
             "seed": seed,
             "n_docs": len(corpus.documents),
         }
+        if val_corpus is not None:  # a given split: the split settings do not apply
+            settings.update(val_fraction=None, seed=None, val_corpus_hash=val_corpus.hash, n_docs_val=len(val_docs))
+        if extra_corpora:
+            settings["extra"] = {name: c.hash for name, c in extra_corpora.items()}
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         folder = root / f"{_slug(corpus.name)}-{_slug(tok.id)}-{key}"
         meta = _read_meta(folder)
@@ -224,6 +257,10 @@ def load_lm_data(
             try:
                 n_train = _write_tokens(folder / "train.bin", train_docs, tok, dtype)
                 n_val = _write_tokens(folder / "val.bin", val_docs, tok, dtype)
+                n_extra = {
+                    name: _write_tokens(folder / f"{name}.bin", c.documents, tok, dtype)
+                    for name, c in extra_corpora.items()
+                }
             except OSError as e:
                 raise ConfigError(
                     f"Cannot write the token cache in {str(folder)!r}: {e.strerror or e}. Free disk space, or pass "
@@ -248,15 +285,21 @@ def load_lm_data(
                 "n_tokens_train": n_train,
                 "n_tokens_val": n_val,
                 "n_tokens": n_train + n_val,
+                "val_source": None if val_corpus is None else val_corpus.source,
+                "extra": list(n_extra),
+                **{f"n_tokens_{name}": n for name, n in n_extra.items()},
+                "extra_sources": {name: c.source for name, c in extra_corpora.items()},
                 "tokenize_seconds": round(time.perf_counter() - start, 3),
             }
             atomic_write(folder / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
 
     meta = {**meta, "cache_path": str(folder), "cache_hit": cache_hit, "tokenizer_spec": tok.spec}
+    extras = meta.get("extra", [])
     return TokenSplits(
         train=_map(folder / "train.bin", meta["dtype"], meta["n_tokens_train"]),
         val=_map(folder / "val.bin", meta["dtype"], meta["n_tokens_val"]),
         vocab_size=tok.vocab_size,
         eot_id=tok.eot_id,
         meta=meta,
+        extra={name: _map(folder / f"{name}.bin", meta["dtype"], meta[f"n_tokens_{name}"]) for name in extras},
     )

@@ -159,11 +159,13 @@ class Backbone(nn.Module):
 
 
 def init_weights(model: nn.Module, cfg: TransformerConfig) -> None:
-    """GPT-2 init: N(0, 0.02) weights, zero biases, output projections scaled by 1/sqrt(2L)."""
+    """N(0, ``init_std``) weight matrices and zero biases; with ``init="scaled"`` (GPT-2's rule)
+    the residual-stream output projections get ``init_std / sqrt(2L)`` instead."""
+    scaled = cfg.init == "scaled"
     for name, p in model.named_parameters():
         if p.dim() >= 2:
             std = cfg.init_std
-            if name.endswith("o_proj.weight") or name.endswith("mlp.down.weight"):
+            if scaled and (name.endswith("o_proj.weight") or name.endswith("mlp.down.weight")):
                 std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
             nn.init.normal_(p, mean=0.0, std=std)
         elif name.endswith(".bias") and "pos2d" not in name:

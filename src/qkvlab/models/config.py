@@ -30,6 +30,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "llama": {"norm": "rmsnorm", "mlp": "swiglu", "bias": False, "pos": "rope", "tie_embeddings": False},
 }
 
+#: Weight initialisations (``TransformerConfig.init``).
+INIT_SCHEMES = ("scaled", "paper")
+
 
 def swiglu_hidden(d_model: int, multiple_of: int = 64) -> int:
     """SwiGLU width with about the parameters of a 4*d GELU MLP: 8/3 d, rounded up."""
@@ -56,6 +59,10 @@ class TransformerConfig:
             (default) or ``"relu"``; see :mod:`qkvlab.attention.linear`.
         linear_decay: decay ``lam`` in (0, 1] of the linear-attention state (1 = none;
             below 1 causal models only). The normaliser is not decayed (DESIGN.md).
+        init_std: standard deviation of the normal initialisation of weight matrices.
+        init: ``"scaled"`` (GPT-2's rule: the attention output and MLP down projections get
+            ``init_std / sqrt(2 * n_layers)``) or ``"paper"`` (every weight matrix, those two
+            included, gets ``init_std``, as the paper's own model classes do).
     """
 
     causal: ClassVar[bool] = True
@@ -79,6 +86,7 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     pos2d_channels: int = 10
     init_std: float = 0.02
+    init: str = "scaled"
     backend: str = "sdpa"
     linear_feature: str = "elu+1"
     linear_decay: float = 1.0
@@ -101,6 +109,10 @@ class TransformerConfig:
             self.mlp = defaults["mlp"]
         if self.bias is None:
             self.bias = defaults["bias"]
+        if self.init not in INIT_SCHEMES:
+            raise ConfigError(f"init must be one of {', '.join(INIT_SCHEMES)}, got {self.init!r}.")
+        if not (isinstance(self.init_std, int | float) and self.init_std > 0):
+            raise ConfigError(f"init_std must be a positive number such as 0.02, got {self.init_std!r}.")
         if self.norm not in ("layernorm", "rmsnorm"):
             raise ConfigError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}.")
         if self.mlp not in ("gelu", "swiglu"):

@@ -13,9 +13,11 @@ from qkvlab.errors import ConfigError
 from qkvlab.models.config import GPTConfig
 
 _PAPER = {
-    # PAPER.md 2.4: layers / d / heads (head dim 64) / FFN; vocab 50,304; 2048 context.
-    "paper-300m": dict(n_layers=20, d_model=1024, n_heads=16, d_ff=4096, dropout=0.1),
-    "paper-1.2b": dict(n_layers=22, d_model=2048, n_heads=32, d_ff=8192, dropout=0.1),
+    # PAPER.md 2.4: layers / d / heads (head dim 64) / FFN; vocab 50,304; 2048 context; every
+    # weight matrix initialised N(0, 0.02) (the paper's code; with optim.decay auto this also
+    # decays every parameter, as the paper does).
+    "paper-300m": dict(n_layers=20, d_model=1024, n_heads=16, d_ff=4096, dropout=0.1, init="paper"),
+    "paper-1.2b": dict(n_layers=22, d_model=2048, n_heads=32, d_ff=8192, dropout=0.1, init="paper"),
 }
 
 # (name suffix, n_layers, d_model, n_heads); at least 8 heads, a multiple of 4, so that

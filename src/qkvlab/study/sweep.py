@@ -19,6 +19,13 @@ A sweep file is YAML::
                                         #   qkvlab.study.report.METRICS
     group_by: [task.kind]               # optional: one table per value of these config keys
     paper_table: table2                 # optional: the paper's numbers beside ours in the report
+    report: ladder                      # optional: the report's layout (variants, the default,
+                                        #   or ladder: fits and tests across model sizes)
+
+``grid`` may also be a list of such mappings: each is its own Cartesian product and the sweep
+runs their union, block by block (a point that two blocks share runs once). A study whose axes
+depend on each other uses this, e.g. a learning-rate sweep on QKV per model size, then every
+variant at the rate each size chose.
 
 Any task trains through the same grid: a base config with ``task: {name: synthetic, ...}``
 and axes such as ``task.kind: [reverse, sort]``, ``task.seq_len: [16, 64]`` or
@@ -72,7 +79,20 @@ from qkvlab.train.config import parse_value, set_dotted
 
 #: The named grid axes and the config key each one sets.
 AXES = {"variant": "model.variant", "model": "model.preset", "tokens": "max_tokens", "seed": "seed"}
-SWEEP_KEYS = ("name", "study_dir", "base", "grid", "overrides", "description", "metric", "group_by", "paper_table")
+SWEEP_KEYS = (
+    "name",
+    "study_dir",
+    "base",
+    "grid",
+    "overrides",
+    "description",
+    "metric",
+    "group_by",
+    "paper_table",
+    "report",
+)
+#: Report layouts a sweep may ask for: the generic variant tables, or the scaling-ladder analysis.
+REPORT_KINDS = ("variants", "ladder")
 #: Config keys left out of the run id: they do not change what a run computes.
 ID_EXCLUDED = ("out_dir", "device", "log.progress", "log.tensorboard", "data.cache_dir")
 DEFAULT_PRESET = "tiny"  # the trainer's default when a config names no preset
@@ -95,7 +115,7 @@ class SweepSpec:
     """
 
     base: dict[str, Any]
-    grid: dict[str, list[Any]] = field(default_factory=dict)
+    grid: dict[str, list[Any]] | list[dict[str, list[Any]]] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
     name: str = "sweep"
     study_dir: str | None = None
@@ -103,6 +123,7 @@ class SweepSpec:
     metric: str | None = None
     group_by: list[str] | None = None
     paper_table: str | None = None
+    report: str = "variants"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, root: str | os.PathLike | None = None, name: str = "sweep") -> SweepSpec:
@@ -114,18 +135,30 @@ class SweepSpec:
             raise ConfigError("The sweep has no 'base': give a train config mapping or the path of a train YAML.")
         base = _load_base(d["base"], Path(root) if root is not None else None)
         grid = d.get("grid") or {}
-        if not isinstance(grid, dict):
-            raise ConfigError(f"'grid' must map axis names to lists, e.g. {{variant: [QKV, Q-K=V]}}, got {grid!r}.")
-        for axis, values in grid.items():
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"grid.{axis} must be a non-empty list, e.g. [{values!r}], got {values!r}.")
-            if axis not in AXES and "." not in axis and difflib.get_close_matches(axis, AXES, n=1, cutoff=0.75):
-                near = difflib.get_close_matches(axis, AXES, n=1, cutoff=0.75)[0]
-                raise ConfigError(f"Unknown grid axis {axis!r}; did you mean {near!r}? Axes: {', '.join(AXES)}.")
+        blocks = grid if isinstance(grid, list) else [grid]
+        if not blocks:
+            raise ConfigError("'grid' is an empty list; give at least one mapping of axes to lists.")
+        for i, block in enumerate(blocks):
+            where = f"grid[{i}]" if isinstance(grid, list) else "grid"
+            if not isinstance(block, dict):
+                raise ConfigError(
+                    f"{where} must map axis names to lists, e.g. {{variant: [QKV, Q-K=V]}}, got {block!r}."
+                )
+            for axis, values in block.items():
+                if not isinstance(values, list) or not values:
+                    raise ConfigError(f"{where}.{axis} must be a non-empty list, e.g. [{values!r}], got {values!r}.")
+                if axis not in AXES and "." not in axis and difflib.get_close_matches(axis, AXES, n=1, cutoff=0.75):
+                    near = difflib.get_close_matches(axis, AXES, n=1, cutoff=0.75)[0]
+                    raise ConfigError(f"Unknown grid axis {axis!r}; did you mean {near!r}? Axes: {', '.join(AXES)}.")
+        parsed = [{str(k): list(v) for k, v in block.items()} for block in blocks]
         metric, group_by, paper_table = _report_settings(d)
+        report = d.get("report") or "variants"
+        if report not in REPORT_KINDS:
+            raise ConfigError(f"report must be one of {', '.join(REPORT_KINDS)}, got {report!r}.")
         return cls(
+            report=report,
             base=base,
-            grid={str(k): list(v) for k, v in grid.items()},
+            grid=parsed if isinstance(grid, list) else parsed[0],
             overrides=_parse_overrides(d.get("overrides")),
             name=str(d.get("name") or name),
             study_dir=None if d.get("study_dir") is None else str(d["study_dir"]),
@@ -355,18 +388,30 @@ def run_id_for(config: dict[str, Any], *, variant_id: str, model: str, tokens: i
 
 
 def expand(spec: SweepSpec) -> list[RunPlan]:
-    """The Cartesian product of the grid, in the order model > tokens > other axes > seed > variant.
+    """The grid's points: each block's Cartesian product in the order model > tokens > other
+    axes > seed > variant, blocks in order, a point shared by two blocks once.
 
     A misspelt variant or preset raises :class:`ConfigError`; a point that cannot be built
     (see the module docstring) comes back with ``status="skipped"`` and the reason.
     """
-    from qkvlab.models.presets import PRESETS
-
     base = copy.deepcopy(spec.base)
     base.pop("out_dir", None)  # each run's out_dir is its folder in the study, set when it runs
     for key, value in spec.overrides.items():
         set_dotted(base, key, value)
-    grid = dict(spec.grid)
+    plans: list[RunPlan] = []
+    seen: set[str] = set()
+    for block in spec.grid if isinstance(spec.grid, list) else [spec.grid]:
+        for plan in _expand_block(base, block):
+            if plan.run_id not in seen:
+                seen.add(plan.run_id)
+                plans.append(plan)
+    return plans
+
+
+def _expand_block(base: dict[str, Any], block: dict[str, list[Any]]) -> list[RunPlan]:
+    from qkvlab.models.presets import PRESETS
+
+    grid = dict(block)
     for preset in grid.get("model", []):
         if preset not in PRESETS:
             near = difflib.get_close_matches(str(preset), PRESETS, n=1)
@@ -475,10 +520,15 @@ def _costs(model_json: str, family: str = "gpt") -> dict[str, Any]:
         except (ConfigError, KeyError, TypeError, ValueError):
             return {"params_total": None, "params_attention": None, **none}
         return {"params_total": params["total"], "params_attention": params["attention"], **none}
+    from qkvlab.costs import build_on_meta, params_nonembedding
+
     cfg = GPTConfig.from_dict(json.loads(model_json))
     (row,) = variant_costs(cfg, [cfg.variant])
     keep = ("params_total", "params_attention", "kv_cache_bytes_per_token", "cache_reduction", "dtype")
     out = {("kv_cache_dtype" if k == "dtype" else k): row[k] for k in keep}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out["params_nonembedding"] = params_nonembedding(build_on_meta(cfg))
     out["decode_state_bytes"] = row.get("decode_state_bytes") or None  # linear attention's fixed state
     return out
 
@@ -561,11 +611,11 @@ def result_row(
         "wall_s": wall_s,
         "resumed": resumed,
     }
-    for key in ("decode_tokens_per_s", "world_size"):  # optional extras a run may report
+    for key in ("decode_tokens_per_s", "world_size", "device_name", "flops_per_token", "mfu"):  # optional extras
         if summary.get(key) is not None:
             row[key] = summary[key]
-    for key, value in summary.items():  # every other validation metric (val_acc, ...)
-        if key.startswith("val_") and key not in row:
+    for key, value in summary.items():  # every other evaluation metric (val_acc, <set>_ppl, ...)
+        if key not in row and (key.startswith("val_") or key.endswith(("_loss", "_ppl", "_tokens"))):
             row[key] = value
     if task_of(config) != "lm":
         row["task"] = dict(config["task"])
@@ -655,12 +705,14 @@ class SweepSummary:
     already_done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    deferred: list[str] = field(default_factory=list)  # left for a later call by the time limit
 
     def __str__(self) -> str:
+        later = f", {len(self.deferred)} left for a later call (time limit)" if self.deferred else ""
         return (
             f"{self.planned} grid points: {len(self.ran)} ran ({len(self.resumed)} resumed), "
             f"{len(self.already_done)} already done, {len(self.skipped)} skipped as invalid, "
-            f"{len(self.failed)} failed; results in {self.study_dir / 'results.jsonl'}"
+            f"{len(self.failed)} failed{later}; results in {self.study_dir / 'results.jsonl'}"
         )
 
 
@@ -671,6 +723,7 @@ def run_sweep(
     run_fn: RunFn | None = None,
     devices: str | Sequence[str | int] | None = None,
     verbose: bool = True,
+    time_limit: float | None = None,
 ) -> SweepSummary:
     """Run every grid point of ``spec`` not yet finished in ``study_dir``'s results.
 
@@ -681,12 +734,21 @@ def run_sweep(
             :func:`qkvlab.train.train` (see :func:`default_run_fn`). With several devices it
             must be a module-level function, since each run happens in a subprocess.
         devices: None (sequential, the config's own device), one device (sequential on it),
-            or several (one run per device at a time); see :func:`parse_devices`.
+            or several (one run per entry at a time; an index given twice, ``"0,0"``, runs two
+            at a time on that GPU, which pays for small models that leave it idle between
+            kernel launches); see :func:`parse_devices`.
         verbose: print one line per run.
+        time_limit: seconds from the call; a run is started only if it is expected to finish
+            inside them (its tokens at the seconds per token that finished runs of the same
+            model took here; a model with no finished run yet is always started). Runs left
+            over stay pending for the next call: a sweep in slices on a machine lent for a while.
 
     A ``KeyboardInterrupt`` stops the sweep at once; finished runs stay in ``results.jsonl``
     and the next call continues with the rest.
     """
+    if time_limit is not None and not (math.isfinite(time_limit) and time_limit > 0):
+        raise ConfigError(f"time_limit must be a positive number of seconds, got {time_limit!r}.")
+    deadline = None if time_limit is None else time.monotonic() + time_limit
     if not isinstance(spec, SweepSpec):
         spec = load_sweep(spec)
     study = Path(study_dir if study_dir is not None else spec.study_dir or Path("studies") / spec.name)
@@ -721,15 +783,43 @@ def run_sweep(
         f"{len(summary.skipped)} skipped as invalid, {len(pending)} to run; study folder {study}",
         flush=True,
     )
+    fits = _Timer(store, deadline)
     if parallel:
-        _run_parallel(pending, store, summary, run_fn, device_list, say)  # None: the trainer, in each worker
+        _run_parallel(pending, store, summary, run_fn, device_list, say, fits)  # None: the trainer, in each worker
     else:
         device = device_list[0] if device_list else None
         for k, plan in enumerate(pending, start=1):
+            if not fits(plan):
+                summary.deferred.append(plan.run_id)
+                continue
             say(f"[{k}/{len(pending)}] {plan.run_id}: {plan.variant} on {plan.model}, seed {plan.seed}", flush=True)
             _run_one(plan, store, summary, local_fn, device, say)
     say(str(summary), flush=True)
     return summary
+
+
+class _Timer:
+    """Whether a plan is expected to finish before the deadline (always, without one)."""
+
+    def __init__(self, store: ResultsStore, deadline: float | None):
+        self.store, self.deadline = store, deadline
+
+    def seconds_per_token(self, model: str) -> float | None:
+        rates = [
+            r["wall_s"] / r["tokens"]
+            for r in self.store.latest().values()
+            if r.get("status") == STATUS_OK and r.get("model") == model and r.get("wall_s") and r.get("tokens")
+        ]
+        return sorted(rates)[len(rates) // 2] if rates else None
+
+    def __call__(self, plan: RunPlan) -> bool:
+        if self.deadline is None:
+            return True
+        left = self.deadline - time.monotonic()
+        rate = self.seconds_per_token(plan.model)
+        if left <= 0:
+            return False
+        return rate is None or plan.tokens is None or rate * plan.tokens <= left
 
 
 def _device_config(config: dict[str, Any], device: str | None) -> dict[str, Any]:
@@ -838,8 +928,9 @@ def _run_parallel(
     run_fn: RunFn | None,
     devices: list[str],
     say: Callable[..., None],
+    fits: Callable[[RunPlan], bool] = lambda plan: True,
 ) -> None:
-    """One thread per device takes plans from a queue and trains each in a subprocess on that device."""
+    """One thread per device entry takes plans from a queue and trains each in a subprocess on that device."""
     ref = _function_ref(run_fn)
     jobs = store.study_dir / JOBS_DIR
     jobs.mkdir(parents=True, exist_ok=True)
@@ -847,15 +938,21 @@ def _run_parallel(
     for plan in pending:
         todo.put(plan)
     stop = threading.Event()
-    procs: dict[str, subprocess.Popen] = {}
+    procs: dict[int, subprocess.Popen] = {}
     lock = threading.Lock()
+    repeated = len(set(devices)) < len(devices)
 
-    def work(device: str) -> None:
+    def work(worker: int, device: str) -> None:
+        label = f"{device}#{worker}" if repeated else device
         while not stop.is_set():
             try:
                 plan = todo.get_nowait()
             except queue.Empty:
                 return
+            if not fits(plan):
+                with lock:
+                    summary.deferred.append(plan.run_id)
+                continue
             run_dir = store.run_dir(plan.run_id)
             resume = _is_partial(run_dir)
             config = _device_config(plan.config, "cpu" if device == "cpu" else "0")
@@ -865,11 +962,11 @@ def _run_parallel(
             job.write_text(json.dumps({"config": config, "resume": resume, "run_fn": ref, "result": str(result_path)}))
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": "" if device == "cpu" else device}
             started, t0 = now(), time.perf_counter()
-            say(f"[device {device}] {plan.run_id}: {plan.variant} on {plan.model}, seed {plan.seed}", flush=True)
+            say(f"[device {label}] {plan.run_id}: {plan.variant} on {plan.model}, seed {plan.seed}", flush=True)
             with open(jobs / f"{plan.run_id}.log", "w") as log:
                 proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(job)], env=env, stdout=log, stderr=log)
                 with lock:
-                    procs[device] = proc
+                    procs[worker] = proc
                 proc.wait()
             if stop.is_set():
                 return  # interrupted: not recorded, so the next sweep runs (resumes) it
@@ -884,20 +981,23 @@ def _run_parallel(
                     wall_s=time.perf_counter() - t0,
                     resumed=resume,
                 )
+                row["runs_per_device"] = devices.count(device)  # throughput and MFU are shared this way
                 store.append(row)
                 with lock:
                     summary.ran.append(plan.run_id)
                     if resume:
                         summary.resumed.append(plan.run_id)
-                say(f"[device {device}] done {plan.run_id}: {_outcome(row)}", flush=True)
+                say(f"[device {label}] done {plan.run_id}: {_outcome(row)}", flush=True)
             else:
                 error = (result or {}).get("error") or f"worker exited with {proc.returncode}; see {log.name}"
                 store.append(failed_row(plan, config, error, started=started))
                 with lock:
                     summary.failed.append((plan.run_id, error))
-                say(f"[device {device}] failed {plan.run_id}: {error}", flush=True)
+                say(f"[device {label}] failed {plan.run_id}: {error}", flush=True)
 
-    threads = [threading.Thread(target=work, args=(d,), name=f"sweep-{d}", daemon=True) for d in devices]
+    threads = [
+        threading.Thread(target=work, args=(i, d), name=f"sweep-{d}-{i}", daemon=True) for i, d in enumerate(devices)
+    ]
     try:
         for t in threads:
             t.start()

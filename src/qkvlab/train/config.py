@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from qkvlab.models.config import GPTConfig
 from qkvlab.models.presets import PRESETS
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16")
+DECAY_CHOICES = ("auto", "matrices", "all")
 DISTRIBUTED_CHOICES = ("ddp", "fsdp")
 
 
@@ -72,6 +74,11 @@ class DataConfig:
         seed: seed of the train/validation split (kept apart from the training seed, so
             runs with different seeds are scored on the same validation set).
         cache_dir: token cache folder (None: the data package's default).
+        val_source: a separate validation corpus; ``source`` then trains whole and
+            ``val_fraction`` / ``seed`` are unused (a corpus that comes split by book).
+        eval_sources: name -> corpus of further evaluation sets (an out-of-domain test set),
+            tokenised with the same tokenizer and scored at the end of training as
+            ``<name>_loss`` / ``<name>_ppl``.
     """
 
     source: str = "stdlib"
@@ -81,25 +88,40 @@ class DataConfig:
     vocab_size: int = 4096
     seed: int = 0
     cache_dir: str | None = None
+    val_source: str | None = None
+    eval_sources: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(bool(self.source), "data.source must name a corpus, e.g. 'stdlib' or a text file.")
         _check(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction}.")
         _check(self.max_docs is None or self.max_docs >= 1, f"data.max_docs must be >= 1, got {self.max_docs}.")
         _check(self.vocab_size >= 2, f"data.vocab_size must be >= 2, got {self.vocab_size}.")
+        _check(self.val_source is None or bool(self.val_source), "data.val_source must name a corpus, or be null.")
+        for name, src in self.eval_sources.items():
+            _check(
+                re.fullmatch(r"[a-z][a-z0-9_]{0,31}", name) is not None and name not in ("train", "val"),
+                f"data.eval_sources key {name!r} must be a lower-case name such as 'dickens' (it names the metrics).",
+            )
+            _check(bool(src), f"data.eval_sources.{name} must name a corpus, e.g. a text file or .zip.")
 
 
 @dataclass
 class OptimConfig:
-    """AdamW. Weight decay applies to weights with two or more dimensions only (not to
-    biases, norm gains or 1-D parameters). ``grad_clip`` is the max global gradient norm
-    (0 turns clipping off)."""
+    """AdamW. ``grad_clip`` is the max global gradient norm (0 turns clipping off).
+
+    ``decay`` says which parameters get ``weight_decay``: ``"matrices"`` (weights with two or
+    more dimensions; biases, norm gains and other 1-D parameters get none), ``"all"`` (every
+    parameter, as the paper's training code does), or ``"auto"`` (default): ``"all"`` for a
+    model built with the paper's initialisation (``model.init: paper``, the ``paper-*``
+    presets), else ``"matrices"``, so a paper preset reproduces the paper's recipe as a whole.
+    """
 
     lr: float = 6e-4
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    decay: str = "auto"
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -108,6 +130,10 @@ class OptimConfig:
         _check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}.")
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}.")
         _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}.")
+        _check(
+            self.decay in DECAY_CHOICES,
+            f"optim.decay must be one of {', '.join(DECAY_CHOICES)}, got {self.decay!r}.",
+        )
 
 
 @dataclass
@@ -169,6 +195,7 @@ RESUMABLE_CHANGES = (
     "distributed",
     "eval_every",
     "eval_batches",
+    "final_eval_batches",
     "ckpt_every",
     "keep_checkpoints",
     "log.every",
@@ -194,6 +221,8 @@ class TrainConfig:
             whole steps).
         eval_every: steps between validation passes (0: only at the end), each over
             ``eval_batches`` batches of fixed windows of the validation split.
+        final_eval_batches: batches of the last validation pass and of each
+            ``data.eval_sources`` set (None: ``eval_batches``); a large value scores the whole set.
         ckpt_every: steps between checkpoints (0: only at the end); the newest
             ``keep_checkpoints`` are kept.
         device: ``"auto"`` (CUDA if present, else CPU), ``"cpu"``, ``"cuda"``.
@@ -219,6 +248,7 @@ class TrainConfig:
     max_tokens: int | None = None
     eval_every: int = 100
     eval_batches: int = 20
+    final_eval_batches: int | None = None
     ckpt_every: int = 0
     keep_checkpoints: int = 2
     out_dir: str = "runs/train"
@@ -236,6 +266,10 @@ class TrainConfig:
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}.")
         for name in ("eval_every", "ckpt_every"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0 (0 = only at the end), got {getattr(self, name)}.")
+        _check(
+            self.final_eval_batches is None or self.final_eval_batches >= 1,
+            f"final_eval_batches must be >= 1 (or null: eval_batches), got {self.final_eval_batches}.",
+        )
         _check(self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}.")
         _check(self.dtype in DTYPE_CHOICES, f"dtype must be one of {', '.join(DTYPE_CHOICES)}; got {self.dtype!r}.")
         _check(
@@ -375,6 +409,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return int(value)
     if tp in (bool, str) and isinstance(value, tp):
         return value
+    if typing.get_origin(tp) is dict and isinstance(value, dict):
+        key_type, value_type = typing.get_args(tp)
+        return {_coerce(f"{key}.<key>", k, key_type): _coerce(f"{key}.{k}", v, value_type) for k, v in value.items()}
     if typing.get_origin(tp) is list and isinstance(value, list | tuple):
         (item,) = typing.get_args(tp)
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
@@ -387,6 +424,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         expected = f"a list of {len(typing.get_args(tp))} numbers"
     if typing.get_origin(tp) is list:
         expected = "a list"
+    if typing.get_origin(tp) is dict:
+        expected = "a mapping of names to values"
     raise ConfigError(f"{key} must be {expected}, got {value!r} ({type(value).__name__}).")
 
 

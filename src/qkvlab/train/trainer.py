@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -169,11 +170,17 @@ class LMSplits:
     vocab_size: int
     eot_id: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def load_splits(data: DataConfig) -> LMSplits:
     """Tokens for ``data``: a pre-tokenised ``.npy`` file here, everything else via :mod:`qkvlab.data`."""
     if data.source.endswith(".npy"):
+        if data.val_source is not None or data.eval_sources:
+            raise ConfigError(
+                "data.val_source and data.eval_sources need text corpora to tokenise; with a .npy token file "
+                "the validation split is its last data.val_fraction. Remove them, or give a text source."
+            )
         path = Path(data.source)
         if not path.is_file():
             raise ConfigError(f"No token file at {data.source!r}; data.source must name an existing .npy file.")
@@ -201,8 +208,10 @@ def load_splits(data: DataConfig) -> LMSplits:
         seed=data.seed,
         max_docs=data.max_docs,
         vocab_size=data.vocab_size,
+        val_source=data.val_source,
+        extra=data.eval_sources,
     )
-    return LMSplits(s.train, s.val, int(s.vocab_size), s.eot_id, dict(s.meta))
+    return LMSplits(s.train, s.val, int(s.vocab_size), s.eot_id, dict(s.meta), dict(s.extra))
 
 
 @torch.no_grad()
@@ -288,20 +297,40 @@ class LMTask:
     def count(self, batch: Batch) -> int:
         return int((batch[1] != IGNORE_INDEX).sum())
 
-    def evaluate(self, model: nn.Module, *, batch_size: int, max_batches: int, ctx: RunContext) -> dict[str, float]:
-        """Validation loss and perplexity over the first ``max_batches`` global batches of windows."""
-        return evaluate_lm(
-            model,
-            self.splits.val,
-            seq_len=self.config.seq_len,
-            batch_size=batch_size,
-            max_windows=max_batches * batch_size,
-            ctx=ctx,
-        )
+    def evaluate(
+        self, model: nn.Module, *, batch_size: int, max_batches: int, ctx: RunContext, final: bool = False
+    ) -> dict[str, float]:
+        """Validation loss and perplexity over the first ``max_batches`` global batches of windows;
+        the final pass also scores each extra evaluation set (``<name>_loss``, ``<name>_ppl``)."""
+        sets = {"val": self.splits.val, **(self.splits.extra if final else {})}
+        metrics: dict[str, float] = {}
+        for name, tokens in sets.items():
+            if len(tokens) < self.config.seq_len + 1:
+                continue  # an extra set shorter than one window has nothing to score
+            metrics.update(
+                evaluate_lm(
+                    model,
+                    tokens,
+                    seq_len=self.config.seq_len,
+                    batch_size=batch_size,
+                    max_windows=max_batches * batch_size,
+                    ctx=ctx,
+                    prefix=f"{name}_",
+                )
+            )
+        return metrics
+
+    def flops_per_token(self, model: nn.Module) -> int:
+        from qkvlab.costs import train_flops_per_token
+
+        return train_flops_per_token(model, self.config.seq_len)
 
     def info(self) -> dict[str, Any]:
+        from qkvlab.costs import build_on_meta, params_nonembedding
+
         return {
             "data": {**self.splits.meta, "train_tokens": len(self.splits.train), "val_tokens": len(self.splits.val)},
+            "params_nonembedding": params_nonembedding(build_on_meta(self.model_config)),
             "model": self.model_config.to_dict(),
             "vocab_size": self.splits.vocab_size,
         }
@@ -333,12 +362,20 @@ def lr_at(
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def decay_rule(model: nn.Module, config: TrainConfig) -> str:
+    """``optim.decay`` resolved: ``"auto"`` follows the model's initialisation (see OptimConfig)."""
+    if config.optim.decay != "auto":
+        return config.optim.decay
+    return "all" if getattr(getattr(model, "config", None), "init", None) == "paper" else "matrices"
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on weights of two or more dimensions only (not biases, norms)."""
+    """AdamW; weight decay on every parameter or on weight matrices only (:func:`decay_rule`)."""
+    decay_all = decay_rule(model, config) == "all"
     decay, no_decay = [], []
     for p in model.parameters():  # tied parameters appear once
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if decay_all or p.dim() >= 2 else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": config.optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -417,6 +454,26 @@ def count_per_step(config: TrainConfig, task: Task) -> int:
     """Counted units (tokens, scored positions) per optimizer step."""
     fn = getattr(task, "count_per_step", None)
     return int(fn(config)) if fn is not None else config.tokens_per_step
+
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "meta.json")
+
+
+def save_tokenizer(task: Task, out: Path) -> Path | None:
+    """Copy a BPE trained on the corpus into ``out/tokenizer`` so the run carries its own
+    vocabulary (the cache it came from may be gone when the run is evaluated elsewhere)."""
+    spec = str((getattr(getattr(task, "splits", None), "meta", None) or {}).get("tokenizer_spec") or "")
+    kind, _, folder = spec.partition(":")
+    source = Path(folder)
+    if kind != "bpe" or not (source / "vocab.json").is_file():
+        return None
+    dest = out / "tokenizer"
+    dest.mkdir(exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            data = (source / name).read_bytes()
+            ckpt.atomic_write(dest / name, lambda p, data=data: Path(p).write_bytes(data))
+    return dest
 
 
 def run_info(config: TrainConfig, ctx: RunContext, task: Task, n_params: int) -> dict[str, Any]:
@@ -605,6 +662,7 @@ class Trainer:
             ckpt.atomic_write(self.out / "config.yaml", lambda p: Path(p).write_text(config.to_yaml()))
             info = run_info(config, ctx, self.task, self.n_params)
             ckpt.atomic_write(self.out / "run.json", lambda p: Path(p).write_text(json.dumps(info, indent=2)))
+            save_tokenizer(self.task, self.out)
         self.log = (
             MetricsLog(
                 self.out,
@@ -761,13 +819,38 @@ class Trainer:
         self.step += 1
         return loss, grad_norm, count * ctx.world_size
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, final: bool = False) -> dict[str, float]:
+        """A validation pass; the ``final`` one takes ``final_eval_batches`` and, for tasks that
+        have them, scores the extra evaluation sets too."""
+        config = self.config
         self.model.eval()
+        kwargs: dict[str, Any] = {}
+        max_batches = config.eval_batches
+        if final:
+            max_batches = config.final_eval_batches or config.eval_batches
+            if "final" in inspect.signature(self.task.evaluate).parameters:
+                kwargs["final"] = True
         metrics = self.task.evaluate(
-            self.model, batch_size=self.config.batch_size, max_batches=self.config.eval_batches, ctx=self.ctx
+            self.model, batch_size=config.batch_size, max_batches=max_batches, ctx=self.ctx, **kwargs
         )
         self.last_eval = dict(metrics)
         return metrics
+
+    def _throughput(self, tokens_per_s: float | None) -> dict[str, Any]:
+        """The GPU's name, training FLOPs per token and model FLOPs utilisation (per device)."""
+        from qkvlab.costs import bf16_peak
+
+        ctx = self.ctx
+        name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else None
+        out: dict[str, Any] = {"device_name": name or platform.processor() or platform.machine()}
+        fn = getattr(self.task, "flops_per_token", None)
+        if fn is None:
+            return out
+        out["flops_per_token"] = fpt = int(fn(self.raw))
+        peak = bf16_peak(name) if name and ctx.amp_dtype is not None else None
+        if peak and tokens_per_s:
+            out["mfu"] = fpt * tokens_per_s / ctx.world_size / peak
+        return out
 
     # ------------------------------------------------------------- the loop
     def fit(self, resume: bool = False) -> dict[str, Any]:
@@ -822,7 +905,7 @@ class Trainer:
                 }
                 window_tokens, window_time = 0, 0.0
             if (config.eval_every and self.step % config.eval_every == 0) or self.step == total:
-                row = {"step": self.step, "tokens": self.tokens, **row, **self.evaluate()}
+                row = {"step": self.step, "tokens": self.tokens, **row, **self.evaluate(final=self.step == total)}
             if row and self.log is not None:
                 self.log.write(row)
             bar.update(1)
@@ -836,7 +919,7 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         if not self.last_eval:  # resumed a finished run whose summary is missing
-            self.evaluate()
+            self.evaluate(final=True)
         summary = {
             "out_dir": str(self.out),
             "steps": self.step,
@@ -847,6 +930,7 @@ class Trainer:
             "train_tokens_per_s": run_tokens / train_time if train_time else None,
             "train_time_s": train_time,
             "world_size": ctx.world_size,
+            **self._throughput(run_tokens / train_time if train_time else None),
         }
         model = self._whole_model()
         if model is not None:

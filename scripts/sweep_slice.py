@@ -1,0 +1,111 @@
+"""Run one time-limited slice of a study sweep on a lent GPU machine and pack what it wrote.
+
+The device tool sends the checkout (not ``../shared``) and brings back at most a few files
+from ``$OUT``; checkpoints are too large to bring back and are not needed. So this script:
+
+1. links the corpora carried in ``.data/`` to the ``../shared/data/...`` paths the configs
+   name (the run ids hash those paths, so a run here and one on a workstation agree);
+2. seeds the study folder with the committed results (``--results``), so finished runs are
+   skipped and a slice continues where the last one stopped;
+3. runs the sweep with ``--devices`` and ``--time-limit`` (only runs expected to finish start);
+4. writes ``$OUT/results.jsonl`` (all rows), ``$OUT/runs.tar.gz`` (each run's config.yaml,
+   run.json, summary.json, metrics.jsonl; failed runs' logs) and ``$OUT/slice.json`` (the
+   slice's wall time, GPU and run counts).
+
+Merge back on the workstation with ``python scripts/merge_slice.py OUT_FOLDER RESULTS_DIR``.
+
+    python3 scripts/sweep_slice.py configs/studies/ladder-gutenberg.yaml \\
+        --results results/ladder-gutenberg --devices 0,0,0,0 --time-limit 480
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+os.environ["PYTHONPATH"] = f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"  # the workers
+os.environ.setdefault("QKVLAB_CACHE", str(ROOT / ".data" / "cache"))
+
+#: What each run brings back: small files only (no weights, no checkpoints).
+RUN_FILES = ("config.yaml", "run.json", "summary.json", "metrics.jsonl")
+#: Carried corpus -> the path the configs name, relative to the checkout.
+LINKS = {
+    ".data/gutenberg-train.zip": "../shared/data/gutenberg/gutenberg-train.zip",
+    ".data/gutenberg-val.zip": "../shared/data/gutenberg/gutenberg-val.zip",
+    ".data/dickens.zip": "../shared/data/dickens/dickens.zip",
+}
+
+
+def link_data() -> None:
+    for src, dest in LINKS.items():
+        source, target = ROOT / src, (ROOT / dest).resolve()
+        if target.exists() or not source.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(source)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="the study's sweep YAML")
+    ap.add_argument("--results", required=True, help="committed results folder whose results.jsonl seeds the study")
+    ap.add_argument("--devices", default="0")
+    ap.add_argument("--time-limit", type=float, required=True, help="seconds for the sweep")
+    ap.add_argument("--out", default=os.environ.get("OUT", "slice-out"))
+    args = ap.parse_args()
+
+    import torch
+
+    from qkvlab.study import load_sweep, read_jsonl, run_sweep
+
+    t0 = time.time()
+    link_data()
+    spec = load_sweep(args.config)
+    study = ROOT / (spec.study_dir or f"studies/{spec.name}")
+    study.mkdir(parents=True, exist_ok=True)
+    committed = Path(args.results) / "results.jsonl"
+    if committed.is_file() and not (study / "results.jsonl").is_file():
+        shutil.copyfile(committed, study / "results.jsonl")
+    summary = run_sweep(spec, study, devices=args.devices, time_limit=args.time_limit)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(study / "results.jsonl", out / "results.jsonl")
+    with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:
+        for run_id in summary.ran:
+            for name in RUN_FILES:
+                path = study / "runs" / run_id / name
+                if path.is_file():
+                    tar.add(path, arcname=f"runs/{run_id}/{name}")
+        for run_id, _ in summary.failed:
+            log = study / ".jobs" / f"{run_id}.log"
+            if log.is_file():
+                tar.add(log, arcname=f"failed/{run_id}.log")
+    rows = [r for r in read_jsonl(study / "results.jsonl") if r.get("run_id") in set(summary.ran)]
+    info = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.gmtime(t0)),
+        "wall_s": round(time.time() - t0, 1),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "devices": args.devices,
+        "time_limit_s": args.time_limit,
+        "ran": len(summary.ran),
+        "failed": len(summary.failed),
+        "deferred": len(summary.deferred),
+        "train_time_s": round(sum(r.get("train_time_s") or 0 for r in rows), 1),
+        "run_wall_s": round(sum(r.get("wall_s") or 0 for r in rows), 1),
+    }
+    (out / "slice.json").write_text(json.dumps(info, indent=1))
+    print(json.dumps(info))
+    return 0 if not summary.failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

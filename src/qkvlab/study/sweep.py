@@ -134,7 +134,7 @@ class SweepSpec:
         if "base" not in d:
             raise ConfigError("The sweep has no 'base': give a train config mapping or the path of a train YAML.")
         base = _load_base(d["base"], Path(root) if root is not None else None)
-        grid = d.get("grid") or {}
+        grid = {} if d.get("grid") is None else d["grid"]
         blocks = grid if isinstance(grid, list) else [grid]
         if not blocks:
             raise ConfigError("'grid' is an empty list; give at least one mapping of axes to lists.")

@@ -1,0 +1,282 @@
+"""The scaling ladder's training side: the paper's recipe options, a corpus split by book with an
+out-of-domain set, the tokenizer saved with each run, FLOPs / MFU, grid blocks and sweep slices."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from qkvlab.costs import bf16_peak, build_on_meta, count_params, params_nonembedding, train_flops_per_token
+from qkvlab.data.lm import load_lm_data
+from qkvlab.errors import ConfigError
+from qkvlab.models import GPT, GPTConfig, get_preset
+from qkvlab.study import ResultsStore, SweepSpec, expand, load_sweep, run_sweep
+from qkvlab.train import TrainConfig, load_config, train
+from qkvlab.train.trainer import build_optimizer, decay_rule
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ================================================================== the paper's recipe
+def _std(model: nn.Module, suffix: str) -> float:
+    return torch.cat([p.detach().flatten() for n, p in model.named_parameters() if n.endswith(suffix)]).std().item()
+
+
+@pytest.mark.parametrize("recipe", ["gpt2", "llama"])
+def test_paper_init_gives_every_matrix_the_same_std_and_scaled_shrinks_the_output_projections(recipe: str):
+    torch.manual_seed(0)
+    shape = dict(n_layers=8, d_model=256, n_heads=8, vocab_size=512, max_seq_len=64, recipe=recipe)
+    paper, scaled = GPT(GPTConfig(**shape, init="paper")), GPT(GPTConfig(**shape))
+    assert GPTConfig(**shape).init == "scaled"  # the default is unchanged
+    for suffix in ("o_proj.weight", "mlp.down.weight", "mlp.up.weight", "wte.weight"):
+        assert _std(paper, suffix) == pytest.approx(0.02, rel=0.02)
+    factor = 1 / math.sqrt(2 * 8)
+    for suffix in ("o_proj.weight", "mlp.down.weight"):
+        assert _std(scaled, suffix) == pytest.approx(0.02 * factor, rel=0.02)
+    assert _std(scaled, "mlp.up.weight") == pytest.approx(0.02, rel=0.02)
+    biases = [p for n, p in paper.named_parameters() if n.endswith(".bias")]
+    assert all(torch.count_nonzero(b) == 0 for b in biases)
+
+
+def test_the_paper_presets_use_the_paper_init_and_a_bad_init_is_refused():
+    assert get_preset("paper-300m").init == "paper" and get_preset("paper-1.2b").init == "paper"
+    assert get_preset("gpt2-3m").init == "scaled"
+    with pytest.raises(ConfigError, match="init must be one of scaled, paper, got 'gpt3'"):
+        GPTConfig(init="gpt3")
+    with pytest.raises(ConfigError, match="init_std must be a positive number"):
+        GPTConfig(init_std=0)
+
+
+def _groups(model: nn.Module, overrides: list[str]) -> tuple[int, int]:
+    opt = build_optimizer(model, load_config(None, ["optim.weight_decay=0.1", *overrides]))
+    decayed = [g for g in opt.param_groups if g["weight_decay"] == 0.1]
+    plain = [g for g in opt.param_groups if g["weight_decay"] == 0.0]
+    return sum(len(g["params"]) for g in decayed), sum(len(g["params"]) for g in plain)
+
+
+def test_decay_all_decays_every_parameter_and_matrices_skips_biases_and_norms():
+    model = GPT(GPTConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=64, max_seq_len=16))
+    params = list(model.parameters())
+    n_matrices = sum(p.dim() >= 2 for p in params)
+    assert _groups(model, ["optim.decay=all"]) == (len(params), 0)
+    assert _groups(model, ["optim.decay=matrices"]) == (n_matrices, len(params) - n_matrices)
+    assert 0 < n_matrices < len(params)
+    # auto follows the model's init: the paper's recipe as a whole, or GPT-2's
+    assert _groups(model, []) == (n_matrices, len(params) - n_matrices)
+    paper = GPT(GPTConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=64, max_seq_len=16, init="paper"))
+    assert decay_rule(paper, load_config(None)) == "all"
+    assert _groups(paper, []) == (len(list(paper.parameters())), 0)
+    with pytest.raises(ConfigError, match=re.escape("optim.decay must be one of auto, matrices, all, got 'some'")):
+        load_config(None, ["optim.decay=some"])
+
+
+# ================================================================== costs
+def test_nonembedding_parameters_and_training_flops_by_hand():
+    cfg = GPTConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=100, max_seq_len=16)  # gpt2: tied, learned pos
+    model = GPT(cfg)
+    counts = count_params(model)
+    assert params_nonembedding(model) == counts["total"] - 100 * 32 - 16 * 32
+    per_layer = 4 * 32 * 32 + 2 * 32 * 128  # q, k, v, o; MLP up and down
+    assert train_flops_per_token(model, seq_len=16) == 6 * (2 * per_layer + 100 * 32) + 12 * 16 * 2 * 32
+    untied = GPT(GPTConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=100, max_seq_len=16, recipe="llama"))
+    assert params_nonembedding(untied) == count_params(untied)["total"] - 2 * 100 * 32
+    # Q-K=V has one projection fewer; the non-embedding count drops by exactly that matrix per layer
+    kv = GPT(GPTConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=100, max_seq_len=16, variant="Q-K=V"))
+    assert params_nonembedding(model) - params_nonembedding(kv) == 2 * (32 * 32 + 32)
+    assert params_nonembedding(build_on_meta(cfg)) == params_nonembedding(model)
+    assert bf16_peak("NVIDIA H200") == bf16_peak("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert bf16_peak("NVIDIA H100 PCIe") == 756e12 and bf16_peak("Apple M3") is None
+
+
+# ================================================================== a corpus split by book
+def _zip(path: Path, books: dict[str, str]) -> str:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in books.items():
+            z.writestr(name, text)
+    return str(path)
+
+
+@pytest.fixture
+def split_corpus(tmp_path: Path) -> dict[str, str]:
+    words = "the cat sat on a mat and the dog ran to the old red barn while rain fell".split()  # noqa: SIM905
+
+    def book(seed: int, n: int = 400) -> str:
+        g = torch.Generator().manual_seed(seed)
+        return " ".join(words[i] for i in torch.randint(len(words), (n,), generator=g).tolist())
+
+    return {
+        "train": _zip(tmp_path / "train.zip", {f"b{i}.txt": book(i) for i in range(6)}),
+        "val": _zip(tmp_path / "val.zip", {"v0.txt": book(100), "v1.txt": book(101)}),
+        "ood": _zip(tmp_path / "ood.zip", {"o.txt": book(200, 900)}),
+    }
+
+
+def test_a_given_validation_corpus_and_an_extra_set_are_tokenised_whole(tmp_path: Path, split_corpus):
+    data = load_lm_data(
+        split_corpus["train"],
+        "byte",
+        val_source=split_corpus["val"],
+        extra={"ood": split_corpus["ood"]},
+        cache_dir=tmp_path / "cache",
+    )
+    assert data.meta["n_docs_train"] == 6 and data.meta["n_docs_val"] == 2
+    with zipfile.ZipFile(split_corpus["val"]) as z:
+        val_chars = sum(len(z.read(n)) for n in z.namelist())
+    with zipfile.ZipFile(split_corpus["ood"]) as z:
+        ood_chars = sum(len(z.read(n)) for n in z.namelist())
+    assert len(data.val) == val_chars + 2 and len(data.extra["ood"]) == ood_chars + 1  # bytes + one EOT per doc
+    again = load_lm_data(
+        split_corpus["train"],
+        "byte",
+        val_source=split_corpus["val"],
+        extra={"ood": split_corpus["ood"]},
+        cache_dir=tmp_path / "cache",
+    )
+    assert again.meta["cache_hit"] and (again.extra["ood"] == data.extra["ood"]).all()
+    plain = load_lm_data(split_corpus["train"], "byte", val_fraction=0.2, cache_dir=tmp_path / "cache")
+    assert plain.meta["cache_path"] != data.meta["cache_path"] and not plain.extra
+    with pytest.raises(ConfigError, match="'Dickens' must be a lower-case identifier"):
+        load_lm_data(split_corpus["train"], "byte", extra={"Dickens": split_corpus["ood"]}, cache_dir=tmp_path)
+
+
+def test_a_run_scores_the_extra_set_at_the_end_and_saves_its_tokenizer(tmp_path: Path, split_corpus):
+    cfg = TrainConfig.from_dict(
+        {
+            "model": {"preset": "tiny", "init": "paper"},
+            "data": {
+                "source": split_corpus["train"],
+                "val_source": split_corpus["val"],
+                "eval_sources": {"ood": split_corpus["ood"]},
+                "tokenizer": "bpe",
+                "vocab_size": 300,
+                "cache_dir": str(tmp_path / "cache"),
+            },
+            "batch_size": 4,
+            "seq_len": 32,
+            "max_steps": 4,
+            "eval_every": 2,
+            "eval_batches": 1,
+            "final_eval_batches": 3,
+            "out_dir": str(tmp_path / "run"),
+            "log": {"tensorboard": False, "progress": False},
+        }
+    )
+    summary = train(cfg, verbose=False)
+    assert summary["val_tokens"] == 3 * 4 * 32 and summary["ood_tokens"] == 3 * 4 * 32
+    assert summary["ood_ppl"] == pytest.approx(math.exp(summary["ood_loss"]))
+    assert summary["flops_per_token"] > 0 and "mfu" not in summary  # no GPU peak on a CPU
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r.get("val_loss") is not None]
+    assert [r["step"] for r in evals] == [2, 4] and "ood_loss" not in evals[0] and "ood_loss" in evals[1]
+    assert evals[0]["val_tokens"] == 4 * 32  # the periodic pass takes eval_batches
+    saved = tmp_path / "run" / "tokenizer"
+    assert sorted(p.name for p in saved.iterdir()) == ["merges.txt", "meta.json", "vocab.json"]
+    from qkvlab.cli import _tokenizer_for
+    from qkvlab.data import get_tokenizer
+
+    tok = _tokenizer_for(tmp_path / "run" / "model.safetensors", {}, "bpe")
+    cached = get_tokenizer(f"bpe:{next((tmp_path / 'cache' / 'tokenizers').glob('bpe300-*'))}")
+    text = "the old red barn while rain fell on a cat"
+    assert tok.encode(text) == cached.encode(text) and tok.decode(tok.encode(text)) == text
+
+
+def test_data_mistakes_are_one_clear_line(split_corpus):
+    with pytest.raises(ConfigError, match=re.escape("data.eval_sources key 'Out Of' must be a lower-case name")):
+        load_config(None, ["data.eval_sources={'Out Of': x.txt}"])
+    with pytest.raises(ConfigError, match=re.escape("data.eval_sources must be a mapping")):
+        load_config(None, ["data.eval_sources=[a, b]"])
+    from qkvlab.train.trainer import load_splits
+
+    cfg = load_config(None, ["data.source=ids.npy", f"data.val_source={split_corpus['val']}"])
+    with pytest.raises(ConfigError, match="need text corpora to tokenise"):
+        load_splits(cfg.data)
+
+
+# ================================================================== sweeps in blocks and slices
+BASE = {"model": {"preset": "tiny"}, "seq_len": 32, "batch_size": 4, "optim": {"lr": 1e-3}}
+
+
+def test_grid_blocks_run_their_union_in_order_and_a_shared_point_once():
+    s = SweepSpec.from_dict(
+        {
+            "base": BASE,
+            "grid": [
+                {"variant": ["QKV"], "tokens": [256], "optim.lr": [1e-3, 2e-3]},
+                {"variant": ["QKV", "Q-K=V"], "tokens": [256], "optim.lr": [1e-3]},
+            ],
+        }
+    )
+    plans = expand(s)
+    assert [(p.variant, p.config["optim"]["lr"]) for p in plans] == [
+        ("QKV", 1e-3),
+        ("QKV", 2e-3),
+        ("Q-K=V", 1e-3),
+    ]
+    with pytest.raises(ConfigError, match=r"grid\[1\] must map axis names to lists"):
+        SweepSpec.from_dict({"base": BASE, "grid": [{"variant": ["QKV"]}, ["QKV"]]})
+    with pytest.raises(ConfigError, match="'grid' is an empty list"):
+        SweepSpec.from_dict({"base": BASE, "grid": []})
+    with pytest.raises(ConfigError, match="report must be one of variants, ladder, got 'fancy'"):
+        SweepSpec.from_dict({"base": BASE, "grid": {"variant": ["QKV"]}, "report": "fancy"})
+
+
+class Clocked:
+    """A fake trainer that advances a fake clock by ``seconds_per_token`` x tokens."""
+
+    def __init__(self, clock: list[float], seconds_per_token: float):
+        self.clock, self.rate, self.calls = clock, seconds_per_token, []
+
+    def __call__(self, config: dict[str, Any], *, resume: bool = False) -> dict[str, Any]:
+        Path(config["out_dir"]).mkdir(parents=True, exist_ok=True)
+        self.calls.append(config["max_tokens"])
+        self.clock[0] += self.rate * config["max_tokens"]
+        return {"tokens": config["max_tokens"], "val_loss": 3.0, "val_ppl": math.exp(3.0)}
+
+
+def test_a_time_limit_starts_only_runs_expected_to_finish_and_the_next_slice_does_the_rest(tmp_path: Path, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("qkvlab.study.sweep.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("qkvlab.study.sweep.time.perf_counter", lambda: clock[0])
+    s = SweepSpec.from_dict({"base": BASE, "grid": {"variant": ["QKV", "Q-K=V", "GQA-4"], "tokens": [1000, 4000]}})
+    ids = [p.run_id for p in expand(s)]
+    # 0.01 s per token: the 1000-token runs take 10 s, the 4000-token ones 40 s. With 65 s the
+    # first run (no rate known yet) starts, then the other 1000-token runs; of the 4000-token
+    # runs only one fits in what is left (65 - 30 = 35 < 40: none does).
+    trainer = Clocked(clock, 0.01)
+    summary = run_sweep(s, tmp_path, run_fn=trainer, verbose=False, time_limit=65)
+    assert trainer.calls == [1000, 1000, 1000] and len(summary.deferred) == 3
+    assert "3 left for a later call (time limit)" in str(summary)
+    trainer = Clocked(clock, 0.01)
+    summary = run_sweep(s, tmp_path, run_fn=trainer, verbose=False, time_limit=85)
+    assert trainer.calls == [4000, 4000] and len(summary.deferred) == 1
+    summary = run_sweep(s, tmp_path, run_fn=Clocked(clock, 0.01), verbose=False, time_limit=100)
+    assert ResultsStore(tmp_path).finished_ids() == set(ids) and not summary.deferred
+    with pytest.raises(ConfigError, match="time_limit must be a positive number of seconds"):
+        run_sweep(s, tmp_path, run_fn=trainer, verbose=False, time_limit=0)
+
+
+def test_the_ladder_study_config_loads_and_expands_to_the_intended_grid():
+    spec = load_sweep(ROOT / "configs" / "studies" / "ladder-gutenberg.yaml")
+    assert spec.report == "ladder" and spec.paper_table == "table4"
+    plans = expand(spec)
+    assert all(p.status == "pending" for p in plans)
+    base = TrainConfig.from_dict({**plans[0].config, "out_dir": "unused"})
+    assert base.data.val_source.endswith("gutenberg-val.zip") and "dickens" in base.data.eval_sources
+    assert base.model["init"] == "paper" and base.optim.decay == "all" and base.compile
+    assert base.final_eval_batches * base.batch_size * base.seq_len >= 1_130_087  # the whole val split
+    sizes = {p.model for p in plans if p.model.startswith("gpt2-")}
+    nonemb = {m: params_nonembedding(build_on_meta(get_preset(m, vocab_size=8192))) for m in sizes}
+    assert len(sizes) >= 4 and max(nonemb.values()) / min(nonemb.values()) >= 20
+    lr_points = {}
+    for p in plans:
+        if p.variant == "QKV" and p.tokens == 9_850_000 and p.seed == 0:
+            lr_points.setdefault(p.model, set()).add(p.config["optim"]["lr"])
+    assert all(len(lrs) >= 3 for lrs in lr_points.values()) and len(lr_points) >= 6

@@ -9,7 +9,7 @@ from ``$OUT``; checkpoints are too large to bring back and are not needed. So th
    skipped and a slice continues where the last one stopped;
 3. runs the sweep with ``--devices`` and ``--time-limit`` (only runs expected to finish start);
 4. writes ``$OUT/results.jsonl`` (all rows), ``$OUT/runs.tar.gz`` (each run's config.yaml,
-   run.json, summary.json, metrics.jsonl; failed runs' logs) and ``$OUT/slice.json`` (the
+   run.json, summary.json, metrics.jsonl; failed runs' logs; the study's sweep.yaml) and ``$OUT/slice.json`` (the
    slice's wall time, GPU and run counts).
 
 Merge back on the workstation with ``python scripts/merge_slice.py OUT_FOLDER RESULTS_DIR``.
@@ -80,6 +80,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(study / "results.jsonl", out / "results.jsonl")
     with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:
+        tar.add(study / "sweep.yaml", arcname="sweep.yaml")  # the grid the report checks rows against
         for run_id in summary.ran:
             for name in RUN_FILES:
                 path = study / "runs" / run_id / name

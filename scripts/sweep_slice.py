@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tarfile
 import time
@@ -60,6 +61,7 @@ def main() -> int:
     ap.add_argument("--devices", default="0")
     ap.add_argument("--time-limit", type=float, required=True, help="seconds for the sweep")
     ap.add_argument("--out", default=os.environ.get("OUT", "slice-out"))
+    ap.add_argument("--only", action="append", default=[], help="KEY=V1,V2: run only these grid points")
     args = ap.parse_args()
 
     import torch
@@ -74,38 +76,50 @@ def main() -> int:
     committed = Path(args.results) / "results.jsonl"
     if committed.is_file() and not (study / "results.jsonl").is_file():
         shutil.copyfile(committed, study / "results.jsonl")
-    summary = run_sweep(spec, study, devices=args.devices, time_limit=args.time_limit)
+    only = {k: v.split(",") for k, _, v in (item.partition("=") for item in args.only)}
+    # Stopped from outside (the call's own limit): stop the workers, then pack what finished.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        summary = run_sweep(spec, study, devices=args.devices, time_limit=args.time_limit, only=only or None)
+    except KeyboardInterrupt:
+        print("stopped: packing the runs that finished", flush=True)
+        summary = None
+    (study / "results.jsonl").touch()  # stopped before the first row: an empty slice
+    finished = {r["run_id"] for r in read_jsonl(study / "results.jsonl") if r.get("status") == "ok"}
+    ran = [rid for rid in finished if (study / "runs" / rid).is_dir()]
+    failed = [] if summary is None else [rid for rid, _ in summary.failed]
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(study / "results.jsonl", out / "results.jsonl")
     with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:
         tar.add(study / "sweep.yaml", arcname="sweep.yaml")  # the grid the report checks rows against
-        for run_id in summary.ran:
+        for run_id in ran:
             for name in RUN_FILES:
                 path = study / "runs" / run_id / name
                 if path.is_file():
                     tar.add(path, arcname=f"runs/{run_id}/{name}")
-        for run_id, _ in summary.failed:
+        for run_id in failed:
             log = study / ".jobs" / f"{run_id}.log"
             if log.is_file():
                 tar.add(log, arcname=f"failed/{run_id}.log")
-    rows = [r for r in read_jsonl(study / "results.jsonl") if r.get("run_id") in set(summary.ran)]
+    rows = [r for r in read_jsonl(study / "results.jsonl") if r.get("run_id") in set(ran)]
     info = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.gmtime(t0)),
         "wall_s": round(time.time() - t0, 1),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "devices": args.devices,
         "time_limit_s": args.time_limit,
-        "ran": len(summary.ran),
-        "failed": len(summary.failed),
-        "deferred": len(summary.deferred),
+        "ran": len(ran),
+        "failed": len(failed),
+        "deferred": None if summary is None else len(summary.deferred),
+        "stopped": summary is None,
         "train_time_s": round(sum(r.get("train_time_s") or 0 for r in rows), 1),
         "run_wall_s": round(sum(r.get("wall_s") or 0 for r in rows), 1),
     }
     (out / "slice.json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info))
-    return 0 if not summary.failed else 1
+    return 0 if summary is not None and not failed else 1
 
 
 if __name__ == "__main__":

@@ -414,13 +414,33 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tokens_file, tmp_path,
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_steps_checked_in_windows_as_on_a_gpu_log_the_same_losses_and_catch_the_bad_step(
+    tokens_file, tmp_path, monkeypatch
+):
+    every = train(tiny_config(tokens_file, tmp_path / "a", "max_steps=8", "log.every=1"), verbose=False)
+    monkeypatch.setattr("qkvlab.train.trainer.reads_every_step", lambda device: False)
+    windowed = train(tiny_config(tokens_file, tmp_path / "b", "max_steps=8", "log.every=1"), verbose=False)
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("a", "b")
+    ]
+    assert losses[0] == losses[1] and len(losses[0]) == 8
+    assert windowed["val_loss"] == every["val_loss"]
+    # A NaN at step 6 is found when the window 5..8 is read: the run stops naming step 6, and the
+    # checkpoint of step 4 (saved after its window was checked) is the last good one.
+    cfg = tiny_config(tokens_file, tmp_path / "c", "ckpt_every=4", "log.every=4", "max_steps=10")
+    with pytest.raises(ConfigError, match=r"diverged at step 6: loss=nan.*checkpoint is step 4"):
+        train(cfg, task=NaNAfter(cfg, load_splits(cfg.data)), verbose=False)
+    assert latest_checkpoint(tmp_path / "c").name == "ckpt-0000004"
+
+
 def test_resume_refuses_a_changed_config_and_a_new_run_refuses_to_overwrite(tokens_file, tmp_path):
     cfg = tiny_config(tokens_file, tmp_path / "run", "max_steps=4")
     train(cfg, verbose=False)
     with pytest.raises(ConfigError, match=r"already holds a run .*pass --resume"):
         train(cfg, verbose=False)
-    changed = tiny_config(tokens_file, tmp_path / "run", "max_steps=4", "optim.lr=1e-2")
-    with pytest.raises(ConfigError, match=r"changed config \(optim.lr: saved 0.003, now 0.01\)"):
+    changed = tiny_config(tokens_file, tmp_path / "run", "max_steps=4", "optim.weight_decay=0.2")
+    with pytest.raises(ConfigError, match=r"changed config \(optim.weight_decay: saved 0.1, now 0.2, per "):
         train(changed, resume=True, verbose=False)
     more_logging = tiny_config(tokens_file, tmp_path / "run", "max_steps=4", "log.every=2", "ckpt_every=1")
     assert train(more_logging, resume=True, verbose=False)["steps"] == 4  # runtime keys may change

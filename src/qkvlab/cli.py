@@ -2,15 +2,19 @@
 
 Commands: ``variants`` (cost table of a preset's variants), ``presets`` (list the named
 shapes), ``demo`` (the main job), ``train`` (a YAML config plus ``KEY=VALUE`` overrides),
-``eval ppl`` (perplexity of a checkpoint), ``generate`` (KV-cached sampling), ``sweep`` and
+``eval ppl`` (perplexity of a checkpoint), ``eval harness`` (downstream
+tasks through lm-evaluation-harness), ``generate`` (KV-cached sampling), ``sweep`` and
 ``report`` (studies), ``analyze`` (projection similarity, effective rank, attention symmetry and
-maps of checkpoints), ``maps`` (a task study's attention maps, tasks x variants). A user's
-mistake prints one line and exits with 2.
+maps of checkpoints), ``maps`` (a task study's attention maps, tasks x variants), ``export`` /
+``import`` (transformers folders and GGUF files) and ``convert`` (QKV -> Q-K=V, KV-head
+grouping). A user's mistake prints one line and exits with 2.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,6 +37,25 @@ def _dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"Unknown dtype {name!r}; use one of {', '.join(DTYPES)}.")
     return DTYPES[name]
+
+
+def _at_least(option: str, value: int | None, low: int = 1) -> None:
+    """A numeric option below ``low`` is refused here, never turned into a default or passed to torch."""
+    if value is not None and value < low:
+        raise ConfigError(f"{option} must be at least {low}, got {value}.")
+
+
+def _device(name: str) -> str:
+    """``--device``: 'auto' resolved; anything but cpu / cuda / cuda:N on a visible GPU refused."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if re.fullmatch(r"cpu|cuda(:[0-9]+)?", name) is None:
+        raise ConfigError(f"--device {name!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(name.partition(":")[2] or 0) >= count:
+            raise ConfigError(f"--device {name!r}, but {count} CUDA device(s) are visible; use --device cpu or auto.")
+    return name
 
 
 def _split_variants(values: list[str] | None) -> list[str] | None:
@@ -101,6 +124,10 @@ def variants(
     from qkvlab.costs import variant_costs
     from qkvlab.models import get_preset, paper_variants
 
+    _at_least("--seq-len", seq_len)
+    _at_least("--context", context)
+    if variant is not None and not _split_variants(variant):  # never the default list in its place
+        raise ConfigError(f"--variant {' '.join(variant)!r} names no variant; write e.g. -v Q-K=V or -v 'QKV,GQA-4'.")
     names = _split_variants(variant) or paper_variants(preset)
     base = get_preset(preset)
     rows = variant_costs(base, names, seq_len=seq_len, context=context, dtype=_dtype(dtype))
@@ -149,9 +176,10 @@ def demo(
 
     t0 = time.perf_counter()
     variants(preset="paper-300m", variant=None, seq_len=None, context=32768, dtype="bf16", as_json=False)
-    seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-    if not seed_list:
-        raise ConfigError(f"--seeds must list at least one integer, got {seeds!r}.")
+    parts = [x.strip() for x in seeds.split(",") if x.strip()]
+    if not parts or not all(x.isdigit() for x in parts):
+        raise ConfigError(f"--seeds must list integers >= 0 separated by commas, e.g. 0,1,2; got {seeds!r}.")
+    seed_list = [int(x) for x in parts]
     spec = demo_spec(parse_tokens(tokens), seed_list, out)
     summary = run_sweep(spec, out, run_fn=demo_run_fn())
     rows = [r for r in read_jsonl(out / "results.jsonl") if r.get("status") == "ok"]
@@ -194,11 +222,20 @@ def sweep(
         float | None,
         typer.Option(help="Seconds: start only runs expected to finish inside them; the rest wait for the next call."),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Run into a study folder that holds another study (another name or base config)."),
+    ] = False,
 ) -> None:
-    """Run a grid of training runs (variants x models x token budgets x seeds); resumes if killed."""
+    """Run a grid of training runs (variants x models x token budgets x seeds); resumes if killed.
+
+    A rerun of the same study (same name and base config; the grid may have grown) continues
+    it; a folder that holds another study is refused unless --force; two sweeps at once on
+    one folder are refused.
+    """
     from qkvlab.study import load_sweep, run_sweep
 
-    summary = run_sweep(load_sweep(config), out, devices=devices, time_limit=time_limit)
+    summary = run_sweep(load_sweep(config), out, devices=devices, time_limit=time_limit, force=force)
     console.print(str(summary))
     if summary.failed:
         raise typer.Exit(1)
@@ -272,14 +309,26 @@ def train(
         ),
     ] = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the latest checkpoint in out_dir (same config).")
+        bool,
+        typer.Option(
+            "--resume", help="Continue from the latest checkpoint in out_dir (same config; optim.lr may change)."
+        ),
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Start a new run in an out_dir that holds another run, deleting that run's files."
+        ),
     ] = False,
 ) -> None:
-    """Train a model from a config; under torchrun, on every process (DDP or FSDP2)."""
+    """Train a model from a config; under torchrun, on every process (DDP or FSDP2).
+
+    An out_dir that already holds a run is refused unless --resume (the same run) or --force.
+    """
     from qkvlab.train import load_config
     from qkvlab.train import train as run_training
 
-    run_training(load_config(config, overrides or []), resume=resume)
+    run_training(load_config(config, overrides or []), resume=resume, force=force)
 
 
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a trained checkpoint.")
@@ -318,14 +367,18 @@ def eval_ppl(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Perplexity of a checkpoint on fixed, non-overlapping windows of a corpus split."""
-    from qkvlab.checkpoint import load_model, read_metadata
-    from qkvlab.train import DataConfig, load_splits
+    from qkvlab.checkpoint import load_model, read_metadata, train_config
+    from qkvlab.train import load_splits
+    from qkvlab.train.config import data_config
     from qkvlab.train.trainer import RunContext, evaluate_lm
 
+    _at_least("--batch-size", batch_size)
+    _at_least("--max-batches", max_batches)
+    _at_least("--seq-len", seq_len)
     path = _checkpoint_file(checkpoint)
     meta = read_metadata(path)
-    trained = json.loads(meta["train_config"]) if "train_config" in meta else {}
-    data_cfg = dict(trained.get("data") or {})
+    trained = train_config(meta, path)
+    data_cfg = dict(trained["data"]) if isinstance(trained.get("data"), dict) else {}
     if data is not None:
         data_cfg["source"] = data
     elif "source" not in data_cfg:
@@ -334,12 +387,15 @@ def eval_ppl(
         data_cfg["tokenizer"] = tokenizer
     if split not in ("val", "train"):
         raise ConfigError(f"--split must be 'val' or 'train', got {split!r}.")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = torch.device(_device(device))
     model = load_model(path, device=dev)
     seq_len = seq_len or trained.get("seq_len") or model.config.max_seq_len
-    splits = load_splits(DataConfig(**data_cfg))
+    if seq_len > model.config.max_seq_len:
+        raise ConfigError(
+            f"--seq-len {seq_len} is longer than the model's context (max_seq_len={model.config.max_seq_len}); "
+            f"pass --seq-len {model.config.max_seq_len} or less."
+        )
+    splits = load_splits(data_config(data_cfg))
     if splits.vocab_size > model.config.vocab_size:
         raise ConfigError(
             f"The tokenizer's vocabulary ({splits.vocab_size}) is larger than the model's "
@@ -357,6 +413,78 @@ def eval_ppl(
     else:
         loss, ppl, n = result["loss"], result["ppl"], result["tokens"]
         print(f"{path}: {split} loss {loss:.4f}, perplexity {ppl:.3f} over {n:,} tokens")
+
+
+@eval_app.command("harness")
+def eval_harness(
+    runs: Annotated[
+        list[Path],
+        typer.Argument(help="Run folder(s), checkpoint folder(s) or .safetensors file(s).", show_default=False),
+    ],
+    tasks: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated: arc_easy, arc_challenge, hellaswag, piqa, winogrande, lambada_openai; "
+            "'paper' (the paper's five) or 'all'."
+        ),
+    ] = "all",
+    num_fewshot: Annotated[int, typer.Option(help="Few-shot examples per prompt (the paper's Table 11: 5).")] = 0,
+    limit: Annotated[int | None, typer.Option(help="Score only the first N items of each task (quick checks).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Requests per forward pass.")] = 8,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda' or 'cuda:N'.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Compute dtype: auto (bf16 on GPU, else fp32), fp32, bf16.")] = "auto",
+    data_root: Annotated[
+        Path | None,
+        typer.Option(help="Folder with hellaswag/, piqa/, arc/, ...; default $QKVLAB_DATA, then ../shared/data."),
+    ] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer; default: the run's own.")] = None,
+    truncate: Annotated[
+        str,
+        typer.Option(
+            help="A request longer than the model: 'error', or 'left' to drop its oldest context tokens (as "
+            "lm-eval's hf model does)."
+        ),
+    ] = "error",
+    max_length: Annotated[
+        int | None, typer.Option(help="Longest input in tokens; default the run's training seq_len.")
+    ] = None,
+    bootstrap_iters: Annotated[
+        int, typer.Option(help="Bootstrap draws for LAMBADA perplexity's standard error (lm-eval's default: 100000).")
+    ] = 1000,
+    study: Annotated[Path | None, typer.Option(help="Also append the rows to this study's results.jsonl.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result rows as JSON.")] = False,
+) -> None:
+    """Downstream accuracy through lm-evaluation-harness, offline (HellaSwag, PIQA, ARC, WinoGrande, LAMBADA).
+
+    Reads the staged task files (see docs/harness.md) with lm-eval's own prompts and metrics,
+    writes harness.json (task, metric, value, stderr, n, shots, versions) into each run folder
+    and, with --study, rows into that study's results store. Needs lm-eval, qkvlab's eval
+    extra.
+    """
+    from qkvlab.harness import require_lm_eval
+
+    require_lm_eval()
+    from qkvlab.harness.runner import RESULTS_NAME, evaluate_runs, run_folder
+
+    rows = evaluate_runs(
+        runs, tasks, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
+        data_root=data_root, tokenizer=tokenizer, truncate=truncate, max_length=max_length,
+        bootstrap_iters=bootstrap_iters, study=study, progress=not as_json,
+    )  # fmt: skip
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    shots = f"{num_fewshot}-shot" + (f", first {limit} items" if limit else "")
+    table = Table(title=f"lm-evaluation-harness, {shots}", title_justify="left")
+    for col in ("checkpoint", "task", "metric", "value", "stderr", "n"):
+        table.add_column(col, justify="left" if col in ("checkpoint", "task", "metric") else "right")
+    for r in rows:
+        value, stderr = (
+            ("-" if v is None else f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4g}") for v in (r["value"], r["stderr"])
+        )
+        table.add_row(str(r["checkpoint"]), r["task"], r["metric"], value, stderr, str(r["n"]))
+    console.print(table)
+    console.print("results: " + ", ".join(str(run_folder(Path(r)) / RESULTS_NAME) for r in runs))
 
 
 def _analysis_label(path: Path, taken: set[str]) -> str:
@@ -407,8 +535,9 @@ def analyze(
         raise ConfigError("Name at least one checkpoint to analyse.")
     if len(checkpoints) > 1 and out is None:
         raise ConfigError("Several checkpoints need --out DIR (each gets a subfolder there).")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    _at_least("--batch-size", batch_size)
+    _at_least("--seq-len", seq_len)
+    device = _device(device)
     paths = [_checkpoint_file(c) for c in checkpoints]
     taken: set[str] = set()
     results, captures = {}, {}
@@ -449,13 +578,17 @@ def analyze(
 def _tokenizer_for(path: Path, meta: dict[str, str], override: str | None):
     """The training run's tokenizer (or ``override``); a trained BPE is found through its corpus."""
     from qkvlab.data import get_tokenizer
-    from qkvlab.train import DataConfig, load_splits
+    from qkvlab.train import load_splits
+    from qkvlab.train.config import data_config
 
     kind, _, arg = (override or "").partition(":")
     trains_here = kind == "bpe" and (arg.isdigit() or not arg)  # "bpe" / "bpe:4096": trained on the corpus
     if override is not None and not trains_here:
         return get_tokenizer(override)  # byte, gpt2[:folder], bpe:<folder>
-    data = dict((json.loads(meta["train_config"]) if "train_config" in meta else {}).get("data") or {})
+    from qkvlab.checkpoint import train_config
+
+    recorded = train_config(meta, path).get("data")
+    data = dict(recorded) if isinstance(recorded, dict) else {}
     name = override or data.get("tokenizer")
     if name is None or str(data.get("source", "")).endswith(".npy"):
         raise ConfigError(
@@ -468,7 +601,7 @@ def _tokenizer_for(path: Path, meta: dict[str, str], override: str | None):
         if (folder / "tokenizer" / "vocab.json").is_file():
             return get_tokenizer(f"bpe:{folder / 'tokenizer'}")
     # A BPE trained on the corpus: the training run's data settings find it in the cache.
-    return get_tokenizer(load_splits(DataConfig(**{**data, "tokenizer": name})).meta["tokenizer_spec"])
+    return get_tokenizer(load_splits(data_config({**data, "tokenizer": name})).meta["tokenizer_spec"])
 
 
 @app.command()
@@ -499,10 +632,13 @@ def generate(
     """Continue a prompt with KV-cached decoding; prints the text, tokens/s and the cache's bytes."""
     from qkvlab.checkpoint import load_model, read_metadata
 
+    _at_least("--max-new-tokens", max_new_tokens)
+    _at_least("--top-k", top_k)
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"--temperature must be a finite number >= 0 (0 is greedy), got {temperature}.")
     path = _checkpoint_file(checkpoint)
     meta = read_metadata(path)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device(device)
     if cuda_graph is None:
         cuda_graph = "auto"
     elif cuda_graph and not device.startswith("cuda"):
@@ -512,6 +648,21 @@ def generate(
     ids = tok.encode(prompt)
     if not ids:
         raise ConfigError("The prompt is empty after tokenisation; pass a non-empty --prompt.")
+    if max(ids) >= model.config.vocab_size:
+        raise ConfigError(
+            f"The tokenizer's vocabulary ({tok.vocab_size}) is larger than the model's ({model.config.vocab_size}); "
+            "generate with the tokenizer the model was trained with (--tokenizer)."
+        )
+    context = model.config.max_seq_len
+    if len(ids) + max_new_tokens > context:
+        fixes = [f"lower --max-new-tokens to {context - len(ids)}"] if len(ids) < context else []
+        if max_new_tokens < context:
+            fixes.append(f"shorten the prompt to at most {context - max_new_tokens} tokens")
+        fix = " or ".join(fixes)
+        raise ConfigError(
+            f"The prompt is {len(ids)} tokens and --max-new-tokens {max_new_tokens} more, {len(ids) + max_new_tokens} "
+            f"in all, but the model's context is {context} tokens (max_seq_len); {fix}."
+        )
     idx = torch.tensor([ids], device=device)
     cache = model.new_cache(1, len(ids) + max_new_tokens)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -536,6 +687,124 @@ def generate(
         f"{max_new_tokens / dt:,.1f} tokens/s (prefill {len(ids)} + decode, batch 1, {device}); KV cache "
         f"{cache.n_tensors} tensors, {cache.bytes_per_token:,} B/token, {human_bytes(cache.nbytes)} allocated[/]"
     )
+
+
+def _print_notes(report: dict) -> None:
+    for note in report.get("notes") or []:
+        console.print(f"note: {note}", highlight=False, markup=False)
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder, checkpoint folder or weights file.", show_default=False)],
+    out: Annotated[
+        Path, typer.Argument(help="Output folder; refused if it exists, unless --force.", show_default=False)
+    ],
+    format: Annotated[str, typer.Option("--format", help="Target format: 'hf' (transformers).")] = "hf",
+    arch: Annotated[
+        str,
+        typer.Option(
+            help="'stock' (LlamaForCausalLM / GPT2LMHeadModel; shared projections written into each role, two cached "
+            "tensors), 'native' (qkvlab.hf: one cached tensor for K=V) or 'auto' (native for K=V, else stock)."
+        ),
+    ] = "auto",
+    dtype: Annotated[str, typer.Option(help="Weights dtype: fp32, bf16 or fp16.")] = "fp32",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Write a folder transformers loads with AutoModelForCausalLM.from_pretrained(OUT), tokenizer included."""
+    from qkvlab.interop.hf_export import FORMATS, export_hf
+
+    if format not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}.")
+    report = export_hf(run, out, arch=arch, dtype=dtype, force=force)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    console.print(
+        f"{out}: {report['class']} ({report['paper_name']}, {report['dtype']}); cache "
+        f"{report['cached_tensors_per_layer']} tensors/layer, {report['kv_cache_bytes_per_token']:,} B/token; "
+        "logits vs qkvlab: max relative difference "
+        f"{report['max_relative_logit_difference_fp32']:.1e} (fp32)",
+        highlight=False,
+    )
+    _print_notes(report)
+
+
+@app.command("import")
+def import_(
+    src: Annotated[
+        Path, typer.Argument(help="A transformers model folder (config.json + safetensors) or a .gguf file.")
+    ],
+    out: Annotated[Path, typer.Argument(help="Output run folder; refused if it exists, unless --force.")],
+    dtype: Annotated[str, typer.Option(help="Stored dtype: fp32 (reproduces the source), bf16 or fp16.")] = "fp32",
+    max_seq_len: Annotated[int | None, typer.Option(help="Cap the context length (default: the source's).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Import a Llama / Mistral / Qwen2 / Qwen3 checkpoint or a GGUF file into a qkvlab run folder."""
+    from qkvlab.interop.hf_import import import_model
+
+    report = import_model(src, out, dtype=dtype, max_seq_len=max_seq_len, force=force)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    console.print(
+        f"{out}: {report['architecture']} ({report['format']}) -> {report['paper_name']} ({report['variant']}), "
+        f"{report['params']:,} parameters, {report['dtype']}; tokenizer: "
+        f"{'bpe:' + str(out / 'tokenizer') if report['tokenizer'] else 'none'}",
+        highlight=False,
+    )
+    _print_notes(report)
+
+
+@app.command()
+def convert(
+    checkpoint: Annotated[Path, typer.Argument(help="Run folder, checkpoint folder or weights file (a QKV model).")],
+    out: Annotated[Path, typer.Argument(help="Output run folder; refused if it exists, unless --force.")],
+    to: Annotated[str, typer.Option(help="Target variant, e.g. Q-K=V, Q-GQA-4, Q-MQA, GQA-4, MQA.")] = "Q-K=V",
+    init: Annotated[
+        str, typer.Option(help="Shared K=V projection: key, value, mean or fit (calibrated; needs --calib).")
+    ] = "mean",
+    kv_heads: Annotated[
+        int | None, typer.Option(help="KV heads after mean-pooling adjacent heads (overrides the target's).")
+    ] = None,
+    calib: Annotated[
+        str | None, typer.Option(help="Calibration text for --init fit and the error report (a corpus source).")
+    ] = None,
+    calib_tokens: Annotated[int, typer.Option(help="Calibration tokens.")] = 32768,
+    calib_seq_len: Annotated[int, typer.Option(help="Calibration window length.")] = 512,
+    device: Annotated[str, typer.Option(help="Device of the calibration pass: 'auto', 'cpu' or 'cuda'.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Stored dtype: fp32, bf16 or fp16.")] = "fp32",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Convert a trained QKV model to Q-K=V (choice of init) and/or fewer KV heads (mean-pooled)."""
+    from qkvlab.interop.convert import convert_checkpoint
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    report = convert_checkpoint(
+        checkpoint, out, to=to, init=init, kv_heads=kv_heads, calib=calib, calib_tokens=calib_tokens,
+        calib_seq_len=calib_seq_len, device=device, dtype=dtype, force=force,
+    )  # fmt: skip
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    kv = report["kv_cache_bytes_per_token_bf16"]
+    errors = ""
+    if "mean_key_error" in report:
+        errors = (
+            f"; calibration errors (relative, mean over layers): key {report['mean_key_error']:.3g}, "
+            f"value {report['mean_value_error']:.3g}"
+        )
+    init_text = f", init {report['init']}" if report["init"] else ""
+    console.print(
+        f"{out}: {report['source_paper_name']} -> {report['paper_name']} ({report['variant']}{init_text}); KV cache "
+        f"{kv['source']:,} -> {kv['target']:,} B/token (bf16){errors}",
+        highlight=False,
+    )
+    _print_notes(report)
 
 
 def main() -> None:

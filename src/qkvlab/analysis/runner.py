@@ -125,7 +125,9 @@ _SPLITS: dict[str, Any] = {}
 
 
 def _train_config(meta: dict[str, str]) -> dict:
-    return json.loads(meta["train_config"]) if "train_config" in meta else {}
+    from qkvlab.checkpoint import train_config
+
+    return train_config(meta, "the checkpoint")
 
 
 def lm_batch(
@@ -139,10 +141,11 @@ def lm_batch(
     split: str,
 ) -> tuple[torch.Tensor, dict]:
     """``(B, seq_len)`` windows of a corpus split, evenly spaced; the data the run trained on by default."""
-    from qkvlab.train import DataConfig, load_splits
+    from qkvlab.train import load_splits
+    from qkvlab.train.config import data_config
 
     trained = _train_config(meta)
-    data_cfg = dict(trained.get("data") or {})
+    data_cfg = dict(trained["data"]) if isinstance(trained.get("data"), dict) else {}
     if data is not None:
         data_cfg["source"] = data
     elif "source" not in data_cfg:
@@ -156,7 +159,7 @@ def lm_batch(
     key = json.dumps(data_cfg, sort_keys=True, default=str)
     if key not in _SPLITS:  # several checkpoints of one study share their corpus: read it once
         _SPLITS.clear()
-        _SPLITS[key] = load_splits(DataConfig(**data_cfg))
+        _SPLITS[key] = load_splits(data_config(data_cfg))
     splits = _SPLITS[key]
     tokens = splits.val if split == "val" else splits.train
     n = len(tokens)

@@ -272,7 +272,13 @@ class VariantSpec:
         if not isinstance(text, str) or not text.strip():
             raise ConfigError(f"Empty or non-string variant {text!r}. {_HELP}")
         raw = text
-        s = text.strip().replace("⁺", "+").replace("≠", "-").replace(" ", "")
+        # Blanks may stand at the ends and around the separators + - = _ ( ) ("Q - K = V",
+        # "Q=K=V (linear)"); between two letters or digits they are refused, not deleted: "q k v"
+        # is not "qkv", nor "GQA-1 6" GQA-16.
+        s = text.strip().replace("⁺", "+").replace("≠", "-")
+        s = re.sub(r"\s*([-+=_()])\s*", r"\1", s)
+        if re.search(r"\s", s):
+            raise ConfigError(f"Cannot parse variant {raw!r}: it has a blank inside a name; remove it. {_HELP}")
         linear = False
         kind = re.fullmatch(r"(.+)\((linear|softmax)\)", s, flags=re.IGNORECASE)
         if kind:  # the paper-name form "Q=K=V (linear)"

@@ -41,8 +41,11 @@ a ``.zip``
 
 Everywhere: ``\\r\\n`` becomes ``\\n``, a leading UTF-8 byte-order mark is dropped, and
 documents with no non-whitespace character are dropped. Bytes are decoded as UTF-8 (or
-``encoding``). A file with a few stray bytes that are not UTF-8 -- at most one byte sequence
-per 1,000 bytes, as in Dickens (eight DOS code-page accents in 10 MB) -- is decoded with
+``encoding``, ``data.encoding`` in a train config); a file that starts with a UTF-16 or UTF-32
+byte-order mark is decoded as such whatever ``encoding`` says, and with ``encoding`` set to a
+UTF-16 or UTF-32 codec NUL bytes do not make a file binary. A file with a few stray bytes
+that are not UTF-8 -- at most one byte sequence per 1,000 bytes, as in Dickens (eight DOS
+code-page accents in 10 MB) -- is decoded with
 U+FFFD in their place and a warning that says where; more than that, or a wrong
 ``encoding``, is a :class:`~qkvlab.errors.ConfigError` that gives the file, line, column and
 byte offset and the fix. ``max_docs`` keeps the first documents in corpus order.
@@ -137,6 +140,21 @@ def chunk_text(text: str, chunk_chars: int = CHUNK_CHARS) -> list[str]:
     return pieces
 
 
+#: Byte-order marks that name their encoding (UTF-32 first: its little-endian mark starts like UTF-16's).
+BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+#: The wide encodings, whose text holds NUL bytes.
+WIDE_CODECS = ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be")
+
+
+def _bom_codec(data: bytes) -> str | None:
+    return next((codec for bom, codec in BOMS if data.startswith(bom)), None)
+
+
 def decode_text(data: bytes, where: str, encoding: str = "utf-8") -> str:
     """Decode one file's bytes (see the module docstring for the policy); ``where`` names it."""
     try:
@@ -145,6 +163,7 @@ def decode_text(data: bytes, where: str, encoding: str = "utf-8") -> str:
         raise ConfigError(
             f"Unknown text encoding {encoding!r}; use a Python codec name such as 'utf-8', 'latin-1' or 'cp1252'."
         ) from None
+    codec = _bom_codec(data) or codec  # the codec strips its own byte-order mark
     if codec == "utf-8" and data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     try:
@@ -162,19 +181,19 @@ def _decode_lenient(data: bytes, where: str, codec: str, err: UnicodeDecodeError
     at = f"line {line}, column {column} (byte offset {pos}: {data[pos : err.end]!r} in {context!r})"
     if codec != "utf-8":
         raise ConfigError(
-            f"{where} is not valid {codec}: first bad byte at {at}. Pass the file's real encoding "
-            "(encoding='utf-8', 'latin-1', 'cp1252', ...)."
+            f"{where} is not valid {codec}: first bad byte at {at}. Give the file's real encoding "
+            f"({_ENCODING_FIX} utf-8, latin-1, cp1252, ...)."
         )
     text = data.decode("utf-8", errors="replace")
     bad = text.count("\ufffd") - data.count("\ufffd".encode())
     if bad * 1000 > len(data):
         raise ConfigError(
             f"{where} is not UTF-8 ({bad} bad byte sequences; the first at {at}). Re-encode it as UTF-8, "
-            "or pass its encoding, e.g. encoding='latin-1', 'cp1252' (Windows) or 'cp437' (DOS)."
+            f"or give its encoding ({_ENCODING_FIX} latin-1, cp1252 (Windows), cp437 (DOS) or utf-16)."
         )
     warnings.warn(
         f"{where}: {bad} byte sequence(s) are not UTF-8 (the first at {at}); they were replaced with U+FFFD. "
-        "Re-encode the file as UTF-8, or pass its encoding, to keep them.",
+        f"Re-encode the file as UTF-8, or give its encoding ({_ENCODING_FIX} latin-1), to keep them.",
         UnicodeWarning,
         stacklevel=4,
     )
@@ -190,7 +209,19 @@ def _read_bytes(path: Path) -> bytes:
         ) from None
 
 
-def _is_binary(data: bytes) -> bool:
+# Where the encoding is set: a train config's key, or the Python argument.
+_ENCODING_FIX = "data.encoding=NAME in a train config, encoding='NAME' in Python; e.g."
+
+
+def _is_binary(data: bytes, encoding: str = "utf-8") -> bool:
+    """NUL bytes mean binary, except in UTF-16 / UTF-32 text (a byte-order mark, or such an ``encoding``)."""
+    if _bom_codec(data) is not None:
+        return False
+    try:
+        if codecs.lookup(encoding).name in WIDE_CODECS:
+            return False
+    except LookupError:
+        pass  # decode_text names the unknown encoding
     return b"\x00" in data[:8192]
 
 
@@ -204,7 +235,7 @@ def _from_files(
     """Documents from (name, bytes) pairs: one per file, or chunks when only one file is text."""
     texts: list[tuple[str, str]] = []
     for where, data in files:
-        if _is_binary(data):
+        if _is_binary(data, encoding):
             skipped.append(f"{where} (binary)")
             continue
         texts.append((where, decode_text(data, where, encoding)))
@@ -397,7 +428,10 @@ def load_corpus(source: str | os.PathLike, *, max_docs: int | None = None, encod
             name = f"{path.parent.name}/{path.name}"
             docs, names, rule = _from_files([(str(path), _read_bytes(path))], encoding, "file", skipped)
             if not docs and skipped:
-                raise ConfigError(f"Corpus file {str(path)!r} is binary (it has NUL bytes), not text.")
+                raise ConfigError(
+                    f"Corpus file {str(path)!r} is binary (it has NUL bytes), not text; if it is UTF-16 or UTF-32 "
+                    f"text without a byte-order mark, give its encoding ({_ENCODING_FIX} utf-16-le)."
+                )
         elif any(c in source for c in "*?["):
             name = source
             docs, names, rule = _load_glob(source, encoding, skipped)

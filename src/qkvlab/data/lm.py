@@ -85,8 +85,9 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[list[i
         return list(range(n_docs)), []
     if n_docs < 2:
         raise ConfigError(
-            f"The corpus has {n_docs} document; a validation split needs at least 2. Give more text, or pass "
-            "val_fraction=0 to train without validation."
+            f"The corpus has {n_docs} document; a validation split needs at least 2. Give more text (one text "
+            "file is cut into documents of about 8,192 characters), name a separate validation corpus "
+            "(data.val_source in a train config), or in Python pass val_fraction=0 to read it without one."
         )
     n_val = min(max(1, round(val_fraction * n_docs)), n_docs - 1)
     order = np.random.default_rng(seed).permutation(n_docs)

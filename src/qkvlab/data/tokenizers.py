@@ -225,9 +225,17 @@ def load_gpt2(folder: str | os.PathLike | None = None) -> BPETokenizer:
     return tok
 
 
-def load_trained_bpe(folder: str | os.PathLike) -> BPETokenizer:
-    """A BPE written by :func:`train_bpe`, read back from its folder."""
+def load_trained_bpe(folder: str | os.PathLike) -> Tokenizer:
+    """A BPE written by :func:`train_bpe`, read back from its folder.
+
+    A folder with a ``tokenizer.json`` (an imported model's tokenizer, whose split rules may
+    differ from GPT-2's) is read from that file instead; see :mod:`qkvlab.interop.tokenizer`.
+    """
     folder = Path(folder).expanduser()
+    if (folder / "tokenizer.json").is_file():
+        from qkvlab.interop.tokenizer import JsonTokenizer
+
+        return JsonTokenizer(folder)
     vocab, merges = folder / "vocab.json", folder / "merges.txt"
     if not (vocab.is_file() and merges.is_file()):
         raise ConfigError(

@@ -18,7 +18,9 @@ Linear attention (``"Q=K=V+linear"``) refuses RoPE, so with the ``llama`` recipe
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -32,6 +34,26 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 #: Weight initialisations (``TransformerConfig.init``).
 INIT_SCHEMES = ("scaled", "paper")
+
+
+def check_positive_int(name: str, value: Any, *, optional: bool = False) -> None:
+    """ConfigError unless ``value`` is an integer >= 1 (or None when ``optional``)."""
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        default = " (or leave it unset for the default)" if optional else ""
+        raise ConfigError(f"{name} must be a positive integer{default}, got {value!r}.")
+
+
+def _check_number(name: str, value: Any, ok: Callable[[float], bool], expected: str) -> None:
+    """ConfigError unless ``value`` is a finite number for which ``ok(value)`` holds."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not ok(value):
+        raise ConfigError(f"{name} must be {expected}, got {value!r}.")
+
+
+def _check_flag(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false (or leave it unset for the recipe's choice), got {value!r}.")
 
 
 def swiglu_hidden(d_model: int, multiple_of: int = 64) -> int:
@@ -96,12 +118,18 @@ class TransformerConfig:
         from qkvlab.attention.linear import check_decay, get_feature_map
 
         get_backend(self.backend)  # unknown name: ConfigError listing the registered ones
-        if self.recipe not in RECIPES:
+        if not isinstance(self.recipe, str) or self.recipe not in RECIPES:
             raise ConfigError(f"Unknown recipe {self.recipe!r}; use one of {', '.join(RECIPES)}.")
-        for name in ("n_layers", "d_model", "n_heads", "max_seq_len"):
+        for name in ("n_layers", "d_model", "n_heads", "max_seq_len", "pos2d_channels"):
+            check_positive_int(name, getattr(self, name))
+        for name in ("head_dim", "d_ff"):
+            check_positive_int(name, getattr(self, name), optional=True)
+        _check_flag("bias", self.bias)
+        for name in ("dropout", "attn_dropout", "emb_dropout"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}.")
+            _check_number(name, v, lambda x: 0 <= x < 1, "a probability in [0, 1) such as 0.1")
+        _check_number("norm_eps", self.norm_eps, lambda x: x > 0, "a small positive number such as 1e-5")
+        _check_number("rope_theta", self.rope_theta, lambda x: x > 0, "a positive number such as 10000")
         defaults = RECIPES[self.recipe]
         if self.norm is None:
             self.norm = defaults["norm"]
@@ -111,8 +139,7 @@ class TransformerConfig:
             self.bias = defaults["bias"]
         if self.init not in INIT_SCHEMES:
             raise ConfigError(f"init must be one of {', '.join(INIT_SCHEMES)}, got {self.init!r}.")
-        if not (isinstance(self.init_std, int | float) and self.init_std > 0):
-            raise ConfigError(f"init_std must be a positive number such as 0.02, got {self.init_std!r}.")
+        _check_number("init_std", self.init_std, lambda x: x > 0, "a positive number such as 0.02")
         if self.norm not in ("layernorm", "rmsnorm"):
             raise ConfigError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}.")
         if self.mlp not in ("gelu", "swiglu"):
@@ -181,6 +208,8 @@ class GPTConfig(TransformerConfig):
     tie_embeddings: bool | None = None
 
     def __post_init__(self) -> None:
+        check_positive_int("vocab_size", self.vocab_size)
+        _check_flag("tie_embeddings", self.tie_embeddings)
         super().__post_init__()
         if self.tie_embeddings is None:
             self.tie_embeddings = RECIPES[self.recipe]["tie_embeddings"]
@@ -196,6 +225,8 @@ class EncoderConfig(TransformerConfig):
     n_labels: int | None = None
 
     def __post_init__(self) -> None:
+        check_positive_int("vocab_size", self.vocab_size)
+        check_positive_int("n_labels", self.n_labels, optional=True)
         super().__post_init__()
         if self.n_labels is None:
             self.n_labels = self.vocab_size
@@ -213,6 +244,8 @@ class ViTConfig(TransformerConfig):
     n_classes: int = 10
 
     def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "channels", "n_classes"):
+            check_positive_int(name, getattr(self, name))
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}; "
@@ -243,6 +276,9 @@ class SetConfig(TransformerConfig):
         return "none"
 
     def __post_init__(self) -> None:
+        check_positive_int("in_features", self.in_features)
+        if not isinstance(self.allow_pos2d, bool):
+            raise ConfigError(f"allow_pos2d must be true or false, got {self.allow_pos2d!r}.")
         super().__post_init__()
         if self.variant.pos != "none" or (self.variant.pos2d and not self.allow_pos2d):
             hint = (

@@ -123,8 +123,8 @@ class GPT(nn.Module):
             )
         if top_k is not None and top_k < 1:
             raise ConfigError(f"top_k must be >= 1, got {top_k}.")
-        if temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {temperature}.")
+        if not temperature >= 0 or temperature == float("inf"):  # NaN fails the first test
+            raise ConfigError(f"temperature must be >= 0 and finite (0 is greedy), got {temperature}.")
         if cuda_graph not in (True, False, "auto"):
             raise ConfigError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}.")
         if compile and (not use_cache or self.config.variant.linear):

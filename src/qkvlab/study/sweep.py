@@ -48,6 +48,7 @@ fresh process per run also hands all GPU memory back between runs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -64,7 +65,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,7 @@ from qkvlab.attention.variant import VariantSpec
 from qkvlab.checkpoint import atomic_write
 from qkvlab.errors import ConfigError
 from qkvlab.study.results import RUNS_DIR, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ResultsStore, read_metrics
-from qkvlab.train.config import parse_value, set_dotted
+from qkvlab.train.config import _flat_diff, load_yaml, parse_value, set_dotted
 
 #: The named grid axes and the config key each one sets.
 AXES = {"variant": "model.variant", "model": "model.preset", "tokens": "max_tokens", "seed": "seed"}
@@ -96,6 +97,8 @@ REPORT_KINDS = ("variants", "ladder")
 #: Config keys left out of the run id: they do not change what a run computes.
 ID_EXCLUDED = ("out_dir", "device", "log.progress", "log.tensorboard", "data.cache_dir")
 DEFAULT_PRESET = "tiny"  # the trainer's default when a config names no preset
+SWEEP_FILE = "sweep.yaml"
+LOCK_FILE = ".sweep.lock"
 
 #: ``run_fn(config, resume=...) -> summary``: trains one resolved config (a plain dict).
 RunFn = Callable[..., dict[str, Any]]
@@ -203,9 +206,11 @@ def load_sweep(path: str | os.PathLike) -> SweepSpec:
 
 def _read_yaml(path: Path, what: str) -> Any:
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return load_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"Cannot parse {what} file {str(path)!r}: {e}".replace("\n", " ")) from None
+    except OSError as e:
+        raise ConfigError(f"Cannot read {what} file {str(path)!r}: {e.strerror or e}.") from None
 
 
 def _load_base(base: Any, root: Path | None) -> dict[str, Any]:
@@ -218,9 +223,13 @@ def _load_base(base: Any, root: Path | None) -> dict[str, Any]:
     for candidate in tried:
         if candidate.is_file():
             loaded = _read_yaml(candidate, "base config")
-            if loaded is not None and not isinstance(loaded, dict):
+            if loaded is None:  # an empty file is a mistake, never "all defaults"
+                raise ConfigError(
+                    f"Base config {str(candidate)!r} is empty; give the train config the runs start from."
+                )
+            if not isinstance(loaded, dict):
                 raise ConfigError(f"Base config {str(candidate)!r} must be a YAML mapping.")
-            return loaded or {}
+            return loaded
     looked = " and ".join(repr(str(p)) for p in tried)
     raise ConfigError(f"Base config {str(base)!r} not found (looked at {looked}); fix the 'base' path of the sweep.")
 
@@ -724,6 +733,8 @@ def run_sweep(
     devices: str | Sequence[str | int] | None = None,
     verbose: bool = True,
     time_limit: float | None = None,
+    force: bool = False,
+    only: dict[str, Sequence[Any]] | None = None,
 ) -> SweepSummary:
     """Run every grid point of ``spec`` not yet finished in ``study_dir``'s results.
 
@@ -738,13 +749,19 @@ def run_sweep(
             at a time on that GPU, which pays for small models that leave it idle between
             kernel launches); see :func:`parse_devices`.
         verbose: print one line per run.
+        only: axis (or dotted config key) -> values: run only the grid points with one of those
+            values, e.g. ``{"model": ["gpt2-3m"]}`` (see :func:`select`).
         time_limit: seconds from the call; a run is started only if it is expected to finish
             inside them (its tokens at the seconds per token that finished runs of the same
             model took here; a model with no finished run yet is always started). Runs left
             over stay pending for the next call: a sweep in slices on a machine lent for a while.
+        force: run into ``study_dir`` even if it holds another study (see :func:`check_same_study`);
+            its ``sweep.yaml`` is replaced and its rows stay.
 
-    A ``KeyboardInterrupt`` stops the sweep at once; finished runs stay in ``results.jsonl``
-    and the next call continues with the rest.
+    One sweep at a time per study folder: a second :func:`run_sweep` on a folder whose lock
+    another holds is refused at once (the worker processes of several devices run the trainer,
+    not this function, so they take no lock). A ``KeyboardInterrupt`` stops the sweep at once;
+    finished runs stay in ``results.jsonl`` and the next call continues with the rest.
     """
     if time_limit is not None and not (math.isfinite(time_limit) and time_limit > 0):
         raise ConfigError(f"time_limit must be a positive number of seconds, got {time_limit!r}.")
@@ -756,14 +773,62 @@ def run_sweep(
     parallel = len(device_list) >= 2
     if parallel:
         _function_ref(run_fn)  # refuse a run_fn that a worker process cannot import, before any run
-    plans = expand(spec)
+    plans = select(expand(spec), only)
     local_fn = run_fn or default_run_fn()  # a missing trainer fails here, before anything is written
     if run_fn is None:
         check_with_trainer(plans)
     store = ResultsStore(study)
-    study.mkdir(parents=True, exist_ok=True)
-    atomic_write(study / "sweep.yaml", lambda p: Path(p).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False)))
+    try:
+        study.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"Cannot create the study folder {str(study)!r}: {e.strerror or e}; pick another --out."
+        ) from None
+    with study_lock(study):
+        check_same_study(spec, study, force=force)
+        atomic_write(study / SWEEP_FILE, lambda p: Path(p).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False)))
+        return _run_plans(spec, plans, store, run_fn, local_fn, device_list, verbose, deadline)
 
+
+def select(plans: list[RunPlan], only: dict[str, Sequence[Any]] | None) -> list[RunPlan]:
+    """The plans whose value of every key in ``only`` is one of the values given for it.
+
+    Keys are grid axes (``model``, ``variant``, ``tokens``, ``seed``) or dotted config keys;
+    variants and token budgets match in any spelling (``Q-K=V`` / ``q_kv``, ``9.85M`` / ``9850000``).
+    """
+    if not only:
+        return plans
+    wanted: dict[str, set[str]] = {}
+    for key, values in only.items():
+        if key == "variant":
+            wanted[key] = {VariantSpec.parse(v).id for v in values}
+        elif key == "tokens":
+            wanted[key] = {str(parse_tokens(v)) for v in values}
+        else:
+            wanted[key] = {str(parse_value(str(v))) for v in values}
+    chosen = []
+    for plan in plans:
+        config_value = {key: get_dotted(plan.config, AXES.get(key, key)) for key in wanted}
+        if all(str(config_value[key]) in values for key, values in wanted.items()):
+            chosen.append(plan)
+    if not chosen:
+        keys = ", ".join(f"{k}={','.join(map(str, v))}" for k, v in only.items())
+        raise ConfigError(f"No grid point has {keys}; check the values against the sweep's grid.")
+    return chosen
+
+
+def _run_plans(
+    spec: SweepSpec,
+    plans: list[RunPlan],
+    store: ResultsStore,
+    run_fn: RunFn | None,
+    local_fn: RunFn,
+    device_list: list[str],
+    verbose: bool,
+    deadline: float | None,
+) -> SweepSummary:
+    """The runs of :func:`run_sweep`, under the study's lock."""
+    study, parallel = store.study_dir, len(device_list) >= 2
     summary = SweepSummary(study_dir=study, planned=len(plans))
     latest = store.latest()
     pending: list[RunPlan] = []
@@ -796,6 +861,76 @@ def run_sweep(
             _run_one(plan, store, summary, local_fn, device, say)
     say(str(summary), flush=True)
     return summary
+
+
+@contextlib.contextmanager
+def study_lock(study: Path) -> Iterator[None]:
+    """Hold ``study/.sweep.lock`` for one sweep; a second sweep on the folder is refused at once.
+
+    Two sweeps on one folder would run the same runs, delete each other's temporary
+    checkpoints and write duplicate rows. The lock is an OS file lock, so a killed sweep
+    leaves none behind.
+    """
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(study / LOCK_FILE), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ConfigError(
+            f"Another qkvlab sweep is running on {str(study)!r} (it holds {LOCK_FILE}); wait for it to finish, or "
+            "run this sweep into another --out."
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _computed(config: Any) -> Any:
+    """A base config without the keys that do not change what a run computes (:data:`ID_EXCLUDED`)."""
+    if not isinstance(config, dict):
+        return config
+    config = copy.deepcopy(config)
+    for key in ID_EXCLUDED:
+        parent, _, last = key.rpartition(".")
+        node = get_dotted(config, parent) if parent else config
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return {k: v for k, v in config.items() if v != {}}  # a section left empty means its defaults
+
+
+def check_same_study(spec: SweepSpec, study: Path, *, force: bool = False) -> None:
+    """Refuse to run ``spec`` into a folder that holds another study (``force``: run anyway).
+
+    The same study is a sweep with the same ``name`` and the same ``base`` as the folder's
+    ``sweep.yaml`` (keys that do not change what a run computes, :data:`ID_EXCLUDED` such as
+    ``device`` or ``data.cache_dir``, aside): its grid, overrides and report settings may change
+    (a study grows by grid points and blocks, run in slices), but another base or name would
+    mix two studies' rows in one report and overwrite the other's ``sweep.yaml``. A folder
+    without a ``sweep.yaml`` is taken as the study's own: results seeded into it by hand (as
+    ``scripts/sweep_slice.py`` does from committed results) continue.
+    """
+    stored_path = study / SWEEP_FILE
+    if force or not stored_path.is_file():
+        return
+    where = f"choose another --out for this study, or pass --force to run into {str(study)!r} anyway"
+    try:
+        stored = load_yaml(stored_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        stored = None
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{str(stored_path)!r} cannot be read, so the folder's study is unknown; {where}.")
+    mine = load_yaml(yaml.safe_dump(spec.to_dict(), sort_keys=False))  # as it would be stored
+    if stored.get("name") != mine["name"]:
+        raise ConfigError(f"{str(study)!r} holds another study ({stored.get('name')!r}, not {spec.name!r}); {where}.")
+    old, new = _computed(stored.get("base")), _computed(mine["base"])
+    if old != new:
+        keys = sorted(_flat_diff(old, new)) if isinstance(old, dict) and isinstance(new, dict) else ["base"]
+        raise ConfigError(
+            f"{str(study)!r} holds study {spec.name!r} with another base config (differs in {', '.join(keys[:4])}): "
+            f"runs of two bases would mix in one report; {where}."
+        )
 
 
 class _Timer:

@@ -13,9 +13,11 @@ each class; those images never appear in a set) and uses its penultimate feature
 local backbone works as well: ``backbone`` may name a TorchScript file or a state dict
 (``.safetensors``, or a ``torch.save`` file read with ``weights_only=True``: never
 unpickled) of ``backbone_arch`` ``cnn``, ``resnet18`` or ``resnet34`` (the ResNets need
-torchvision). Features are computed once and cached on disk under a key that hashes the
-data, the backbone and its settings; ``info()["task"]["features"]`` records which extractor
-was used, so a report can say so.
+torchvision). Loading a TorchScript file runs the code compiled into it, by design: name only
+a file you trust (a state dict is read without running code; see docs/trust.md). Features are
+computed once and cached on disk under a key that hashes the data, the backbone and its
+settings; ``info()["task"]["features"]`` records which extractor was used, so a report can
+say so.
 
 The task section of a train config::
 
@@ -25,7 +27,7 @@ The task section of a train config::
       set_size: 10              # 9 normal + 1 odd; chance accuracy 1/set_size
       n_train_sets: 10000       # fixed pool of training sets from the training images
       n_test_sets: 2000         # fixed held-out sets from the test split
-      backbone: cnn             # or the path of a TorchScript / state-dict checkpoint
+      backbone: cnn             # or a TorchScript (runs its code: trusted files only) / state-dict path
       backbone_arch: cnn        # architecture of a state dict: cnn, resnet18, resnet34
       backbone_fraction: 0.5    # share of each class's training images that trains the CNN
       backbone_epochs: 10

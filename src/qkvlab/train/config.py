@@ -32,6 +32,7 @@ keys are that task's settings, which the task validates; for a task other than `
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import math
@@ -49,6 +50,8 @@ from qkvlab.models.config import GPTConfig
 from qkvlab.models.presets import PRESETS
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16")
+#: Seeds reach numpy, which takes 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
 DECAY_CHOICES = ("auto", "matrices", "all")
 DISTRIBUTED_CHOICES = ("ddp", "fsdp")
 
@@ -56,6 +59,30 @@ DISTRIBUTED_CHOICES = ("ddp", "fsdp")
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2 floats: ``1e-3`` and ``4E5`` are numbers.
+
+    YAML 1.1 (PyYAML) reads an exponent without a decimal point as text, which no user means
+    in a config. Quoted scalars stay strings.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that reads ``1e-3`` as the number it means (see :class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no objects are built
 
 
 @dataclass
@@ -73,6 +100,8 @@ class DataConfig:
         vocab_size: vocabulary of a trained BPE tokenizer.
         seed: seed of the train/validation split (kept apart from the training seed, so
             runs with different seeds are scored on the same validation set).
+        encoding: text encoding of the corpus files (a Python codec name such as ``latin-1``;
+            a UTF-16 or UTF-32 file with a byte-order mark is read as such whatever this says).
         cache_dir: token cache folder (None: the data package's default).
         val_source: a separate validation corpus; ``source`` then trains whole and
             ``val_fraction`` / ``seed`` are unused (a corpus that comes split by book).
@@ -88,12 +117,25 @@ class DataConfig:
     vocab_size: int = 4096
     seed: int = 0
     cache_dir: str | None = None
+    encoding: str = "utf-8"
     val_source: str | None = None
     eval_sources: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(bool(self.source), "data.source must name a corpus, e.g. 'stdlib' or a text file.")
-        _check(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction}.")
+        _check(
+            0.0 < self.val_fraction < 1.0,
+            f"data.val_fraction must be in (0, 1) (training needs a validation split), got {self.val_fraction}; "
+            "the usual is 0.05, or name a separate validation corpus with data.val_source.",
+        )
+        _check(0 <= self.seed <= MAX_SEED, f"data.seed must be in [0, {MAX_SEED}], got {self.seed}.")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ConfigError(
+                f"data.encoding {self.encoding!r} is not a text encoding; use a Python codec name such as "
+                "utf-8, latin-1, cp1252 or utf-16."
+            ) from None
         _check(self.max_docs is None or self.max_docs >= 1, f"data.max_docs must be >= 1, got {self.max_docs}.")
         _check(self.vocab_size >= 2, f"data.vocab_size must be >= 2, got {self.vocab_size}.")
         _check(self.val_source is None or bool(self.val_source), "data.val_source must name a corpus, or be null.")
@@ -127,8 +169,11 @@ class OptimConfig:
         self.betas = tuple(self.betas)
         _check(math.isfinite(self.lr) and self.lr > 0, f"optim.lr must be a positive number, got {self.lr}.")
         _check(all(0.0 <= b < 1.0 for b in self.betas), f"optim.betas must be in [0, 1), got {list(self.betas)}.")
-        _check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}.")
-        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}.")
+        _check(_finite(self.eps) and self.eps > 0, f"optim.eps must be a positive number, got {self.eps}.")
+        _check(
+            _finite(self.weight_decay) and self.weight_decay >= 0,
+            f"optim.weight_decay must be a number >= 0, got {self.weight_decay}.",
+        )
         _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}.")
         _check(
             self.decay in DECAY_CHOICES,
@@ -156,7 +201,10 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         _check(self.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}.")
-        _check(self.min_lr is None or self.min_lr >= 0, f"schedule.min_lr must be >= 0, got {self.min_lr}.")
+        _check(
+            self.min_lr is None or (_finite(self.min_lr) and self.min_lr >= 0),
+            f"schedule.min_lr must be a number >= 0, got {self.min_lr}.",
+        )
         _check(
             self.kind in SCHEDULE_KINDS,
             f"schedule.kind must be one of {', '.join(SCHEDULE_KINDS)}, got {self.kind!r}.",
@@ -187,8 +235,11 @@ class LogConfig:
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "log": LogConfig}
 MODEL_KEYS = ("preset", *(f.name for f in dataclasses.fields(GPTConfig)))
-# Keys that may change when a run resumes: they do not change what is computed.
+# Keys that may change when a run resumes: they do not change what is computed, except
+# optim.lr, which may be lowered to continue a diverged run from its last good checkpoint (the
+# trainer says so and records the change in config.yaml).
 RESUMABLE_CHANGES = (
+    "optim.lr",
     "out_dir",
     "device",
     "compile",
@@ -277,9 +328,10 @@ class TrainConfig:
             f"distributed must be one of {', '.join(DISTRIBUTED_CHOICES)}; got {self.distributed!r}.",
         )
         _check(
-            self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
+            re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device) is not None,
             f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}.",
         )
+        _check(0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}], got {self.seed}.")
         from qkvlab import tasks
 
         _check(isinstance(self.task, dict), f"task must be a mapping such as {{name: lm}}, got {self.task!r}.")
@@ -372,6 +424,12 @@ class TrainConfig:
     def diff(self, other: TrainConfig) -> list[str]:
         """Dotted keys whose values differ between two configs."""
         return sorted(_flat_diff(self.to_dict(), other.to_dict()))
+
+
+def data_config(value: Any) -> DataConfig:
+    """A :class:`DataConfig` from a mapping read from a file (a checkpoint's record, say), checked
+    like a config file's ``data`` section: unknown keys and wrong types raise :class:`ConfigError`."""
+    return _section("data", DataConfig, value)
 
 
 def _section(name: str, cls: type, value: Any) -> Any:
@@ -491,10 +549,17 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
         if not path.is_file():
             raise ConfigError(f"No config file at {str(path)!r}; pass a YAML file such as configs/lm/tiny-stdlib.yaml.")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loaded = load_yaml(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"Cannot parse config {str(path)!r}: {e}".replace("\n", " ")) from None
-        if loaded is not None and not isinstance(loaded, dict):
+        except OSError as e:
+            raise ConfigError(f"Cannot read config {str(path)!r}: {e.strerror or e}.") from None
+        if loaded is None:  # an empty file is a mistake, never "all defaults" (a 1000-step run)
+            raise ConfigError(
+                f"Config {str(path)!r} is empty; give at least the keys you mean, e.g. start from "
+                "configs/lm/tiny-stdlib.yaml (write {} for all defaults)."
+            )
+        if not isinstance(loaded, dict):
             raise ConfigError(f"Config {str(path)!r} must be a YAML mapping of keys to values.")
-        d = loaded or {}
+        d = loaded
     return TrainConfig.from_dict(apply_overrides(d, overrides))

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -152,7 +154,13 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     pointer = Path(out_dir) / CHECKPOINTS / LATEST
     if not pointer.is_file():
         return None
-    path = pointer.parent / pointer.read_text().strip()
+    name = pointer.read_text(errors="replace").strip()
+    if re.fullmatch(r"ckpt-[0-9]+", name) is None:  # never a path out of the checkpoints folder
+        raise ConfigError(
+            f"{str(pointer)!r} names {name[:80]!r}, which is not a checkpoint folder name (ckpt-<step>); write the "
+            "name of a complete ckpt-* folder beside it into it, or start a new run with --force."
+        )
+    path = pointer.parent / name
     if not (path / WEIGHTS).is_file() or not (path / STATE).is_file():
         raise ConfigError(
             f"{str(pointer)!r} names {path.name!r}, which is missing or incomplete; the run folder was edited "
@@ -161,9 +169,51 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return path
 
 
+def previous_checkpoint(path: Path) -> Path | None:
+    """The newest complete checkpoint older than the checkpoint folder ``path``, if one is kept."""
+    older = [
+        p
+        for p in Path(path).parent.glob("ckpt-*")
+        if p.name < Path(path).name and (p / WEIGHTS).is_file() and (p / STATE).is_file()
+    ]
+    return max(older, default=None)
+
+
+def fallback_hint(path: Path) -> str:
+    """How to resume without the damaged checkpoint ``path``: from the previous one, or afresh."""
+    prev = previous_checkpoint(path)
+    if prev is None:
+        return "no earlier checkpoint is kept, so start the run again with --force (or in another out_dir)"
+    pointer = Path(path).parent / LATEST
+    return f"the previous checkpoint is {prev.name}: write {prev.name!r} into {str(pointer)!r} and rerun with --resume"
+
+
+#: What every trainer ``state.pt`` holds; anything else is not a qkvlab training state.
+STATE_KEYS = ("step", "tokens", "optimizer", "data", "rng")
+
+
 def load_state(path: Path) -> dict[str, Any]:
-    """``state.pt`` of the checkpoint folder ``path``, read without unpickling code."""
+    """``state.pt`` of the checkpoint folder ``path``, read without unpickling code.
+
+    A damaged file, or one that holds objects other than tensors and plain data (which is
+    never unpickled: that would run its code), is a :class:`ConfigError` naming the previous
+    checkpoint to resume from instead.
+    """
+    file = path / STATE
     try:
-        return torch.load(path / STATE, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise ConfigError(f"Cannot read training state {str(path / STATE)!r}: {e}. The file is corrupt.") from None
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, which would run whatever the file holds.
+        raise ConfigError(
+            f"Training state {str(file)!r} is corrupt or unsafe: it holds something other than tensors and plain "
+            f"data, and is never unpickled as code; {fallback_hint(path)}."
+        ) from None
+    except Exception as e:  # a damaged file surfaces as RuntimeError, EOFError, OSError, ValueError, ...
+        first = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0]  # torch's advice follows
+        raise ConfigError(f"Training state {str(file)!r} is corrupt ({first}); {fallback_hint(path)}.") from None
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+        raise ConfigError(
+            f"Training state {str(file)!r} is corrupt (it lacks the step, optimizer, data or RNG state); "
+            f"{fallback_hint(path)}."
+        )
+    return state

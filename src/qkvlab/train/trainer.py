@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -39,6 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -107,6 +109,11 @@ def setup_context(config: TrainConfig) -> RunContext:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device={config.device!r} but CUDA is not available; use device=cpu or device=auto.")
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device={str(device)!r} but {torch.cuda.device_count()} CUDA device(s) are visible; use an index "
+                f"below {torch.cuda.device_count()}, or device=auto."
+            )
         torch.cuda.set_device(device)
     if config.dtype == "auto":
         amp_dtype = torch.bfloat16 if device.type == "cuda" else None
@@ -208,6 +215,7 @@ def load_splits(data: DataConfig) -> LMSplits:
         seed=data.seed,
         max_docs=data.max_docs,
         vocab_size=data.vocab_size,
+        encoding=data.encoding,
         val_source=data.val_source,
         extra=data.eval_sources,
     )
@@ -265,9 +273,10 @@ class LMTask:
         self.splits = splits
         self.model_config = config.model_config(splits.vocab_size)
         if len(splits.val) < config.seq_len + 1:  # fail now, not at the first evaluation
+            more = "give a longer data.val_source" if config.data.val_source else "raise data.val_fraction"
             raise ConfigError(
                 f"The validation split has {len(splits.val)} tokens, too few for one window of "
-                f"seq_len={config.seq_len}; raise data.val_fraction or lower seq_len."
+                f"seq_len={config.seq_len}; {more} or lower seq_len."
             )
 
     @classmethod
@@ -440,8 +449,14 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
     return d
 
 
-def _as_float(t: torch.Tensor) -> float:
-    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def reads_every_step(device: torch.device) -> bool:
+    """Whether the loop reads each step's loss at once (see :meth:`Trainer.check_steps`): on a
+    CPU reading costs nothing; on a GPU it would make the host wait for every step."""
+    return device.type != "cuda"
 
 
 def total_steps(config: TrainConfig, task: Task) -> int:
@@ -456,7 +471,7 @@ def count_per_step(config: TrainConfig, task: Task) -> int:
     return int(fn(config)) if fn is not None else config.tokens_per_step
 
 
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "meta.json")
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "meta.json", "tokenizer.json")
 
 
 def save_tokenizer(task: Task, out: Path) -> Path | None:
@@ -520,6 +535,43 @@ def run_info(config: TrainConfig, ctx: RunContext, task: Task, n_params: int) ->
     }
 
 
+def _row_step(line: str) -> int | None:
+    """The step of one ``metrics.jsonl`` line; None for a line a killed writer left torn."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+#: What a run writes into its out_dir; a new run refuses a folder holding any of them.
+RUN_FILES = (
+    "config.yaml",
+    "run.json",
+    "metrics.jsonl",
+    "summary.json",
+    "model.safetensors",
+    ckpt.CHECKPOINTS,
+    "tensorboard",
+    "tokenizer",
+)
+
+
+def clear_run(out: Path) -> list[str]:
+    """Delete what a run wrote into ``out`` (:data:`RUN_FILES`; nothing else); the names deleted."""
+    gone = []
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        gone.append(name)
+    return gone
+
+
 class MetricsLog:
     """``metrics.jsonl`` (one JSON object per row) and, when available, TensorBoard."""
 
@@ -540,8 +592,8 @@ class MetricsLog:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():  # drop rows a killed run wrote after its last checkpoint
-            rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [r for r in rows if json.loads(r)["step"] <= resume_step]
+            rows = [line for line in self.path.read_text(errors="replace").splitlines() if line.strip()]
+            kept = [r for r in rows if (_row_step(r) or math.inf) <= resume_step]  # a torn line goes too
             ckpt.atomic_write(self.path, lambda p: Path(p).write_text("".join(r + "\n" for r in kept)))
         self.file = open(self.path, "a")  # noqa: SIM115 (closed in close())
         self.tb = None
@@ -555,8 +607,14 @@ class MetricsLog:
 
     def write(self, row: dict[str, Any]) -> None:
         row = {k: row.get(k) for k in self.keys} | {k: v for k, v in row.items() if k not in self.keys}
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise ConfigError(
+                f"Could not write {str(self.path)!r} at step {row.get('step')}: {e.strerror or e}. Free disk space "
+                "or fix permissions, then rerun with --resume (the last checkpoint is intact)."
+            ) from None
         if self.tb is not None:
             for k, v in row.items():
                 if k not in ("step", "tokens") and isinstance(v, int | float):
@@ -599,34 +657,88 @@ class Trainer:
             sys.stdout.flush()
 
     # ------------------------------------------------------------- set-up
-    def _check_resume(self, out: Path, resume: bool) -> Path | None:
-        """The checkpoint to resume from; refuse a changed config or a silent overwrite."""
-        latest = ckpt.latest_checkpoint(out)
-        saved = out / "config.yaml"
-        if resume and saved.is_file():
-            from qkvlab.train.config import load_config
-
-            before = load_config(saved)
-            changed = [k for k in self.config.diff(before) if k not in RESUMABLE_CHANGES]
-            if changed:
-                old, new = before.to_dict(), self.config.to_dict()
-                detail = ", ".join(f"{k}: saved {_get(old, k)!r}, now {_get(new, k)!r}" for k in changed)
-                raise ConfigError(
-                    f"Cannot resume {str(out)!r} with a changed config ({detail}). Resume with the settings in "
-                    "its config.yaml, or start a new run in another out_dir."
-                )
-        if not resume and latest is not None:
+    def _compare(self, out: Path, before: TrainConfig, where: str) -> list[str]:
+        """Refuse to resume with a config that differs from ``before`` in what it computes;
+        the resumable keys that changed."""
+        diff = self.config.diff(before)
+        changed = [k for k in diff if k not in RESUMABLE_CHANGES]
+        if changed:
+            old, new = before.to_dict(), self.config.to_dict()
+            detail = ", ".join(f"{k}: saved {_get(old, k)!r}, now {_get(new, k)!r}" for k in changed)
             raise ConfigError(
-                f"{str(out)!r} already holds a run (checkpoint {latest.name}); pass --resume to continue it, "
-                "or choose another out_dir."
+                f"Cannot resume {str(out)!r} with a changed config ({detail}, per {where}). Resume with the "
+                "settings it was saved with, or start a new run in another out_dir (or with --force)."
             )
-        return latest if resume else None
+        return [k for k in diff if k in RESUMABLE_CHANGES]
 
-    def _setup(self, resume: bool) -> None:
+    def _check_resume(self, out: Path, resume: bool) -> Path | None:
+        """The checkpoint to resume from. A new run refuses a folder that holds another run's files;
+        a resume refuses a config that differs from the run's config.yaml or from the config stored
+        in the checkpoint itself (config.yaml may be gone or edited)."""
+        from qkvlab.checkpoint import read_metadata, train_config
+        from qkvlab.train.config import load_config
+
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        latest = ckpt.latest_checkpoint(out)
+        if not resume:
+            if found:
+                what = f"checkpoint {latest.name}" if latest is not None else ", ".join(found)
+                raise ConfigError(
+                    f"{str(out)!r} already holds a run ({what}); pass --resume to continue it, --force to replace "
+                    "it, or choose another out_dir."
+                )
+            return None
+        saved = out / "config.yaml"
+        self.resumed_changes: list[str] = []
+        finished = [name for name in ("model.safetensors", "summary.json") if name in found]
+        if latest is None and finished:  # a resume would train it again from step 0 over its weights
+            raise ConfigError(
+                f"{str(out)!r} holds a finished run ({', '.join(finished)}) but no checkpoint to resume from; pass "
+                "--force to train it again from the start, or choose another out_dir."
+            )
+        if saved.is_file():
+            try:
+                before = load_config(saved)
+            except ConfigError as e:
+                raise ConfigError(
+                    f"Cannot resume {str(out)!r}: its config.yaml is not a config this run can compare with ({e}); "
+                    "pass --force to replace the run there, or choose another out_dir."
+                ) from None
+            self.resumed_changes = self._compare(out, before, str(saved))
+        elif found and latest is None:
+            raise ConfigError(
+                f"{str(out)!r} holds run files ({', '.join(found)}) but no checkpoint and no config.yaml that would "
+                "show they are this run's; pass --force to replace them, or choose another out_dir."
+            )
+        if latest is not None:
+            weights = latest / ckpt.WEIGHTS
+            stored = train_config(read_metadata(weights, qkvlab_only=False), weights)
+            if stored:
+                try:
+                    before = TrainConfig.from_dict(stored)
+                except ConfigError as e:
+                    raise ConfigError(
+                        f"Checkpoint {str(weights)!r} records a training config this run cannot read ({e}); resume "
+                        "it with the qkvlab version that wrote it, or start a new run in another out_dir."
+                    ) from None
+                changes = self._compare(out, before, f"checkpoint {latest.name}")
+                self.resumed_changes = sorted(set(self.resumed_changes) | set(changes))
+        return latest
+
+    def _setup(self, resume: bool, force: bool = False) -> None:
         config, ctx = self.config, self.ctx
         self.out = Path(config.out_dir)
         if ctx.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(
+                    f"Cannot create out_dir {str(self.out)!r}: {e.strerror or e}; choose a writable folder."
+                ) from None
+            if force:
+                gone = clear_run(self.out)
+                if gone:
+                    self.say(f"--force: removed the previous run's {', '.join(gone)} from {self.out}")
         ctx.barrier()
         self.resume_from = self._check_resume(self.out, resume)
         if self.task is None:
@@ -655,9 +767,15 @@ class Trainer:
         self.batches = self.task.batches(config.batch_size // ctx.world_size, seed=config.seed, ctx=ctx)
         self.step, self.tokens = 0, 0
         self.last_loss: float | None = None  # training loss of the latest step
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # steps not yet checked
         self.last_eval: dict[str, float] = {}
         if self.resume_from is not None:
             self._load(self.resume_from)
+            if ctx.is_main and ("optim.lr" in self.resumed_changes or not (self.out / "config.yaml").is_file()):
+                # config.yaml keeps the settings the run now continues with (a lowered rate, say)
+                ckpt.atomic_write(self.out / "config.yaml", lambda p: Path(p).write_text(config.to_yaml()))
+            if "optim.lr" in self.resumed_changes:
+                self.say(f"note: optim.lr is {config.optim.lr} from step {self.step} on (config.yaml updated)")
         elif ctx.is_main:
             ckpt.atomic_write(self.out / "config.yaml", lambda p: Path(p).write_text(config.to_yaml()))
             info = run_info(config, ctx, self.task, self.n_params)
@@ -734,11 +852,11 @@ class Trainer:
                     metadata=self._weights_metadata(),
                     keep=self.config.keep_checkpoints,
                 )
-            except OSError as e:
+            except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: torch and safetensors raise their own
                 raise ConfigError(
-                    f"Could not write the checkpoint of step {self.step} in {str(self.out)!r}: {e}. The previous "
-                    f"checkpoint ({self._last_saved()}) is intact; free disk space or fix permissions, then rerun "
-                    "with --resume."
+                    f"Could not write the checkpoint of step {self.step} in {str(self.out)!r}: {_first_line(e)}. The "
+                    f"previous checkpoint ({self._last_saved()}) is intact; free disk space or fix permissions, then "
+                    "rerun with --resume."
                 ) from None
             self.saved_step = self.step
             self.say(f"checkpoint saved step={self.step} path={path}")
@@ -753,27 +871,45 @@ class Trainer:
             set_optimizer_state_dict,
         )
 
+        from qkvlab.checkpoint import check_fits
+
         options = StateDictOptions(full_state_dict=True)
-        weights = ckpt.load_weights(path / ckpt.WEIGHTS)
-        own = set(self.raw.state_dict())
-        if set(weights) != own:
+        model_config = getattr(self.raw, "config", None)
+        if hasattr(model_config, "family"):  # a qkvlab model: its config against the checkpoint's own record
+            check_fits(model_config, path / ckpt.WEIGHTS)
+        try:
+            weights = ckpt.load_weights(path / ckpt.WEIGHTS)
+        except ConfigError as e:
+            hint = ckpt.fallback_hint(path)
+            raise ConfigError(f"{e} {hint[0].upper()}{hint[1:]}.") from None
+        own = {k: tuple(v.shape) for k, v in self.raw.state_dict().items()}
+        bad_shape = sorted(k for k in set(own) & set(weights) if tuple(weights[k].shape) != own[k])
+        if set(weights) != set(own) or bad_shape:
             raise ConfigError(
-                f"Checkpoint {str(path)!r} does not fit the model (missing {sorted(own - set(weights))[:5]}, "
-                f"unexpected {sorted(set(weights) - own)[:5]}); resume with the config it was saved with."
+                f"Checkpoint {str(path)!r} does not fit the model (missing {sorted(set(own) - set(weights))[:5]}, "
+                f"unexpected {sorted(set(weights) - set(own))[:5]}, other shape {bad_shape[:5]}); resume with the "
+                "config it was saved with."
             )
         set_model_state_dict(self.raw, weights, options=options)
         state = ckpt.load_state(path)
-        set_optimizer_state_dict(self.raw, self.optimizer, state["optimizer"], options=options)
-        self.batches.load_state_dict(state["data"])
-        self.step, self.tokens = int(state["step"]), int(state["tokens"])
-        self.last_eval = dict(state.get("last_eval", {}))
-        self.last_loss = state.get("last_loss")
+        try:
+            set_optimizer_state_dict(self.raw, self.optimizer, state["optimizer"], options=options)
+            self.batches.load_state_dict(state["data"])
+            self.step, self.tokens = int(state["step"]), int(state["tokens"])
+            self.last_eval = dict(state.get("last_eval") or {})
+            self.last_loss = state.get("last_loss")
+            rng = state["rng"]
+            if len(rng) == self.ctx.world_size:
+                ckpt.set_rng_state(rng[self.ctx.rank])
+            else:
+                self.say(f"note: checkpoint from {len(rng)} process(es), resuming on {self.ctx.world_size}: fresh RNG")
+        except ConfigError:
+            raise  # a state that does not match this run says so itself
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            raise ConfigError(
+                f"Training state {str(path / ckpt.STATE)!r} is corrupt ({_first_line(e)}); {ckpt.fallback_hint(path)}."
+            ) from None
         self.saved_step = self.step
-        rng = state["rng"]
-        if len(rng) == self.ctx.world_size:
-            ckpt.set_rng_state(rng[self.ctx.rank])
-        else:
-            self.say(f"note: checkpoint from {len(rng)} process(es), resuming on {self.ctx.world_size}: fresh RNG")
         self.say(f"resumed from {path} at step {self.step}")
 
     # ------------------------------------------------------------- one step
@@ -804,20 +940,43 @@ class Trainer:
                 loss = self._loss_fn(self._loss_model, batch)
                 (loss / config.grad_accum).backward()
             loss_sum += loss.detach().float()
-        loss = ctx.sum(loss_sum / config.grad_accum).item() / ctx.world_size
+        loss = ctx.sum(loss_sum / config.grad_accum) / ctx.world_size
         clip = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
-        grad_norm = _as_float(torch.nn.utils.clip_grad_norm_(self.raw.parameters(), clip))
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise ConfigError(
-                f"Training diverged at step {self.step + 1}: loss={loss}, grad norm={grad_norm}. The last good "
-                f"checkpoint is {self._last_saved()} in {str(self.out)!r}; lower optim.lr (now {config.optim.lr}) "
-                "or raise schedule.warmup_steps, then rerun (or --resume)."
-            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm is a sharded DTensor
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self._pending.append((self.step, loss.detach(), grad_norm.detach()))
         return loss, grad_norm, count * ctx.world_size
+
+    def check_steps(self) -> tuple[float, float]:
+        """The loss and grad norm of the latest step, after checking every step since the last check.
+
+        Reading a value from the GPU waits for it, so the loop reads the steps' losses only when
+        it logs, evaluates or saves (and after every step on a CPU, where reading costs nothing):
+        in between, the host queues the next steps while the GPU runs, which is most of the step
+        time of a small model. A non-finite step stops the run before anything is saved, so the
+        last checkpoint is always good; the steps after it in the window have already run.
+        """
+        config = self.config
+        pending, self._pending = self._pending, []
+        if not pending:
+            return self.last_loss if self.last_loss is not None else math.nan, math.nan
+        values = torch.stack([torch.stack([l.float(), g.float()]) for _, l, g in pending]).tolist()
+        for (step, _, _), (loss, grad_norm) in zip(pending, values, strict=True):
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step = step - 1  # the failed step, for the message
+                raise ConfigError(
+                    f"Training diverged at step {self.step + 1}: loss={loss}, grad norm={grad_norm}. The last good "
+                    f"checkpoint is {self._last_saved()} in {str(self.out)!r}; continue from it at a lower rate with "
+                    f"--resume optim.lr={config.optim.lr / 2:g} (now {config.optim.lr:g}), or start again with more "
+                    "schedule.warmup_steps (--force)."
+                )
+        self.last_loss = values[-1][0]
+        return values[-1][0], values[-1][1]
 
     def evaluate(self, final: bool = False) -> dict[str, float]:
         """A validation pass; the ``final`` one takes ``final_eval_batches`` and, for tasks that
@@ -853,21 +1012,27 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------- the loop
-    def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train to the run's total steps (continuing the latest checkpoint if ``resume``); the summary."""
+    def fit(self, resume: bool = False, force: bool = False) -> dict[str, Any]:
+        """Train to the run's total steps (continuing the latest checkpoint if ``resume``); the summary.
+
+        ``force`` starts a new run in an out_dir that holds another one, deleting what that run
+        wrote (:data:`RUN_FILES`); without it such a folder is refused.
+        """
+        if resume and force:
+            raise ConfigError("--resume continues the run in out_dir and --force replaces it; pass only one of them.")
         self.ctx = setup_context(self.config)
         try:
-            return self._fit(resume)
+            return self._fit(resume, force)
         finally:
             if getattr(self, "log", None) is not None:
                 self.log.close()
             if self.ctx.owns_process_group and dist.is_initialized():
                 dist.destroy_process_group()
 
-    def _fit(self, resume: bool) -> dict[str, Any]:
+    def _fit(self, resume: bool, force: bool = False) -> dict[str, Any]:
         config, ctx = self.config, self.ctx
         self.saved_step = 0
-        self._setup(resume)
+        self._setup(resume, force)
         total = self.total_steps
         self.say(
             f"training {self.n_params:,} parameters for {total} steps of {count_per_step(config, self.task):,} tokens "
@@ -883,18 +1048,23 @@ class Trainer:
             disable=not (ctx.is_main and config.log.progress),
         )
         train_time, run_tokens, window_tokens, window_time = 0.0, 0, 0, 0.0
+        every_step = reads_every_step(ctx.device)
+        window_start = time.perf_counter()
         while self.step < total:
-            t0 = time.perf_counter()
-            loss, grad_norm, n = self.train_step()
-            self.last_loss = loss
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize(ctx.device)
-            dt = time.perf_counter() - t0
+            _, _, n = self.train_step()
             self.tokens += n
-            train_time, run_tokens = train_time + dt, run_tokens + n
-            window_tokens, window_time = window_tokens + n, window_time + dt
+            run_tokens, window_tokens = run_tokens + n, window_tokens + n
+            bar.update(1)
+            log_now = self.step % config.log.every == 0 or self.step == total
+            eval_now = bool(config.eval_every and self.step % config.eval_every == 0) or self.step == total
+            ckpt_now = bool(config.ckpt_every and self.step % config.ckpt_every == 0) or self.step == total
+            if not (log_now or eval_now or ckpt_now or every_step):
+                continue
+            loss, grad_norm = self.check_steps()  # waits for the GPU: the window's time is now known
+            elapsed = time.perf_counter() - window_start
+            train_time, window_time = train_time + elapsed, window_time + elapsed
             row: dict[str, Any] = {}
-            if self.step % config.log.every == 0 or self.step == total:
+            if log_now:
                 row = {
                     "step": self.step,
                     "tokens": self.tokens,
@@ -903,20 +1073,16 @@ class Trainer:
                     "grad_norm": grad_norm,
                     "tokens_per_s": window_tokens / window_time,
                 }
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{window_tokens / window_time:,.0f}", refresh=False)
                 window_tokens, window_time = 0, 0.0
-            if (config.eval_every and self.step % config.eval_every == 0) or self.step == total:
+            if eval_now:
                 row = {"step": self.step, "tokens": self.tokens, **row, **self.evaluate(final=self.step == total)}
+                bar.set_postfix(loss=f"{loss:.4f}", val=f"{self.last_eval['val_loss']:.4f}", refresh=False)
             if row and self.log is not None:
                 self.log.write(row)
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{loss:.4f}",
-                tok_s=f"{n / dt:,.0f}",
-                **({"val": f"{self.last_eval['val_loss']:.4f}"} if "val_loss" in self.last_eval else {}),
-                refresh=False,
-            )
-            if (config.ckpt_every and self.step % config.ckpt_every == 0) or self.step == total:
+            if ckpt_now:
                 self.save_checkpoint()
+            window_start = time.perf_counter()  # evaluation and checkpoints are not training time
         bar.close()
         if not self.last_eval:  # resumed a finished run whose summary is missing
             self.evaluate(final=True)
@@ -934,8 +1100,16 @@ class Trainer:
         }
         model = self._whole_model()
         if model is not None:
-            ckpt.save_weights(model, self.out / "model.safetensors", self._weights_metadata())
-            ckpt.atomic_write(self.out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
+            try:
+                ckpt.save_weights(model, self.out / "model.safetensors", self._weights_metadata())
+                ckpt.atomic_write(
+                    self.out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2))
+                )
+            except (OSError, RuntimeError, SafetensorError) as e:
+                raise ConfigError(
+                    f"Could not write the final weights or summary.json in {str(self.out)!r}: {_first_line(e)}. The "
+                    f"checkpoint of step {self.saved_step} is intact; free disk space, then rerun with --resume."
+                ) from None
             scores = [f"val loss {summary.get('val_loss', float('nan')):.4f}"]
             if "val_ppl" in summary:
                 scores.append(f"ppl {summary['val_ppl']:.2f}")
@@ -949,9 +1123,10 @@ def train(
     config: TrainConfig,
     *,
     resume: bool = False,
+    force: bool = False,
     task: Task | None = None,
     on_checkpoint: Callable[[int, Path], None] | None = None,
     verbose: bool = True,
 ) -> dict[str, Any]:
-    """Run ``config`` to the end and return its summary (see :class:`Trainer`)."""
-    return Trainer(config, task, on_checkpoint=on_checkpoint, verbose=verbose).fit(resume=resume)
+    """Run ``config`` to the end and return its summary (see :class:`Trainer` and :meth:`Trainer.fit`)."""
+    return Trainer(config, task, on_checkpoint=on_checkpoint, verbose=verbose).fit(resume=resume, force=force)

@@ -1002,6 +1002,8 @@ class Trainer:
         ctx = self.ctx
         name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else None
         out: dict[str, Any] = {"device_name": name or platform.processor() or platform.machine()}
+        if name:
+            out["peak_memory_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
         fn = getattr(self.task, "flops_per_token", None)
         if fn is None:
             return out

@@ -280,3 +280,20 @@ def test_the_ladder_study_config_loads_and_expands_to_the_intended_grid():
         if p.variant == "QKV" and p.tokens == 9_850_000 and p.seed == 0:
             lr_points.setdefault(p.model, set()).add(p.config["optim"]["lr"])
     assert all(len(lrs) >= 3 for lrs in lr_points.values()) and len(lr_points) >= 6
+
+
+def test_only_selects_grid_points_in_any_spelling_and_names_a_value_no_point_has(tmp_path: Path):
+    from qkvlab.study.sweep import select
+
+    s = SweepSpec.from_dict(
+        {"base": BASE, "grid": {"variant": ["QKV", "Q-K=V"], "tokens": [1000, 4000], "optim.lr": [1e-3, 2e-3]}}
+    )
+    plans = expand(s)
+    assert len(select(plans, None)) == 8
+    chosen = select(plans, {"variant": ["q_kv"], "tokens": ["4k"], "optim.lr": ["2e-3"]})
+    assert [(p.variant, p.tokens, p.config["optim"]["lr"]) for p in chosen] == [("Q-K=V", 4000, 2e-3)]
+    with pytest.raises(ConfigError, match="No grid point has model=gpt2-3m"):
+        select(plans, {"model": ["gpt2-3m"]})
+    trainer = Clocked([0.0], 0.0)
+    summary = run_sweep(s, tmp_path, run_fn=trainer, verbose=False, only={"tokens": ["1000"]})
+    assert trainer.calls == [1000] * 4 and summary.planned == 4

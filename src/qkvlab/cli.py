@@ -226,6 +226,10 @@ def sweep(
         bool,
         typer.Option("--force", help="Run into a study folder that holds another study (another name or base config)."),
     ] = False,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(help="KEY=V1,V2 (repeatable): run only the grid points with these values, e.g. model=gpt2-3m."),
+    ] = None,
 ) -> None:
     """Run a grid of training runs (variants x models x token budgets x seeds); resumes if killed.
 
@@ -235,7 +239,15 @@ def sweep(
     """
     from qkvlab.study import load_sweep, run_sweep
 
-    summary = run_sweep(load_sweep(config), out, devices=devices, time_limit=time_limit, force=force)
+    selected: dict[str, list[str]] = {}
+    for item in only or []:
+        key, sep, values = item.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise ConfigError(f"--only {item!r} is not KEY=V1,V2; write e.g. --only model=gpt2-3m,gpt2-10m.")
+        selected.setdefault(key.strip(), []).extend(v.strip() for v in values.split(",") if v.strip())
+    summary = run_sweep(
+        load_sweep(config), out, devices=devices, time_limit=time_limit, force=force, only=selected or None
+    )
     console.print(str(summary))
     if summary.failed:
         raise typer.Exit(1)
@@ -723,7 +735,7 @@ def export(
         return
     console.print(
         f"{out}: {report['class']} ({report['paper_name']}, {report['dtype']}); cache "
-        f"{report['cached_tensors_per_layer']} tensors/layer, {report['kv_cache_bytes_per_token']:,} B/token; "
+        f"{report['cached_tensors_per_layer']} tensor(s)/layer, {report['kv_cache_bytes_per_token']:,} B/token; "
         "logits vs qkvlab: max relative difference "
         f"{report['max_relative_logit_difference_fp32']:.1e} (fp32)",
         highlight=False,

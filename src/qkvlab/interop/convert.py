@@ -1,0 +1,457 @@
+"""Convert a trained QKV model to K=V and/or fewer KV heads (``qkvlab convert CKPT OUT --to ...``).
+
+Two steps, each optional, in this order:
+
+1. **Head grouping** (``--kv-heads N``, or a target such as ``Q-GQA-4`` / ``MQA``): the key and
+   value heads of each group of ``n_kv / N`` adjacent heads are mean-pooled into one (weights and
+   biases), as the GQA paper (Ainslie et al., 2023) does before uptraining. Query head ``h`` used
+   KV head ``h // G`` before and uses the pooled head that contains it after. Pooling only
+   merges heads; more KV heads than the source has are refused.
+2. **Sharing K and V** (a ``q_kv`` target such as ``Q-K=V``): one projection ``s = W x + b``
+   replaces the key and value projections. The key role becomes ``rope(norm(s))`` and the value
+   ``s`` (qkvlab's K=V semantics), so no choice of ``W`` keeps both roles in general; ``--init``
+   picks it per layer (and per KV head):
+
+   ``key``
+       ``W = W_k``: every key is exactly the source's key (after RoPE and QK-norm too), the
+       values are the (unrotated) pre-RoPE keys.
+   ``value``
+       ``W = W_v``: every value is exactly the source's value; keys are ``rope(norm(W_v x))``.
+   ``mean``
+       ``W = (W_k + W_v) / 2``.
+   ``fit``
+       Data-aware, fitted on calibration activations ``x`` (the attention inputs of the source
+       model on ``--calib`` text). The query and output projections can absorb part of the
+       change exactly: a value map ``B`` (any ``D x D``) folds into ``W_o`` (the output is
+       linear in the values), and a key map ``R`` folds into ``W_q`` as ``R^T`` when it
+       commutes with RoPE (per rotated pair a scaled rotation, ``R = a I + b J``; with learned
+       or no positions any ``D x D``; with QK-norm ``R = I``, since the norm sits between).
+       ``fit`` minimises, per KV head, the relative squared errors of both roles::
+
+           E||k - R s||^2 / E||k||^2  +  E||v - B s||^2 / E||v||^2,      s = W x + b
+
+       by exact block-coordinate steps: ``B`` and ``R`` by least squares given ``W``, and ``W``
+       in closed form given ``B`` and ``R`` (the input covariance cancels there), descending
+       from each of ``key``, ``value`` and ``mean`` and keeping the best, so it never does worse
+       than those on the calibration data. When the source's values are a linear function of
+       its keys (or its keys one of its values, up to such an ``R``) the conversion is exact.
+
+QK-norm weights are kept (the key role is still ``norm(s)``); biases are converted with their
+weights. Refused: a source that already shares projections, linear attention, a target that
+would also change positions or QK-norm, and sharing patterns other than Q-K=V.
+
+The output is a qkvlab run folder (``model.safetensors``, ``interop.json`` with the per-layer
+errors when calibration data is given, ``tokenizer/``) that training can start from.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qkvlab.attention.variant import VariantSpec
+from qkvlab.checkpoint import load_model, read_metadata
+from qkvlab.errors import ConfigError
+from qkvlab.interop.common import (
+    checkpoint_file,
+    dtype_of,
+    model_from_tensors,
+    output_folder,
+    tokenizer_folder,
+    train_config,
+    write_run,
+)
+from qkvlab.interop.layout import block, proj
+from qkvlab.models.config import GPTConfig
+
+INITS = ("key", "value", "mean", "fit")
+FIT_ITERATIONS = 200
+
+
+# --------------------------------------------------------------------------- target
+def target_config(cfg: GPTConfig, to: str | None, kv_heads: int | None) -> GPTConfig:
+    """The converted model's config; refuses conversions that are not pooling and/or K=V sharing."""
+    src = cfg.variant
+    if src.linear:
+        raise ConfigError(f"Source variant {src.id!r} uses linear attention; convert works on softmax attention.")
+    if src.sharing != "q_k_v":
+        raise ConfigError(
+            f"convert starts from separate Q, K and V projections, but the source is {src.paper_name} ({src.id})."
+        )
+    t = VariantSpec.parse(to) if to else src
+    if t.sharing not in ("q_k_v", "q_kv"):
+        raise ConfigError(
+            f"convert makes Q-K=V and groups KV heads; target {t.paper_name} ({t.id}) would tie the query, which "
+            "has no exact or fitted conversion here."
+        )
+    if t.pos is not None and t.pos != src.pos:
+        raise ConfigError(f"Target {t.id!r} changes the positional scheme ({src.pos} -> {t.pos}); convert keeps it.")
+    if t.linear or t.pos2d:
+        raise ConfigError(f"Target {t.id!r} changes the attention kind; convert keeps softmax attention.")
+    if t.qk_norm and not src.qk_norm:
+        raise ConfigError(
+            f"Target {t.id!r} adds QK-norm, which the source does not have; it would change the model without weights "
+            "to match. Drop '+qknorm' (a source's QK-norm is kept)."
+        )
+    n_src = cfg.n_kv_heads
+    n_kv = kv_heads if kv_heads is not None else t.kv_heads(cfg.n_heads) if t.n_kv_heads is not None else n_src
+    if not isinstance(n_kv, int) or n_kv < 1 or n_src % n_kv:
+        divisors = [d for d in range(1, n_src + 1) if n_src % d == 0]
+        raise ConfigError(
+            f"The source has {n_src} KV heads; pooling adjacent heads reaches {divisors}, not {n_kv!r} "
+            "(more heads than the source would have to be invented)."
+        )
+    variant = src.replace(sharing=t.sharing, n_kv_heads=None if n_kv == cfg.n_heads else n_kv)
+    if variant == src:
+        raise ConfigError(f"Target {variant.id!r} is the source's own variant; there is nothing to convert.")
+    return cfg.replace(variant=variant.to_dict())
+
+
+# --------------------------------------------------------------------------- calibration
+@torch.no_grad()
+def attention_input_moments(model, tokens: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
+    """Per layer, ``E[x x^T]`` of the attention input ``x`` augmented with a constant 1
+    (``(d+1) x (d+1)``, float64), from the source model run on ``tokens`` ``(N, T)``."""
+    blocks = model.backbone.blocks
+    sums = [torch.zeros(model.config.d_model + 1, model.config.d_model + 1, dtype=torch.float64) for _ in blocks]
+    count = [0]
+
+    def hook(i):
+        def fn(module, inputs, output):
+            x = output.reshape(-1, output.shape[-1]).to(torch.float64).cpu()
+            xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+            sums[i] += xa.T @ xa
+            if i == 0:
+                count[0] += x.shape[0]
+
+        return fn
+
+    handles = [b.norm1.register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, tokens.shape[0], batch_size):
+            model(tokens[start : start + batch_size].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return [s / max(count[0], 1) for s in sums]
+
+
+def calibration_tokens(weights: Path, source: str, n_tokens: int, seq_len: int) -> torch.Tensor:
+    """``(n, seq_len)`` windows of ``source`` text tokenised with the checkpoint's tokenizer."""
+    from qkvlab.data.corpus import load_corpus
+    from qkvlab.interop.common import run_tokenizer
+
+    tok = run_tokenizer(weights)
+    if tok is None:
+        raise ConfigError(
+            f"{str(weights)!r} records no tokenizer, so the calibration text cannot be tokenised; give the run a "
+            "tokenizer/ folder."
+        )
+    ids: list[int] = []
+    for doc in load_corpus(source).documents:
+        ids.extend(tok.encode(doc))
+        ids.append(tok.eot_id)
+        if len(ids) >= n_tokens:
+            break
+    n = min(len(ids), n_tokens) // seq_len
+    if n < 1:
+        raise ConfigError(f"Calibration text {source!r} has {len(ids)} tokens, fewer than one window of {seq_len}.")
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+# --------------------------------------------------------------------------- fitting
+def rope_commuting_fit(M: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
+    """Least-squares ``R`` in ``k ~ R s`` restricted to maps that commute with RoPE.
+
+    ``M = E[k s^T]`` and ``N = E[s s^T]`` (``(..., D, D)``); RoPE rotates pairs ``(i, i + D/2)``,
+    and the maps that commute with every such rotation are, per pair, ``[[a, -b], [b, a]]`` (a
+    complex scalar ``c = a + ib``), fitted as ``c = E[k conj(s)] / E[|s|^2]`` with
+    ``k = k_i + i k_{i+D/2}``.
+    """
+    D = M.shape[-1]
+    i, j = torch.arange(D // 2), torch.arange(D // 2) + D // 2
+    den = (N[..., i, i] + N[..., j, j]).clamp_min(1e-30)
+    a = (M[..., i, i] + M[..., j, j]) / den
+    b = (M[..., j, i] - M[..., i, j]) / den
+    R = torch.zeros_like(M)
+    R[..., i, i], R[..., j, j], R[..., i, j], R[..., j, i] = a, a, -b, b
+    return R
+
+
+def _tr(x: torch.Tensor) -> torch.Tensor:
+    return x.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
+def fit_shared(
+    K: torch.Tensor, V: torch.Tensor, C: torch.Tensor, *, key_map: str, iterations: int = FIT_ITERATIONS
+) -> dict[str, torch.Tensor]:
+    """The ``fit`` init for the KV heads of one layer (see the module docstring).
+
+    ``K``, ``V``: ``(H, D, d+1)`` key and value maps of the augmented input (bias last), one
+    per KV head; ``C``: ``E[x x^T]`` of the augmented input. ``key_map``: ``"rope"`` (``R``
+    commutes with RoPE), ``"free"`` (any ``R``) or ``"identity"``. Returns per head ``W``
+    (``(H, D, d+1)``), ``R``, ``B`` and the relative errors ``(H, 2)`` of both roles for the
+    ``mean`` init (``start``) and for the fit (``end``).
+
+    Every step keeps ``W`` in the row space of ``[K; V]`` (the closed-form step combines
+    them), so ``W = T [K; V]`` and the whole fit runs on the ``2D x 2D`` Gram matrices
+    ``G = [K; V] C [K; V]^T`` instead of the ``(d+1) x (d+1)`` covariance.
+    """
+    H, D = K.shape[0], K.shape[1]
+    eye = torch.eye(D, dtype=K.dtype).expand(H, D, D)
+    zero = torch.zeros_like(eye)
+    Z = torch.cat([K, V], 1)  # (H, 2D, d+1)
+    G = Z @ C @ Z.transpose(1, 2)
+    Ek, Ev = torch.cat([eye, zero], 2), torch.cat([zero, eye], 2)  # K = Ek Z, V = Ev Z
+    ek = _tr(G[:, :D, :D]).clamp_min(1e-30)[:, None, None]
+    ev = _tr(G[:, D:, D:]).clamp_min(1e-30)[:, None, None]
+
+    def t(x):
+        return x.transpose(-2, -1)
+
+    def gram(T):
+        N = T @ G @ t(T)
+        return N + eye * (1e-12 * _tr(N)[:, None, None] / D)
+
+    def regress(E, T):  # least squares of E Z on s = T Z: (E G T^T) (T G T^T)^-1, a symmetric solve
+        return t(torch.linalg.solve(gram(T), T @ G @ t(E)))
+
+    def fit_b(T):
+        return regress(Ev, T)
+
+    def fit_r(T):
+        if key_map == "identity":
+            return eye
+        if key_map == "free":
+            return regress(Ek, T)
+        return rope_commuting_fit(Ek @ G @ t(T), gram(T))
+
+    def errors(T, R, B):
+        dk, dv = Ek - R @ T, Ev - B @ T
+        return torch.stack([_tr(dk @ G @ t(dk)) / ek[:, 0, 0], _tr(dv @ G @ t(dv)) / ev[:, 0, 0]], 1)
+
+    def descend(T):
+        B, R = fit_b(T), fit_r(T)
+        best = [errors(T, R, B).sum(1), T, R, B]
+        for _ in range(iterations):
+            T = torch.linalg.solve(t(R) @ R / ek + t(B) @ B / ev, torch.cat([t(R) / ek, t(B) / ev], 2))
+            # W's scale is free (R and B absorb it); keep it at the keys' energy for conditioning.
+            T = T * torch.sqrt(ek[:, 0] / _tr(T @ G @ t(T)).clamp_min(1e-30)[:, None])[..., None]
+            B, R = fit_b(T), fit_r(T)
+            total = errors(T, R, B).sum(1)
+            better = total < best[0]
+            gain = torch.where(better, best[0] - total, torch.zeros_like(total))
+            best = [torch.where(better, total, best[0])] + [
+                torch.where(better[:, None, None], new, old) for new, old in zip((T, R, B), best[1:], strict=True)
+            ]
+            if not bool((gain > 1e-8 * best[0]).any()):
+                break
+        return best
+
+    # The constrained problem can have several stationary points: descend from the three
+    # simple inits and keep the best per head, so fit is never worse than key, value or mean
+    # (each with its own best B and R folded in).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # batched solves of tiny matrices: threads cost ~400x here (MKL, 2 cores)
+    try:
+        runs = [descend(T0) for T0 in ((Ek + Ev) / 2, Ek, Ev)]
+    finally:
+        torch.set_num_threads(threads)
+    pick = torch.stack([r[0] for r in runs]).argmin(0)
+    T, R, B = (torch.stack([r[k] for r in runs])[pick, torch.arange(H)] for k in (1, 2, 3))
+    return {"W": T @ Z, "R": R, "B": B, "start": errors((Ek + Ev) / 2, eye, eye), "end": errors(T, R, B)}
+
+
+def role_errors(K: torch.Tensor, V: torch.Tensor, W: torch.Tensor, C: torch.Tensor) -> tuple[float, float]:
+    """Relative errors ``E||k - s||^2 / E||k||^2`` and the same for ``v`` when ``s = W x``."""
+    dk, dv = K - W, V - W
+    ek = torch.trace(K @ C @ K.T).clamp_min(1e-30)
+    ev = torch.trace(V @ C @ V.T).clamp_min(1e-30)
+    return float(torch.trace(dk @ C @ dk.T) / ek), float(torch.trace(dv @ C @ dv.T) / ev)
+
+
+# --------------------------------------------------------------------------- conversion
+def pool_heads(t: torch.Tensor, n_src: int, n_dst: int) -> torch.Tensor:
+    """Mean of each group of ``n_src // n_dst`` adjacent heads of a ``(n_src * D, ...)`` tensor."""
+    if n_src == n_dst:
+        return t
+    rows = t.shape[0] // n_src
+    return t.reshape(n_dst, n_src // n_dst, rows, *t.shape[1:]).mean(1).reshape(n_dst * rows, *t.shape[1:])
+
+
+@torch.no_grad()
+def convert_model(
+    model, target: GPTConfig, *, init: str = "mean", moments: list[torch.Tensor] | None = None
+) -> tuple[Any, list[dict[str, Any]]]:
+    """The converted GPT and per-layer diagnostics (see the module docstring)."""
+    cfg = model.config
+    if init not in INITS:
+        raise ConfigError(f"--init must be one of {', '.join(INITS)}, got {init!r}.")
+    share = target.variant.kv_shared
+    if init == "fit" and share and moments is None:
+        raise ConfigError("--init fit is fitted on calibration activations; pass --calib TEXT (a corpus).")
+    # Only the attention projections are computed on (in float64); the rest is copied as it is.
+    src = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    out = dict(src)
+    n_src, n_dst, D = cfg.n_kv_heads, target.n_kv_heads, cfg.head_dim
+    G = cfg.n_heads // n_dst  # query heads per KV head after conversion
+    v = cfg.variant
+    key_map = "identity" if v.qk_norm else "rope" if v.pos == "rope" else "free"
+    layers: list[dict[str, Any]] = []
+    for i in range(cfg.n_layers):
+        taken = {(r, part): out.pop(proj(i, r) + part, None) for r in ("k", "v") for part in ("weight", "bias")}
+        wk, wv = taken["k", "weight"].to(torch.float64), taken["v", "weight"].to(torch.float64)
+        bk, bv = (None if t is None else t.to(torch.float64) for t in (taken["k", "bias"], taken["v", "bias"]))
+        wk, wv = pool_heads(wk, n_src, n_dst), pool_heads(wv, n_src, n_dst)
+        zeros = torch.zeros(wk.shape[0], dtype=wk.dtype)
+        bk = pool_heads(bk, n_src, n_dst) if bk is not None else zeros
+        bv = pool_heads(bv, n_src, n_dst) if bv is not None else zeros
+        info: dict[str, Any] = {"layer": i}
+        if not share:
+            out[proj(i, "k") + "weight"], out[proj(i, "v") + "weight"] = wk, wv
+            if cfg.bias:
+                out[proj(i, "k") + "bias"], out[proj(i, "v") + "bias"] = bk, bv
+            layers.append(info)
+            continue
+        K = torch.cat([wk, bk[:, None]], 1)  # (n_dst * D, d + 1): the key map of the augmented input
+        V = torch.cat([wv, bv[:, None]], 1)
+        if init == "key":
+            W = K
+        elif init == "value":
+            W = V
+        else:
+            W = (K + V) / 2
+        wq = out[proj(i, "q") + "weight"].to(torch.float64, copy=True)
+        bq = out.get(proj(i, "q") + "bias")
+        bq = None if bq is None else bq.to(torch.float64, copy=True)
+        wo = out[block(i) + "attn.o_proj.weight"].to(torch.float64, copy=True)
+        if init == "fit":
+            res = fit_shared(K.view(n_dst, D, -1), V.view(n_dst, D, -1), moments[i], key_map=key_map)
+            W = res["W"].reshape(n_dst * D, -1)
+            for h in range(cfg.n_heads):  # query head h reads KV head h // G
+                j, rows = h // G, slice(h * D, (h + 1) * D)
+                wq[rows] = res["R"][j].T @ wq[rows]
+                if bq is not None:
+                    bq[rows] = res["R"][j].T @ bq[rows]
+                wo[:, rows] = wo[:, rows] @ res["B"][j]
+            start, end = res["start"].tolist(), res["end"].tolist()
+            info["heads"] = [
+                {"mean_init_key_error": s[0], "mean_init_value_error": s[1], "key_error": e[0], "value_error": e[1]}
+                for s, e in zip(start, end, strict=True)
+            ]
+            info["key_error"] = sum(e[0] for e in end) / n_dst
+            info["value_error"] = sum(e[1] for e in end) / n_dst
+        elif moments is not None:
+            info["key_error"], info["value_error"] = role_errors(K, V, W, moments[i])
+        out[proj(i, "q") + "weight"] = wq
+        if bq is not None:
+            out[proj(i, "q") + "bias"] = bq
+        out[block(i) + "attn.o_proj.weight"] = wo
+        out[proj(i, "kv") + "weight"] = W[:, :-1]
+        if cfg.bias:
+            out[proj(i, "kv") + "bias"] = W[:, -1]
+        layers.append(info)
+    return model_from_tensors(target, out, where="convert"), layers
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    to: str = "Q-K=V",
+    init: str = "mean",
+    kv_heads: int | None = None,
+    calib: str | None = None,
+    calib_tokens: int = 32768,
+    calib_seq_len: int = 512,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    force: bool = False,
+) -> dict[str, Any]:
+    """Convert the qkvlab checkpoint ``src`` and write the run folder ``out``; returns the report."""
+    if init not in INITS:
+        raise ConfigError(f"--init must be one of {', '.join(INITS)}, got {init!r}.")
+    torch_dtype = dtype_of(dtype)
+    weights = checkpoint_file(src)
+    model = load_model(weights, device=device).eval()
+    cfg = model.config
+    if not isinstance(cfg, GPTConfig):
+        raise ConfigError(f"convert works on GPT language models; {str(weights)!r} holds a {cfg.family!r}.")
+    target = target_config(cfg, to, kv_heads)
+    if Path(out).exists() and not force:  # before the (possibly long) calibration pass
+        raise ConfigError(f"Output folder {str(out)!r} already exists; pass --force to replace it.")
+    moments = None
+    calib_info = None
+    if calib is not None:
+        seq = min(calib_seq_len, cfg.max_seq_len)
+        tokens = calibration_tokens(weights, calib, calib_tokens, seq)
+        moments = attention_input_moments(model, tokens)
+        calib_info = {"source": calib, "tokens": int(tokens.numel()), "seq_len": seq}
+    elif init == "fit" and target.variant.kv_shared:
+        raise ConfigError("--init fit is fitted on calibration activations; pass --calib TEXT (a corpus).")
+    new, layers = convert_model(model.cpu(), target, init=init, moments=moments)
+    src_v, dst_v = cfg.variant, target.variant
+    elem = torch.empty((), dtype=torch.bfloat16).element_size()
+
+    def kv_bytes(c: GPTConfig) -> int:
+        return c.n_layers * c.variant.cached_tensors * c.n_kv_heads * c.head_dim * elem
+
+    report: dict[str, Any] = {
+        "action": "convert",
+        "source": str(weights.resolve()),
+        "source_variant": src_v.id,
+        "source_paper_name": src_v.paper_name,
+        "variant": dst_v.id,
+        "paper_name": dst_v.paper_name,
+        "init": init if dst_v.kv_shared else None,
+        "kv_heads": {"source": cfg.n_kv_heads, "target": target.n_kv_heads, "pooling": "mean of adjacent heads"},
+        "kv_cache_bytes_per_token_bf16": {"source": kv_bytes(cfg), "target": kv_bytes(target)},
+        "calibration": calib_info,
+        "dtype": dtype,
+        "layers": layers,
+    }
+    notes = []
+    if target.n_kv_heads != cfg.n_kv_heads:
+        notes.append(f"K/V heads mean-pooled in adjacent groups of {cfg.n_kv_heads // target.n_kv_heads}.")
+    if dst_v.kv_shared:
+        notes.append(
+            {
+                "key": "W_kv = W_k: the key path (RoPE, QK-norm included) is the source's exactly.",
+                "value": "W_kv = W_v: the value path is the source's exactly.",
+                "mean": "W_kv = (W_k + W_v) / 2.",
+                "fit": "W_kv fitted on the calibration activations; q_proj absorbs the fitted key map (R^T) and "
+                "o_proj the value map (B), per head.",
+            }[init]
+        )
+    if src_v.qk_norm:
+        notes.append("QK-norm weights kept: the key role is norm(s), the value s.")
+    report["notes"] = notes
+    errs = [(lay.get("key_error"), lay.get("value_error")) for lay in layers if "key_error" in lay]
+    if errs:
+        report["mean_key_error"] = sum(e[0] for e in errs) / len(errs)
+        report["mean_value_error"] = sum(e[1] for e in errs) / len(errs)
+    source_tc = train_config(read_metadata(weights))
+    with output_folder(out, force=force) as tmp:
+        tok_src = tokenizer_folder(weights)
+        if tok_src is None:
+            _write_named_tokenizer(tmp / "tokenizer", (source_tc.get("data") or {}).get("tokenizer"))
+        write_run(tmp, new.to(torch_dtype), report=report, tokenizer_from=tok_src)
+    return report
+
+
+def _write_named_tokenizer(folder: Path, name: str | None) -> None:
+    """Give a converted run whose source named ``byte`` / ``gpt2`` its own ``tokenizer/`` folder."""
+    from qkvlab.data.tokenizers import EOT_TEXT, find_gpt2_files
+    from qkvlab.interop.tokenizer import bpe_from_files, byte_tokenizer, write_tokenizer_folder
+
+    if name == "byte":
+        tok = byte_tokenizer()
+    elif isinstance(name, str) and name.startswith("gpt2"):
+        tok = bpe_from_files(*find_gpt2_files(name.partition(":")[2] or None))
+    else:
+        return
+    write_tokenizer_folder(folder, tok, eot_token=EOT_TEXT, source=name)

@@ -279,6 +279,10 @@ def test_import_and_export_commands(tmp_path, bpe):
     assert json.loads(result.stdout)["class"] == "LlamaForCausalLM"
     result = runner.invoke(app, ["export", str(tmp_path / "run"), str(tmp_path / "out2"), "--format", "onnx"])
     assert isinstance(result.exception, ConfigError) and "--format" in str(result.exception)
+    # The imported run records no training data; its own tokenizer folder is what generate and
+    # eval use, without a --tokenizer flag.
+    result = runner.invoke(app, ["generate", str(tmp_path / "run"), "--prompt", "the", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize(

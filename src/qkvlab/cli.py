@@ -587,6 +587,10 @@ def analyze(
         print(json.dumps(next(iter(results.values())) if len(results) == 1 else results, indent=2))
 
 
+def _is_bpe_folder(folder: Path) -> bool:
+    return (folder / "tokenizer" / "vocab.json").is_file() or (folder / "tokenizer" / "tokenizer.json").is_file()
+
+
 def _tokenizer_for(path: Path, meta: dict[str, str], override: str | None):
     """The training run's tokenizer (or ``override``); a trained BPE is found through its corpus."""
     from qkvlab.data import get_tokenizer
@@ -602,6 +606,10 @@ def _tokenizer_for(path: Path, meta: dict[str, str], override: str | None):
     recorded = train_config(meta, path).get("data")
     data = dict(recorded) if isinstance(recorded, dict) else {}
     name = override or data.get("tokenizer")
+    # The copy a training run keeps in its folder, or the one `qkvlab import` writes there.
+    saved = next((f / "tokenizer" for f in (path, path.parent, path.parent.parent) if _is_bpe_folder(f)), None)
+    if saved is not None and (name is None or name.startswith("bpe")):
+        return get_tokenizer(f"bpe:{saved}")
     if name is None or str(data.get("source", "")).endswith(".npy"):
         raise ConfigError(
             f"{str(path)!r} does not record a tokenizer (trained on pre-tokenised ids?); pass --tokenizer "
@@ -609,9 +617,6 @@ def _tokenizer_for(path: Path, meta: dict[str, str], override: str | None):
         )
     if not name.startswith("bpe"):
         return get_tokenizer(name)
-    for folder in (path, path.parent, path.parent.parent):  # the copy the trainer saves in its run folder
-        if (folder / "tokenizer" / "vocab.json").is_file():
-            return get_tokenizer(f"bpe:{folder / 'tokenizer'}")
     # A BPE trained on the corpus: the training run's data settings find it in the cache.
     return get_tokenizer(load_splits(data_config({**data, "tokenizer": name})).meta["tokenizer_spec"])
 

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qkvlab-installed
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test test-all lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "qkvlab needs Python >= 3.11"'
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# test plus the tests marked slow (larger runs of paths the default tests cover)
+test-all: $(STAMP)
+	$(PY) -m pytest -m ""
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -81,3 +81,46 @@ def test_generate_compile_flag_gives_the_same_greedy_text(run_dir):
     a, b = CliRunner().invoke(app, args), CliRunner().invoke(app, [*args, "--compile"])
     assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
     assert a.output.splitlines()[0] == b.output.splitlines()[0]
+
+
+def _text(output: str) -> str:
+    """The generated text: everything before the closing line of statistics."""
+    return output[: output.rindex("Q-GQA-4 (")]
+
+
+def test_generate_stream_prints_the_same_text(run_dir):
+    args = ["generate", str(run_dir), "--device", "cpu", "--prompt", "def", "--max-new-tokens", "12"]
+    args += ["--temperature", "0.9", "--top-p", "0.9", "--repetition-penalty", "1.2", "--seed", "2"]
+    a, b = CliRunner().invoke(app, args), CliRunner().invoke(app, [*args, "--stream"])
+    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
+    assert _text(a.output) == _text(b.output) and _text(a.output).startswith("def")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_generate_stop_text_ends_the_output(run_dir, stream):
+    args = ["generate", str(run_dir), "--device", "cpu", "--prompt", "def", "--max-new-tokens", "12"]
+    args += ["--temperature", "0"] + (["--stream"] if stream else [])
+    free = _text(CliRunner().invoke(app, args).output)[len("def") :].rstrip("\n")
+    stop = free[2:4]
+    result = CliRunner().invoke(app, [*args, "--stop", stop])
+    assert result.exit_code == 0, result.output
+    expected = "def" + free[: free.index(stop) + len(stop)]
+    assert _text(result.output) == expected + "\n"
+    assert "ended at a stop text" in " ".join(result.output.split()), result.output  # rich may wrap the line
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--top-p", "0", "--top-p must lie in (0, 1]"),
+        ("--top-p", "1.5", "--top-p must lie in (0, 1]"),
+        ("--repetition-penalty", "-1", "--repetition-penalty must be a finite number > 0"),
+        ("--temperature", "nan", "--temperature must be a finite number"),
+        ("--stop-id", "100000", "outside the model's vocabulary"),
+    ],
+)
+def test_generate_refuses_bad_sampling_values(run_dir, flag, value, message):
+    args = ["generate", str(run_dir), "--device", "cpu", "--max-new-tokens", "4", flag, value]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0
+    assert message in (result.output + str(result.exception))

@@ -628,6 +628,22 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.8,
     top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens.")] = 50,
+    top_p: Annotated[
+        float | None,
+        typer.Option(help="Sample among the fewest most likely tokens whose probability reaches p, in (0, 1]."),
+    ] = None,
+    repetition_penalty: Annotated[
+        float, typer.Option(help="Divide the logits of tokens already seen (prompt included); 1 is off, > 1 avoids.")
+    ] = 1.0,
+    stop: Annotated[
+        list[str] | None,
+        typer.Option(help="Stop after this text (repeatable); \\n and \\t are read as newline and tab."),
+    ] = None,
+    stop_id: Annotated[list[int] | None, typer.Option(help="Stop after this token id (repeatable).")] = None,
+    stop_eot: Annotated[
+        bool, typer.Option("--stop-eot/--no-stop-eot", help="Stop at the tokenizer's end-of-text token.")
+    ] = False,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they are generated.")] = False,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer; default: the training run's.")] = None,
     device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
@@ -653,6 +669,13 @@ def generate(
     _at_least("--top-k", top_k)
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ConfigError(f"--temperature must be a finite number >= 0 (0 is greedy), got {temperature}.")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"--top-p must lie in (0, 1] (1 keeps every token), got {top_p}.")
+    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise ConfigError(f"--repetition-penalty must be a finite number > 0 (1 is off), got {repetition_penalty}.")
+    stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in stop or []]
+    if any(not s for s in stops):
+        raise ConfigError("--stop needs a non-empty text.")
     path = _checkpoint_file(checkpoint)
     meta = read_metadata(path)
     device = _device(device)
@@ -683,26 +706,48 @@ def generate(
     idx = torch.tensor([ids], device=device)
     cache = model.new_cache(1, len(ids) + max_new_tokens)
     gen = torch.Generator(device=device).manual_seed(seed)
+    stop_ids = [*(stop_id or []), *([tok.eot_id] if stop_eot else [])]
     t0 = time.perf_counter()
-    out = model.generate(
+    steps = model.stream(
         idx,
         max_new_tokens,
         temperature=temperature,
         top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        stop_token_ids=stop_ids,
+        stop_strings=stops,
+        tokenizer=tok if stream or stops else None,  # text on the host each step only when needed
         generator=gen,
         cache=cache,
         cuda_graph=cuda_graph,
         compile=compile,
     )
+    if stream:
+        sys.stdout.write(tok.decode(ids))
+        sys.stdout.flush()
+    for step in steps:
+        if stream and step.text[0]:
+            sys.stdout.write(step.text[0])
+            sys.stdout.flush()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    console.print(tok.decode(out[0].tolist()), highlight=False, markup=False)
+    out = steps.result
+    if stream:
+        sys.stdout.write("\n")
+    else:
+        new = out.tokens[0][:-1] if out.finish_reasons[0] == "stop_token" else out.tokens[0]
+        text = out.texts[0] if out.texts is not None else tok.decode(new)
+        console.print(tok.decode(ids) + text, highlight=False, markup=False)
     spec = model.config.variant
+    n = out.lengths[0]
+    ended = {"stop_token": "; ended at a stop token", "stop_string": "; ended at a stop text"}
     console.print(
-        f"[dim]{spec.paper_name} ({spec.id}): {max_new_tokens} tokens in {dt:.2f} s = "
-        f"{max_new_tokens / dt:,.1f} tokens/s (prefill {len(ids)} + decode, batch 1, {device}); KV cache "
-        f"{cache.n_tensors} tensors, {cache.bytes_per_token:,} B/token, {human_bytes(cache.nbytes)} allocated[/]"
+        f"[dim]{spec.paper_name} ({spec.id}): {n} tokens in {dt:.2f} s = "
+        f"{n / dt:,.1f} tokens/s (prefill {len(ids)} + decode, batch 1, {device}); KV cache "
+        f"{cache.n_tensors} tensors, {cache.bytes_per_token:,} B/token, {human_bytes(cache.nbytes)} allocated"
+        f"{ended.get(out.finish_reasons[0], '')}[/]"
     )
 
 

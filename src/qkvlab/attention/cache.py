@@ -88,16 +88,23 @@ class LayerKVCache:
             self.v[:, :, pos : pos + T].copy_(v)
 
     def write_at(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
-        """Write one position given as a 0-d device tensor (no host sync: graph-safe).
+        """Write one position given as a device tensor (no host sync: graph-safe).
 
-        ``k`` (and ``v``) are ``(B, Hkv, 1, D)``; for a shared layer leave ``v`` as None.
+        ``pos`` is 0-d (the same position in every row) or ``(B,)`` (one per row: a ragged
+        batch). ``k`` (and ``v``) are ``(B, Hkv, 1, D)``; for a shared layer leave ``v`` as None.
         """
         self.owner._check(k, 1)
+        if not self.kv_shared and v is None:
+            raise ValueError("a K/V layer cache needs a value tensor")
+        if pos.dim() == 1:
+            idx = pos.view(-1, 1, 1, 1).expand(k.shape)
+            self.k.scatter_(2, idx, k)
+            if not self.kv_shared:
+                self.v.scatter_(2, idx, v)
+            return
         idx = pos.reshape(1)
         self.k.index_copy_(2, idx, k)
         if not self.kv_shared:
-            if v is None:
-                raise ValueError("a K/V layer cache needs a value tensor")
             self.v.index_copy_(2, idx, v)
 
     def read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,6 +134,10 @@ class _DecodeState:
         self.dtype = dtype
         self.device = torch.device(device)
         self.length = 0
+        # A ragged batch (prompts of different lengths) keeps each row's own length here, a
+        # (B,) integer tensor on the device; ``length`` is then the longest row's. None: every
+        # row is ``length`` long.
+        self.row_lengths: torch.Tensor | None = None
         self.layers: list = []
 
     @staticmethod
@@ -155,6 +166,26 @@ class _DecodeState:
 
     def advance(self, n: int) -> None:
         self.length += n
+        if self.row_lengths is not None:
+            self.row_lengths += n  # in place: a captured decode step reads this tensor
+
+    def set_row_lengths(self, lengths: torch.Tensor) -> None:
+        """Mark the state as ragged after a prefill: row ``b`` holds ``lengths[b]`` tokens.
+
+        Each row's tokens sit at positions ``0 .. lengths[b] - 1`` (its own positions), and
+        ``length`` becomes the longest row's; later one-token steps write row ``b`` at
+        ``lengths[b]`` and advance every row by one.
+        """
+        if lengths.shape != (self.batch_size,) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+            raise ConfigError(
+                f"row lengths must be an integer tensor of shape ({self.batch_size},), got {lengths.dtype} "
+                f"{tuple(lengths.shape)}."
+            )
+        longest = int(lengths.max())
+        if int(lengths.min()) < 1 or longest > self.max_len:
+            raise ConfigError(f"row lengths must lie in [1, max_len={self.max_len}], got {lengths.tolist()}.")
+        self.row_lengths = lengths.to(device=self.device, dtype=torch.long).clone()
+        self.length = longest
 
     def check_compatible(self, layout: CacheLayout, batch_size: int, device: torch.device) -> None:
         """Raise a clear error if this state was built for another model, batch or device."""
@@ -242,6 +273,7 @@ class KVCache(_DecodeState):
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         self.length = 0
+        self.row_lengths = None
 
     def check_room(self, T: int) -> None:
         if self.length + T > self.max_len:
@@ -401,6 +433,7 @@ class LinearState(_DecodeState):
             layer.S.zero_()
             layer.n.zero_()
         self.length = 0
+        self.row_lengths = None
 
     def check_room(self, T: int) -> None:
         if self.length + T > self.max_len:

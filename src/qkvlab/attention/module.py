@@ -235,9 +235,11 @@ class Attention(nn.Module):
     def _static_decode(self, q_raw, k_src, v_src, pos: torch.Tensor, cache: LayerKVCache) -> torch.Tensor:
         """One token at the device position ``pos`` with static shapes (CUDA-graph safe).
 
-        Writes with ``index_copy_`` and attends over the whole allocated cache with per-row
-        length ``pos + 1``: the Triton decode kernel (it skips tiles past the length) where
-        it runs, else the backend with a key mask.
+        ``pos`` is 0-d (every row at the same position) or ``(B,)`` (a ragged batch: row ``b``
+        at its own position, its cache slots ``0 .. pos[b] - 1`` holding its earlier tokens).
+        Writes in place and attends over the whole allocated cache with per-row length
+        ``pos + 1``: the Triton decode kernel (it skips tiles past the length) where it runs,
+        else the backend with a key mask.
         """
         B = k_src.shape[0]
         if not isinstance(cache, LayerKVCache) or self.pos2d is not None:
@@ -260,7 +262,10 @@ class Attention(nn.Module):
         if self._kernel_static_ok(q, cache, rope):
             from qkvlab.kernels import decode_attention
 
-            lengths = (pos + 1).to(torch.int32).reshape(1).repeat(B)  # contiguous: one per row
+            if pos.dim() == 0:
+                lengths = (pos + 1).to(torch.int32).reshape(1).repeat(B)  # contiguous: one per row
+            else:
+                lengths = (pos + 1).to(torch.int32)
             eps = self.k_norm.eps if self.k_norm is not None else 1e-6
             if torch.compiler.is_compiling():  # an opaque operator in the compiled graph
                 cos, sin, weight = rope["rope_cos"], rope["rope_sin"], rope["k_norm_weight"]
@@ -274,7 +279,7 @@ class Attention(nn.Module):
         else:
             S = cache.k.shape[2]
             k_all = self.key_role(cache.k, 0) if derive else cache.k
-            visible = (torch.arange(S, device=q.device) <= pos).expand(B, S)
+            visible = (torch.arange(S, device=q.device) <= pos.reshape(-1, 1)).expand(B, S)
             out = get_backend(self.backend)(
                 q, k_all, cache.v, causal=False, key_padding_mask=visible, scale=self.scale
             ).out

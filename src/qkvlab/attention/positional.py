@@ -45,8 +45,9 @@ class Rotary(nn.Module):
     ``p * theta**(-2d/D)``. Half-width cos/sin tables are built once for ``max_seq_len``
     positions and kept as non-persistent buffers, so one instance can be shared by every
     layer. ``forward(x, offset)`` rotates ``x`` of shape ``(B, H, T, D)`` as if its tokens sat
-    at positions ``offset .. offset + T - 1``; ``offset`` is an int or a 0-d integer tensor
-    on ``x``'s device (static decoding under CUDA graphs).
+    at positions ``offset .. offset + T - 1``; ``offset`` is an int, a 0-d integer tensor on
+    ``x``'s device (static decoding under CUDA graphs), or a ``(B,)`` integer tensor, one
+    start position per row (a ragged batch, each row counted from its own first token).
 
     Without autograd (decoding) the rotation writes into one output buffer with fused
     multiply-adds; this matters for a shared K=V cache, whose key role is re-derived from
@@ -66,7 +67,12 @@ class Rotary(nn.Module):
     def forward(self, x: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
         T = x.shape[-2]
         dt = _compute_dtype(x)
-        if isinstance(offset, torch.Tensor):
+        if isinstance(offset, torch.Tensor) and offset.dim() == 1:
+            # One start per row: tables gathered to (B, 1, T, D/2), broadcast over the heads.
+            idx = (offset[:, None] + torch.arange(T, device=x.device)).reshape(-1)
+            c = self.cos.index_select(0, idx).view(-1, 1, T, self.cos.shape[1]).to(dt)
+            s = self.sin.index_select(0, idx).view(-1, 1, T, self.sin.shape[1]).to(dt)
+        elif isinstance(offset, torch.Tensor):
             # A position held on the device (a 0-d integer tensor): no host sync and no
             # shape that depends on its value, so a CUDA graph can capture the step.
             idx = offset.reshape(()) + torch.arange(T, device=x.device)

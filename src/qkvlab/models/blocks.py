@@ -78,7 +78,10 @@ class Backbone(nn.Module):
     embeddings ``x`` of shape ``(B, T, d_model)`` at positions ``offset .. offset+T-1``.
     With a :class:`KVCache` (or the :class:`LinearState` of a linear-attention model) the
     offset is the cache's length and the cache advances by T. ``position`` (a 0-d tensor on
-    the device) runs the static one-token step instead, see :meth:`_static_step`.
+    the device, or one per row) runs the static one-token step instead, see
+    :meth:`_static_step`. A ragged cache (``cache.row_lengths`` set by a ragged prefill)
+    continues each row at its own position: one token per row, through the static step for a
+    KV cache.
     """
 
     def __init__(self, cfg: TransformerConfig):
@@ -108,6 +111,17 @@ class Backbone(nn.Module):
         if position is not None:
             return self._static_step(x, cache, position, padding_mask, need_weights)
         offset = 0
+        rows = getattr(cache, "row_lengths", None)
+        if rows is not None and isinstance(cache, KVCache):
+            if T != 1:
+                raise ConfigError(
+                    f"A ragged KV cache (rows of different lengths) continues one token per row at a time; got {T}. "
+                    "Decode one token per step, or cache.reset() and prefill the whole batch again."
+                )
+            cache.check_room(1)
+            x = self._static_step(x, cache, rows, padding_mask, need_weights)
+            cache.advance(1)
+            return x
         if cache is not None:
             cache.check_compatible(self.cache_layout(), B, x.device)
             cache.check_room(T)
@@ -120,7 +134,10 @@ class Backbone(nn.Module):
             )
         padding_mask = check_padding_mask(padding_mask, B, offset + T)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(offset, offset + T, device=x.device))
+            if rows is not None:  # a ragged linear-attention state: each row at its own position
+                x = x + self.wpe(rows[:, None] + torch.arange(T, device=x.device))
+            else:
+                x = x + self.wpe(torch.arange(offset, offset + T, device=x.device))
         x = self.drop(x)
         infos: list[AttentionOutput] = []
         for i, block in enumerate(self.blocks):
@@ -135,10 +152,12 @@ class Backbone(nn.Module):
         return (x, infos) if need_weights else x
 
     def _static_step(self, x, cache, position, padding_mask, need_weights):
-        """One token at the device position ``position`` (0-d integer tensor): no host sync.
+        """One token at the device position ``position``: no host sync.
 
-        The caller (:class:`~qkvlab.models.decoding.StaticDecoder`) checks room in the cache
-        and advances it; everything here has static shapes, so a CUDA graph can capture it.
+        ``position`` is a 0-d integer tensor (every row there) or ``(B,)`` (row ``b`` at
+        ``position[b]``, counted from its own first token). The caller
+        (:class:`~qkvlab.models.decoding.StaticDecoder`) checks room in the cache and advances
+        it; everything here has static shapes, so a CUDA graph can capture it.
         """
         B, T, _ = x.shape
         if cache is None or T != 1 or padding_mask is not None or need_weights:
@@ -147,11 +166,14 @@ class Backbone(nn.Module):
                 f"and no weights; got T={T}, cache={'yes' if cache is not None else 'no'}, "
                 f"padding_mask={'yes' if padding_mask is not None else 'no'}, need_weights={need_weights}."
             )
-        if position.dim() != 0 or position.dtype.is_floating_point:
-            raise ConfigError(f"position must be a 0-d integer tensor, got {position.dtype} {tuple(position.shape)}.")
+        if position.shape not in ((), (B,)) or position.dtype.is_floating_point or position.dtype == torch.bool:
+            raise ConfigError(
+                f"position must be a 0-d integer tensor or one per row ({B},), got {position.dtype} "
+                f"{tuple(position.shape)}."
+            )
         cache.check_compatible(self.cache_layout(), B, x.device)
         if self.wpe is not None:
-            x = x + self.wpe(position.reshape(1))
+            x = x + self.wpe(position.reshape(-1, 1))  # (1 or B, 1, d_model)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, offset=position, cache=cache.layers[i])

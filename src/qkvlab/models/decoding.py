@@ -20,6 +20,10 @@ Example::
 
 ``model.generate(..., cuda_graph=True)`` does this for you.
 
+A ragged cache (prefilled with ``model.prefill(prompt, cache, attention_mask=mask)``, rows of
+different lengths) is stepped the same way with one position per row (``cache.row_lengths``):
+the graph reads the positions from a device buffer, so one capture serves every step.
+
 ``compile=True`` also runs the step through ``torch.compile`` (one graph; the decode kernel is
 the opaque operator ``torch.ops.qkvlab.decode_attention``) before the CUDA graph records it:
 Inductor fuses the small kernels around the matrix products (norms, RoPE of the query, the
@@ -90,7 +94,10 @@ class StaticDecoder:
         self.cache = cache
         self.use_graph = device.type == "cuda" and cuda_graph in (True, "auto")
         self.token = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
-        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        # One position for all rows, or one per row for a ragged cache: the shape is fixed at
+        # capture, so a decoder serves the cache in the form it had when it was built.
+        self.ragged = cache.row_lengths is not None
+        self.pos = torch.zeros((cache.batch_size,) if self.ragged else (), dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self._logits: torch.Tensor | None = None
         self._warmup = warmup
@@ -105,7 +112,7 @@ class StaticDecoder:
     def capture(self) -> None:
         """Record the step (called by the first :meth:`step` when graphs are on)."""
         self._check_room()
-        self.pos.fill_(self.cache.length)
+        self._set_pos()
         stream = torch.cuda.Stream(device=self.cache.device)
         stream.wait_stream(torch.cuda.current_stream(self.cache.device))
         with torch.cuda.stream(stream):
@@ -125,6 +132,18 @@ class StaticDecoder:
             )
         if self.cache.length == 0:
             raise ConfigError("StaticDecoder continues a prefilled cache; run model.prefill(prompt, cache) first.")
+        if self.ragged != (self.cache.row_lengths is not None):
+            kind = "ragged (one position per row)" if self.ragged else "uniform (one position for all rows)"
+            raise ConfigError(
+                f"This StaticDecoder was built for a {kind} cache, but the cache was prefilled since in the other "
+                "form; build a new StaticDecoder after the prefill."
+            )
+
+    def _set_pos(self) -> None:
+        if self.ragged:
+            self.pos.copy_(self.cache.row_lengths)
+        else:
+            self.pos.fill_(self.cache.length)
 
     @torch.no_grad()
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -137,7 +156,7 @@ class StaticDecoder:
         if self.use_graph and self.graph is None:
             self.capture()
         self.token.copy_(token.view(-1, 1))
-        self.pos.fill_(self.cache.length)
+        self._set_pos()
         if self.graph is not None:
             self.graph.replay()
             logits = self._logits.clone()

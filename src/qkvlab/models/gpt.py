@@ -12,6 +12,9 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -19,6 +22,9 @@ from qkvlab.attention.cache import CacheLayout, KVCache, LinearState, new_decode
 from qkvlab.errors import ConfigError
 from qkvlab.models.blocks import Backbone, init_weights
 from qkvlab.models.config import GPTConfig
+from qkvlab.models.generation import GenerateOutput, GenerationStream, compact_prompt, run, sample
+
+__all__ = ["GPT", "sample"]
 
 
 class GPT(nn.Module):
@@ -73,32 +79,110 @@ class GPT(nn.Module):
         return new_decode_state(self, batch_size, max_len, **kw)
 
     @torch.no_grad()
-    def prefill(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run the prompt through the model, filling ``cache``; returns the last logits ``(B, V)``."""
+    def prefill(
+        self, idx: torch.Tensor, cache: KVCache | LinearState, *, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run the prompt through the model, filling ``cache``; returns each row's last logits ``(B, V)``.
+
+        ``attention_mask`` ``(B, T)`` (True / 1 for real tokens; left or right padding, or any
+        mix) makes a ragged batch: each row's real tokens are packed to the front, so row ``b``
+        holds positions ``0 .. len_b - 1``, its own, and the cache keeps per-row lengths
+        (``cache.row_lengths``) that later one-token steps (``decode_one``,
+        :class:`~qkvlab.models.decoding.StaticDecoder`) continue from. Only the last position's
+        logits are computed (a long prompt never materialises ``(B, T, V)``).
+        """
         if cache.length:
             raise ConfigError("prefill needs an empty cache; call cache.reset() first.")
-        return self(idx, cache=cache)[:, -1]
+        self._check_ids(idx)
+        if attention_mask is None:
+            return self.lm_head(self.backbone(self.wte(idx), cache=cache)[:, -1])
+        if attention_mask.shape != idx.shape:
+            raise ConfigError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but the prompt has {tuple(idx.shape)}; "
+                "pass one flag per token, True (1) for real tokens."
+            )
+        mask = attention_mask.to(device=idx.device, dtype=torch.bool)
+        if not bool(mask.any(dim=1).all()):
+            raise ConfigError("Every row of the prompt needs at least one real token (attention_mask all False).")
+        packed, lengths = compact_prompt(idx, mask)
+        B, L = packed.shape
+        if bool((lengths == L).all()):  # the same length in every row once packed: nothing ragged
+            return self.lm_head(self.backbone(self.wte(packed), cache=cache)[:, -1])
+        if isinstance(cache, LinearState):
+            return self._prefill_rows(packed, lengths, cache)
+        h = self.backbone(self.wte(packed), cache=cache)  # causal: a row never reads past its end
+        last = h.gather(1, (lengths - 1).view(B, 1, 1).expand(B, 1, h.shape[-1])).squeeze(1)
+        cache.set_row_lengths(lengths)
+        return self.lm_head(last)
+
+    def _prefill_rows(self, packed: torch.Tensor, lengths: torch.Tensor, state: LinearState) -> torch.Tensor:
+        """A ragged prompt into a linear-attention state, row by row.
+
+        The recurrent state would take in the padding after a short row (its decay counts every
+        position), so each row runs alone and its state is copied into the batch's.
+        """
+        out = []
+        for b, n in enumerate(lengths.tolist()):
+            row = LinearState(state.layout, 1, state.max_len, dtype=state.dtype, device=state.device)
+            out.append(self.lm_head(self.backbone(self.wte(packed[b : b + 1, :n]), cache=row)[:, -1]))
+            for dst, src in zip(state.layers, row.layers, strict=True):
+                dst.S[b].copy_(src.S[0])
+                dst.n[b].copy_(src.n[0])
+        state.set_row_lengths(lengths)
+        return torch.cat(out)
+
+    @staticmethod
+    def _check_ids(idx: torch.Tensor) -> None:
+        if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ConfigError(
+                f"GPT expects token ids of shape (batch, seq) and integer dtype, got shape "
+                f"{tuple(idx.shape)} and dtype {idx.dtype}."
+            )
 
     @torch.no_grad()
     def decode_one(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One step: ``token`` ``(B,)`` or ``(B, 1)`` at position ``cache.length``; returns ``(B, V)``."""
+        """One step: ``token`` ``(B,)`` or ``(B, 1)`` at position ``cache.length`` (per row if ragged); ``(B, V)``."""
         return self(token.view(-1, 1), cache=cache)[:, -1]
 
-    @torch.no_grad()
     def generate(
         self,
-        idx: torch.Tensor,
+        idx: torch.Tensor | Sequence[Sequence[int]],
         max_new_tokens: int,
         *,
+        attention_mask: torch.Tensor | None = None,
         temperature: float = 0.0,
         top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        stop_strings: Sequence[str] | str | None = None,
+        tokenizer: Any = None,
+        pad_token_id: int = 0,
         generator: torch.Generator | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | LinearState | None = None,
         use_cache: bool = True,
         cuda_graph: bool | str = "auto",
         compile: bool | str = False,
-    ) -> torch.Tensor:
-        """Extend ``idx`` ``(B, T)`` by ``max_new_tokens``; returns ``(B, T + max_new_tokens)``.
+        return_dict: bool = False,
+    ) -> torch.Tensor | GenerateOutput:
+        """Extend ``idx`` ``(B, T)`` by up to ``max_new_tokens``; returns ``(B, T + max_new_tokens)``.
+
+        With ``return_dict=True`` returns a :class:`~qkvlab.models.generation.GenerateOutput`
+        instead: the same ``sequences`` plus each row's new ``tokens``, their ``lengths``, the
+        ``finish_reasons`` and (with a ``tokenizer``) the ``texts``.
+
+        ``temperature=0`` is greedy; otherwise sample from ``softmax(logits / temperature)``,
+        restricted to the ``top_k`` most likely tokens and then to the smallest set whose
+        probability reaches ``top_p``, if given. ``repetition_penalty`` (> 1 discourages) scales
+        the logits of every token already in the row first. A row ends at any of
+        ``stop_token_ids`` (kept as its last token) or at the token completing one of
+        ``stop_strings`` (matched on text decoded by ``tokenizer``); after its end the row's
+        ``sequences`` hold ``pad_token_id``, and nothing after the stop is returned.
+
+        A ragged batch: pass ``attention_mask`` (True / 1 for real tokens, any padding side) or a
+        list of token lists (left-padded with ``pad_token_id`` in ``sequences``). Each row is
+        positioned from its own first token and gets what it gets alone (see
+        :mod:`qkvlab.models.generation`).
 
         ``cuda_graph`` (True, or ``"auto"``, the default: on CUDA only) decodes with
         :class:`~qkvlab.models.decoding.StaticDecoder`, one CUDA-graph replay per token; False
@@ -108,72 +192,49 @@ class GPT(nn.Module):
         step through ``torch.compile`` first (see :class:`~qkvlab.models.decoding.StaticDecoder`),
         graphed or not (a mode name picks Inductor's mode); it needs a KV cache.
 
-        ``temperature=0`` is greedy; otherwise sample from ``softmax(logits / temperature)``,
-        restricted to the ``top_k`` most likely tokens if given. Cached decoding is the
-        default; ``use_cache=False`` recomputes the whole prefix each step (for checks).
+        Cached decoding is the default; ``use_cache=False`` recomputes the whole prefix each
+        step (for checks). :meth:`stream` yields the same tokens step by step.
         """
-        B, T = idx.shape
-        total = T + max_new_tokens
-        if max_new_tokens < 0:
-            raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
-        if total > self.config.max_seq_len:
-            raise ConfigError(
-                f"Prompt of {T} tokens + {max_new_tokens} new = {total} exceeds max_seq_len="
-                f"{self.config.max_seq_len}; shorten the prompt or generate fewer tokens."
-            )
-        if top_k is not None and top_k < 1:
-            raise ConfigError(f"top_k must be >= 1, got {top_k}.")
-        if not temperature >= 0 or temperature == float("inf"):  # NaN fails the first test
-            raise ConfigError(f"temperature must be >= 0 and finite (0 is greedy), got {temperature}.")
-        if cuda_graph not in (True, False, "auto"):
-            raise ConfigError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}.")
-        if compile and (not use_cache or self.config.variant.linear):
-            raise ConfigError(
-                "compile=True compiles the static decode step over a KV cache: it needs use_cache=True and "
-                f"softmax attention (variant {self.config.variant.id!r}, use_cache={use_cache})."
-            )
-        out = torch.empty(B, total, dtype=idx.dtype, device=idx.device)
-        out[:, :T] = idx
-        if max_new_tokens == 0:
-            return out
-        if use_cache:
-            if cache is None:
-                cache = self.new_cache(B, total)
-            else:
-                cache.reset()
-            logits = self.prefill(idx, cache)
-        else:
-            logits = self(idx)[:, -1]
-        step = None
-        auto = cuda_graph == "auto" and cache is not None and cache.device.type == "cuda"
-        if use_cache and (compile or cuda_graph is True or (auto and isinstance(cache, KVCache))):
-            from qkvlab.models.decoding import StaticDecoder
+        steps = GenerationStream(run(self, idx, max_new_tokens, **self._generate_kwargs(locals())))
+        for _ in steps:
+            pass
+        return steps.result if return_dict else steps.result.sequences
 
-            step = StaticDecoder(self, cache, cuda_graph=cuda_graph, compile=compile).step
-        elif use_cache:
-            step = lambda tok: self.decode_one(tok, cache)  # noqa: E731
-        for t in range(T, total):
-            nxt = sample(logits, temperature=temperature, top_k=top_k, generator=generator)
-            out[:, t] = nxt
-            if t + 1 == total:
-                break
-            logits = step(nxt) if step is not None else self(out[:, : t + 1])[:, -1]
-        return out
+    def stream(
+        self,
+        idx: torch.Tensor | Sequence[Sequence[int]],
+        max_new_tokens: int,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        stop_strings: Sequence[str] | str | None = None,
+        tokenizer: Any = None,
+        pad_token_id: int = 0,
+        generator: torch.Generator | None = None,
+        cache: KVCache | LinearState | None = None,
+        use_cache: bool = True,
+        cuda_graph: bool | str = "auto",
+        compile: bool | str = False,
+    ) -> GenerationStream:
+        """:meth:`generate` as an iterator: one :class:`~qkvlab.models.generation.GenerationStep` per token.
 
+        Each step holds the token of every row, which rows took it, the rows that ended there
+        and (with a ``tokenizer``) each row's new text. After the loop, ``stream.result`` is what
+        ``generate(..., return_dict=True)`` returns. Arguments are checked at this call; the
+        model runs as the iterator is consumed (under the autocast context active then).
 
-def sample(
-    logits: torch.Tensor,
-    *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Next token ``(B,)`` from logits ``(B, V)``: greedy at temperature 0, else sampled."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        Example::
+
+            for step in model.stream(prompt, 64, tokenizer=tok, stop_strings=["\n\n"]):
+                print(step.text[0], end="", flush=True)
+        """
+        return GenerationStream(run(self, idx, max_new_tokens, **self._generate_kwargs(locals()), stream=True))
+
+    @staticmethod
+    def _generate_kwargs(args: dict) -> dict:
+        skip = {"self", "idx", "max_new_tokens", "return_dict", "__class__"}
+        return {k: v for k, v in args.items() if k not in skip}

@@ -8,22 +8,15 @@ Example::
     print(write_report(summary.study_dir))  # studies/lm-variants-tiny/report/report.md
 
 The library never imports this package; it builds on :mod:`qkvlab.train`, imported lazily.
+Data flows one way: :mod:`~qkvlab.study.spec` (the sweep file), :mod:`~qkvlab.study.metrics`
+and :mod:`~qkvlab.study.paper` (the paper's numbers, as data) are leaves; the sweep writes
+rows to the :mod:`~qkvlab.study.results` store and the report reads them.
 """
 
 from qkvlab.study.report import pareto_front, summarize_group, write_report
 from qkvlab.study.results import RESULT_KEYS, ResultsStore, TruncatedLineWarning, read_jsonl, read_metrics
-from qkvlab.study.sweep import (
-    RunPlan,
-    SweepSpec,
-    SweepSummary,
-    default_run_fn,
-    expand,
-    load_sweep,
-    parse_devices,
-    parse_tokens,
-    run_id_for,
-    run_sweep,
-)
+from qkvlab.study.spec import SweepSpec, load_sweep, parse_tokens
+from qkvlab.study.sweep import RunPlan, SweepSummary, default_run_fn, expand, parse_devices, run_id_for, run_sweep
 
 __all__ = [
     "RESULT_KEYS",

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from qkvlab.attention.variant import PAPER_LM_VARIANTS
+from qkvlab.study.spec import SweepSpec
 
 DEMO_BASE: dict[str, Any] = {
     "model": {"preset": "tiny"},
@@ -32,9 +33,7 @@ DEMO_BASE: dict[str, Any] = {
 }
 
 
-def demo_spec(tokens: int, seeds: list[int], study_dir: str | Path):
-    from qkvlab.study.sweep import SweepSpec
-
+def demo_spec(tokens: int, seeds: list[int], study_dir: str | Path) -> SweepSpec:
     return SweepSpec(
         base=DEMO_BASE,
         grid={"variant": list(PAPER_LM_VARIANTS), "tokens": [tokens], "seed": seeds},

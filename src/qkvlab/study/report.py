@@ -20,8 +20,9 @@ with a row per variant, the metric as mean ± std over every run of the group (s
 other sweep settings, which are averaged), the mean seed-to-seed spread, the change vs QKV
 (in points for accuracies, in % otherwise) and, with ``paper_table: table2``, the paper's
 published number beside ours; then a summary table (variants x groups and their average) and
-the metric per value of each averaged setting. The paper's numbers are the only typed-in
-numbers, kept in :data:`PAPER_TABLES` with their source and always labelled as the paper's.
+the metric per value of each averaged setting. The paper's numbers are the only numbers not
+computed from results: data read from :mod:`qkvlab.study.paper` (with their source), always
+labelled as the paper's. The metrics a study can compare are :data:`~qkvlab.study.metrics.METRICS`.
 
 Plots use matplotlib's object API with the Agg canvas (no pyplot, no global backend change);
 matplotlib is imported only when plotting.
@@ -42,116 +43,15 @@ import yaml
 from qkvlab.attention.variant import PAPER_LM_VARIANTS, VariantSpec
 from qkvlab.checkpoint import atomic_write
 from qkvlab.errors import ConfigError
+from qkvlab.study.metrics import METRICS, Metric
+from qkvlab.study.paper import PAPER_TABLES, PaperTable
 from qkvlab.study.results import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ResultsStore, read_metrics
-from qkvlab.study.sweep import format_tokens
+from qkvlab.study.spec import AXES, format_tokens
 
 REPORT_DIR = "report"
 CONTEXT = 32768  # the context at which the paper quotes cache sizes (Table 7)
 
 GroupKey = tuple[str, int | None, int | None]  # (model, token budget, max_steps when there is no budget)
-
-
-@dataclass(frozen=True)
-class Metric:
-    """A metric a study can compare: its column label, its direction and how change vs QKV is shown."""
-
-    key: str
-    label: str
-    higher_is_better: bool
-    change: str  # "points" (difference x 100, for rates in [0, 1]) or "relative" (ratio - 1, in %)
-
-
-METRICS: dict[str, Metric] = {
-    m.key: m
-    for m in (
-        Metric("val_ppl", "Val PPL", False, "relative"),
-        Metric("val_loss", "Val loss", False, "relative"),
-        Metric("val_acc", "Val acc", True, "points"),
-        Metric("val_seq_acc", "Val sequence acc", True, "points"),
-        Metric("val_auroc", "Val AUROC", True, "points"),
-    )
-}
-
-
-@dataclass(frozen=True)
-class PaperTable:
-    """Published reference numbers (not results): ``values[variant paper name][group value]``."""
-
-    title: str
-    source: str
-    metric: str
-    group_by: str
-    values: dict[str, dict[str, float]]
-
-
-#: The paper's own numbers, quoted to set ours beside them. Never results of this code.
-PAPER_TABLES: dict[str, PaperTable] = {
-    "table2": PaperTable(
-        title="paper Table 2 (synthetic tasks, mean token accuracy)",
-        source="PAPER.md section 2.1, 'Table 2: synthetic tasks, mean accuracy [T]'",
-        metric="val_acc",
-        group_by="task.kind",
-        values={
-            "QKV": {"reverse": 0.698, "sort": 0.971, "sub": 1.0, "swap": 0.588, "copy": 1.0},
-            "Q=K-V": {"reverse": 0.705, "sort": 0.967, "sub": 1.0, "swap": 0.597, "copy": 1.0},
-            "(Q=K-V)+": {"reverse": 0.718, "sort": 0.963, "sub": 1.0, "swap": 0.671, "copy": 1.0},
-            "Q-K=V": {"reverse": 0.701, "sort": 0.958, "sub": 1.0, "swap": 0.590, "copy": 1.0},
-            "Q=K=V": {"reverse": 0.514, "sort": 0.939, "sub": 1.0, "swap": 0.446, "copy": 1.0},
-            "(Q=K=V)+": {"reverse": 0.581, "sort": 0.957, "sub": 1.0, "swap": 0.576, "copy": 1.0},
-        },
-    ),
-    "table3": PaperTable(
-        title="paper Table 3 (vision, accuracy; the anomaly column is odd-one-out accuracy over sets)",
-        source="PAPER.md section 2.2, 'Table 3: vision, accuracy [T]'",
-        metric="val_acc",
-        group_by="task.dataset",
-        values={
-            "QKV": {
-                "mnist": 0.981,
-                "fashion-mnist": 0.887,
-                "cifar10": 0.663,
-                "cifar100": 0.363,
-                "tinyimagenet": 0.229,
-                "anomaly": 0.942,
-            },
-            "Q=K-V": {
-                "mnist": 0.981,
-                "fashion-mnist": 0.885,
-                "cifar10": 0.666,
-                "cifar100": 0.369,
-                "tinyimagenet": 0.236,
-                "anomaly": 0.954,
-            },
-            "(Q=K-V)+": {"mnist": 0.982, "fashion-mnist": 0.884, "cifar10": 0.662, "cifar100": 0.366, "anomaly": 0.966},
-            "Q-K=V": {"mnist": 0.976, "fashion-mnist": 0.883, "cifar10": 0.659, "cifar100": 0.358, "anomaly": 0.949},
-            "Q=K=V": {
-                "mnist": 0.978,
-                "fashion-mnist": 0.877,
-                "cifar10": 0.672,
-                "cifar100": 0.376,
-                "tinyimagenet": 0.266,
-                "anomaly": 0.933,
-            },
-            "(Q=K=V)+": {"mnist": 0.977, "fashion-mnist": 0.875, "cifar10": 0.669, "cifar100": 0.364, "anomaly": 0.961},
-        },
-    ),
-    "table4": PaperTable(
-        title="paper Table 4 (300M parameters, SlimPajama, 10B tokens, GPT-2 BPE; validation perplexity)",
-        source="PAPER.md section 2.5.1, 'Table 4: 300M, SlimPajama, 10B tokens' (Val PPL and the paper's own Δ)",
-        metric="val_ppl",
-        group_by="",
-        values={
-            "QKV": {"val_ppl": 5.11, "delta": 0.0},
-            "Q-K=V": {"val_ppl": 5.27, "delta": 0.031},
-            "Q=K-V": {"val_ppl": 5.36, "delta": 0.049},
-            "Q=K=V": {"val_ppl": 6.41, "delta": 0.254},
-            "GQA-4": {"val_ppl": 5.15, "delta": 0.007},
-            "MQA": {"val_ppl": 5.19, "delta": 0.015},
-            "Q-GQA-4": {"val_ppl": 5.32, "delta": 0.039},
-            "Q-MQA": {"val_ppl": 5.36, "delta": 0.048},
-        },
-    ),
-}
 
 
 # ================================================================== statistics
@@ -611,28 +511,18 @@ def write_report(
 
 
 def rank_correlation(xs: Sequence[float], ys: Sequence[float]) -> float | None:
-    """Spearman's rank correlation (ties get their mean rank); None for fewer than 3 pairs."""
-    if len(xs) != len(ys) or len(xs) < 3:
+    """Spearman's rank correlation (``scipy.stats.spearmanr``: ties get their mean rank); None
+    for fewer than 3 pairs or a side whose values are all equal (no ranking to compare)."""
+    if len(xs) != len(ys) or len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
         return None
-
-    def ranks(v: Sequence[float]) -> list[float]:
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2.0
-            i = j + 1
-        return r
-
-    rx, ry = ranks(xs), ranks(ys)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
-    return cov / var if var else None
+    try:
+        from scipy import stats
+    except ImportError:
+        raise ConfigError(
+            "The rank agreement with the paper's table needs scipy, which is not installed: "
+            "pip install 'qkvlab[plots]' (or leave paper_table out of the report)."
+        ) from None
+    return float(stats.spearmanr(xs, ys).statistic)
 
 
 def _beside_paper_lm(table: PaperTable, groups: list[tuple[str, list[VariantStats]]]) -> list[str]:
@@ -849,8 +739,6 @@ def _paper_value(table: PaperTable | None, stat: MetricStats, group: tuple[Any, 
 
 def _averaged_axes(rows: list[dict[str, Any]], group_by: Sequence[str]) -> list[str]:
     """Grid axes that vary over the runs, other than seed, variant and the grouping keys."""
-    from qkvlab.study.sweep import AXES
-
     names: list[str] = []
     for r in rows:
         for axis in r.get("axes") or {}:

@@ -1,35 +1,7 @@
 """Sweeps: a grid of training configs that one runner executes, resumably.
 
-A sweep file is YAML::
-
-    name: lm-variants-tiny              # optional; default: the file name
-    study_dir: studies/lm-variants-tiny # optional; default: studies/<name>
-    base: ../lm/tiny-stdlib.yaml        # a train config: a path (relative to this file,
-                                        #   else to the working directory) or a mapping
-    grid:                               # the Cartesian product of these lists
-      variant: [QKV, Q-K=V, GQA-4]      # -> model.variant (paper notation or our ids)
-      model: [gpt2-1m, gpt2-3m]         # -> model.preset (names from qkvlab.models.PRESETS)
-      tokens: [1e6, 4M]                 # -> max_tokens (token budget; k / M / B suffixes allowed)
-      seed: [0, 1]                      # -> seed
-      optim.lr: [1e-3, 3e-3]            # any other dotted config key is an axis too
-    overrides:                          # set in every run (a mapping or KEY=VALUE strings)
-      log.progress: false
-    metric: val_ppl                     # optional: what the report compares (default: val_ppl,
-                                        #   or val_acc when the runs report accuracy); see
-                                        #   qkvlab.study.report.METRICS
-    group_by: [task.kind]               # optional: one table per value of these config keys
-    paper_table: table2                 # optional: the paper's numbers beside ours in the report
-    report: ladder                      # optional: the report's layout (variants, the default,
-                                        #   or ladder: fits and tests across model sizes)
-
-``grid`` may also be a list of such mappings: each is its own Cartesian product and the sweep
-runs their union, block by block (a point that two blocks share runs once). A study whose axes
-depend on each other uses this, e.g. a learning-rate sweep on QKV per model size, then every
-variant at the rate each size chose.
-
-Any task trains through the same grid: a base config with ``task: {name: synthetic, ...}``
-and axes such as ``task.kind: [reverse, sort]``, ``task.seq_len: [16, 64]`` or
-``model.d_model: [32, 64]`` (every dotted key is an axis).
+The sweep file's format and its parsed form, :class:`~qkvlab.study.spec.SweepSpec`, are described
+in :mod:`qkvlab.study.spec`.
 
 Each grid point gets a readable, stable id, e.g. ``q_kv-gpt2-1m-t1e6-s0-3f9a0c12``: the
 variant id, the model, the budget, the seed and 8 hex digits of a SHA-256 of the resolved
@@ -75,223 +47,26 @@ import yaml
 from qkvlab.attention.variant import VariantSpec
 from qkvlab.checkpoint import atomic_write
 from qkvlab.errors import ConfigError
+from qkvlab.provenance import code_version, now
 from qkvlab.study.results import RUNS_DIR, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ResultsStore, read_metrics
+from qkvlab.study.spec import (
+    AXES,
+    SWEEP_FILE,
+    SweepSpec,
+    format_tokens,
+    get_dotted,
+    load_sweep,
+    parse_tokens,
+)
 from qkvlab.train.config import _flat_diff, load_yaml, parse_value, set_dotted
 
-#: The named grid axes and the config key each one sets.
-AXES = {"variant": "model.variant", "model": "model.preset", "tokens": "max_tokens", "seed": "seed"}
-SWEEP_KEYS = (
-    "name",
-    "study_dir",
-    "base",
-    "grid",
-    "overrides",
-    "description",
-    "metric",
-    "group_by",
-    "paper_table",
-    "report",
-)
-#: Report layouts a sweep may ask for: the generic variant tables, or the scaling-ladder analysis.
-REPORT_KINDS = ("variants", "ladder")
 #: Config keys left out of the run id: they do not change what a run computes.
 ID_EXCLUDED = ("out_dir", "device", "log.progress", "log.tensorboard", "data.cache_dir")
 DEFAULT_PRESET = "tiny"  # the trainer's default when a config names no preset
-SWEEP_FILE = "sweep.yaml"
 LOCK_FILE = ".sweep.lock"
 
 #: ``run_fn(config, resume=...) -> summary``: trains one resolved config (a plain dict).
 RunFn = Callable[..., dict[str, Any]]
-
-
-# ================================================================== the sweep spec
-@dataclass
-class SweepSpec:
-    """A parsed sweep file: a base train config, the grid axes and overrides for every run.
-
-    Args:
-        base: the train config every run starts from (a plain nested mapping).
-        grid: axis name -> list of values; see the module docstring for the axes.
-        overrides: dotted key -> value, applied to ``base`` before the grid values.
-        name: the study's name (shown in the report).
-        study_dir: where results go when :func:`run_sweep` is given none.
-    """
-
-    base: dict[str, Any]
-    grid: dict[str, list[Any]] | list[dict[str, list[Any]]] = field(default_factory=dict)
-    overrides: dict[str, Any] = field(default_factory=dict)
-    name: str = "sweep"
-    study_dir: str | None = None
-    description: str | None = None
-    metric: str | None = None
-    group_by: list[str] | None = None
-    paper_table: str | None = None
-    report: str = "variants"
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], *, root: str | os.PathLike | None = None, name: str = "sweep") -> SweepSpec:
-        """Validate a sweep mapping; a ``base`` path is looked up under ``root``, then the working directory."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"A sweep must be a mapping with 'base' and 'grid', got {type(d).__name__}.")
-        _check_keys("sweep", d, SWEEP_KEYS)
-        if "base" not in d:
-            raise ConfigError("The sweep has no 'base': give a train config mapping or the path of a train YAML.")
-        base = _load_base(d["base"], Path(root) if root is not None else None)
-        grid = {} if d.get("grid") is None else d["grid"]
-        blocks = grid if isinstance(grid, list) else [grid]
-        if not blocks:
-            raise ConfigError("'grid' is an empty list; give at least one mapping of axes to lists.")
-        for i, block in enumerate(blocks):
-            where = f"grid[{i}]" if isinstance(grid, list) else "grid"
-            if not isinstance(block, dict):
-                raise ConfigError(
-                    f"{where} must map axis names to lists, e.g. {{variant: [QKV, Q-K=V]}}, got {block!r}."
-                )
-            for axis, values in block.items():
-                if not isinstance(values, list) or not values:
-                    raise ConfigError(f"{where}.{axis} must be a non-empty list, e.g. [{values!r}], got {values!r}.")
-                if axis not in AXES and "." not in axis and difflib.get_close_matches(axis, AXES, n=1, cutoff=0.75):
-                    near = difflib.get_close_matches(axis, AXES, n=1, cutoff=0.75)[0]
-                    raise ConfigError(f"Unknown grid axis {axis!r}; did you mean {near!r}? Axes: {', '.join(AXES)}.")
-        parsed = [{str(k): list(v) for k, v in block.items()} for block in blocks]
-        metric, group_by, paper_table = _report_settings(d)
-        report = d.get("report") or "variants"
-        if report not in REPORT_KINDS:
-            raise ConfigError(f"report must be one of {', '.join(REPORT_KINDS)}, got {report!r}.")
-        return cls(
-            report=report,
-            base=base,
-            grid=parsed if isinstance(grid, list) else parsed[0],
-            overrides=_parse_overrides(d.get("overrides")),
-            name=str(d.get("name") or name),
-            study_dir=None if d.get("study_dir") is None else str(d["study_dir"]),
-            description=d.get("description"),
-            metric=metric,
-            group_by=group_by,
-            paper_table=paper_table,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _report_settings(d: dict[str, Any]) -> tuple[str | None, list[str] | None, str | None]:
-    """``metric``, ``group_by`` and ``paper_table`` of a sweep mapping, checked."""
-    from qkvlab.study.report import METRICS, PAPER_TABLES
-
-    metric = d.get("metric")
-    if metric is not None and metric not in METRICS:
-        raise ConfigError(f"Unknown metric {metric!r}; use one of {', '.join(METRICS)}.")
-    group_by = d.get("group_by")
-    if isinstance(group_by, str):
-        group_by = [group_by]
-    if group_by is not None and (not isinstance(group_by, list) or not all(isinstance(k, str) for k in group_by)):
-        raise ConfigError(
-            f"group_by must be a dotted config key or a list of them, e.g. [task.kind]; got {group_by!r}."
-        )
-    table = d.get("paper_table")
-    if table is not None and table not in PAPER_TABLES:
-        raise ConfigError(f"Unknown paper_table {table!r}; use one of {', '.join(PAPER_TABLES)} or leave it out.")
-    return metric, group_by, table
-
-
-def load_sweep(path: str | os.PathLike) -> SweepSpec:
-    """Read a sweep YAML (format in the module docstring)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"No sweep file at {str(path)!r}; pass a YAML such as configs/studies/lm-variants-tiny.yaml.")
-    d = _read_yaml(path, "sweep")
-    return SweepSpec.from_dict(d, root=path.parent, name=path.stem)
-
-
-def _read_yaml(path: Path, what: str) -> Any:
-    try:
-        return load_yaml(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"Cannot parse {what} file {str(path)!r}: {e}".replace("\n", " ")) from None
-    except OSError as e:
-        raise ConfigError(f"Cannot read {what} file {str(path)!r}: {e.strerror or e}.") from None
-
-
-def _load_base(base: Any, root: Path | None) -> dict[str, Any]:
-    if isinstance(base, dict):
-        return copy.deepcopy(base)
-    if not isinstance(base, str | os.PathLike):
-        raise ConfigError(f"'base' must be a train config mapping or a YAML path, got {base!r}.")
-    tried = [root / base] if root is not None else []
-    tried.append(Path(base))
-    for candidate in tried:
-        if candidate.is_file():
-            loaded = _read_yaml(candidate, "base config")
-            if loaded is None:  # an empty file is a mistake, never "all defaults"
-                raise ConfigError(
-                    f"Base config {str(candidate)!r} is empty; give the train config the runs start from."
-                )
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"Base config {str(candidate)!r} must be a YAML mapping.")
-            return loaded
-    looked = " and ".join(repr(str(p)) for p in tried)
-    raise ConfigError(f"Base config {str(base)!r} not found (looked at {looked}); fix the 'base' path of the sweep.")
-
-
-def _parse_overrides(overrides: Any) -> dict[str, Any]:
-    if overrides is None:
-        return {}
-    if isinstance(overrides, dict):
-        return {str(k): v for k, v in overrides.items()}
-    if isinstance(overrides, list):
-        out: dict[str, Any] = {}
-        for item in overrides:
-            key, sep, text = str(item).partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(f"Override {item!r} is not KEY=VALUE; write e.g. 'optim.lr=3e-4'.")
-            out[key.strip()] = parse_value(text)
-        return out
-    raise ConfigError(f"'overrides' must be a mapping or a list of KEY=VALUE strings, got {overrides!r}.")
-
-
-def _check_keys(where: str, d: dict[str, Any], valid: Sequence[str]) -> None:
-    for key in d:
-        if key not in valid:
-            near = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise ConfigError(f"Unknown {where} key {key!r}.{hint} Valid keys: {', '.join(valid)}.")
-
-
-def get_dotted(config: dict[str, Any], key: str) -> Any:
-    node: Any = config
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
-def parse_tokens(value: Any) -> int:
-    """A token budget: an integer, a float such as ``1e6``, or text such as ``"1e6"``, ``"400k"``, ``"4M"``."""
-    scale = 1
-    text = value
-    if isinstance(value, str):
-        text = value.strip().replace("_", "").replace(",", "")
-        suffix = text[-1:].lower()
-        if suffix in ("k", "m", "b"):
-            scale, text = {"k": 10**3, "m": 10**6, "b": 10**9}[suffix], text[:-1]
-    try:
-        number = float(text) * scale
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not math.isfinite(number) or number < 1 or number != int(number):
-        raise ConfigError(f"Token budget {value!r} is not a positive whole number; write e.g. 1000000, 1e6 or 1M.")
-    return int(number)
-
-
-def format_tokens(n: int) -> str:
-    """Short form of a token count for ids and labels: 1000000 -> ``1e6``, 2500000 -> ``2.5e6``."""
-    if n < 1000:
-        return str(n)
-    exponent = math.floor(math.log10(n))
-    mantissa = n / 10**exponent
-    if abs(mantissa * 100 - round(mantissa * 100)) < 1e-9:
-        return f"{mantissa:g}e{exponent}"
-    return str(n)
 
 
 # ================================================================== grid points
@@ -376,14 +151,20 @@ def _why_invalid(config: dict[str, Any], spec: VariantSpec, model: str) -> str |
     return None
 
 
-def run_id_for(config: dict[str, Any], *, variant_id: str, model: str, tokens: int | None, seed: int) -> str:
-    """A readable id plus 8 hex digits of a SHA-256 of the config (keys in :data:`ID_EXCLUDED` left out)."""
-    hashed = copy.deepcopy(config)
+def computed_part(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a train config without the keys of :data:`ID_EXCLUDED`: what the run computes."""
+    out = copy.deepcopy(config)
     for key in ID_EXCLUDED:
         parent, _, last = key.rpartition(".")
-        node = get_dotted(hashed, parent) if parent else hashed
+        node = get_dotted(out, parent) if parent else out
         if isinstance(node, dict):
             node.pop(last, None)
+    return out
+
+
+def run_id_for(config: dict[str, Any], *, variant_id: str, model: str, tokens: int | None, seed: int) -> str:
+    """A readable id plus 8 hex digits of a SHA-256 of the config (keys in :data:`ID_EXCLUDED` left out)."""
+    hashed = computed_part(config)
     digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:8]
     if tokens is not None:
         budget = f"-t{format_tokens(tokens)}"
@@ -480,23 +261,8 @@ def _expand_block(base: dict[str, Any], block: dict[str, list[Any]]) -> list[Run
 
 
 # ================================================================== results rows
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-@functools.cache
-def _code_version() -> tuple[str | None, bool | None]:
-    """(git commit, dirty) of the qkvlab source tree, or (None, None) outside a git checkout."""
-    import qkvlab
-
-    src = Path(qkvlab.__file__).resolve().parent
-    try:
-        run = dict(cwd=src, capture_output=True, text=True, timeout=10, check=True)
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip())
-        return commit or None, dirty
-    except (OSError, subprocess.SubprocessError):
-        return None, None
+#: The code version of rows whose run folder records none, looked up once per sweep process.
+_code_version = functools.cache(code_version)
 
 
 def model_family(model_cfg: dict[str, Any]) -> str:
@@ -891,13 +657,7 @@ def _computed(config: Any) -> Any:
     """A base config without the keys that do not change what a run computes (:data:`ID_EXCLUDED`)."""
     if not isinstance(config, dict):
         return config
-    config = copy.deepcopy(config)
-    for key in ID_EXCLUDED:
-        parent, _, last = key.rpartition(".")
-        node = get_dotted(config, parent) if parent else config
-        if isinstance(node, dict):
-            node.pop(last, None)
-    return {k: v for k, v in config.items() if v != {}}  # a section left empty means its defaults
+    return {k: v for k, v in computed_part(config).items() if v != {}}  # a section left empty means its defaults
 
 
 def check_same_study(spec: SweepSpec, study: Path, *, force: bool = False) -> None:

@@ -13,6 +13,11 @@ and the sweep use when present:
 * ``check_config(config)``: validate the task and model sections before anything is built;
 * ``model_config(config)``: the model config the task would build, without reading data
   (sweeps use it to skip grid points a variant cannot run and to count parameters).
+
+The train config validates its ``task`` section through this registry, so the registry
+imports no task class, config or trainer when it is imported, and the task modules take the
+config as an argument without importing it: the config sits above the tasks, the trainer
+above both.
 """
 
 from __future__ import annotations
@@ -24,11 +29,11 @@ from qkvlab.errors import ConfigError
 
 if TYPE_CHECKING:
     from qkvlab.train.config import TrainConfig
-    from qkvlab.train.trainer import RunContext
+    from qkvlab.train.context import RunContext
 
 #: Task name -> ``module:class``; each is imported on first use.
 TASKS: dict[str, str] = {
-    "lm": "qkvlab.train.trainer:LMTask",
+    "lm": "qkvlab.tasks.lm:LMTask",
     "synthetic": "qkvlab.tasks.synthetic:SyntheticTask",
     "vision": "qkvlab.tasks.vision:VisionTask",
     "anomaly": "qkvlab.tasks.anomaly:AnomalyTask",

@@ -60,10 +60,9 @@ from torch import nn
 
 from qkvlab.checkpoint import atomic_write
 from qkvlab.data import vision as vdata
-from qkvlab.errors import ConfigError
+from qkvlab.errors import ConfigError, check_keys
 from qkvlab.models.config import SetConfig
 from qkvlab.tasks.vision import as_epochs, as_int, build_config, evaluate_classifier, model_fields
-from qkvlab.train.config import check_keys
 
 TASK_KEYS = (
     "name",

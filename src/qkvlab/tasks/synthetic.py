@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qkvlab.data import synthetic as synth
-from qkvlab.errors import ConfigError
+from qkvlab.errors import ConfigError, check_keys
 from qkvlab.models.config import EncoderConfig
-from qkvlab.train.config import check_keys
+from qkvlab.train.batches import EpochStream
 
 TASK_KEYS = ("name", "kind", "seq_len", "n_train", "n_test", "seed", "epochs")
 
@@ -125,20 +125,7 @@ class ExampleBatches:
         self.rank = rank
         self.global_batch = batch_size * world_size
         self.batch = 0
-        self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
-
-    def _indices(self, start: int, count: int) -> np.ndarray:
-        out = np.empty(count, dtype=np.int64)
-        done = 0
-        while done < count:
-            epoch, offset = divmod(start + done, self.n)
-            if epoch != self._epoch:
-                self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-                self._epoch = epoch
-            take = min(count - done, self.n - offset)
-            out[done : done + take] = self._order[offset : offset + take]
-            done += take
-        return out
+        self._stream = EpochStream(self.n, seed)
 
     @property
     def epoch(self) -> float:
@@ -146,7 +133,7 @@ class ExampleBatches:
         return self.batch * self.global_batch / self.n
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self._indices(self.batch * self.global_batch + self.rank * self.batch_size, self.batch_size)
+        idx = self._stream.items(self.batch * self.global_batch + self.rank * self.batch_size, self.batch_size)
         self.batch += 1
         return torch.from_numpy(self.x[idx]), torch.from_numpy(self.y[idx])
 

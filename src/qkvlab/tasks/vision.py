@@ -45,9 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qkvlab.data import vision as vdata
-from qkvlab.errors import ConfigError
+from qkvlab.errors import ConfigError, check_keys
 from qkvlab.models.config import ViTConfig
-from qkvlab.train.config import check_keys
 
 TASK_KEYS = (
     "name",

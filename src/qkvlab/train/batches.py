@@ -33,6 +33,38 @@ IGNORE_INDEX = -100
 """Target value that the loss skips (PyTorch's default ``ignore_index``)."""
 
 
+class EpochStream:
+    """An endless stream over ``n`` items that visits them in a fresh random order every epoch.
+
+    Position ``p`` holds item ``order(p // n)[p % n]``, where the order of epoch ``e`` is a
+    permutation drawn from ``(seed, e)`` alone: a pure function of the position, so a sampler
+    built on it resumes from one integer. Both the packed LM windows and the example-based
+    tasks sample through it.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The permutation of epoch ``epoch`` (the latest one is kept)."""
+        if epoch != self._epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._epoch = epoch
+        return self._order
+
+    def items(self, start: int, count: int) -> np.ndarray:
+        """The items at stream positions ``start .. start + count - 1`` (across epochs)."""
+        out = np.empty(count, dtype=np.int64)
+        done = 0
+        while done < count:
+            epoch, offset = divmod(start + done, self.n)
+            take = min(count - done, self.n - offset)
+            out[done : done + take] = self.order(epoch)[offset : offset + take]
+            done += take
+        return out
+
+
 def _check_tokens(tokens: np.ndarray, seq_len: int, what: str) -> int:
     """Number of full ``seq_len + 1`` windows in ``tokens``; a clear error when there are none."""
     if tokens.ndim != 1:
@@ -90,25 +122,7 @@ class PackedBatches:
         self.n_windows = _check_tokens(tokens, seq_len, "training")
         self.global_batch = batch_size * world_size
         self.batch = 0  # global batches consumed so far: the whole resumable state
-        self._epoch = -1
-        self._order = np.empty(0, dtype=np.int64)
-
-    def _window_order(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-            self._epoch = epoch
-        return self._order
-
-    def _windows(self, start: int, count: int) -> np.ndarray:
-        """Window indices at stream positions ``start .. start + count - 1`` (across epochs)."""
-        out = np.empty(count, dtype=np.int64)
-        done = 0
-        while done < count:
-            epoch, offset = divmod(start + done, self.n_windows)
-            take = min(count - done, self.n_windows - offset)
-            out[done : done + take] = self._window_order(epoch)[offset : offset + take]
-            done += take
-        return out
+        self._stream = EpochStream(self.n_windows, seed)
 
     @property
     def epoch(self) -> float:
@@ -118,7 +132,7 @@ class PackedBatches:
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's slice of the next global batch: ``x, y`` of shape ``(batch_size, seq_len)``."""
         start = self.batch * self.global_batch + self.rank * self.batch_size
-        windows = self._windows(start, self.batch_size)
+        windows = self._stream.items(start, self.batch_size)
         self.batch += 1
         return _gather(self.tokens, windows * self.seq_len, self.seq_len)
 

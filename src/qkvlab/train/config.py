@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-import difflib
 import math
 import re
 import types
@@ -45,7 +44,8 @@ from typing import Any
 
 import yaml
 
-from qkvlab.errors import ConfigError
+from qkvlab import tasks
+from qkvlab.errors import ConfigError, check_keys
 from qkvlab.models.config import GPTConfig
 from qkvlab.models.presets import PRESETS
 
@@ -332,8 +332,6 @@ class TrainConfig:
             f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}.",
         )
         _check(0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}], got {self.seed}.")
-        from qkvlab import tasks
-
         _check(isinstance(self.task, dict), f"task must be a mapping such as {{name: lm}}, got {self.task!r}.")
         name = tasks.task_name(self.task)
         preset = self.model.get("preset")
@@ -439,17 +437,6 @@ def _section(name: str, cls: type, value: Any) -> Any:
     check_keys(name, value, [f.name for f in dataclasses.fields(cls)])
     hints = typing.get_type_hints(cls)
     return cls(**{k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in value.items()})
-
-
-def check_keys(prefix: str, d: dict[str, Any], valid: typing.Sequence[str]) -> None:
-    """ConfigError for the first key of ``d`` not in ``valid``, naming the nearest valid one."""
-    for key in d:
-        if key not in valid:
-            full = f"{prefix}.{key}" if prefix else str(key)
-            near = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" Did you mean {(prefix + '.' if prefix else '') + near[0]!r}?" if near else ""
-            where = f"under {prefix!r}" if prefix else "at the top level"
-            raise ConfigError(f"Unknown config key {full!r}.{hint} Valid keys {where}: {', '.join(valid)}.")
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:

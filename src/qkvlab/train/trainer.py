@@ -1,10 +1,11 @@
 """The training loop: one code path from a laptop CPU to ``torchrun`` on many GPUs.
 
 :func:`train` runs a :class:`TrainConfig`. What is trained is a :class:`Task`: it builds the
-model, hands out batches, computes the loss and evaluates. :class:`LMTask` (packed token
-windows, next-token cross-entropy, validation loss and perplexity) is the one every GPT
-variant uses; the config's ``task`` section picks another from :mod:`qkvlab.tasks`
-(synthetic, vision, anomaly), or a :class:`Task` object is passed in.
+model, hands out batches, computes the loss and evaluates. :class:`~qkvlab.tasks.lm.LMTask`
+(packed token windows, next-token cross-entropy, validation loss and perplexity) is the one
+every GPT variant uses; the config's ``task`` section picks another from :mod:`qkvlab.tasks`
+(synthetic, vision, anomaly), or a :class:`Task` object is passed in. Where the process runs
+(device, dtype, rank) is a :class:`~qkvlab.train.context.RunContext`.
 
 Each optimizer step runs ``grad_accum`` micro-batches (gradients synchronised on the last
 only), clips the global gradient norm, sets the warmup + cosine learning rate and steps
@@ -29,11 +30,9 @@ import os
 import platform
 import random
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,93 +43,18 @@ from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
+from qkvlab import tasks
 from qkvlab.errors import ConfigError
+from qkvlab.provenance import code_version, now
+from qkvlab.tasks.lm import LMSplits as LMSplits  # the LM task's names, importable from here too
+from qkvlab.tasks.lm import LMTask as LMTask
+from qkvlab.tasks.lm import evaluate_lm as evaluate_lm
+from qkvlab.tasks.lm import load_splits as load_splits
 from qkvlab.train import state as ckpt
-from qkvlab.train.batches import IGNORE_INDEX, PackedBatches, eval_windows, lm_loss
-from qkvlab.train.config import RESUMABLE_CHANGES, DataConfig, TrainConfig
+from qkvlab.train.config import RESUMABLE_CHANGES, TrainConfig
+from qkvlab.train.context import RunContext, setup_context
 
 Batch = Any
-
-
-# ================================================================== the run context
-@dataclass
-class RunContext:
-    """Where this process runs: its rank among ``world_size`` processes, device and autocast dtype."""
-
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    amp_dtype: torch.dtype | None = None
-    rank: int = 0
-    world_size: int = 1
-    owns_process_group: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast when asked for (default on GPU), else nothing: fp32."""
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
-    def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """``values`` summed over all processes (a no-op in one process)."""
-        if not self.distributed:
-            return values
-        values = values.to(self.device)
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        return values
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-
-def setup_context(config: TrainConfig) -> RunContext:
-    """Resolve device and dtype; join the process group when launched by torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if config.batch_size % world_size:
-        raise ConfigError(
-            f"batch_size={config.batch_size} (the global micro-batch) does not divide over {world_size} "
-            f"processes; use a multiple of {world_size}."
-        )
-    if config.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(config.device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local_rank)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={config.device!r} but CUDA is not available; use device=cpu or device=auto.")
-        if device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device={str(device)!r} but {torch.cuda.device_count()} CUDA device(s) are visible; use an index "
-                f"below {torch.cuda.device_count()}, or device=auto."
-            )
-        torch.cuda.set_device(device)
-    if config.dtype == "auto":
-        amp_dtype = torch.bfloat16 if device.type == "cuda" else None
-    else:
-        amp_dtype = torch.bfloat16 if config.dtype == "bf16" else None
-    owns = False
-    if world_size > 1 and not dist.is_initialized():
-        if not dist.is_available():
-            raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed.")
-        if device.type == "cuda":
-            dist.init_process_group(backend="nccl", device_id=device)
-        else:
-            dist.init_process_group(backend="gloo")
-        owns = True
-    if world_size > 1:
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-    return RunContext(device=device, amp_dtype=amp_dtype, rank=rank, world_size=world_size, owns_process_group=owns)
 
 
 # ================================================================== tasks
@@ -166,183 +90,6 @@ class Task(Protocol):
     def count(self, batch: Batch) -> int: ...
     def evaluate(self, model: nn.Module, *, batch_size: int, max_batches: int, ctx: RunContext) -> dict[str, float]: ...
     def info(self) -> dict[str, Any]: ...
-
-
-@dataclass
-class LMSplits:
-    """Token ids of a corpus: ``train`` and ``val`` 1-D arrays, the vocabulary size, metadata."""
-
-    train: np.ndarray
-    val: np.ndarray
-    vocab_size: int
-    eot_id: int | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-def load_splits(data: DataConfig) -> LMSplits:
-    """Tokens for ``data``: a pre-tokenised ``.npy`` file here, everything else via :mod:`qkvlab.data`."""
-    if data.source.endswith(".npy"):
-        if data.val_source is not None or data.eval_sources:
-            raise ConfigError(
-                "data.val_source and data.eval_sources need text corpora to tokenise; with a .npy token file "
-                "the validation split is its last data.val_fraction. Remove them, or give a text source."
-            )
-        path = Path(data.source)
-        if not path.is_file():
-            raise ConfigError(f"No token file at {data.source!r}; data.source must name an existing .npy file.")
-        tokens = np.load(path, mmap_mode="r")
-        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer) or len(tokens) < 4:
-            raise ConfigError(
-                f"{data.source!r} must hold a 1-D integer array of at least 4 token ids, "
-                f"got {tokens.dtype} {tuple(tokens.shape)}."
-            )
-        n_val = max(2, int(len(tokens) * data.val_fraction))
-        meta = {"source": str(path.resolve()), "tokenizer": "pre-tokenised", "n_tokens": len(tokens)}
-        return LMSplits(tokens[:-n_val], tokens[-n_val:], int(tokens.max()) + 1, None, meta)
-    try:
-        from qkvlab.data.lm import load_lm_data
-    except ImportError as e:
-        raise ConfigError(
-            f"Reading data.source={data.source!r} needs qkvlab.data.lm, which failed to import ({e}); "
-            "pass a .npy file of token ids instead."
-        ) from None
-    s = load_lm_data(
-        data.source,
-        data.tokenizer,
-        cache_dir=data.cache_dir,
-        val_fraction=data.val_fraction,
-        seed=data.seed,
-        max_docs=data.max_docs,
-        vocab_size=data.vocab_size,
-        encoding=data.encoding,
-        val_source=data.val_source,
-        extra=data.eval_sources,
-    )
-    return LMSplits(s.train, s.val, int(s.vocab_size), s.eot_id, dict(s.meta), dict(s.extra))
-
-
-@torch.no_grad()
-def evaluate_lm(
-    model: nn.Module,
-    tokens: np.ndarray,
-    *,
-    seq_len: int,
-    batch_size: int,
-    max_windows: int | None = None,
-    ctx: RunContext | None = None,
-    prefix: str = "val_",
-) -> dict[str, float]:
-    """Token-weighted cross-entropy and perplexity of ``model`` over fixed windows of ``tokens``.
-
-    ``batch_size`` is global: each of the ``ctx.world_size`` processes scores its share.
-    Returns ``{prefix}loss``, ``{prefix}ppl`` and ``{prefix}tokens`` (the scored count).
-    """
-    ctx = ctx or RunContext()
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (summed loss, scored tokens)
-    windows = eval_windows(
-        tokens,
-        max(1, batch_size // ctx.world_size),
-        seq_len,
-        max_windows=max_windows,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-    )
-    for x, y in windows:
-        x, y = x.to(ctx.device), y.to(ctx.device)
-        with ctx.autocast():
-            logits = model(x)
-        total[0] += lm_loss(logits, y, reduction="sum").double()
-        total[1] += (y != IGNORE_INDEX).sum()
-    total = ctx.sum(total)
-    loss = (total[0] / total[1]).item()
-    return {f"{prefix}loss": loss, f"{prefix}ppl": math.exp(min(loss, 700.0)), f"{prefix}tokens": int(total[1].item())}
-
-
-class LMTask:
-    """Next-token prediction on packed token windows; evaluation is validation loss and perplexity.
-
-    The model maps ids ``(B, T)`` to logits ``(B, T, V)``; any such module works.
-    """
-
-    metric_keys = ("val_loss", "val_ppl")
-
-    def __init__(self, config: TrainConfig, splits: LMSplits):
-        self.config = config
-        self.splits = splits
-        self.model_config = config.model_config(splits.vocab_size)
-        if len(splits.val) < config.seq_len + 1:  # fail now, not at the first evaluation
-            more = "give a longer data.val_source" if config.data.val_source else "raise data.val_fraction"
-            raise ConfigError(
-                f"The validation split has {len(splits.val)} tokens, too few for one window of "
-                f"seq_len={config.seq_len}; {more} or lower seq_len."
-            )
-
-    @classmethod
-    def from_config(cls, config: TrainConfig, ctx: RunContext) -> LMTask:
-        # Process 0 reads (and caches) the corpus first, so the others find the cache ready.
-        if not ctx.is_main:
-            ctx.barrier()
-        splits = load_splits(config.data)
-        if ctx.is_main:
-            ctx.barrier()
-        return cls(config, splits)
-
-    def build_model(self) -> nn.Module:
-        from qkvlab.models import build_model
-
-        return build_model(self.model_config)
-
-    def batches(self, batch_size: int, *, seed: int, ctx: RunContext) -> PackedBatches:
-        return PackedBatches(
-            self.splits.train, batch_size, self.config.seq_len, seed=seed, rank=ctx.rank, world_size=ctx.world_size
-        )
-
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        x, y = batch
-        return lm_loss(model(x), y)
-
-    def count(self, batch: Batch) -> int:
-        return int((batch[1] != IGNORE_INDEX).sum())
-
-    def evaluate(
-        self, model: nn.Module, *, batch_size: int, max_batches: int, ctx: RunContext, final: bool = False
-    ) -> dict[str, float]:
-        """Validation loss and perplexity over the first ``max_batches`` global batches of windows;
-        the final pass also scores each extra evaluation set (``<name>_loss``, ``<name>_ppl``)."""
-        sets = {"val": self.splits.val, **(self.splits.extra if final else {})}
-        metrics: dict[str, float] = {}
-        for name, tokens in sets.items():
-            if len(tokens) < self.config.seq_len + 1:
-                continue  # an extra set shorter than one window has nothing to score
-            metrics.update(
-                evaluate_lm(
-                    model,
-                    tokens,
-                    seq_len=self.config.seq_len,
-                    batch_size=batch_size,
-                    max_windows=max_batches * batch_size,
-                    ctx=ctx,
-                    prefix=f"{name}_",
-                )
-            )
-        return metrics
-
-    def flops_per_token(self, model: nn.Module) -> int:
-        from qkvlab.costs import train_flops_per_token
-
-        return train_flops_per_token(model, self.config.seq_len)
-
-    def info(self) -> dict[str, Any]:
-        from qkvlab.costs import build_on_meta, params_nonembedding
-
-        return {
-            "data": {**self.splits.meta, "train_tokens": len(self.splits.train), "val_tokens": len(self.splits.val)},
-            "params_nonembedding": params_nonembedding(build_on_meta(self.model_config)),
-            "model": self.model_config.to_dict(),
-            "vocab_size": self.splits.vocab_size,
-        }
 
 
 # ================================================================== pieces of the loop
@@ -495,22 +242,14 @@ def run_info(config: TrainConfig, ctx: RunContext, task: Task, n_params: int) ->
     """Code version, library versions and hardware, saved as ``run.json`` next to the config."""
     import qkvlab
 
-    src = Path(qkvlab.__file__).resolve().parent
-    git: dict[str, Any] = {"commit": None, "dirty": None}
-    try:
-        run = dict(cwd=src, capture_output=True, text=True, timeout=10, check=True)
-        git["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout
-        git["dirty"] = bool(status.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
+    commit, dirty = code_version()
     gpus = (
         [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     )
     return {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started": now(),
         "argv": sys.argv,
-        "git": git,
+        "git": {"commit": commit, "dirty": dirty},
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -742,9 +481,7 @@ class Trainer:
         ctx.barrier()
         self.resume_from = self._check_resume(self.out, resume)
         if self.task is None:
-            from qkvlab.tasks import build_task
-
-            self.task = build_task(config, ctx)
+            self.task = tasks.build_task(config, ctx)
         self.total_steps = total_steps(config, self.task)
         random.seed(config.seed)
         np.random.seed(config.seed)
@@ -755,10 +492,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.raw, config)  # after FSDP: its parameters are the shards
         self.model = torch.compile(self.wrapped) if config.compile else self.wrapped
         # The training loss as one compiled graph (model + fp32 cross-entropy): the logits'
-        # upcast fuses into the loss instead of materialising (B, T, V) in fp32. On an H100
-        # (gpt2-85m, bf16, B=16 x 1024) 425k against 329k tokens/s for the model alone, and half
-        # the peak memory (benchmarks/results/gpu_train_throughput.json). Under DDP / FSDP the
-        # wrapped module stays the compile boundary (their gradient hooks), as before.
+        # upcast fuses into the loss instead of materialising (B, T, V) in fp32, which is faster
+        # and halves the peak memory (benchmarks/gpu_train_throughput.py measures both). Under
+        # DDP / FSDP the wrapped module stays the compile boundary (their gradient hooks).
         self._loss_model, self._loss_fn = self.model, self.task.loss
         if config.compile and not ctx.distributed:
             self._loss_model, self._loss_fn = self.wrapped, torch.compile(self.task.loss)

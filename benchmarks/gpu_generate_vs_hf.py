@@ -1,0 +1,564 @@
+"""GPU benchmark: qkvlab generation beside Hugging Face transformers, in one process, same model shape.
+
+The model is the ~1B llama-recipe shape of ``gpu_generate.py`` (16 layers, d_model 2048, 32 heads
+of 64, SwiGLU 8192, RoPE, GPT-2 vocabulary; random bf16 weights). For each variant (QKV, Q-K=V,
+GQA-8, Q-GQA-8) and point (batch B x cached context S, default {1, 16} x {4k, 32k}) it times one
+decode step at a filled cache, for
+
+- ``qkvlab``: :class:`qkvlab.models.decoding.StaticDecoder` with ``compile=True`` (Inductor, then one
+  CUDA graph per step);
+- ``hf-llama`` (QKV and GQA-8 only): ``LlamaForCausalLM`` holding the SAME weights (copied from the
+  qkvlab model), ``attn_implementation="sdpa"``, a ``StaticCache``, and ``forward`` compiled with
+  ``torch.compile(mode="reduce-overhead", fullgraph=True)`` as transformers documents for fast
+  decoding;
+- ``hf-gemma4-kv`` (Q-K=V and Q-GQA-8 only): Gemma 4 text with ``attention_k_eq_v=True`` on every
+  layer (the K=V implementation transformers ships; it still caches keys and values as two
+  tensors), same widths, random weights, run the same way. Skipped, with the reason, where the
+  installed transformers has no Gemma 4 or no ``attention_k_eq_v``.
+
+Checks come first, on the cache each point is timed on: the qkvlab compiled step against its own
+eager step; the HF Llama step against the qkvlab eager step on the same cache contents (same
+weights, so the same logits up to bf16 rounding); the Gemma step against Gemma's own uncompiled
+step; and, once per model, full-forward logits and 16 greedy tokens of a short prompt, qkvlab
+against HF Llama. A check beyond tolerance stops the run (exit status 1) after the JSON is written.
+
+Reported per row: tokens/s (B / step time), the ratio to ``hf-llama`` QKV at the same point, and
+the fraction of the bandwidth roofline: (bytes a step must read: every weight but the input
+embedding table, plus the whole cache once) / (device-to-device copy bandwidth, measured once,
+read + write) / step time. Prefill tokens/s of one prompt (``--prefill``, default 4k and 32k;
+uncompiled on both sides, as ``generate`` runs a prefill) per variant and system. JSON (hardware,
+versions, rows) goes to ``$OUT/gpu_generate_vs_hf.json`` and ``--out``, rewritten after each row.
+
+Run on the GPU machine from the repository root. Compiling is most of the time (qkvlab ~15-30 s,
+HF's reduce-overhead likely longer, per model and point), so two variants and two points should
+make one call of under 10 minutes (an estimate from gpu_generate.py's compile times, not yet
+measured here; every row is written as it finishes, so a cut call keeps its rows).
+``--baseline-from`` takes the HF Llama QKV rows of an earlier call for the ratios of a call
+without them::
+
+    PYTHONPATH=src:benchmarks python3 benchmarks/gpu_generate_vs_hf.py --variants QKV,Q-K=V \
+        --points 1x4096,1x32768                                        # + prefill of 4k and 32k
+    PYTHONPATH=src:benchmarks python3 benchmarks/gpu_generate_vs_hf.py --variants GQA-8,Q-GQA-8 \
+        --points 1x4096,1x32768 --prefill none --baseline-from benchmarks/results/gpu_generate_vs_hf_b1.json
+    # the same two with --points 16x4096,16x32768
+    PYTHONPATH=src:benchmarks python3 benchmarks/gpu_generate_vs_hf.py --smoke    # CPU, tiny, no timing claims
+
+A QKV cache of B=16 x 32k is 64 GiB: on an 80 GB card that point holds one system's cache at a
+time (each is freed before the next is built) and may still run out of memory (the row then says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import statistics
+import time
+
+import torch
+
+from benchutil import env_info, write_json
+from gpu_decode import copy_bandwidth, rel_err, timer
+from gpu_generate import ONE_B, VARIANTS, build, fill_cache, release, time_steps
+from qkvlab.models.decoding import StaticDecoder
+
+NAME = "gpu_generate_vs_hf.json"
+#: A tiny shape where GQA-8 groups two query heads per KV head (16 heads).
+SMOKE = dict(recipe="llama", n_layers=2, d_model=128, n_heads=16, d_ff=256, vocab_size=97)
+HF_LLAMA = {"QKV", "GQA-8"}  # same weights in LlamaForCausalLM
+HF_GEMMA = {"Q-K=V", "Q-GQA-8"}  # Gemma 4 text, attention_k_eq_v
+# bf16 logits of a 16-layer model computed two correct ways differ by a few percent (see
+# gpu_generate.py: 2.4-3.6e-2 between the eager, graph and compiled steps on an H100).
+TOL_BF16, TOL_FP32 = 6e-2, 1e-4
+
+
+def free(device) -> None:
+    """Free what a case held on the GPU (a full collection is slow with transformers loaded: GPU only)."""
+    if device.type == "cuda":
+        release(device)
+
+
+# ----------------------------------------------------------------------------- HF models
+def _cache_kwarg(hf) -> str:
+    """The name under which this transformers takes the cache (``past_key_values``, later ``cache``)."""
+    params = inspect.signature(type(hf.model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def hf_llama(model):
+    """``LlamaForCausalLM`` with ``model``'s weights (a qkvlab llama-recipe GPT with separate q, k, v)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model.config
+    hc = LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.d_model,
+        intermediate_size=c.d_ff,
+        num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads,
+        num_key_value_heads=c.n_kv_heads,
+        head_dim=c.head_dim,
+        max_position_embeddings=c.max_seq_len,
+        rms_norm_eps=c.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    hc._attn_implementation = "sdpa"
+    param = next(model.parameters())
+    with torch.device(param.device):
+        hf = LlamaForCausalLM(hc)
+    sd = {"model.embed_tokens.weight": model.wte.weight, "model.norm.weight": model.backbone.norm.weight}
+    sd["lm_head.weight"] = model.lm_head.weight
+    for i, b in enumerate(model.backbone.blocks):
+        p, proj = f"model.layers.{i}.", b.attn.qkv.proj
+        sd[p + "input_layernorm.weight"] = b.norm1.weight
+        sd[p + "post_attention_layernorm.weight"] = b.norm2.weight
+        for role in "qkv":
+            sd[p + f"self_attn.{role}_proj.weight"] = proj[role].weight
+        sd[p + "self_attn.o_proj.weight"] = b.attn.o_proj.weight
+        for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+            sd[p + f"mlp.{theirs}.weight"] = getattr(b.mlp, ours).weight
+    hf.load_state_dict(sd, strict=True)
+    return hf.to(param.dtype).eval()
+
+
+def hf_gemma_kv(model):
+    """Gemma 4 text with ``attention_k_eq_v=True`` on every layer, ``model``'s widths; or (None, why not)."""
+    import transformers
+
+    try:
+        from transformers.models.gemma4 import Gemma4ForCausalLM, Gemma4TextConfig
+    except ImportError as e:
+        return None, f"transformers {transformers.__version__} has no Gemma 4 ({e})"
+    c = model.config
+    try:
+        gc = Gemma4TextConfig(
+            vocab_size=c.vocab_size,
+            hidden_size=c.d_model,
+            intermediate_size=c.d_ff,
+            num_hidden_layers=c.n_layers,
+            num_attention_heads=c.n_heads,
+            num_key_value_heads=c.n_kv_heads,
+            head_dim=c.head_dim,
+            global_head_dim=c.head_dim,
+            num_global_key_value_heads=c.n_kv_heads,
+            layer_types=["full_attention"] * c.n_layers,
+            attention_k_eq_v=True,
+            hidden_size_per_layer_input=0,  # no per-layer embedding tables: the same weights as the others
+            tie_word_embeddings=False,
+            max_position_embeddings=c.max_seq_len,
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": c.rope_theta}},
+        )
+    except (TypeError, ValueError) as e:
+        return None, f"transformers {transformers.__version__}: Gemma4TextConfig refused the shape ({e})"
+    gc._attn_implementation = "sdpa"
+    param = next(model.parameters())
+    torch.manual_seed(0)
+    with torch.device(param.device):
+        hf = Gemma4ForCausalLM(gc)
+    attn = hf.model.layers[0].self_attn
+    if getattr(attn, "v_proj", None) is not None:
+        return None, f"transformers {transformers.__version__}: attention_k_eq_v did not remove v_proj"
+    return hf.to(param.dtype).eval(), None
+
+
+def weight_bytes(module, embedding: torch.Tensor, head: torch.Tensor) -> int:
+    """Bytes of every distinct parameter but the input ``embedding`` table (a step reads one row of it),
+    unless it is also the output ``head`` (tied: read whole)."""
+    params = {id(p): p for p in module.parameters()}
+    if embedding is not head:
+        params.pop(id(embedding), None)
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
+class HFDecoder:
+    """One-token steps of an HF causal LM over a ``StaticCache`` filled to ``S`` positions."""
+
+    def __init__(self, hf, B: int, max_len: int, compile_mode: str | None):
+        from transformers import StaticCache
+
+        self.hf = hf
+        self.kw = _cache_kwarg(hf)
+        self.cache = StaticCache(config=hf.config, max_cache_len=max_len)
+        device = next(hf.parameters()).device
+        # The layers allocate on their first write: one token per row does it.
+        hf(
+            torch.zeros(B, 1, dtype=torch.long, device=device),
+            **{self.kw: self.cache},
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.pos = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.fwd = torch.compile(hf.forward, mode=compile_mode, fullgraph=True) if compile_mode else hf.forward
+        self.compiled = compile_mode is not None
+
+    @property
+    def layers(self):
+        return self.cache.layers
+
+    def fill(self, S: int, gen: torch.Generator) -> None:
+        """Random entries in the first ``S`` positions, drawn as ``gpu_generate.fill_cache`` draws them
+        (layer by layer, keys then values): a qkvlab cache of separate K/V of the same size filled
+        from the same generator holds the same values. Position S is next."""
+        for layer in self.cache.layers:
+            layer.keys[:, :, :S].normal_(generator=gen)
+            layer.values[:, :, :S].normal_(generator=gen)
+        self.seek(S)
+
+    def seek(self, S: int) -> None:
+        for layer in self.cache.layers:
+            layer.cumulative_length.fill_(S)
+        self.pos.fill_(S)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten
+        out = self.fwd(input_ids=token.view(-1, 1), position_ids=self.pos, **{self.kw: self.cache}, use_cache=True)
+        self.pos += 1
+        return out.logits[:, -1]
+
+    def bytes_per_token(self) -> int:
+        return sum((layer.keys[0, :, 0].numel() + layer.values[0, :, 0].numel()) * layer.keys.element_size()
+                   for layer in self.cache.layers)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- one point
+def hf_greedy(hf, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` greedy tokens from ``hf`` with its own cache (a DynamicCache)."""
+    kw = _cache_kwarg(hf)
+    out = hf(idx, use_cache=True)
+    cache = getattr(out, kw, None) or getattr(out, "past_key_values", None)
+    toks = [out.logits[:, -1].argmax(-1)]
+    for t in range(n - 1):
+        pos = torch.full((idx.shape[0], 1), idx.shape[1] + t, device=idx.device)
+        out = hf(toks[-1][:, None], position_ids=pos, **{kw: cache}, use_cache=True)
+        toks.append(out.logits[:, -1].argmax(-1))
+    return torch.stack(toks, 1)
+
+
+def model_checks(model, hf, device, tol: float) -> dict:
+    """Full-forward logits and 16 greedy tokens of a short prompt: qkvlab against HF Llama (same weights)."""
+    g = torch.Generator(device=device).manual_seed(5)
+    idx = torch.randint(0, model.config.vocab_size, (2, 16), device=device, generator=g)
+    ours, theirs = model(idx).float(), hf(idx).logits.float()
+    n = 16
+    a = model.generate(idx, n, cuda_graph=False)[:, 16:]
+    b = hf_greedy(hf, idx, n)
+    agree = (a == b).cumprod(1).sum(1).float().mean().item() / n  # tokens equal up to the first difference
+    out = dict(forward_rel_err=rel_err(ours, theirs), greedy_agreement=agree)
+    out["ok"] = out["forward_rel_err"] <= tol and (agree == 1.0 or tol > TOL_FP32)
+    return out
+
+
+def point_len(S: int, args) -> int:
+    """Positions each system's cache allocates at context S (the same for all: see ``HFDecoder.fill``)."""
+    return S + args.warmup + 2 * args.steps + 8
+
+
+def point_inputs(model, B: int, S: int, args, device, seed: int):
+    """The token every step of the point decodes, and a qkvlab cache filled to S from ``seed``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    token = torch.randint(0, model.config.vocab_size, (B,), device=device, generator=gen)
+    cache = model.new_cache(B, point_len(S, args))
+    fill_cache(cache, S, torch.Generator(device=device).manual_seed(seed + 1))
+    return token, cache
+
+
+def qkvlab_point(model, B, S, args, device, seed: int) -> tuple[dict, torch.Tensor | None]:
+    """qkvlab's compiled step at ``(B, S)``: check against the eager step, time. Returns (row, eager logits)."""
+    row = dict(system="qkvlab", B=B, context=S)
+    try:
+        token, cache = point_inputs(model, B, S, args, device, seed)
+    except torch.OutOfMemoryError:
+        free(device)
+        return {**row, "error": "OOM allocating the cache"}, None
+    ref = model.decode_one(token, cache).float()
+    cache.reset()
+    cache.advance(S)
+    dec = StaticDecoder(model, cache, cuda_graph="auto", warmup=args.warmup, compile=args.compile_mode or False)
+    t0 = time.perf_counter()
+    got = dec.step(token).float()
+    row["first_step_s"] = time.perf_counter() - t0  # compile included
+    row["check_rel_err"] = rel_err(got, ref)
+    row["step_s"] = time_steps(dec.step, token, args.steps, device)
+    row["cache_bytes_per_token"] = cache.bytes_per_token
+    row["weight_bytes"] = weight_bytes(model, model.wte.weight, model.lm_head.weight)
+    dec = cache = None
+    free(device)
+    return row, ref
+
+
+def hf_point(hf, system, B, S, args, device, seed: int, ref: torch.Tensor | None, model) -> dict:
+    """An HF model's step at ``(B, S)``: Llama on the cache contents the qkvlab row was checked on
+    (``ref``: qkvlab's eager logits there), Gemma on its own, checked against its uncompiled step."""
+    row = dict(system=system, B=B, context=S)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    token = torch.randint(0, model.config.vocab_size, (B,), device=device, generator=gen)
+    try:
+        dec = HFDecoder(hf, B, point_len(S, args), args.hf_compile_mode)
+        dec.fill(S, torch.Generator(device=device).manual_seed(seed + 1))
+        if system != "hf-llama":
+            eager = dec.fwd
+            dec.fwd, dec.compiled = hf.forward, False
+            ref = dec.step(token).float()
+            dec.fwd, dec.compiled = eager, args.hf_compile_mode is not None
+            dec.seek(S)
+    except torch.OutOfMemoryError:
+        free(device)
+        return {**row, "error": "OOM allocating the cache"}
+    t0 = time.perf_counter()
+    got = dec.step(token).float()
+    row["first_step_s"] = time.perf_counter() - t0
+    row["check_rel_err"] = rel_err(got, ref) if ref is not None else float("nan")
+    for _ in range(args.warmup):  # reduce-overhead records its graphs over the first calls
+        dec.step(token)
+    row["step_s"] = time_steps(dec.step, token, args.steps, device)
+    row["cache_bytes_per_token"] = dec.bytes_per_token()
+    row["weight_bytes"] = weight_bytes(hf, hf.get_input_embeddings().weight, hf.get_output_embeddings().weight)
+    dec = None
+    if args.hf_compile_mode:
+        torch._dynamo.reset()  # also frees reduce-overhead's graph memory pool before the next, larger cache
+    free(device)
+    return row
+
+
+def prefill_row(system, variant, run_prefill, P, device, reps: int) -> dict:
+    """Tokens/s of one prompt of ``P`` tokens through ``run_prefill()`` (median of ``reps`` after one warm-up)."""
+    row = dict(system=system, variant=variant, prompt=P)
+    try:
+        run_prefill()
+        ts = []
+        for _ in range(reps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run_prefill()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+    except torch.OutOfMemoryError:
+        free(device)
+        return {**row, "error": "OOM"}
+    row["prefill_s"] = statistics.median(ts)
+    row["prefill_tokens_per_s"] = P / row["prefill_s"]
+    free(device)
+    return row
+
+
+def prefill_rows(model, hf, system, variant, lengths, device, reps) -> list[dict]:
+    rows = []
+    for P in lengths:
+        prompt = torch.randint(0, model.config.vocab_size, (1, P), device=device)
+        cache = model.new_cache(1, P)
+
+        def ours(prompt=prompt, cache=cache):
+            cache.reset()
+            model.prefill(prompt, cache)
+
+        rows.append(prefill_row("qkvlab", variant, ours, P, device, reps))
+        cache = None
+        if hf is not None:
+            from transformers import StaticCache
+
+            kw = _cache_kwarg(hf)
+
+            def theirs(prompt=prompt, P=P, kw=kw):
+                c = StaticCache(config=hf.config, max_cache_len=P)
+                hf(prompt, **{kw: c}, use_cache=True, logits_to_keep=1)
+
+            rows.append(prefill_row(system, variant, theirs, P, device, reps))
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+def finish_rows(rows: list[dict], bw_gbps: float, baseline: dict) -> None:
+    """Tokens/s, ratio to hf-llama QKV at the same point, fraction of the bandwidth roofline."""
+    for r in rows:
+        if "step_s" not in r:
+            continue
+        r["tokens_per_s"] = r["B"] / r["step_s"]
+        r["bytes_per_step"] = r["weight_bytes"] + r["B"] * r["context"] * r["cache_bytes_per_token"]
+        r["roofline_s"] = r["bytes_per_step"] / (bw_gbps * 1e9)
+        r["roofline_fraction"] = r["roofline_s"] / r["step_s"]
+        base = baseline.get((r["B"], r["context"]))
+        r["vs_hf_llama_qkv"] = r["tokens_per_s"] / base if base else None
+
+
+def baseline_of(rows: list[dict], extra: str | None) -> dict:
+    """hf-llama QKV tokens/s per (B, context): this run's rows, else those of ``extra`` (an earlier JSON)."""
+    out = {}
+    if extra:
+        with open(extra) as f:
+            for r in json.load(f).get("rows", []):
+                if r.get("system") == "hf-llama" and r.get("variant") == "QKV" and "step_s" in r:
+                    out[(r["B"], r["context"])] = r["B"] / r["step_s"]
+    for r in rows:
+        if r.get("system") == "hf-llama" and r.get("variant") == "QKV" and "step_s" in r:
+            out[(r["B"], r["context"])] = r["B"] / r["step_s"]
+    return out
+
+
+def targets(rows: list[dict], prefills: list[dict]) -> list[dict]:
+    """The goals this benchmark measures, each with the value reached (only where both sides ran)."""
+    tps = {(r["system"], r["variant"], r["B"], r["context"]): r["tokens_per_s"] for r in rows if "tokens_per_s" in r}
+    roof = {(r["variant"], r["B"], r["context"]): r["roofline_fraction"] for r in rows if r["system"] == "qkvlab"}
+    roof = {k: v for k, v in roof.items() if v is not None}
+    out = []
+
+    def goal(name: str, value: float | None, need: float) -> None:
+        if value is not None:
+            out.append(dict(goal=name, value=value, need=need, met=value >= need))
+
+    for (system, variant, B, S), t in sorted(tps.items()):
+        if system == "qkvlab" and variant in HF_LLAMA and ("hf-llama", variant, B, S) in tps:
+            goal(f"qkvlab {variant} / HF Llama {variant}, B={B} S={S}", t / tps["hf-llama", variant, B, S], 1.0)
+    for B, need in ((1, 1.45), (16, 1.8)):
+        base = tps.get(("hf-llama", "QKV", B, 32768))
+        ours = tps.get(("qkvlab", "Q-K=V", B, 32768))
+        goal(f"qkvlab Q-K=V / HF Llama QKV, B={B} S=32768", ours / base if ours and base else None, need)
+    for (variant, B, S), f in sorted(roof.items()):
+        if B == 1 and S == 32768:
+            goal(f"qkvlab {variant} roofline fraction, B=1 S=32768", f, 0.75)
+    pre = {(p["system"], p["variant"], p["prompt"]): p["prefill_tokens_per_s"] for p in prefills if "error" not in p}
+    for (system, variant, P), t in sorted(pre.items()):
+        if system == "qkvlab":
+            hf = [v for (s, var, p), v in pre.items() if s != "qkvlab" and var == variant and p == P]
+            goal(f"prefill qkvlab {variant} / HF, prompt {P}", t / hf[0] if hf else None, 1.0)
+            if variant in HF_GEMMA and ("qkvlab", "QKV" if variant == "Q-K=V" else "GQA-8", P) in pre:
+                qkv = pre["qkvlab", "QKV" if variant == "Q-K=V" else "GQA-8", P]
+                goal(f"prefill qkvlab {variant} / its QKV counterpart, prompt {P}", t / qkv, 1.0)
+    return out
+
+
+def print_row(r: dict) -> None:
+    head = f"{r['system']:<13} {r['variant']:<8} B={r['B']:<3} S={r['context']:<6}"
+    if "error" in r:
+        print(f"{head} {r['error']}", flush=True)
+        return
+    vs = f"{r['vs_hf_llama_qkv']:5.2f}x" if r.get("vs_hf_llama_qkv") else "  -  "
+    print(
+        f"{head} {r['tokens_per_s']:9.1f} tok/s  {vs} HF QKV  roofline {r['roofline_fraction']:5.1%}  "
+        f"check {r['check_rel_err']:.1e}  first step {r['first_step_s']:.1f} s",
+        flush=True,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny models on CPU, uncompiled: the checks, no timing claims")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--points", default="1x4096,1x32768,16x4096,16x32768", help="comma list of BATCHxCONTEXT")
+    ap.add_argument("--systems", default="qkvlab,hf", help="qkvlab, hf, or both")
+    ap.add_argument("--prefill", default="4096,32768", help="prompt lengths for prefill tokens/s ('none': skip)")
+    ap.add_argument("--prefill-reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--compile-mode", default="default", help="qkvlab StaticDecoder compile mode ('none': eager)")
+    ap.add_argument("--hf-compile-mode", default="reduce-overhead", help="torch.compile mode of HF's forward")
+    ap.add_argument("--no-gemma", action="store_true", help="leave out the Gemma 4 K=V rows")
+    ap.add_argument("--baseline-from", default=None, help="an earlier JSON whose hf-llama QKV rows the ratios use")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("transformers is not installed (pip install transformers)") from None
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if device.type == "cpu" and not args.smoke:
+        raise SystemExit("no CUDA GPU: run with --smoke for a CPU check of the script")
+    shape = SMOKE if args.smoke else ONE_B
+    points = [tuple(int(v) for v in p.split("x")) for p in args.points.split(",")]
+    prefill = [] if args.prefill == "none" else [int(p) for p in args.prefill.split(",")]
+    if args.smoke:
+        points, prefill = [(1, 40), (2, 56)], [48]
+        args.steps, args.warmup, args.prefill_reps = 2, 1, 1
+        args.compile_mode, args.hf_compile_mode = "none", "none"
+    args.compile_mode = None if args.compile_mode == "none" else args.compile_mode
+    args.hf_compile_mode = None if args.hf_compile_mode == "none" else args.hf_compile_mode
+    systems = set(args.systems.split(","))
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    tol = TOL_FP32 if args.smoke else TOL_BF16
+    env = env_info(device)
+    env["transformers"] = transformers.__version__
+    bw = copy_bandwidth(device, timer(device, rep_ms=200))
+    print(f"{env['gpu']}, torch {env['torch']}, transformers {env['transformers']}; copy bandwidth {bw:,.0f} GB/s")
+    if args.smoke:
+        print("smoke run: CPU, tiny shapes, uncompiled; the times below say nothing about speed")
+    max_len = max([S for _, S in points] + prefill) + args.warmup + 2 * args.steps + 16
+    rows, prefills, checks, skipped = [], [], {}, {}
+
+    def save(final: bool = False, goals: list | None = None) -> None:
+        if args.smoke and not (final and args.out):  # a smoke run writes only to --out, once
+            return
+        finish_rows(rows, bw, baseline_of(rows, args.baseline_from))
+        doc = dict(benchmark="gpu_generate_vs_hf", env=env, copy_bandwidth_GBps=bw, model=shape, dtype=str(dtype))
+        doc.update(partial=not final, rows=rows, prefill=prefills, checks=checks, skipped=skipped, args=vars(args))
+        doc["targets"] = goals or []
+        for path in write_json(doc, NAME, args.out):
+            if final:
+                print(f"wrote {path}")
+
+    for v_i, variant in enumerate(args.variants.split(",")):
+        torch._dynamo.reset()  # each model compiles afresh
+        model = build(variant, shape, max_len, device, dtype)
+        hf, system = None, None
+        if "hf" in systems and variant in HF_LLAMA:
+            hf, system = hf_llama(model), "hf-llama"
+            checks[variant] = model_checks(model, hf, device, tol)
+            c = checks[variant]
+            print(
+                f"{variant}: qkvlab vs HF Llama (same weights): forward logits rel.err {c['forward_rel_err']:.1e}, "
+                f"greedy tokens agree {c['greedy_agreement']:.0%}",
+                flush=True,
+            )
+        elif "hf" in systems and variant in HF_GEMMA and not args.no_gemma:
+            hf, why = hf_gemma_kv(model)
+            system = "hf-gemma4-kv"
+            if hf is None:
+                skipped[variant] = why
+                print(f"{variant}: no HF K=V row: {why}", flush=True)
+        for p_i, (B, S) in enumerate(points):
+            seed = 1000 * v_i + 10 * p_i
+            ref = None
+            if "qkvlab" in systems:
+                row, ref = qkvlab_point(model, B, S, args, device, seed)
+                rows.append({"variant": variant, **row})
+                save()
+            if hf is not None:
+                if system == "hf-llama" and ref is None:  # the qkvlab eager step is the reference
+                    token, cache = point_inputs(model, B, S, args, device, seed)
+                    ref = model.decode_one(token, cache).float()
+                    cache = None
+                    free(device)
+                rows.append({"variant": variant, **hf_point(hf, system, B, S, args, device, seed, ref, model)})
+                save()
+        if prefill:
+            prefills.extend(prefill_rows(model, hf, system, variant, prefill, device, args.prefill_reps))
+            save()
+        model = hf = None
+        free(device)
+
+    finish_rows(rows, bw, baseline_of(rows, args.baseline_from))
+    print()
+    for r in rows:
+        print_row(r)
+    for r in prefills:
+        what = f"{r['prefill_tokens_per_s']:12,.0f} tok/s" if "error" not in r else r["error"]
+        print(f"prefill {r['system']:<13} {r['variant']:<8} prompt {r['prompt']:<6} {what}")
+    goals = targets(rows, prefills)
+    if goals:
+        print("\ntargets" + (" (smoke: shapes too small to mean anything)" if args.smoke else ""))
+        for g in goals:
+            print(f"  {'met ' if g['met'] else 'MISS'} {g['goal']:<58} {g['value']:6.2f} (need >= {g['need']})")
+    save(final=True, goals=goals)
+    bad = [r for r in rows if "error" not in r and not r["check_rel_err"] <= tol]  # NaN fails too
+    bad += [{"model check": v, **c} for v, c in checks.items() if not c["ok"]]
+    if bad:
+        raise SystemExit(f"checks beyond tolerance {tol}: {bad}")
+    print(f"all checks within {tol}")
+
+
+if __name__ == "__main__":
+    main()

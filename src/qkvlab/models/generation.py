@@ -1,0 +1,491 @@
+"""Token generation for :class:`~qkvlab.models.gpt.GPT`: sampling, stopping, streaming, ragged batches.
+
+``GPT.generate`` and ``GPT.stream`` run :func:`run`, the one decode loop: prefill the prompt
+into the KV cache (or the linear-attention state), then one token per step through the model's
+decode step (the dynamic one, or :class:`~qkvlab.models.decoding.StaticDecoder`).
+
+Per step the logits go through, in this order: the repetition penalty (every token already in
+the row, prompt included: ``l / p`` if ``l > 0`` else ``l * p``), then greedy argmax at
+temperature 0, or ``softmax(l / temperature)`` restricted to the ``top_k`` most likely tokens
+and then to the smallest set whose probability reaches ``top_p``.
+
+A row ends at a stop token id (returned as its last token), at the token that completes a stop
+string (matched on the decoded text of the row's new tokens; the text is cut right after it),
+or after ``max_new_tokens``. Nothing after a row's end is returned; the batch stops when every
+row has ended.
+
+Ragged batches: a prompt ``(B, T)`` with an ``attention_mask`` (True / 1 for real tokens; left
+padding, right padding or any mix), or a list of token lists. Each row's real tokens are packed
+to the front, so row ``b`` sits at positions ``0 .. len_b - 1`` counted from its own first
+token (learned positions and RoPE both see the positions the row has alone), its cache slots
+are its positions, and the decode step attends with per-row lengths. Every row gets what it
+gets alone, up to floating-point rounding of a different batch shape.
+
+Example::
+
+    out = model.generate([[5, 6, 7], [8, 9]], 20, temperature=0.8, top_p=0.9,
+                         stop_token_ids=[tok.eot_id], return_dict=True)
+    out.tokens[1], out.lengths[1], out.finish_reasons[1]     # row 1's new tokens, their count, why it ended
+
+    stream = model.stream(prompt, 64, stop_strings=["\\n\\n"], tokenizer=tok)
+    for step in stream:
+        print(step.text[0], end="", flush=True)              # new text of row 0 as it comes
+    stream.result                                            # what generate(..., return_dict=True) returns
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from qkvlab.attention.cache import KVCache, LinearState
+from qkvlab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from qkvlab.models.gpt import GPT
+
+#: ``GenerateOutput.finish_reasons`` values.
+FINISH_REASONS = ("length", "stop_token", "stop_string")
+_LENGTH, _STOP_TOKEN, _STOP_STRING = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------- logits processing
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Penalise tokens already in the row: ``l / penalty`` where ``l > 0``, ``l * penalty`` otherwise.
+
+    ``seen`` is ``(B, V)`` bool. With ``penalty > 1`` a seen token always becomes less likely
+    (dividing a negative logit would raise it), as in Keskar et al. (2019), CTRL.
+    """
+    logits = logits.float()
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Logits outside the ``top_k`` largest of each row set to ``-inf``."""
+    if top_k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches ``top_p``; the rest ``-inf``.
+
+    A token stays if the tokens more likely than it hold less than ``top_p`` together, so the
+    most likely token always stays and ``top_p=1`` keeps everything.
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.float().softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+    drop_sorted = before >= top_p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ``(B,)`` from logits ``(B, V)``: greedy at temperature 0, else sampled.
+
+    Sampling draws from ``softmax(logits / temperature)`` after :func:`top_k_filter` and then
+    :func:`top_p_filter` (each only if given).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- checks
+def check_sampling(
+    *, temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float | None
+) -> None:
+    """One :class:`ConfigError` per bad sampling value."""
+    if not temperature >= 0 or temperature == float("inf"):  # NaN fails the first test
+        raise ConfigError(f"temperature must be >= 0 and finite (0 is greedy), got {temperature}.")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise ConfigError(f"top_k must be >= 1 (an integer; None is no limit), got {top_k!r}.")
+    if top_p is not None and not 0 < top_p <= 1:  # NaN fails too
+        raise ConfigError(f"top_p must lie in (0, 1] (1 keeps every token; None is off), got {top_p}.")
+    if repetition_penalty is not None and not (0 < repetition_penalty < math.inf):
+        raise ConfigError(
+            f"repetition_penalty must be a finite number > 0 (1 is off, > 1 discourages repeats), got "
+            f"{repetition_penalty}."
+        )
+
+
+def _check_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
+    if ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ConfigError(
+            f"{name} holds token id {bad}, outside the model's vocabulary [0, {vocab_size}); "
+            "encode with the tokenizer the model was trained with."
+        )
+
+
+def as_prompt(
+    idx: torch.Tensor | Sequence[Sequence[int]],
+    attention_mask: torch.Tensor | None,
+    *,
+    vocab_size: int,
+    device: torch.device,
+    pad_token_id: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Check a prompt; a list of token lists becomes a left-padded tensor and its mask.
+
+    Returns ``(idx (B, T), mask (B, T) bool or None)``; raises one :class:`ConfigError` for a
+    prompt that is not 2-D integer ids, is empty, has a row without real tokens or an id
+    outside the vocabulary.
+    """
+    if not isinstance(idx, torch.Tensor):
+        if attention_mask is not None:
+            raise ConfigError("Pass attention_mask only with a (batch, seq) tensor; a list of token lists has none.")
+        rows = [list(map(int, r.tolist() if isinstance(r, torch.Tensor) else r)) for r in idx]
+        if not rows or not all(rows):
+            raise ConfigError("The prompt is empty or has an empty row; give every row at least one token.")
+        T = max(map(len, rows))
+        idx = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            idx[b, T - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[b, T - len(r) :] = True
+        idx, attention_mask = idx.to(device), mask.to(device)
+    if idx.dim() != 2 or idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.is_complex():
+        hint = " (a single sequence: idx[None])" if idx.dim() == 1 else ""
+        raise ConfigError(
+            f"The prompt must be integer token ids of shape (batch, seq){hint}, got shape {tuple(idx.shape)} "
+            f"and dtype {idx.dtype}."
+        )
+    if idx.numel() == 0:
+        raise ConfigError(f"The prompt is empty (shape {tuple(idx.shape)}); give every row at least one token.")
+    idx = idx.to(device)
+    mask = None
+    if attention_mask is not None:
+        if attention_mask.shape != idx.shape:
+            raise ConfigError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but the prompt has {tuple(idx.shape)}; "
+                "pass one flag per token, True (1) for real tokens."
+            )
+        mask = attention_mask.to(device=idx.device, dtype=torch.bool)
+        empty = (~mask.any(dim=1)).nonzero()
+        if empty.numel():
+            raise ConfigError(
+                f"Row {int(empty[0])} of the prompt has no real token (its attention_mask is all False); "
+                "give every row at least one token."
+            )
+        _check_ids("The prompt", idx[mask], vocab_size)
+    else:
+        _check_ids("The prompt", idx, vocab_size)
+    return idx, mask
+
+
+def compact_prompt(idx: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's real tokens packed to the front: ``(packed (B, L), lengths (B,))``, ``L`` the longest row.
+
+    Past a row's end ``packed`` repeats the row's first token: a causal model never reads it,
+    and a repetition penalty sees no token the row does not hold.
+    """
+    B, T = idx.shape
+    idx = idx.long()  # index ops (gather, scatter) take int64
+    if mask is None:
+        return idx, torch.full((B,), T, dtype=torch.long, device=idx.device)
+    lengths = mask.sum(dim=1)
+    order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)  # real tokens first, in order
+    L = int(lengths.max())
+    packed = idx.gather(1, order)[:, :L]
+    past = torch.arange(L, device=idx.device)[None, :] >= lengths[:, None]
+    return torch.where(past, packed[:, :1], packed), lengths
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class GenerateOutput:
+    """What ``generate(..., return_dict=True)`` returns, and a stream's ``result``.
+
+    Attributes:
+        sequences: ``(B, T + max_new_tokens)``: the prompt as given (padding included), then each
+            row's new tokens, then ``pad_token_id`` after the row's end.
+        tokens: each row's new tokens; a stop token id, or the token that completed a stop
+            string, is the row's last.
+        lengths: ``len(tokens[b])`` per row.
+        finish_reasons: per row ``"stop_token"``, ``"stop_string"`` or ``"length"``.
+        texts: with a tokenizer, each row's new text: without a stop token id, cut right after
+            a stop string; else None.
+    """
+
+    sequences: torch.Tensor
+    tokens: list[list[int]]
+    lengths: list[int]
+    finish_reasons: list[str]
+    texts: list[str] | None = None
+
+
+@dataclass
+class GenerationStep:
+    """One step of a stream: the token each row sampled, and which rows took it.
+
+    Attributes:
+        tokens: ``(B,)`` sampled ids (meaningless where ``emitted`` is False).
+        emitted: ``(B,)`` bool: rows for which ``tokens`` is their next token (rows that ended
+            at an earlier step are False).
+        finished: per row, the finish reason if the row ended at this step, else None.
+        text: with a tokenizer, the new text of each row at this step ("" if none yet: an
+            unfinished UTF-8 character waits for its next byte); else None.
+    """
+
+    tokens: torch.Tensor
+    emitted: torch.Tensor
+    finished: list[str | None]
+    text: list[str] | None = None
+
+
+class GenerationStream:
+    """An iterator of :class:`GenerationStep`, one per decode step; ``result`` once it is exhausted."""
+
+    def __init__(self, steps: Generator[GenerationStep, None, GenerateOutput]):
+        self._steps = steps
+        self.result: GenerateOutput | None = None
+
+    def __iter__(self) -> Iterator[GenerationStep]:
+        if self.result is None:
+            self.result = yield from self._steps
+
+
+class _RowText:
+    """A row's decoded new text, watched for stop strings; hands out what is new and final.
+
+    Text up to the last token that ended on a whole character is kept decoded, so a step
+    decodes only the tokens after it (usually one), not the whole row.
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str]):
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.ids: list[int] = []
+        self.text = ""
+        self.kept = ""  # decoded text of ids[: self.start], final
+        self.start = 0
+        self.sent = 0  # characters handed out already
+        self.checked = 0  # characters of final text already searched for a stop
+
+    def add(self, token: int) -> bool:
+        """Append ``token``; True if a stop string is now complete (the text is cut right after it)."""
+        self.ids.append(token)
+        tail = self.tokenizer.decode(self.ids[self.start :])
+        self.text = self.kept + tail
+        final = len(self.text.rstrip("\ufffd"))  # an unfinished UTF-8 character may still change
+        ends = []
+        for s in self.stops:
+            at = self.text.find(s, max(0, self.checked - len(s) + 1), final)
+            if at >= 0:
+                ends.append(at + len(s))
+        self.checked = final
+        if ends:
+            self.text = self.text[: min(ends)]
+            return True
+        if final == len(self.text):
+            self.kept, self.start = self.text, len(self.ids)
+        return False
+
+    def delta(self, done: bool) -> str:
+        """New text since the last call: all of it once ``done``, else up to an unfinished character."""
+        end = len(self.text) if done else len(self.text.rstrip("\ufffd"))
+        out = self.text[self.sent : end]
+        self.sent = max(self.sent, end)
+        return out
+
+
+# ----------------------------------------------------------------------------- the loop
+def run(
+    model: GPT,
+    idx: torch.Tensor | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    stop_strings: Sequence[str] | str | None = None,
+    tokenizer: Any = None,
+    pad_token_id: int = 0,
+    generator: torch.Generator | None = None,
+    cache: KVCache | LinearState | None = None,
+    use_cache: bool = True,
+    cuda_graph: bool | str = "auto",
+    compile: bool | str = False,
+    stream: bool = False,
+) -> Generator[GenerationStep, None, GenerateOutput]:
+    """The decode loop behind ``GPT.generate`` and ``GPT.stream``: checks the arguments now and
+    returns a generator that yields one step per token and returns the output.
+
+    ``stream`` fills each step's ``finished`` on the host (a sync per step); without it, and
+    without a tokenizer, the steps stay on the device until the end.
+    """
+    cfg = model.config
+    device = next(model.parameters()).device
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be >= 0 (an integer), got {max_new_tokens!r}.")
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+    if cuda_graph not in (True, False, "auto"):
+        raise ConfigError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}.")
+    if compile and (not use_cache or cfg.variant.linear):
+        raise ConfigError(
+            "compile=True compiles the static decode step over a KV cache: it needs use_cache=True and "
+            f"softmax attention (variant {cfg.variant.id!r}, use_cache={use_cache})."
+        )
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    stop_strings = list(stop_strings or [])
+    if any(not isinstance(s, str) or not s for s in stop_strings):
+        raise ConfigError(f"stop_strings must be non-empty strings, got {stop_strings!r}.")
+    if stop_strings and tokenizer is None:
+        raise ConfigError("stop_strings are matched on decoded text: pass tokenizer= (anything with .decode(ids)).")
+    if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
+        raise ConfigError(f"tokenizer must have a decode(ids) method, got {type(tokenizer).__name__}.")
+    stop_ids = None
+    if stop_token_ids is not None and len(stop_token_ids):
+        if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in stop_token_ids):
+            raise ConfigError(f"stop_token_ids must be integers, got {list(stop_token_ids)!r}.")
+        stop_ids = torch.tensor([int(t) for t in stop_token_ids], dtype=torch.long, device=device)
+        _check_ids("stop_token_ids", stop_ids, cfg.vocab_size)
+
+    idx, mask = as_prompt(idx, attention_mask, vocab_size=cfg.vocab_size, device=device, pad_token_id=pad_token_id)
+    B = idx.shape[0]
+    packed, lengths = compact_prompt(idx, mask)
+    longest = packed.shape[1]
+    total = longest + max_new_tokens
+    if total > cfg.max_seq_len:
+        raise ConfigError(
+            f"Prompt of {longest} tokens + {max_new_tokens} new = {total} exceeds max_seq_len="
+            f"{cfg.max_seq_len}; shorten the prompt or generate fewer tokens."
+        )
+    ragged = mask is not None and bool((lengths != longest).any())
+    new = torch.full((B, max_new_tokens), pad_token_id, dtype=idx.dtype, device=idx.device)
+    texts = [_RowText(tokenizer, stop_strings) for _ in range(B)] if tokenizer is not None else None
+
+    def output(reasons: list[int], counts: list[int]) -> GenerateOutput:
+        return GenerateOutput(
+            sequences=torch.cat([idx, new], dim=1),
+            tokens=[new[b, : counts[b]].tolist() for b in range(B)],
+            lengths=counts,
+            finish_reasons=[FINISH_REASONS[r] for r in reasons],
+            texts=[t.text for t in texts] if texts is not None else None,
+        )
+
+    # The decode loop, run as the generator is consumed; the checks above raise at the call.
+    @torch.no_grad()
+    def steps() -> Generator[GenerationStep, None, GenerateOutput]:
+        if max_new_tokens == 0:
+            return output([_LENGTH] * B, [0] * B)
+        state, seq = cache, None
+        if use_cache:
+            if state is None:
+                state = model.new_cache(B, total)
+            else:
+                state.reset()
+            # The packed prompt; a mask only where rows differ in length (then the state is ragged).
+            packed_mask = torch.arange(longest, device=device)[None, :] < lengths[:, None] if ragged else None
+            logits = model.prefill(packed, state, attention_mask=packed_mask)
+        else:
+            seq = torch.zeros(B, total, dtype=packed.dtype, device=device)
+            seq[:, :longest] = packed
+            logits = _last_logits(model(packed), lengths)
+        step = None
+        auto = cuda_graph == "auto" and state is not None and state.device.type == "cuda"
+        if use_cache and (compile or cuda_graph is True or (auto and isinstance(state, KVCache))):
+            from qkvlab.models.decoding import StaticDecoder
+
+            step = StaticDecoder(model, state, cuda_graph=cuda_graph, compile=compile).step
+        elif use_cache:
+            step = lambda tok: model.decode_one(tok, state)  # noqa: E731
+
+        seen = None
+        penalty = repetition_penalty if repetition_penalty not in (None, 1.0) else None
+        if penalty is not None:
+            seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
+            seen.scatter_(1, packed, True)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        reason = torch.zeros(B, dtype=torch.long, device=device)
+        count = torch.zeros(B, dtype=torch.long, device=device)
+        stops = stop_ids is not None or bool(stop_strings)
+        # Whether every row has ended is a host sync: each step on a CPU or with text on the host
+        # anyway, every few steps on a GPU (rows that ended meanwhile decode on, unused).
+        sync_every = 1 if device.type == "cpu" or texts is not None else 8
+        cur = lengths.clone()  # uncached: each row's length in ``seq``
+        pad = torch.full((B,), pad_token_id, dtype=torch.long, device=device)
+        for i in range(max_new_tokens):
+            scores = apply_repetition_penalty(logits, seen, penalty) if seen is not None else logits
+            nxt = sample(scores, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            emitted = ~finished
+            new[:, i] = torch.where(emitted, nxt, pad)
+            count += emitted
+            if seen is not None:
+                seen.scatter_(1, nxt[:, None], True)
+            ended = torch.zeros_like(finished)
+            if stop_ids is not None:
+                ended = emitted & torch.isin(nxt, stop_ids)
+                reason.masked_fill_(ended, _STOP_TOKEN)
+            last = i + 1 == max_new_tokens
+            step_text = None
+            if texts is not None:
+                host_tok, host_emit, host_end = nxt.tolist(), emitted.tolist(), ended.tolist()
+                step_text = [""] * B
+                for b in range(B):
+                    if not host_emit[b]:
+                        continue
+                    done = host_end[b] or last
+                    if not host_end[b] and texts[b].add(host_tok[b]):
+                        ended[b] = True
+                        reason[b] = _STOP_STRING
+                        done = True
+                    step_text[b] = texts[b].delta(done)
+            finished |= ended
+            finished_now: list[str | None] = [None] * B
+            if stream or texts is not None or last:
+                ended_h, reason_h, emitted_h = ended.tolist(), reason.tolist(), emitted.tolist()
+                for b in range(B):
+                    if ended_h[b]:
+                        finished_now[b] = FINISH_REASONS[reason_h[b]]
+                    elif last and emitted_h[b]:
+                        finished_now[b] = "length"
+            yield GenerationStep(tokens=nxt, emitted=emitted, finished=finished_now, text=step_text)
+            if last or (stops and (i + 1) % sync_every == 0 and bool(finished.all())):
+                break
+            if step is not None:
+                logits = step(nxt)
+            else:
+                seq.scatter_(1, cur[:, None], nxt[:, None])
+                cur += 1
+                logits = _last_logits(model(seq[:, : longest + i + 1]), cur)
+        return output(reason.tolist(), count.tolist())
+
+    return steps()
+
+
+def _last_logits(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``(B, V)``: each row's logits at its last token (position ``lengths[b] - 1``)."""
+    B, _, V = logits.shape
+    return logits.gather(1, (lengths - 1).view(B, 1, 1).expand(B, 1, V)).squeeze(1)

@@ -1,0 +1,292 @@
+"""The generate API: ragged batches, stop ids and strings, streaming, top-p, repetition penalty, bad values.
+
+A ragged batch (prompts of different lengths, any padding side) must give every row what that
+row gives alone: the same logits at the prefill and at every decode step (float64, so up to
+rounding), and the same tokens, for both recipes, K=V and not, learned positions and RoPE,
+linear attention, cached and recomputed, and through the Triton decode kernel under the
+interpreter (per-row lengths).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import pytest
+import torch
+
+import qkvlab.kernels
+from qkvlab import GPT, GPTConfig
+from qkvlab.attention import Attention
+from qkvlab.data.tokenizers import ByteTokenizer
+from qkvlab.errors import ConfigError
+from qkvlab.kernels.kv_decode import HAS_TRITON, _interpreter_problem
+from qkvlab.models.decoding import StaticDecoder
+from qkvlab.models.generation import _RowText, apply_repetition_penalty, sample, top_p_filter
+
+INTERPRETER_PROBLEM = _interpreter_problem() if HAS_TRITON else "Triton is not installed"
+needs_interpreter = pytest.mark.skipif(
+    INTERPRETER_PROBLEM is not None, reason=f"no working Triton interpreter: {INTERPRETER_PROBLEM}"
+)
+
+V = 41
+ROWS = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16]]
+
+
+def small_gpt(variant: str, recipe: str = "llama", dtype=torch.float64, **kw) -> GPT:
+    torch.manual_seed(0)
+    shape = dict(n_layers=2, d_model=32, n_heads=4, vocab_size=V, max_seq_len=48)
+    return GPT(GPTConfig(recipe=recipe, variant=variant, **{**shape, **kw})).to(dtype).eval()
+
+
+def padded(rows, side: str = "left"):
+    T = max(map(len, rows))
+    idx = torch.full((len(rows), T), 40, dtype=torch.long)  # padding with a real id: it must not matter
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        span = slice(T - len(r), T) if side == "left" else slice(0, len(r))
+        idx[b, span], mask[b, span] = torch.tensor(r), True
+    return idx, mask
+
+
+def step_logits(model: GPT, idx, mask, forced: torch.Tensor) -> torch.Tensor:
+    """Prefill logits, then those of each teacher-forced decode step: ``(B, 1 + steps, V)``."""
+    cache = model.new_cache(idx.shape[0], 20)
+    out = [model.prefill(idx, cache, attention_mask=mask)]
+    for t in range(forced.shape[1]):
+        out.append(model.decode_one(forced[:, t], cache))
+    return torch.stack(out, 1)
+
+
+def set_kernel(model: GPT, flag) -> None:
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.decode_kernel = flag
+
+
+VARIANTS = ["q_k_v", "q_kv", "qkv", "q_kv+gqa2", "q_k_v+rope", "q_kv+rope+qknorm", "q_kv+learned+linear"]
+
+
+@pytest.mark.parametrize("recipe", ["gpt2", "llama"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ragged_batch_equals_each_row_alone(variant, recipe):
+    model = small_gpt(variant, recipe)
+    forced = torch.randint(0, V, (3, 4), generator=torch.Generator().manual_seed(1))
+    idx, mask = padded(ROWS, "left")
+    batch = step_logits(model, idx, mask, forced)
+    for b, row in enumerate(ROWS):
+        alone = step_logits(model, torch.tensor([row]), None, forced[b : b + 1])
+        torch.testing.assert_close(batch[b : b + 1], alone, rtol=1e-9, atol=1e-9)
+    # generated tokens: the ragged batch (a list, a left- or right-padded tensor), cached or not
+    alone = [model.generate(torch.tensor([r]), 6, return_dict=True).tokens[0] for r in ROWS]
+    for use_cache in (True, False):
+        assert model.generate(ROWS, 6, use_cache=use_cache, return_dict=True).tokens == alone
+    idx, mask = padded(ROWS, "right")
+    out = model.generate(idx, 6, attention_mask=mask, return_dict=True)
+    assert out.tokens == alone and out.lengths == [6, 6, 6] and out.finish_reasons == ["length"] * 3
+    assert torch.equal(out.sequences[:, : idx.shape[1]], idx)  # the prompt as given, then the new tokens
+    assert out.sequences[:, idx.shape[1] :].tolist() == alone
+
+
+def test_ragged_static_decoder_equals_the_dynamic_step():
+    model = small_gpt("q_kv+learned")
+    idx, mask = padded(ROWS)
+    forced = torch.randint(0, V, (3, 3), generator=torch.Generator().manual_seed(2))
+    ref = step_logits(model, idx, mask, forced)
+    cache = model.new_cache(3, 20)
+    got = [model.prefill(idx, cache, attention_mask=mask)]
+    dec = StaticDecoder(model, cache, cuda_graph=False)
+    got += [dec.step(forced[:, t]) for t in range(3)]
+    torch.testing.assert_close(torch.stack(got, 1), ref, rtol=1e-12, atol=1e-12)
+    assert cache.row_lengths.tolist() == [10, 5, 8] and cache.length == 10
+    with pytest.raises(ConfigError, match="one token per row"):
+        model(torch.zeros(3, 2, dtype=torch.long), cache=cache)
+    cache.reset()
+    model.prefill(torch.zeros(3, 4, dtype=torch.long), cache)  # uniform now: the ragged decoder refuses
+    with pytest.raises(ConfigError, match="new StaticDecoder"):
+        dec.step(forced[:, 0])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("variant", ["q_kv", "q_k_v", "q_kv+rope+qknorm", "q_k_v+mqa+learned"])
+def test_ragged_batch_through_the_decode_kernel(variant, monkeypatch):
+    """Under the interpreter the decode kernel takes each row's own length; rows equal their runs alone."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    lengths = []
+    real = qkvlab.kernels.decode_attention
+
+    def spy(*args, **kwargs):
+        lengths.append(args[3].tolist())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qkvlab.kernels, "decode_attention", spy)
+    model = small_gpt(variant, dtype=torch.float32, n_heads=2)  # head dim 16: the kernel's minimum
+    idx, mask = padded(ROWS)
+    forced = torch.randint(0, V, (3, 2), generator=torch.Generator().manual_seed(3))
+    set_kernel(model, True)
+    batch = step_logits(model, idx, mask, forced)
+    assert lengths[0] == [8, 3, 6] and lengths[-1] == [9, 4, 7]  # each row's own length
+    set_kernel(model, False)
+    for b, row in enumerate(ROWS):
+        alone = step_logits(model, torch.tensor([row]), None, forced[b : b + 1])
+        torch.testing.assert_close(batch[b : b + 1], alone, rtol=2e-4, atol=2e-4)
+
+
+def test_stop_token_ids_end_the_row():
+    model = small_gpt("q_kv")
+    free = model.generate(ROWS, 8, return_dict=True)
+    stop = free.tokens[0][2]
+    out = model.generate(ROWS, 8, stop_token_ids=[stop], pad_token_id=0, return_dict=True)
+    T = max(map(len, ROWS))
+    for b, toks in enumerate(free.tokens):
+        end = toks.index(stop) + 1 if stop in toks else len(toks)
+        assert out.tokens[b] == toks[:end] and out.lengths[b] == end
+        assert out.finish_reasons[b] == ("stop_token" if stop in toks else "length")
+        assert out.sequences[b, T + end :].eq(0).all()  # nothing after the stop
+    assert out.finish_reasons[0] == "stop_token" and out.lengths[0] == 3
+
+
+class CharTokenizer:
+    """Id i decodes to two letters, so a stop string can end inside a token."""
+
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) + chr(65 + i % 26) for i in ids)
+
+
+def test_stop_strings_end_the_row_and_cut_the_text():
+    model = small_gpt("q_k_v")
+    tok = CharTokenizer()
+    free = model.generate(ROWS, 8, tokenizer=tok, return_dict=True)
+    assert free.texts == [tok.decode(t) for t in free.tokens]
+    stop = free.texts[0][3:5]  # the end of token 1's text and the start of token 2's
+    out = model.generate(ROWS, 8, stop_strings=["not there", stop], tokenizer=tok, return_dict=True)
+    for b, text in enumerate(free.texts):
+        at = text.find(stop)
+        if at < 0:
+            assert out.tokens[b] == free.tokens[b] and out.finish_reasons[b] == "length"
+            continue
+        end = at + len(stop)
+        assert out.texts[b] == text[:end]  # cut right after the stop, inside the last token's text
+        assert out.tokens[b] == free.tokens[b][: (end + 1) // 2]  # the token completing it is the last
+        assert out.finish_reasons[b] == "stop_string"
+    assert out.finish_reasons[0] == "stop_string" and len(out.tokens[0]) <= 3
+
+
+def test_row_text_holds_back_an_unfinished_character_and_finds_stops_across_tokens():
+    tok = ByteTokenizer()
+    row = _RowText(tok, ["\n\n"])
+    deltas, stopped = [], False
+    for b in "héllo\n\nworld".encode():
+        stopped = row.add(b)
+        deltas.append(row.delta(stopped))
+        if stopped:
+            break
+    assert stopped and row.text == "héllo\n\n" and "".join(deltas) == "héllo\n\n"
+    assert deltas[1] == "" and deltas[2] == "é"  # the first byte of é waits for the second
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_stream_yields_the_tokens_of_one_call(use_cache):
+    model = small_gpt("q_kv+gqa2+learned")
+    tok = CharTokenizer()
+    kw = dict(temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.3, tokenizer=tok, use_cache=use_cache)
+    free = model.generate(ROWS, 10, generator=torch.Generator().manual_seed(4), return_dict=True, **kw)
+    # stops taken from the free run, so that rows do end early: a token id of row 0, a text of row 1
+    kw.update(stop_token_ids=[free.tokens[0][3]], stop_strings=[free.texts[1][13:15]])
+    one = model.generate(ROWS, 10, generator=torch.Generator().manual_seed(4), return_dict=True, **kw)
+    assert one.lengths[0] <= 4 and one.lengths[1] <= 8
+    stream = model.stream(ROWS, 10, generator=torch.Generator().manual_seed(4), **kw)
+    tokens, texts, reasons = [[] for _ in ROWS], [""] * 3, [None] * 3
+    for step in stream:
+        for b in range(3):
+            if step.emitted[b]:
+                tokens[b].append(int(step.tokens[b]))
+                texts[b] += step.text[b]
+            reasons[b] = step.finished[b] or reasons[b]
+    assert tokens == one.tokens and texts == one.texts and reasons == one.finish_reasons
+    assert torch.equal(stream.result.sequences, one.sequences)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.tensor([[0.15, 0.5, 0.05, 0.3]]).log()
+    kept = {p: (top_p_filter(logits, p) > float("-inf")).nonzero()[:, 1].tolist() for p in (0.3, 0.5, 0.75, 0.81, 1.0)}
+    assert kept == {0.3: [1], 0.5: [1], 0.75: [1, 3], 0.81: [0, 1, 3], 1.0: [0, 1, 2, 3]}
+    g = torch.Generator().manual_seed(0)
+    draws = [int(sample(logits, temperature=1.0, top_p=0.75, generator=g)) for _ in range(200)]
+    assert set(draws) == {1, 3}  # both kept tokens drawn, nothing else
+
+
+def test_repetition_penalty_known_case():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -2.0, 0.5, 1.0]]
+    # in generate: the first greedy token is the argmax of the penalised prefill logits
+    model = small_gpt("q_kv")
+    prompt = torch.tensor([[3, 4, 5, 3]])
+    logits = model.prefill(prompt, model.new_cache(1, 8))
+    seen = torch.zeros(1, V, dtype=torch.bool)
+    seen[0, [3, 4, 5]] = True
+    big = apply_repetition_penalty(logits, seen, 1e6).argmax(-1)
+    assert int(big) not in (3, 4, 5)
+    assert model.generate(prompt, 1, repetition_penalty=1e6)[0, -1] == big
+    out = model.generate(prompt, 20, repetition_penalty=1e6, return_dict=True).tokens[0]
+    assert len(set(out)) == 20 and not set(out) & {3, 4, 5}  # with so strong a penalty nothing repeats
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(top_p=0.0), "top_p must lie in (0, 1]"),
+        (dict(top_p=1.5), "top_p must lie in (0, 1]"),
+        (dict(top_p=float("nan")), "top_p must lie in (0, 1]"),
+        (dict(repetition_penalty=-1.0), "repetition_penalty must be a finite number > 0"),
+        (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0"),
+        (dict(temperature=float("nan")), "temperature must be >= 0 and finite"),
+        (dict(temperature=float("inf")), "temperature must be >= 0 and finite"),
+        (dict(stop_token_ids=[V]), f"token id {V}, outside the model's vocabulary [0, {V})"),
+        (dict(stop_strings=["x"]), "pass tokenizer="),
+        (dict(idx=torch.tensor([[1, V]])), f"token id {V}, outside"),
+        (dict(idx=torch.tensor([[1, -1]])), "token id -1, outside"),
+        (dict(idx=torch.zeros(1, 0, dtype=torch.long)), "The prompt is empty"),
+        (dict(idx=torch.zeros(0, 3, dtype=torch.long)), "The prompt is empty"),
+        (dict(idx=[[1, 2], []]), "has an empty row"),
+        (dict(idx=torch.tensor([1, 2, 3])), "(a single sequence: idx[None])"),
+        (dict(idx=torch.ones(1, 3)), "integer token ids of shape (batch, seq)"),
+        (dict(attention_mask=torch.tensor([[True, True, True], [False, False, False]])), "Row 1 of the prompt"),
+        (dict(attention_mask=torch.ones(2, 2, dtype=torch.bool)), "attention_mask has shape (2, 2)"),
+    ],
+)
+def test_bad_values_get_one_clear_error(kwargs, message):
+    model = small_gpt("q_kv")
+    idx = kwargs.pop("idx", torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    with pytest.raises(ConfigError) as err:
+        model.generate(idx, 3, **kwargs)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError):  # the stream refuses at the call, before any iteration
+        model.stream(idx, 3, **kwargs)
+
+
+def test_ragged_linear_state_prefill_and_finish_at_zero_tokens():
+    model = small_gpt("q_kv+learned+linear", "gpt2", linear_decay=0.9)
+    out = model.generate(ROWS, 0, return_dict=True)
+    assert out.tokens == [[], [], []] and out.sequences.shape == (3, 7)
+    alone = [model.generate(torch.tensor([r]), 5).tolist()[0][len(r) :] for r in ROWS]
+    assert model.generate(ROWS, 5, return_dict=True).tokens == alone
+
+
+@pytest.mark.skipif(
+    sys.platform == "win32" or not any(map(shutil.which, ("cc", "gcc", "clang"))),
+    reason="torch.compile on CPU needs a C compiler",
+)
+def test_ragged_compiled_static_step_equals_the_eager_one():
+    """The per-row positions trace into one graph (fullgraph) too: RoPE rows, cache scatter, key mask."""
+    torch._dynamo.reset()
+    model = small_gpt("q_kv+rope+qknorm", dtype=torch.float32, n_layers=1)
+    idx, mask = padded(ROWS)
+    forced = torch.randint(0, V, (3, 3), generator=torch.Generator().manual_seed(5))
+    ref = step_logits(model, idx, mask, forced)[:, 1:]
+    cache = model.new_cache(3, 20)
+    model.prefill(idx, cache, attention_mask=mask)
+    dec = StaticDecoder(model, cache, cuda_graph=False, compile=True)
+    got = torch.stack([dec.step(forced[:, t]) for t in range(3)], 1)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,69 @@
+"""A study run in slices on lent machines: each slice starts from the committed rows on a fresh
+machine, runs what is left, and merges back by run id without duplicates (scripts/sweep_slice.py,
+scripts/merge_slice.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def script(name: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def ok_rows(results: Path) -> list[dict]:
+    return [json.loads(line) for line in (results / "results.jsonl").read_text().splitlines() if '"ok"' in line]
+
+
+def test_slices_continue_from_committed_rows_and_merge_by_run_id(tmp_path: Path):
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 64, size=4000).astype(np.uint16))
+    base = {
+        "model": {"preset": "tiny", "n_layers": 1, "d_model": 32, "n_heads": 4},
+        "data": {"source": str(tmp_path / "tokens.npy")},
+        "batch_size": 4,
+        "seq_len": 16,
+        "max_steps": 3,
+        "eval_batches": 1,
+        "log": {"progress": False, "tensorboard": False},
+        "device": "cpu",
+    }
+    study, results = tmp_path / "study", tmp_path / "results"
+    sweep = {"name": "slices", "study_dir": str(study), "base": base, "grid": {"variant": ["QKV", "Q-K=V"]}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    cfg = str(tmp_path / "sweep.yaml")
+
+    def one_slice(out: str, *only: str) -> dict:
+        shutil.rmtree(study, ignore_errors=True)  # each slice is a fresh machine
+        flags = [f"--only={o}" for o in only]
+        script("sweep_slice.py", cfg, "--results", str(results), "--devices", "cpu", "--time-limit", "200",
+               "--out", str(tmp_path / out), *flags)  # fmt: skip
+        script("merge_slice.py", str(tmp_path / out), str(results), "--lease-s", "7")
+        return json.loads((tmp_path / out / "slice.json").read_text())
+
+    first = one_slice("out1", "variant=QKV")
+    assert first["ran"] == 1 and not first["stopped"]
+    (row,) = ok_rows(results)
+    assert row["variant"] == "QKV" and (results / "runs" / row["run_id"] / "metrics.jsonl").is_file()
+    assert (results / "sweep.yaml").is_file()
+
+    second = one_slice("out2")  # the whole grid: QKV is already done, only Q-K=V runs
+    assert second["ran"] == 1
+    rows = ok_rows(results)
+    assert sorted(r["variant"] for r in rows) == ["Q-K=V", "QKV"] and len({r["run_id"] for r in rows}) == 2
+    slices = [json.loads(line) for line in (results / "slices.jsonl").read_text().splitlines()]
+    assert [s["lease_s"] for s in slices] == [7.0, 7.0]
+    third = one_slice("out3")  # nothing left: no new row
+    assert third["ran"] == 0 and len(ok_rows(results)) == 2

@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -297,3 +298,36 @@ def test_only_selects_grid_points_in_any_spelling_and_names_a_value_no_point_has
     trainer = Clocked([0.0], 0.0)
     summary = run_sweep(s, tmp_path, run_fn=trainer, verbose=False, only={"tokens": ["1000"]})
     assert trainer.calls == [1000] * 4 and summary.planned == 4
+
+
+# ================================================================== uptraining from a checkpoint
+def test_init_from_starts_a_run_from_the_checkpoint_and_refuses_another_model(tmp_path: Path):
+    from qkvlab import load_model
+
+    tokens = torch.randint(0, 64, (6000,), generator=torch.Generator().manual_seed(0)).numpy().astype("uint16")
+    np.save(tmp_path / "tokens.npy", tokens)
+    common = {
+        "data": {"source": str(tmp_path / "tokens.npy")},
+        "batch_size": 4,
+        "seq_len": 16,
+        "eval_batches": 1,
+        "log": {"progress": False, "tensorboard": False},
+    }
+    model = {"preset": "tiny", "variant": "Q-K=V", "n_layers": 1, "d_model": 32, "n_heads": 4}
+    first = TrainConfig.from_dict({**common, "model": model, "max_steps": 3, "out_dir": str(tmp_path / "a")})
+    train(first, verbose=False)
+    source = load_model(tmp_path / "a" / "model.safetensors")
+    # A second run from those weights, at a rate so small that one step leaves them as they were.
+    cfg = {**common, "init_from": str(tmp_path / "a"), "max_steps": 1, "optim": {"lr": 1e-12}, "seed": 5}
+    cfg["model"] = {"dropout": 0.1, "variant": "q_kv"}  # a dropout change is allowed; the variant agrees
+    second = TrainConfig.from_dict({**cfg, "out_dir": str(tmp_path / "b")})
+    resolved = second.model_config(64)
+    assert resolved.variant == source.config.variant and resolved.dropout == 0.1
+    train(second, verbose=False)
+    after = load_model(tmp_path / "b" / "model.safetensors")
+    for (name, a), (_, b) in zip(source.state_dict().items(), after.state_dict().items(), strict=True):
+        assert torch.allclose(a, b, atol=1e-9), name
+    with pytest.raises(ConfigError, match=r"model.variant='QKV' differs from the checkpoint"):
+        TrainConfig.from_dict({**cfg, "model": {"variant": "QKV"}, "out_dir": str(tmp_path / "c")})
+    with pytest.raises(ConfigError, match=r"init_from='.*nowhere': no weights file there"):
+        TrainConfig.from_dict({**cfg, "model": {}, "init_from": str(tmp_path / "nowhere"), "out_dir": "x"})

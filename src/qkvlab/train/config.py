@@ -50,6 +50,9 @@ from qkvlab.models.config import GPTConfig
 from qkvlab.models.presets import PRESETS
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16")
+#: Model keys a run started from a checkpoint (``init_from``) may set: they change how it trains,
+#: not what the weights mean.
+INIT_FROM_CHANGES = ("dropout", "attn_dropout", "emb_dropout", "backend")
 #: Seeds reach numpy, which takes 0 .. 2**32 - 1.
 MAX_SEED = 2**32 - 1
 DECAY_CHOICES = ("auto", "matrices", "all")
@@ -284,6 +287,10 @@ class TrainConfig:
         task: ``name`` (default ``"lm"``: next-token prediction on ``data``) plus the task's own
             settings; see :mod:`qkvlab.tasks`. A task may set its own step budget (the
             synthetic task's ``epochs``); :attr:`total_steps` is the language model's.
+        init_from: a qkvlab weights file (or a run folder holding ``model.safetensors``) that a
+            new run starts from instead of a random initialisation: uptraining a converted or
+            imported model. The model is the checkpoint's (``model.preset`` is not used); other
+            ``model`` keys must agree with it, except the dropout rates and the backend.
     """
 
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
@@ -308,6 +315,7 @@ class TrainConfig:
     dtype: str = "auto"
     compile: bool = False
     distributed: str = "ddp"
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         for name, cls in SECTIONS.items():
@@ -338,8 +346,10 @@ class TrainConfig:
         if preset is not None and preset not in PRESETS:
             raise ConfigError(f"Unknown model.preset {preset!r}; available: {', '.join(PRESETS)}.")
         if name != "lm":
+            _check(self.init_from is None, f"init_from is for the language model; the {name!r} task cannot use it.")
             tasks.check_config(self)  # the task validates its settings and its model section
             return
+        _check(self.init_from is None or bool(self.init_from), "init_from must name a weights file, or be null.")
         check_keys("task", self.task, ["name"])
         check_keys("model", self.model, MODEL_KEYS)
         self.model_config()  # a bad variant or shape fails here, before any data is read
@@ -369,6 +379,8 @@ class TrainConfig:
         An explicit ``model.vocab_size`` wins but must hold the tokenizer's vocabulary;
         otherwise the model gets exactly the tokenizer's. ``max_seq_len`` defaults to ``seq_len``.
         """
+        if self.init_from is not None:
+            return self._checkpoint_model_config(vocab_size)
         fields = {k: v for k, v in self.model.items() if k != "preset"}
         base = dict(PRESETS[self.model["preset"]]) if self.model.get("preset") else {}
         explicit_vocab = fields.get("vocab_size")
@@ -386,6 +398,52 @@ class TrainConfig:
                 "raise model.max_seq_len or lower seq_len."
             )
         return GPTConfig(**{**base, **fields})
+
+    def init_weights_file(self) -> Path:
+        """The weights file ``init_from`` names (a run folder means its ``model.safetensors``)."""
+        path = Path(str(self.init_from)).expanduser()
+        if path.is_dir():
+            path = path / "model.safetensors"
+        if not path.is_file():
+            raise ConfigError(
+                f"init_from={self.init_from!r}: no weights file there; name a model.safetensors or a run folder "
+                "holding one (qkvlab import / convert write such folders)."
+            )
+        return path
+
+    def _checkpoint_model_config(self, vocab_size: int | None) -> GPTConfig:
+        from qkvlab.checkpoint import checkpoint_config
+
+        path = self.init_weights_file()
+        stored = checkpoint_config(path)
+        if not isinstance(stored, GPTConfig):
+            raise ConfigError(f"init_from={self.init_from!r} holds a {stored.family!r} model, not a language model.")
+        merged = stored.to_dict()
+        for key, value in self.model.items():
+            if key == "preset":
+                continue
+            if key in INIT_FROM_CHANGES:
+                merged[key] = value
+                continue
+            asked = GPTConfig.from_dict({**stored.to_dict(), key: value}).to_dict()[key]
+            if asked != merged[key]:
+                raise ConfigError(
+                    f"model.{key}={value!r} differs from the checkpoint init_from={self.init_from!r} "
+                    f"({merged[key]!r}); remove model.{key} (the model is the checkpoint's), or convert the "
+                    "checkpoint first (qkvlab convert)."
+                )
+        cfg = GPTConfig.from_dict(merged)
+        if vocab_size is not None and vocab_size > cfg.vocab_size:
+            raise ConfigError(
+                f"The tokenizer's vocabulary ({vocab_size}) is larger than the checkpoint's ({cfg.vocab_size}); "
+                f"train with the checkpoint's own tokenizer (data.tokenizer: bpe:<its run folder>/tokenizer)."
+            )
+        if cfg.max_seq_len < self.seq_len:
+            raise ConfigError(
+                f"seq_len={self.seq_len} is longer than the checkpoint's max_seq_len ({cfg.max_seq_len}); "
+                "lower seq_len."
+            )
+        return cfg
 
     # ------------------------------------------------------------- dict / YAML
     def to_dict(self) -> dict[str, Any]:

@@ -487,6 +487,10 @@ class Trainer:
         np.random.seed(config.seed)
         torch.manual_seed(config.seed)  # the same initial weights on every process
         self.raw = self.task.build_model().to(ctx.device)
+        if config.init_from is not None and self.resume_from is None:  # a resumed run has its own weights
+            from qkvlab.checkpoint import load_into
+
+            load_into(self.raw, config.init_weights_file())
         self.n_params = sum(p.numel() for p in self.raw.parameters())
         self.wrapped = wrap_model(self.raw, config, ctx)  # DDP / FSDP: owns the gradient sync
         self.optimizer = build_optimizer(self.raw, config)  # after FSDP: its parameters are the shards

@@ -128,8 +128,35 @@ class ByteTokenizer(Tokenizer):
         return "".join(out)
 
 
-class BPETokenizer(Tokenizer):
+class LibraryTokenizer(Tokenizer):
+    """A tokenizer held by the ``tokenizers`` library (``self._tok``): batched encoding on all cores."""
+
+    _tok: HFTokenizer
+    default_dtype: type = np.uint32
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._encode(texts)]
+
+    def encode_batch_np(self, texts: Sequence[str], dtype: np.dtype | type | None = None) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=dtype or self.default_dtype) for e in self._encode(texts)]
+
+    def _encode(self, texts: Sequence[str]) -> list:
+        # encode_batch_fast skips character offsets (tokenizers >= 0.20); both run on all cores.
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return encode(list(texts), add_special_tokens=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ConfigError(f"Token id {bad[0]} is outside this tokenizer's vocabulary (0..{self.vocab_size - 1}).")
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+
+class BPETokenizer(LibraryTokenizer):
     """Byte-level BPE (GPT-2 style) on the ``tokenizers`` library, read from vocab + merges files."""
+
+    default_dtype = np.uint16
 
     def __init__(self, vocab_file: Path, merges_file: Path, *, id: str, spec: str) -> None:
         try:
@@ -161,24 +188,6 @@ class BPETokenizer(Tokenizer):
         self.id = id
         self.spec = spec
         self.files = (Path(vocab_file), Path(merges_file))
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._encode(texts)]
-
-    def encode_batch_np(self, texts: Sequence[str], dtype: np.dtype | type = np.uint16) -> list[np.ndarray]:
-        return [np.asarray(e.ids, dtype=dtype) for e in self._encode(texts)]
-
-    def _encode(self, texts: Sequence[str]) -> list:
-        # encode_batch_fast skips character offsets (tokenizers >= 0.20); both run on all cores.
-        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return encode(list(texts), add_special_tokens=False)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ConfigError(f"Token id {bad[0]} is outside this tokenizer's vocabulary (0..{self.vocab_size - 1}).")
-        return self._tok.decode(ids, skip_special_tokens=False)
 
 
 def gpt2_search_dirs() -> list[Path]:

@@ -21,12 +21,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from qkvlab.checkpoint import atomic_write
-from qkvlab.data.tokenizers import EOT_TEXT, Tokenizer
+from qkvlab.data.tokenizers import EOT_TEXT, LibraryTokenizer
 from qkvlab.errors import ConfigError
 
 # Split patterns of the byte-level BPE families we read. GPT-2's is the ByteLevel
@@ -171,7 +170,7 @@ def write_tokenizer_folder(
     return folder
 
 
-class JsonTokenizer(Tokenizer):
+class JsonTokenizer(LibraryTokenizer):
     """A qkvlab tokenizer over a folder with ``tokenizer.json`` (and ``meta.json`` naming end-of-text).
 
     Example::
@@ -210,20 +209,3 @@ class JsonTokenizer(Tokenizer):
         self.id = f"bpe:{self.vocab_size}"
         self.spec = f"bpe:{folder}"
         self.folder = folder
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._encode(texts)]
-
-    def encode_batch_np(self, texts: Sequence[str], dtype: np.dtype | type = np.uint32) -> list[np.ndarray]:
-        return [np.asarray(e.ids, dtype=dtype) for e in self._encode(texts)]
-
-    def _encode(self, texts: Sequence[str]) -> list:
-        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return encode(list(texts), add_special_tokens=False)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ConfigError(f"Token id {bad[0]} is outside this tokenizer's vocabulary (0..{self.vocab_size - 1}).")
-        return self._tok.decode(ids, skip_special_tokens=False)

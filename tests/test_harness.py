@@ -448,3 +448,39 @@ def test_without_lm_eval_says_how_to_install(monkeypatch, tmp_path):
     assert str(e.value) == INSTALL_HINT and "pip install 'qkvlab[eval]'" in INSTALL_HINT
     result = CliRunner().invoke(app, ["eval", "harness", str(tmp_path)])
     assert isinstance(result.exception, ConfigError) and str(result.exception) == INSTALL_HINT
+
+
+# ================================================================== the same weights through lm-eval's hf model
+@pytest.mark.parametrize(
+    ("variant", "recipe"),
+    [("q_k_v+learned", "gpt2"), ("q_kv+gqa2+rope", "llama")],  # a stock GPT-2; qkvlab's own K=V class
+)
+def test_exported_model_scores_the_same_through_lm_evals_hf_model(tmp_path, variant, recipe):
+    """One checkpoint, two adapters: lm-eval's ``hf`` model on the transformers export and ``qkvlab``
+    on the run agree on every per-item log-likelihood, so on every accuracy and perplexity."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # lm-eval's hf model imports it
+    import qkvlab.hf  # noqa: F401  (registers the native K=V class with the Auto classes)
+    from qkvlab.interop.hf_export import export_hf
+
+    names = ["piqa", "arc_easy", "lambada_openai"]
+    try:
+        for name in names:
+            find_data_file(TASKS[name])
+    except ConfigError as e:
+        pytest.skip(str(e))
+    run = save_run(tmp_path / "run", tiny(variant, recipe, max_seq_len=512))
+    export_hf(run, tmp_path / "hf")
+    manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
+    tasks = [TASKS[n].harness_name for n in names]
+    common = dict(tasks=tasks, limit=6, task_manager=manager, bootstrap_iters=0, log_samples=True)
+    ours = lm_eval.simple_evaluate(model="qkvlab", model_args=f"path={run},batch_size=3", device="cpu", **common)
+    theirs = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={tmp_path / 'hf'},dtype=float32,batch_size=3", device="cpu", **common
+    )
+    for task in tasks:
+        a, b = ({k: v for k, v in r["results"][task].items() if isinstance(v, float)} for r in (ours, theirs))
+        assert {"acc,none"} <= set(a) and a == pytest.approx(b, rel=1e-4), task
+        lls_a = [[r[0] for r in s["filtered_resps"]] for s in ours["samples"][task]]
+        lls_b = [[r[0] for r in s["filtered_resps"]] for s in theirs["samples"][task]]
+        assert np.allclose(lls_a, lls_b, rtol=1e-4, atol=1e-4), task

@@ -30,10 +30,10 @@ from typing import Any
 
 from qkvlab.errors import ConfigError
 from qkvlab.harness.data import TASK_DIR, TaskSpec, file_sha256, find_data_file, resolve_tasks
+from qkvlab.study.downstream import HARNESS_STATUS as STATUS
 
 FORMAT = "qkvlab-harness/1"
 RESULTS_NAME = "harness.json"
-STATUS = "harness"
 #: Row fields copied from a study's training row of the same run.
 TRAINING_KEYS = (
     "variant",

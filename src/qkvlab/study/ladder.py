@@ -72,6 +72,7 @@ import yaml
 from qkvlab.attention.variant import PAPER_LM_VARIANTS, VariantSpec
 from qkvlab.checkpoint import atomic_write
 from qkvlab.errors import ConfigError
+from qkvlab.study.downstream import HARNESS_STATUS, downstream_section, harness_rows
 from qkvlab.study.report import (
     PAPER_TABLES,
     REPORT_DIR,
@@ -1621,6 +1622,9 @@ def write_ladder_report(study_dir: str | Path, out_dir: str | Path | None = None
     # A row whose run id is not a point of the study's current grid came from another config
     # (run ids hash the whole config): it is left out, never merged with the grid's rows.
     planned = _planned_ids(study)
+    # Downstream rows (`qkvlab eval harness --study`) name the training run they scored instead.
+    downstream = harness_rows(all_rows)
+    all_rows = [r for r in all_rows if r.get("status") != HARNESS_STATUS]
     foreign = [r for r in all_rows if planned is not None and r.get("run_id") not in planned]
     all_rows = [r for r in all_rows if planned is None or r.get("run_id") in planned]
     out = Path(out_dir) if out_dir is not None else study / REPORT_DIR
@@ -1649,6 +1653,8 @@ def write_ladder_report(study_dir: str | Path, out_dir: str | Path | None = None
     lines += lr_lines + table_lines + test_lines + fit_lines + token_lines
     listed = ", ".join(f"`{f}`" for f in figures) if figures else "none (plots off, or too few points)"
     lines += ["## 5. Figures", "", f"Shown with their sections above: {listed}.", "", *verdict_lines, *cover_lines]
+    downstream_lines, downstream_records = downstream_section(downstream)
+    lines += downstream_lines
 
     summary = {
         "header": head,
@@ -1664,6 +1670,7 @@ def write_ladder_report(study_dir: str | Path, out_dir: str | Path | None = None
         "rankings": rank_records,
         "verdicts": verdict_records,
         "not_yet_run": cover_records,
+        "downstream": downstream_records,
         "figures": figures,
         "settings": {
             "confidence": CONFIDENCE,

@@ -43,6 +43,7 @@ import yaml
 from qkvlab.attention.variant import PAPER_LM_VARIANTS, VariantSpec
 from qkvlab.checkpoint import atomic_write
 from qkvlab.errors import ConfigError
+from qkvlab.study.downstream import downstream_section
 from qkvlab.study.metrics import METRICS, Metric
 from qkvlab.study.paper import PAPER_TABLES, PaperTable
 from qkvlab.study.results import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ResultsStore, read_metrics
@@ -489,6 +490,7 @@ def write_report(
                 f"paper_table {paper_table!r} is not a perplexity table; use one of {', '.join(lm_tables)}."
             )
         lines += _beside_paper_lm(table, [(group_label(k), summarize_group(groups[k])) for k in order])
+    lines += downstream_section(latest)[0]
     if skipped:
         lines += ["## Skipped grid points", "", "These combinations cannot be built, so they were not trained:", ""]
         lines += _skipped_table(skipped)

@@ -67,3 +67,19 @@ def test_slices_continue_from_committed_rows_and_merge_by_run_id(tmp_path: Path)
     assert [s["lease_s"] for s in slices] == [7.0, 7.0]
     third = one_slice("out3")  # nothing left: no new row
     assert third["ran"] == 0 and len(ok_rows(results)) == 2
+
+
+def test_code_version_of_an_archive_copy_is_the_named_commit(monkeypatch):
+    """A device slice runs a `git archive` copy (no .git): its rows carry the commit it was made from."""
+    import subprocess
+
+    from qkvlab import provenance
+
+    def no_git(*a, **k):
+        raise subprocess.CalledProcessError(128, "git")
+
+    monkeypatch.setattr(provenance.subprocess, "run", no_git)
+    monkeypatch.delenv("QKVLAB_GIT_COMMIT", raising=False)
+    assert provenance.code_version() == (None, None)
+    monkeypatch.setenv("QKVLAB_GIT_COMMIT", "0123abcd")
+    assert provenance.code_version() == ("0123abcd", False)

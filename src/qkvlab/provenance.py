@@ -10,6 +10,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -22,7 +23,12 @@ def now() -> str:
 
 def code_version() -> tuple[str | None, bool | None]:
     """(git commit, uncommitted changes to tracked files) of the qkvlab source tree, or
-    (None, None) outside a git checkout or without git."""
+    (None, None) outside a git checkout or without git.
+
+    A copy made with ``git archive COMMIT`` has no ``.git``; whoever made it names the commit
+    in ``QKVLAB_GIT_COMMIT`` (a clean copy by construction), so its rows still say where they
+    came from.
+    """
     src = Path(__file__).resolve().parent
     try:
         run = dict(cwd=src, capture_output=True, text=True, timeout=10, check=True)
@@ -30,4 +36,5 @@ def code_version() -> tuple[str | None, bool | None]:
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip())
         return commit or None, dirty
     except (OSError, subprocess.SubprocessError):
-        return None, None
+        named = os.environ.get("QKVLAB_GIT_COMMIT", "").strip()
+        return (named, False) if named else (None, None)

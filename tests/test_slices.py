@@ -83,3 +83,44 @@ def test_code_version_of_an_archive_copy_is_the_named_commit(monkeypatch):
     assert provenance.code_version() == (None, None)
     monkeypatch.setenv("QKVLAB_GIT_COMMIT", "0123abcd")
     assert provenance.code_version() == ("0123abcd", False)
+
+
+def test_ladder_blocks_follow_block_ones_learning_rates(tmp_path):
+    """Blocks 2-6 train every variant at each size's best QKV rate; a best rate at the edge of the
+    range gets one more rate instead; block 1's QKV run at the chosen rate is not planned twice."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import ladder_blocks
+
+    from qkvlab.study import expand, load_sweep
+
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "lm").mkdir()
+    shutil.copy(ROOT / "configs" / "lm" / "gutenberg-ladder.yaml", tmp_path / "lm")
+    sweep = tmp_path / "studies" / "ladder-gutenberg.yaml"
+    shutil.copy(ROOT / "configs" / "studies" / "ladder-gutenberg.yaml", sweep)
+    block1 = {p.run_id: p for p in expand(load_sweep(sweep))}
+    losses = {("gpt2-3m", 1e-3): 4.0, ("gpt2-3m", 2e-3): 3.9, ("gpt2-3m", 4e-3): 3.95}
+    losses |= {("gpt2-10m", 1e-3): 3.5, ("gpt2-10m", 2e-3): 3.6, ("gpt2-10m", 4e-3): 3.7}
+    rows = []
+    for run_id, p in block1.items():
+        key = (p.model, float(p.config["optim"]["lr"]))
+        if key in losses:
+            rows.append({"run_id": run_id, "status": "ok", "model": key[0], "variant_id": "q_k_v",
+                         "val_loss": losses[key], "tokens_budget": 9_850_000, "config": p.config})  # fmt: skip
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script("ladder_blocks.py", str(sweep), str(results), "--write")
+    text = sweep.read_text()
+    assert "gpt2-10m: best rate 1.0e-3 is the lowest tried" in text and "gpt2-3m: chosen 2.0e-3" in text
+    plans = expand(load_sweep(sweep))
+    by_model: dict[str, set] = {}
+    for p in plans:
+        by_model.setdefault(p.model, set()).add((p.variant, float(p.config["optim"]["lr"])))
+    assert {lr for v, lr in by_model["gpt2-10m"]} == {5e-4, 1e-3, 2e-3, 4e-3}  # one more rate, no variants yet
+    assert {v for v, lr in by_model["gpt2-3m"] if lr == 2e-3} == set(ladder_blocks.VARIANTS)
+    assert {v for v, lr in by_model["gpt2-3m"] if lr != 2e-3} == {"QKV"}
+    # QKV at the chosen rate, quarter budget, seed 0: the run block 1 made, planned once.
+    ids = [p.run_id for p in plans]
+    assert len(ids) == len(set(ids)) and set(block1) <= set(ids)
+    script("ladder_blocks.py", str(sweep), str(results), "--write")  # idempotent
+    assert sweep.read_text() == text

@@ -1,22 +1,27 @@
-"""The ``qkvlab`` command line.
+"""The qkvlab command line.
 
-Commands: ``variants`` (cost table of a preset's variants), ``presets`` (list the named
-shapes), ``demo`` (the main job), ``train`` (a YAML config plus ``KEY=VALUE`` overrides),
-``eval ppl`` (perplexity of a checkpoint), ``eval harness`` (downstream
-tasks through lm-evaluation-harness), ``generate`` (KV-cached sampling), ``sweep`` and
-``report`` (studies), ``analyze`` (projection similarity, effective rank, attention symmetry and
-maps of checkpoints), ``maps`` (a task study's attention maps, tasks x variants), ``export`` /
-``import`` (transformers folders and GGUF files) and ``convert`` (QKV -> Q-K=V, KV-head
-grouping). A user's mistake prints one line and exits with 2.
+Commands: variants (cost table of a preset's variants), presets (list the named shapes),
+demo (the main job), train (a YAML config plus KEY=VALUE overrides), eval ppl (perplexity of
+a checkpoint), eval harness (downstream tasks through lm-evaluation-harness), generate
+(KV-cached sampling), sweep and report (studies), analyze (projection similarity, effective
+rank, attention symmetry and maps of checkpoints), maps (a task study's attention maps, tasks
+x variants), export / import (transformers folders and GGUF files) and convert (QKV -> Q-K=V,
+KV-head grouping). A user's mistake prints one line and exits with 2; Ctrl-C during a run
+prints the command that resumes it and exits with 130.
+
+Help text is plain text, no reST or Markdown: typer prints it as written.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -27,7 +32,15 @@ from rich.table import Table
 
 from qkvlab.errors import ConfigError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+HELP = (
+    "Train, evaluate and compare transformers whose attention shares its query, key and value "
+    "projections (Q-K=V, Q=K-V, ...) or its KV heads (GQA, MQA). Start with 'qkvlab demo'; "
+    "'qkvlab COMMAND -h' explains a command."
+)
+#: -h works everywhere, as --help does (subcommands inherit it from the group's context).
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, context_settings=CONTEXT)
 console = Console() if sys.stdout.isatty() else Console(width=170)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -65,6 +78,23 @@ def _split_variants(values: list[str] | None) -> list[str] | None:
     for v in values:
         out.extend(p.strip() for p in v.split(",") if p.strip())
     return out
+
+
+def _launcher() -> list[str]:
+    """The start of a command that runs qkvlab again the way this process was started."""
+    world = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE")
+    if os.environ.get("TORCHELASTIC_RUN_ID") and world:
+        return ["torchrun", "--standalone", "--nproc_per_node", world, "-m", "qkvlab.cli"]
+    return ["qkvlab"]
+
+
+def _stopped(message: str, command: list[str]) -> typer.Exit:
+    """Ctrl-C: one line on stderr that ends with the command that continues the work, and exit
+    status 130 (128 + SIGINT, as a shell reports it). Under torchrun only process 0 says it."""
+    if os.environ.get("RANK", "0") == "0":
+        start = "\r" if sys.stderr.isatty() else ""  # over the ^C the terminal echoed
+        print(f"{start}{message}; resume with: {shlex.join(command)}", file=sys.stderr, flush=True)
+    return typer.Exit(130)
 
 
 def human_bytes(n: float) -> str:
@@ -110,7 +140,7 @@ def variants_table(rows: list[dict], title: str) -> Table:
 
 @app.command()
 def variants(
-    preset: Annotated[str, typer.Option(help="Model shape: a preset name (see `qkvlab presets`).")] = "paper-300m",
+    preset: Annotated[str, typer.Option(help="Model shape: a preset name (see 'qkvlab presets').")] = "paper-300m",
     variant: Annotated[
         list[str] | None,
         typer.Option("--variant", "-v", help="Variant(s), repeatable or comma-separated; default: the paper's."),
@@ -181,7 +211,16 @@ def demo(
         raise ConfigError(f"--seeds must list integers >= 0 separated by commas, e.g. 0,1,2; got {seeds!r}.")
     seed_list = [int(x) for x in parts]
     spec = demo_spec(parse_tokens(tokens), seed_list, out)
-    summary = run_sweep(spec, out, run_fn=demo_run_fn())
+    try:
+        summary = run_sweep(spec, out, run_fn=demo_run_fn())
+    except KeyboardInterrupt:
+        given = {"--out": (str(out), "runs/demo"), "--tokens": (tokens, "1.5M"), "--seeds": (seeds, "0")}
+        options = [x for name, (value, default) in given.items() if value != default for x in (name, value)]
+        raise _stopped(
+            f"Demo stopped; finished runs stay in {out / 'results.jsonl'} and the interrupted one continues from "
+            "its last checkpoint",
+            [*_launcher(), "demo", *options],
+        ) from None
     rows = [r for r in read_jsonl(out / "results.jsonl") if r.get("status") == "ok"]
     stats = summarize_group(rows)
     table = Table(title=f"demo: tiny GPT on the stdlib corpus, {tokens} tokens per run, seeds {seeds} (CPU)")
@@ -210,7 +249,9 @@ def demo(
 
 @app.command()
 def sweep(
-    config: Annotated[Path, typer.Argument(help="Sweep YAML (base config + grid).", show_default=False)],
+    config: Annotated[
+        Path, typer.Argument(metavar="CONFIG", help="Sweep YAML (base config + grid).", show_default=False)
+    ],
     out: Annotated[Path | None, typer.Option(help="Study folder (default: the sweep's study_dir).")] = None,
     devices: Annotated[
         str | None,
@@ -245,9 +286,22 @@ def sweep(
         if not sep or not key.strip() or not values.strip():
             raise ConfigError(f"--only {item!r} is not KEY=V1,V2; write e.g. --only model=gpt2-3m,gpt2-10m.")
         selected.setdefault(key.strip(), []).extend(v.strip() for v in values.split(",") if v.strip())
-    summary = run_sweep(
-        load_sweep(config), out, devices=devices, time_limit=time_limit, force=force, only=selected or None
-    )
+    spec = load_sweep(config)
+    try:
+        summary = run_sweep(spec, out, devices=devices, time_limit=time_limit, force=force, only=selected or None)
+    except KeyboardInterrupt:
+        study = Path(out if out is not None else spec.study_dir or Path("studies") / spec.name)
+        command = [*_launcher(), "sweep", str(config)]
+        command += ["--out", str(out)] if out is not None else []
+        command += ["--devices", devices] if devices is not None else []
+        command += ["--time-limit", f"{time_limit:g}"] if time_limit is not None else []
+        command += ["--force"] if force else []
+        command += [x for item in only or [] for x in ("--only", item)]
+        raise _stopped(
+            f"Sweep stopped; finished runs stay in {study / 'results.jsonl'} and the interrupted ones continue "
+            "from their last checkpoint",
+            command,
+        ) from None
     console.print(str(summary))
     if summary.failed:
         raise typer.Exit(1)
@@ -255,7 +309,9 @@ def sweep(
 
 @app.command()
 def report(
-    study_dir: Annotated[Path, typer.Argument(help="A study folder with results.jsonl.", show_default=False)],
+    study_dir: Annotated[
+        Path, typer.Argument(metavar="STUDY", help="A study folder with results.jsonl.", show_default=False)
+    ],
     plots: Annotated[bool, typer.Option(help="Write PNG plots (needs matplotlib).")] = True,
     paper_table: Annotated[
         str | None, typer.Option(help="The paper's table to set beside ours: table2 (synthetic) or table4 (LM).")
@@ -263,7 +319,7 @@ def report(
 ) -> None:
     """Write report.md (paper-style tables) and plots for a study folder from its results.
 
-    A study whose sweep.yaml says ``report: ladder`` gets the scaling-ladder analysis instead.
+    A study whose sweep.yaml says 'report: ladder' gets the scaling-ladder analysis instead.
     """
     import yaml
 
@@ -284,7 +340,9 @@ def report(
 
 @app.command()
 def maps(
-    study_dir: Annotated[Path, typer.Argument(help="A task study folder (results.jsonl).", show_default=False)],
+    study_dir: Annotated[
+        Path, typer.Argument(metavar="STUDY", help="A task study folder (results.jsonl).", show_default=False)
+    ],
     where: Annotated[
         list[str] | None, typer.Option(help="KEY=VALUE setting to draw, e.g. model.d_model=64 (repeatable).")
     ] = None,
@@ -312,10 +370,14 @@ def maps(
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/lm/tiny-stdlib.yaml.", show_default=False)],
+    config: Annotated[
+        Path,
+        typer.Argument(metavar="CONFIG", help="YAML config, e.g. configs/lm/tiny-stdlib.yaml.", show_default=False),
+    ],
     overrides: Annotated[
         list[str] | None,
         typer.Argument(
+            metavar="KEY=VALUE",
             help="KEY=VALUE overrides with dotted keys, values read as YAML: optim.lr=3e-4 model.variant=Q-K=V.",
             show_default=False,
         ),
@@ -340,10 +402,30 @@ def train(
     from qkvlab.train import load_config
     from qkvlab.train import train as run_training
 
-    run_training(load_config(config, overrides or []), resume=resume, force=force)
+    cfg = load_config(config, overrides or [])
+    try:
+        run_training(cfg, resume=resume, force=force)
+    except KeyboardInterrupt:
+        raise _train_stopped(cfg, [*_launcher(), "train", str(config), *(overrides or [])]) from None
 
 
-eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a trained checkpoint.")
+def _train_stopped(cfg, command: list[str]) -> typer.Exit:
+    """Ctrl-C during training: where the run stands and the --resume command that continues it."""
+    from qkvlab.train import latest_checkpoint
+
+    out = Path(cfg.out_dir)
+    try:
+        latest = latest_checkpoint(out)
+    except ConfigError:  # a hand-edited checkpoints folder: --resume says what is wrong with it
+        latest = None
+    if latest is not None:
+        where = f"its last checkpoint is step {int(latest.name.partition('-')[2])} in {out}"
+    else:
+        where = f"no checkpoint in {out} yet (ckpt_every sets how often), so this starts it again from step 0"
+    return _stopped(f"Training stopped; {where}", [*command, "--resume"])
+
+
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a trained checkpoint.", context_settings=CONTEXT)
 app.add_typer(eval_app, name="eval")
 
 
@@ -366,7 +448,9 @@ def _checkpoint_file(path: Path) -> Path:
 
 @eval_app.command("ppl")
 def eval_ppl(
-    checkpoint: Annotated[Path, typer.Argument(help="Weights file, checkpoint folder or run folder.")],
+    checkpoint: Annotated[
+        Path, typer.Argument(metavar="CHECKPOINT", help="Weights file, checkpoint folder or run folder.")
+    ],
     data: Annotated[
         str | None, typer.Option(help="Corpus (as data.source); default: the one the checkpoint was trained on.")
     ] = None,
@@ -431,7 +515,9 @@ def eval_ppl(
 def eval_harness(
     runs: Annotated[
         list[Path],
-        typer.Argument(help="Run folder(s), checkpoint folder(s) or .safetensors file(s).", show_default=False),
+        typer.Argument(
+            metavar="RUNS", help="Run folder(s), checkpoint folder(s) or .safetensors file(s).", show_default=False
+        ),
     ],
     tasks: Annotated[
         str,
@@ -514,7 +600,8 @@ def _analysis_label(path: Path, taken: set[str]) -> str:
 @app.command()
 def analyze(
     checkpoints: Annotated[
-        list[Path], typer.Argument(help="Weights file(s), checkpoint or run folder(s).", show_default=False)
+        list[Path],
+        typer.Argument(metavar="CHECKPOINTS", help="Weights file(s), checkpoint or run folder(s).", show_default=False),
     ],
     data: Annotated[
         str | None,
@@ -623,7 +710,9 @@ def _tokenizer_for(path: Path, meta: dict[str, str], override: str | None):
 
 @app.command()
 def generate(
-    checkpoint: Annotated[Path, typer.Argument(help="Weights file, checkpoint folder or run folder.")],
+    checkpoint: Annotated[
+        Path, typer.Argument(metavar="CHECKPOINT", help="Weights file, checkpoint folder or run folder.")
+    ],
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = "def ",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.8,
@@ -758,9 +847,12 @@ def _print_notes(report: dict) -> None:
 
 @app.command()
 def export(
-    run: Annotated[Path, typer.Argument(help="Run folder, checkpoint folder or weights file.", show_default=False)],
+    run: Annotated[
+        Path, typer.Argument(metavar="RUN", help="Run folder, checkpoint folder or weights file.", show_default=False)
+    ],
     out: Annotated[
-        Path, typer.Argument(help="Output folder; refused if it exists, unless --force.", show_default=False)
+        Path,
+        typer.Argument(metavar="OUT", help="Output folder; refused if it exists, unless --force.", show_default=False),
     ],
     format: Annotated[str, typer.Option("--format", help="Target format: 'hf' (transformers).")] = "hf",
     arch: Annotated[
@@ -796,9 +888,12 @@ def export(
 @app.command("import")
 def import_(
     src: Annotated[
-        Path, typer.Argument(help="A transformers model folder (config.json + safetensors) or a .gguf file.")
+        Path,
+        typer.Argument(metavar="SRC", help="A transformers model folder (config.json + safetensors) or a .gguf file."),
     ],
-    out: Annotated[Path, typer.Argument(help="Output run folder; refused if it exists, unless --force.")],
+    out: Annotated[
+        Path, typer.Argument(metavar="OUT", help="Output run folder; refused if it exists, unless --force.")
+    ],
     dtype: Annotated[str, typer.Option(help="Stored dtype: fp32 (reproduces the source), bf16 or fp16.")] = "fp32",
     max_seq_len: Annotated[int | None, typer.Option(help="Cap the context length (default: the source's).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
@@ -822,8 +917,12 @@ def import_(
 
 @app.command()
 def convert(
-    checkpoint: Annotated[Path, typer.Argument(help="Run folder, checkpoint folder or weights file (a QKV model).")],
-    out: Annotated[Path, typer.Argument(help="Output run folder; refused if it exists, unless --force.")],
+    checkpoint: Annotated[
+        Path, typer.Argument(metavar="CHECKPOINT", help="Run folder, checkpoint folder or weights file (a QKV model).")
+    ],
+    out: Annotated[
+        Path, typer.Argument(metavar="OUT", help="Output run folder; refused if it exists, unless --force.")
+    ],
     to: Annotated[str, typer.Option(help="Target variant, e.g. Q-K=V, Q-GQA-4, Q-MQA, GQA-4, MQA.")] = "Q-K=V",
     init: Annotated[
         str, typer.Option(help="Shared K=V projection: key, value, mean or fit (calibrated; needs --calib).")
@@ -869,7 +968,19 @@ def convert(
     _print_notes(report)
 
 
+_PYTHON_WARNING_FORMAT = warnings.formatwarning
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """qkvlab's own warnings as one line, like its errors; other libraries' as Python prints them."""
+    if Path(filename).resolve().is_relative_to(_PACKAGE):
+        return f"warning: {message}\n"
+    return _PYTHON_WARNING_FORMAT(message, category, filename, lineno, line)
+
+
 def main() -> None:
+    warnings.formatwarning = _warning_line
     try:
         app()
     except ConfigError as e:

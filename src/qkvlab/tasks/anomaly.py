@@ -34,7 +34,8 @@ The task section of a train config::
       backbone_width: 32        # CNN width; features are 4 * width wide
       backbone_image_size: null # resize images for a checkpoint backbone (e.g. 224)
       backbone_normalize: null  # 'dataset' or 'imagenet'; default: dataset for cnn, imagenet otherwise
-      epochs: 20                # passes over the training sets (else max_tokens in sets, else max_steps)
+      epochs: 20                # passes over the training sets (else max_tokens in sets, else max_steps);
+                                #   when set, max_steps is not used and max_tokens is an error
       seed: 0                   # data seed: splits, sets and the CNN's training
       cache_dir: null           # default $QKVLAB_CACHE
 
@@ -48,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from qkvlab.checkpoint import atomic_write
 from qkvlab.data import vision as vdata
@@ -248,9 +251,18 @@ def _to_input(images: np.ndarray, mean, std, size: int | None, device) -> torch.
 
 
 def train_cnn(
-    images: np.ndarray, labels: np.ndarray, n_classes: int, s: AnomalySettings, mean, std, device
+    images: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    s: AnomalySettings,
+    mean,
+    std,
+    device,
+    *,
+    progress: bool = False,
 ) -> tuple[SmallCNN, dict[str, Any]]:
-    """Train :class:`SmallCNN` on ``images`` (Adam, cosine decay, flips for colour images)."""
+    """Train :class:`SmallCNN` on ``images`` (Adam, cosine decay, flips for colour images);
+    ``progress`` shows a bar of its steps with the epoch and its mean loss so far."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(s.seed)
         model = SmallCNN(images.shape[-1], n_classes, s.backbone_width).to(device)
@@ -264,7 +276,14 @@ def train_cnn(
         flip = images.shape[-1] == 3
         model.train()
         losses: list[float] = []
-        for _ in range(s.backbone_epochs):
+        bar = tqdm(
+            total=s.backbone_epochs * steps_per_epoch,
+            desc="backbone CNN",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not progress,
+        )
+        for epoch in range(s.backbone_epochs):
             losses = []
             order = rng.permutation(len(images))
             for i in range(0, len(images), batch):
@@ -281,6 +300,12 @@ def train_cnn(
                 opt.step()
                 sched.step()
                 losses.append(loss.item())
+                if progress:
+                    bar.set_postfix(
+                        epoch=f"{epoch + 1}/{s.backbone_epochs}", loss=f"{np.mean(losses):.4f}", refresh=False
+                    )
+                    bar.update(1)
+        bar.close()
     model.eval()
     return model, {"last_epoch_loss": float(np.mean(losses)), "train_images": len(images), "epochs": s.backbone_epochs}
 
@@ -351,11 +376,13 @@ def load_backbone(s: AnomalySettings, device) -> tuple[Any, str]:
 
 
 @torch.no_grad()
-def extract(fn, images: np.ndarray, mean, std, size: int | None, device, batch: int = 256) -> np.ndarray:
-    out = [
-        fn(_to_input(images[i : i + batch], mean, std, size, device)).float().cpu()
-        for i in range(0, len(images), batch)
-    ]
+def extract(
+    fn, images: np.ndarray, mean, std, size: int | None, device, batch: int = 256, *, progress: str | None = None
+) -> np.ndarray:
+    """``fn``'s features of ``images`` in batches; ``progress``: the label of a bar over them (None: no bar)."""
+    starts = range(0, len(images), batch)
+    bar = tqdm(starts, desc=progress, unit="batch", dynamic_ncols=True, disable=progress is None)
+    out = [fn(_to_input(images[i : i + batch], mean, std, size, device)).float().cpu() for i in bar]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
@@ -370,8 +397,14 @@ class SetFeatures:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def compute_features(s: AnomalySettings, device, ds: vdata.ImageDataset | None = None) -> SetFeatures:
-    """Features of the set images, from the disk cache when it has them."""
+def compute_features(
+    s: AnomalySettings, device, ds: vdata.ImageDataset | None = None, *, progress: bool = False
+) -> SetFeatures:
+    """Features of the set images, from the disk cache when it has them.
+
+    ``progress`` reports what is done (a line, then bars for the CNN's training and for the
+    feature extraction), as the trainer reports its own loop.
+    """
     ds = ds if ds is not None else vdata.load_dataset(s.dataset, s.path, cache_dir=s.cache_dir)
     if len(ds.test_images) == 0:
         raise ConfigError(f"{ds.meta.get('path')!r} has no test split; the anomaly task draws its test sets from it.")
@@ -392,10 +425,17 @@ def compute_features(s: AnomalySettings, device, ds: vdata.ImageDataset | None =
     root = Path(s.cache_dir).expanduser() if s.cache_dir else vdata.default_image_cache().parent
     folder = root / "anomaly-features" / key
     names = ("train_features", "train_labels", "test_features", "test_labels")
+
+    def say(message: str) -> None:
+        if progress:
+            tqdm.write(message, file=sys.stdout)
+            sys.stdout.flush()
+
     if (folder / "meta.json").is_file():
         try:
             info = json.loads((folder / "meta.json").read_text())
             arrays = [np.load(folder / f"{n}.npy", allow_pickle=False) for n in names]
+            say(f"anomaly: image features from the cache {folder}")
             return SetFeatures(*arrays, {**info, "cache": str(folder), "cache_hit": True})
         except (OSError, ValueError):
             pass  # rebuilt below
@@ -414,9 +454,14 @@ def compute_features(s: AnomalySettings, device, ds: vdata.ImageDataset | None =
         for cls in np.unique(train_y):  # the same share of every class
             idx = rng.permutation(np.flatnonzero(train_y == cls))
             to_cnn[idx[: round(s.backbone_fraction * len(idx))]] = True
-        cnn, stats = train_cnn(train_x[to_cnn], train_y[to_cnn], ds.n_classes, s, mean, std, device)
+        say(
+            f"anomaly: training the backbone CNN on {int(to_cnn.sum()):,} images for {s.backbone_epochs} epochs, then "
+            f"extracting the set features (once: cached in {folder})"
+        )
+        cnn, stats = train_cnn(train_x[to_cnn], train_y[to_cnn], ds.n_classes, s, mean, std, device, progress=progress)
         with torch.no_grad():
-            logits = torch.from_numpy(extract(cnn, ds.test_images, mean, std, None, device))
+            label = "backbone test accuracy" if progress else None
+            logits = torch.from_numpy(extract(cnn, ds.test_images, mean, std, None, device, progress=label))
             stats["test_acc"] = float((logits.argmax(1).numpy() == ds.test_labels).mean())
         fn = cnn.features
         train_x, train_y = train_x[~to_cnn], train_y[~to_cnn]
@@ -431,8 +476,10 @@ def compute_features(s: AnomalySettings, device, ds: vdata.ImageDataset | None =
         fn, desc = load_backbone(s, device)
         info["extractor"] = {"kind": desc.split(":")[0], "description": desc, "path": str(Path(s.backbone).resolve())}
         weights = None
-    feats_train = extract(fn, train_x, mean, std, s.backbone_image_size, device)
-    feats_test = extract(fn, ds.test_images, mean, std, s.backbone_image_size, device)
+        say(f"anomaly: extracting the set features with {desc} (once: cached in {folder})")
+    size = s.backbone_image_size
+    feats_train = extract(fn, train_x, mean, std, size, device, progress="train features" if progress else None)
+    feats_test = extract(fn, ds.test_images, mean, std, size, device, progress="test features" if progress else None)
     info["feature_dim"] = int(feats_train.shape[1])
     info["classes"] = list(ds.classes)
     out = SetFeatures(feats_train, train_y.astype(np.int64), feats_test, ds.test_labels.astype(np.int64), info)
@@ -461,10 +508,13 @@ class AnomalyTask:
 
     metric_keys = ("val_loss", "val_acc")
 
-    def __init__(self, config, features: SetFeatures | None = None, *, device=None):
+    def __init__(self, config, features: SetFeatures | None = None, *, device=None, progress: bool = False):
+        """``progress``: report the backbone's training and the feature extraction (see :func:`compute_features`)."""
         self.config = config
         self.settings = s = AnomalySettings.from_train_config(config)
-        self.features = features if features is not None else compute_features(s, device or torch.device("cpu"))
+        if features is None:
+            features = compute_features(s, device or torch.device("cpu"), progress=progress)
+        self.features = features
         f = self.features
         n_classes = int(max(f.train_labels.max(), f.test_labels.max())) + 1
         check_set_size(f.train_labels, n_classes, s.set_size, "part of the training split that builds sets")
@@ -509,7 +559,7 @@ class AnomalyTask:
         # Process 0 computes (and caches) the features first; the others read the cache.
         if not ctx.is_main:
             ctx.barrier()
-        task = cls(config, device=ctx.device)
+        task = cls(config, device=ctx.device, progress=ctx.is_main and config.log.progress)
         if ctx.is_main:
             ctx.barrier()
         return task

@@ -19,7 +19,8 @@ The task section of a train config::
 The step budget is, in order of precedence: ``task.epochs`` (``ceil(epochs * n_train /
 (batch_size * grad_accum))`` steps); else ``max_tokens``, counted in scored positions (the
 trainer's ``tokens`` are scored positions for this task); else ``max_steps``. Setting both
-``task.epochs`` and ``max_tokens`` is an error.
+``task.epochs`` and ``max_tokens`` is an error; with ``task.epochs`` set, ``max_steps`` is not
+used (the config warns when it is set).
 
 The ``model`` section holds :class:`~qkvlab.models.EncoderConfig` fields plus an optional
 ``preset`` for the shape (its vocabulary and length are not used): the vocabulary is the

@@ -24,7 +24,8 @@ The task section of a train config::
       cache_dir: null      # decoded-image cache (default $QKVLAB_CACHE/images)
 
 The step budget is ``task.epochs`` (``ceil(epochs * n_train / (batch_size * grad_accum))``
-steps) if set, else ``max_tokens`` counted in images, else ``max_steps``.
+steps) if set, else ``max_tokens`` counted in images, else ``max_steps``. With ``task.epochs``
+set, ``max_tokens`` is an error and ``max_steps`` is not used (the config warns when it is set).
 
 The ``model`` section holds :class:`~qkvlab.models.ViTConfig` fields plus an optional
 ``preset`` for the shape (its vocabulary and length are not used). Variants may use the 2D

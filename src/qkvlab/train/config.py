@@ -28,6 +28,11 @@ keys are that task's settings, which the task validates; for a task other than `
 :class:`~qkvlab.models.EncoderConfig` for ``synthetic``)::
 
     task: {name: synthetic, kind: reverse, seq_len: 16, n_train: 10000, n_test: 2000, epochs: 2}
+
+The step budget is ``max_steps``, or ``max_tokens`` when set. A task that counts in passes
+over its training set (``task.epochs``) takes its budget from those instead: ``max_tokens`` is
+then an error and ``max_steps`` is not used, which a warning says when it is set to anything
+but its default. To train such a task for a number of steps, set ``task.epochs=null``.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import math
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +62,8 @@ INIT_FROM_CHANGES = ("dropout", "attn_dropout", "emb_dropout", "backend")
 #: Seeds reach numpy, which takes 0 .. 2**32 - 1.
 MAX_SEED = 2**32 - 1
 DECAY_CHOICES = ("auto", "matrices", "all")
+#: Optimizer steps when neither max_steps, max_tokens nor a task's epochs say otherwise.
+DEFAULT_MAX_STEPS = 1000
 DISTRIBUTED_CHOICES = ("ddp", "fsdp")
 
 
@@ -272,7 +280,7 @@ class TrainConfig:
         grad_accum: micro-steps per optimizer step. Tokens per step:
             ``batch_size * grad_accum * seq_len``.
         max_steps: optimizer steps; ``max_tokens``, when set, replaces it (rounded up to
-            whole steps).
+            whole steps). Not used by a task that sets ``task.epochs`` (a warning says so).
         eval_every: steps between validation passes (0: only at the end), each over
             ``eval_batches`` batches of fixed windows of the validation split.
         final_eval_batches: batches of the last validation pass and of each
@@ -302,7 +310,7 @@ class TrainConfig:
     batch_size: int = 32
     grad_accum: int = 1
     seq_len: int = 128
-    max_steps: int = 1000
+    max_steps: int = DEFAULT_MAX_STEPS
     max_tokens: int | None = None
     eval_every: int = 100
     eval_batches: int = 20
@@ -348,11 +356,27 @@ class TrainConfig:
         if name != "lm":
             _check(self.init_from is None, f"init_from is for the language model; the {name!r} task cannot use it.")
             tasks.check_config(self)  # the task validates its settings and its model section
+            self._check_epoch_budget()
             return
         _check(self.init_from is None or bool(self.init_from), "init_from must name a weights file, or be null.")
         check_keys("task", self.task, ["name"])
         check_keys("model", self.model, MODEL_KEYS)
         self.model_config()  # a bad variant or shape fails here, before any data is read
+
+    def _check_epoch_budget(self) -> None:
+        """A task's ``epochs`` set its step budget: say so when ``max_steps`` asks for another.
+
+        A warning, not an error: a config saved by a run holds every key, so a default
+        ``max_steps`` cannot be told from one written by hand (the tasks refuse ``max_tokens``).
+        """
+        epochs = self.task.get("epochs")
+        if epochs is not None and self.max_steps != DEFAULT_MAX_STEPS:
+            warnings.warn(
+                f"max_steps={self.max_steps} is not used: task.epochs={epochs!r} sets the step budget of the "
+                f"{self.task_name!r} task; drop max_steps, or set task.epochs=null to train for max_steps.",
+                UserWarning,
+                stacklevel=1,
+            )
 
     # ------------------------------------------------------------- derived
     @property

@@ -495,10 +495,9 @@ class Trainer:
         self.wrapped = wrap_model(self.raw, config, ctx)  # DDP / FSDP: owns the gradient sync
         self.optimizer = build_optimizer(self.raw, config)  # after FSDP: its parameters are the shards
         self.model = torch.compile(self.wrapped) if config.compile else self.wrapped
-        # The training loss as one compiled graph (model + fp32 cross-entropy): the logits'
-        # upcast fuses into the loss instead of materialising (B, T, V) in fp32, which is faster
-        # and halves the peak memory (benchmarks/gpu_train_throughput.py measures both). Under
-        # DDP / FSDP the wrapped module stays the compile boundary (their gradient hooks).
+        # The training loss as one compiled graph (model + fp32 cross-entropy), so the logits'
+        # upcast fuses into the loss instead of materialising (B, T, V) in fp32. Under DDP /
+        # FSDP the wrapped module stays the compile boundary (their gradient hooks).
         self._loss_model, self._loss_fn = self.model, self.task.loss
         if config.compile and not ctx.distributed:
             self._loss_model, self._loss_fn = self.wrapped, torch.compile(self.task.loss)
@@ -766,6 +765,8 @@ class Trainer:
         try:
             return self._fit(resume, force)
         finally:
+            if getattr(self, "_bar", None) is not None:
+                self._bar.close()
             if getattr(self, "log", None) is not None:
                 self.log.close()
             if self.ctx.owns_process_group and dist.is_initialized():
@@ -781,7 +782,7 @@ class Trainer:
             f"on {ctx.world_size} x {ctx.device.type} ({'fp32' if ctx.amp_dtype is None else 'bf16 autocast'}); "
             f"run folder {self.out}"
         )
-        bar = tqdm(
+        bar = self._bar = tqdm(  # closed in fit() too: its line ends however the loop ends
             total=total,
             initial=self.step,
             desc="train",

@@ -346,15 +346,10 @@ def run_point(B, S, Hkv, device, bench, rounds: int, log) -> dict:
 
 # ----------------------------------------------------------------------------- sweep
 def sweep_configs(which: str = "rope_kv", grid: str = "launch") -> list[DecodeConfig]:
-    """Launch configs to compare: how the key role is rotated (float32 or 16-bit arithmetic), how
-    the splits are counted, tile, warps and pipelining depth. Earlier grids (the angles re-read
-    from L1 each tile, 8 warps, PTX on packed bf16x2 pairs) are in the committed sweep JSONs.
-    ``grid="pdl"``: the defaults, without the combine kernel as a programmatic dependent launch, and
-    with each way of holding the RoPE rows."""
+    """Launch configs to compare against the defaults: tile length, warps and pipelining depth
+    (``grid="tiles"``: longer tiles, e.g. at ``--head-dim 64``, where a 128-key tile is 16 KB)."""
     C = DecodeConfig
-    if grid == "pdl":
-        return [C(), C(pdl=False), C(rope_table="rows"), C(rope_table="factored")]
-    if grid == "tiles":  # tile length and depth (e.g. at --head-dim 64, where a 128-key tile is 16 KB)
+    if grid == "tiles":
         return [
             C(),
             C(block_n=256),
@@ -363,17 +358,12 @@ def sweep_configs(which: str = "rope_kv", grid: str = "launch") -> list[DecodeCo
             C(block_n=64),
             C(num_stages=4),
         ]
-    if which == "rope_qkn_kv":  # QK-norm: sums of squares by tl.dot or in float32 registers
-        return [C(), C(norm_math="fp32"), C(block_n=64), C(block_n=64, norm_math="fp32")]
     return [
-        C(rope_math="fp32"),
-        C(rope_math="fp32", split_policy="programs"),  # the last session's default
-        C(),  # the defaults: 16-bit rotation, 128-key tiles, 3 stages, wave-filling splits
-        C(rope_math="native", block_n=64),
-        C(rope_math="native", block_n=64, num_stages=4),
-        C(rope_math="native", block_n=128, num_stages=2),
-        C(rope_math="native", block_n=128, split_policy="programs"),
-        C(rope_math="native", num_warps=8, block_n=128),
+        C(),
+        C(block_n=64),
+        C(block_n=64, num_stages=4),
+        C(block_n=128, num_stages=2),
+        C(num_warps=8),
     ]
 
 
@@ -419,10 +409,9 @@ def run_sweep(
                 f"err={row.get('rel_err', float('nan')):.1e} {row.get('error', '')}"
             )
         ref_kv = pt.reference("kv", pt.mixed)
-        for policy in ("waves", "programs"):  # our kernel without RoPE: the floor it can reach
-            row = _sweep_row(pt, "kv", DecodeConfig(split_policy=policy), ref_kv, bench)
-            rows.append(row)
-            log(f"  sweep B={B} S={S} Hkv={Hkv} kv {policy}: {row.get('us', float('nan')):.1f} us")
+        row = _sweep_row(pt, "kv", DecodeConfig(), ref_kv, bench)  # our kernel without RoPE: its floor
+        rows.append(row)
+        log(f"  sweep B={B} S={S} Hkv={Hkv} kv: {row.get('us', float('nan')):.1f} us")
         del ref, ref_kv
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -559,7 +548,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-main", action="store_true", help="skip the main table (with --sweep)")
     ap.add_argument("--split-configs", type=int, default=3, help="configs whose split count --sweep also varies")
     ap.add_argument("--sweep-which", default="rope_kv", choices=["rope_kv", "rope_qkn_kv"], help="method --sweep times")
-    ap.add_argument("--sweep-grid", default="launch", choices=["launch", "pdl", "tiles"], help="configs --sweep times")
+    ap.add_argument("--sweep-grid", default="launch", choices=["launch", "tiles"], help="configs --sweep times")
     ap.add_argument("--head-dim", type=int, default=D, help="head width D (the goals are stated at 128)")
     ap.add_argument("--sweep-points", default="", help="comma list of BxSxHkv for --sweep, e.g. 1x512x32,8x1024x32")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds per method (median reported)")

@@ -1,4 +1,4 @@
-"""GPU benchmark: does a decode-kernel launch choice move generation speed? (issue 5, G1).
+"""GPU benchmark: does a decode-kernel launch choice move generation speed?
 
 Builds the ~1B llama-recipe model of ``gpu_generate.py`` for QKV and Q-K=V once, then, in
 ``--repeats`` rounds, for each named :class:`qkvlab.kernels.DecodeConfig` in turn (the
@@ -27,9 +27,9 @@ from qkvlab.kernels import DecodeConfig, kv_decode
 
 CONFIGS = {
     "default": {},
-    "rope_table=rows": {"rope_table": "rows"},
-    "rope_table=factored": {"rope_table": "factored"},
-    "pdl=False": {"pdl": False},
+    "block_n=64": {"block_n": 64},
+    "num_splits=1": {"num_splits": 1},
+    "num_stages=2": {"num_stages": 2},
 }
 
 

@@ -4,7 +4,7 @@ Nsight Compute reads the hardware counters of the split kernel; on the GPU machi
 
     ncu --clock-control none --kernel-name regex:_decode_split --launch-skip 2 --launch-count 1 \\
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \\
-        python3 benchmarks/profile_decode.py --B 1 --S 131072 --Hkv 32 --config '{"rope_math": "native"}'
+        python3 benchmarks/profile_decode.py --B 1 --S 131072 --Hkv 32 --config '{"block_n": 64}'
 
 ``--host`` instead times the host side of eager calls (no CUDA graph) and prints a cProfile of
 them (``results/profile_decode_eager_host.txt``: B=1 S=4k, 200-285 us of host time per call over two

@@ -1,4 +1,5 @@
-"""The static decode step (``qkvlab.models.decoding.StaticDecoder``) against the dynamic one.
+"""The static decode step (``qkvlab.models.decoding.StaticDecoder``) against the dynamic one,
+and the decode-backend registry that both reach.
 
 The static step is what a CUDA graph captures: a device position, ``index_copy_`` writes and
 attention over the whole allocated cache with per-row lengths. On CPU it runs eagerly (the
@@ -17,6 +18,7 @@ import torch
 import qkvlab
 from qkvlab import GPT, GPTConfig
 from qkvlab.attention import Attention
+from qkvlab.attention import backends as backends_mod
 from qkvlab.errors import ConfigError
 from qkvlab.kernels.kv_decode import HAS_TRITON, _interpreter_problem
 from qkvlab.models.decoding import StaticDecoder
@@ -36,10 +38,10 @@ def small_gpt(variant: str, recipe: str, dtype=torch.float64, **kw) -> GPT:
     return GPT(cfg).to(dtype).eval()
 
 
-def set_kernel(model: GPT, flag) -> None:
+def set_decode_backend(model: GPT, choice: str) -> None:
     for m in model.modules():
         if isinstance(m, Attention):
-            m.decode_kernel = flag
+            m.decode_backend = choice
 
 
 def run_both(model: GPT, prompt: torch.Tensor, tokens: torch.Tensor, max_len: int):
@@ -125,10 +127,10 @@ def test_static_step_takes_the_decode_kernel_under_the_interpreter(variant, monk
     model = small_gpt(variant, "llama", dtype=torch.float32, n_heads=2)  # head dim 16: the kernel's minimum
     prompt = torch.randint(0, 41, (2, 9))
     tokens = torch.randint(0, 41, (2, 3))
-    set_kernel(model, False)
+    set_decode_backend(model, "torch")
     dyn, _ = run_both(model, prompt, tokens, max_len=16)
     calls.clear()
-    set_kernel(model, True)
+    set_decode_backend(model, "triton")
     _, sta = run_both(model, prompt, tokens, max_len=16)
     torch.testing.assert_close(sta, dyn, rtol=2e-4, atol=2e-4)
     # the static steps (3 steps x 2 layers) took the kernel; the dynamic run of the same call
@@ -214,9 +216,9 @@ def test_compiled_static_step_calls_the_decode_kernel_as_an_operator(monkeypatch
     model = small_gpt("q_kv+rope", "llama", dtype=torch.float32, n_heads=2)  # head dim 16
     prompt = torch.randint(0, 41, (2, 6))
     tokens = torch.randint(0, 41, (2, 3))
-    set_kernel(model, False)
+    set_decode_backend(model, "torch")
     ref = run_static(model, prompt, tokens, max_len=12)
-    set_kernel(model, True)
+    set_decode_backend(model, "triton")
     got = run_static(model, prompt, tokens, max_len=12, compile=True)
     torch.testing.assert_close(got, ref, rtol=2e-4, atol=2e-4)
     assert calls == [True] * (2 * 3)  # 2 layers x 3 steps, all through the operator
@@ -230,3 +232,84 @@ def test_generate_compile_needs_a_kv_cache():
         small_gpt("q_kv", "gpt2").generate(torch.zeros(1, 2, dtype=torch.long), 2, compile=True, use_cache=False)
     with pytest.raises(ConfigError, match="compile must be"):
         StaticDecoder(model, small_gpt("q_kv", "gpt2").new_cache(1, 4), compile="yes")
+
+
+# ----------------------------------------------------------------------------- decode backends
+def _fake_backend(monkeypatch, supported: bool):
+    """Register decode backend ``fake`` (on CPU too) that records its steps; it answers with the
+    reference, so a model that takes it decodes as the PyTorch path does."""
+    from qkvlab.kernels import decode_attention_reference
+
+    steps = []
+
+    def fake(step):
+        steps.append(step)
+        return decode_attention_reference(
+            step.q, step.k_cache, step.v_cache, step.lengths, scale=step.scale, eps=step.eps, **step.key_role
+        )
+
+    fake.supports = lambda step: supported
+    fake.auto_devices = ("cpu",)
+    monkeypatch.setitem(backends_mod._DECODE_BACKENDS, "fake", fake)
+    return steps
+
+
+@pytest.mark.parametrize("choice", ["fake", "auto"])
+@pytest.mark.parametrize("variant", ["q_kv+rope+qknorm", "q_k_v+gqa2"])
+def test_decode_registry_falls_back_when_unsupported(variant, choice, monkeypatch):
+    """A decode backend whose supports() is False is never called: the step takes the PyTorch path."""
+    model = small_gpt(variant, "llama")
+    prompt, tokens = torch.randint(0, 41, (2, 6)), torch.randint(0, 41, (2, 3))
+    dyn, sta = run_both(model, prompt, tokens, max_len=12)
+    steps = _fake_backend(monkeypatch, supported=False)
+    set_decode_backend(model, choice)
+    dyn2, sta2 = run_both(model, prompt, tokens, max_len=12)
+    assert steps == []
+    assert torch.equal(dyn2, dyn) and torch.equal(sta2, sta)
+
+
+@pytest.mark.parametrize("choice", ["fake", "auto"])
+def test_decode_registry_runs_a_supporting_backend(choice, monkeypatch):
+    """Dynamic and static steps reach a backend that supports them, with per-row lengths on the
+    device (and the host length of an eager step); its answer is the layer's attention."""
+    model = small_gpt("q_kv+rope+qknorm", "llama")
+    prompt, tokens = torch.randint(0, 41, (2, 6)), torch.randint(0, 41, (2, 3))
+    dyn, sta = run_both(model, prompt, tokens, max_len=12)
+    steps = _fake_backend(monkeypatch, supported=True)
+    set_decode_backend(model, choice)
+    dyn2, sta2 = run_both(model, prompt, tokens, max_len=12)
+    torch.testing.assert_close(dyn2, dyn, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sta2, sta, rtol=1e-10, atol=1e-10)
+    assert len(steps) == 2 * 2 * 3  # dynamic and static runs x 2 layers x 3 steps
+    first = steps[0]  # the first dynamic step: 6 cached + 1 new token in a cache of 12
+    assert first.shared_kv and first.length == 7 and first.lengths.tolist() == [7, 7]
+    assert first.k_cache.shape[2] == 12 and first.rope_cos is not None and first.k_norm_weight is not None
+    assert steps[6].length is None and steps[6].lengths.tolist() == [7, 7]  # the first static step
+
+
+def test_decode_choices_and_the_compatible_switch(monkeypatch):
+    """Unknown decode choices are refused by name; decode_kernel maps onto decode_backend."""
+    from qkvlab.attention import VariantSpec
+
+    spec = VariantSpec.parse("q_kv+rope")
+    with pytest.raises(ConfigError, match=r"'flash'.*auto, torch, triton"):
+        Attention(32, 4, spec, decode_backend="flash")
+    attn = Attention(32, 4, spec)
+    assert attn.decode_backend == "auto" and attn.decode_kernel == "auto"
+    for flag, choice in ((True, "triton"), (False, "torch"), ("auto", "auto")):
+        attn.decode_kernel = flag
+        assert attn.decode_backend == choice and attn.decode_kernel == flag
+    with pytest.raises(ConfigError, match="decode_kernel must be"):
+        attn.decode_kernel = "yes"
+    # "auto" leaves Triton to CUDA: on a CPU, even under the interpreter, the PyTorch path runs
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q = torch.randn(2, 4, 1, 16)
+    k = torch.randn(2, 4, 8, 16)
+    step = backends_mod.DecodeStep(q, k, k, torch.full((2,), 8, dtype=torch.int32), 0.25)
+    assert backends_mod.select_decode_backend("auto", step) is None
+    assert backends_mod.select_decode_backend("torch", step) is None
+    if INTERPRETER_PROBLEM is None:
+        assert backends_mod.select_decode_backend("triton", step) is backends_mod.triton_decode
+    # a separate K/V cache with a host-known length is SDPA's (flash decoding over the prefix)
+    sep = backends_mod.DecodeStep(q, k, k.clone(), step.lengths, 0.25, length=8)
+    assert backends_mod.select_decode_backend("triton", sep) is None

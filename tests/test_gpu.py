@@ -132,6 +132,35 @@ def test_cuda_compiled_graph_decode_matches_eager(variant):
     torch.testing.assert_close(got, ref, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize(("variant", "kernel"), [("q_kv+rope+qknorm", True), ("q_kv+gqa2", True), ("q_k_v", False)])
+def test_cuda_auto_decode_backend(variant, kernel, monkeypatch):
+    """On CUDA the default ("auto") decode step reaches the Triton kernel through the registry for a
+    shared K=V cache (a separate cache with a host-known length stays with SDPA), and agrees with the
+    PyTorch path ("torch")."""
+    import qkvlab.kernels
+
+    calls = []
+    real = qkvlab.kernels.decode_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("shared_kv"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qkvlab.kernels, "decode_attention", spy)
+    model = cuda_gpt(variant, "llama", torch.float32)
+    idx = torch.randint(0, 512, (2, 30), device="cuda")
+    outs = {}
+    for choice in ("torch", "auto"):
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.decode_backend = choice
+        cache = model.new_cache(2, 64)
+        model.prefill(idx[:, :26], cache)
+        outs[choice] = torch.stack([model.decode_one(idx[:, t], cache) for t in range(26, 30)], 1)
+    assert calls == ([True] * 2 * 4 if kernel else [])  # 2 layers x 4 steps of the "auto" run
+    torch.testing.assert_close(outs["auto"], outs["torch"], rtol=2e-4, atol=2e-4)
+
+
 def test_cuda_graph_generate_matches_eager_generate():
     model = cuda_gpt("q_kv+gqa2", "llama", torch.float32)
     idx = torch.randint(0, 512, (3, 17), device="cuda")

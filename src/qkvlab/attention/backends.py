@@ -16,6 +16,13 @@ Keyword arguments: ``causal`` (key ``j`` is visible to query ``i`` iff
 Registered here: ``reference`` (plain math, returns weights and pre-softmax logits,
 the ground truth for tests and analysis) and ``sdpa`` (PyTorch's fused
 ``scaled_dot_product_attention``, the default). Add one with :func:`register_backend`.
+
+Decode backends are a second registry, for the one-token step over a whole KV cache
+(:class:`DecodeStep`). Each says with ``supports(step)`` whether it can run a step (device,
+dtype, head width, cache layout); :func:`select_decode_backend` picks one, or None, and the
+attention module then takes the PyTorch path (the attention backend over the cache).
+Registered here: ``triton`` (:mod:`qkvlab.kernels.kv_decode`, which reads a shared K=V cache
+once and derives its key role in registers). Add one with :func:`register_decode_backend`.
 """
 
 from __future__ import annotations
@@ -164,9 +171,145 @@ def sdpa_attention(
     kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
     if q_offset > 0 and q.is_cuda:
         # Cached decoding: the key length grows by one every call. cuDNN attention builds an
-        # execution plan per shape, on the host (3.7 ms a call on an H100, torch 2.11: 60-80 ms
-        # a token for a 16-layer model), so it is left out for these calls; flash and
-        # memory-efficient take any length at no set-up cost.
+        # execution plan per shape on the host, which costs more than the step itself, so it is
+        # left out for these calls; flash and memory-efficient take any length at no set-up cost.
         with sdpa_kernel(_GROWING_KV_BACKENDS):
             return AttentionOutput(F.scaled_dot_product_attention(q, k, v, **kwargs))
     return AttentionOutput(F.scaled_dot_product_attention(q, k, v, **kwargs))
+
+
+# --------------------------------------------------------------------------- decode backends
+@dataclass(frozen=True)
+class DecodeStep:
+    """One new token per row attending over a whole KV cache: what a decode backend computes.
+
+    ``q`` ``(B, Hq, 1, D)``: the new tokens' queries, already rotated / normed.
+    ``k_cache``, ``v_cache`` ``(B, Hkv, S, D)``: the layer's cache, one tensor object when K=V
+    is shared; it then holds the raw ``s``, and the key role ``rope(norm(s))`` is derived on
+    read from ``rope_cos`` / ``rope_sin`` ``(R, D/2)`` and ``k_norm_weight`` ``(D,)`` (None
+    when off). ``lengths`` ``(B,)`` int32 on the device: row ``b`` attends to cache slots
+    ``0 .. lengths[b] - 1``. ``length``: the one length of every row when the host knows it
+    (an eager step), else None (a step captured in a CUDA graph reads it on the device).
+    The result is ``(B, Hq, 1, D)``; see :mod:`qkvlab.kernels.kv_decode` for the exact semantics.
+    """
+
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    lengths: torch.Tensor
+    scale: float
+    rope_cos: torch.Tensor | None = None
+    rope_sin: torch.Tensor | None = None
+    k_norm_weight: torch.Tensor | None = None
+    eps: float = 1e-6
+    length: int | None = None
+
+    @property
+    def shared_kv(self) -> bool:
+        return self.k_cache is self.v_cache
+
+    @property
+    def key_role(self) -> dict[str, torch.Tensor | None]:
+        return dict(rope_cos=self.rope_cos, rope_sin=self.rope_sin, k_norm_weight=self.k_norm_weight)
+
+
+class DecodeBackend(Protocol):
+    auto_devices: tuple[str, ...]
+
+    def supports(self, step: DecodeStep) -> bool: ...
+
+    def __call__(self, step: DecodeStep) -> torch.Tensor: ...
+
+
+_DECODE_BACKENDS: dict[str, DecodeBackend] = {}
+#: The decode choice that never runs a decode backend: always the PyTorch path.
+TORCH_DECODE = "torch"
+
+
+def register_decode_backend(name: str, *, supports, auto_devices: tuple[str, ...] = ("cuda",)):
+    """Decorator: register ``fn(step) -> (B, Hq, 1, D)`` as decode backend ``name``.
+
+    ``supports(step) -> bool`` says whether ``fn`` runs ``step``; ``auto_devices``: the device
+    types on which ``"auto"`` tries it (named explicitly, it is tried on any device).
+    """
+    if name in ("auto", TORCH_DECODE):
+        raise ValueError(f"{name!r} is a reserved decode choice, not a backend name")
+
+    def deco(fn):
+        fn.supports = supports
+        fn.auto_devices = tuple(auto_devices)
+        _DECODE_BACKENDS[name] = fn
+        return fn
+
+    return deco
+
+
+def decode_choices() -> list[str]:
+    return ["auto", TORCH_DECODE, *sorted(_DECODE_BACKENDS)]
+
+
+def check_decode_choice(choice: str) -> str:
+    if choice not in decode_choices():
+        raise ConfigError(f"Unknown decode backend {choice!r}; choose one of {', '.join(decode_choices())}.")
+    return choice
+
+
+def select_decode_backend(choice: str, step: DecodeStep) -> DecodeBackend | None:
+    """The decode backend that runs ``step``, or None for the PyTorch path.
+
+    ``choice``: ``"auto"`` tries, in registration order, the backends whose ``auto_devices``
+    hold the step's device type; a backend's name tries that one on any device (Triton's
+    interpreter on a CPU, say); ``"torch"`` never runs one. A backend runs only where its
+    ``supports(step)`` is True: anything else falls back, never fails.
+    """
+    check_decode_choice(choice)
+    if choice == TORCH_DECODE:
+        return None
+    if choice == "auto":
+        candidates = [b for b in _DECODE_BACKENDS.values() if step.q.device.type in b.auto_devices]
+    else:
+        candidates = [_DECODE_BACKENDS[choice]]
+    return next((b for b in candidates if b.supports(step)), None)
+
+
+def _triton_supports(step: DecodeStep) -> bool:
+    # A separate K/V cache whose length the host knows is read as fast by SDPA over its filled
+    # prefix (flash decoding), with less launch overhead. The kernel earns its place where it
+    # reads a shared K=V cache once instead of materialising the key role, and where the length
+    # lives on the device, where SDPA would have to read the whole allocated cache.
+    if not step.shared_kv and step.length is not None:
+        return False
+    from qkvlab.kernels import kv_decode
+
+    return kv_decode.decode_unsupported_reason(step.q, step.k_cache, step.v_cache, **step.key_role) is None
+
+
+@register_decode_backend("triton", supports=_triton_supports)
+def triton_decode(step: DecodeStep) -> torch.Tensor:
+    """The split-K Triton kernel; inside ``torch.compile`` the opaque operator that wraps it."""
+    from qkvlab import kernels
+
+    if torch.compiler.is_compiling():
+        return torch.ops.qkvlab.decode_attention(
+            step.q,
+            step.k_cache,
+            step.v_cache,
+            step.lengths,
+            step.scale,
+            step.rope_cos,
+            step.rope_sin,
+            step.k_norm_weight,
+            step.eps,
+            step.shared_kv,
+        )
+    return kernels.decode_attention(
+        step.q,
+        step.k_cache,
+        step.v_cache,
+        step.lengths,
+        scale=step.scale,
+        eps=step.eps,
+        shared_kv=step.shared_kv,
+        max_length=step.length,
+        **step.key_role,
+    )

@@ -12,6 +12,13 @@ Hkv key/value heads, D head width)::
     scores : 2D fix "(X)+" -> q * sum(w) and the additive (T, S) map P @ w + b
     backend(q, k, v)  with k is v when K=V has no key transform; Hkv < Hq passed as is
 
+A one-token decode step (a cache, no padding mask, no weights) writes the new token into the
+cache, at an int position (eager) or at a device position (``offset`` a 0-d or ``(B,)``
+tensor: the graph-safe step), then attends over the cache along one path, with the lengths
+always a device tensor: a decode backend where one supports the step
+(:func:`~qkvlab.attention.backends.select_decode_backend`; the Triton kernel derives a shared
+cache's key role in registers), else the attention backend over the cache.
+
 Linear attention (variant ``+linear``, :mod:`qkvlab.attention.linear`) takes the same roles
 and replaces scores + backend by ``phi(q)^T S / phi(q)^T n``: the masked form without a
 cache, the recurrent form with a :class:`~qkvlab.attention.cache.LayerLinearState`.
@@ -23,7 +30,13 @@ import torch
 from torch import nn
 
 from qkvlab.attention import linear as linear_attn
-from qkvlab.attention.backends import AttentionOutput, get_backend
+from qkvlab.attention.backends import (
+    AttentionOutput,
+    DecodeStep,
+    check_decode_choice,
+    get_backend,
+    select_decode_backend,
+)
 from qkvlab.attention.cache import LayerKVCache, LayerLinearState
 from qkvlab.attention.positional import Pos2DFix, RMSNorm, Rotary, default_scale
 from qkvlab.attention.projections import ProjectionStrategy
@@ -47,6 +60,10 @@ class Attention(nn.Module):
         pos2d_channels: ``m``, channels of the 2D fix.
         backend: name in the backend registry (``"sdpa"`` or ``"reference"``); unused by
             linear attention.
+        decode_backend: how one-token decode steps attend over the cache: ``"auto"`` (a
+            registered decode backend where it supports the step on its device: the Triton
+            kernel on CUDA), a decode backend's name (``"triton"``: also under
+            ``TRITON_INTERPRET=1`` on a CPU), or ``"torch"`` (always ``backend`` over the cache).
         linear_feature: feature map of linear attention (``variant.linear``): ``"elu+1"``
             or ``"relu"``.
         linear_decay: decay ``lam`` in (0, 1] of linear attention's state; 1 = none.
@@ -71,6 +88,7 @@ class Attention(nn.Module):
         rope_theta: float = 10000.0,
         pos2d_channels: int = 10,
         backend: str = "sdpa",
+        decode_backend: str = "auto",
         linear_feature: str = "elu+1",
         linear_decay: float = 1.0,
     ):
@@ -88,6 +106,7 @@ class Attention(nn.Module):
         self.scale = default_scale(head_dim)
         self.backend = backend
         get_backend(backend)
+        self.decode_backend = check_decode_choice(decode_backend)
 
         self.qkv = ProjectionStrategy(d_model, n_heads, head_dim, variant, bias=bias)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
@@ -106,10 +125,6 @@ class Attention(nn.Module):
         self.pos2d = Pos2DFix(max_seq_len, pos2d_channels) if variant.pos2d else None
         # Does the key role differ from the raw shared tensor?
         self.key_transformed = self.rotary is not None or self.k_norm is not None
-        # Decode with a shared K=V cache: the Triton kernel (which derives any key transform in
-        # registers) where it runs; the static step also for separate K/V. "auto": on CUDA; True: also under
-        # TRITON_INTERPRET on CPU (tests); False: never (benchmarks of the PyTorch path).
-        self.decode_kernel: bool | str = "auto"
         self.linear = variant.linear
         self.linear_feature = linear_feature
         self.feature_map = linear_attn.get_feature_map(linear_feature) if self.linear else None
@@ -152,8 +167,9 @@ class Attention(nn.Module):
         v_src = k_src if self.kv_shared else self._heads(v_raw, self.n_kv_heads)
         if self.linear:
             return self._linear_forward(q_raw, k_src, v_src, offset, cache, padding_mask, need_weights)
-        if isinstance(offset, torch.Tensor):
-            return self._static_decode(q_raw, k_src, v_src, offset, cache)
+        static = isinstance(offset, torch.Tensor)  # a device position: the graph-safe decode step
+        if static and (not isinstance(cache, LayerKVCache) or self.pos2d is not None):
+            raise ConfigError("Static decoding needs a KV cache and a causal model without the 2D fix.")
         # The key role of the new tokens; a shared K=V cache re-derives it on read instead.
         needs_k_new = cache is None or not self.kv_shared or self.qk_shared
         k_new = self.key_role(k_src, offset) if needs_k_new else k_src
@@ -162,19 +178,26 @@ class Attention(nn.Module):
         else:
             q = self.query_role(self._heads(q_raw, self.n_heads), offset)
 
+        if cache is not None:
+            # A shared K=V cache stores the raw shared tensor once; the key role is derived on read.
+            k_store, v_store = (k_src, None) if self.kv_shared else (k_new, v_src)
+            if static:
+                cache.write_at(offset, k_store, v_store)
+            else:
+                cache.write(offset, k_store, v_store)
+        if static:
+            lengths = (offset + 1).to(torch.int32).expand(B).contiguous()  # one per row, read by pointer
+            return self._project(self._decode(q, cache, lengths), B)
+        if cache is not None and T == 1 and padding_mask is None and not need_weights and self.pos2d is None:
+            lengths = torch.full((B,), offset + 1, dtype=torch.int32, device=x.device)
+            return self._project(self._decode(q, cache, lengths, length=offset + 1), B)
+
         if cache is None:
             k, v = k_new, v_src
-        elif self.kv_shared:
-            # Store the raw shared tensor once; derive the key role on read.
-            cache.write(offset, k_src)
-            if T == 1 and self._kernel_decode_ok(q, cache, padding_mask, need_weights):
-                return self._kernel_decode(q, cache, offset, B)
-            s_all, _ = cache.read(offset + T)
-            k = self.key_role(s_all, 0) if self.key_transformed else s_all
-            v = s_all
         else:
-            cache.write(offset, k_new, v_src)
             k, v = cache.read(offset + T)
+            if self.kv_shared and self.key_transformed:
+                k = self.key_role(k, 0)
 
         bias = None
         if self.pos2d is not None:
@@ -196,6 +219,70 @@ class Attention(nn.Module):
         )
         y = self.o_proj(res.out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         return (y, res) if need_weights else y
+
+    def _project(self, out: torch.Tensor, B: int) -> torch.Tensor:
+        """``(B, Hq, 1, D)`` attention output of a decode step -> ``(B, 1, d_model)``."""
+        return self.o_proj(out.transpose(1, 2).reshape(B, 1, self.n_heads * self.head_dim))
+
+    def _decode(
+        self, q: torch.Tensor, cache: LayerKVCache, lengths: torch.Tensor, length: int | None = None
+    ) -> torch.Tensor:
+        """One new token per row attending over the cache it was just written into.
+
+        ``q`` ``(B, Hq, 1, D)``; ``lengths`` ``(B,)`` int32 on the device; ``length``: the one
+        length of every row when the host knows it (an eager step), else None. A decode backend
+        runs the step where one supports it; otherwise the attention backend reads the filled
+        prefix (``length`` known) or the whole cache with a per-row key mask. Returns
+        ``(B, Hq, 1, D)``.
+        """
+        derive = self.kv_shared and self.key_transformed  # the key role is derived from raw s on read
+        step = DecodeStep(
+            q,
+            cache.k,
+            cache.v,
+            lengths,
+            self.scale,
+            rope_cos=self.rotary.cos if derive and self.rotary is not None else None,
+            rope_sin=self.rotary.sin if derive and self.rotary is not None else None,
+            k_norm_weight=self.k_norm.weight if derive and self.k_norm is not None else None,
+            eps=self.k_norm.eps if self.k_norm is not None else 1e-6,
+            length=length,
+        )
+        backend = select_decode_backend(self.decode_backend, step)
+        if backend is not None:
+            return backend(step)
+        if length is not None:
+            k, v = cache.read(length)
+            mask, causal, q_offset = None, self.causal, length - 1
+        else:
+            k, v = cache.k, cache.v
+            mask = torch.arange(k.shape[2], device=q.device) < lengths[:, None]  # (B, S)
+            causal, q_offset = False, 0
+        if derive:
+            k = self.key_role(k, 0)
+        return get_backend(self.backend)(
+            q,
+            k,
+            v,
+            causal=causal,
+            q_offset=q_offset,
+            key_padding_mask=mask,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            scale=self.scale,
+        ).out
+
+    @property
+    def decode_kernel(self) -> bool | str:
+        """The earlier switch, kept for compatibility: True is ``decode_backend="triton"``,
+        False is ``"torch"``, ``"auto"`` is ``"auto"``."""
+        return {"triton": True, "torch": False}.get(self.decode_backend, self.decode_backend)
+
+    @decode_kernel.setter
+    def decode_kernel(self, flag: bool | str) -> None:
+        choices = {True: "triton", False: "torch", "auto": "auto"}
+        if not isinstance(flag, bool | str) or flag not in choices:
+            raise ConfigError(f"decode_kernel must be True, False or 'auto', got {flag!r}; see decode_backend.")
+        self.decode_backend = choices[flag]
 
     def _linear_forward(self, q_raw, k_src, v_src, offset, cache, padding_mask, need_weights):
         """Linear attention over the same roles: masked form, or the recurrent one with a state."""
@@ -231,105 +318,6 @@ class Attention(nn.Module):
             out = linear_attn.recurrent(qf, kf, v_src, cache, decay=self.linear_decay, key_mask=mask)
         y = self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         return (y, res) if need_weights else y
-
-    def _static_decode(self, q_raw, k_src, v_src, pos: torch.Tensor, cache: LayerKVCache) -> torch.Tensor:
-        """One token at the device position ``pos`` with static shapes (CUDA-graph safe).
-
-        ``pos`` is 0-d (every row at the same position) or ``(B,)`` (a ragged batch: row ``b``
-        at its own position, its cache slots ``0 .. pos[b] - 1`` holding its earlier tokens).
-        Writes in place and attends over the whole allocated cache with per-row length
-        ``pos + 1``: the Triton decode kernel (it skips tiles past the length) where it runs,
-        else the backend with a key mask.
-        """
-        B = k_src.shape[0]
-        if not isinstance(cache, LayerKVCache) or self.pos2d is not None:
-            raise ConfigError("Static decoding needs a KV cache and a causal model without the 2D fix.")
-        k_new = None
-        if self.kv_shared:
-            cache.write_at(pos, k_src)  # the raw shared tensor, as on the dynamic path
-            if self.qk_shared:
-                k_new = self.key_role(k_src, pos)
-        else:
-            k_new = self.key_role(k_src, pos)
-            cache.write_at(pos, k_new, v_src)
-        q = k_new if self.qk_shared else self.query_role(self._heads(q_raw, self.n_heads), pos)
-        derive = self.kv_shared and self.key_transformed  # the key role is derived from raw s on read
-        rope = dict(
-            rope_cos=self.rotary.cos if derive and self.rotary is not None else None,
-            rope_sin=self.rotary.sin if derive and self.rotary is not None else None,
-            k_norm_weight=self.k_norm.weight if derive and self.k_norm is not None else None,
-        )
-        if self._kernel_static_ok(q, cache, rope):
-            from qkvlab.kernels import decode_attention
-
-            if pos.dim() == 0:
-                lengths = (pos + 1).to(torch.int32).reshape(1).repeat(B)  # contiguous: one per row
-            else:
-                lengths = (pos + 1).to(torch.int32)
-            eps = self.k_norm.eps if self.k_norm is not None else 1e-6
-            if torch.compiler.is_compiling():  # an opaque operator in the compiled graph
-                cos, sin, weight = rope["rope_cos"], rope["rope_sin"], rope["k_norm_weight"]
-                out = torch.ops.qkvlab.decode_attention(
-                    q, cache.k, cache.v, lengths, self.scale, cos, sin, weight, eps, self.kv_shared
-                )
-            else:
-                out = decode_attention(
-                    q, cache.k, cache.v, lengths, scale=self.scale, eps=eps, shared_kv=self.kv_shared, **rope
-                )  # (B, Hq, 1, D)
-        else:
-            S = cache.k.shape[2]
-            k_all = self.key_role(cache.k, 0) if derive else cache.k
-            visible = (torch.arange(S, device=q.device) <= pos.reshape(-1, 1)).expand(B, S)
-            out = get_backend(self.backend)(
-                q, k_all, cache.v, causal=False, key_padding_mask=visible, scale=self.scale
-            ).out
-        return self.o_proj(out.transpose(1, 2).reshape(B, 1, self.n_heads * self.head_dim))
-
-    def _kernel_static_ok(self, q, cache: LayerKVCache, rope: dict) -> bool:
-        if self.decode_kernel is False or (self.decode_kernel == "auto" and not q.is_cuda):
-            return False
-        from qkvlab.kernels import decode_unsupported_reason
-
-        return decode_unsupported_reason(q, cache.k, cache.v, **rope) is None
-
-    def _kernel_decode_ok(self, q, cache: LayerKVCache, padding_mask, need_weights: bool) -> bool:
-        # Every shared K=V cache, with or without a key transform: on an H100 the kernel reads a
-        # K=V cache without RoPE at cuDNN's aliased speed (110.7 vs 109.5 us, B=1 S=32k; 39.8 vs
-        # 42.0 at GQA-8) and about twice as fast as flash's (140.7 us), and cuDNN is no choice for
-        # a growing cache (a plan per length; see backends.sdpa_attention).
-        if self.pos2d is not None or padding_mask is not None or need_weights:
-            return False
-        if self.decode_kernel is False or (self.decode_kernel == "auto" and not q.is_cuda):
-            return False
-        from qkvlab.kernels import shared_kv_decode_supported
-
-        return shared_kv_decode_supported(
-            q,
-            cache.k,
-            cache.v,
-            rope_cos=self.rotary.cos if self.rotary is not None else None,
-            rope_sin=self.rotary.sin if self.rotary is not None else None,
-            k_norm_weight=self.k_norm.weight if self.k_norm is not None else None,
-        )
-
-    def _kernel_decode(self, q: torch.Tensor, cache: LayerKVCache, offset: int, B: int) -> torch.Tensor:
-        """One decode step over the shared cache by the Triton kernel: ``q`` ``(B, Hq, 1, D)``."""
-        from qkvlab.kernels import decode_attention
-
-        out = decode_attention(
-            q,
-            cache.k,
-            cache.v,
-            offset + 1,
-            scale=self.scale,
-            rope_cos=self.rotary.cos if self.rotary is not None else None,
-            rope_sin=self.rotary.sin if self.rotary is not None else None,
-            k_norm_weight=self.k_norm.weight if self.k_norm is not None else None,
-            eps=self.k_norm.eps if self.k_norm is not None else 1e-6,
-            shared_kv=True,
-            max_length=offset + 1,
-        )  # (B, Hq, 1, D)
-        return self.o_proj(out.transpose(1, 2).reshape(B, 1, self.n_heads * self.head_dim))
 
     def extra_repr(self) -> str:
         kind = (

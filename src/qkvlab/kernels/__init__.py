@@ -1,9 +1,10 @@
 """Fused GPU kernels (Triton) with plain-PyTorch references.
 
 ``kv_decode``: one-token decode attention over a KV cache, including a shared K=V cache whose
-key role (``rope(norm(s))``) is derived from the raw cached ``s`` in registers. Importing this
-package never needs Triton; without it (or on a CPU without ``TRITON_INTERPRET=1``) the entry
-points fall back to the reference with a warning.
+key role (``rope(norm(s))``) is derived from the raw cached ``s`` in registers. The attention
+module reaches it through the decode-backend registry (:mod:`qkvlab.attention.backends`).
+Importing this package never needs Triton; without it (or on a CPU without
+``TRITON_INTERPRET=1``) :func:`decode_attention` falls back to the reference with a warning.
 """
 
 from qkvlab.kernels.kv_decode import (
@@ -11,7 +12,6 @@ from qkvlab.kernels.kv_decode import (
     decode_attention,
     decode_attention_reference,
     decode_unsupported_reason,
-    shared_kv_decode_supported,
 )
 
 __all__ = [
@@ -19,5 +19,4 @@ __all__ = [
     "decode_attention",
     "decode_attention_reference",
     "decode_unsupported_reason",
-    "shared_kv_decode_supported",
 ]

@@ -12,21 +12,21 @@ Semantics (the same for the reference and the kernel)::
     value_j = v_cache[..., j, :]                    (the raw ``s`` when K=V is shared)
     out     = softmax(scale * q . key^T) @ value    (B, Hq, D), in q's dtype
 
-For a shared K=V cache the cache holds the raw projection ``s`` before RoPE and QK-norm;
-the key role is re-derived on every read and the value is ``s`` itself. With separate caches
-``k_cache`` normally holds final keys (pass no rope / norm); if rope / norm are given they are
-applied to ``k_cache`` the same way, which is also how a separate *pre-RoPE* key cache reads.
+A shared K=V cache holds the raw projection ``s`` before RoPE and QK-norm, so the key role is
+re-derived on every read and the value is ``s`` itself: the kernel reads each cache tile once
+and builds the key role in registers. With separate caches ``k_cache`` normally holds final
+keys (pass no rope / norm).
 
 :func:`decode_attention_reference` is the ground truth (plain PyTorch, float32 / float64
 math). :func:`decode_attention` is a Triton split-K ("flash-decoding") kernel with the same
 signature; it falls back to the reference, with one warning, for anything it does not support
-(see :func:`decode_unsupported_reason`), so it never returns a wrong answer.
+(:func:`decode_unsupported_reason`), so it never returns a wrong answer. The attention module
+reaches it through the ``"triton"`` decode backend of :mod:`qkvlab.attention.backends`.
 
-Calling it from the attention module (``q`` of shape ``(B, Hq, 1, D)`` works too)::
+Example::
 
-    out = decode_attention(q, layer.k, layer.v, lengths, scale=attn.scale,
-                           rope_cos=attn.rotary.cos, rope_sin=attn.rotary.sin,
-                           k_norm_weight=attn.k_norm.weight, shared_kv=layer.kv_shared)
+    out = decode_attention(q, cache.k, cache.v, lengths, scale=D**-0.5,
+                           rope_cos=rotary.cos, rope_sin=rotary.sin, shared_kv=True)
 """
 
 from __future__ import annotations
@@ -49,17 +49,15 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     HAS_TRITON = False
 
 _LOG2E = 1.4426950408889634
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _cdiv(a: int, b: int) -> int:  # host-side; Triton's own helpers can be jit functions (slow to call)
+def _cdiv(a: int, b: int) -> int:  # host-side; Triton's own helpers are jit functions (slow to call)
     return -(-a // b)
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
-
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # --------------------------------------------------------------------------- reference
@@ -162,7 +160,7 @@ def _check_args(q, k_cache, v_cache, lengths, rope_cos, rope_sin, k_norm_weight,
     return q, v_cache, lengths.contiguous(), four_d
 
 
-# --------------------------------------------------------------------------- dispatch
+# --------------------------------------------------------------------------- support
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
@@ -227,22 +225,6 @@ def decode_unsupported_reason(
     return None
 
 
-def shared_kv_decode_supported(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor | None = None,
-    *,
-    rope_cos: torch.Tensor | None = None,
-    rope_sin: torch.Tensor | None = None,
-    k_norm_weight: torch.Tensor | None = None,
-) -> bool:
-    """True if :func:`decode_attention` runs its Triton kernel (no fallback) on these arguments."""
-    reason = decode_unsupported_reason(
-        q, k_cache, v_cache, rope_cos=rope_cos, rope_sin=rope_sin, k_norm_weight=k_norm_weight
-    )
-    return reason is None
-
-
 # --------------------------------------------------------------------------- kernels
 # The kernel bodies are plain functions, jit-compiled on first use (see _kernels): Triton decides
 # between the compiler and the interpreter when a function is decorated, so deciding late lets a
@@ -297,12 +279,10 @@ def _decode_split_kernel(
     ONE_SPLIT: tl.constexpr,
     SHARED: tl.constexpr,
     HAS_ROPE: tl.constexpr,
-    ROPE_MODE: tl.constexpr,
     HAS_NORM: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr,
-    PREFETCH: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     ROPE_TY: tl.constexpr,
     NORM_DOT: tl.constexpr,
@@ -311,33 +291,25 @@ def _decode_split_kernel(
 ):
     """One program = one (batch row, KV head, split of the sequence).
 
-    Tiling: the program holds all ``G`` query heads of its KV head as the rows of a
-    ``(GP, D)`` block (``GP`` = G padded to a power of two, to 16 for ``tl.dot``) and walks its
-    split in tiles of ``BLOCK_N`` keys. Each tile of the cache is loaded ONCE as two half-width
-    blocks ``x1 = s[:, :D/2]``, ``x2 = s[:, D/2:]`` (the two halves of the RoPE pairs). The key
-    role is built in registers: optional RMSNorm (its ``rsqrt`` factor is applied to the score
-    column rather than to every element) and optional RoPE. ``ROPE_MODE`` 3 (default) uses
-    ``q . R(n0+n) k = (R(n0)^T q) . (R(n) k)``: the ``(GP, D)`` query block is rotated back by
-    the tile's base angle (one table row per tile) and each key by the angles of ``n < BLOCK_N``,
-    the table's first ``BLOCK_N`` rows, held in registers for the whole loop. The other modes
-    rotate the keys by ``(n0+n) t`` built by angle addition
-    (``cos((n0+n)t) = cos(n0 t)cos(n t) - sin(n0 t)sin(n t)``) from those rows held in registers
-    (1) or re-read each tile (0), or read one table row per key (2). None of them costs per-key
-    DRAM traffic beyond the cache. The tile loop is a ``tl.range`` with ``NUM_STAGES``: the
-    compiler's software pipeliner keeps that many tiles' loads in flight in shared memory.
-    ``PREFETCH`` instead issues the next tile's loads into registers before the current tile is
-    computed (the first version's loop). Scores ``(GP, BLOCK_N)``
-    come from ``tl.dot`` (tensor cores, rows padded) or from broadcast-multiply + ``tl.sum``
-    (small head dims); ``DOT_F32`` runs the dots in float32 (float32 inputs, and bfloat16 under
-    the interpreter). Online softmax in base 2 with a running max ``m`` and sum ``l``. The value
-    is the raw tile (shared K=V) or a tile of ``V``. The split's normalised partial output and
-    its log2-sum-exp go to ``Opart`` /
-    ``LSEpart``; with a single split the final output is written directly. ``PDL``: the combine
-    kernel is a programmatic dependent launch; each program signals it once its results are
-    stored, so the combine grid is launched while the last splits finish (its programs wait in
-    ``griddepcontrol.wait`` until this grid is done). ``TABLE_LO`` < ``BLOCK_N``: the held RoPE
-    rows of ``n < BLOCK_N`` are built by angle addition from ``TABLE_LO + BLOCK_N / TABLE_LO``
-    distinct table rows instead of read whole.
+    The program holds all ``G`` query heads of its KV head as the rows of a ``(GP, D)`` block
+    (``GP``: G padded to a power of two, to 16 for ``tl.dot``) and walks its split in tiles of
+    ``BLOCK_N`` keys, each tile loaded once as its two half-width blocks ``x1 = s[:, :D/2]``,
+    ``x2 = s[:, D/2:]`` (the two halves of the RoPE pairs). The key role is built in registers:
+    RMSNorm's ``rsqrt`` factor scales the score column instead of every element, and RoPE uses
+    ``q . R(n0 + n) k = (R(n0)^T q) . (R(n) k)``: the query block is rotated back by the tile's
+    base angle (one table row per tile) and each key by the angles of ``n < BLOCK_N``, held in
+    registers for the whole loop, so no key costs DRAM traffic beyond the cache. The held angles
+    are built by angle addition from ``TABLE_LO + BLOCK_N / TABLE_LO`` table rows (fewer L2 reads
+    at every program's start); ``ROPE_TY`` is the rotation's dtype (the cache's 16-bit dtype
+    where the dot rounds the rotated key to it anyway: half the registers).
+
+    The tile loop is a ``tl.range`` whose ``NUM_STAGES`` tiles' loads the software pipeliner
+    keeps in flight. Scores ``(GP, BLOCK_N)`` come from ``tl.dot`` (tensor cores, rows padded)
+    or, for heads narrower than 32, from broadcast products and ``tl.sum``; ``DOT_F32`` runs the
+    dots in float32. Online softmax in base 2. With a single split the output is written
+    directly; else the split's normalised partial output and its log2-sum-exp go to ``Opart`` /
+    ``LSEpart`` for the combine kernel, which (``PDL``) is launched as a programmatic dependent
+    while the last splits finish: each program signals it once its results are stored.
     """
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -364,16 +336,10 @@ def _decode_split_kernel(
     if HAS_NORM:
         w1 = tl.load(W + offs_d).to(tl.float32)
         w2 = tl.load(W + HALF + offs_d).to(tl.float32)
-    small_rows = offs_n[:, None] * stride_cs + offs_d[None, :]  # angles n * theta_d, n < BLOCK_N
-    if HAS_ROPE and ROPE_MODE == 3:  # the query is re-rotated per tile: keep an fp32 copy
-        q1f = q1.to(tl.float32)
+    if HAS_ROPE:
+        q1f = q1.to(tl.float32)  # the query is re-rotated per tile from a float32 copy
         q2f = q2.to(tl.float32)
-    # ROPE_TY: float32, or the cache's 16-bit dtype (ptxas packs that arithmetic in pairs,
-    # half the registers); the dot rounds the rotated key to that dtype anyway.
-    if HAS_ROPE and (ROPE_MODE == 1 or ROPE_MODE == 3):  # held in registers for the whole loop
-        if TABLE_LO < BLOCK_N:
-            # Factored: n = i * LO + j, built by angle addition from LO + BLOCK_N / LO table rows
-            # (24 instead of 128 for 128-key tiles), which every program reads from L2 at start.
+        if TABLE_LO < BLOCK_N:  # n = i * LO + j by angle addition from LO + BLOCK_N / LO rows
             offs_lo = tl.arange(0, TABLE_LO)
             offs_hi = tl.arange(0, BLOCK_N // TABLE_LO) * TABLE_LO
             lo_rows = offs_lo[:, None] * stride_cs + offs_d[None, :]
@@ -386,7 +352,8 @@ def _decode_split_kernel(
             s3 = s_hi[:, None, :] * c_lo[None, :, :] + c_hi[:, None, :] * s_lo[None, :, :]
             cos_n = tl.reshape(c3, (BLOCK_N, HALF)).to(ROPE_TY)
             sin_n = tl.reshape(s3, (BLOCK_N, HALF)).to(ROPE_TY)
-        else:
+        else:  # a tile of at most TABLE_LO keys reads its rows
+            small_rows = offs_n[:, None] * stride_cs + offs_d[None, :]
             small = (offs_n < cos_rows)[:, None]
             cos_n = tl.load(Cos + small_rows, mask=small, other=1.0).to(ROPE_TY)
             sin_n = tl.load(Sin + small_rows, mask=small, other=0.0).to(ROPE_TY)
@@ -398,30 +365,16 @@ def _decode_split_kernel(
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
 
-    # Register double-buffering (PREFETCH): the loads of tile i+1 are issued before tile i is computed.
-    if PREFETCH:
-        first = start + offs_n
-        kp = k_base + first[:, None] * stride_ks + offs_d[None, :]
-        x1 = tl.load(kp, mask=(first < end)[:, None], other=0.0)
-        x2 = tl.load(kp + HALF, mask=(first < end)[:, None], other=0.0)
-    # tl.range with NUM_STAGES > 1 lets the compiler's software pipeliner keep that many tiles'
-    # loads in flight (asynchronous copies to shared memory), independently of PREFETCH.
     for n0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
         pos = n0 + offs_n
         n_mask = pos < end
-        if not PREFETCH:
-            kp = k_base + pos[:, None] * stride_ks + offs_d[None, :]
-            x1 = tl.load(kp, mask=n_mask[:, None], other=0.0)
-            x2 = tl.load(kp + HALF, mask=n_mask[:, None], other=0.0)
+        kp = k_base + pos[:, None] * stride_ks + offs_d[None, :]
+        x1 = tl.load(kp, mask=n_mask[:, None], other=0.0)
+        x2 = tl.load(kp + HALF, mask=n_mask[:, None], other=0.0)
         if not SHARED:
             vp = v_base + pos[:, None] * stride_vs + offs_d[None, :]
             v1 = tl.load(vp, mask=n_mask[:, None], other=0.0)
             v2 = tl.load(vp + HALF, mask=n_mask[:, None], other=0.0)
-        if PREFETCH:
-            nxt = pos + BLOCK_N
-            kp = k_base + nxt[:, None] * stride_ks + offs_d[None, :]
-            x1_next = tl.load(kp, mask=(nxt < end)[:, None], other=0.0)
-            x2_next = tl.load(kp + HALF, mask=(nxt < end)[:, None], other=0.0)
 
         k1 = x1.to(ROPE_TY)
         k2 = x2.to(ROPE_TY)
@@ -450,31 +403,13 @@ def _decode_split_kernel(
             k2 = k2 * w2.to(ROPE_TY)[None, :]
         qd1 = q1
         qd2 = q2
-        if HAS_ROPE and ROPE_MODE == 3:
-            # q . R(n0 + n) k = (R(n0)^T q) . (R(n) k): rotate the (GP, D) query block back by the
-            # tile's base angle, and the keys only by the loop-invariant angles of n < BLOCK_N.
+        if HAS_ROPE:
             cb = tl.load(Cos + n0 * stride_cs + offs_d).to(tl.float32)[None, :]
             sb = tl.load(Sin + n0 * stride_cs + offs_d).to(tl.float32)[None, :]
             qd1 = (q1f * cb + q2f * sb).to(q1.dtype)
             qd2 = (q2f * cb - q1f * sb).to(q2.dtype)
             r1 = k1 * cos_n - k2 * sin_n
             k2 = k2 * cos_n + k1 * sin_n
-            k1 = r1
-        elif HAS_ROPE:
-            if ROPE_MODE == 2:  # per-key rows of the tables
-                rows = pos[:, None] * stride_cs + offs_d[None, :]
-                c = tl.load(Cos + rows, mask=n_mask[:, None], other=1.0).to(tl.float32)
-                sn = tl.load(Sin + rows, mask=n_mask[:, None], other=0.0).to(tl.float32)
-            else:  # angle addition from the tile's base row
-                if ROPE_MODE == 0:  # small table re-read each tile (an L1 hit; the mask keeps it in the loop)
-                    cos_n = tl.load(Cos + small_rows, mask=n_mask[:, None], other=1.0).to(tl.float32)
-                    sin_n = tl.load(Sin + small_rows, mask=n_mask[:, None], other=0.0).to(tl.float32)
-                cb = tl.load(Cos + n0 * stride_cs + offs_d).to(tl.float32)
-                sb = tl.load(Sin + n0 * stride_cs + offs_d).to(tl.float32)
-                c = cb[None, :] * cos_n - sb[None, :] * sin_n
-                sn = sb[None, :] * cos_n + cb[None, :] * sin_n
-            r1 = k1 * c - k2 * sn
-            k2 = k2 * c + k1 * sn
             k1 = r1
         if USE_DOT:
             qk = tl.dot(qd1, tl.trans(k1.to(q1.dtype)), input_precision=DOT_PRECISION)
@@ -510,9 +445,6 @@ def _decode_split_kernel(
         else:
             acc1 = acc1 * alpha[:, None] + tl.reduce(p[:, :, None] * v1.to(tl.float32)[None, :, :], 1, _sum_fn)
             acc2 = acc2 * alpha[:, None] + tl.reduce(p[:, :, None] * v2.to(tl.float32)[None, :, :], 1, _sum_fn)
-        if PREFETCH:
-            x1 = x1_next
-            x2 = x2_next
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o1 = acc1 / l_safe[:, None]
@@ -546,9 +478,9 @@ def _decode_combine_kernel(
 ):
     """One program = one (batch row, query head): merge the ``num_splits`` partial outputs.
 
-    Tiling: the ``(SPLITS_P2, D)`` block of partials and their log2-sum-exps are read at
-    once; weights ``2^(lse_i - max)`` (zero for empty splits) normalise the weighted sum.
-    ``PDL``: launched as a programmatic dependent of the split kernel: wait for its results.
+    The ``(SPLITS_P2, D)`` block of partials and their log2-sum-exps are read at once; weights
+    ``2^(lse_i - max)`` (zero for empty splits) normalise the weighted sum. ``PDL``: launched
+    as a programmatic dependent of the split kernel, so it first waits for its results.
     """
     row = tl.program_id(0).to(tl.int64)
     b = row // n_q_heads
@@ -591,9 +523,9 @@ def _range_probe_kernel(Lens, Out):
 def _interpreter_problem() -> str | None:
     """Why Triton's interpreter cannot run the kernels here, or None (checked once, on CPU).
 
-    Triton 3.6's interpreter turns a loop bound it loaded into an int with ``int(array)``,
-    which numpy 2 (2.4.6 here) refuses for a one-element array; Triton 3.9 squeezes it first.
-    Every ``tl.range`` over a loaded length then raises. A one-program probe finds out.
+    Some Triton interpreters (3.6 with numpy 2) turn a loop bound they loaded into an int with
+    ``int(array)``, which numpy 2 refuses for a one-element array, so every ``tl.range`` over a
+    loaded length raises. A one-program probe finds out.
     """
     old = os.environ.get("TRITON_INTERPRET")
     try:
@@ -626,71 +558,37 @@ def _interpreter_problem() -> str | None:
 # --------------------------------------------------------------------------- launch
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Launch choices for :func:`decode_attention`; None picks the heuristic default.
+    """Launch overrides for :func:`decode_attention`; None keeps the heuristic choice.
 
-    ``block_n``: keys per tile (default 128 for a shared K=V cache with RoPE and D <= 128, else
-    64). ``num_warps``: Triton's warps per program (4). ``num_stages``: the software-pipelining
-    depth of the tile loop (``tl.range``): that many tiles' loads in flight through shared memory
-    (default 3). ``use_dot``: tensor-core ``tl.dot`` with query rows padded to 16 (default, for
-    D >= 32). ``num_splits``: sequence splits per (row, KV head), overriding the policy.
-    ``split_policy``: ``"waves"`` (default on CUDA) reads how many programs of the compiled kernel
-    fit on a multiprocessor (registers, shared memory) and picks the split count whose programs
-    fill whole waves (:func:`_split_waves`); ``"programs"`` (the interpreter's) targets
-    ``programs_per_sm`` programs per multiprocessor with a floor of ``min_tiles_per_split``
-    tiles per split (default a eighth of the tiles, within [2, 16]).
-    ``rope_math``: ``"native"`` (default) rotates the key role in the cache's 16-bit dtype
-    (the rotated key is rounded to it for the dot anyway), ``"fp32"`` in float32; float32
-    caches, and bfloat16 under the interpreter, always use float32.
-    ``norm_math`` (QK-norm): ``"dot"`` (default on the tensor-core path for bfloat16 caches)
-    sums each key's squares with ``tl.dot(ones, (x * x)^T)``, straight into the scores' layout;
-    ``"fp32"`` (always for float16, whose squares overflow past 256, and float32 caches)
-    converts the tile to float32 and reduces in registers.
-    ``rope_mode``: how the kernel gets the key's rotation at position ``n0 + n`` (tile base
-    ``n0``): ``"qrot"`` (default) rotates the query block back by ``n0`` once per tile and the
-    keys by the loop-invariant angles of ``n < block_n`` (held in registers), using
-    ``q . R(n0 + n) k = (R(n0)^T q) . (R(n) k)``; ``"add_regs"`` builds ``cos / sin((n0 + n) t)``
-    by angle addition from the tile's table row and those held rows; ``"add"`` the same,
-    re-reading the rows each tile; ``"direct"`` one table row per key.
-    ``prefetch``: issue the next tile's loads into registers before computing the current one
-    (manual double-buffering, the first version's loop; the pipeliner does better).
-    ``rope_table``: how a program gets the RoPE rows of ``n < block_n`` it holds: ``"rows"``
-    reads all ``block_n`` rows, ``"factored"`` builds them by angle addition from
-    ``16 + block_n / 16`` rows (a sixth of the L2 reads for 128-key tiles, paid by every program
-    at its start). Default: factored. Reading the rows whole was 1 us faster on an H100 for one
-    wave of long splits (B=1 S=32k, D=128: 100.0 vs 101.0 us) but 20-24% slower on an H200
-    (B=1 S=32k 94.8 vs 78.7 us, S=128k 340.5 vs 275.3; ``gpu_decode_h200_sweep_pdl.json``).
-    ``pdl``: launch the combine kernel as a programmatic dependent of the split kernel, so its
-    launch overlaps the splits' tail (default on where supported: compiled, compute capability
-    9.0 or newer, a Triton with ``launch_pdl``); False launches it after the split kernel ends.
+    The heuristics choose from the shapes and the GPU; override them to tune for a GPU they do
+    not fit, or to pin the split count (tests, or the same partial sums at every length).
 
-    Defaults, from H100 sweeps (bf16, Hq=32, D=128, RoPE K=V, do_bench medians, cold L2;
-    ``benchmarks/gpu_decode.py --sweep``, results in ``benchmarks/results/gpu_decode_sweep_*``):
-    B=1 S=128k: float32 rotation, 64-key tiles, 4 programs per SM (the previous default) 547 us;
-    the same with wave-filling splits 445 (2 resident programs per SM: 8 splits instead of 17,
-    which left a third wave of 16 programs); 16-bit rotation 410 (168 registers instead of 245,
-    3 programs per SM); and 128-key tiles 378, against 372 for this kernel without RoPE.
-    ``qrot`` beat ``add_regs`` (125 vs 130 us at S=32k), 3 stages beat 2 (150) and register
-    prefetch (171); 8 warps, 32-key tiles, and the angles re-read from L1 were slower.
+    Args:
+        block_n: keys per tile, a power of two >= 16. Default 128 for a shared cache whose key
+            role is rotated and ``D <= 128`` (more independent work per tile hides the
+            rotation), else 64; heads narrower than 32 (no tensor cores) use smaller tiles.
+        num_splits: sequence splits per (row, KV head). Default: as many as fill whole waves of
+            the programs that fit on the GPU at once.
+        num_warps: warps per program (default 4).
+        num_stages: tiles whose loads the software pipeliner keeps in flight (default 3).
     """
 
     block_n: int | None = None
+    num_splits: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
-    use_dot: bool | None = None
-    num_splits: int | None = None
-    programs_per_sm: int = 4
-    min_tiles_per_split: int | None = None
-    rope_mode: str | None = None
-    prefetch: bool = False
-    rope_math: str | None = None
-    split_policy: str | None = None
-    norm_math: str | None = None
-    pdl: bool | None = None
-    rope_table: str | None = None
+
+    def __post_init__(self):
+        for name, pow2, low in (("block_n", True, 16), ("num_splits", False, 1), ("num_warps", True, 1)):
+            value = getattr(self, name)
+            if value is not None and (value < low or (pow2 and value & (value - 1))):
+                kind = f"a power of two >= {low}" if pow2 else f"an integer >= {low}"
+                raise ValueError(f"DecodeConfig.{name} must be {kind} or None, got {value!r}")
+        if self.num_stages is not None and self.num_stages < 1:
+            raise ValueError(f"DecodeConfig.num_stages must be an integer >= 1 or None, got {self.num_stages!r}")
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32} if HAS_TRITON else {}
-_ROPE_MODES = {"add": 0, "add_regs": 1, "direct": 2, "qrot": 3}
 
 
 @functools.cache
@@ -713,47 +611,23 @@ def _pdl_supported(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def _check_config(cfg: DecodeConfig) -> None:
-    """ValueError naming a :class:`DecodeConfig` field whose value is not one of its choices."""
-    if cfg.rope_mode is not None and cfg.rope_mode not in _ROPE_MODES:
-        raise ValueError(f"rope_mode must be one of {sorted(_ROPE_MODES)} or None, got {cfg.rope_mode!r}")
-    if cfg.rope_math not in (None, "fp32", "native"):
-        raise ValueError(f"rope_math must be 'fp32', 'native' or None, got {cfg.rope_math!r}")
-    if cfg.norm_math not in (None, "fp32", "dot"):
-        raise ValueError(f"norm_math must be 'fp32', 'dot' or None, got {cfg.norm_math!r}")
-    if cfg.split_policy not in (None, "waves", "programs"):
-        raise ValueError(f"split_policy must be 'waves', 'programs' or None, got {cfg.split_policy!r}")
-    if cfg.rope_table not in (None, "rows", "factored"):
-        raise ValueError(f"rope_table must be 'rows', 'factored' or None, got {cfg.rope_table!r}")
-    if cfg.pdl not in (None, True, False):
-        raise ValueError(f"pdl must be True, False or None, got {cfg.pdl!r}")
+def _plan(G: int, D: int, cfg: DecodeConfig, *, rotated_shared: bool) -> tuple[int, int, int, int, bool]:
+    """Tile choices ``(GP, block_n, num_warps, num_stages, use_dot)``.
 
-
-def _plan(B, Hkv, G, D, device, cfg: DecodeConfig, *, rotated_shared: bool = False):
-    """Concrete tile choices (GP, block_n, num_warps, num_stages, use_dot).
-
+    Tensor cores score any group (rows padded to 16): the broadcast products of the tl.sum path
+    need so many registers that they spill, so that path is only for heads narrower than 32.
     ``rotated_shared``: a shared K=V cache whose key role is rotated in the kernel (RoPE).
     """
     half = D // 2
-    # Tensor cores for any group (rows padded to 16): measured far faster than the tl.sum path
-    # on an H100 even for MHA (the broadcast products need ~255 registers and spill).
-    use_dot = cfg.use_dot if cfg.use_dot is not None else True
-    use_dot = use_dot and half >= 16
-    gp = _next_pow2(G)
-    if use_dot:
-        gp = max(gp, 16)
+    use_dot = half >= 16
+    gp = max(_next_pow2(G), 16) if use_dot else _next_pow2(G)
     if cfg.block_n is not None:
         block_n = cfg.block_n
-    elif use_dot:
-        # 128-key tiles when the key role is rotated (more independent work per iteration to
-        # hide the rotation's latency); H100, bf16, Hq=32, D=128, 16-bit rotation: B=1 S=128k
-        # 378 vs 410 us, B=64 S=4k 728 vs 820 us; GQA-8 B=1 S=32k 43.8 vs 43.2 (noise).
+    elif use_dot:  # longer tiles give the rotation more independent work per iteration
         block_n = 128 if rotated_shared and half <= 64 else 64
     else:  # keep the (GP, BLOCK_N, D/2) broadcast product near 8k elements
         block_n = max(16, min(128, 8192 // (gp * half)))
-    num_warps = cfg.num_warps or 4
-    num_stages = cfg.num_stages or 3
-    return gp, block_n, num_warps, num_stages, use_dot
+    return gp, block_n, cfg.num_warps or 4, cfg.num_stages or 3, use_dot
 
 
 @functools.lru_cache(maxsize=4096)
@@ -773,20 +647,18 @@ def _split_waves(pairs: int, n_tiles: int, slots: int, overhead_tiles: int = 2) 
     return best
 
 
-def _num_splits(B, Hkv, n_tiles, device, cfg: DecodeConfig, resident_per_sm: int | None) -> int:
-    """Sequence splits per (row, KV head)."""
+def _num_splits(B: int, Hkv: int, n_tiles: int, device, cfg: DecodeConfig, resident_per_sm: int | None) -> int:
+    """Sequence splits per (row, KV head): whole waves where the kernel's residency is known,
+    else about 4 programs per multiprocessor with at least a few tiles per split (each split pays
+    a pipeline fill and a combine row)."""
     if cfg.num_splits is not None:
         return max(1, min(cfg.num_splits, n_tiles))
     n_sm = _sm_count(device.index or 0) if device.type == "cuda" else 8
-    if resident_per_sm is not None and (cfg.split_policy or "waves") == "waves":
+    if resident_per_sm is not None:
         return _split_waves(B * Hkv, n_tiles, resident_per_sm * n_sm)
-    splits = _cdiv(cfg.programs_per_sm * n_sm, B * Hkv)
-    # A floor on the tiles per split: each split pays a pipeline fill and a combine row.
-    # Default n_tiles / 8 within [2, 16], from the H100 sweep (bf16, D=128, 64-key tiles):
-    # B=1 S=512 4 splits 12.8 us vs 1 split 15.7; B=1 S=4k 8 splits 26.0 vs 16 splits 28.7;
-    # GQA-8 B=1 S=32k 32 splits 42.1 vs 64 splits 46.9.
-    min_tiles = cfg.min_tiles_per_split or min(16, max(2, n_tiles // 8))
-    return max(1, min(splits, n_tiles // max(1, min_tiles)))
+    splits = _cdiv(4 * n_sm, B * Hkv)
+    min_tiles = min(16, max(2, n_tiles // 8))
+    return max(1, min(splits, n_tiles // min_tiles))
 
 
 _RESIDENT: dict = {}
@@ -847,25 +719,14 @@ def decode_attention(
         q, k_cache, v_cache, lengths, rope_cos, rope_sin, k_norm_weight, shared_kv
     )
     cfg = config or DecodeConfig()
-    _check_config(cfg)
-    reason = decode_unsupported_reason(
-        q3, k_cache, v_cache, rope_cos=rope_cos, rope_sin=rope_sin, k_norm_weight=k_norm_weight
-    )
+    key_role = dict(rope_cos=rope_cos, rope_sin=rope_sin, k_norm_weight=k_norm_weight)
+    reason = decode_unsupported_reason(q3, k_cache, v_cache, **key_role)
     if reason is not None:
         warnings.warn(
             f"qkvlab decode_attention: falling back to the PyTorch reference ({reason}).", RuntimeWarning, stacklevel=2
         )
         res = decode_attention_reference(
-            q,
-            k_cache,
-            v_cache,
-            lengths,
-            scale=scale,
-            rope_cos=rope_cos,
-            rope_sin=rope_sin,
-            k_norm_weight=k_norm_weight,
-            eps=eps,
-            shared_kv=shared_kv,
+            q, k_cache, v_cache, lengths, scale=scale, eps=eps, shared_kv=shared_kv, **key_role
         )
         if out is None:
             return res
@@ -876,9 +737,7 @@ def decode_attention(
     S_hint = min(S, max_length) if max_length else S
     shared = v_cache is k_cache or (v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride())
     has_rope = rope_cos is not None
-    gp, block_n, num_warps, num_stages, use_dot = _plan(
-        B, Hkv, G, D, q3.device, cfg, rotated_shared=shared and has_rope
-    )
+    gp, block_n, num_warps, num_stages, use_dot = _plan(G, D, cfg, rotated_shared=shared and has_rope)
     n_tiles = max(1, _cdiv(S_hint, block_n))
     interpreting = _interpreting()
     split_kernel, combine_kernel = _kernels(interpreting)
@@ -892,9 +751,7 @@ def decode_attention(
     out = out.view(B, Hq, D)
     # The interpreter's tl.dot mishandles bfloat16 operands: it then multiplies in float32.
     dot_f32 = q3.dtype == torch.float32 or (q3.dtype == torch.bfloat16 and interpreting)
-    native = (cfg.rope_math or "native") == "native" and not dot_f32
-    pdl = cfg.pdl is not False and q3.device.type == "cuda" and not interpreting
-    pdl = pdl and _pdl_supported(q3.device.index or 0)
+    pdl = q3.device.type == "cuda" and not interpreting and _pdl_supported(q3.device.index or 0)
     cos = rope_cos if has_rope else out
     sin = rope_sin if has_rope else out
     weight = k_norm_weight if k_norm_weight is not None else out
@@ -905,20 +762,19 @@ def decode_attention(
         BLOCK_N=block_n,
         SHARED=shared,
         HAS_ROPE=has_rope,
-        ROPE_MODE=_ROPE_MODES[cfg.rope_mode or "qrot"],
         HAS_NORM=k_norm_weight is not None,
         USE_DOT=use_dot,
         DOT_PRECISION="ieee" if dot_f32 else "tf32",
         DOT_F32=dot_f32,
-        PREFETCH=cfg.prefetch,
         NUM_STAGES=num_stages,
-        # The interpreter has no 16-bit bfloat arithmetic: it rotates in float32 there (as its dots).
-        ROPE_TY=_TL_DTYPES[q3.dtype] if native else tl.float32,
+        # Rotate in the cache's 16-bit dtype: the dot rounds the rotated key to it anyway. The
+        # interpreter has no 16-bit bfloat arithmetic: it rotates in float32 there (as its dots).
+        ROPE_TY=tl.float32 if dot_f32 else _TL_DTYPES[q3.dtype],
         # QK-norm's sums of squares by tl.dot: bfloat16 caches only (float16 squares overflow
         # past 256; float32 caches keep the float32 sums)
-        NORM_DOT=use_dot and q3.dtype == torch.bfloat16 and cfg.norm_math != "fp32",
+        NORM_DOT=use_dot and q3.dtype == torch.bfloat16,
         PDL=pdl,
-        TABLE_LO=block_n if cfg.rope_table == "rows" else min(16, block_n),
+        TABLE_LO=min(16, block_n),
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -935,16 +791,10 @@ def decode_attention(
             o_part,
             lse_part,
             out,
-            q3.stride(0),
-            q3.stride(1),
-            k_cache.stride(0),
-            k_cache.stride(1),
-            k_cache.stride(2),
-            v_cache.stride(0),
-            v_cache.stride(1),
-            v_cache.stride(2),
-            out.stride(0),
-            out.stride(1),
+            *q3.stride()[:2],
+            *k_cache.stride()[:3],
+            *v_cache.stride()[:3],
+            *out.stride()[:2],
             cos.stride(0) if has_rope else 0,
             Hkv,
             Hq,
@@ -957,7 +807,7 @@ def decode_attention(
         )
 
     resident = None
-    if cfg.num_splits is None and (cfg.split_policy or "waves") == "waves" and not interpreting:
+    if cfg.num_splits is None and not interpreting:
         # Residency of the multi-split kernel, compiled (not launched) on first use; cached.
         key = (q3.device.index or 0, q3.dtype, tuple(consts.items()))
         if key not in _RESIDENT:  # value None: unknown, the plain heuristic
@@ -1036,19 +886,11 @@ def _decode_attention_fake(q, k_cache, v_cache, lengths, scale, rope_cos, rope_s
     return q.new_empty(q.shape)  # (B, Hq, D) or (B, Hq, 1, D), contiguous, as the kernel returns
 
 
-def decode_bytes(B: int, Hkv: int, S: int, D: int, dtype: torch.dtype, *, shared: bool) -> int:
-    """Unique cache bytes one decode step must read: ``(1 if shared else 2) * B*Hkv*S*D*elem``."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return (1 if shared else 2) * B * Hkv * S * D * elem
-
-
 __all__ = [
     "HAS_TRITON",
     "DecodeConfig",
     "decode_attention",
     "decode_attention_op",
     "decode_attention_reference",
-    "decode_bytes",
     "decode_unsupported_reason",
-    "shared_kv_decode_supported",
 ]

@@ -6,8 +6,8 @@ step once and replays it with one launch, but only if the step has no host synch
 and no shape that depends on the position. :class:`StaticDecoder` runs the model's decode
 step in that form: the position is a 0-d tensor on the device, new keys/values are written
 with ``index_copy_`` into the static :class:`~qkvlab.attention.cache.KVCache`, and
-attention reads the whole allocated cache with per-row lengths (the Triton decode kernel,
-which skips tiles past each row's length; masked SDPA where the kernel does not run).
+attention reads the whole allocated cache with per-row lengths (the decode backend, the Triton
+kernel, which skips tiles past each row's length; masked SDPA where no backend supports the step).
 
 Example::
 
@@ -28,9 +28,9 @@ the graph reads the positions from a device buffer, so one capture serves every 
 the opaque operator ``torch.ops.qkvlab.decode_attention``) before the CUDA graph records it:
 Inductor fuses the small kernels around the matrix products (norms, RoPE of the query, the
 cache write, SwiGLU, residual adds, casts), which a graph replay still runs one by one. The
-first step then takes the compile time (14-62 s for a 1B model on an H100). Later decoders of
-the same model reuse the compiled code: a second cache size or batch recompiles once, with
-dynamic shapes, and further ones reuse that (``torch.compile``'s own cache).
+first step then pays the compile time. Later decoders of the same model reuse the compiled
+code: a second cache size or batch recompiles once, with dynamic shapes, and further ones
+reuse that (``torch.compile``'s own cache).
 """
 
 from __future__ import annotations

@@ -56,9 +56,9 @@ class GPT(nn.Module):
 
         ``padding_mask`` is ``(B, cached + T)`` bool, True for real tokens (keys).
         With ``need_weights`` returns ``(logits, [AttentionOutput per layer])``.
-        ``position`` (a 0-d integer tensor on the device) runs the static one-token step of
-        :class:`~qkvlab.models.decoding.StaticDecoder` at that position; the cache is not
-        advanced then.
+        ``position`` (an integer tensor on the device: 0-d, or ``(B,)`` for a ragged cache) runs
+        the static one-token step of :class:`~qkvlab.models.decoding.StaticDecoder` at that
+        position; the cache is not advanced then.
         """
         if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32, torch.int64):
             raise ConfigError(
@@ -185,12 +185,11 @@ class GPT(nn.Module):
         :mod:`qkvlab.models.generation`).
 
         ``cuda_graph`` (True, or ``"auto"``, the default: on CUDA only) decodes with
-        :class:`~qkvlab.models.decoding.StaticDecoder`, one CUDA-graph replay per token; False
-        keeps the dynamic step. On an H100 (1.28B llama-recipe model, bf16, batch 1, 4k and 32k)
-        the graph replay ran 3-12x the tokens/s of the dynamic step, which is bound by host-side
-        launches (``benchmarks/results/gpu_generate.json``). ``compile=True`` runs the static
-        step through ``torch.compile`` first (see :class:`~qkvlab.models.decoding.StaticDecoder`),
-        graphed or not (a mode name picks Inductor's mode); it needs a KV cache.
+        :class:`~qkvlab.models.decoding.StaticDecoder`, one CUDA-graph replay per token, because
+        the dynamic step of a small or medium model is bound by host-side kernel launches; False
+        keeps the dynamic step. ``compile=True`` runs the static step through ``torch.compile``
+        first (see :class:`~qkvlab.models.decoding.StaticDecoder`), graphed or not (a mode name
+        picks Inductor's mode); it needs a KV cache.
 
         Cached decoding is the default; ``use_cache=False`` recomputes the whole prefix each
         step (for checks). :meth:`stream` yields the same tokens step by step.

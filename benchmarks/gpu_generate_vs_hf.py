@@ -29,10 +29,9 @@ read + write) / step time. Prefill tokens/s of one prompt (``--prefill``, defaul
 uncompiled on both sides, as ``generate`` runs a prefill) per variant and system. JSON (hardware,
 versions, rows) goes to ``$OUT/gpu_generate_vs_hf.json`` and ``--out``, rewritten after each row.
 
-Run on the GPU machine from the repository root. Compiling is most of the time (qkvlab ~15-30 s,
-HF's reduce-overhead likely longer, per model and point), so two variants and two points should
-make one call of under 10 minutes (an estimate from gpu_generate.py's compile times, not yet
-measured here; every row is written as it finishes, so a cut call keeps its rows).
+Run on the GPU machine from the repository root. Compiling, per model and point on both sides,
+takes most of the time, so a run of two variants and two points at a time keeps each call
+short; every row is written as it finishes, so a cut run keeps its rows.
 ``--baseline-from`` takes the HF Llama QKV rows of an earlier call for the ratios of a call
 without them::
 
@@ -67,8 +66,8 @@ NAME = "gpu_generate_vs_hf.json"
 SMOKE = dict(recipe="llama", n_layers=2, d_model=128, n_heads=16, d_ff=256, vocab_size=97)
 HF_LLAMA = {"QKV", "GQA-8"}  # same weights in LlamaForCausalLM
 HF_GEMMA = {"Q-K=V", "Q-GQA-8"}  # Gemma 4 text, attention_k_eq_v
-# bf16 logits of a 16-layer model computed two correct ways differ by a few percent (see
-# gpu_generate.py: 2.4-3.6e-2 between the eager, graph and compiled steps on an H100).
+# bf16 logits of a 16-layer model computed two correct ways differ by a few percent (as between
+# the eager, graph and compiled steps of gpu_generate.py).
 TOL_BF16, TOL_FP32 = 6e-2, 1e-4
 
 

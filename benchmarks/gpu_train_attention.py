@@ -12,8 +12,8 @@ Run on a GPU from the repository root::
     PYTHONPATH=src python3 benchmarks/gpu_train_attention.py [--out benchmarks/results/gpu_train_attention.json]
 
 It prints a table (median times, ratio shared / separate) and writes JSON with the GPU name,
-driver, torch and triton versions. Issue 5's rule: a fused Triton forward + backward is
-written only if it would beat the best SDPA path by at least 10%.
+driver, torch and triton versions. The decision it informs: a fused Triton forward + backward
+for shared K=V is worth writing only if it would beat the best SDPA path by at least 10%.
 """
 
 from __future__ import annotations

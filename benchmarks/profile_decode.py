@@ -1,4 +1,4 @@
-"""Run one decode-kernel launch configuration a few times, for a profiler (issue 5).
+"""Run one decode-kernel launch configuration a few times, for a profiler.
 
 Nsight Compute reads the hardware counters of the split kernel; on the GPU machine::
 
@@ -7,8 +7,8 @@ Nsight Compute reads the hardware counters of the split kernel; on the GPU machi
         python3 benchmarks/profile_decode.py --B 1 --S 131072 --Hkv 32 --config '{"block_n": 64}'
 
 ``--host`` instead times the host side of eager calls (no CUDA graph) and prints a cProfile of
-them (``results/profile_decode_eager_host.txt``: B=1 S=4k, 200-285 us of host time per call over two
-runs; under cProfile 46% of it is Triton's launcher, run twice: split and combine kernels).
+them (``results/profile_decode_eager_host.txt`` is one such run): what an eager step pays
+before the GPU starts, e.g. Triton's launcher, called twice (split and combine kernels).
 
 Inputs are those of ``gpu_decode.py`` (bf16, Hq=32, D=128, a shared K=V cache, RoPE on the key
 role unless ``--which kv``); the result is checked against the float32 reference first.

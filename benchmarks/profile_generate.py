@@ -1,4 +1,4 @@
-"""Where one decode step of the ~1B generation benchmark spends its GPU time (issue 5, G1).
+"""Where one decode step of the ~1B generation benchmark spends its GPU time.
 
 Builds the model of ``gpu_generate.py`` (random bf16 weights), fills a cache to ``--context``,
 and profiles ``--steps`` replays of the CUDA-graphed static step, eager-compiled or not

@@ -1,15 +1,15 @@
 """The GPU benchmark scripts' CPU smoke modes: they still run, check and report (no timing is asserted).
 
-The full runs need a CUDA GPU (``benchmarks/results/`` holds their H100 / H200 output); these keep the
-scripts from rotting between those runs: every correctness check a script makes before timing
-runs here on tiny shapes, and a failed check exits non-zero.
+The full runs need a CUDA GPU (``benchmarks/results/`` holds their output); these keep the scripts
+from rotting between those runs: every correctness check a script makes before timing runs here
+on tiny shapes, a failed check exits non-zero, and the results are read from the JSON each
+script writes to ``--out``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,17 +39,19 @@ def run_script(name: str, *args: str, interpret: bool = False) -> str:
     return proc.stdout
 
 
-def test_gpu_generate_smoke_budget_batches():
+def test_gpu_generate_smoke_budget_batches(tmp_path):
     """Graph-step checks pass, and a budget holds twice the K=V rows (a K=V cache is half the bytes)."""
-    out = run_script("gpu_generate.py", "--budget-decode")
-    rows = {}
-    for line in out.splitlines():
-        m = re.match(r"\s*(\S+)\s+B=(\d+)\s+static\s+([\d.]+) tok/s", line)
-        if m:
-            rows[m.group(1)] = int(m.group(2))
-    assert set(rows) == {"QKV", "Q-K=V", "GQA-8", "Q-GQA-8"}, out
-    assert rows["Q-K=V"] >= 2 * rows["QKV"], rows
-    assert rows["Q-GQA-8"] >= 2 * rows["GQA-8"], rows
+    run_script("gpu_generate.py", "--budget-decode", "--out", str(tmp_path / "gpu_generate.json"))
+    doc = json.loads((tmp_path / "gpu_generate.json").read_text())
+    decode = {variant: b["decode"] for variant, b in doc["budget"].items()}
+    assert set(decode) == {"QKV", "Q-K=V", "GQA-8", "Q-GQA-8"}, doc["budget"]
+    assert all(r["static_tokens_per_s"] > 0 and r["graph_rel_err"] < 1e-4 for r in decode.values()), decode
+    batch = {variant: r["B"] for variant, r in decode.items()}
+    assert batch["Q-K=V"] >= 2 * batch["QKV"], batch
+    assert batch["Q-GQA-8"] >= 2 * batch["GQA-8"], batch
+    assert {(r["variant"], r["B"], r["context"]) for r in doc["rows"]} == {
+        (v, b, s) for v in decode for b, s in ((1, 64), (2, 96))
+    }, doc["rows"]
 
 
 @pytest.mark.skipif(INTERPRETER_PROBLEM is not None, reason=f"no working Triton interpreter: {INTERPRETER_PROBLEM}")

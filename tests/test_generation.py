@@ -58,10 +58,11 @@ def step_logits(model: GPT, idx, mask, forced: torch.Tensor) -> torch.Tensor:
     return torch.stack(out, 1)
 
 
-def set_kernel(model: GPT, flag) -> None:
+def set_decode_backend(model: GPT, choice: str) -> None:
+    """How every attention layer's one-token steps attend: ``"triton"``, ``"torch"`` or ``"auto"``."""
     for m in model.modules():
         if isinstance(m, Attention):
-            m.decode_kernel = flag
+            m.decode_backend = choice
 
 
 VARIANTS = ["q_k_v", "q_kv", "qkv", "q_kv+gqa2", "q_k_v+rope", "q_kv+rope+qknorm", "q_kv+learned+linear"]
@@ -123,10 +124,10 @@ def test_ragged_batch_through_the_decode_kernel(variant, monkeypatch):
     model = small_gpt(variant, dtype=torch.float32, n_heads=2)  # head dim 16: the kernel's minimum
     idx, mask = padded(ROWS)
     forced = torch.randint(0, V, (3, 2), generator=torch.Generator().manual_seed(3))
-    set_kernel(model, True)
+    set_decode_backend(model, "triton")
     batch = step_logits(model, idx, mask, forced)
     assert lengths[0] == [8, 3, 6] and lengths[-1] == [9, 4, 7]  # each row's own length
-    set_kernel(model, False)
+    set_decode_backend(model, "torch")
     for b, row in enumerate(ROWS):
         alone = step_logits(model, torch.tensor([row]), None, forced[b : b + 1])
         torch.testing.assert_close(batch[b : b + 1], alone, rtol=2e-4, atol=2e-4)

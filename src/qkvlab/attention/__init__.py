@@ -1,6 +1,14 @@
-"""Projection-shared attention: variant spec, projections, positions, backends, KV cache."""
+"""Projection-shared attention: variant spec, projections, positions, attention and decode backends, KV cache."""
 
-from qkvlab.attention.backends import AttentionOutput, available_backends, get_backend, register_backend
+from qkvlab.attention.backends import (
+    AttentionOutput,
+    DecodeStep,
+    available_backends,
+    get_backend,
+    register_backend,
+    register_decode_backend,
+    select_decode_backend,
+)
 from qkvlab.attention.cache import CacheLayout, KVCache, LayerKVCache, LinearState, new_decode_state
 from qkvlab.attention.module import Attention
 from qkvlab.attention.positional import Pos2DFix, RMSNorm, Rotary
@@ -12,6 +20,7 @@ __all__ = [
     "Attention",
     "AttentionOutput",
     "CacheLayout",
+    "DecodeStep",
     "KVCache",
     "LayerKVCache",
     "LinearState",
@@ -25,4 +34,6 @@ __all__ = [
     "new_decode_state",
     "parse_variant",
     "register_backend",
+    "register_decode_backend",
+    "select_decode_backend",
 ]

@@ -70,6 +70,18 @@ class FakeTrainer:
         return {"tokens": 256, "steps": 2, "val_loss": val_loss, "val_ppl": ppl, "train_tokens_per_s": 1e3}
 
 
+def reporting_trainer(config: dict[str, Any], *, resume: bool = False) -> dict[str, Any]:
+    """A FakeTrainer that also reports what the real one does about its model and code."""
+    from qkvlab.costs import model_costs
+    from qkvlab.models import get_preset
+
+    model = get_preset(config["model"]["preset"], variant=config["model"]["variant"])
+    summary = FakeTrainer()(config, resume=resume)
+    costs = model_costs(model)
+    return {**summary, "params": costs["params_total"], "model_family": model.family, "costs": costs,
+            "git_commit": "0123abc", "git_dirty": False, "val_bits": 1.5}  # fmt: skip
+
+
 # ================================================================== grid expansion
 def test_grid_is_the_cartesian_product_and_invalid_points_are_skipped_with_the_reason():
     variants = ["QKV", "Q-K=V", "Q=K-V+GQA-4", "GQA-8", "Q-GQA-3"]
@@ -188,22 +200,30 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path: Path):
     assert sum(r["status"] == "ok" for r in rows) == 6
 
 
-def test_result_rows_carry_metrics_costs_and_the_resolved_config(tmp_path: Path):
+def test_result_rows_carry_what_the_run_reported_and_the_resolved_config(tmp_path: Path):
     s = spec(variant=["QKV", "Q-K=V", "Q-MQA"], seed=[1], tokens=[256])
-    run_sweep(s, tmp_path, run_fn=FakeTrainer(), verbose=False)
+    run_sweep(s, tmp_path, run_fn=reporting_trainer, verbose=False)
     rows = {r["variant"]: r for r in ResultsStore(tmp_path).read()}
     for row in rows.values():
         assert set(RESULT_KEYS) <= set(row)
         assert row["config"]["out_dir"] == str(tmp_path / "runs" / row["run_id"])
         assert (tmp_path / row["out_dir"]).is_dir()
         assert (row["seed"], row["tokens"], row["model"]) == (1, 256, "tiny")
-        assert row["val_ppl"] == pytest.approx(math.exp(4.1))
+        assert row["val_ppl"] == pytest.approx(math.exp(4.1)) and row["val_bits"] == 1.5  # every metric reported
+        assert (row["git_commit"], row["git_dirty"], row["params_trained"]) == ("0123abc", False, row["params_total"])
     qkv, kv, mqa = rows["QKV"], rows["Q-K=V"], rows["Q-MQA"]
     # tiny: 2 layers x 8 heads x 8 dims x 2 bytes, K and V
     assert qkv["kv_cache_bytes_per_token"] == 2 * 2 * 8 * 8 * 2 and qkv["cache_reduction"] == 0.0
     assert kv["kv_cache_bytes_per_token"] * 2 == qkv["kv_cache_bytes_per_token"] and kv["cache_reduction"] == 0.5
     assert mqa["cache_reduction"] == 1 - 1 / 16  # one shared tensor, one head of eight
     assert kv["params_attention"] < qkv["params_attention"] and kv["params_total"] < qkv["params_total"]
+
+
+def test_a_run_that_reports_no_costs_gets_none_not_a_guess(tmp_path: Path):
+    run_sweep(spec(variant=["Q-K=V"], tokens=[256]), tmp_path, run_fn=FakeTrainer(), verbose=False)
+    (row,) = ResultsStore(tmp_path).read()
+    assert set(RESULT_KEYS) <= set(row)
+    assert row["kv_cache_bytes_per_token"] is row["params_total"] is row["git_commit"] is None
 
 
 def test_a_failed_run_is_recorded_and_retried_by_the_next_sweep(tmp_path: Path):
@@ -313,7 +333,13 @@ def test_a_sweep_with_the_real_trainer(tmp_path: Path):
     assert len(summary.ran) == 2 and not summary.failed, summary.failed
     rows = {r["variant"]: r for r in ResultsStore(tmp_path / "study").read()}
     assert rows["Q-K=V"]["cache_reduction"] == 0.5 and rows["QKV"]["tokens"] == 512
+    # tiny: 2 layers x 8 heads x 8 dims x 2 bytes (bf16), K and V; Q-K=V stores one tensor
+    assert rows["QKV"]["kv_cache_bytes_per_token"] == 2 * 2 * 8 * 8 * 2 == 2 * rows["Q-K=V"]["kv_cache_bytes_per_token"]
     assert all(math.isfinite(r["val_ppl"]) and r["params_total"] == r["params_trained"] for r in rows.values())
+    for row in rows.values():  # what the trainer wrote, unchanged: the sweep works nothing out again
+        summary = json.loads((tmp_path / "study" / row["out_dir"] / "summary.json").read_text())
+        assert summary["model_family"] == "gpt" and summary["model_config"]["variant"]["sharing"] in ("q_k_v", "q_kv")
+        assert {k: row[k] for k in summary["costs"]} == summary["costs"] and row["git_commit"] == summary["git_commit"]
     report = write_report(tmp_path / "study", plots=False).read_text()
     assert "| Q-K=V | 1 |" in report
 

@@ -28,6 +28,7 @@ float32 when the activations are half precision.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -215,3 +216,35 @@ def variant_costs(
         row["macs_change"] = row["macs"] / baseline["macs"] - 1.0
         rows.append(row)
     return rows
+
+
+def model_costs(cfg: TransformerConfig) -> dict[str, Any]:
+    """The costs a results row reports for a resolved model config, in its row order.
+
+    Parameters (all, attention) for every family. A causal language model (:class:`GPTConfig`)
+    adds its KV-cache bytes per token in bf16 (the paper counts 2 bytes), their reduction vs
+    QKV of the same shape, its non-embedding parameters and, for linear attention, the
+    fixed decode state; the other families have no KV cache, so those are None.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "GQA-N on N heads is MHA", said when the model was built
+        if not isinstance(cfg, GPTConfig):
+            params = count_params(build_on_meta(cfg))
+            return {
+                "params_total": params["total"],
+                "params_attention": params["attention"],
+                "kv_cache_bytes_per_token": None,
+                "cache_reduction": None,
+                "kv_cache_dtype": None,
+                "decode_state_bytes": None,
+            }
+        (row,) = variant_costs(cfg, [cfg.variant])
+        return {
+            "params_total": row["params_total"],
+            "params_attention": row["params_attention"],
+            "kv_cache_bytes_per_token": row["kv_cache_bytes_per_token"],
+            "cache_reduction": row["cache_reduction"],
+            "kv_cache_dtype": row["dtype"],
+            "params_nonembedding": params_nonembedding(build_on_meta(cfg)),
+            "decode_state_bytes": row["decode_state_bytes"] or None,  # linear attention's fixed state
+        }

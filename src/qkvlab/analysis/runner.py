@@ -310,8 +310,8 @@ def study_task_maps(
     its own test set. Returns the figure's path and the runs drawn.
     """
     from qkvlab.checkpoint import load_model, read_metadata
-    from qkvlab.study.report import _row_value, _table2_order
-    from qkvlab.study.results import STATUS_OK, ResultsStore
+    from qkvlab.study.results import STATUS_OK, ResultsStore, row_value
+    from qkvlab.study.tables import table2_order
 
     study = Path(study_dir)
     store = ResultsStore(study)
@@ -323,8 +323,8 @@ def study_task_maps(
         for r in store.latest().values()
         if r.get("status") == STATUS_OK
         and r.get("seed") == seed
-        and _row_value(r, "task.kind") is not None
-        and all(str(_row_value(r, k)) == str(v) for k, v in where.items())
+        and row_value(r, "task.kind") is not None
+        and all(str(row_value(r, k)) == str(v) for k, v in where.items())
     ]
     if not rows:
         raise ConfigError(
@@ -333,9 +333,9 @@ def study_task_maps(
         )
     chosen: dict[tuple[str, str], dict[str, Any]] = {}
     for r in sorted(rows, key=lambda r: r["run_id"]):
-        chosen.setdefault((str(_row_value(r, "task.kind")), r["variant_id"]), r)
+        chosen.setdefault((str(row_value(r, "task.kind")), r["variant_id"]), r)
     tasks = list(dict.fromkeys(k for k, _ in chosen))
-    variants = sorted({v for _, v in chosen}, key=_table2_order)
+    variants = sorted({v for _, v in chosen}, key=table2_order)
     captures: dict[tuple[str, str], Any] = {}
     drawn = []
     for task in tasks:

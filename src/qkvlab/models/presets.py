@@ -7,6 +7,7 @@ which does not depend on the tokenizer; with the GPT-2 vocabulary the top rung i
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from qkvlab.errors import ConfigError
@@ -54,17 +55,44 @@ def _build() -> dict[str, dict[str, Any]]:
 
 
 PRESETS: dict[str, dict[str, Any]] = _build()
+#: The preset of a train config whose ``model`` section names none.
+DEFAULT_PRESET = "tiny"
 
 
 def list_presets() -> list[str]:
     return list(PRESETS)
 
 
+def with_preset(
+    section: Mapping[str, Any],
+    *,
+    fields: Collection[str] | None = None,
+    skip: Collection[str] = (),
+    default: str | None = None,
+) -> dict[str, Any]:
+    """A config's ``model`` section on top of its preset: the keyword arguments of a model config.
+
+    ``section["preset"]`` names the preset (absent: ``default``; None: no preset); its other
+    keys win over the preset's. ``fields`` (a config class's field names) leaves out every other
+    key, the preset's and the section's; ``skip`` leaves out preset fields a family takes from
+    elsewhere (a task's vocabulary or length). The one place a preset is merged into a model
+    config::
+
+        with_preset({"preset": "gpt2-1m", "variant": "Q-K=V"})   # gpt2-1m's shape, the variant given
+    """
+    preset = section.get("preset", default)
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"Unknown model.preset {preset!r}; available: {', '.join(PRESETS)}.")
+    base = {k: v for k, v in PRESETS[preset].items() if k not in skip} if preset is not None else {}
+    merged = {**base, **{k: v for k, v in section.items() if k != "preset"}}
+    return merged if fields is None else {k: v for k, v in merged.items() if k in fields}
+
+
 def get_preset(name: str, **overrides: Any) -> GPTConfig:
     """A :class:`GPTConfig` for preset ``name``; keyword overrides win (e.g. ``variant="Q-K=V"``)."""
     if name not in PRESETS:
         raise ConfigError(f"Unknown preset {name!r}; available: {', '.join(PRESETS)}.")
-    return GPTConfig(**{**PRESETS[name], **overrides})
+    return GPTConfig(**with_preset({**overrides, "preset": name}))
 
 
 def paper_variants(name: str) -> list[str]:

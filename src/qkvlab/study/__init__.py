@@ -7,10 +7,18 @@ Example::
     summary = run_sweep(load_sweep("configs/studies/lm-variants-tiny.yaml"))
     print(write_report(summary.study_dir))  # studies/lm-variants-tiny/report/report.md
 
-The library never imports this package; it builds on :mod:`qkvlab.train`, imported lazily.
-Data flows one way: :mod:`~qkvlab.study.spec` (the sweep file), :mod:`~qkvlab.study.metrics`
-and :mod:`~qkvlab.study.paper` (the paper's numbers, as data) are leaves; the sweep writes
-rows to the :mod:`~qkvlab.study.results` store and the report reads them.
+The library never imports this package; it builds on :mod:`qkvlab.train`. Data flows one way:
+
+* :mod:`~qkvlab.study.spec` (the sweep file), :mod:`~qkvlab.study.metrics` and
+  :mod:`~qkvlab.study.paper` (the paper's numbers, as data) are leaves;
+* :mod:`~qkvlab.study.grid` expands a sweep into grid points, each a train config with a run id;
+* :mod:`~qkvlab.study.sweep` trains each point; the trainer returns the run's complete result
+  (:class:`~qkvlab.train.trainer.RunResult`: metrics, the model's resolved config, family and
+  costs, the code version) and the sweep appends it, with the point's labels, as one row of the
+  :mod:`~qkvlab.study.results` store;
+* the reports, :mod:`~qkvlab.study.report` and :mod:`~qkvlab.study.ladder`, read the rows (and the
+  study's name and report settings); they share :mod:`~qkvlab.study.tables` and
+  :mod:`~qkvlab.study.plots` and import neither the sweep nor the trainer.
 """
 
 from qkvlab.study.report import pareto_front, summarize_group, write_report

@@ -6,14 +6,17 @@ A study folder looks like this::
       results.jsonl         # one JSON object per line: a finished, skipped or failed run
       sweep.yaml            # the sweep that filled it (written by run_sweep)
       runs/<run_id>/        # the trainer's out_dir: config.yaml, run.json, metrics.jsonl, weights
-      report/               # written by qkvlab.study.report.write_report
+      report/               # written by the reports (qkvlab.study.report, qkvlab.study.ladder)
 
 ``results.jsonl`` is append-only. Each row is written with one ``write`` call, then flushed
 and fsynced, so a killed writer leaves at most one truncated last line; readers skip such a
 line with a warning. When a run appears more than once (it failed, then succeeded on a
 rerun), the last row wins. A row's ``status`` is one of:
 
-* ``"ok"``: the run finished; it has the metrics and costs listed in :data:`RESULT_KEYS`;
+* ``"ok"``: the run finished; it has the metrics and costs listed in :data:`RESULT_KEYS`. Such a
+  row is the grid point's labels (run id, variant, model, budget, seed, axes), the run's own
+  result as its trainer reported it (:meth:`qkvlab.train.trainer.RunResult.row`: metrics, the
+  model's costs, the code version) and the sweep's record of it (the train config, times);
 * ``"skipped"``: the grid point cannot be built (e.g. Q=K with grouped KV heads);
   ``reason`` holds the :class:`~qkvlab.errors.ConfigError` message;
 * ``"failed"``: the run raised; ``error`` holds the message. A rerun of the sweep retries it.
@@ -31,6 +34,7 @@ from typing import Any
 
 RESULTS_FILE = "results.jsonl"
 RUNS_DIR = "runs"
+REPORT_DIR = "report"
 STATUS_OK = "ok"
 STATUS_SKIPPED = "skipped"
 STATUS_FAILED = "failed"
@@ -95,6 +99,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The rows of a run's ``metrics.jsonl`` (train rows have ``loss``, eval rows ``val_loss``)."""
     return read_jsonl(Path(run_dir) / "metrics.jsonl")
+
+
+def row_value(row: dict[str, Any], key: str) -> Any:
+    """A dotted key of a row's resolved config (``task.kind``, ``model.d_model``), else of the row."""
+    node: Any = row.get("config") or {}
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return row.get(key) if node is None else node
 
 
 def _finite(value: Any) -> Any:

@@ -32,9 +32,10 @@ Any task trains through the same grid: a base config with ``task: {name: synthet
 and axes such as ``task.kind: [reverse, sort]``, ``task.seq_len: [16, 64]`` or
 ``model.d_model: [32, 64]`` (every dotted key is an axis).
 
-:func:`load_sweep` reads such a file into a :class:`SweepSpec`; :mod:`qkvlab.study.sweep`
-expands and runs it, and :mod:`qkvlab.study.report` reads the results it leaves. This module
-imports neither, so both can use its names (the axes, token budgets).
+:func:`load_sweep` reads such a file into a :class:`SweepSpec`; :mod:`qkvlab.study.grid`
+expands it, :mod:`qkvlab.study.sweep` runs it and leaves a copy in the study folder, which
+:func:`read_study_file` reads back for the reports (the study's name and report settings).
+This module imports none of them, so all can use its names (the axes, token budgets).
 """
 
 from __future__ import annotations
@@ -224,6 +225,22 @@ def _check_keys(where: str, d: dict[str, Any], valid: Sequence[str]) -> None:
             near = difflib.get_close_matches(str(key), valid, n=1)
             hint = f" Did you mean {near[0]!r}?" if near else ""
             raise ConfigError(f"Unknown {where} key {key!r}.{hint} Valid keys: {', '.join(valid)}.")
+
+
+def read_study_file(study_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``sweep.yaml`` a sweep left in a study folder, as a plain mapping: {} when the folder
+    has none or it cannot be read (a report then takes its defaults)."""
+    path = Path(study_dir) / SWEEP_FILE
+    try:
+        stored = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        stored = None
+    return stored if isinstance(stored, dict) else {}
+
+
+def study_name(study_dir: str | os.PathLike) -> str:
+    """The study's ``name`` in its ``sweep.yaml``, else the folder's name."""
+    return str(read_study_file(study_dir).get("name") or Path(study_dir).resolve().name)
 
 
 def get_dotted(config: dict[str, Any], key: str) -> Any:

@@ -1,16 +1,15 @@
-"""Sweeps: a grid of training configs that one runner executes, resumably.
+"""Sweeps: the grid of a study run by one runner, resumably, one results row per run.
 
 The sweep file's format and its parsed form, :class:`~qkvlab.study.spec.SweepSpec`, are described
-in :mod:`qkvlab.study.spec`.
+in :mod:`qkvlab.study.spec`; its grid points and their run ids in :mod:`qkvlab.study.grid`.
+:func:`run_sweep` records the points that cannot be built as ``"skipped"``, runs the others
+in order, appends one row per finished run to ``results.jsonl`` and skips runs already finished
+there, so a killed sweep resumes where it stopped; a run whose folder already holds files is
+resumed with the trainer's own ``resume=True``.
 
-Each grid point gets a readable, stable id, e.g. ``q_kv-gpt2-1m-t1e6-s0-3f9a0c12``: the
-variant id, the model, the budget, the seed and 8 hex digits of a SHA-256 of the resolved
-config. Points that cannot be built (the query tied to a key or value with grouped KV heads;
-GQA-N on a model with N heads, which is MHA and would repeat another run) are recorded as
-``"skipped"`` with the reason. :func:`run_sweep` runs the others in order, appends one row
-per finished run to ``results.jsonl`` and skips runs already finished there, so a killed
-sweep resumes where it stopped; a run whose folder already holds files is resumed with the
-trainer's own ``resume=True``.
+A row is the grid point's labels, the run's own result (:class:`~qkvlab.train.trainer.RunResult`:
+metrics, the resolved model's family and costs, the code version it ran) and the sweep's timing;
+the sweep adds nothing it would have to work out again.
 
 With several devices, one thread per device takes the next run from a shared queue and
 trains it in a subprocess that sees only that device (``CUDA_VISIBLE_DEVICES``; its output
@@ -22,21 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
-import difflib
-import functools
-import hashlib
-import itertools
 import json
 import math
 import os
 import queue
-import re
 import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,279 +36,30 @@ from typing import Any
 
 import yaml
 
-from qkvlab.attention.variant import VariantSpec
 from qkvlab.checkpoint import atomic_write
 from qkvlab.errors import ConfigError
-from qkvlab.provenance import code_version, now
-from qkvlab.study.results import RUNS_DIR, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ResultsStore, read_metrics
-from qkvlab.study.spec import (
-    AXES,
-    SWEEP_FILE,
-    SweepSpec,
-    format_tokens,
-    get_dotted,
-    load_sweep,
-    parse_tokens,
+from qkvlab.provenance import now
+from qkvlab.provenance import process_code_version as _code_version  # noqa: F401 (qkvlab.harness imports it here)
+from qkvlab.study.grid import (  # noqa: F401 (the grid's names, importable from here too)
+    ID_EXCLUDED,
+    RunPlan,
+    computed_part,
+    expand,
+    run_id_for,
+    select,
+    task_of,
 )
-from qkvlab.train.config import _flat_diff, load_yaml, parse_value, set_dotted
+from qkvlab.study.results import RUNS_DIR, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ResultsStore, read_metrics
+from qkvlab.study.spec import SWEEP_FILE, SweepSpec, format_tokens, load_sweep, parse_tokens  # noqa: F401
+from qkvlab.train.config import _flat_diff, load_yaml
 
-#: Config keys left out of the run id: they do not change what a run computes.
-ID_EXCLUDED = ("out_dir", "device", "log.progress", "log.tensorboard", "data.cache_dir")
-DEFAULT_PRESET = "tiny"  # the trainer's default when a config names no preset
 LOCK_FILE = ".sweep.lock"
 
 #: ``run_fn(config, resume=...) -> summary``: trains one resolved config (a plain dict).
 RunFn = Callable[..., dict[str, Any]]
 
 
-# ================================================================== grid points
-@dataclass
-class RunPlan:
-    """One grid point: its id, its labels and the resolved train config (``out_dir`` unset).
-
-    ``status`` is ``"pending"`` or ``"skipped"`` (then ``reason`` says why).
-    """
-
-    run_id: str
-    variant: str
-    variant_id: str
-    model: str
-    tokens: int | None
-    seed: int
-    config: dict[str, Any]
-    axes: dict[str, Any] = field(default_factory=dict)
-    status: str = "pending"
-    reason: str | None = None
-
-
-def task_of(config: dict[str, Any]) -> str:
-    """The task name of a train config dict (``"lm"`` when it has no ``task`` section)."""
-    task = config.get("task")
-    return str(task.get("name", "lm")) if isinstance(task, dict) else "lm"
-
-
-def model_config_for(config: dict[str, Any]):
-    """The model config a train config asks for, resolved as the trainer does.
-
-    For the language model (:class:`~qkvlab.models.GPTConfig`) the vocabulary is the preset's
-    (the trainer uses the tokenizer's), which changes neither the attention layers nor the
-    KV cache; only :class:`GPTConfig` fields are read, the trainer itself rejects unknown keys.
-    Another task resolves its own model config (``model_config`` of its class); None when
-    the task cannot say without its data.
-    """
-    if task_of(config) != "lm":
-        from qkvlab.tasks import model_config
-        from qkvlab.train import TrainConfig
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "GQA-N on N heads is MHA" is reported as a skip instead
-            return model_config(TrainConfig.from_dict({**config, "out_dir": "unused"}))
-    from qkvlab.models.config import GPTConfig
-    from qkvlab.models.presets import PRESETS
-
-    model = dict(config.get("model") or {})
-    preset = model.pop("preset", DEFAULT_PRESET)
-    if preset is not None and preset not in PRESETS:
-        raise ConfigError(f"Unknown model.preset {preset!r}; available: {', '.join(PRESETS)}.")
-    known = {f.name for f in dataclasses.fields(GPTConfig)}
-    fields = {**(PRESETS[preset] if preset else {}), **{k: v for k, v in model.items() if k in known}}
-    if "max_seq_len" not in model and config.get("seq_len") is not None:
-        fields["max_seq_len"] = config["seq_len"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "GQA-N on N heads is MHA" is reported as a skip instead
-        return GPTConfig(**fields)
-
-
-def _model_name(config: dict[str, Any]) -> str:
-    preset = (config.get("model") or {}).get("preset", DEFAULT_PRESET)
-    return str(preset) if preset else "custom"
-
-
-def _why_invalid(config: dict[str, Any], spec: VariantSpec, model: str) -> str | None:
-    """Why this grid point cannot run (None when it can)."""
-    try:
-        cfg = model_config_for(config)
-    except ConfigError as e:
-        return str(e)
-    if cfg is None:  # the task cannot resolve its model without data: the run itself will tell
-        return None
-    g = spec.n_kv_heads
-    if g is not None and g > 1 and g == cfg.n_heads:
-        same = spec.replace(n_kv_heads=None).paper_name
-        return (
-            f"Variant {spec.paper_name!r} asks for {g} KV heads on {model!r}, which has n_heads={cfg.n_heads}: "
-            f"that is MHA, the same model as {same!r}, so it would repeat that run. Drop it from the grid or "
-            f"use fewer KV heads (a divisor of {cfg.n_heads})."
-        )
-    return None
-
-
-def computed_part(config: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a train config without the keys of :data:`ID_EXCLUDED`: what the run computes."""
-    out = copy.deepcopy(config)
-    for key in ID_EXCLUDED:
-        parent, _, last = key.rpartition(".")
-        node = get_dotted(out, parent) if parent else out
-        if isinstance(node, dict):
-            node.pop(last, None)
-    return out
-
-
-def run_id_for(config: dict[str, Any], *, variant_id: str, model: str, tokens: int | None, seed: int) -> str:
-    """A readable id plus 8 hex digits of a SHA-256 of the config (keys in :data:`ID_EXCLUDED` left out)."""
-    hashed = computed_part(config)
-    digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    if tokens is not None:
-        budget = f"-t{format_tokens(tokens)}"
-    else:
-        budget = f"-steps{config['max_steps']}" if config.get("max_steps") is not None else ""
-    readable = f"{variant_id.replace('+', '.')}-{model}{budget}-s{seed}"
-    if task_of(config) != "lm":  # e.g. reverse-qk_v.2d-custom-steps1000-s0-...
-        task = config["task"]
-        readable = f"{task.get('kind') or task.get('name')}-{readable}"
-    return re.sub(r"[^A-Za-z0-9_.=-]", "-", readable) + f"-{digest}"
-
-
-def expand(spec: SweepSpec) -> list[RunPlan]:
-    """The grid's points: each block's Cartesian product in the order model > tokens > other
-    axes > seed > variant, blocks in order, a point shared by two blocks once.
-
-    A misspelt variant or preset raises :class:`ConfigError`; a point that cannot be built
-    (see the module docstring) comes back with ``status="skipped"`` and the reason.
-    """
-    base = copy.deepcopy(spec.base)
-    base.pop("out_dir", None)  # each run's out_dir is its folder in the study, set when it runs
-    for key, value in spec.overrides.items():
-        set_dotted(base, key, value)
-    plans: list[RunPlan] = []
-    seen: set[str] = set()
-    for block in spec.grid if isinstance(spec.grid, list) else [spec.grid]:
-        for plan in _expand_block(base, block):
-            if plan.run_id not in seen:
-                seen.add(plan.run_id)
-                plans.append(plan)
-    return plans
-
-
-def _expand_block(base: dict[str, Any], block: dict[str, list[Any]]) -> list[RunPlan]:
-    from qkvlab.models.presets import PRESETS
-
-    grid = dict(block)
-    for preset in grid.get("model", []):
-        if preset not in PRESETS:
-            near = difflib.get_close_matches(str(preset), PRESETS, n=1)
-            hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise ConfigError(f"grid.model: unknown preset {preset!r}.{hint} Available: {', '.join(PRESETS)}.")
-    if "variant" in grid:
-        grid["variant"] = [VariantSpec.parse(v).id for v in grid["variant"]]
-    if "tokens" in grid:
-        grid["tokens"] = [parse_tokens(t) for t in grid["tokens"]]
-    for seed in grid.get("seed", []):
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ConfigError(f"grid.seed: {seed!r} is not an integer; write seeds as e.g. [0, 1, 2].")
-    extra = [k for k in grid if k not in AXES]
-    order = [k for k in ("model", "tokens", *extra, "seed", "variant") if k in grid]
-
-    plans: list[RunPlan] = []
-    checked_shapes: set[str] = set()
-    for values in itertools.product(*(grid[k] for k in order)):
-        point = dict(zip(order, values, strict=True))
-        config = copy.deepcopy(base)
-        for axis, value in point.items():
-            set_dotted(config, AXES.get(axis, axis), value)
-        if "max_tokens" in config and config["max_tokens"] is not None:
-            config["max_tokens"] = parse_tokens(config["max_tokens"])
-        spec_v = VariantSpec.parse(get_dotted(config, "model.variant") or "QKV")
-        set_dotted(config, "model.variant", spec_v.id)
-        model = _model_name(config)
-        mha = copy.deepcopy(config)
-        set_dotted(mha, "model.variant", VariantSpec(pos=spec_v.pos).id)
-        shape = json.dumps([mha["model"], config.get("seq_len")], sort_keys=True, default=str)
-        if shape not in checked_shapes:  # the model itself must build (as QKV): else no variant can
-            model_config_for(mha)
-            checked_shapes.add(shape)
-        tokens = config.get("max_tokens")
-        seed = int(config.get("seed", 0))
-        run_id = run_id_for(config, variant_id=spec_v.id, model=model, tokens=tokens, seed=seed)
-        reason = _why_invalid(config, spec_v, model)
-        plans.append(
-            RunPlan(
-                run_id=run_id,
-                variant=spec_v.paper_name,
-                variant_id=spec_v.id,
-                model=model,
-                tokens=tokens,
-                seed=seed,
-                config=config,
-                axes=point,
-                status=STATUS_SKIPPED if reason else "pending",
-                reason=reason,
-            )
-        )
-    ids = [p.run_id for p in plans]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
-    if dupes:
-        raise ConfigError(f"The grid repeats runs {dupes[:3]}: two grid values give the same config; remove one.")
-    return plans
-
-
 # ================================================================== results rows
-#: The code version of rows whose run folder records none, looked up once per sweep process.
-_code_version = functools.cache(code_version)
-
-
-def model_family(model_cfg: dict[str, Any]) -> str:
-    """The family (``gpt``, ``encoder``, ``vit``, ``set``) of a resolved model config dict."""
-    for key, family in (("n_labels", "encoder"), ("image_size", "vit"), ("in_features", "set")):
-        if key in model_cfg:
-            return family
-    return "gpt"
-
-
-@functools.lru_cache(maxsize=64)
-def _costs(model_json: str, family: str = "gpt") -> dict[str, Any]:
-    """Parameters and KV-cache bytes (bf16) of a model config, vs QKV of the same shape.
-
-    Only a causal language model has a KV cache; other families get their parameter counts
-    and None for the cache columns.
-    """
-    from qkvlab.costs import variant_costs
-    from qkvlab.models.config import CONFIG_TYPES, GPTConfig
-
-    if family != "gpt":
-        from qkvlab.costs import build_on_meta, count_params
-
-        none = {"kv_cache_bytes_per_token": None, "cache_reduction": None, "kv_cache_dtype": None}
-        none["decode_state_bytes"] = None
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                params = count_params(build_on_meta(CONFIG_TYPES[family].from_dict(json.loads(model_json))))
-        except (ConfigError, KeyError, TypeError, ValueError):
-            return {"params_total": None, "params_attention": None, **none}
-        return {"params_total": params["total"], "params_attention": params["attention"], **none}
-    from qkvlab.costs import build_on_meta, params_nonembedding
-
-    cfg = GPTConfig.from_dict(json.loads(model_json))
-    (row,) = variant_costs(cfg, [cfg.variant])
-    keep = ("params_total", "params_attention", "kv_cache_bytes_per_token", "cache_reduction", "dtype")
-    out = {("kv_cache_dtype" if k == "dtype" else k): row[k] for k in keep}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out["params_nonembedding"] = params_nonembedding(build_on_meta(cfg))
-    out["decode_state_bytes"] = row.get("decode_state_bytes") or None  # linear attention's fixed state
-    return out
-
-
-def _run_info(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "run.json"
-    try:
-        info = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        info = {}
-    return info if isinstance(info, dict) else {}
-
-
 def _last_eval(run_dir: Path) -> dict[str, Any]:
     """The ``val_*`` metrics of the last eval row in ``metrics.jsonl`` (for a summary without them)."""
     evals = [m for m in read_metrics(run_dir) if m.get("val_loss") is not None]
@@ -354,44 +97,19 @@ def result_row(
     wall_s: float,
     resumed: bool,
 ) -> dict[str, Any]:
-    """The results row of a finished run, from the trainer's summary and its run folder."""
-    info = _run_info(run_dir)
-    summary = {**_last_eval(run_dir), **{k: v for k, v in summary.items() if v is not None}}
-    model_cfg = info.get("model")
-    family = info.get("model_family")
-    if not isinstance(model_cfg, dict):  # no run.json: resolve as the trainer would (preset vocabulary)
-        resolved = model_config_for(config)
-        model_cfg, family = (resolved.to_dict(), resolved.family) if resolved is not None else ({}, None)
-    family = family if isinstance(family, str) else model_family(model_cfg)
-    costs = _costs(json.dumps(model_cfg, sort_keys=True), family) if model_cfg else {}
-    git = info.get("git") if isinstance(info.get("git"), dict) else {}
-    commit, dirty = (git.get("commit"), git.get("dirty")) if git.get("commit") else _code_version()
-    row: dict[str, Any] = {
-        **_plan_row(plan),
-        "status": STATUS_OK,
-        "tokens": summary.get("tokens", plan.tokens),
-        "steps": summary.get("steps"),
-        "val_loss": summary.get("val_loss"),
-        "val_ppl": summary.get("val_ppl"),
-        "train_loss": summary.get("train_loss"),
-        "train_tokens_per_s": summary.get("train_tokens_per_s"),
-        "train_time_s": summary.get("train_time_s"),
-        **costs,
-        "params_trained": summary.get("params"),
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "config": config,
-        "started": started,
-        "finished": now(),
-        "wall_s": wall_s,
-        "resumed": resumed,
-    }
-    for key in ("decode_tokens_per_s", "world_size", "device_name", "flops_per_token", "mfu"):  # optional extras
-        if summary.get(key) is not None:
-            row[key] = summary[key]
-    for key, value in summary.items():  # every other evaluation metric (val_acc, <set>_ppl, ...)
-        if key not in row and (key.startswith("val_") or key.endswith(("_loss", "_ppl", "_tokens"))):
-            row[key] = value
+    """The results row of a finished run: the plan's labels, the run's own
+    :class:`~qkvlab.train.trainer.RunResult` and the sweep's timing.
+
+    A ``run_fn`` that reports no validation scores gets those of its last ``metrics.jsonl``
+    evaluation, and no token count the plan's budget.
+    """
+    from qkvlab.train.trainer import RunResult
+
+    result = RunResult.from_summary({**_last_eval(run_dir), **{k: v for k, v in summary.items() if v is not None}})
+    row: dict[str, Any] = {**_plan_row(plan), "status": STATUS_OK, **result.row()}
+    if row["tokens"] is None:
+        row["tokens"] = plan.tokens
+    row.update({"config": config, "started": started, "finished": now(), "wall_s": wall_s, "resumed": resumed})
     if task_of(config) != "lm":
         row["task"] = dict(config["task"])
     return row
@@ -406,6 +124,17 @@ def failed_row(plan: RunPlan, config: dict[str, Any], error: str, *, started: st
         "started": started,
         "finished": now(),
     }
+
+
+def _outcome(row: dict[str, Any]) -> str:
+    loss, ppl, acc, wall = row.get("val_loss"), row.get("val_ppl"), row.get("val_acc"), row.get("wall_s") or 0.0
+    if loss is not None and ppl is not None:
+        scores = f"val loss {loss:.4f}, val ppl {ppl:.2f}"
+    elif loss is not None and acc is not None:
+        scores = f"val loss {loss:.4f}, val acc {acc:.4f}"
+    else:
+        scores = "no val loss"
+    return f"{scores} ({wall:.0f} s)"
 
 
 # ================================================================== running
@@ -556,33 +285,6 @@ def run_sweep(
         return _run_plans(spec, plans, store, run_fn, local_fn, device_list, verbose, deadline)
 
 
-def select(plans: list[RunPlan], only: dict[str, Sequence[Any]] | None) -> list[RunPlan]:
-    """The plans whose value of every key in ``only`` is one of the values given for it.
-
-    Keys are grid axes (``model``, ``variant``, ``tokens``, ``seed``) or dotted config keys;
-    variants and token budgets match in any spelling (``Q-K=V`` / ``q_kv``, ``9.85M`` / ``9850000``).
-    """
-    if not only:
-        return plans
-    wanted: dict[str, set[str]] = {}
-    for key, values in only.items():
-        if key == "variant":
-            wanted[key] = {VariantSpec.parse(v).id for v in values}
-        elif key == "tokens":
-            wanted[key] = {str(parse_tokens(v)) for v in values}
-        else:
-            wanted[key] = {str(parse_value(str(v))) for v in values}
-    chosen = []
-    for plan in plans:
-        config_value = {key: get_dotted(plan.config, AXES.get(key, key)) for key in wanted}
-        if all(str(config_value[key]) in values for key, values in wanted.items()):
-            chosen.append(plan)
-    if not chosen:
-        keys = ", ".join(f"{k}={','.join(map(str, v))}" for k, v in only.items())
-        raise ConfigError(f"No grid point has {keys}; check the values against the sweep's grid.")
-    return chosen
-
-
 def _run_plans(
     spec: SweepSpec,
     plans: list[RunPlan],
@@ -615,8 +317,9 @@ def _run_plans(
         flush=True,
     )
     fits = _Timer(store, deadline)
+    record = _Recorder(store, summary, say)
     if parallel:
-        _run_parallel(pending, store, summary, run_fn, device_list, say, fits)  # None: the trainer, in each worker
+        _run_parallel(pending, store, record, run_fn, device_list, fits)  # None: the trainer, in each worker
     else:
         device = device_list[0] if device_list else None
         for k, plan in enumerate(pending, start=1):
@@ -624,7 +327,7 @@ def _run_plans(
                 summary.deferred.append(plan.run_id)
                 continue
             say(f"[{k}/{len(pending)}] {plan.run_id}: {plan.variant} on {plan.model}, seed {plan.seed}", flush=True)
-            _run_one(plan, store, summary, local_fn, device, say)
+            _run_one(plan, store, record, local_fn, device)
     say(str(summary), flush=True)
     return summary
 
@@ -724,57 +427,71 @@ def _device_config(config: dict[str, Any], device: str | None) -> dict[str, Any]
     return config
 
 
-def _outcome(row: dict[str, Any]) -> str:
-    loss, ppl, acc, wall = row.get("val_loss"), row.get("val_ppl"), row.get("val_acc"), row.get("wall_s") or 0.0
-    if loss is not None and ppl is not None:
-        scores = f"val loss {loss:.4f}, val ppl {ppl:.2f}"
-    elif loss is not None and acc is not None:
-        scores = f"val loss {loss:.4f}, val acc {acc:.4f}"
-    else:
-        scores = "no val loss"
-    return f"{scores} ({wall:.0f} s)"
-
-
 def _is_partial(run_dir: Path) -> bool:
     return run_dir.is_dir() and any(run_dir.iterdir())
 
 
-def _run_one(
-    plan: RunPlan,
-    store: ResultsStore,
-    summary: SweepSummary,
-    run_fn: RunFn,
-    device: str | None,
-    say: Callable[..., None],
-) -> None:
+@dataclass
+class _Job:
+    """One plan about to run: its folder, whether it resumes, its config on its device."""
+
+    plan: RunPlan
+    run_dir: Path
+    resume: bool
+    config: dict[str, Any]
+    started: str = field(default_factory=now)
+    t0: float = field(default_factory=lambda: time.perf_counter())  # looked up when called (tests set a clock)
+
+    @classmethod
+    def start(cls, plan: RunPlan, store: ResultsStore, device: str | None) -> _Job:
+        run_dir = store.run_dir(plan.run_id)
+        config = _device_config(plan.config, device)
+        config["out_dir"] = str(run_dir)
+        return cls(plan, run_dir, _is_partial(run_dir), config)
+
+
+class _Recorder:
+    """Appends each run's row and keeps the sweep's tally; one for the sweep, shared by the
+    device threads (the store and the tally are locked)."""
+
+    def __init__(self, store: ResultsStore, summary: SweepSummary, say: Callable[..., None]):
+        self.store, self.summary, self.say = store, summary, say
+        self.lock = threading.Lock()
+
+    def done(self, job: _Job, summary: dict[str, Any], *, tag: str = "  done: ", **extra: Any) -> None:
+        row = result_row(
+            job.plan,
+            job.config,
+            dict(summary or {}),
+            run_dir=job.run_dir,
+            started=job.started,
+            wall_s=time.perf_counter() - job.t0,
+            resumed=job.resume,
+        )
+        row.update(extra)
+        self.store.append(row)
+        with self.lock:
+            self.summary.ran.append(job.plan.run_id)
+            if job.resume:
+                self.summary.resumed.append(job.plan.run_id)
+        self.say(f"{tag}{_outcome(row)}", flush=True)
+
+    def failed(self, job: _Job, error: str, *, tag: str = "  failed: ") -> None:
+        self.store.append(failed_row(job.plan, job.config, error, started=job.started))
+        with self.lock:
+            self.summary.failed.append((job.plan.run_id, error))
+        self.say(f"{tag}{error}", flush=True)
+
+
+def _run_one(plan: RunPlan, store: ResultsStore, record: _Recorder, run_fn: RunFn, device: str | None) -> None:
     """Train one plan in this process and append its row (ok or failed)."""
-    run_dir = store.run_dir(plan.run_id)
-    resume = _is_partial(run_dir)
-    config = _device_config(plan.config, device)
-    config["out_dir"] = str(run_dir)
-    started, t0 = now(), time.perf_counter()
+    job = _Job.start(plan, store, device)
     try:
-        result = run_fn(config, resume=resume)
+        result = run_fn(job.config, resume=job.resume)
     except Exception as e:
-        error = f"{type(e).__name__}: {e}"
-        store.append(failed_row(plan, config, error, started=started))
-        summary.failed.append((plan.run_id, error))
-        say(f"  failed: {error}", flush=True)
+        record.failed(job, f"{type(e).__name__}: {e}")
         return
-    row = result_row(
-        plan,
-        config,
-        dict(result or {}),
-        run_dir=run_dir,
-        started=started,
-        wall_s=time.perf_counter() - t0,
-        resumed=resume,
-    )
-    store.append(row)
-    summary.ran.append(plan.run_id)
-    if resume:
-        summary.resumed.append(plan.run_id)
-    say(f"  done: {_outcome(row)}", flush=True)
+    record.done(job, result)
 
 
 # ------------------------------------------------------------------ several devices
@@ -819,10 +536,9 @@ def worker_main(argv: Sequence[str]) -> int:
 def _run_parallel(
     pending: list[RunPlan],
     store: ResultsStore,
-    summary: SweepSummary,
+    record: _Recorder,
     run_fn: RunFn | None,
     devices: list[str],
-    say: Callable[..., None],
     fits: Callable[[RunPlan], bool] = lambda plan: True,
 ) -> None:
     """One thread per device entry takes plans from a queue and trains each in a subprocess on that device."""
@@ -834,7 +550,7 @@ def _run_parallel(
         todo.put(plan)
     stop = threading.Event()
     procs: dict[int, subprocess.Popen] = {}
-    lock = threading.Lock()
+    lock = record.lock
     repeated = len(set(devices)) < len(devices)
 
     def work(worker: int, device: str) -> None:
@@ -846,20 +562,18 @@ def _run_parallel(
                 return
             if not fits(plan):
                 with lock:
-                    summary.deferred.append(plan.run_id)
+                    record.summary.deferred.append(plan.run_id)
                 continue
-            run_dir = store.run_dir(plan.run_id)
-            resume = _is_partial(run_dir)
-            config = _device_config(plan.config, "cpu" if device == "cpu" else "0")
-            config["out_dir"] = str(run_dir)
-            job, result_path = jobs / f"{plan.run_id}.json", jobs / f"{plan.run_id}.result.json"
+            job = _Job.start(plan, store, "cpu" if device == "cpu" else "0")
+            job_file, result_path = jobs / f"{plan.run_id}.json", jobs / f"{plan.run_id}.result.json"
             result_path.unlink(missing_ok=True)
-            job.write_text(json.dumps({"config": config, "resume": resume, "run_fn": ref, "result": str(result_path)}))
+            job_file.write_text(
+                json.dumps({"config": job.config, "resume": job.resume, "run_fn": ref, "result": str(result_path)})
+            )
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": "" if device == "cpu" else device}
-            started, t0 = now(), time.perf_counter()
-            say(f"[device {label}] {plan.run_id}: {plan.variant} on {plan.model}, seed {plan.seed}", flush=True)
+            record.say(f"[device {label}] {plan.run_id}: {plan.variant} on {plan.model}, seed {plan.seed}", flush=True)
             with open(jobs / f"{plan.run_id}.log", "w") as log:
-                proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(job)], env=env, stdout=log, stderr=log)
+                proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(job_file)], env=env, stdout=log, stderr=log)
                 with lock:
                     procs[worker] = proc
                 proc.wait()
@@ -867,28 +581,12 @@ def _run_parallel(
                 return  # interrupted: not recorded, so the next sweep runs (resumes) it
             result = json.loads(result_path.read_text()) if result_path.is_file() else None
             if result and result.get("ok"):
-                row = result_row(
-                    plan,
-                    config,
-                    dict(result["summary"] or {}),
-                    run_dir=run_dir,
-                    started=started,
-                    wall_s=time.perf_counter() - t0,
-                    resumed=resume,
-                )
-                row["runs_per_device"] = devices.count(device)  # throughput and MFU are shared this way
-                store.append(row)
-                with lock:
-                    summary.ran.append(plan.run_id)
-                    if resume:
-                        summary.resumed.append(plan.run_id)
-                say(f"[device {label}] done {plan.run_id}: {_outcome(row)}", flush=True)
+                # throughput and MFU are shared by the runs on one device
+                record.done(job, result["summary"], tag=f"[device {label}] done {plan.run_id}: ",
+                            runs_per_device=devices.count(device))  # fmt: skip
             else:
                 error = (result or {}).get("error") or f"worker exited with {proc.returncode}; see {log.name}"
-                store.append(failed_row(plan, config, error, started=started))
-                with lock:
-                    summary.failed.append((plan.run_id, error))
-                say(f"[device {label}] failed {plan.run_id}: {error}", flush=True)
+                record.failed(job, error, tag=f"[device {label}] failed {plan.run_id}: ")
 
     threads = [
         threading.Thread(target=work, args=(i, d), name=f"sweep-{d}-{i}", daemon=True) for i, d in enumerate(devices)

@@ -2,6 +2,8 @@
 
 :func:`setup_context` resolves a config's ``device`` and ``dtype`` and joins the process group
 when launched by torchrun; tasks and the trainer take the :class:`RunContext` it returns.
+:func:`wrap_model` and :func:`gradient_sync` are the model's side of it: DDP or FSDP2 under
+torchrun, and no gradient all-reduce on the micro-steps of an accumulation but the last.
 
 Example::
 
@@ -14,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from qkvlab.errors import ConfigError
 
@@ -104,3 +108,43 @@ def setup_context(config: TrainConfig) -> RunContext:
     if world_size > 1:
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return RunContext(device=device, amp_dtype=amp_dtype, rank=rank, world_size=world_size, owns_process_group=owns)
+
+
+def wrap_model(model: nn.Module, config: TrainConfig, ctx: RunContext) -> nn.Module:
+    """DDP or FSDP2 under torchrun; the model as is in one process.
+
+    FSDP2 shards each element of every ``nn.ModuleList`` (the repeated blocks) as one unit,
+    then the remaining parameters (embeddings, final norm, head) as the root unit.
+    """
+    if not ctx.distributed:
+        return model
+    if config.distributed == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for module in model.modules():
+            if isinstance(module, nn.ModuleList):
+                for block in module:
+                    fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on micro-steps that are not the last of an accumulation."""
+    if enabled:
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield

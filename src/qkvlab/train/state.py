@@ -1,10 +1,16 @@
-"""Training checkpoints: atomic on disk, loadable without unpickling code.
+"""A run folder: training checkpoints (atomic on disk, loadable without unpickling code),
+the metrics log, and what a new run must not overwrite.
 
 Layout of a run folder::
 
+    out_dir/config.yaml                                  the resolved train config
+    out_dir/run.json                                     code version, libraries, hardware, model
+    out_dir/metrics.jsonl                                one row per log or eval step (MetricsLog)
     out_dir/checkpoints/ckpt-0000100/model.safetensors   weights (+ model and train config)
     out_dir/checkpoints/ckpt-0000100/state.pt            optimizer, RNG, data position, step
     out_dir/checkpoints/latest                           the name of the newest complete one
+    out_dir/model.safetensors, summary.json              the final weights and the run's result
+    out_dir/tokenizer/                                   a BPE trained on the corpus (save_tokenizer)
 
 A checkpoint is written into a hidden temporary folder, every file fsynced, the folder
 renamed to ``ckpt-<step>`` and only then the ``latest`` pointer replaced atomically, so a
@@ -18,6 +24,7 @@ The learning-rate schedule is a pure function of the step, so the step is its wh
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import random
@@ -217,3 +224,114 @@ def load_state(path: Path) -> dict[str, Any]:
             f"{fallback_hint(path)}."
         )
     return state
+
+
+# ================================================================== the rest of a run folder
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "meta.json", "tokenizer.json")
+
+#: What a run writes into its out_dir; a new run refuses a folder holding any of them.
+RUN_FILES = (
+    "config.yaml",
+    "run.json",
+    "metrics.jsonl",
+    "summary.json",
+    "model.safetensors",
+    CHECKPOINTS,
+    "tensorboard",
+    "tokenizer",
+)
+
+
+def save_tokenizer(task: Any, out: Path) -> Path | None:
+    """Copy a BPE trained on the corpus into ``out/tokenizer`` so the run carries its own
+    vocabulary (the cache it came from may be gone when the run is evaluated elsewhere)."""
+    spec = str((getattr(getattr(task, "splits", None), "meta", None) or {}).get("tokenizer_spec") or "")
+    kind, _, folder = spec.partition(":")
+    source = Path(folder)
+    if kind != "bpe" or not (source / "vocab.json").is_file():
+        return None
+    dest = out / "tokenizer"
+    dest.mkdir(exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            data = (source / name).read_bytes()
+            atomic_write(dest / name, lambda p, data=data: Path(p).write_bytes(data))
+    return dest
+
+
+def clear_run(out: Path) -> list[str]:
+    """Delete what a run wrote into ``out`` (:data:`RUN_FILES`; nothing else); the names deleted."""
+    gone = []
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        gone.append(name)
+    return gone
+
+
+def _row_step(line: str) -> int | None:
+    """The step of one ``metrics.jsonl`` line; None for a line a killed writer left torn."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one JSON object per row) and, when available, TensorBoard."""
+
+    KEYS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_ppl")
+    TRAIN_KEYS = KEYS[:6]
+
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        resume_step: int | None,
+        tensorboard: bool,
+        metric_keys: tuple[str, ...] = ("val_loss", "val_ppl"),
+    ):
+        """``metric_keys``: evaluation columns written in every row (None where not evaluated)."""
+        self.keys = (*self.TRAIN_KEYS, *metric_keys)
+        self.path = out_dir / "metrics.jsonl"
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():  # drop rows a killed run wrote after its last checkpoint
+            rows = [line for line in self.path.read_text(errors="replace").splitlines() if line.strip()]
+            kept = [r for r in rows if (_row_step(r) or math.inf) <= resume_step]  # a torn line goes too
+            atomic_write(self.path, lambda p: Path(p).write_text("".join(r + "\n" for r in kept)))
+        self.file = open(self.path, "a")  # noqa: SIM115 (closed in close())
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, row: dict[str, Any]) -> None:
+        row = {k: row.get(k) for k in self.keys} | {k: v for k, v in row.items() if k not in self.keys}
+        try:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise ConfigError(
+                f"Could not write {str(self.path)!r} at step {row.get('step')}: {e.strerror or e}. Free disk space "
+                "or fix permissions, then rerun with --resume (the last checkpoint is intact)."
+            ) from None
+        if self.tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "tokens") and isinstance(v, int | float):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -12,7 +12,11 @@ only), clips the global gradient norm, sets the warmup + cosine learning rate an
 AdamW. Under torchrun the model is wrapped in DDP or FSDP2 (``distributed``); every process
 takes its share of each global batch, so the numbers do not depend on the process count.
 Process 0 writes ``config.yaml`` and ``run.json`` at the start, a ``metrics.jsonl`` row per
-log or eval step, checkpoints, and at the end ``model.safetensors`` and ``summary.json``.
+log or eval step, checkpoints, and at the end ``model.safetensors`` and ``summary.json``: the
+run's :class:`RunResult` (metrics, the trained model's resolved config, family and costs, the
+code version), complete enough that a results row is that and the grid point's labels. The
+run folder's files are :mod:`qkvlab.train.state`'s; devices, DDP and FSDP are
+:mod:`qkvlab.train.context`'s.
 
 Example::
 
@@ -26,13 +30,12 @@ import contextlib
 import inspect
 import json
 import math
-import os
 import platform
 import random
-import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,14 +48,15 @@ from tqdm.auto import tqdm
 
 from qkvlab import tasks
 from qkvlab.errors import ConfigError
-from qkvlab.provenance import code_version, now
+from qkvlab.provenance import code_version, environment, now
 from qkvlab.tasks.lm import LMSplits as LMSplits  # the LM task's names, importable from here too
 from qkvlab.tasks.lm import LMTask as LMTask
 from qkvlab.tasks.lm import evaluate_lm as evaluate_lm
 from qkvlab.tasks.lm import load_splits as load_splits
 from qkvlab.train import state as ckpt
 from qkvlab.train.config import RESUMABLE_CHANGES, TrainConfig
-from qkvlab.train.context import RunContext, setup_context
+from qkvlab.train.context import RunContext, gradient_sync, setup_context, wrap_model
+from qkvlab.train.state import RUN_FILES, MetricsLog, clear_run, save_tokenizer
 
 Batch = Any
 
@@ -140,46 +144,6 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, foreach=True)
 
 
-def wrap_model(model: nn.Module, config: TrainConfig, ctx: RunContext) -> nn.Module:
-    """DDP or FSDP2 under torchrun; the model as is in one process.
-
-    FSDP2 shards each element of every ``nn.ModuleList`` (the repeated blocks) as one unit,
-    then the remaining parameters (embeddings, final norm, head) as the root unit.
-    """
-    if not ctx.distributed:
-        return model
-    if config.distributed == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for module in model.modules():
-            if isinstance(module, nn.ModuleList):
-                for block in module:
-                    fully_shard(block)
-        fully_shard(model)
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-
-
-@contextlib.contextmanager
-def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Skip the gradient all-reduce on micro-steps that are not the last of an accumulation."""
-    if enabled:
-        yield
-    elif hasattr(model, "no_sync"):  # DDP
-        with model.no_sync():
-            yield
-    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-    else:
-        yield
-
-
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -218,54 +182,16 @@ def count_per_step(config: TrainConfig, task: Task) -> int:
     return int(fn(config)) if fn is not None else config.tokens_per_step
 
 
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "meta.json", "tokenizer.json")
-
-
-def save_tokenizer(task: Task, out: Path) -> Path | None:
-    """Copy a BPE trained on the corpus into ``out/tokenizer`` so the run carries its own
-    vocabulary (the cache it came from may be gone when the run is evaluated elsewhere)."""
-    spec = str((getattr(getattr(task, "splits", None), "meta", None) or {}).get("tokenizer_spec") or "")
-    kind, _, folder = spec.partition(":")
-    source = Path(folder)
-    if kind != "bpe" or not (source / "vocab.json").is_file():
-        return None
-    dest = out / "tokenizer"
-    dest.mkdir(exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            data = (source / name).read_bytes()
-            ckpt.atomic_write(dest / name, lambda p, data=data: Path(p).write_bytes(data))
-    return dest
-
-
 def run_info(config: TrainConfig, ctx: RunContext, task: Task, n_params: int) -> dict[str, Any]:
     """Code version, library versions and hardware, saved as ``run.json`` next to the config."""
-    import qkvlab
-
     commit, dirty = code_version()
-    gpus = (
-        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    )
+    env = environment()
     return {
         "started": now(),
         "argv": sys.argv,
         "git": {"commit": commit, "dirty": dirty},
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "qkvlab": qkvlab.__version__,
-            "cuda": torch.version.cuda,
-        },
-        "hardware": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "gpus": gpus,
-            "device": str(ctx.device),
-            "world_size": ctx.world_size,
-        },
+        "versions": env["versions"],
+        "hardware": {**env["hardware"], "device": str(ctx.device), "world_size": ctx.world_size},
         "params": n_params,
         "total_steps": total_steps(config, task),
         "tokens_per_step": count_per_step(config, task),
@@ -274,95 +200,102 @@ def run_info(config: TrainConfig, ctx: RunContext, task: Task, n_params: int) ->
     }
 
 
-def _row_step(line: str) -> int | None:
-    """The step of one ``metrics.jsonl`` line; None for a line a killed writer left torn."""
-    try:
-        step = json.loads(line).get("step")
-    except (ValueError, AttributeError):
-        return None
-    return step if isinstance(step, int) else None
+# ================================================================== the result
+def is_metric(key: str) -> bool:
+    """An evaluation metric of a summary: ``val_*`` and any ``*_loss``, ``*_ppl``, ``*_tokens``."""
+    return key.startswith("val_") or key.endswith(("_loss", "_ppl", "_tokens"))
 
 
-#: What a run writes into its out_dir; a new run refuses a folder holding any of them.
-RUN_FILES = (
-    "config.yaml",
-    "run.json",
-    "metrics.jsonl",
-    "summary.json",
-    "model.safetensors",
-    ckpt.CHECKPOINTS,
-    "tensorboard",
-    "tokenizer",
-)
+#: Hardware measurements of a run (:meth:`Trainer._throughput`).
+THROUGHPUT_KEYS = ("device_name", "peak_memory_gib", "flops_per_token", "mfu")
+#: Measurements a results row carries when the run reports them (the demo adds decoding speed).
+ROW_EXTRAS = ("decode_tokens_per_s", "world_size", "device_name", "flops_per_token", "mfu")
+#: The cost fields of a row whose model qkvlab cannot count (a task's own model).
+NO_COSTS = ("params_total", "params_attention", "kv_cache_bytes_per_token", "cache_reduction", "kv_cache_dtype")
 
 
-def clear_run(out: Path) -> list[str]:
-    """Delete what a run wrote into ``out`` (:data:`RUN_FILES`; nothing else); the names deleted."""
-    gone = []
-    for name in RUN_FILES:
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-        else:
-            continue
-        gone.append(name)
-    return gone
+@dataclass
+class RunResult:
+    """What a finished run reports, typed: what it measured, the model it trained (resolved
+    config, family and costs, from :func:`qkvlab.costs.model_costs`) and the code it ran.
 
+    :meth:`summary` is the flat dict :func:`train` returns and ``summary.json`` holds;
+    :meth:`from_summary` reads one back (from a worker process, or from a ``run_fn`` that
+    reports less; keys it does not know stay in ``extra``); :meth:`row` is the run's part of a
+    results row (:mod:`qkvlab.study.results`), which the sweep completes with the grid point's
+    labels, the train config and the timing, and never recomputes.
 
-class MetricsLog:
-    """``metrics.jsonl`` (one JSON object per row) and, when available, TensorBoard."""
+    Example::
 
-    KEYS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_ppl")
-    TRAIN_KEYS = KEYS[:6]
+        result = RunResult.from_summary(train(config))
+        result.costs["kv_cache_bytes_per_token"], result.model_family, result.git_commit
+    """
 
-    def __init__(
-        self,
-        out_dir: Path,
-        *,
-        resume_step: int | None,
-        tensorboard: bool,
-        metric_keys: tuple[str, ...] = ("val_loss", "val_ppl"),
-    ):
-        """``metric_keys``: evaluation columns written in every row (None where not evaluated)."""
-        self.keys = (*self.TRAIN_KEYS, *metric_keys)
-        self.path = out_dir / "metrics.jsonl"
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():  # drop rows a killed run wrote after its last checkpoint
-            rows = [line for line in self.path.read_text(errors="replace").splitlines() if line.strip()]
-            kept = [r for r in rows if (_row_step(r) or math.inf) <= resume_step]  # a torn line goes too
-            ckpt.atomic_write(self.path, lambda p: Path(p).write_text("".join(r + "\n" for r in kept)))
-        self.file = open(self.path, "a")  # noqa: SIM115 (closed in close())
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+    out_dir: str | None = None
+    steps: int | None = None
+    tokens: int | None = None
+    params: int | None = None
+    train_loss: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)  # the last evaluation (val_loss, val_ppl, <set>_ppl, ...)
+    train_tokens_per_s: float | None = None
+    train_time_s: float | None = None
+    world_size: int | None = None
+    throughput: dict[str, Any] = field(default_factory=dict)  # THROUGHPUT_KEYS
+    model_config: dict[str, Any] | None = None  # the model's resolved config (to_dict)
+    model_family: str | None = None  # gpt, encoder, vit, set
+    costs: dict[str, Any] = field(default_factory=dict)
+    git_commit: str | None = None
+    git_dirty: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-            except ImportError:
-                pass
+    _FIELDS = (  # the scalar fields, in the summary's order around the metrics and throughput
+        ("out_dir", "steps", "tokens", "params", "train_loss"),
+        ("train_tokens_per_s", "train_time_s", "world_size"),
+        ("model_family", "model_config", "costs", "git_commit", "git_dirty"),
+    )
 
-    def write(self, row: dict[str, Any]) -> None:
-        row = {k: row.get(k) for k in self.keys} | {k: v for k, v in row.items() if k not in self.keys}
-        try:
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
-        except OSError as e:
-            raise ConfigError(
-                f"Could not write {str(self.path)!r} at step {row.get('step')}: {e.strerror or e}. Free disk space "
-                "or fix permissions, then rerun with --resume (the last checkpoint is intact)."
-            ) from None
-        if self.tb is not None:
-            for k, v in row.items():
-                if k not in ("step", "tokens") and isinstance(v, int | float):
-                    self.tb.add_scalar(k, v, row["step"])
+    def summary(self) -> dict[str, Any]:
+        """The flat summary: the run's fields with the metrics and throughput at the top level."""
+        head, middle, tail = (({k: getattr(self, k) for k in keys}) for keys in self._FIELDS)
+        return {**head, **self.metrics, **middle, **self.throughput, **tail, **self.extra}
 
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> RunResult:
+        """A result from a flat summary (missing fields None)."""
+        scalar = {k for keys in cls._FIELDS for k in keys}
+        out = cls(**{k: summary[k] for k in scalar if k in summary})
+        for key, value in summary.items():
+            if key in scalar:
+                continue
+            if key in THROUGHPUT_KEYS:
+                out.throughput[key] = value
+            elif is_metric(key):
+                out.metrics[key] = value
+            else:
+                out.extra[key] = value
+        out.costs = dict(out.costs or {})
+        return out
+
+    def row(self) -> dict[str, Any]:
+        """The run's fields of a results row, in the row's order (optional measurements only
+        where reported; every metric of the last evaluation)."""
+        row: dict[str, Any] = {
+            "tokens": self.tokens,
+            "steps": self.steps,
+            "val_loss": self.metrics.get("val_loss"),
+            "val_ppl": self.metrics.get("val_ppl"),
+            "train_loss": self.train_loss,
+            "train_tokens_per_s": self.train_tokens_per_s,
+            "train_time_s": self.train_time_s,
+            **(self.costs or dict.fromkeys((*NO_COSTS, "decode_state_bytes"))),
+            "params_trained": self.params,
+            "git_commit": self.git_commit,
+            "git_dirty": self.git_dirty,
+        }
+        found = {**self.extra, "world_size": self.world_size, **self.throughput}
+        row.update({k: found[k] for k in ROW_EXTRAS if found.get(k) is not None})
+        row.update({k: v for k, v in self.metrics.items() if k not in row})
+        return row
 
 
 # ================================================================== the trainer
@@ -508,6 +441,7 @@ class Trainer:
         self.last_loss: float | None = None  # training loss of the latest step
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # steps not yet checked
         self.last_eval: dict[str, float] = {}
+        self.git: dict[str, Any] | None = None  # the code version the run started with (run.json)
         if self.resume_from is not None:
             self._load(self.resume_from)
             if ctx.is_main and ("optim.lr" in self.resumed_changes or not (self.out / "config.yaml").is_file()):
@@ -520,6 +454,7 @@ class Trainer:
             info = run_info(config, ctx, self.task, self.n_params)
             ckpt.atomic_write(self.out / "run.json", lambda p: Path(p).write_text(json.dumps(info, indent=2)))
             save_tokenizer(self.task, self.out)
+            self.git = info["git"]
         self.log = (
             MetricsLog(
                 self.out,
@@ -752,6 +687,27 @@ class Trainer:
             out["mfu"] = fpt * tokens_per_s / ctx.world_size / peak
         return out
 
+    def _model_record(self) -> dict[str, Any]:
+        """The trained model's resolved config, family and costs (none for a model that is not
+        qkvlab's, which a custom task may build)."""
+        from qkvlab.costs import model_costs
+
+        cfg = getattr(self.raw, "config", None)
+        if not (hasattr(cfg, "family") and hasattr(cfg, "to_dict")):
+            return {}
+        return {"model_config": cfg.to_dict(), "model_family": cfg.family, "costs": model_costs(cfg)}
+
+    def _code_version(self) -> tuple[str | None, bool | None]:
+        """(commit, dirty) the run started with: run.json's (a resumed run may continue under
+        other code), else this process's."""
+        git = self.git
+        if git is None and (self.out / "run.json").is_file():
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                git = json.loads((self.out / "run.json").read_text()).get("git")
+        if isinstance(git, dict) and git.get("commit"):
+            return git["commit"], git.get("dirty")
+        return code_version()
+
     # ------------------------------------------------------------- the loop
     def fit(self, resume: bool = False, force: bool = False) -> dict[str, Any]:
         """Train to the run's total steps (continuing the latest checkpoint if ``resume``); the summary.
@@ -829,18 +785,24 @@ class Trainer:
         bar.close()
         if not self.last_eval:  # resumed a finished run whose summary is missing
             self.evaluate(final=True)
-        summary = {
-            "out_dir": str(self.out),
-            "steps": self.step,
-            "tokens": self.tokens,
-            "params": self.n_params,
-            "train_loss": self.last_loss,
-            **self.last_eval,
-            "train_tokens_per_s": run_tokens / train_time if train_time else None,
-            "train_time_s": train_time,
-            "world_size": ctx.world_size,
-            **self._throughput(run_tokens / train_time if train_time else None),
-        }
+        tokens_per_s = run_tokens / train_time if train_time else None
+        commit, dirty = self._code_version()
+        result = RunResult(
+            out_dir=str(self.out),
+            steps=self.step,
+            tokens=self.tokens,
+            params=self.n_params,
+            train_loss=self.last_loss,
+            metrics=dict(self.last_eval),
+            train_tokens_per_s=tokens_per_s,
+            train_time_s=train_time,
+            world_size=ctx.world_size,
+            throughput=self._throughput(tokens_per_s),
+            **self._model_record(),
+            git_commit=commit,
+            git_dirty=dirty,
+        )
+        summary = result.summary()
         model = self._whole_model()
         if model is not None:
             try:

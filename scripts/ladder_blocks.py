@@ -56,32 +56,39 @@ def _block(comment: str, **axes: list) -> list[str]:
     return lines
 
 
-def plan(rows: list[dict]) -> tuple[dict[str, float], dict[str, float], list[str]]:
-    """(chosen lr per size, extra lr to try per size at an edge, notes)."""
+def plan(rows: list[dict]) -> tuple[dict[str, float], dict[str, list[float]], list[str]]:
+    """(chosen lr per size, rates of the extended sweep per size, notes).
+
+    A size whose sweep went beyond block 1's three rates, or must, keeps a block listing every
+    rate it tried: its rows stay points of the study's grid (the report leaves out rows of
+    other configs), and the rate to try next is among them.
+    """
     from qkvlab.study.ladder import choose_lrs
 
     done = [r for r in rows if r.get("status") == "ok" and r.get("val_loss") is not None]
-    chosen, extend, notes = {}, {}, []
+    chosen, extended, notes = {}, {}, []
     for (_, model), choice in sorted(choose_lrs(done).items()):
         rates = sorted(choice.losses)
         losses = ", ".join(f"{_fmt_lr(lr)}: {loss:.4f}" for lr, (loss, _) in choice.losses.items())
         if choice.chosen == rates[0]:
-            extend[model] = rates[0] / 2
+            extended[model] = [rates[0] / 2, *rates]
             notes.append(f"{model}: best rate {_fmt_lr(choice.chosen)} is the lowest tried ({losses}); trying lower")
         elif choice.chosen == rates[-1]:
-            extend[model] = rates[-1] * 2
+            extended[model] = [*rates, rates[-1] * 2]
             notes.append(f"{model}: best rate {_fmt_lr(choice.chosen)} is the highest tried ({losses}); trying higher")
         else:
             chosen[model] = choice.chosen
+            if len(rates) > 3:
+                extended[model] = rates
             notes.append(f"{model}: chosen {_fmt_lr(choice.chosen)} ({losses})")
-    return chosen, extend, notes
+    return chosen, extended, notes
 
 
-def generated(chosen: dict[str, float], extend: dict[str, float], notes: list[str]) -> list[str]:
+def generated(chosen: dict[str, float], extended: dict[str, list[float]], notes: list[str]) -> list[str]:
     lines = [MARK, *(f"  #   {n}" for n in notes)]
-    for model, lr in extend.items():
-        lines += _block(f"1b. {model}: one more rate beyond the edge", variant=["QKV"], model=[model],
-                        tokens=[QUARTER], **{"optim.lr": [lr]})  # fmt: skip
+    for model, rates in extended.items():
+        lines += _block(f"1b. {model}: the learning-rate sweep beyond block 1's rates", variant=["QKV"],
+                        model=[model], tokens=[QUARTER], **{"optim.lr": rates})  # fmt: skip
     gpt2 = [m for m in GPT2_SIZES if m in chosen]
     llama = [m for m in LLAMA_SIZES if m in chosen]
 

@@ -8,9 +8,14 @@ from ``$OUT``; checkpoints are too large to bring back and are not needed. So th
 2. seeds the study folder with the committed results (``--results``), so finished runs are
    skipped and a slice continues where the last one stopped;
 3. runs the sweep with ``--devices`` and ``--time-limit`` (only runs expected to finish start);
-4. writes ``$OUT/results.jsonl`` (all rows), ``$OUT/runs.tar.gz`` (each run's config.yaml,
-   run.json, summary.json, metrics.jsonl; failed runs' logs; the study's sweep.yaml) and ``$OUT/slice.json`` (the
-   slice's wall time, GPU and run counts).
+4. with ``--harness-models``, scores the finished runs of those models that have no downstream
+   rows yet with ``qkvlab eval harness`` (``--harness-tasks``, ``--harness-fewshot``; the task
+   files from ``--harness-data``, e.g. a folder unpacked from a carried archive), appending
+   ``status: "harness"`` rows to the study; checkpoints never leave the machine, so this is
+   where the largest rungs get their downstream numbers;
+5. writes ``$OUT/results.jsonl`` (all rows), ``$OUT/runs.tar.gz`` (each run's config.yaml,
+   run.json, summary.json, metrics.jsonl, harness.json; failed runs' logs; the study's sweep.yaml)
+   and ``$OUT/slice.json`` (the slice's wall time, GPU and run counts).
 
 Merge back on the workstation with ``python scripts/merge_slice.py OUT_FOLDER RESULTS_DIR``.
 
@@ -36,7 +41,7 @@ os.environ["PYTHONPATH"] = f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPA
 os.environ.setdefault("QKVLAB_CACHE", str(ROOT / ".data" / "cache"))
 
 #: What each run brings back: small files only (no weights, no checkpoints).
-RUN_FILES = ("config.yaml", "run.json", "summary.json", "metrics.jsonl")
+RUN_FILES = ("config.yaml", "run.json", "summary.json", "metrics.jsonl", "harness.json")
 #: Carried corpus -> the path the configs name, relative to the checkout.
 LINKS = {
     ".data/gutenberg-train.zip": "../shared/data/gutenberg/gutenberg-train.zip",
@@ -54,6 +59,36 @@ def link_data() -> None:
         target.symlink_to(source)
 
 
+def score_downstream(study: Path, args: argparse.Namespace) -> list[str]:
+    """Score each finished run of ``--harness-models`` that has no row of this setting yet; returns
+    the run ids scored. Rows go to the study (and each run's harness.json) as each run finishes."""
+    from qkvlab.harness.runner import evaluate_runs
+    from qkvlab.study import read_jsonl
+
+    rows = read_jsonl(study / "results.jsonl")
+    models = set(args.harness_models.split(","))
+    setting = (args.harness_fewshot, args.harness_limit)
+    scored_rows = [r for r in rows if r.get("status") == "harness"]
+    done = {r.get("of_run") for r in scored_rows if (r.get("num_fewshot"), r.get("limit")) == setting}
+    todo = [
+        r["run_id"]
+        for r in rows
+        if r.get("status") == "ok" and r.get("model") in models and r["run_id"] not in done
+        and (study / "runs" / r["run_id"] / "model.safetensors").is_file()
+    ]  # fmt: skip
+    scored = []
+    for run_id in dict.fromkeys(todo):
+        t0 = time.time()
+        evaluate_runs(
+            [study / "runs" / run_id], args.harness_tasks, num_fewshot=args.harness_fewshot,
+            limit=args.harness_limit, batch_size=32, device=args.harness_device, data_root=args.harness_data,
+            truncate=args.harness_truncate, study=study,
+        )  # fmt: skip
+        scored.append(run_id)
+        print(f"downstream: {run_id} scored in {time.time() - t0:.0f} s", flush=True)
+    return scored
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="the study's sweep YAML")
@@ -62,6 +97,18 @@ def main() -> int:
     ap.add_argument("--time-limit", type=float, required=True, help="seconds for the sweep")
     ap.add_argument("--out", default=os.environ.get("OUT", "slice-out"))
     ap.add_argument("--only", action="append", default=[], help="KEY=V1,V2: run only these grid points")
+    ap.add_argument("--harness-models", default="", help="comma list of models whose finished runs to score")
+    ap.add_argument("--harness-tasks", default="paper", help="as qkvlab eval harness --tasks")
+    ap.add_argument("--harness-fewshot", type=int, default=5)
+    ap.add_argument("--harness-limit", type=int, default=None)
+    ap.add_argument("--harness-data", default=None, help="folder holding hellaswag/, piqa/, arc/, ...")
+    ap.add_argument("--harness-device", default="auto")
+    ap.add_argument(
+        "--harness-truncate",
+        default="left",
+        help="'left': drop a long request's oldest context tokens, as lm-eval's hf model does (few-shot prompts "
+        "outgrow a small model's context; rows count them); 'error' refuses",
+    )
     args = ap.parse_args()
 
     import torch
@@ -85,6 +132,12 @@ def main() -> int:
         print("stopped: packing the runs that finished", flush=True)
         summary = None
     (study / "results.jsonl").touch()  # stopped before the first row: an empty slice
+    scored = []
+    if args.harness_models and summary is not None:
+        try:
+            scored = score_downstream(study, args)
+        except KeyboardInterrupt:
+            print("stopped while scoring downstream tasks: packing what finished", flush=True)
     finished = {r["run_id"] for r in read_jsonl(study / "results.jsonl") if r.get("status") == "ok"}
     ran = [rid for rid in finished if (study / "runs" / rid).is_dir()]
     failed = [] if summary is None else [rid for rid, _ in summary.failed]
@@ -114,6 +167,7 @@ def main() -> int:
         "failed": len(failed),
         "deferred": None if summary is None else len(summary.deferred),
         "stopped": summary is None,
+        "harness_scored": scored,
         "train_time_s": round(sum(r.get("train_time_s") or 0 for r in rows), 1),
         "run_wall_s": round(sum(r.get("wall_s") or 0 for r in rows), 1),
     }

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +71,7 @@ def test_slices_continue_from_committed_rows_and_merge_by_run_id(tmp_path: Path)
 
 
 def test_code_version_of_an_archive_copy_is_the_named_commit(monkeypatch):
-    """A device slice runs a `git archive` copy (no .git): its rows carry the commit it was made from."""
+    """A device slice runs a `git archive` copy of a commit: its rows carry that commit, whatever .git is around."""
     import subprocess
 
     from qkvlab import provenance
@@ -78,11 +79,12 @@ def test_code_version_of_an_archive_copy_is_the_named_commit(monkeypatch):
     def no_git(*a, **k):
         raise subprocess.CalledProcessError(128, "git")
 
-    monkeypatch.setattr(provenance.subprocess, "run", no_git)
-    monkeypatch.delenv("QKVLAB_GIT_COMMIT", raising=False)
-    assert provenance.code_version() == (None, None)
     monkeypatch.setenv("QKVLAB_GIT_COMMIT", "0123abcd")
+    assert provenance.code_version() == ("0123abcd", False)  # even inside a git checkout
+    monkeypatch.setattr(provenance.subprocess, "run", no_git)
     assert provenance.code_version() == ("0123abcd", False)
+    monkeypatch.delenv("QKVLAB_GIT_COMMIT")
+    assert provenance.code_version() == (None, None)
 
 
 def test_ladder_blocks_follow_block_ones_learning_rates(tmp_path):
@@ -97,8 +99,10 @@ def test_ladder_blocks_follow_block_ones_learning_rates(tmp_path):
     (tmp_path / "lm").mkdir()
     shutil.copy(ROOT / "configs" / "lm" / "gutenberg-ladder.yaml", tmp_path / "lm")
     sweep = tmp_path / "studies" / "ladder-gutenberg.yaml"
-    shutil.copy(ROOT / "configs" / "studies" / "ladder-gutenberg.yaml", sweep)
+    # Block 1 alone: the committed file with its generated part rebuilt from no rows.
+    sweep.write_text(ladder_blocks.rewrite((ROOT / "configs" / "studies" / "ladder-gutenberg.yaml").read_text(), []))
     block1 = {p.run_id: p for p in expand(load_sweep(sweep))}
+    assert {p.variant for p in block1.values()} == {"QKV"} and len(block1) == 18
     losses = {("gpt2-3m", 1e-3): 4.0, ("gpt2-3m", 2e-3): 3.9, ("gpt2-3m", 4e-3): 3.95}
     losses |= {("gpt2-10m", 1e-3): 3.5, ("gpt2-10m", 2e-3): 3.6, ("gpt2-10m", 4e-3): 3.7}
     rows = []
@@ -117,6 +121,7 @@ def test_ladder_blocks_follow_block_ones_learning_rates(tmp_path):
     for p in plans:
         by_model.setdefault(p.model, set()).add((p.variant, float(p.config["optim"]["lr"])))
     assert {lr for v, lr in by_model["gpt2-10m"]} == {5e-4, 1e-3, 2e-3, 4e-3}  # one more rate, no variants yet
+    assert "optim.lr: [5.0e-4, 1.0e-3, 2.0e-3, 4.0e-3]" in text
     assert {v for v, lr in by_model["gpt2-3m"] if lr == 2e-3} == set(ladder_blocks.VARIANTS)
     assert {v for v, lr in by_model["gpt2-3m"] if lr != 2e-3} == {"QKV"}
     # QKV at the chosen rate, quarter budget, seed 0: the run block 1 made, planned once.
@@ -124,3 +129,53 @@ def test_ladder_blocks_follow_block_ones_learning_rates(tmp_path):
     assert len(ids) == len(set(ids)) and set(block1) <= set(ids)
     script("ladder_blocks.py", str(sweep), str(results), "--write")  # idempotent
     assert sweep.read_text() == text
+    # The extra rate ran and is not the best: the size gets its blocks, and the extra rate's run
+    # stays a point of the grid.
+    (extra,) = [p for p in expand(load_sweep(sweep)) if p.model == "gpt2-10m" and p.config["optim"]["lr"] == 5e-4]
+    rows.append({"run_id": extra.run_id, "status": "ok", "model": "gpt2-10m", "variant_id": "q_k_v",
+                 "val_loss": 3.6, "tokens_budget": 9_850_000, "config": extra.config})  # fmt: skip
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script("ladder_blocks.py", str(sweep), str(results), "--write")
+    plans = {p.run_id: p for p in expand(load_sweep(sweep))}
+    assert extra.run_id in plans and "gpt2-10m: chosen 1.0e-3" in sweep.read_text()
+    assert {p.variant for p in plans.values() if p.model == "gpt2-10m"} == set(ladder_blocks.VARIANTS)
+
+
+def test_slice_scores_downstream_tasks_of_the_runs_it_finished(tmp_path: Path):
+    """--harness-models: the finished runs of those models get lm-eval rows in the study, which the
+    slice brings back (rows and each run's harness.json) and merge_slice keeps beside the training rows."""
+    pytest.importorskip("lm_eval")
+    from qkvlab.harness import TASKS, find_data_file
+
+    try:
+        data = find_data_file(TASKS["piqa"]).parents[1]
+    except Exception as e:
+        pytest.skip(str(e))
+    base = {
+        "model": {"preset": "tiny", "n_layers": 1, "d_model": 32, "n_heads": 4, "max_seq_len": 512},
+        "data": {"source": "stdlib", "tokenizer": "byte"},
+        "batch_size": 2,
+        "seq_len": 512,
+        "max_steps": 2,
+        "eval_batches": 1,
+        "log": {"progress": False, "tensorboard": False},
+        "device": "cpu",
+    }
+    study, results = tmp_path / "study", tmp_path / "results"
+    sweep = {"name": "h", "study_dir": str(study), "base": base, "grid": {"variant": ["QKV", "Q-K=V"]}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    out = tmp_path / "out"
+    script("sweep_slice.py", str(tmp_path / "sweep.yaml"), "--results", str(results), "--devices", "cpu",
+           "--time-limit", "300", "--out", str(out), "--harness-models", "tiny", "--harness-tasks", "piqa",
+           "--harness-fewshot", "0", "--harness-limit", "2", "--harness-data", str(data))  # fmt: skip
+    info = json.loads((out / "slice.json").read_text())
+    assert len(info["harness_scored"]) == 2  # both runs, each once
+    script("merge_slice.py", str(out), str(results))
+    rows = [json.loads(line) for line in (results / "results.jsonl").read_text().splitlines()]
+    trained = {r["run_id"]: r for r in rows if r["status"] == "ok"}
+    scored = [r for r in rows if r["status"] == "harness"]
+    assert {(r["of_run"], r["metric"]) for r in scored} == {(rid, m) for rid in trained for m in ("acc", "acc_norm")}
+    for r in scored:
+        assert r["n"] == 2 and r["num_fewshot"] == 0 and r["variant"] == trained[r["of_run"]]["variant"]
+    for rid in trained:
+        assert json.loads((results / "runs" / rid / "harness.json").read_text())["rows"]

@@ -50,7 +50,11 @@ def test_the_trainer_reports_its_model_costs_and_code_as_one_result(tmp_path: Pa
     row = result.row()
     assert {"tokens", "val_loss", "val_ppl", "params_total", "kv_cache_bytes_per_token", "cache_reduction"} <= set(row)
     assert row["val_tokens"] == summary["val_tokens"] and row["params_trained"] == summary["params"]
-    assert not set(row) & {"model_config", "model_family", "costs", "peak_memory_gib"}  # rows keep their format
+    assert not set(row) & {"model_config", "model_family", "costs"}  # rows keep their format
+    # A GPU's peak memory goes into the row when the trainer measured it (never on a CPU).
+    assert "peak_memory_gib" not in row
+    gpu = RunResult.from_summary({**summary, "device_name": "NVIDIA H100 80GB HBM3", "peak_memory_gib": 1.5})
+    assert gpu.row()["peak_memory_gib"] == 1.5 and gpu.row()["device_name"] == "NVIDIA H100 80GB HBM3"
 
 
 def test_a_resumed_run_reports_the_code_it_started_with(tmp_path: Path):

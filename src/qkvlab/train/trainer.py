@@ -209,7 +209,7 @@ def is_metric(key: str) -> bool:
 #: Hardware measurements of a run (:meth:`Trainer._throughput`).
 THROUGHPUT_KEYS = ("device_name", "peak_memory_gib", "flops_per_token", "mfu")
 #: Measurements a results row carries when the run reports them (the demo adds decoding speed).
-ROW_EXTRAS = ("decode_tokens_per_s", "world_size", "device_name", "flops_per_token", "mfu")
+ROW_EXTRAS = ("decode_tokens_per_s", "world_size", "device_name", "peak_memory_gib", "flops_per_token", "mfu")
 #: The cost fields of a row whose model qkvlab cannot count (a task's own model).
 NO_COSTS = ("params_total", "params_attention", "kv_cache_bytes_per_token", "cache_reduction", "kv_cache_dtype")
 

@@ -321,20 +321,8 @@ def report(
 
     A study whose sweep.yaml says 'report: ladder' gets the scaling-ladder analysis instead.
     """
-    import yaml
-
     from qkvlab.study import write_report
 
-    sweep_file = Path(study_dir) / "sweep.yaml"
-    try:
-        sweep = yaml.safe_load(sweep_file.read_text()) if sweep_file.is_file() else None
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"Cannot read {str(sweep_file)!r}: {str(e).splitlines()[0]}") from None
-    if isinstance(sweep, dict) and sweep.get("report") == "ladder":
-        from qkvlab.study.ladder import write_ladder_report
-
-        console.print(str(write_ladder_report(study_dir, plots=plots)))
-        return
     console.print(str(write_report(study_dir, plots=plots, paper_table=paper_table)))
 
 

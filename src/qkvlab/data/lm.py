@@ -30,7 +30,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -41,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
 from qkvlab.checkpoint import atomic_write
 from qkvlab.data.corpus import load_corpus
@@ -107,22 +107,6 @@ def _check_args(val_fraction: float, seed: int, vocab_size: int) -> None:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.")[:48] or "corpus"
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path`` (POSIX ``flock``; no lock where that is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: concurrent writers still never see half a file (rename)
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _batches(docs: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -234,7 +218,8 @@ def load_lm_data(
         val_docs = [corpus.documents[i] for i in val_idx]
     extra_corpora = {name: load_corpus(src, encoding=encoding) for name, src in sorted(extra.items())}
 
-    with _file_lock(root / f".lock-{corpus.hash[:16]}"):
+    # Workers of a sweep that share the cache build it once: the others wait here, then read it.
+    with FileLock(root / f".lock-{corpus.hash[:16]}"):
         tok = get_tokenizer(tokenizer, documents=train_docs, vocab_size=vocab_size, cache_dir=root / "tokenizers")
         settings = {
             "format": CACHE_FORMAT,

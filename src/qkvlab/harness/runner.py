@@ -30,6 +30,7 @@ from typing import Any
 
 from qkvlab.errors import ConfigError
 from qkvlab.harness.data import TASK_DIR, TaskSpec, file_sha256, find_data_file, resolve_tasks
+from qkvlab.provenance import now, process_code_version
 from qkvlab.study.downstream import HARNESS_STATUS as STATUS
 
 FORMAT = "qkvlab-harness/1"
@@ -193,13 +194,12 @@ def evaluate_runs(
     if truncate not in TRUNCATE:
         raise ConfigError(f"--truncate must be 'error' or 'left', got {truncate!r}.")
     resolve_dtype(dtype, resolve_device(device))
-    from qkvlab.study.sweep import _code_version, now
 
     # Every checkpoint and tokenizer is checked (no weights loaded) before the first evaluation.
     tokenizers = [inspect_checkpoint(p, tokenizer)[2] for p in paths]
     meta = {"data_root": str(Path(data_root).expanduser().resolve())} if data_root is not None else {}
     manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata=meta)
-    commit, dirty = _code_version()
+    commit, dirty = process_code_version()
     all_rows: list[dict[str, Any]] = []
     for path, tok in zip(paths, tokenizers, strict=True):
         t0, started = time.perf_counter(), now()

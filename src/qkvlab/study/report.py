@@ -85,7 +85,7 @@ def write_report(
         raise ConfigError(
             f"No {store.path.name} in {str(study)!r}; pass the folder of a study that `qkvlab sweep` has filled."
         )
-    settings = read_study_file(study)
+    settings = read_study_file(study, strict=True)  # a broken file must not hide `report: ladder`
     if settings.get("report") == "ladder":
         from qkvlab.study.ladder import write_ladder_report
 

@@ -55,7 +55,7 @@ import yaml
 from qkvlab.errors import ConfigError
 from qkvlab.study.metrics import METRICS
 from qkvlab.study.paper import PAPER_TABLES
-from qkvlab.train.config import load_yaml, parse_value
+from qkvlab.train.config import load_yaml, parse_override
 
 #: The named grid axes and the config key each one sets.
 AXES = {"variant": "model.variant", "model": "model.preset", "tokens": "max_tokens", "seed": "seed"}
@@ -209,13 +209,7 @@ def _parse_overrides(overrides: Any) -> dict[str, Any]:
     if isinstance(overrides, dict):
         return {str(k): v for k, v in overrides.items()}
     if isinstance(overrides, list):
-        out: dict[str, Any] = {}
-        for item in overrides:
-            key, sep, text = str(item).partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(f"Override {item!r} is not KEY=VALUE; write e.g. 'optim.lr=3e-4'.")
-            out[key.strip()] = parse_value(text)
-        return out
+        return dict(parse_override(item) for item in overrides)
     raise ConfigError(f"'overrides' must be a mapping or a list of KEY=VALUE strings, got {overrides!r}.")
 
 
@@ -227,13 +221,16 @@ def _check_keys(where: str, d: dict[str, Any], valid: Sequence[str]) -> None:
             raise ConfigError(f"Unknown {where} key {key!r}.{hint} Valid keys: {', '.join(valid)}.")
 
 
-def read_study_file(study_dir: str | os.PathLike) -> dict[str, Any]:
+def read_study_file(study_dir: str | os.PathLike, *, strict: bool = False) -> dict[str, Any]:
     """The ``sweep.yaml`` a sweep left in a study folder, as a plain mapping: {} when the folder
-    has none or it cannot be read (a report then takes its defaults)."""
+    has none or it cannot be read (a report then takes its defaults). ``strict``: a file that is
+    there but cannot be read raises :class:`ConfigError` instead (its settings would be lost)."""
     path = Path(study_dir) / SWEEP_FILE
     try:
         stored = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        if strict:
+            raise ConfigError(f"Cannot read {str(path)!r}: {str(e).splitlines()[0]}") from None
         stored = None
     return stored if isinstance(stored, dict) else {}
 

@@ -39,7 +39,6 @@ import yaml
 from qkvlab.checkpoint import atomic_write
 from qkvlab.errors import ConfigError
 from qkvlab.provenance import now
-from qkvlab.provenance import process_code_version as _code_version  # noqa: F401 (qkvlab.harness imports it here)
 from qkvlab.study.grid import (  # noqa: F401 (the grid's names, importable from here too)
     ID_EXCLUDED,
     RunPlan,

@@ -195,14 +195,13 @@ class SyntheticTask:
     @classmethod
     def model_config(cls, config) -> EncoderConfig:
         """The encoder this task trains: ``config.model`` on the shared synthetic vocabulary."""
-        from qkvlab.models.presets import PRESETS
+        from qkvlab.models.presets import with_preset
 
         settings = SyntheticSettings.from_train_config(config)
         valid = ("preset", *(f.name for f in dataclasses.fields(EncoderConfig)))
         check_keys("model", config.model, valid)
-        fields = {k: v for k, v in config.model.items() if k != "preset"}
-        preset = config.model.get("preset")
-        base = {k: v for k, v in PRESETS[preset].items() if k not in ("vocab_size", "max_seq_len")} if preset else {}
+        # The preset gives the shape; the vocabulary and length are the task's.
+        fields = with_preset(config.model, skip=("vocab_size", "max_seq_len"))
         vocab = fields.setdefault("vocab_size", synth.VOCAB_SIZE)
         if not isinstance(vocab, int) or vocab < synth.VOCAB_SIZE:
             raise ConfigError(
@@ -219,7 +218,7 @@ class SyntheticTask:
                 "raise model.max_seq_len or remove it."
             )
         try:
-            return EncoderConfig(**{**base, **fields})
+            return EncoderConfig(**fields)
         except TypeError as e:  # a wrongly typed field
             raise ConfigError(f"Bad model section for the synthetic task: {e}.") from None
 

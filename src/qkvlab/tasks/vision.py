@@ -120,17 +120,11 @@ def as_epochs(value: Any, dataset: str) -> float | None:
 
 def model_fields(config, family: type, task: str) -> dict[str, Any]:
     """``config.model`` as keyword arguments of ``family``, on top of its preset's shape."""
-    from qkvlab.models.presets import PRESETS
+    from qkvlab.models.presets import with_preset
 
     valid = ("preset", *(f.name for f in dataclasses.fields(family)))
     check_keys("model", config.model, valid)
-    preset = config.model.get("preset")
-    base = {}
-    if preset:
-        if preset not in PRESETS:
-            raise ConfigError(f"Unknown model.preset {preset!r}; available: {', '.join(PRESETS)}.")
-        base = {k: v for k, v in PRESETS[preset].items() if k not in _NOT_VIT and k in valid}
-    return {**base, **{k: v for k, v in config.model.items() if k != "preset"}}
+    return with_preset(config.model, skip=_NOT_VIT, fields=valid)
 
 
 def build_config(family: type, fields: dict[str, Any], task: str):

@@ -38,6 +38,7 @@ but its default. To train such a task for a number of steps, set ``task.epochs=n
 from __future__ import annotations
 
 import codecs
+import copy
 import dataclasses
 import math
 import re
@@ -482,24 +483,18 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any] | None) -> TrainConfig:
         """Build and validate a config; unknown keys and wrong types raise :class:`ConfigError`."""
         d = dict(d or {})
-        check_keys("", d, [f.name for f in dataclasses.fields(cls)])
-        hints = typing.get_type_hints(cls)
-        kwargs: dict[str, Any] = {}
-        for name, value in d.items():
-            if name in SECTIONS:
-                kwargs[name] = _section(name, SECTIONS[name], value)
-            elif name == "model":
-                _check(value is None or isinstance(value, dict), f"model must be a mapping, got {value!r}.")
-                kwargs[name] = {"preset": "tiny", **(value or {})}  # `preset: null`: GPTConfig's defaults
-            elif name == "task":
+        for name, example in (
+            ("model", "{preset: tiny, variant: Q-K=V}"),
+            ("task", "{name: synthetic, kind: reverse}"),
+        ):
+            if name in d:  # free-form sections: given keys go over the defaults (`preset: null`: GPTConfig's)
+                value = d[name]
                 _check(
                     value is None or isinstance(value, dict),
-                    f"task must be a mapping such as {{name: synthetic, kind: reverse}}, got {value!r}.",
+                    f"{name} must be a mapping such as {example}, got {value!r}.",
                 )
-                kwargs[name] = {"name": "lm", **(value or {})}
-            else:
-                kwargs[name] = _coerce(name, value, hints[name])
-        return cls(**kwargs)
+                d[name] = {**cls.__dataclass_fields__[name].default_factory(), **(value or {})}
+        return _section("", cls, d)
 
     def diff(self, other: TrainConfig) -> list[str]:
         """Dotted keys whose values differ between two configs."""
@@ -513,46 +508,51 @@ def data_config(value: Any) -> DataConfig:
 
 
 def _section(name: str, cls: type, value: Any) -> Any:
+    """The dataclass ``cls`` from the mapping ``value`` found at dotted key ``name`` ("": the top level)."""
     if value is None:
         return cls()
     _check(isinstance(value, dict), f"{name} must be a mapping of keys to values, got {value!r}.")
     check_keys(name, value, [f.name for f in dataclasses.fields(cls)])
     hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in value.items()})
+    return cls(**{k: _coerce(f"{name}.{k}" if name else k, v, hints[k]) for k, v in value.items()})
+
+
+_EXPECTED = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    list: "a list",
+    dict: "a mapping of names to values",
+}
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """``value`` checked against the annotation ``tp`` (int, float, bool, str, optionals, tuples, lists)."""
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None and len(args) < len(typing.get_args(tp)):
+    """``value`` checked against the annotation ``tp``: int, float, bool, str, ``X | None``, lists,
+    tuples, dicts and config sections (dataclasses). A whole float is an int (``max_tokens=1e6``)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):  # `X | None`
+        if value is None and type(None) in args:
             return None
-        tp = args[0]
-    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return _coerce(key, value, next(a for a in args if a is not type(None)))
+    if dataclasses.is_dataclass(tp):
+        return _section(key, tp, value)
+    if tp is Any or args == (str, Any):  # free-form (model, task): their owners check the keys
         return value
-    if tp is int and isinstance(value, float) and value.is_integer():  # max_tokens=1e6
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is float and number:
+        return float(value)
+    if tp is int and number and (isinstance(value, int) or value.is_integer()):
         return int(value)
     if tp in (bool, str) and isinstance(value, tp):
         return value
-    if typing.get_origin(tp) is dict and isinstance(value, dict):
-        key_type, value_type = typing.get_args(tp)
-        return {_coerce(f"{key}.<key>", k, key_type): _coerce(f"{key}.{k}", v, value_type) for k, v in value.items()}
-    if typing.get_origin(tp) is list and isinstance(value, list | tuple):
-        (item,) = typing.get_args(tp)
-        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    if typing.get_origin(tp) is tuple and isinstance(value, list | tuple):
-        item_types = typing.get_args(tp)
+    if origin is dict and isinstance(value, dict):
+        return {_coerce(f"{key}.<key>", k, args[0]): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
+    if origin in (list, tuple) and isinstance(value, list | tuple):
+        item_types = args * len(value) if origin is list else args
         if len(value) == len(item_types):
-            return tuple(_coerce(f"{key}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, item_types, strict=True)))
-    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
-    if typing.get_origin(tp) is tuple:
-        expected = f"a list of {len(typing.get_args(tp))} numbers"
-    if typing.get_origin(tp) is list:
-        expected = "a list"
-    if typing.get_origin(tp) is dict:
-        expected = "a mapping of names to values"
+            return origin(_coerce(f"{key}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, item_types, strict=True)))
+    expected = f"a list of {len(args)} numbers" if origin is tuple else _EXPECTED.get(origin or tp, str(tp))
     raise ConfigError(f"{key} must be {expected}, got {value!r} ({type(value).__name__}).")
 
 
@@ -570,17 +570,20 @@ def _flat_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[st
 
 # ------------------------------------------------------------------ overrides
 def parse_value(text: str) -> Any:
-    """A command-line value read as YAML, with ``3e-4`` read as a number (YAML 1.1 reads it as text)."""
+    """A command-line value read as YAML like a config file's (``3e-4`` a number, ``null`` None,
+    ``[1,2]`` a list, ``'3'`` a string); text that is not YAML (``[1,2``) stays text."""
     try:
-        value = yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c in value for c in ".eE") else int(value)
-        except ValueError:
-            return value
-    return value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"optim.lr=3e-4"`` -> ``("optim.lr", 0.0003)``: the key up to the first ``=``, the rest a YAML value."""
+    key, sep, text = str(item).partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"Override {item!r} is not KEY=VALUE; write a dotted key and a value, e.g. optim.lr=3e-4.")
+    return key.strip(), parse_value(text)
 
 
 def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
@@ -598,15 +601,9 @@ def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
 
 def apply_overrides(d: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
     """A copy of the config dict ``d`` with each ``dotted.key=value`` override set."""
-    out = yaml.safe_load(yaml.safe_dump(d)) or {}  # deep copy through plain data
+    out = copy.deepcopy(d)
     for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(
-                f"Override {item!r} is not KEY=VALUE; write a dotted key and a value, e.g. optim.lr=3e-4."
-            )
-        set_dotted(out, key, parse_value(text))
+        set_dotted(out, *parse_override(item))
     return out
 
 

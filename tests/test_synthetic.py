@@ -21,8 +21,9 @@ from qkvlab.models import EncoderConfig, SequenceEncoder
 from qkvlab.study import ResultsStore, SweepSpec, expand, load_sweep, run_sweep, write_report
 from qkvlab.study.report import PAPER_TABLES
 from qkvlab.tasks import TASKS, build_task, model_config, task_class
-from qkvlab.tasks.synthetic import ExampleBatches, SyntheticTask
+from qkvlab.tasks.synthetic import SyntheticTask
 from qkvlab.train import TrainConfig, load_config, train
+from qkvlab.train.batches import ExampleBatches
 from qkvlab.train.trainer import RunContext, total_steps
 
 REPO = Path(__file__).resolve().parents[1]

@@ -53,7 +53,7 @@ import numpy as np
 
 from qkvlab.errors import ConfigError
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the target the loss skips (qkvlab.train.batches.IGNORE_INDEX)
 N_DIGITS = 10
 SEP = 10
 PAD = 11

@@ -65,7 +65,10 @@ from qkvlab.checkpoint import atomic_write
 from qkvlab.data import vision as vdata
 from qkvlab.errors import ConfigError, check_keys
 from qkvlab.models.config import SetConfig
-from qkvlab.tasks.vision import as_epochs, as_int, build_config, evaluate_classifier, model_fields
+from qkvlab.tasks.vision import as_epochs, as_int, build_config, model_fields
+from qkvlab.train.batches import ExampleBatches, epoch_budget
+from qkvlab.train.context import RunContext
+from qkvlab.train.evaluation import evaluate_classifier
 
 TASK_KEYS = (
     "name",
@@ -239,8 +242,8 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def _to_input(images: np.ndarray, mean, std, size: int | None, device) -> torch.Tensor:
-    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255)
+def _to_input(images: np.ndarray | torch.Tensor, mean, std, size: int | None, device) -> torch.Tensor:
+    x = torch.as_tensor(images).to(device).permute(0, 3, 1, 2).float().div_(255)
     if x.shape[1] == 1 and len(mean) == 3:
         x = x.expand(-1, 3, -1, -1)
     if size is not None and x.shape[-1] != size:
@@ -261,8 +264,16 @@ def train_cnn(
     *,
     progress: bool = False,
 ) -> tuple[SmallCNN, dict[str, Any]]:
-    """Train :class:`SmallCNN` on ``images`` (Adam, cosine decay, flips for colour images);
-    ``progress`` shows a bar of its steps with the epoch and its mean loss so far."""
+    """Train :class:`SmallCNN` on ``images`` (AdamW, one-cycle schedule, flips for colour images);
+    ``progress`` shows a bar of its steps with the epoch and its mean loss so far.
+
+    A loop of its own, not the :class:`~qkvlab.train.trainer.Trainer`: the CNN is trained while
+    the task is built, before the trainer has a model or a run folder, and its features are the
+    task's data, cached under a hash of these settings. It needs what the trainer does not do
+    (BatchNorm statistics, a one-cycle schedule, flips drawn from the generator that orders the
+    epochs), and drawing the order from :class:`~qkvlab.train.batches.ExampleBatches` instead
+    would change every feature already cached. Its evaluation is the shared one.
+    """
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(s.seed)
         model = SmallCNN(images.shape[-1], n_classes, s.backbone_width).to(device)
@@ -459,10 +470,17 @@ def compute_features(
             f"extracting the set features (once: cached in {folder})"
         )
         cnn, stats = train_cnn(train_x[to_cnn], train_y[to_cnn], ds.n_classes, s, mean, std, device, progress=progress)
-        with torch.no_grad():
-            label = "backbone test accuracy" if progress else None
-            logits = torch.from_numpy(extract(cnn, ds.test_images, mean, std, None, device, progress=label))
-            stats["test_acc"] = float((logits.argmax(1).numpy() == ds.test_labels).mean())
+        say("anomaly: scoring the backbone CNN on the test images")
+        scores = evaluate_classifier(
+            cnn,
+            ds.test_images,
+            ds.test_labels,
+            batch_size=256,
+            ctx=RunContext(device=device),
+            count_key="test_images",
+            forward=lambda x: cnn(_to_input(x, mean, std, None, device)),
+        )
+        stats["test_acc"] = scores["val_acc"]
         fn = cnn.features
         train_x, train_y = train_x[~to_cnn], train_y[~to_cnn]
         info["extractor"] = {
@@ -566,8 +584,6 @@ class AnomalyTask:
 
     # ------------------------------------------------------------- budget
     def total_steps(self, config) -> int:
-        from qkvlab.tasks.synthetic import epoch_budget
-
         return epoch_budget(
             config,
             epochs=self.settings.epochs,
@@ -586,8 +602,6 @@ class AnomalyTask:
         return build_model(self.model_cfg)
 
     def batches(self, batch_size: int, *, seed: int, ctx):
-        from qkvlab.tasks.synthetic import ExampleBatches
-
         return ExampleBatches(
             self.train_sets, self.train_odd, batch_size, seed=seed, rank=ctx.rank, world_size=ctx.world_size
         )
@@ -601,18 +615,17 @@ class AnomalyTask:
     def count(self, batch) -> int:
         return len(batch[1])
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, *, batch_size: int, max_batches: int, ctx) -> dict[str, float]:
         """Loss and odd-one-out accuracy over all ``n_test_sets`` test sets, summed over processes."""
-        model.eval()
         feats = self.test_feats.to(ctx.device)
         return evaluate_classifier(
-            lambda sets: model(feats[sets]),
+            model,
             self.test_sets,
             self.test_odd,
             batch_size=batch_size,
             ctx=ctx,
             count_key="val_sets",
+            forward=lambda sets: model(feats[sets]),
         )
 
     def info(self) -> dict[str, Any]:

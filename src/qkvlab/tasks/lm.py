@@ -27,6 +27,7 @@ from torch import nn
 from qkvlab.errors import ConfigError
 from qkvlab.train.batches import IGNORE_INDEX, PackedBatches, eval_windows, lm_loss
 from qkvlab.train.context import RunContext
+from qkvlab.train.evaluation import evaluate_sums
 
 if TYPE_CHECKING:
     from qkvlab.train.config import DataConfig, TrainConfig
@@ -88,7 +89,6 @@ def load_splits(data: DataConfig) -> LMSplits:
     return LMSplits(s.train, s.val, int(s.vocab_size), s.eot_id, dict(s.meta), dict(s.extra))
 
 
-@torch.no_grad()
 def evaluate_lm(
     model: nn.Module,
     tokens: np.ndarray,
@@ -105,8 +105,6 @@ def evaluate_lm(
     Returns ``{prefix}loss``, ``{prefix}ppl`` and ``{prefix}tokens`` (the scored count).
     """
     ctx = ctx or RunContext()
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (summed loss, scored tokens)
     windows = eval_windows(
         tokens,
         max(1, batch_size // ctx.world_size),
@@ -115,13 +113,11 @@ def evaluate_lm(
         rank=ctx.rank,
         world_size=ctx.world_size,
     )
-    for x, y in windows:
-        x, y = x.to(ctx.device), y.to(ctx.device)
-        with ctx.autocast():
-            logits = model(x)
-        total[0] += lm_loss(logits, y, reduction="sum").double()
-        total[1] += (y != IGNORE_INDEX).sum()
-    total = ctx.sum(total)
+
+    def score(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return lm_loss(logits, y, reduction="sum").double(), (y != IGNORE_INDEX).sum()
+
+    total = evaluate_sums(model, windows, score, n_sums=2, ctx=ctx)  # (summed loss, scored tokens)
     loss = (total[0] / total[1]).item()
     return {f"{prefix}loss": loss, f"{prefix}ppl": math.exp(min(loss, 700.0)), f"{prefix}tokens": int(total[1].item())}
 

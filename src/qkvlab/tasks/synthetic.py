@@ -35,15 +35,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qkvlab.data import synthetic as synth
 from qkvlab.errors import ConfigError, check_keys
 from qkvlab.models.config import EncoderConfig
-from qkvlab.train.batches import EpochStream
+from qkvlab.train.batches import IGNORE_INDEX, ExampleBatches, epoch_budget, lm_loss
+from qkvlab.train.evaluation import evaluate_sums, strided_batches
 
 TASK_KEYS = ("name", "kind", "seq_len", "n_train", "n_test", "seed", "epochs")
 
@@ -104,76 +103,7 @@ class SyntheticSettings:
         return synth.scored_positions(self.kind, self.seq_len)
 
 
-# ================================================================== batches
-class ExampleBatches:
-    """Deterministic, resumable, rank-sharded batches from a fixed set of examples.
-
-    The examples are visited in a fresh random order each epoch (a permutation drawn from
-    ``(seed, epoch)``); global batch ``k`` is stream positions ``k*G .. k*G + G - 1`` (a batch
-    may straddle two epochs) and rank ``r`` takes the ``r``-th slice of ``G / W``. The state
-    to resume is the number of global batches consumed.
-    """
-
-    def __init__(
-        self, x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1
-    ):
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
-        self.x, self.y = x, y
-        self.n = len(x)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.global_batch = batch_size * world_size
-        self.batch = 0
-        self._stream = EpochStream(self.n, seed)
-
-    @property
-    def epoch(self) -> float:
-        """Passes over the training set so far (fractional)."""
-        return self.batch * self.global_batch / self.n
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self._stream.items(self.batch * self.global_batch + self.rank * self.batch_size, self.batch_size)
-        self.batch += 1
-        return torch.from_numpy(self.x[idx]), torch.from_numpy(self.y[idx])
-
-    def state_dict(self) -> dict[str, int]:
-        return {"batch": self.batch, "seed": self.seed, "global_batch": self.global_batch, "n_examples": self.n}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = self.state_dict()
-        changed = [k for k in ("seed", "global_batch", "n_examples") if k in state and state[k] != mine[k]]
-        if changed:
-            detail = ", ".join(f"{k} {state[k]} -> {mine[k]}" for k in changed)
-            raise ConfigError(
-                f"The saved batch stream does not match this run ({detail}); resume with the settings it was "
-                "saved with (same seed, global batch size and training set)."
-            )
-        self.batch = int(state["batch"])
-
-
 # ================================================================== the task
-def epoch_budget(config, *, epochs: float | None, n_examples: int, count_per_step: int) -> int:
-    """Optimizer steps of an example-based task: ``epochs`` passes over ``n_examples`` when set,
-    else ``max_tokens`` counted in the task's units (``count_per_step`` a step), else ``max_steps``."""
-    if epochs is not None:
-        return max(1, math.ceil(epochs * n_examples / (config.batch_size * config.grad_accum)))
-    if config.max_tokens is not None:
-        return max(1, math.ceil(config.max_tokens / count_per_step))
-    return config.max_steps
-
-
-def example_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy over the scored positions (targets != -100), in fp32."""
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        y.reshape(-1),
-        ignore_index=synth.IGNORE_INDEX,
-        reduction=reduction,
-    )
-
-
 class SyntheticTask:
     """One synthetic task on a fixed train/test split (see the module docstring)."""
 
@@ -250,35 +180,26 @@ class SyntheticTask:
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         x, y = batch
-        return example_loss(model(x), y)
+        return lm_loss(model(x), y)
 
     def count(self, batch) -> int:
-        return int((batch[1] != synth.IGNORE_INDEX).sum())
+        return int((batch[1] != IGNORE_INDEX).sum())
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, *, batch_size: int, max_batches: int, ctx) -> dict[str, float]:
         """Loss and accuracy over the whole test set (``max_batches`` is not used: ``n_test`` sizes it).
 
         Each process scores every ``world_size``-th example; the sums are added over processes.
         """
-        model.eval()
-        x_all = torch.from_numpy(self.data.test_x[ctx.rank :: ctx.world_size])
-        y_all = torch.from_numpy(self.data.test_y[ctx.rank :: ctx.world_size])
-        # summed loss, correct positions, scored positions, fully correct examples, examples
-        total = torch.zeros(5, dtype=torch.float64, device=ctx.device)
-        step = max(1, batch_size // ctx.world_size)
-        for i in range(0, len(x_all), step):
-            x, y = x_all[i : i + step].to(ctx.device), y_all[i : i + step].to(ctx.device)
-            with ctx.autocast():
-                logits = model(x)
-            scored = y != synth.IGNORE_INDEX
+
+        def score(logits: torch.Tensor, y: torch.Tensor) -> tuple[Any, ...]:
+            scored = y != IGNORE_INDEX
             right = (logits.argmax(-1) == y) & scored
-            total[0] += example_loss(logits, y, reduction="sum").double()
-            total[1] += right.sum()
-            total[2] += scored.sum()
-            total[3] += (right.sum(1) == scored.sum(1)).sum()
-            total[4] += len(x)
-        total = ctx.sum(total)
+            seq_right = (right.sum(1) == scored.sum(1)).sum()
+            return lm_loss(logits, y, reduction="sum").double(), right.sum(), scored.sum(), seq_right, len(y)
+
+        batches = strided_batches(self.data.test_x, self.data.test_y, batch_size=batch_size, ctx=ctx)
+        # summed loss, correct positions, scored positions, fully correct examples, examples
+        total = evaluate_sums(model, batches, score, n_sums=5, ctx=ctx)
         return {
             "val_loss": (total[0] / total[2]).item(),
             "val_acc": (total[1] / total[2]).item(),

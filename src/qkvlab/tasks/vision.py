@@ -48,6 +48,8 @@ from torch import nn
 from qkvlab.data import vision as vdata
 from qkvlab.errors import ConfigError, check_keys
 from qkvlab.models.config import ViTConfig
+from qkvlab.train.batches import ExampleBatches, epoch_budget
+from qkvlab.train.evaluation import evaluate_classifier
 
 TASK_KEYS = (
     "name",
@@ -65,31 +67,6 @@ TASK_KEYS = (
 NORMALIZE = ("dataset", "none")
 # Preset fields that describe a language model, not a ViT.
 _NOT_VIT = ("vocab_size", "max_seq_len", "tie_embeddings")
-
-
-def evaluate_classifier(forward, inputs, labels, *, batch_size: int, ctx, count_key: str) -> dict[str, float]:
-    """Summed cross-entropy and accuracy of ``forward(inputs)`` against ``labels`` over all processes.
-
-    Each process scores every ``world_size``-th example (numpy arrays, moved to the device a
-    batch at a time); returns ``val_loss``, ``val_acc`` and the example count as ``count_key``.
-    """
-    x_all = torch.from_numpy(inputs[ctx.rank :: ctx.world_size])
-    y_all = torch.from_numpy(labels[ctx.rank :: ctx.world_size])
-    total = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # summed loss, correct, examples
-    step = max(1, batch_size // ctx.world_size)
-    for i in range(0, len(x_all), step):
-        x, y = x_all[i : i + step].to(ctx.device), y_all[i : i + step].to(ctx.device)
-        with ctx.autocast():
-            logits = forward(x).float()
-        total[0] += F.cross_entropy(logits, y, reduction="sum").double()
-        total[1] += (logits.argmax(-1) == y).sum()
-        total[2] += len(y)
-    total = ctx.sum(total)
-    return {
-        "val_loss": (total[0] / total[2]).item(),
-        "val_acc": (total[1] / total[2]).item(),
-        count_key: int(total[2].item()),
-    }
 
 
 def as_int(key: str, value: Any, minimum: int, *, optional: bool = False) -> int | None:
@@ -370,8 +347,6 @@ class VisionTask:
 
     # ------------------------------------------------------------- budget
     def total_steps(self, config) -> int:
-        from qkvlab.tasks.synthetic import epoch_budget
-
         return epoch_budget(
             config,
             epochs=self.settings.epochs,
@@ -390,8 +365,6 @@ class VisionTask:
         return build_model(self.model_cfg)
 
     def batches(self, batch_size: int, *, seed: int, ctx):
-        from qkvlab.tasks.synthetic import ExampleBatches
-
         source = ExampleBatches(
             self.data.train_x, self.data.train_y, batch_size, seed=seed, rank=ctx.rank, world_size=ctx.world_size
         )
@@ -406,18 +379,17 @@ class VisionTask:
     def count(self, batch) -> int:
         return len(batch[1])
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, *, batch_size: int, max_batches: int, ctx) -> dict[str, float]:
         """Loss and accuracy over the whole validation set (``task.n_test`` sizes it, not
         ``max_batches``). Each process scores every ``world_size``-th image; sums are added."""
-        model.eval()
         return evaluate_classifier(
-            lambda x: model(self.normalize(x)),
+            model,
             self.data.val_x,
             self.data.val_y,
             batch_size=batch_size,
             ctx=ctx,
             count_key="val_images",
+            forward=lambda x: model(self.normalize(x)),
         )
 
     def info(self) -> dict[str, Any]:

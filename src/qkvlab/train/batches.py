@@ -1,4 +1,4 @@
-"""Batches of packed token windows, and the language-model loss.
+"""Batches for the trainer, and the masked cross-entropy that every token-labelling task uses.
 
 A corpus is one 1-D array of token ids: documents packed end to end with an end-of-text
 separator, so every window is full and nothing needs padding. A training window of
@@ -9,7 +9,8 @@ are visited in a fresh random order every epoch (each window once per epoch), an
 batch ``k`` is positions ``k*G .. k*G + G - 1`` of that stream (``G`` = global batch size).
 Rank ``r`` of ``W`` takes the ``r``-th contiguous slice of ``G / W`` windows, so ``W``
 processes together see exactly the batch that one process with batch ``G`` sees, and the
-state to resume is one integer.
+state to resume is one integer. :class:`ExampleBatches` samples a fixed set of examples (the
+synthetic, vision and anomaly tasks) the same way; both are :class:`StreamBatches`.
 
 Example::
 
@@ -20,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -87,7 +89,75 @@ def _gather(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch
     return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
-class PackedBatches:
+class StreamBatches:
+    """Rank ``rank``'s share of global batches drawn from an :class:`EpochStream` of ``n`` items.
+
+    Global batch ``k`` is stream positions ``k*G .. k*G + G - 1`` (``G = batch_size *
+    world_size``; a batch may straddle two epochs) and rank ``r`` takes the ``r``-th contiguous
+    slice of ``batch_size``. The whole resumable state is ``batch``, the number of global
+    batches consumed; :meth:`state_dict` adds what identifies the stream (:meth:`identity`), so
+    a resume on other data or another batch shape is refused. Subclasses turn the item indices
+    of :meth:`take` into tensors.
+    """
+
+    #: What a resume must keep the same, for the error message.
+    keep_same = "the same data, seed and global batch size"
+
+    def __init__(self, n: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}.")
+        self.n = n
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.global_batch = batch_size * world_size
+        self.batch = 0  # global batches consumed so far: the whole resumable state
+        self._stream = EpochStream(n, seed)
+
+    @property
+    def epoch(self) -> float:
+        """Passes over the items so far (fractional)."""
+        return self.batch * self.global_batch / self.n
+
+    def take(self) -> np.ndarray:
+        """The item indices of this rank's slice of the next global batch."""
+        items = self._stream.items(self.batch * self.global_batch + self.rank * self.batch_size, self.batch_size)
+        self.batch += 1
+        return items
+
+    def identity(self) -> dict[str, int]:
+        """What the stream is drawn from, besides seed and global batch size (subclasses)."""
+        return {}
+
+    # ------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, int]:
+        """Position and sampling identity; world size is not part of it (batches are global)."""
+        return {"batch": self.batch, "seed": self.seed, "global_batch": self.global_batch, **self.identity()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``; refuse a state taken on other data or another batch shape."""
+        mine = self.state_dict()
+        differs = [k for k in mine if k != "batch" and k in state and int(state[k]) != mine[k]]
+        if differs:
+            detail = ", ".join(f"{k}: saved {state[k]} vs now {mine[k]}" for k in differs)
+            raise ConfigError(
+                f"The saved batch stream does not match this run ({detail}); resume with {self.keep_same} "
+                "it was saved with."
+            )
+        self.batch = int(state["batch"])
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            yield self.next()
+
+    def next(self) -> Any:
+        raise NotImplementedError
+
+
+class PackedBatches(StreamBatches):
     """Deterministic, resumable, rank-sharded batches of ``(x, y)`` windows from packed tokens.
 
     Args:
@@ -99,6 +169,8 @@ class PackedBatches:
             ``batch_size * world_size`` windows.
     """
 
+    keep_same = "the same data, seed, global batch size and seq_len"
+
     def __init__(
         self,
         tokens: np.ndarray,
@@ -109,59 +181,47 @@ class PackedBatches:
         rank: int = 0,
         world_size: int = 1,
     ):
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
-        if not 0 <= rank < world_size:
-            raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}.")
         self.tokens = tokens
-        self.batch_size = batch_size
         self.seq_len = seq_len
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
         self.n_windows = _check_tokens(tokens, seq_len, "training")
-        self.global_batch = batch_size * world_size
-        self.batch = 0  # global batches consumed so far: the whole resumable state
-        self._stream = EpochStream(self.n_windows, seed)
-
-    @property
-    def epoch(self) -> float:
-        """Epochs of training data consumed (fractional)."""
-        return self.batch * self.global_batch / self.n_windows
+        super().__init__(self.n_windows, batch_size, seed=seed, rank=rank, world_size=world_size)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's slice of the next global batch: ``x, y`` of shape ``(batch_size, seq_len)``."""
-        start = self.batch * self.global_batch + self.rank * self.batch_size
-        windows = self._stream.items(start, self.batch_size)
-        self.batch += 1
-        return _gather(self.tokens, windows * self.seq_len, self.seq_len)
+        return _gather(self.tokens, self.take() * self.seq_len, self.seq_len)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield self.next()
+    def identity(self) -> dict[str, int]:
+        return {"seq_len": self.seq_len, "n_tokens": len(self.tokens)}
 
-    # ------------------------------------------------------------ resume
-    def state_dict(self) -> dict[str, int]:
-        """Position and sampling identity; world size is not part of it (batches are global)."""
-        return {
-            "batch": self.batch,
-            "seed": self.seed,
-            "global_batch": self.global_batch,
-            "seq_len": self.seq_len,
-            "n_tokens": len(self.tokens),
-        }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``; refuse a state taken on other data or another batch shape."""
-        mine = self.state_dict()
-        differs = [k for k in ("seed", "global_batch", "seq_len", "n_tokens") if int(state[k]) != mine[k]]
-        if differs:
-            detail = ", ".join(f"{k}: saved {state[k]} vs now {mine[k]}" for k in differs)
-            raise ConfigError(
-                f"Cannot resume the data stream: it was saved with other settings ({detail}). "
-                "Resume with the same data, seed, batch size and seq_len."
-            )
-        self.batch = int(state["batch"])
+class ExampleBatches(StreamBatches):
+    """Deterministic, resumable, rank-sharded batches ``(x[idx], y[idx])`` from a fixed set of
+    examples (arrays of the same length), visited in a fresh random order each epoch."""
+
+    keep_same = "the same training set, seed and global batch size"
+
+    def __init__(
+        self, x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1
+    ):
+        self.x, self.y = x, y
+        super().__init__(len(x), batch_size, seed=seed, rank=rank, world_size=world_size)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.take()
+        return torch.from_numpy(self.x[idx]), torch.from_numpy(self.y[idx])
+
+    def identity(self) -> dict[str, int]:
+        return {"n_examples": self.n}
+
+
+def epoch_budget(config: Any, *, epochs: float | None, n_examples: int, count_per_step: int) -> int:
+    """Optimizer steps of an example-based task: ``epochs`` passes over ``n_examples`` when set,
+    else ``max_tokens`` counted in the task's units (``count_per_step`` a step), else ``max_steps``."""
+    if epochs is not None:
+        return max(1, math.ceil(epochs * n_examples / (config.batch_size * config.grad_accum)))
+    if config.max_tokens is not None:
+        return max(1, math.ceil(config.max_tokens / count_per_step))
+    return config.max_steps
 
 
 def eval_windows(
@@ -212,8 +272,8 @@ def mask_padding(targets: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of ``logits`` ``(B, T, V)`` against ``targets`` ``(B, T)``, in fp32.
 
-    Targets equal to :data:`IGNORE_INDEX` (padding) are not scored: the mean is over the
-    scored tokens only. ``reduction="sum"`` gives the summed loss (for token-weighted evals).
+    Targets equal to :data:`IGNORE_INDEX` (padding, unlabelled positions) are not scored: the
+    mean is over the scored tokens only. ``reduction="sum"`` gives the summed loss (for token-weighted evals).
     """
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(),

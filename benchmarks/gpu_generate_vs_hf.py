@@ -59,6 +59,7 @@ import torch
 from benchutil import env_info, write_json
 from gpu_decode import copy_bandwidth, rel_err, timer
 from gpu_generate import ONE_B, VARIANTS, build, fill_cache, release, time_steps
+from qkvlab.attention.projections import unfuse_projections
 from qkvlab.models.decoding import StaticDecoder
 
 NAME = "gpu_generate_vs_hf.json"
@@ -267,16 +268,19 @@ def point_inputs(model, B: int, S: int, args, device, seed: int):
 
 def qkvlab_point(model, B, S, args, device, seed: int) -> tuple[dict, torch.Tensor | None]:
     """qkvlab's compiled step at ``(B, S)``: check against the eager step, time. Returns (row, eager logits)."""
-    row = dict(system="qkvlab", B=B, context=S)
+    row = dict(system="qkvlab", B=B, context=S, fused=args.fuse)
     try:
         token, cache = point_inputs(model, B, S, args, device, seed)
     except torch.OutOfMemoryError:
         free(device)
         return {**row, "error": "OOM allocating the cache"}, None
+    unfuse_projections(model)  # the reference is the plain model's; the decoder fuses again if asked
     ref = model.decode_one(token, cache).float()
     cache.reset()
     cache.advance(S)
-    dec = StaticDecoder(model, cache, cuda_graph="auto", warmup=args.warmup, compile=args.compile_mode or False)
+    dec = StaticDecoder(
+        model, cache, cuda_graph="auto", warmup=args.warmup, compile=args.compile_mode or False, fuse=args.fuse
+    )
     t0 = time.perf_counter()
     got = dec.step(token).float()
     row["first_step_s"] = time.perf_counter() - t0  # compile included
@@ -458,6 +462,12 @@ def main() -> None:
     ap.add_argument("--hf-compile-mode", default="reduce-overhead", help="torch.compile mode of HF's forward")
     ap.add_argument("--no-gemma", action="store_true", help="leave out the Gemma 4 K=V rows")
     ap.add_argument("--baseline-from", default=None, help="an earlier JSON whose hf-llama QKV rows the ratios use")
+    ap.add_argument(
+        "--fuse",
+        action="store_true",
+        help="qkvlab's decoder fuses each layer's projections into one matrix product (StaticDecoder(fuse=True)); "
+        "run once with and once without, on the same machine, to compare",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     try:

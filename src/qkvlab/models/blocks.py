@@ -11,6 +11,7 @@ from qkvlab.attention.backends import AttentionOutput
 from qkvlab.attention.cache import CacheLayout, KVCache, LinearState
 from qkvlab.attention.module import Attention, check_padding_mask
 from qkvlab.attention.positional import RMSNorm, Rotary
+from qkvlab.attention.projections import FusedLinears
 from qkvlab.errors import ConfigError
 from qkvlab.models.config import TransformerConfig
 
@@ -21,8 +22,13 @@ def make_norm(cfg: TransformerConfig) -> nn.Module:
     return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
-class MLP(nn.Module):
-    """GELU MLP (GPT-2) or SwiGLU (Shazeer, 2020; LLaMA)."""
+class MLP(FusedLinears, nn.Module):
+    """GELU MLP (GPT-2) or SwiGLU (Shazeer, 2020; LLaMA).
+
+    For inference, :meth:`fuse` runs SwiGLU's gate and up projections as one matrix product
+    (see :class:`~qkvlab.attention.projections.FusedLinears`; the GELU MLP has one input
+    projection and nothing to fuse).
+    """
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -31,10 +37,17 @@ class MLP(nn.Module):
         self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.mlp == "swiglu" else None
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.act = nn.GELU() if cfg.mlp == "gelu" else nn.SiLU()
+        self._init_fusion()
+
+    def _fusion_linears(self) -> list[nn.Linear]:
+        return [] if self.gate is None else [self.gate, self.up]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.up(x)) if self.gate is None else self.act(self.gate(x)) * self.up(x)
-        return self.down(h)
+        if self.gate is None:
+            return self.down(self.act(self.up(x)))
+        fused = self._fused_outputs(x)
+        gate, up = fused if fused is not None else (self.gate(x), self.up(x))
+        return self.down(self.act(gate) * up)
 
 
 class Block(nn.Module):

@@ -31,6 +31,22 @@ cache write, SwiGLU, residual adds, casts), which a graph replay still runs one 
 first step then pays the compile time. Later decoders of the same model reuse the compiled
 code: a second cache size or batch recompiles once, with dynamic shapes, and further ones
 reuse that (``torch.compile``'s own cache).
+
+``fuse=True`` (or ``"auto"``: only if the model is in eval mode) also fuses the model for
+inference when the decoder is built: each attention layer's projection groups become one matrix
+product and the SwiGLU MLP's gate and up projections another
+(:func:`~qkvlab.attention.projections.fuse_projections`). At batch 1 these are matrix-vector
+products bound by memory bandwidth, and one wider product may run closer to it than two or
+three small kernels. It is off by default: the fused weights are a second copy of those
+matrices (most of a model's weights) until ``model.train()`` or
+:func:`~qkvlab.attention.projections.unfuse_projections` drops them, so it is worth it only
+where a benchmark shows the step getting faster. The copy lives in non-persistent buffers (the
+state dict is unchanged) and is a snapshot meant for frozen weights. A graphed or compiled step
+does no check of its own: change the weights before building a decoder, or build a new one
+after (an eager forward notices in-place changes; see
+:class:`~qkvlab.attention.projections.FusedLinears`). If the fusion is dropped or re-made
+(``model.train()``, ``load_state_dict``), the next :meth:`StaticDecoder.step` fuses again (in
+eval mode) and re-records its graph.
 """
 
 from __future__ import annotations
@@ -39,6 +55,7 @@ import torch
 from torch import nn
 
 from qkvlab.attention.cache import KVCache
+from qkvlab.attention.projections import FusedLinears, fuse_projections, fusion_epoch
 from qkvlab.errors import ConfigError
 
 #: ``torch.compile`` modes a :class:`StaticDecoder` accepts (its own CUDA graph records the step).
@@ -61,6 +78,11 @@ class StaticDecoder:
             True (Inductor's default mode) or a mode name, ``"default"`` or
             ``"max-autotune-no-cudagraphs"`` (also tunes the matrix products; a longer compile).
             Modes with their own CUDA graphs are refused: this class records the graph.
+        fuse: fuse the model's projections for inference (one matrix product for each attention
+            layer's Q/K/V groups, one for SwiGLU's gate and up; the state dict is unchanged):
+            False (the default), ``"auto"`` (if the model is in eval mode) or True (requires eval
+            mode). It costs a second copy of the fused matrices and stays fused after the decoder (``model.train()`` or
+            :func:`~qkvlab.attention.projections.unfuse_projections` undoes it).
     """
 
     def __init__(
@@ -71,7 +93,15 @@ class StaticDecoder:
         cuda_graph: bool | str = "auto",
         warmup: int = 2,
         compile: bool | str = False,
+        fuse: bool | str = False,
     ):
+        if fuse not in (True, False, "auto"):
+            raise ConfigError(f"fuse must be True, False or 'auto', got {fuse!r}.")
+        if fuse is True and model.training:
+            raise ConfigError(
+                "fuse=True fuses the projections for inference, but the model is in training mode; call "
+                "model.eval() first, or pass fuse='auto' (fuse only in eval mode) or False."
+            )
         if cuda_graph not in (True, False, "auto"):
             raise ConfigError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}.")
         if not isinstance(compile, bool) and compile not in COMPILE_MODES:
@@ -92,6 +122,9 @@ class StaticDecoder:
             )
         self.model = model
         self.cache = cache
+        self._fuse = bool(fuse)
+        self._fusable = [m for m in model.modules() if isinstance(m, FusedLinears)]
+        self._sync_fusion()
         self.use_graph = device.type == "cuda" and cuda_graph in (True, "auto")
         self.token = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
         # One position for all rows, or one per row for a ragged cache: the shape is fixed at
@@ -103,6 +136,21 @@ class StaticDecoder:
         self._warmup = warmup
         mode = compile if isinstance(compile, str) else None
         self._fn = torch.compile(self._run, fullgraph=True, mode=mode) if compile else self._run
+
+    def _sync_fusion(self) -> None:
+        """Fuse (in eval mode, if asked) and note the fused buffers the step will read."""
+        if self._fuse and not self.model.training:
+            fuse_projections(self.model)
+        self._epoch = fusion_epoch()
+        self._fused_refs = self._fused_buffers()
+
+    def _fused_buffers(self) -> list[torch.Tensor | None]:
+        return [t for m in self._fusable for t in (m._fused_weight, m._fused_bias)]
+
+    @property
+    def fused(self) -> int:
+        """How many modules of the model run fused now."""
+        return sum(m.fused for m in self._fusable)
 
     @torch.no_grad()
     def _run(self) -> torch.Tensor:
@@ -153,6 +201,11 @@ class StaticDecoder:
             raise ConfigError(
                 f"step() got {token.numel()} tokens for a cache of batch {self.cache.batch_size}; pass one per row."
             )
+        if fusion_epoch() != self._epoch:  # some module was fused or unfused since (one int compare)
+            captured = self._fused_refs
+            self._sync_fusion()
+            if any(a is not b for a, b in zip(captured, self._fused_refs, strict=True)):
+                self.graph = None  # the graph reads the old buffers: record the step again
         if self.use_graph and self.graph is None:
             self.capture()
         self.token.copy_(token.view(-1, 1))

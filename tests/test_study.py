@@ -124,7 +124,8 @@ def test_other_dotted_axes_and_overrides_reach_the_config():
         ({"base": BASE, "grid": {"tokens": ["lots"]}}, "Token budget 'lots'"),
         ({"base": BASE, "grid": {"seed": []}}, "grid.seed must be a non-empty list"),
         ({"base": "no/such/base.yaml", "grid": {}}, "Base config 'no/such/base.yaml' not found"),
-        ({"base": BASE, "grids": {}}, "Did you mean 'grid'"),
+        ({"base": BASE, "grids": {}}, r"^Unknown sweep key 'grids'\. Did you mean 'grid'\? Valid keys: name, "),
+        ({"base": BASE, "xyz": 1}, r"^Unknown sweep key 'xyz'\. Valid keys: name, study_dir, base, grid, "),
     ],
 )
 def test_mistakes_in_a_sweep_are_config_errors(sweep: dict, message: str):

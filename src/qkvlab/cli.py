@@ -340,14 +340,15 @@ def maps(
 ) -> None:
     """Attention maps of a synthetic-task study: rows tasks, columns variants (the paper's appendix figure)."""
     from qkvlab.analysis.runner import study_task_maps
-    from qkvlab.train.config import parse_value
+    from qkvlab.train.config import parse_override
 
     settings = {}
     for item in where or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--where {item!r}: write KEY=VALUE, e.g. --where model.d_model=64.")
-        settings[key] = parse_value(value)
+        try:
+            key, value = parse_override(item)
+        except ConfigError:
+            raise ConfigError(f"--where {item!r}: write KEY=VALUE, e.g. --where model.d_model=64.") from None
+        settings[key] = value
     path = out or Path(study_dir) / "report" / "attention-maps.png"
     fig, drawn = study_task_maps(study_dir, path, where=settings, seed=seed, layer=layer)
     (Path(fig).with_suffix(".json")).write_text(

@@ -33,8 +33,8 @@ from qkvlab.errors import ConfigError
 from qkvlab.models.config import GPTConfig
 from qkvlab.models.presets import DEFAULT_PRESET, PRESETS, with_preset
 from qkvlab.study.results import STATUS_SKIPPED
-from qkvlab.study.spec import AXES, SweepSpec, format_tokens, get_dotted, parse_tokens, read_study_file
-from qkvlab.train.config import parse_value, set_dotted
+from qkvlab.study.spec import AXES, SweepSpec, format_tokens, parse_tokens, read_study_file
+from qkvlab.train.config import get_dotted, parse_value, set_dotted
 
 #: Config keys left out of the run id: they do not change what a run computes.
 ID_EXCLUDED = ("out_dir", "device", "log.progress", "log.tensorboard", "data.cache_dir")

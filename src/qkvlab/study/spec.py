@@ -45,14 +45,13 @@ import dataclasses
 import difflib
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from qkvlab.errors import ConfigError
+from qkvlab.errors import ConfigError, check_keys
 from qkvlab.study.metrics import METRICS
 from qkvlab.study.paper import PAPER_TABLES
 from qkvlab.train.config import load_yaml, parse_override
@@ -104,7 +103,7 @@ class SweepSpec:
         """Validate a sweep mapping; a ``base`` path is looked up under ``root``, then the working directory."""
         if not isinstance(d, dict):
             raise ConfigError(f"A sweep must be a mapping with 'base' and 'grid', got {type(d).__name__}.")
-        _check_keys("sweep", d, SWEEP_KEYS)
+        check_keys("", d, SWEEP_KEYS, noun="sweep")
         if "base" not in d:
             raise ConfigError("The sweep has no 'base': give a train config mapping or the path of a train YAML.")
         base = _load_base(d["base"], Path(root) if root is not None else None)
@@ -213,14 +212,6 @@ def _parse_overrides(overrides: Any) -> dict[str, Any]:
     raise ConfigError(f"'overrides' must be a mapping or a list of KEY=VALUE strings, got {overrides!r}.")
 
 
-def _check_keys(where: str, d: dict[str, Any], valid: Sequence[str]) -> None:
-    for key in d:
-        if key not in valid:
-            near = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise ConfigError(f"Unknown {where} key {key!r}.{hint} Valid keys: {', '.join(valid)}.")
-
-
 def read_study_file(study_dir: str | os.PathLike, *, strict: bool = False) -> dict[str, Any]:
     """The ``sweep.yaml`` a sweep left in a study folder, as a plain mapping: {} when the folder
     has none or it cannot be read (a report then takes its defaults). ``strict``: a file that is
@@ -238,13 +229,6 @@ def read_study_file(study_dir: str | os.PathLike, *, strict: bool = False) -> di
 def study_name(study_dir: str | os.PathLike) -> str:
     """The study's ``name`` in its ``sweep.yaml``, else the folder's name."""
     return str(read_study_file(study_dir).get("name") or Path(study_dir).resolve().name)
-
-
-def get_dotted(config: dict[str, Any], key: str) -> Any:
-    node: Any = config
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
 
 
 def parse_tokens(value: Any) -> int:

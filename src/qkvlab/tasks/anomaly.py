@@ -65,8 +65,7 @@ from qkvlab.checkpoint import atomic_write
 from qkvlab.data import vision as vdata
 from qkvlab.errors import ConfigError, check_keys
 from qkvlab.models.config import SetConfig
-from qkvlab.tasks.vision import as_epochs, as_int, build_config, model_fields
-from qkvlab.train.batches import ExampleBatches, epoch_budget
+from qkvlab.tasks.common import ExampleTask, as_int, build_config, model_fields, task_epochs
 from qkvlab.train.context import RunContext
 from qkvlab.train.evaluation import evaluate_classifier
 
@@ -149,12 +148,7 @@ class AnomalySettings:
         if normalize not in ("dataset", "imagenet"):
             raise ConfigError(f"task.backbone_normalize must be 'dataset' or 'imagenet', got {normalize!r}.")
         set_size = as_int("set_size", task.get("set_size", cls.set_size), 2)
-        epochs = as_epochs(task.get("epochs"), dataset)
-        if epochs is not None and config.max_tokens is not None:
-            raise ConfigError(
-                f"Both task.epochs={epochs:g} and max_tokens={config.max_tokens} set the step budget; "
-                "remove one of them (max_tokens=null, or drop task.epochs)."
-            )
+        epochs = task_epochs(task.get("epochs"), config, dataset)
         cache_dir = task.get("cache_dir")
         return cls(
             dataset=dataset,
@@ -521,7 +515,7 @@ def compute_features(
 
 
 # ================================================================== the task
-class AnomalyTask:
+class AnomalyTask(ExampleTask):
     """Odd-one-out over sets of image features (see the module docstring)."""
 
     metric_keys = ("val_loss", "val_acc")
@@ -551,14 +545,14 @@ class AnomalyTask:
     def check_config(cls, config) -> None:
         AnomalySettings.from_train_config(config)
         if cls.model_config(config) is None:
-            build_config(SetConfig, {**model_fields(config, SetConfig, "anomaly"), "in_features": 1}, "anomaly")
+            build_config(SetConfig, {**model_fields(config, SetConfig), "in_features": 1}, "anomaly")
 
     @classmethod
     def model_config(cls, config, in_features: int | None = None) -> SetConfig | None:
         """The set encoder this task trains; None when the feature width is not known before the
         backbone is loaded (a checkpoint backbone and no ``model.in_features``)."""
         s = AnomalySettings.from_train_config(config)
-        fields = model_fields(config, SetConfig, "anomaly")
+        fields = model_fields(config, SetConfig)
         if in_features is None and s.backbone == "cnn":
             in_features = 4 * s.backbone_width
         if in_features is not None:
@@ -582,38 +576,16 @@ class AnomalyTask:
             ctx.barrier()
         return task
 
-    # ------------------------------------------------------------- budget
-    def total_steps(self, config) -> int:
-        return epoch_budget(
-            config,
-            epochs=self.settings.epochs,
-            n_examples=self.settings.n_train_sets,
-            count_per_step=self.count_per_step(config),
-        )
-
-    def count_per_step(self, config) -> int:
-        """Sets per optimizer step (the trainer's "tokens")."""
-        return config.batch_size * config.grad_accum
-
     # ------------------------------------------------------------- the Task protocol
-    def build_model(self) -> nn.Module:
-        from qkvlab.models import build_model
-
-        return build_model(self.model_cfg)
-
-    def batches(self, batch_size: int, *, seed: int, ctx):
-        return ExampleBatches(
-            self.train_sets, self.train_odd, batch_size, seed=seed, rank=ctx.rank, world_size=ctx.world_size
-        )
+    def train_examples(self):
+        """The training sets (item indices) and the odd element's position in each; one example per set."""
+        return self.train_sets, self.train_odd
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         sets, odd = batch
         if self.train_feats.device != sets.device:
             self.train_feats = self.train_feats.to(sets.device)
         return F.cross_entropy(model(self.train_feats[sets]).float(), odd)
-
-    def count(self, batch) -> int:
-        return len(batch[1])
 
     def evaluate(self, model: nn.Module, *, batch_size: int, max_batches: int, ctx) -> dict[str, float]:
         """Loss and odd-one-out accuracy over all ``n_test_sets`` test sets, summed over processes."""

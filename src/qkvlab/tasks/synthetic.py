@@ -31,7 +31,6 @@ shared synthetic one, the labels are the ten digits, ``max_seq_len`` defaults to
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,18 +40,11 @@ from torch import nn
 from qkvlab.data import synthetic as synth
 from qkvlab.errors import ConfigError, check_keys
 from qkvlab.models.config import EncoderConfig
+from qkvlab.tasks.common import as_int, build_config, task_epochs
 from qkvlab.train.batches import IGNORE_INDEX, ExampleBatches, epoch_budget, lm_loss
 from qkvlab.train.evaluation import evaluate_sums, strided_batches
 
 TASK_KEYS = ("name", "kind", "seq_len", "n_train", "n_test", "seed", "epochs")
-
-
-def _int(key: str, value: Any, minimum: int) -> int:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"task.{key} must be an integer >= {minimum}, got {value!r}.")
-    return value
 
 
 @dataclass(frozen=True)
@@ -77,25 +69,16 @@ class SyntheticSettings:
             raise ConfigError(
                 f"Unknown synthetic task {kind!r}; use one of {', '.join(synth.TASKS)} (set task.kind to one of them)."
             )
-        seq_len = _int("seq_len", task.get("seq_len", config.seq_len), 1)
+        seq_len = as_int("seq_len", task.get("seq_len", config.seq_len), 1)
         synth.check_task(kind, seq_len)
-        epochs = task.get("epochs")
-        if epochs is not None and (
-            isinstance(epochs, bool) or not isinstance(epochs, int | float) or not math.isfinite(epochs) or epochs <= 0
-        ):
-            raise ConfigError(f"task.epochs must be a positive number of passes over the training set, got {epochs!r}.")
-        if epochs is not None and config.max_tokens is not None:
-            raise ConfigError(
-                f"Both task.epochs={epochs} and max_tokens={config.max_tokens} set the step budget; "
-                "remove one of them (max_tokens=null, or drop task.epochs)."
-            )
+        epochs = task_epochs(task.get("epochs"), config)
         return cls(
             kind=kind,
             seq_len=seq_len,
-            n_train=_int("n_train", task.get("n_train", cls.n_train), 1),
-            n_test=_int("n_test", task.get("n_test", cls.n_test), 1),
-            seed=_int("seed", task.get("seed", cls.seed), 0),
-            epochs=None if epochs is None else float(epochs),
+            n_train=as_int("n_train", task.get("n_train", cls.n_train), 1),
+            n_test=as_int("n_test", task.get("n_test", cls.n_test), 1),
+            seed=as_int("seed", task.get("seed", cls.seed), 0),
+            epochs=epochs,
         )
 
     @property
@@ -147,10 +130,7 @@ class SyntheticTask:
                 f"model.max_seq_len={fields['max_seq_len']!r} is shorter than the task's seq_len={settings.seq_len}; "
                 "raise model.max_seq_len or remove it."
             )
-        try:
-            return EncoderConfig(**fields)
-        except TypeError as e:  # a wrongly typed field
-            raise ConfigError(f"Bad model section for the synthetic task: {e}.") from None
+        return build_config(EncoderConfig, fields, "synthetic")
 
     @classmethod
     def from_config(cls, config, ctx) -> SyntheticTask:

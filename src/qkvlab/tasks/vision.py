@@ -35,8 +35,6 @@ left out; if given they must match the data.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +46,7 @@ from torch import nn
 from qkvlab.data import vision as vdata
 from qkvlab.errors import ConfigError, check_keys
 from qkvlab.models.config import ViTConfig
-from qkvlab.train.batches import ExampleBatches, epoch_budget
+from qkvlab.tasks.common import ExampleTask, as_int, build_config, model_fields, task_epochs
 from qkvlab.train.evaluation import evaluate_classifier
 
 TASK_KEYS = (
@@ -65,50 +63,6 @@ TASK_KEYS = (
     "cache_dir",
 )
 NORMALIZE = ("dataset", "none")
-# Preset fields that describe a language model, not a ViT.
-_NOT_VIT = ("vocab_size", "max_seq_len", "tie_embeddings")
-
-
-def as_int(key: str, value: Any, minimum: int, *, optional: bool = False) -> int | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"task.{key} must be an integer >= {minimum}{' or null' if optional else ''}, got {value!r}.")
-    return value
-
-
-def as_epochs(value: Any, dataset: str) -> float | None:
-    """``task.epochs``: a positive number, or a mapping from dataset name to one."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        if dataset not in value:
-            raise ConfigError(
-                f"task.epochs is a per-dataset mapping ({', '.join(map(str, value))}) without an entry for "
-                f"dataset {dataset!r}; add '{dataset}: <epochs>' to it."
-            )
-        value = value[dataset]
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"task.epochs must be a positive number of passes over the training set, got {value!r}.")
-    return float(value)
-
-
-def model_fields(config, family: type, task: str) -> dict[str, Any]:
-    """``config.model`` as keyword arguments of ``family``, on top of its preset's shape."""
-    from qkvlab.models.presets import with_preset
-
-    valid = ("preset", *(f.name for f in dataclasses.fields(family)))
-    check_keys("model", config.model, valid)
-    return with_preset(config.model, skip=_NOT_VIT, fields=valid)
-
-
-def build_config(family: type, fields: dict[str, Any], task: str):
-    try:
-        return family(**fields)
-    except TypeError as e:  # a wrongly typed field
-        raise ConfigError(f"Bad model section for the {task} task: {e}.") from None
 
 
 @dataclass(frozen=True)
@@ -153,12 +107,7 @@ class VisionSettings:
         augment = task.get("augment", False)
         if not isinstance(augment, bool):
             raise ConfigError(f"task.augment must be true or false, got {augment!r}.")
-        epochs = as_epochs(task.get("epochs"), dataset)
-        if epochs is not None and config.max_tokens is not None:
-            raise ConfigError(
-                f"Both task.epochs={epochs:g} and max_tokens={config.max_tokens} set the step budget; "
-                "remove one of them (max_tokens=null, or drop task.epochs)."
-            )
+        epochs = task_epochs(task.get("epochs"), config, dataset)
         cache_dir = task.get("cache_dir")
         return cls(
             dataset=dataset,
@@ -289,7 +238,7 @@ class AugmentedBatches:
 
 
 # ================================================================== the task
-class VisionTask:
+class VisionTask(ExampleTask):
     """A ViT classifier on one image dataset (see the module docstring)."""
 
     metric_keys = ("val_loss", "val_acc")
@@ -306,7 +255,7 @@ class VisionTask:
     def check_config(cls, config) -> None:
         settings = VisionSettings.from_train_config(config)
         if cls.model_config(config) is None:  # shape unknown until the data is read: check the rest
-            fields = model_fields(config, ViTConfig, "vision")
+            fields = model_fields(config, ViTConfig)
             patch = fields.get("patch_size", 4)
             fields = {"channels": 3, "n_classes": 2, **fields, "image_size": patch}
             build_config(ViTConfig, fields, f"vision ({settings.dataset})")
@@ -317,7 +266,7 @@ class VisionTask:
         named dataset's known shape is used, and None is returned for a 'folder' dataset whose
         shape the model section does not give."""
         settings = VisionSettings.from_train_config(config)
-        fields = model_fields(config, ViTConfig, "vision")
+        fields = model_fields(config, ViTConfig)
         if shape is None and settings.dataset in vdata.DATASETS:
             info = vdata.DATASETS[settings.dataset]
             shape = (info.image_size, info.image_size, info.channels, info.n_classes)
@@ -345,29 +294,13 @@ class VisionTask:
             ctx.barrier()
         return task
 
-    # ------------------------------------------------------------- budget
-    def total_steps(self, config) -> int:
-        return epoch_budget(
-            config,
-            epochs=self.settings.epochs,
-            n_examples=len(self.data.train_x),
-            count_per_step=self.count_per_step(config),
-        )
-
-    def count_per_step(self, config) -> int:
-        """Images per optimizer step (the trainer's "tokens")."""
-        return config.batch_size * config.grad_accum
-
     # ------------------------------------------------------------- the Task protocol
-    def build_model(self) -> nn.Module:
-        from qkvlab.models import build_model
-
-        return build_model(self.model_cfg)
+    def train_examples(self):
+        """Training images and labels; one example per image (the trainer's "tokens")."""
+        return self.data.train_x, self.data.train_y
 
     def batches(self, batch_size: int, *, seed: int, ctx):
-        source = ExampleBatches(
-            self.data.train_x, self.data.train_y, batch_size, seed=seed, rank=ctx.rank, world_size=ctx.world_size
-        )
+        source = super().batches(batch_size, seed=seed, ctx=ctx)
         if not self.settings.augment:
             return source
         return AugmentedBatches(source, seed=seed, rank=ctx.rank, flip=self.data.shape[2] == 3)
@@ -375,9 +308,6 @@ class VisionTask:
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         x, y = batch
         return F.cross_entropy(model(self.normalize(x)).float(), y)
-
-    def count(self, batch) -> int:
-        return len(batch[1])
 
     def evaluate(self, model: nn.Module, *, batch_size: int, max_batches: int, ctx) -> dict[str, float]:
         """Loss and accuracy over the whole validation set (``task.n_test`` sizes it, not

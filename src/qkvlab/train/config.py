@@ -586,6 +586,14 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), parse_value(text)
 
 
+def get_dotted(config: dict[str, Any], key: str) -> Any:
+    """``config["a"]["b"]`` for ``key="a.b"``; None when a section or the key is missing."""
+    node: Any = config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
     """Set ``config["a"]["b"] = value`` for ``key="a.b"``, creating sections as needed."""
     parts = key.split(".")

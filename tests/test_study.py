@@ -633,3 +633,18 @@ def test_report_shows_linear_attention_state_not_a_zero_cache(tmp_path: Path):
     lin = table["QKV (linear)"]
     assert lin["Δ PPL vs QKV"] == "+10.00%"
     assert lin["KV cache B/token"] == "0 (fixed 4.50 KiB state)" and lin["Cache reduction"] == "n/a"
+
+
+def test_report_says_when_it_cannot_draw_loss_curves(tmp_path: Path):
+    """A study rebuilt from its results.jsonl alone (no run folders) gets a line instead of a silent gap."""
+    pytest.importorskip("matplotlib")
+    store = ResultsStore(tmp_path / "s")
+    for i, (v, vid) in enumerate((("QKV", "q_k_v"), ("Q-K=V", "q_kv"))):
+        store.append(_row(f"r{i}", v, vid, "tiny", 10_000, 0, 10.0 + i, out_dir=f"runs/r{i}"))
+    md = write_report(tmp_path / "s").read_text()
+    assert md.count("Loss curves: not drawn") == 1 and "loss-" not in md
+    run = tmp_path / "s" / "runs" / "r0"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 100, "loss": 3.0}) + "\n")
+    md = write_report(tmp_path / "s").read_text()
+    assert "Loss curves: not drawn" not in md and "](loss-" in md

@@ -323,6 +323,12 @@ def _perplexity_report(
                 if path is not None:
                     written.add(path)
                     lines += [f"![{kind}, {title}]({path.name})", ""]
+                elif kind == "Loss curves":
+                    lines += [
+                        "Loss curves: not drawn; the runs' `metrics.jsonl` files are not under this study folder "
+                        "(a study rebuilt from its committed `results.jsonl` alone has the rows, not the run folders).",
+                        "",
+                    ]
 
     if plots:
         lines += _ladders(groups, order, colors, out, written)

@@ -86,3 +86,100 @@ def test_two_processes_match_one_with_the_same_global_batch(run_config, single, 
     x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(m1(x), m2(x), atol=1e-5)
+
+
+# ============================================== evaluation of an example-based task
+#: 17 test examples, global batch 8: 9 and 8 examples a process in batches of 4, so 3 and 2
+#: batches; process 1 must run a padding batch or FSDP's parameter all-gathers fall out of step.
+EVAL_TASK = {"name": "synthetic", "kind": "reverse", "seq_len": 6, "n_train": 16, "n_test": 17}
+
+
+def eval_config(strategy: str = "ddp"):
+    from qkvlab.train import TrainConfig
+
+    return TrainConfig.from_dict(
+        {
+            "task": dict(EVAL_TASK),
+            "model": {"preset": None, "d_model": 16, "n_layers": 2, "n_heads": 2},
+            "batch_size": 8,
+            "device": "cpu",
+            "dtype": "fp32",
+            "distributed": strategy,
+        }
+    )
+
+
+def evaluate_example_tasks(config, ctx, wrap) -> tuple[dict, dict]:
+    """The synthetic task's metrics and :func:`evaluate_classifier`'s, with each model's forward passes counted."""
+    from torch import nn
+
+    from qkvlab.tasks.synthetic import SyntheticTask
+    from qkvlab.train.evaluation import evaluate_classifier
+
+    task = SyntheticTask(config)
+    torch.manual_seed(0)
+    model = task.build_model()
+    classifier = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    forwards = {"synthetic": 0, "classifier": 0}
+    for name, m in (("synthetic", model), ("classifier", classifier)):
+        m.register_forward_hook(lambda *_, name=name: forwards.__setitem__(name, forwards[name] + 1))
+    model, classifier = wrap(model), wrap(classifier)
+    metrics = {"synthetic": task.evaluate(model, batch_size=config.batch_size, max_batches=0, ctx=ctx)}
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(13, 5)).astype(np.float32), rng.integers(0, 3, size=13)  # 7 + 6 examples, 3 a batch
+    metrics["classifier"] = evaluate_classifier(classifier, x, y, batch_size=6, ctx=ctx, count_key="n")
+    return metrics, forwards
+
+
+def eval_worker(out: Path, strategy: str) -> None:
+    from qkvlab.train.context import setup_context, wrap_model
+
+    config = eval_config(strategy)
+    ctx = setup_context(config)
+    metrics, forwards = evaluate_example_tasks(config, ctx, lambda m: wrap_model(m, config, ctx))
+    (out / f"rank{ctx.rank}.json").write_text(json.dumps({"metrics": metrics, "forwards": forwards}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_example_task_evaluation_over_two_processes_matches_one(tmp_path, strategy):
+    import signal
+
+    from qkvlab.train.context import RunContext
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [*torchrun, __file__, "--eval-worker", str(tmp_path), strategy],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers (each in a session of its own)
+        try:
+            output, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output = ""
+        pytest.fail(f"the evaluation under {strategy} hung (uneven forward passes?):\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
+
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["forwards"] == ranks[1]["forwards"] == {"synthetic": 3, "classifier": 3}
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]  # the sums are added over processes
+    one, _ = evaluate_example_tasks(eval_config(), RunContext(), lambda m: m)
+    assert one["synthetic"]["val_tokens"] == 17 * 6 and one["classifier"]["n"] == 13
+    for name, metrics in one.items():
+        got = ranks[0]["metrics"][name]
+        assert got.keys() == metrics.keys()
+        for key, value in metrics.items():  # other batches: the float sums add up in another order
+            assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-12), (name, key)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--eval-worker"]:
+    eval_worker(Path(sys.argv[2]), sys.argv[3])

@@ -14,7 +14,7 @@ from qkvlab.data import synthetic as synth
 from qkvlab.errors import ConfigError
 from qkvlab.train.batches import IGNORE_INDEX, ExampleBatches, PackedBatches, lm_loss
 from qkvlab.train.context import RunContext
-from qkvlab.train.evaluation import evaluate_classifier, evaluate_sums, strided_batches
+from qkvlab.train.evaluation import PaddingBatch, evaluate_classifier, evaluate_sums, strided_batches
 
 
 @dataclass
@@ -66,6 +66,44 @@ def test_classifier_metrics_are_the_means_and_add_up_over_processes():
     total = parts[0] + parts[1]
     assert total[2].item() == 23 and total[1].item() / 23 == one["val_acc"]
     assert total[0].item() / 23 == pytest.approx(one["val_loss"], rel=1e-12)
+
+
+@pytest.mark.parametrize(("n", "batch_size", "world_size"), [(13, 6, 2), (23, 6, 2), (7, 9, 3), (10, 4, 4), (1, 4, 2)])
+def test_every_process_gets_as_many_batches_and_padding_is_the_only_repeat(n, batch_size, world_size):
+    x = np.arange(n)
+    shares = [
+        list(strided_batches(x, x * 10, batch_size=batch_size, ctx=OneRank(rank=r, world_size=world_size)))
+        for r in range(world_size)
+    ]
+    assert len({len(share) for share in shares}) == 1  # FSDP: the same number of forward passes everywhere
+    real = [b for share in shares for b in share if not isinstance(b, PaddingBatch)]
+    assert sorted(int(v) for bx, _ in real for v in bx) == list(range(n))
+    assert all(torch.equal(by, bx * 10) for share in shares for bx, by in share)
+    if (n, batch_size) == (13, 6):  # 7 and 6 examples in batches of 3: process 1 pads its third
+        assert [isinstance(b, PaddingBatch) for b in shares[1]] == [False, False, True]
+
+
+def test_padding_batches_are_run_but_not_scored():
+    x, y, model = classifier_data(n=13)
+    one = evaluate_classifier(model, x, y, batch_size=6, ctx=RunContext(), count_key="n")
+    calls = [0, 0]
+    parts = []
+    for r in range(2):
+
+        def forward(batch, r=r):
+            calls[r] += 1
+            return model(batch)
+
+        parts.append(
+            evaluate_classifier(
+                model, x, y, batch_size=6, ctx=OneRank(rank=r, world_size=2), count_key="n", forward=forward
+            )
+        )
+    assert calls == [3, 3]  # 7 and 6 examples, 3 a batch: 3 and 2 batches, and one padding batch
+    assert parts[0]["n"] + parts[1]["n"] == one["n"] == 13
+    acc = (parts[0]["val_acc"] * parts[0]["n"] + parts[1]["val_acc"] * parts[1]["n"]) / 13
+    loss = (parts[0]["val_loss"] * parts[0]["n"] + parts[1]["val_loss"] * parts[1]["n"]) / 13
+    assert acc == pytest.approx(one["val_acc"], rel=1e-12) and loss == pytest.approx(one["val_loss"], rel=1e-6)
 
 
 def test_evaluation_runs_in_eval_mode_without_gradients():

@@ -143,9 +143,9 @@ def test_readme_bash_blocks_run_as_written(scratch):
         ran += len(cmds)
     assert ran, "no README command ran"
     report = scratch / "my-dickens" / "report" / "report.md"
-    if report.exists():  # the quick start's report: tables, and no loss curves without run folders
+    if report.exists():  # the quick start's report: tables, and no loss curves without run folders (said so)
         text = report.read_text()
-        assert "| QKV |" in text and "Loss curves" not in text
+        assert "| QKV |" in text and "![Loss curves" not in text and "Loss curves: not drawn" in text
 
 
 def test_readme_python_blocks_run_as_written(scratch):

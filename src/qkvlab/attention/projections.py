@@ -77,6 +77,7 @@ class FusedLinears:
         self._fused_members: list[torch.Tensor] = []
 
     def _fusion_linears(self) -> list[nn.Linear]:
+        """The layers one product replaces, in output order (each subclass names its own)."""
         raise NotImplementedError
 
     @property

@@ -19,6 +19,7 @@ from typing import Any
 
 from qkvlab.attention.variant import PAPER_LM_VARIANTS
 from qkvlab.study.paper import PAPER_TABLES
+from qkvlab.study.tables import markdown_table
 
 HARNESS_STATUS = "harness"
 #: The paper's five tasks (Table 11's columns) and the chance accuracy of each: the reciprocal
@@ -118,13 +119,13 @@ def _paper_lines() -> list[str]:
     table = PAPER_TABLES[PAPER_TABLE]
     base = table.values.get("QKV", {}).get("avg")
     header = ["Paper (1.2B)", *(TASK_LABEL[t] for t in PAPER_TASKS), "Avg", "Δ Avg vs QKV (pts)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for name, vals in table.values.items():
         cells = [f"{vals[t]:.2f}" if t in vals else "not found" for t in PAPER_TASKS]
         avg = vals.get("avg")
         delta = "" if name == "QKV" or avg is None or base is None else f"{avg - base:+.2f}"
-        lines.append("| " + " | ".join([name, *cells, f"{avg:.2f}" if avg is not None else "-", delta]) + " |")
-    return lines
+        rows.append([name, *cells, f"{avg:.2f}" if avg is not None else "-", delta])
+    return markdown_table(header, rows)
 
 
 def downstream_section(
@@ -163,7 +164,7 @@ def downstream_section(
             "LAMBADA acc",
             "LAMBADA ppl",
         ]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        table_rows = []
         for key in sorted(summaries, key=_run_order):
             s = summaries[key]
             base = _baseline(summaries, key) if key[1] != "QKV" else None
@@ -184,7 +185,7 @@ def downstream_section(
                 _pts(s["lambada_acc"], s["lambada_acc_stderr"]),
                 "-" if ppl is None else f"{ppl:.4g}",
             ]
-            lines.append("| " + " | ".join(cells) + " |")
+            table_rows.append(cells)
             records.append(
                 {
                     "num_fewshot": shots,
@@ -198,7 +199,7 @@ def downstream_section(
                     "avg_change_stderr": delta_se,
                 }
             )
-        lines.append("")
+        lines += [*markdown_table(header, table_rows), ""]
     lines += [
         f"Beside them, the paper's {PAPER_TABLES[PAPER_TABLE].title} ({PAPER_TABLES[PAPER_TABLE].source}). Its "
         "models are 1.2B parameters on SlimPajama, so compare the changes against QKV, not the levels; the paper "

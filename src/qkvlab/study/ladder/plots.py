@@ -40,16 +40,7 @@ def plot_fits(a: LadderAnalysis, g: GroupKey, out: Path) -> Path | None:
         )
         if not pts:
             continue
-        ax.errorbar(
-            [p[0] for p in pts],
-            [p[1] for p in pts],
-            yerr=[p[2] or 0.0 for p in pts],
-            marker="o",
-            ms=4,
-            capsize=2,
-            color=colors[vid],
-            label=variant_label(vid),
-        )
+        _loss_points(ax, pts, colors[vid], variant_label(vid))
         if group_fit is not None and vid in group_fit.index:
             target = target_nonembedding(vid)[0]
             xs = np.geomspace(pts[0][0], max(target, pts[-1][0]), 100)
@@ -65,6 +56,20 @@ def plot_fits(a: LadderAnalysis, g: GroupKey, out: Path) -> Path | None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
     return save_png(fig, out / slug(f"{FIG_PREFIX}loss-vs-params-{recipe}-{budget_label(budget)}.png"))
+
+
+def _loss_points(ax, pts: list[tuple], color: str, label: str) -> None:
+    """(x, mean loss, spread over seeds) points joined by a line, with error bars."""
+    ax.errorbar(
+        [p[0] for p in pts],
+        [p[1] for p in pts],
+        yerr=[p[2] or 0.0 for p in pts],
+        marker="o",
+        ms=4,
+        capsize=2,
+        color=color,
+        label=label,
+    )
 
 
 def _log_loss_axis(ax) -> None:
@@ -133,16 +138,7 @@ def plot_tokens(a: LadderAnalysis, recipe: str, model: str, budgets: list, vids:
             ],
             key=lambda t: t[0],
         )
-        ax.errorbar(
-            [p[0] for p in pts],
-            [p[1] for p in pts],
-            yerr=[p[2] or 0.0 for p in pts],
-            marker="o",
-            ms=4,
-            capsize=2,
-            color=colors[vid],
-            label=variant_label(vid),
-        )
+        _loss_points(ax, pts, colors[vid], variant_label(vid))
     ax.set_xscale("log")
     ax.set_xlabel("tokens trained")
     ax.set_ylabel("validation loss (nats / token)")

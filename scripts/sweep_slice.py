@@ -123,6 +123,9 @@ def main() -> int:
     committed = Path(args.results) / "results.jsonl"
     if committed.is_file() and not (study / "results.jsonl").is_file():
         shutil.copyfile(committed, study / "results.jsonl")
+    # On a machine kept warm between calls the study folder already holds earlier calls' runs:
+    # the slice's counts and times are this call's alone (the archive still carries every run).
+    before = {r["run_id"] for r in read_jsonl(study / "results.jsonl") if r.get("status") == "ok"}
     only = {k: v.split(",") for k, _, v in (item.partition("=") for item in args.only)}
     # Stopped from outside (the call's own limit): stop the workers, then pack what finished.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -156,14 +159,15 @@ def main() -> int:
             log = study / ".jobs" / f"{run_id}.log"
             if log.is_file():
                 tar.add(log, arcname=f"failed/{run_id}.log")
-    rows = [r for r in read_jsonl(study / "results.jsonl") if r.get("run_id") in set(ran)]
+    new = set(ran) - before
+    rows = [r for r in read_jsonl(study / "results.jsonl") if r.get("run_id") in new]
     info = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.gmtime(t0)),
         "wall_s": round(time.time() - t0, 1),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "devices": args.devices,
         "time_limit_s": args.time_limit,
-        "ran": len(ran),
+        "ran": len(new),
         "failed": len(failed),
         "deferred": None if summary is None else len(summary.deferred),
         "stopped": summary is None,

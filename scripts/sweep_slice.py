@@ -7,7 +7,9 @@ from ``$OUT``; checkpoints are too large to bring back and are not needed. So th
    name (the run ids hash those paths, so a run here and one on a workstation agree);
 2. seeds the study folder with the committed results (``--results``), so finished runs are
    skipped and a slice continues where the last one stopped;
-3. runs the sweep with ``--devices`` and ``--time-limit`` (only runs expected to finish start);
+3. runs the sweep with ``--devices`` and ``--time-limit`` (only runs expected to finish start;
+   with ``--stop-at-limit`` the others start too and are stopped at the limit with a checkpoint,
+   which the next call on the same warm machine resumes);
 4. with ``--harness-models``, scores the finished runs of those models that have no downstream
    rows yet with ``qkvlab eval harness`` (``--harness-tasks``, ``--harness-fewshot``; the task
    files from ``--harness-data``, e.g. a folder unpacked from a carried archive), appending
@@ -95,6 +97,12 @@ def main() -> int:
     ap.add_argument("--results", required=True, help="committed results folder whose results.jsonl seeds the study")
     ap.add_argument("--devices", default="0")
     ap.add_argument("--time-limit", type=float, required=True, help="seconds for the sweep")
+    ap.add_argument(
+        "--stop-at-limit",
+        action="store_true",
+        help="also start runs that will not finish in the limit, and stop them there with a checkpoint: on a "
+        "machine kept warm the next call resumes them (on a fresh machine they start over)",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT", "slice-out"))
     ap.add_argument("--only", action="append", default=[], help="KEY=V1,V2: run only these grid points")
     ap.add_argument("--harness-models", default="", help="comma list of models whose finished runs to score")
@@ -130,7 +138,14 @@ def main() -> int:
     # Stopped from outside (the call's own limit): stop the workers, then pack what finished.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        summary = run_sweep(spec, study, devices=args.devices, time_limit=args.time_limit, only=only or None)
+        summary = run_sweep(
+            spec,
+            study,
+            devices=args.devices,
+            time_limit=args.time_limit,
+            only=only or None,
+            stop_at_limit=args.stop_at_limit,
+        )
     except KeyboardInterrupt:
         print("stopped: packing the runs that finished", flush=True)
         summary = None
@@ -170,6 +185,7 @@ def main() -> int:
         "ran": len(new),
         "failed": len(failed),
         "deferred": None if summary is None else len(summary.deferred),
+        "stopped_with_checkpoint": None if summary is None else len(summary.stopped),
         "stopped": summary is None,
         "harness_scored": scored,
         "train_time_s": round(sum(r.get("train_time_s") or 0 for r in rows), 1),

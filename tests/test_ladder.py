@@ -20,7 +20,7 @@ from qkvlab.data.lm import load_lm_data
 from qkvlab.errors import ConfigError
 from qkvlab.models import GPT, GPTConfig, get_preset
 from qkvlab.study import ResultsStore, SweepSpec, expand, load_sweep, run_sweep
-from qkvlab.train import TrainConfig, load_config, train
+from qkvlab.train import TrainConfig, latest_checkpoint, load_config, train
 from qkvlab.train.trainer import build_optimizer, decay_rule
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -230,16 +230,19 @@ def test_grid_blocks_run_their_union_in_order_and_a_shared_point_once():
 
 
 class Clocked:
-    """A fake trainer that advances a fake clock by ``seconds_per_token`` x tokens."""
+    """A fake trainer that advances a fake clock by ``fixed`` + ``seconds_per_token`` x tokens;
+    with ``fixed`` it reports its training time apart, as the real trainer does."""
 
-    def __init__(self, clock: list[float], seconds_per_token: float):
-        self.clock, self.rate, self.calls = clock, seconds_per_token, []
+    def __init__(self, clock: list[float], seconds_per_token: float, fixed: float = 0.0):
+        self.clock, self.rate, self.fixed, self.calls = clock, seconds_per_token, fixed, []
 
     def __call__(self, config: dict[str, Any], *, resume: bool = False) -> dict[str, Any]:
         Path(config["out_dir"]).mkdir(parents=True, exist_ok=True)
         self.calls.append(config["max_tokens"])
-        self.clock[0] += self.rate * config["max_tokens"]
-        return {"tokens": config["max_tokens"], "val_loss": 3.0, "val_ppl": math.exp(3.0)}
+        train = self.rate * config["max_tokens"]
+        self.clock[0] += self.fixed + train
+        out = {"tokens": config["max_tokens"], "val_loss": 3.0, "val_ppl": math.exp(3.0)}
+        return {**out, "train_time_s": train} if self.fixed else out
 
 
 def test_a_time_limit_starts_only_runs_expected_to_finish_and_the_next_slice_does_the_rest(tmp_path: Path, monkeypatch):
@@ -262,6 +265,75 @@ def test_a_time_limit_starts_only_runs_expected_to_finish_and_the_next_slice_doe
     assert ResultsStore(tmp_path).finished_ids() == set(ids) and not summary.deferred
     with pytest.raises(ConfigError, match="time_limit must be a positive number of seconds"):
         run_sweep(s, tmp_path, run_fn=trainer, verbose=False, time_limit=0)
+
+
+def test_the_time_estimate_charges_a_runs_fixed_start_up_once_not_per_token(tmp_path: Path, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("qkvlab.study.sweep.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("qkvlab.study.sweep.time.perf_counter", lambda: clock[0])
+    s = SweepSpec.from_dict({"base": BASE, "grid": {"variant": ["QKV", "Q-K=V"], "tokens": [1000, 4000]}})
+    # Each run: 30 s fixed (compilation, evaluation) + 0.01 s per token, so 40 s and 70 s. Wall
+    # time per token alone would expect 160 s of the 4000-token run after seeing the 1000-token
+    # ones; fixed + rate expects its true 70 s, so with 100 s left after the first two it starts.
+    trainer = Clocked(clock, 0.01, fixed=30.0)
+    only_small = {"tokens": [1000]}
+    run_sweep(s, tmp_path, run_fn=trainer, verbose=False, only=only_small)
+    summary = run_sweep(s, tmp_path, run_fn=trainer, verbose=False, time_limit=100)
+    assert trainer.calls == [1000, 1000, 4000] and len(summary.deferred) == 1
+    assert summary.deferred == [p.run_id for p in expand(s) if p.tokens == 4000][1:]
+
+
+def test_the_time_estimate_prefers_runs_that_shared_their_device_as_this_sweep_will(tmp_path: Path):
+    from qkvlab.study.sweep import _Timer
+
+    store = ResultsStore(tmp_path)
+    for k, (share, wall, trained) in enumerate([(6, 100.0, 80.0), (6, 110.0, 90.0), (1, 40.0, 20.0)]):
+        row = {"run_id": f"r{k}", "status": "ok", "model": "m", "tokens": 1000, "wall_s": wall}
+        store.append({**row, "train_time_s": trained, "runs_per_device": share})
+    assert _Timer(store, None, runs_per_device=6).estimate("m", 2000) == pytest.approx(20 + 0.085 * 2000)
+    assert _Timer(store, None, runs_per_device=1).estimate("m", 2000) == pytest.approx(20 + 0.02 * 2000)
+    # no run at this sharing yet: every run of the model; no run of the model: no estimate
+    assert _Timer(store, None, runs_per_device=3).estimate("m", 1000) == pytest.approx(20 + 80)
+    assert _Timer(store, None, runs_per_device=6).estimate("other", 1000) is None
+
+
+def test_a_sweep_stopped_at_its_limit_keeps_each_runs_step_and_the_next_call_resumes_it(tmp_path: Path):
+    """The slices' path (runs in worker processes): at the limit a run still training saves a
+    checkpoint and leaves no row; the next call resumes it from there and records it."""
+    ids = np.random.default_rng(0).integers(0, 64, size=20_000).astype(np.uint16)
+    np.save(tmp_path / "tokens.npy", ids)
+    base = {
+        "model": {"preset": "tiny", "n_layers": 1, "d_model": 16, "n_heads": 2},
+        "data": {"source": str(tmp_path / "tokens.npy")},
+        "batch_size": 2,
+        "seq_len": 16,
+        "max_steps": 100_000,  # far more than the limit allows
+        "eval_batches": 1,
+        "log": {"every": 50, "progress": False, "tensorboard": False},
+    }
+    s = SweepSpec.from_dict({"base": base, "grid": {"variant": ["Q-K=V"]}})
+    (plan,) = expand(s)
+    study = tmp_path / "study"
+    with pytest.raises(ConfigError, match="stop_at_limit stops runs at the time limit, so it needs one"):
+        run_sweep(s, study, devices="cpu,cpu", verbose=False, stop_at_limit=True)
+    summary = run_sweep(s, study, devices="cpu,cpu", verbose=False, time_limit=7, stop_at_limit=True)
+    assert summary.stopped == [plan.run_id] and summary.deferred == [plan.run_id] and not summary.ran
+    assert "1 stopped with a checkpoint (the next call resumes them)" in str(summary)
+    assert not ResultsStore(study).latest()  # no row for a run that has not finished
+    saved = latest_checkpoint(study / "runs" / plan.run_id)
+    assert saved is not None  # it reached its training loop well inside the limit
+    step = int(saved.name.split("-")[1])
+    assert 0 < step < 100_000
+    # the next call resumes the run from that step (and stops it again at its own limit)
+    summary = run_sweep(s, study, devices="cpu,cpu", verbose=False, time_limit=7, stop_at_limit=True)
+    assert summary.stopped == [plan.run_id]
+    assert int(latest_checkpoint(study / "runs" / plan.run_id).name.split("-")[1]) > step
+    metrics = [json.loads(line) for line in (study / "runs" / plan.run_id / "metrics.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in metrics]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # went on from the step, logged nothing twice
+    # one device, in this process: a timer asks the run to stop, the same way
+    summary = run_sweep(s, tmp_path / "one", devices="cpu", verbose=False, time_limit=3, stop_at_limit=True)
+    assert summary.stopped == [plan.run_id] and latest_checkpoint(tmp_path / "one" / "runs" / plan.run_id)
 
 
 def test_the_ladder_study_config_loads_and_expands_to_the_intended_grid():

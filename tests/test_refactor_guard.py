@@ -46,6 +46,8 @@ VOLATILE = (
     "train_tokens_per_s",
     "decode_tokens_per_s",
     "mfu",
+    "steady_tokens_per_s",
+    "steady_mfu",
     "device_name",
     "git_commit",
     "git_dirty",

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,16 @@ from qkvlab.train import (
     mask_padding,
     train,
 )
-from qkvlab.train.trainer import LMTask, RunContext, build_optimizer, evaluate_lm, load_splits
+from qkvlab.train.trainer import (
+    LMTask,
+    RunContext,
+    RunStopped,
+    Trainer,
+    build_optimizer,
+    evaluate_lm,
+    load_splits,
+    request_stop,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # A tiny model: 2 layers, d_model 32, 4 heads; the vocabulary comes from the data (64 ids).
@@ -319,6 +329,8 @@ def test_training_learns_and_writes_the_run_folder(tokens_file, tmp_path):
     assert {"step", "tokens", "loss", "lr", "tokens_per_s", "val_loss", "val_ppl"} <= set(rows[0])
     assert [r["step"] for r in rows if r["val_loss"] is not None] == [20, 40]
     assert rows[-1]["val_loss"] == summary["val_loss"] and rows[0]["loss"] > rows[-1]["loss"] + 1.0
+    # the steady rate leaves out the first log window, which holds the warm-up
+    assert summary["steady_tokens_per_s"] == statistics.median(r["tokens_per_s"] for r in rows[1:])
 
     model = load_model(out / "model.safetensors")  # a plain qkvlab checkpoint
     again = evaluate_lm(model, load_splits(cfg.data).val, seq_len=32, batch_size=8, max_windows=32)
@@ -412,6 +424,34 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tokens_file, tmp_path,
     assert resumed["val_loss"] == whole["val_loss"]
     a, b = weights(tmp_path / "whole/model.safetensors"), weights(tmp_path / "run/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stop_request_saves_the_step_reached_and_the_resumed_run_ends_as_an_unstopped_one(
+    tokens_file, tmp_path, monkeypatch
+):
+    whole = train(tiny_config(tokens_file, tmp_path / "whole"), verbose=False)
+    step_once = Trainer.train_step
+
+    def stop_after_step_7(self):
+        out = step_once(self)
+        if self.step == 7:
+            request_stop()  # as a sweep's time limit does, from a signal handler or a timer thread
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", stop_after_step_7)
+    cfg = tiny_config(tokens_file, tmp_path / "run")
+    with pytest.raises(RunStopped, match=r"stopped at step 7 of 20 with a checkpoint"):
+        train(cfg, verbose=False)
+    assert latest_checkpoint(tmp_path / "run").name == "ckpt-0000007"  # saved at the step reached
+    monkeypatch.setattr(Trainer, "train_step", step_once)
+    resumed = train(cfg, resume=True, verbose=False)  # the request was answered: this run goes on
+    assert resumed["steps"] == 20 and resumed["val_loss"] == whole["val_loss"]
+    a, b = weights(tmp_path / "whole/model.safetensors"), weights(tmp_path / "run/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a request withdrawn before any run answers it stops nothing
+    request_stop()
+    request_stop(False)
+    assert train(tiny_config(tokens_file, tmp_path / "again"), verbose=False)["val_loss"] == whole["val_loss"]
 
 
 def test_steps_checked_in_windows_as_on_a_gpu_log_the_same_losses_and_catch_the_bad_step(

@@ -263,6 +263,14 @@ def sweep(
         float | None,
         typer.Option(help="Seconds: start only runs expected to finish inside them; the rest wait for the next call."),
     ] = None,
+    stop_at_limit: Annotated[
+        bool,
+        typer.Option(
+            "--stop-at-limit",
+            help="With --time-limit: also start runs that will not finish, and at the limit stop each with a "
+            "checkpoint; the next call resumes them (for a machine kept between calls).",
+        ),
+    ] = False,
     force: Annotated[
         bool,
         typer.Option("--force", help="Run into a study folder that holds another study (another name or base config)."),
@@ -288,13 +296,22 @@ def sweep(
         selected.setdefault(key.strip(), []).extend(v.strip() for v in values.split(",") if v.strip())
     spec = load_sweep(config)
     try:
-        summary = run_sweep(spec, out, devices=devices, time_limit=time_limit, force=force, only=selected or None)
+        summary = run_sweep(
+            spec,
+            out,
+            devices=devices,
+            time_limit=time_limit,
+            force=force,
+            only=selected or None,
+            stop_at_limit=stop_at_limit,
+        )
     except KeyboardInterrupt:
         study = Path(out if out is not None else spec.study_dir or Path("studies") / spec.name)
         command = [*_launcher(), "sweep", str(config)]
         command += ["--out", str(out)] if out is not None else []
         command += ["--devices", devices] if devices is not None else []
         command += ["--time-limit", f"{time_limit:g}"] if time_limit is not None else []
+        command += ["--stop-at-limit"] if stop_at_limit else []
         command += ["--force"] if force else []
         command += [x for item in only or [] for x in ("--only", item)]
         raise _stopped(

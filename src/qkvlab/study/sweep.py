@@ -25,6 +25,8 @@ import json
 import math
 import os
 import queue
+import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -209,9 +211,12 @@ class SweepSummary:
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     deferred: list[str] = field(default_factory=list)  # left for a later call by the time limit
+    stopped: list[str] = field(default_factory=list)  # of those, stopped at the limit with a checkpoint
 
     def __str__(self) -> str:
         later = f", {len(self.deferred)} left for a later call (time limit)" if self.deferred else ""
+        if self.stopped:
+            later += f" of which {len(self.stopped)} stopped with a checkpoint (the next call resumes them)"
         return (
             f"{self.planned} grid points: {len(self.ran)} ran ({len(self.resumed)} resumed), "
             f"{len(self.already_done)} already done, {len(self.skipped)} skipped as invalid, "
@@ -229,6 +234,7 @@ def run_sweep(
     time_limit: float | None = None,
     force: bool = False,
     only: dict[str, Sequence[Any]] | None = None,
+    stop_at_limit: bool = False,
 ) -> SweepSummary:
     """Run every grid point of ``spec`` not yet finished in ``study_dir``'s results.
 
@@ -249,6 +255,13 @@ def run_sweep(
             inside them (its tokens at the seconds per token that finished runs of the same
             model took here; a model with no finished run yet is always started). Runs left
             over stay pending for the next call: a sweep in slices on a machine lent for a while.
+        stop_at_limit: with ``time_limit``, also start runs that will not finish in it (while
+            at least ``MIN_PARTIAL_S`` is left), and at the limit stop every run still training
+            with a checkpoint of the step it reached (:func:`qkvlab.train.request_stop`); the
+            next call on this folder resumes them. For a machine kept between calls: a run that
+            cannot finish inside one call then finishes over several, and no call ends idle
+            waiting for its last runs. Runs of the default trainer only (a ``run_fn`` of one's
+            own finishes its run).
         force: run into ``study_dir`` even if it holds another study (see :func:`check_same_study`);
             its ``sweep.yaml`` is replaced and its rows stay.
 
@@ -259,6 +272,8 @@ def run_sweep(
     """
     if time_limit is not None and not (math.isfinite(time_limit) and time_limit > 0):
         raise ConfigError(f"time_limit must be a positive number of seconds, got {time_limit!r}.")
+    if stop_at_limit and time_limit is None:
+        raise ConfigError("stop_at_limit stops runs at the time limit, so it needs one: give --time-limit SECONDS too.")
     deadline = None if time_limit is None else time.monotonic() + time_limit
     if not isinstance(spec, SweepSpec):
         spec = load_sweep(spec)
@@ -281,7 +296,7 @@ def run_sweep(
     with study_lock(study):
         check_same_study(spec, study, force=force)
         atomic_write(study / SWEEP_FILE, lambda p: Path(p).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False)))
-        return _run_plans(spec, plans, store, run_fn, local_fn, device_list, verbose, deadline)
+        return _run_plans(spec, plans, store, run_fn, local_fn, device_list, verbose, deadline, stop_at_limit)
 
 
 def _run_plans(
@@ -293,6 +308,7 @@ def _run_plans(
     device_list: list[str],
     verbose: bool,
     deadline: float | None,
+    stop_at_limit: bool = False,
 ) -> SweepSummary:
     """The runs of :func:`run_sweep`, under the study's lock."""
     study, parallel = store.study_dir, len(device_list) >= 2
@@ -315,20 +331,43 @@ def _run_plans(
         f"{len(summary.skipped)} skipped as invalid, {len(pending)} to run; study folder {study}",
         flush=True,
     )
-    fits = _Timer(store, deadline)
+    share = max(map(device_list.count, device_list)) if parallel else None
+    stops = stop_at_limit and run_fn is None  # only the default trainer answers a stop request
+    fits = _Timer(store, deadline, share, partial=stops)
     record = _Recorder(store, summary, say)
     if parallel:
-        _run_parallel(pending, store, record, run_fn, device_list, fits)  # None: the trainer, in each worker
+        limit = deadline if stops else None
+        _run_parallel(pending, store, record, run_fn, device_list, fits, limit)  # None: the trainer, in each worker
     else:
         device = device_list[0] if device_list else None
-        for k, plan in enumerate(pending, start=1):
-            if not fits(plan):
-                summary.deferred.append(plan.run_id)
-                continue
-            say(f"[{k}/{len(pending)}] {plan.run_id}: {plan.variant} on {plan.model}, seed {plan.seed}", flush=True)
-            _run_one(plan, store, record, local_fn, device)
+        with _stop_at(deadline if stops else None):
+            for k, plan in enumerate(pending, start=1):
+                if not fits(plan):
+                    summary.deferred.append(plan.run_id)
+                    continue
+                say(f"[{k}/{len(pending)}] {plan.run_id}: {plan.variant} on {plan.model}, seed {plan.seed}", flush=True)
+                _run_one(plan, store, record, local_fn, device)
     say(str(summary), flush=True)
     return summary
+
+
+@contextlib.contextmanager
+def _stop_at(deadline: float | None) -> Iterator[None]:
+    """Ask the run training in this process to stop with a checkpoint at ``deadline`` (a
+    ``time.monotonic`` time; None: never)."""
+    if deadline is None:
+        yield
+        return
+    from qkvlab.train.trainer import request_stop
+
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), request_stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        request_stop(False)  # fired between runs: no run is left to answer it
 
 
 @contextlib.contextmanager
@@ -395,28 +434,58 @@ def check_same_study(spec: SweepSpec, study: Path, *, force: bool = False) -> No
         )
 
 
+#: With ``stop_at_limit``, the least time left at which a run that will not finish still starts:
+#: less would go mostly to its start-up and its checkpoint.
+MIN_PARTIAL_S = 120.0
+
+
 class _Timer:
-    """Whether a plan is expected to finish before the deadline (always, without one)."""
+    """Whether a plan is expected to finish before the deadline (always, without one).
 
-    def __init__(self, store: ResultsStore, deadline: float | None):
-        self.store, self.deadline = store, deadline
+    A run's wall time is a fixed part (start-up, compilation, the final evaluation) plus its
+    tokens at a rate, both the median over the finished runs of the same model here: a rate of
+    wall time per token alone would charge the fixed part four times over to a run with four
+    times the tokens. Runs that shared their device with as many others as this sweep's runs
+    will are preferred, since sharing slows each run; rows without ``train_time_s`` (a custom
+    trainer) count as all rate.
+    """
 
-    def seconds_per_token(self, model: str) -> float | None:
-        rates = [
-            r["wall_s"] / r["tokens"]
+    def __init__(
+        self, store: ResultsStore, deadline: float | None, runs_per_device: int | None = None, *, partial: bool = False
+    ):
+        self.store, self.deadline, self.runs_per_device, self.partial = store, deadline, runs_per_device, partial
+
+    def estimate(self, model: str, tokens: float) -> float | None:
+        """Expected wall seconds of a run of ``model`` for ``tokens`` (None: no finished run to go by)."""
+        rows = [
+            r
             for r in self.store.latest().values()
             if r.get("status") == STATUS_OK and r.get("model") == model and r.get("wall_s") and r.get("tokens")
         ]
-        return sorted(rates)[len(rates) // 2] if rates else None
+        whole = [r for r in rows if not r.get("resumed")]  # a resumed run's times cover its last part only
+        rows = whole or rows
+        alike = [r for r in rows if r.get("runs_per_device") == self.runs_per_device]
+        rows = alike or rows
+        if not rows:
+            return None
+        fixed, rate = [], []
+        for r in rows:
+            train = r.get("train_time_s")
+            train = train if isinstance(train, int | float) and 0 < train <= r["wall_s"] else r["wall_s"]
+            fixed.append(r["wall_s"] - train)
+            rate.append(train / r["tokens"])
+        return statistics.median(fixed) + statistics.median(rate) * tokens
 
     def __call__(self, plan: RunPlan) -> bool:
         if self.deadline is None:
             return True
         left = self.deadline - time.monotonic()
-        rate = self.seconds_per_token(plan.model)
         if left <= 0:
             return False
-        return rate is None or plan.tokens is None or rate * plan.tokens <= left
+        if plan.tokens is None or (self.partial and left >= MIN_PARTIAL_S):
+            return True
+        expected = self.estimate(plan.model, plan.tokens)
+        return expected is None or expected <= left
 
 
 def _device_config(config: dict[str, Any], device: str | None) -> dict[str, Any]:
@@ -475,6 +544,13 @@ class _Recorder:
                 self.summary.resumed.append(job.plan.run_id)
         self.say(f"{tag}{_outcome(row)}", flush=True)
 
+    def stopped(self, job: _Job, message: str, *, tag: str = "  stopped: ") -> None:
+        """A run stopped at the time limit with a checkpoint: no row; the next call resumes it."""
+        with self.lock:
+            self.summary.deferred.append(job.plan.run_id)
+            self.summary.stopped.append(job.plan.run_id)
+        self.say(f"{tag}{job.plan.run_id}: {message}", flush=True)
+
     def failed(self, job: _Job, error: str, *, tag: str = "  failed: ") -> None:
         self.store.append(failed_row(job.plan, job.config, error, started=job.started))
         with self.lock:
@@ -488,14 +564,25 @@ def _run_one(plan: RunPlan, store: ResultsStore, record: _Recorder, run_fn: RunF
     try:
         result = run_fn(job.config, resume=job.resume)
     except Exception as e:
-        record.failed(job, f"{type(e).__name__}: {e}")
+        if _is_stop(e):
+            record.stopped(job, str(e))
+        else:
+            record.failed(job, f"{type(e).__name__}: {e}")
         return
     record.done(job, result)
+
+
+def _is_stop(e: BaseException) -> bool:
+    """Whether ``e`` is the trainer's answer to a stop request (its module is loaded if so)."""
+    trainer = sys.modules.get("qkvlab.train.trainer")
+    return trainer is not None and isinstance(e, trainer.RunStopped)
 
 
 # ------------------------------------------------------------------ several devices
 _WORKER = "import sys; from qkvlab.study.sweep import worker_main; sys.exit(worker_main(sys.argv[1:]))"
 JOBS_DIR = ".jobs"
+#: Seconds a worker asked to stop gets to save its checkpoint before it is killed.
+STOP_GRACE_S = 60.0
 
 
 def _function_ref(fn: RunFn | None) -> str | None:
@@ -524,12 +611,17 @@ def worker_main(argv: Sequence[str]) -> int:
             run_fn = getattr(importlib.import_module(module), name)
         else:
             run_fn = default_run_fn()
+            # SIGTERM (the sweep's time limit, or the sweep itself stopped): finish the step, save
+            # a checkpoint and exit, so the next sweep resumes instead of starting over
+            from qkvlab.train.trainer import request_stop
+
+            signal.signal(signal.SIGTERM, lambda *_: request_stop())
         summary = run_fn(job["config"], resume=job["resume"])
         result = {"ok": True, "summary": summary}
     except Exception as e:
-        result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}", "stopped": _is_stop(e)}
     atomic_write(out, lambda p: Path(p).write_text(json.dumps(result, default=str)))
-    return 0 if result["ok"] else 1
+    return 0 if result["ok"] else 3 if result["stopped"] else 1
 
 
 def _run_parallel(
@@ -539,8 +631,11 @@ def _run_parallel(
     run_fn: RunFn | None,
     devices: list[str],
     fits: Callable[[RunPlan], bool] = lambda plan: True,
+    limit: float | None = None,
 ) -> None:
-    """One thread per device entry takes plans from a queue and trains each in a subprocess on that device."""
+    """One thread per device entry takes plans from a queue and trains each in a subprocess on that
+    device. At ``limit`` (a ``time.monotonic`` time) the runs still training are asked to stop with
+    a checkpoint (SIGTERM, which a worker of the default trainer answers so)."""
     ref = _function_ref(run_fn)
     jobs = store.study_dir / JOBS_DIR
     jobs.mkdir(parents=True, exist_ok=True)
@@ -579,7 +674,9 @@ def _run_parallel(
             if stop.is_set():
                 return  # interrupted: not recorded, so the next sweep runs (resumes) it
             result = json.loads(result_path.read_text()) if result_path.is_file() else None
-            if result and result.get("ok"):
+            if result and result.get("stopped"):
+                record.stopped(job, result["error"].partition(": ")[2], tag=f"[device {label}] stopped ")
+            elif result and result.get("ok"):
                 # throughput and MFU are shared by the runs on one device
                 record.done(job, result["summary"], tag=f"[device {label}] done {plan.run_id}: ",
                             runs_per_device=devices.count(device))  # fmt: skip
@@ -590,18 +687,32 @@ def _run_parallel(
     threads = [
         threading.Thread(target=work, args=(i, d), name=f"sweep-{d}-{i}", daemon=True) for i, d in enumerate(devices)
     ]
+
+    def signal_running() -> list[subprocess.Popen]:
+        with lock:
+            running = [p for p in procs.values() if p.poll() is None]
+        for p in running:
+            p.terminate()
+        return running
+
     try:
         for t in threads:
             t.start()
         while any(t.is_alive() for t in threads):
             for t in threads:
                 t.join(timeout=0.2)
+            if limit is not None and time.monotonic() >= limit:
+                signal_running()  # each saves a checkpoint, writes its result and exits
+                limit = None
     except KeyboardInterrupt:
         stop.set()
-        with lock:
-            running = [p for p in procs.values() if p.poll() is None]
+        running = signal_running()
+        deadline = time.monotonic() + STOP_GRACE_S
         for p in running:
-            p.terminate()
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()  # an orphan still training would collide with the next sweep's run of it
         for t in threads:
-            t.join(timeout=30)
+            t.join(timeout=5)
         raise

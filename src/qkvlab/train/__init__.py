@@ -31,16 +31,18 @@ from qkvlab.train.state import latest_checkpoint, load_state, load_weights
 
 if TYPE_CHECKING:
     from qkvlab.tasks.lm import LMSplits, LMTask, load_splits
-    from qkvlab.train.trainer import Task, Trainer, lr_at, train
+    from qkvlab.train.trainer import RunStopped, Task, Trainer, lr_at, request_stop, train
 
 #: Names imported on first use, and their modules.
 _LAZY = {
     "LMSplits": "qkvlab.tasks.lm",
     "LMTask": "qkvlab.tasks.lm",
     "load_splits": "qkvlab.tasks.lm",
+    "RunStopped": "qkvlab.train.trainer",
     "Task": "qkvlab.train.trainer",
     "Trainer": "qkvlab.train.trainer",
     "lr_at": "qkvlab.train.trainer",
+    "request_stop": "qkvlab.train.trainer",
     "train": "qkvlab.train.trainer",
 }
 
@@ -66,6 +68,7 @@ __all__ = [
     "OptimConfig",
     "PackedBatches",
     "RunContext",
+    "RunStopped",
     "ScheduleConfig",
     "Task",
     "TrainConfig",
@@ -80,5 +83,6 @@ __all__ = [
     "load_weights",
     "lr_at",
     "mask_padding",
+    "request_stop",
     "train",
 ]

@@ -30,9 +30,12 @@ import contextlib
 import inspect
 import json
 import math
+import os
 import platform
 import random
+import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -97,6 +100,30 @@ class Task(Protocol):
 
 
 # ================================================================== pieces of the loop
+class RunStopped(Exception):
+    """A run stopped on request (:func:`request_stop`) after saving a checkpoint of the step it
+    reached: resuming it (``resume=True``, ``qkvlab train --resume``) continues from there."""
+
+    def __init__(self, out_dir: str | os.PathLike, step: int, total: int):
+        self.out_dir, self.step, self.total = str(out_dir), step, total
+        super().__init__(f"stopped at step {step} of {total} with a checkpoint in {self.out_dir!r}; resume to continue")
+
+
+_stop = threading.Event()
+
+
+def request_stop(stop: bool = True) -> None:
+    """Ask the run training in this process to save a checkpoint after its current step and raise
+    :class:`RunStopped` (``stop=False`` withdraws a request no run has answered yet). Safe from a
+    signal handler or another thread (a sweep's time limit uses both); a run not yet in its
+    training loop stops before its first step. Honoured by a single-process run only: the
+    processes of a distributed run would each stop at a step of their own."""
+    if stop:
+        _stop.set()
+    else:
+        _stop.clear()
+
+
 def lr_at(
     step: int,
     *,
@@ -207,9 +234,10 @@ def is_metric(key: str) -> bool:
 
 
 #: Hardware measurements of a run (:meth:`Trainer._throughput`).
-THROUGHPUT_KEYS = ("device_name", "peak_memory_gib", "flops_per_token", "mfu")
+THROUGHPUT_KEYS = ("device_name", "peak_memory_gib", "flops_per_token", "mfu", "steady_tokens_per_s", "steady_mfu")
 #: Measurements a results row carries when the run reports them (the demo adds decoding speed).
-ROW_EXTRAS = ("decode_tokens_per_s", "world_size", "device_name", "peak_memory_gib", "flops_per_token", "mfu")
+ROW_EXTRAS = ("decode_tokens_per_s", "world_size", "device_name", "peak_memory_gib", "flops_per_token", "mfu",
+              "steady_tokens_per_s", "steady_mfu")  # fmt: skip
 #: The cost fields of a row whose model qkvlab cannot count (a task's own model).
 NO_COSTS = ("params_total", "params_attention", "kv_cache_bytes_per_token", "cache_reduction", "kv_cache_dtype")
 
@@ -669,8 +697,10 @@ class Trainer:
         self.last_eval = dict(metrics)
         return metrics
 
-    def _throughput(self, tokens_per_s: float | None) -> dict[str, Any]:
-        """The GPU's name, training FLOPs per token and model FLOPs utilisation (per device)."""
+    def _throughput(self, tokens_per_s: float | None, steady: float | None = None) -> dict[str, Any]:
+        """The GPU's name, training FLOPs per token and model FLOPs utilisation (per device):
+        over the whole run (``mfu``, compilation and warm-up included) and at the median log
+        window after the first (``steady_mfu``, the rate the run settles at)."""
         from qkvlab.costs import bf16_peak
 
         ctx = self.ctx
@@ -683,8 +713,12 @@ class Trainer:
             return out
         out["flops_per_token"] = fpt = int(fn(self.raw))
         peak = bf16_peak(name) if name and ctx.amp_dtype is not None else None
+        if steady:
+            out["steady_tokens_per_s"] = steady
         if peak and tokens_per_s:
             out["mfu"] = fpt * tokens_per_s / ctx.world_size / peak
+        if peak and steady:
+            out["steady_mfu"] = fpt * steady / ctx.world_size / peak
         return out
 
     def _model_record(self) -> dict[str, Any]:
@@ -747,9 +781,17 @@ class Trainer:
             disable=not (ctx.is_main and config.log.progress),
         )
         train_time, run_tokens, window_tokens, window_time = 0.0, 0, 0, 0.0
+        rates: list[float] = []  # tokens/s of each log window; the first holds compilation
         every_step = reads_every_step(ctx.device)
         window_start = time.perf_counter()
         while self.step < total:
+            if _stop.is_set() and not ctx.distributed:
+                bar.close()
+                if self.saved_step != self.step:
+                    self.check_steps()  # never save a step that diverged
+                    self.save_checkpoint()
+                _stop.clear()  # answered: the next run in this process starts afresh
+                raise RunStopped(self.out, self.step, total)
             _, _, n = self.train_step()
             self.tokens += n
             run_tokens, window_tokens = run_tokens + n, window_tokens + n
@@ -772,6 +814,7 @@ class Trainer:
                     "grad_norm": grad_norm,
                     "tokens_per_s": window_tokens / window_time,
                 }
+                rates.append(window_tokens / window_time)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{window_tokens / window_time:,.0f}", refresh=False)
                 window_tokens, window_time = 0, 0.0
             if eval_now:
@@ -797,7 +840,7 @@ class Trainer:
             train_tokens_per_s=tokens_per_s,
             train_time_s=train_time,
             world_size=ctx.world_size,
-            throughput=self._throughput(tokens_per_s),
+            throughput=self._throughput(tokens_per_s, statistics.median(rates[1:]) if len(rates) >= 3 else None),
             **self._model_record(),
             git_commit=commit,
             git_dirty=dirty,

@@ -63,11 +63,19 @@ def build(variant: str, shape: dict, max_len: int, device, dtype) -> GPT:
     return model.to(dtype).eval()
 
 
+def fill_normal(t: torch.Tensor, gen: torch.Generator) -> None:
+    """Unit normal entries into ``t``, drawn in its logical order, so that two caches filled from
+    the same generator hold the same values whatever their memory layouts (``normal_`` on a
+    strided view promises no order)."""
+    for b in range(t.shape[0]):  # a row at a time: a 32k cache of 16 rows leaves no room for a whole copy
+        t[b].copy_(torch.randn(t.shape[1:], generator=gen, device=t.device, dtype=t.dtype))
+
+
 def fill_cache(cache: KVCache, length: int, gen: torch.Generator) -> None:
     """Random entries in the first ``length`` positions (unit-scale, like normed activations)."""
     for layer in cache.layers:
         for t in {id(layer.k): layer.k, id(layer.v): layer.v}.values():
-            t[:, :, :length].normal_(generator=gen)
+            fill_normal(t[:, :, :length], gen)
     cache.reset()
     cache.advance(length)
 

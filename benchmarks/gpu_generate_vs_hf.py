@@ -58,7 +58,7 @@ import torch
 
 from benchutil import env_info, write_json
 from gpu_decode import copy_bandwidth, rel_err, timer
-from gpu_generate import ONE_B, VARIANTS, build, fill_cache, release, time_steps
+from gpu_generate import ONE_B, VARIANTS, build, fill_cache, fill_normal, release, time_steps
 from qkvlab.attention.projections import unfuse_projections
 from qkvlab.models.decoding import StaticDecoder
 
@@ -203,8 +203,8 @@ class HFDecoder:
         (layer by layer, keys then values): a qkvlab cache of separate K/V of the same size filled
         from the same generator holds the same values. Position S is next."""
         for layer in self.cache.layers:
-            layer.keys[:, :, :S].normal_(generator=gen)
-            layer.values[:, :, :S].normal_(generator=gen)
+            fill_normal(layer.keys[:, :, :S], gen)
+            fill_normal(layer.values[:, :, :S], gen)
         self.seek(S)
 
     def seek(self, S: int) -> None:
@@ -302,12 +302,17 @@ def hf_point(hf, system, B, S, args, device, seed: int, ref: torch.Tensor | None
     try:
         dec = HFDecoder(hf, B, point_len(S, args), args.hf_compile_mode)
         dec.fill(S, torch.Generator(device=device).manual_seed(seed + 1))
-        if system != "hf-llama":
-            eager = dec.fwd
-            dec.fwd, dec.compiled = hf.forward, False
-            ref = dec.step(token).float()
-            dec.fwd, dec.compiled = eager, args.hf_compile_mode is not None
-            dec.seek(S)
+        # HF's own uncompiled step first: against qkvlab's (Llama) it checks the cache contents and
+        # the harness; the compiled step is then checked against it and against qkvlab's
+        compiled = dec.fwd
+        dec.fwd, dec.compiled = hf.forward, False
+        eager = dec.step(token).float()
+        dec.fwd, dec.compiled = compiled, args.hf_compile_mode is not None
+        dec.seek(S)
+        if system == "hf-llama":
+            row["check_eager_rel_err"] = rel_err(eager, ref) if ref is not None else float("nan")
+        else:
+            ref = eager
     except torch.OutOfMemoryError:
         free(device)
         return {**row, "error": "OOM allocating the cache"}
@@ -315,6 +320,7 @@ def hf_point(hf, system, B, S, args, device, seed: int, ref: torch.Tensor | None
     got = dec.step(token).float()
     row["first_step_s"] = time.perf_counter() - t0
     row["check_rel_err"] = rel_err(got, ref) if ref is not None else float("nan")
+    row["check_compiled_vs_eager_rel_err"] = rel_err(got, eager)
     for _ in range(args.warmup):  # reduce-overhead records its graphs over the first calls
         dec.step(token)
     row["step_s"] = time_steps(dec.step, token, args.steps, device)

@@ -398,6 +398,21 @@ def test_partial_grid_says_what_is_missing(tmp_path: Path):
     assert summary["figures"] == [] and not list(out.glob("*.png"))  # one point per line: nothing to draw
 
 
+def test_the_header_says_how_runs_shared_the_gpu_and_the_device_time_the_slices_used(tmp_path: Path):
+    rows = [row(v, m, n, 1_000_000, 0, 3.0) for v in ("QKV", "Q-K=V") for m, n in (("gpt2-1m", 1e6), ("gpt2-3m", 3e6))]
+    for r, (share, steady) in zip(rows, [(6, 0.01), (6, 0.20), (1, 0.02), (1, 0.30)], strict=True):
+        r.update(runs_per_device=share, steady_mfu=steady)
+    study = write_study(tmp_path / "ladder", rows, {"name": "ladder-test", "report": "ladder"})
+    (study / "slices.jsonl").write_text('{"lease_s": 1800.0}\n{"lease_s": 900.0}\n{"note": "no lease"}\n')
+    text = ladder.write_ladder_report(study).read_text()
+    head = json.loads((study / "report" / "ladder_summary.json").read_text())["header"]
+    assert head["runs_per_device"] == [1, 6] and head["device_time_s"] == 2700.0
+    assert "- Runs sharing one GPU at a time: 1, 6 (an MFU counts the run's own FLOPs only)." in text
+    assert "- Device time (leases of 2 slices, start-up included): 0.75 h." in text
+    assert head["steady_mfu_largest"] == {"model": "gpt2-3m", "by_runs_per_device": {"1": 0.3, "6": 0.2}}
+    assert "of gpt2-3m: 30.0% with 1 run on the GPU (1 run); 20.0% with 6 runs on the GPU (1 run)." in text
+
+
 def test_empty_and_missing_studies(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"No results\.jsonl"):
         ladder.write_ladder_report(tmp_path / "nothing")

@@ -20,7 +20,7 @@ from qkvlab.study.ladder.analysis import TARGET_PRESET, CellKey, LadderAnalysis,
 from qkvlab.study.ladder.plots import plot_change, plot_fits, plot_tokens
 from qkvlab.study.ladder.stats import CONFIDENCE, N_DRAWS, PowerLawFit
 from qkvlab.study.paper import PAPER_TABLES
-from qkvlab.study.results import STATUS_FAILED, STATUS_SKIPPED
+from qkvlab.study.results import STATUS_FAILED, STATUS_SKIPPED, read_jsonl
 from qkvlab.study.spec import parse_tokens, read_study_file, study_name
 from qkvlab.study.tables import commits, fmt_count, is_qkv, markdown_table, mean_std, variant_label, variant_order
 
@@ -111,12 +111,55 @@ def header_section(study: Path, a: LadderAnalysis, all_rows: list[dict[str, Any]
         )
         + ".",
         f"- Training time (sum over finished runs): {time_s / 3600:,.2f} h; tokens trained: {fmt_count(tokens)}.",
+        *_sharing_lines(used, head),
+        *_device_time_lines(study, head),
         f"- Code (git commit of the runs): {commits(used + a.dropped)}.",
         "- Loss: validation cross-entropy (nats/token), in-domain; PPL = exp(loss). N: non-embedding "
         "parameters. Δ vs QKV: the variant's mean over QKV's at the same recipe, size and budget, minus 1.",
         "",
     ]
     return lines, head
+
+
+def _sharing_lines(used: list[dict[str, Any]], head: dict[str, Any]) -> list[str]:
+    """How many runs shared a GPU, and the steady MFU of the largest model's runs: an MFU counts a
+    run's own FLOPs, so runs sharing a GPU each show a fraction of what the GPU did."""
+    shares = sorted({int(r["runs_per_device"]) for r in used if r.get("runs_per_device")})
+    lines = []
+    if shares:
+        head["runs_per_device"] = shares
+        lines.append(
+            f"- Runs sharing one GPU at a time: {', '.join(map(str, shares))} (an MFU counts the run's own FLOPs only)."
+        )
+    steady = [r for r in used if r.get("steady_mfu") is not None and r.get("params_nonembedding")]
+    if steady:
+        top = max(r["params_nonembedding"] for r in steady)
+        rows = [r for r in steady if r["params_nonembedding"] == top]
+        by_share: dict[int, list[float]] = {}
+        for r in rows:
+            by_share.setdefault(int(r.get("runs_per_device") or 1), []).append(float(r["steady_mfu"]))
+        head["steady_mfu_largest"] = {
+            "model": rows[0].get("model"),
+            "by_runs_per_device": {k: statistics.median(v) for k, v in by_share.items()},
+        }
+        parts = [
+            f"{100 * statistics.median(v):.1f}% with {k} run{'s' if k != 1 else ''} on the GPU "
+            f"({len(v)} run{'s' if len(v) != 1 else ''})"
+            for k, v in sorted(by_share.items())
+        ]
+        model = rows[0].get("model")
+        lines.append(f"- Steady MFU (median log window after compilation) of {model}: {'; '.join(parts)}.")
+    return lines
+
+
+def _device_time_lines(study: Path, head: dict[str, Any]) -> list[str]:
+    """The device time the study used, from the slices' leases (``slices.jsonl``, where kept)."""
+    slices = read_jsonl(study / "slices.jsonl")
+    leases = [float(s["lease_s"]) for s in slices if isinstance(s.get("lease_s"), int | float)]
+    if not leases:
+        return []
+    head["device_time_s"] = sum(leases)
+    return [f"- Device time (leases of {len(leases)} slices, start-up included): {sum(leases) / 3600:,.2f} h."]
 
 
 def lr_section(a: LadderAnalysis) -> tuple[list[str], list[dict[str, Any]]]:

@@ -113,6 +113,23 @@ def test_fit_recovers_a_known_power_law():
     assert float(fit.predict(300e6)) == pytest.approx(float(law(300e6)), abs=2e-3)
 
 
+def test_a_fit_the_points_do_not_pin_down_is_flagged_and_not_extrapolated():
+    n = np.array(list(SIZES.values()))
+    assert ladder.fit_power_law(n, law(n) + np.array([3e-4, -4e-4, 2e-4, -1e-4, 4e-4])).problem() == ""
+    # flat within noise across the sizes (a budget too small for size to matter): the curve can
+    # pass the points, but E, A and alpha trade off freely
+    level = 4.8 + np.array([0.05, -0.03, 0.01, 0.04, -0.02])
+    flat = ladder.fit_power_law(n, level)
+    assert flat.problem().startswith("ill-determined") and "ill-determined" in flat.note
+    _, group, _ = ladder.fit_group({"q_k_v": (n, law(n)), "qkv": (n, level)})
+    assert group.problem("q_k_v") == "" and group.problem("qkv", "q_k_v").startswith("Q=K=V's fit is ill-determined")
+    line = ladder.verdict(
+        "Q=K=V", {"gpt2-1m": 1.0}, {"gpt2-1m": "untested"}, None, ladder.Prediction(1, 1, 3, 3, 0.1, 0.0, 0.2, 9),
+        prediction_problem=group.problem("qkv", "q_k_v"),
+    )  # fmt: skip
+    assert "no extrapolation to 300M (Q=K=V's fit is ill-determined" in line and "+10.0%" not in line
+
+
 def test_three_points_fit_exactly_and_fall_back():
     n = np.array([1e6, 3e6, 10e6])
     fit = ladder.fit_power_law(n, law(n))

@@ -205,6 +205,7 @@ def verdict(
     trend: Trend | None,
     prediction: Prediction | None = None,
     paper_change: float | None = None,
+    prediction_problem: str = "",
 ) -> str:
     """One plain-words line from the numbers, by the rules in the module docstring.
 
@@ -245,7 +246,9 @@ def verdict(
             parts.append(f"gap {'grows' if grows else 'shrinks'} with size ({slope})")
         else:
             parts.append(f"gap flat within the data ({slope}, includes 0)")
-    if prediction is not None:
+    if prediction is not None and prediction_problem:
+        parts.append(f"no extrapolation to 300M ({prediction_problem})")
+    elif prediction is not None:
         ci = (
             "" if prediction.ci_low is None else f" [{100 * prediction.ci_low:+.1f}%, {100 * prediction.ci_high:+.1f}%]"
         )
@@ -385,6 +388,7 @@ def analyse(rows: Sequence[dict[str, Any]]) -> LadderAnalysis:
                     changes[m] = 100 * ch
                     t = a.tests.get((g[0], g[1], m, vid))
                     outcomes[m] = t.outcome if t is not None else "untested"
+            group_fit = a.fits[g][1] if g in a.fits else None
             a.verdicts[(g[0], g[1], vid)] = verdict(
                 variant_label(vid),
                 changes,
@@ -392,6 +396,7 @@ def analyse(rows: Sequence[dict[str, Any]]) -> LadderAnalysis:
                 a.trends.get((g[0], g[1], vid)),
                 a.predictions.get((g[0], g[1], vid)),
                 paper.get(variant_label(vid), {}).get("delta"),
+                group_fit.problem(vid, base) if group_fit is not None and base is not None else "",
             )
     return a
 

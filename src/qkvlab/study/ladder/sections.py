@@ -394,6 +394,7 @@ def fits_section(a: LadderAnalysis, out: Path, plots: bool, figures: list[str]) 
             for vid, p in sorted(preds, key=lambda t: variant_order(t[0])):
                 paper_delta = paper.values.get(variant_label(vid), {}).get("delta")
                 interval = "n/a" if p.ci_low is None else f"[{_pct(p.ci_low, 1)}, {_pct(p.ci_high, 1)}]"
+                problem = group_fit.problem(vid, base)
                 body.append(
                     [
                         variant_label(vid),
@@ -403,6 +404,7 @@ def fits_section(a: LadderAnalysis, out: Path, plots: bool, figures: list[str]) 
                         "baseline" if vid == base else _pct(p.ppl_change, 1),
                         "baseline" if vid == base else interval,
                         "n/a" if paper_delta is None else ("baseline" if vid == base else _pct(paper_delta, 1)),
+                        problem or "ok",
                     ]
                 )
                 pred_records.append(
@@ -417,10 +419,17 @@ def fits_section(a: LadderAnalysis, out: Path, plots: bool, figures: list[str]) 
                         "paper_table4_change": paper_delta,
                         "target_note": a.target_notes.get(vid),
                         "largest_n": largest,
+                        "fit_problem": problem or None,
                     }
                 )
             header = ["Variant", "N", "Pred. loss", "Pred. PPL", "Δ PPL vs QKV", "95% interval", "Paper Table 4 Δ"]
+            header.append("Fit")
             lines += [*markdown_table(header, body), ""]
+            if any(row[-1] != "ok" for row in body):
+                lines += [
+                    "- A row whose fit (the variant's or QKV's) is ill-determined is not a prediction: the curve "
+                    "passes the points but its parameters are not pinned down by them.",
+                ]
             lines += [
                 f"- Target N: {a.target_notes.get(base, '')}. Paper numbers: {paper.title}, quoted from "
                 f"{paper.source}; they are the paper's, at 10B tokens, far beyond these budgets.",

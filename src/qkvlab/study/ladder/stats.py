@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -97,6 +97,25 @@ class PowerLawFit:
     def predict(self, n_params: float | np.ndarray) -> float | np.ndarray:
         return self.E + self.A * (np.asarray(n_params, dtype=float) / N_SCALE) ** -self.alpha
 
+    def problem(self) -> str:
+        """Why the data do not pin this fit down ("" when they do): a parameter whose standard
+        error exceeds its size, or alpha at the bound of the search. Such a fit draws a curve
+        through the points but says nothing beyond them, so its extrapolation is not a result."""
+        loose = [
+            name
+            for name, value, se in (
+                ("E", self.E, self.se_E),
+                ("A", self.A, self.se_A),
+                ("alpha", self.alpha, self.se_alpha),
+            )
+            if se is not None and se > abs(value)
+        ]
+        if loose:
+            return f"ill-determined ({', '.join(loose)}: standard error larger than the value)"
+        if self.alpha >= 0.99 * ALPHA_MAX:
+            return f"ill-determined (alpha at the search bound {ALPHA_MAX:g})"
+        return ""
+
 
 def _law(x: np.ndarray, E: float, A: float, alpha: float) -> np.ndarray:
     return E + A * x**-alpha
@@ -139,6 +158,8 @@ def _fit_free(x: np.ndarray, y: np.ndarray) -> tuple[PowerLawFit, np.ndarray | N
     cov = pcov if dof > 0 and np.all(np.isfinite(pcov)) else None
     note = "" if dof > 0 else "3 points, 3 parameters: exact fit, no uncertainty"
     fit = PowerLawFit("free", *map(float, popt), _se(cov, 0), _se(cov, 1), _se(cov, 2), len(x), dof, note)
+    if fit.problem():
+        fit = replace(fit, note="; ".join(filter(None, (note, fit.problem()))))
     return fit, cov
 
 
@@ -194,6 +215,11 @@ class GroupFit:
     index: dict[str, tuple[int | None, int, int]]
     fits: dict[str, PowerLawFit]
     note: str
+
+    def problem(self, *variants: str) -> str:
+        """Why the fit of one of ``variants`` does not determine its curve ("" when each does)."""
+        fits = [(v, f) for v in dict.fromkeys(variants) if (f := self.fits.get(v)) is not None]
+        return "; ".join(f"{variant_label(v)}'s fit is {f.problem()}" for v, f in fits if f.problem())
 
     def curve(self, variant_id: str, params: np.ndarray | None = None) -> tuple[Any, Any, Any]:
         """(E, A, alpha) of a variant; ``params`` may be a (draws, P) array of samples."""

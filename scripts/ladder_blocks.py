@@ -1,4 +1,4 @@
-"""Write the ladder's blocks 2-6 into its sweep file once block 1 has chosen each size's learning rate.
+"""Write the ladder's blocks 2-7 into its sweep file once block 1 has chosen each size's learning rate.
 
 Block 1 of ``configs/studies/ladder-gutenberg.yaml`` trains QKV at three learning rates per model
 size. This script reads the finished rows, picks each size's rate exactly as the ladder report
@@ -10,7 +10,9 @@ rate, in the order that finishes useful wholes first:
 3. seed 1 of the same at the two smallest sizes (the paired tests' second seed);
 4. the llama subset (QKV, Q-K=V, GQA-4, Q-GQA-4) at the quarter budget;
 5. the full budget: every variant at each GPT-2 size (seed 0; seed 1 at the two smallest);
-6. the llama subset at the full budget.
+6. the llama subset at the full budget;
+7. a third seed at the quarter budget at the two smallest sizes: a paired t-interval from two
+   seeds has one degree of freedom (its 95% critical value is 12.7), from three it has two (4.3).
 
 A size whose best rate is the lowest or highest one tried gets no blocks yet: instead a block
 with the next rate beyond that edge (a factor of two) is added, and the next run of this script
@@ -32,13 +34,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-MARK = "  # ---- blocks 2-6: written by scripts/ladder_blocks.py from block 1's rows; do not edit by hand ----"
+MARK = "  # ---- blocks 2-7: written by scripts/ladder_blocks.py from block 1's rows; do not edit by hand ----"
+MARK_PREFIX = "  # ---- blocks 2-"  # earlier files say 2-6
 PLACEHOLDER = "  # 2.-4. (added once block 1"
 VARIANTS = ["QKV", "Q-K=V", "Q=K-V", "Q=K=V", "GQA-4", "MQA", "Q-GQA-4", "Q-MQA"]
 LLAMA_VARIANTS = ["QKV", "Q-K=V", "GQA-4", "Q-GQA-4"]
 GPT2_SIZES = ["gpt2-3m", "gpt2-10m", "gpt2-30m", "gpt2-85m"]
 LLAMA_SIZES = ["llama-3m", "llama-30m"]
-SEEDED = {"gpt2-3m", "gpt2-10m"}  # sizes with a second seed
+SEEDED = {"gpt2-3m", "gpt2-10m"}  # sizes with more than one seed
 QUARTER, FULL = "9.85M", "39.4M"
 
 
@@ -106,13 +109,14 @@ def generated(chosen: dict[str, float], extended: dict[str, list[float]], notes:
     lines += each(llama, LLAMA_VARIANTS, QUARTER, [0], "4. llama subset, quarter budget:")
     lines += each(gpt2, VARIANTS, FULL, [0, 1], "5. full budget:")
     lines += each(llama, LLAMA_VARIANTS, FULL, [0], "6. llama subset, full budget:")
+    lines += each([m for m in gpt2 if m in SEEDED], VARIANTS, QUARTER, [2], "7. third seed, quarter budget:")
     return lines
 
 
 def rewrite(text: str, rows: list[dict]) -> str:
     """The sweep file with its generated part rebuilt from ``rows``."""
     lines = text.rstrip("\n").split("\n")
-    for marker in (MARK, PLACEHOLDER):
+    for marker in (MARK_PREFIX, PLACEHOLDER):
         idx = next((i for i, line in enumerate(lines) if line.startswith(marker)), None)
         if idx is not None:
             break

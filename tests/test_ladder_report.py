@@ -286,6 +286,12 @@ def test_expected_cells_follow_the_sweep_blocks():
     assert ladder.expected_cells(rows, None) == {
         ("gpt2", 9_850_000, m, v) for m in ("gpt2-3m", "gpt2-10m") for v in ("q_k_v", "q_k_v+gqa4")
     }
+    # seeds a block lists count as expected where the block runs, beside the seeds rows show
+    seeded = [{"variant": ["QKV"], "model": ["gpt2-3m"], "tokens": ["9.85M", "39.4M"], "seed": [0, 2]}, *blocks]
+    from qkvlab.study.ladder.sections import block_seeds
+
+    assert block_seeds(seeded) == {("gpt2", 9_850_000, "gpt2-3m"): {0, 2}, ("gpt2", 39_400_000, "gpt2-3m"): {0, 2}}
+    assert block_seeds(None) == {}
     assert ladder.preset_nonembedding("paper-300m", "q_k_v") == 251_926_528
     assert ladder.preset_nonembedding("no-such-preset", "q_k_v") is None
 

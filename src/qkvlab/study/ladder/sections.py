@@ -599,12 +599,31 @@ def expected_cells(rows: Sequence[dict[str, Any]], blocks: list[dict[str, Any]] 
     return expected
 
 
+def block_seeds(blocks: list[dict[str, Any]] | None) -> dict[tuple[str, int | None, str], set[Any]]:
+    """(recipe, budget, model) -> the seeds the sweep's blocks list there (blocks without a seed axis
+    or with an axis this code cannot read add none)."""
+    out: dict[tuple[str, int | None, str], set[Any]] = {}
+    for block in blocks or []:
+        seeds = block.get("seed")
+        if not isinstance(seeds, list):
+            continue
+        try:
+            budgets = [parse_tokens(t) for t in block.get("tokens", [])]
+        except (ConfigError, TypeError, ValueError):
+            continue
+        for model in map(str, block.get("model", [])):
+            for budget in budgets:
+                out.setdefault((recipe_of({"model": model}), budget, model), set()).update(seeds)
+    return out
+
+
 def coverage_section(a: LadderAnalysis, study: Path, all_rows: list[dict[str, Any]]) -> tuple[list[str], list]:
     lines = [
         "## What is not yet run",
         "",
         "Expected: every cell a run names and each sweep-file grid block's variants x sizes x budgets (without a "
-        "sweep file: every variant x size x budget seen, per recipe), with the seeds any variant has there. "
+        "sweep file: every variant x size x budget seen, per recipe), with the seeds any variant has there "
+        "and those the sweep file lists. "
         "Swept models count only their runs at the chosen LR.",
         "",
     ]
@@ -619,7 +638,8 @@ def coverage_section(a: LadderAnalysis, study: Path, all_rows: list[dict[str, An
         if r.get("status") == STATUS_SKIPPED
     }
     records, body = [], []
-    expected = expected_cells(all_rows, _grid_blocks(study))
+    blocks = _grid_blocks(study)
+    expected, planned_seeds = expected_cells(all_rows, blocks), block_seeds(blocks)
     places = sorted(
         {k[:3] for k in expected},
         key=lambda k: (k[0], k[1] or 0, a.size_n.get((k[0], k[2])) or math.inf, k[2]),
@@ -627,6 +647,7 @@ def coverage_section(a: LadderAnalysis, study: Path, all_rows: list[dict[str, An
     for recipe, budget, model in places:
         vids = sorted((k[3] for k in expected if k[:3] == (recipe, budget, model)), key=variant_order)
         seeds = {s for v in vids if (c := a.cell(recipe, budget, model, v)) for s in c.by_seed()}
+        seeds |= planned_seeds.get((recipe, budget, model), set())
         absent, partial = [], []
         for vid in vids:
             key = (recipe, budget, model, vid)

@@ -25,11 +25,11 @@ with no training:
 - the greedy continuation of ``--prompt``.
 
 ``fit`` is calibrated on ``--calib`` (default: the Gutenberg *training* books; never the val
-books). Rows are shaped so uptrained rows (``init_from:`` training configs on a converted folder)
-fit beside them: ``uptrain_tokens`` is 0 here. The file is rewritten atomically after every row;
-``--resume`` keeps every row of an earlier run with the same evaluation settings and makes the
-missing ones (the earlier invocations are listed in ``earlier_runs``; every row keeps its own commit, device and
-wall time).
+books). Rows are shaped so uptrained rows (``init_from:`` training configs on a converted folder,
+made and scored by ``scripts/uptrain_study.py``) fit beside them: ``uptrain_tokens`` is 0 here.
+The file is rewritten atomically after every row; ``--resume`` keeps every row of an earlier run
+with the same evaluation settings and makes the missing ones (the earlier invocations are listed
+in ``earlier_runs``; every row keeps its own commit, device and wall time).
 """
 
 from __future__ import annotations
@@ -199,6 +199,55 @@ def evaluate_run(run: Path, args, sets, tok, ctx: RunContext) -> dict[str, Any]:
     return row
 
 
+def study_row(
+    model_name: str,
+    to: str | None,
+    init: str | None,
+    ev: dict[str, Any],
+    *,
+    checkpoint: Path,
+    conversion: dict[str, Any] | None,
+    device: str,
+    dtype: str,
+    commit: tuple[str | None, bool | None],
+    t0: float,
+    uptrain_tokens: int = 0,
+    uptrain: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One row of the results JSON from :func:`evaluate_run`'s ``ev``; ``uptrain_tokens`` is 0 for a
+    conversion scored as written, else the tokens it was trained on from there (``uptrain`` says how)."""
+    ev = dict(ev)
+    return {
+        "model": model_name,
+        "target": ev.pop("target"),
+        "variant": ev.pop("variant"),
+        "to": to,
+        "init": init,
+        "kv_heads": ev.pop("kv_heads"),
+        "uptrain_tokens": uptrain_tokens,
+        "uptrain": uptrain,
+        **ev,
+        "checkpoint": str(checkpoint),
+        "conversion": conversion,
+        "device": device,
+        "dtype": dtype,
+        "git_commit": commit[0],
+        "git_dirty": commit[1],
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+
+
+def relative_to_source(rows: list[dict[str, Any]]) -> None:
+    """Set each row's cache reduction and perplexity ratios against the source row (``to`` null,
+    not uptrained), in place."""
+    src = next(r for r in rows if r["to"] is None and r["uptrain_tokens"] == 0)
+    for row in rows:
+        row["kv_cache_reduction"] = 1.0 - row["kv_cache_bytes_per_token"] / src["kv_cache_bytes_per_token"]
+        row["val_ppl_ratio"] = row["val_ppl_all"] / src["val_ppl_all"]
+        if "dickens_ppl" in row:
+            row["dickens_ppl_ratio"] = row["dickens_ppl"] / src["dickens_ppl"]
+
+
 def parse_conversion(spec: str) -> tuple[str, str | None]:
     """``TO:INIT`` for a K=V target (``Q-K=V:fit``), ``TO`` alone for head pooling only (``MQA``)."""
     to, sep, init = spec.rpartition(":") if ":" in spec else (spec, "", None)
@@ -227,9 +276,19 @@ def _num(x: float) -> str:
     return f"{x:.2f}" if x < 1000 else f"{x:,.0f}"
 
 
+def table_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with each conversion's uptrained rows after its no-training row, by tokens; the
+    conversions in the order they first appear."""
+    first: dict[tuple, int] = {}
+    for r in rows:
+        first.setdefault((r["to"], r["init"]), len(first))
+    return sorted(rows, key=lambda r: (first[r["to"], r["init"]], r["uptrain_tokens"]))
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     """The rows as Markdown tables (what results/convert-smollm2/README.md shows): all val books
-    and Dickens, then per val book."""
+    and Dickens, then per val book (with a column of uptraining tokens when some row has them)."""
+    rows = table_order(result["rows"])
     lines = [
         "| model | init | KV heads | uptrain tokens | KV cache B/token (bf16) | cache vs source | val ppl "
         "| Dickens ppl | val ppl / source's | key / value error (calib.) | greedy continuation | wall s |",
@@ -239,7 +298,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     def name(r: dict[str, Any]) -> str:
         return f"{r['target']}{' (source)' if r['to'] is None else ''} | {r['init'] or ''}"
 
-    for r in result["rows"]:
+    for r in rows:
         conv = r.get("conversion") or {}
         err = conv.get("mean_key_error")
         err = f"{err:.3f} / {conv['mean_value_error']:.3f}" if err is not None else ""
@@ -250,14 +309,17 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"| {-r.get('kv_cache_reduction', 0.0) or 0.0:.0%} | {_num(r['val_ppl_all'])} | {dickens} "
             f"| {_num(r.get('val_ppl_ratio', 1.0))} | {err} | `{cont}` | {r['wall_s']:.0f} |"
         )
-    books = list(result["rows"][0]["val_ppl"]) if result["rows"] else []
+    books = list(rows[0]["val_ppl"]) if rows else []
+    uptrained = any(r["uptrain_tokens"] for r in rows)
+    tokens_head = "uptrain tokens | " if uptrained else ""
     lines += [
         "",
-        "| model | init | " + " | ".join(b.split("__")[0] for b in books) + " |",
-        "|" + "---|" * (2 + len(books)),
+        f"| model | init | {tokens_head}" + " | ".join(b.split("__")[0] for b in books) + " |",
+        "|" + "---|" * (2 + int(uptrained) + len(books)),
     ]
-    for r in result["rows"]:
-        lines.append(f"| {name(r)} | " + " | ".join(_num(r["val_ppl"][b]) for b in books) + " |")
+    for r in rows:
+        tokens = f"{r['uptrain_tokens']:,} | " if uptrained else ""
+        lines.append(f"| {name(r)} | {tokens}" + " | ".join(_num(r["val_ppl"][b]) for b in books) + " |")
     return "\n".join(lines)
 
 
@@ -373,6 +435,7 @@ def main(argv: list[str] | None = None) -> dict:
         done = {(r["to"], r["init"], r["uptrain_tokens"]): r for r in old.get("rows", [])}
         earlier = ("started", "finished", "command", "hardware", "versions", "git_commit", "git_dirty", "wall_s")
         result["earlier_runs"] = [*old.get("earlier_runs", []), {k: old.get(k) for k in earlier}]
+        result.update({k: old[k] for k in ("uptrain_baseline", "uptrain_runs") if k in old})  # uptrain_study.py's
         print(f"resuming: {len(done)} row(s) of {args.out} kept")
 
     def save() -> None:
@@ -412,24 +475,18 @@ def main(argv: list[str] | None = None) -> dict:
                 "wall_s": round(time.perf_counter() - t0, 1),
             }
         ev = evaluate_run(run, args, sets, tok, ctx)
-        row = {
-            "model": args.model_name,
-            "target": ev.pop("target"),
-            "variant": ev.pop("variant"),
-            "to": to,
-            "init": init,
-            "kv_heads": ev.pop("kv_heads"),
-            "uptrain_tokens": 0,  # uptrained rows: tokens of init_from training on the conversion below
-            "uptrain": None,
-            **ev,
-            "checkpoint": str(run),
-            "conversion": conversion,
-            "device": result["hardware"]["device"],
-            "dtype": result["dtype"],
-            "git_commit": commit,
-            "git_dirty": dirty,
-            "wall_s": round(time.perf_counter() - t0, 1),
-        }
+        row = study_row(
+            args.model_name,
+            to,
+            init,
+            ev,
+            checkpoint=run,
+            conversion=conversion,
+            device=result["hardware"]["device"],
+            dtype=result["dtype"],
+            commit=(commit, dirty),
+            t0=t0,
+        )
         result["rows"].append(row)
         save()
         dk = f", Dickens {row['dickens_ppl']:.2f}" if "dickens_ppl" in row else ""
@@ -444,12 +501,7 @@ def main(argv: list[str] | None = None) -> dict:
     if others:  # rows of the file this run was not asked for (uptrained ones, say) stay, after the plan's
         print(f"kept {len(others)} other row(s) of {args.out}")
         result["rows"].extend(others)
-    src = result["rows"][0]
-    for row in result["rows"]:
-        row["kv_cache_reduction"] = 1.0 - row["kv_cache_bytes_per_token"] / src["kv_cache_bytes_per_token"]
-        row["val_ppl_ratio"] = row["val_ppl_all"] / src["val_ppl_all"]
-        if "dickens_ppl" in row:
-            row["dickens_ppl_ratio"] = row["dickens_ppl"] / src["dickens_ppl"]
+    relative_to_source(result["rows"])
     save()
     print(markdown_table(result))
     return result

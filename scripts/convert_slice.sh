@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The conversion study on a lent GPU machine, in calls of at most ten minutes: import SmolLM2-135M
+# from its GGUF, convert it and score the conversions with no training (on this GPU, so every row
+# of the file comes from one device), uptrain the chosen conversions at each budget with qkvlab's
+# trainer, score those runs on the same windows, and leave the results under $OUT.
+#
+# Every step skips what an earlier call on the same (warm) machine finished, so the script is
+# simply called again until it says "done". Before the first call, on the workstation:
+#
+#   split -b 49500000 -d SmolLM2-135M-Instruct.Q4_1.gguf .data/smol-gguf.part   # 98 MB > one carry
+#   sha256sum SmolLM2-135M-Instruct.Q4_1.gguf > .data/smol-gguf.sha256
+#
+# and carry .data/smol-gguf.part00 in one call and .data/smol-gguf.part01 (+ .data/smol-gguf.sha256)
+# in the next: files carried earlier stay on a warm machine. The Gutenberg and Dickens zips must
+# be there too (scripts/ladder_data.sh stages them; the ladder's first call carries them).
+#
+#   TIME_LIMIT=420 bash scripts/convert_slice.sh          # on the machine; again until "done"
+#
+# Knobs (environment): TOKENS (uptraining budgets, default 5M,20M), CONVERSIONS (default the fit
+# conversions and head pooling alone), TIME_LIMIT (seconds for the uptraining sweep), DEVICE,
+# UPTRAIN_ARGS (more options for uptrain_study.py config, e.g. "--batch-size 8 --grad-accum 2"),
+# SCORE_ARGS (e.g. "--windows-per-book 1" for a quick CPU check of the script).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/convert-out}
+WORK=${WORK:-/tmp/convert-smollm2}
+SRC=${SRC:-/tmp/smol-import}
+TOKENS=${TOKENS:-5M,20M}
+DEVICE=${DEVICE:-cuda}
+TIME_LIMIT=${TIME_LIMIT:-420}
+STUDY=studies/uptrain-smollm2
+RESULTS=$OUT/convert-${DEVICE}.json
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT"
+python3 -c "import sys; sys.path.insert(0, 'scripts'); import sweep_slice; sweep_slice.link_data()"
+
+if [ ! -f "$SRC/model.safetensors" ]; then
+    if [ ! -f .data/smol-gguf.part01 ]; then
+        echo "waiting for the GGUF's second part (.data/smol-gguf.part01): carry it in the next call"
+        exit 0
+    fi
+    gguf=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
+    cat .data/smol-gguf.part00 .data/smol-gguf.part01 > "$gguf"
+    echo "$(cut -d' ' -f1 .data/smol-gguf.sha256)  $gguf" | sha256sum -c -   # the parts joined whole
+    python3 -m qkvlab import "$gguf" "$SRC"
+fi
+
+# The no-training half on this device (a previous call's rows are kept: --resume).
+python3 scripts/convert_study.py "$SRC" --work "$WORK" --device "$DEVICE" --out "$RESULTS" \
+    ${SCORE_ARGS:-} $( [ -f "$RESULTS" ] && echo --resume )
+
+CONVERSIONS=${CONVERSIONS:-"Q-K=V:fit=$WORK/q-kv-fit Q-MQA:fit=$WORK/q-mqa-fit MQA=$WORK/mqa"}
+if [ ! -f "$STUDY.yaml" ]; then
+    python3 scripts/uptrain_study.py config --out "$STUDY.yaml" --tokens "$TOKENS" --study-dir "$STUDY" \
+        --train-zip ../shared/data/gutenberg/gutenberg-train.zip --val-zip ../shared/data/gutenberg/gutenberg-val.zip \
+        $(for c in $CONVERSIONS; do echo --conversion "$c"; done) ${UPTRAIN_ARGS:-}
+fi
+python3 -m qkvlab sweep "$STUDY.yaml" --time-limit "$TIME_LIMIT"
+python3 scripts/uptrain_study.py score "$STUDY" --into "$RESULTS" --device "$DEVICE" --resume
+# small files only: the run folders' configs and logs, not their weights
+tar czf "$OUT/uptrain-runs.tar.gz" "$STUDY.yaml" "$STUDY.conversions.json" \
+    $(find "$STUDY" -name config.yaml -o -name summary.json -o -name metrics.jsonl -o -name results.jsonl)
+left=$(python3 - "$STUDY.yaml" "$STUDY" <<'EOF'
+import sys
+from qkvlab.study import ResultsStore, expand, load_sweep
+done = ResultsStore(sys.argv[2]).finished_ids()
+print(sum(p.run_id not in done for p in expand(load_sweep(sys.argv[1]))))
+EOF
+)
+if [ "$left" = 0 ]; then echo "done: every uptraining run scored into $RESULTS"; else echo "$left uptraining runs left: call again"; fi

@@ -16,10 +16,10 @@ For SmolLM2-135M-Instruct (docs/interop.md, "Uptraining a converted model"), aft
 ``--conversion TO:INIT=FOLDER`` (``TO=FOLDER`` for a target without an init, e.g. ``MQA``), each
 ``init_from`` that folder, trained with its own tokenizer (``bpe:FOLDER/tokenizer``) on
 ``--train-zip`` at every ``--tokens`` budget. The blocks also name the checkpoint's model config
-(shape and variant): the grid labels its runs from it (variant, run id) and the trainer refuses a
-model key that differs from the checkpoint's. The labels are written as comments in the YAML and
-into a sidecar ``<out stem>.conversions.json``; each folder's own ``interop.json`` (written by
-``qkvlab convert``) must agree with its label.
+(shape and variant), so the file says what each run trains; the grid and the trainer take the
+model from ``init_from`` anyway and refuse a model key that differs from the checkpoint's. The
+labels are written as comments in the YAML and into a sidecar ``<out stem>.conversions.json``;
+each folder's own ``interop.json`` (written by ``qkvlab convert``) must agree with its label.
 
 ``score`` takes a study folder that ``qkvlab sweep`` filled: every run of ``results.jsonl`` with
 status ``ok`` and an ``init_from`` is scored by convert_study's own evaluation (the same val
@@ -160,9 +160,8 @@ def sweep_mapping(args: argparse.Namespace, conversions: list[dict[str, Any]]) -
     models = [c["model"] for c in conversions]
     common = {k: v for k, v in models[0].items() if all(k in m and m[k] == v for m in models)}
     base: dict[str, Any] = {
-        # The checkpoints' own config: the trainer takes the model from init_from and refuses any
-        # key that differs, and the grid needs it to build and label the runs (a preset would only
-        # lend the runs its name, so none).
+        # The checkpoints' own config, written out so the file says what each run trains (the grid
+        # and the trainer take the model from init_from anyway, and refuse a key that differs).
         "model": {"preset": None, **common},
         "data": {"source": str(args.train_zip), "val_source": str(args.val_zip)},
         "optim": {

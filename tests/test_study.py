@@ -648,3 +648,27 @@ def test_report_says_when_it_cannot_draw_loss_curves(tmp_path: Path):
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 100, "loss": 3.0}) + "\n")
     md = write_report(tmp_path / "s").read_text()
     assert "Loss curves: not drawn" not in md and "](loss-" in md
+
+
+def test_a_grid_of_init_from_runs_takes_the_checkpoints_model_and_variant(tmp_path: Path):
+    """Uptraining sweeps: a point that starts from a checkpoint is labelled with the checkpoint's
+    variant and folder, checked like the trainer checks it, and a variant that differs is refused."""
+    import numpy as np
+
+    from qkvlab import GPT, GPTConfig, save_model
+    from qkvlab.study.sweep import check_with_trainer
+
+    folder = tmp_path / "q-kv-fit"
+    save_model(GPT(GPTConfig(n_layers=1, d_model=32, n_heads=4, vocab_size=64, variant="Q-GQA-2")), folder)
+    np.save(tmp_path / "tokens.npy", np.arange(4096, dtype=np.uint16) % 64)
+    base = {"init_from": str(folder), "data": {"source": str(tmp_path / "tokens.npy")}, "seq_len": 16}
+    plans = expand(SweepSpec.from_dict({"base": base, "grid": {"tokens": [256, 512]}}))
+    assert [(p.variant, p.model, p.tokens, p.status) for p in plans] == [
+        ("Q-GQA-2", "q-kv-fit", 256, "pending"),
+        ("Q-GQA-2", "q-kv-fit", 512, "pending"),
+    ]
+    check_with_trainer(plans)  # the trainer takes these configs as they are
+    same = expand(SweepSpec.from_dict({"base": base, "grid": {"tokens": [256], "variant": ["Q-GQA-2"]}}))
+    assert same[0].run_id == plans[0].run_id  # naming the checkpoint's own variant changes nothing
+    (other,) = expand(SweepSpec.from_dict({"base": base, "grid": {"tokens": [256], "variant": ["QKV"]}}))
+    assert other.status == "skipped" and "model.variant='q_k_v' differs from the checkpoint init_from" in other.reason

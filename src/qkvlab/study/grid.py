@@ -81,6 +81,12 @@ def model_config_for(config: dict[str, Any]):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "GQA-N on N heads is MHA" is reported as a skip instead
             return model_config(TrainConfig.from_dict({**config, "out_dir": "unused"}))
+    if config.get("init_from"):  # the checkpoint's model, as the trainer builds it
+        from qkvlab.train import TrainConfig
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return TrainConfig.from_dict({**config, "out_dir": "unused"}).model_config()
     model = config.get("model") or {}
     fields = with_preset(model, fields={f.name for f in dataclasses.fields(GPTConfig)}, default=DEFAULT_PRESET)
     if "max_seq_len" not in model and config.get("seq_len") is not None:
@@ -91,6 +97,9 @@ def model_config_for(config: dict[str, Any]):
 
 
 def _model_name(config: dict[str, Any]) -> str:
+    if config.get("init_from") and not (config.get("model") or {}).get("preset"):
+        path = Path(str(config["init_from"]))  # a run folder, or the weights file in one
+        return (path.parent if path.suffix == ".safetensors" else path).name or "custom"
     preset = (config.get("model") or {}).get("preset", DEFAULT_PRESET)
     return str(preset) if preset else "custom"
 
@@ -187,13 +196,19 @@ def _expand_block(base: dict[str, Any], block: dict[str, list[Any]]) -> list[Run
             set_dotted(config, AXES.get(axis, axis), value)
         if "max_tokens" in config and config["max_tokens"] is not None:
             config["max_tokens"] = parse_tokens(config["max_tokens"])
-        spec_v = VariantSpec.parse(get_dotted(config, "model.variant") or "QKV")
+        if config.get("init_from") and get_dotted(config, "model.variant") is None:
+            # the model is the checkpoint's: so is the variant (a point naming one must match it);
+            # written as a grid names variants, the positions being the recipe's
+            spec_v = model_config_for(config).variant.replace(pos=None)
+        else:
+            spec_v = VariantSpec.parse(get_dotted(config, "model.variant") or "QKV")
         set_dotted(config, "model.variant", spec_v.id)
         model = _model_name(config)
         mha = copy.deepcopy(config)
         set_dotted(mha, "model.variant", VariantSpec(pos=spec_v.pos).id)
         shape = json.dumps([mha["model"], config.get("seq_len")], sort_keys=True, default=str)
-        if shape not in checked_shapes:  # the model itself must build (as QKV): else no variant can
+        if shape not in checked_shapes and not config.get("init_from"):
+            # the model itself must build (as QKV): else no variant can (a checkpoint's builds)
             model_config_for(mha)
             checked_shapes.add(shape)
         tokens = config.get("max_tokens")

@@ -79,7 +79,35 @@ def test_gpu_generate_vs_hf_smoke_checks_both_sides(tmp_path):
     gemma = {("hf-gemma4-kv", "Q-K=V"), ("hf-gemma4-kv", "Q-GQA-8")}
     assert gemma <= got or set(doc["skipped"]) == {"Q-K=V", "Q-GQA-8"}, out  # no Gemma 4: the reason is kept
     assert len(rows) == 2 * len(got) and max(r["check_rel_err"] for r in rows) < 1e-4, rows  # two points each
+    hf_rows = [r for r in rows if r["system"] != "qkvlab"]  # each HF row checks its eager step apart
+    assert all(r["check_compiled_vs_eager_rel_err"] < 1e-4 for r in hf_rows), hf_rows
+    assert all(r["check_eager_rel_err"] < 1e-4 for r in hf_rows if r["system"] == "hf-llama"), hf_rows
     assert all(r["roofline_fraction"] > 0 and r["vs_hf_llama_qkv"] for r in rows), rows
     for check in doc["checks"].values():  # same weights: logits and 16 greedy tokens agree
         assert check["forward_rel_err"] < 1e-4 and check["greedy_agreement"] == 1.0, doc["checks"]
     assert {(p["system"], p["variant"]) for p in doc["prefill"]} == got and doc["env"]["transformers"]
+
+
+def test_the_hf_harness_agrees_with_qkvlab_at_a_long_filled_cache(monkeypatch):
+    """The side-by-side decode check at the benchmark's context length: HF Llama's step over a
+    StaticCache filled and positioned by the harness equals qkvlab's step over its own cache, to
+    fp32 rounding, and within the script's bf16 tolerance in bf16 (both on the CPU, uncompiled)."""
+    pytest.importorskip("transformers", reason="the side-by-side benchmark needs transformers (the dev extra)")
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from gpu_generate import build, fill_cache
+    from gpu_generate_vs_hf import TOL_BF16, HFDecoder, hf_llama, rel_err
+
+    shape = dict(recipe="llama", n_layers=2, d_model=128, n_heads=4, d_ff=256, vocab_size=500)
+    S = 4096
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, TOL_BF16)):
+        model = build("QKV", shape, S + 8, "cpu", dtype)
+        token = torch.tensor([7, 11])
+        cache = model.new_cache(2, S + 8)
+        fill_cache(cache, S, torch.Generator().manual_seed(1))
+        ref = model.decode_one(token, cache).float()
+        dec = HFDecoder(hf_llama(model), 2, S + 8, None)
+        dec.fill(S, torch.Generator().manual_seed(1))
+        assert all(torch.equal(a.keys[:, :, :S], b.k[:, :, :S]) for a, b in zip(dec.layers, cache.layers, strict=True))
+        assert rel_err(dec.step(token).float(), ref) < tol, dtype

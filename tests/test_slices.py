@@ -70,6 +70,40 @@ def test_slices_continue_from_committed_rows_and_merge_by_run_id(tmp_path: Path)
     assert third["ran"] == 0 and len(ok_rows(results)) == 2
 
 
+def test_a_warm_machines_slices_stop_runs_with_a_checkpoint_and_count_only_their_own(tmp_path: Path):
+    """--stop-at-limit on a machine kept between calls: the slice that reaches its limit leaves the
+    long run checkpointed, the next resumes it, and each slice counts only the runs it finished."""
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 64, size=4000).astype(np.uint16))
+    base = {
+        "model": {"preset": "tiny", "n_layers": 1, "d_model": 16, "n_heads": 2},
+        "data": {"source": str(tmp_path / "tokens.npy")},
+        "batch_size": 2,
+        "seq_len": 16,
+        "eval_batches": 1,
+        "log": {"every": 50, "progress": False, "tensorboard": False},
+        "device": "cpu",
+    }
+    study, results = tmp_path / "study", tmp_path / "results"
+    grid = {"variant": ["Q-K=V"], "max_steps": [3, 100_000]}  # one short run, one far beyond the limit
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"name": "warm", "study_dir": str(study), "base": base,
+                                                         "grid": grid}))  # fmt: skip
+
+    def one_slice(out: str) -> dict:  # the study folder stays: the same warm machine
+        script("sweep_slice.py", str(tmp_path / "sweep.yaml"), "--results", str(results), "--devices", "cpu,cpu",
+               "--time-limit", "8", "--stop-at-limit", "--out", str(tmp_path / out))  # fmt: skip
+        return json.loads((tmp_path / out / "slice.json").read_text())
+
+    from qkvlab.train import latest_checkpoint
+
+    first = one_slice("out1")
+    assert (first["ran"], first["stopped_with_checkpoint"]) == (1, 1)
+    (long_run,) = [d for d in (study / "runs").iterdir() if "steps100000" in d.name]
+    step = int(latest_checkpoint(long_run).name.split("-")[1])
+    second = one_slice("out2")
+    assert (second["ran"], second["stopped_with_checkpoint"]) == (0, 1)  # the short run was the first's
+    assert int(latest_checkpoint(long_run).name.split("-")[1]) > step  # resumed from it and went on
+
+
 def test_code_version_of_an_archive_copy_is_the_named_commit(monkeypatch):
     """A device slice runs a `git archive` copy of a commit: its rows carry that commit, whatever .git is around."""
     import subprocess

@@ -352,6 +352,17 @@ def versions() -> dict[str, str]:
     }
 
 
+def scoring_context(args: argparse.Namespace) -> tuple[torch.device, RunContext]:
+    """The device and autocast the scoring runs under (``--threads``, ``--device``, ``--amp``);
+    ``args.device`` is resolved in place, so the rows name the device that ran."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    return device, RunContext(device=device, amp_dtype=torch.bfloat16 if args.amp == "bf16" else None)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -387,12 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out is None:
         p.error("--out is required")
     args.dickens = args.dickens or None
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
-    ctx = RunContext(device=device, amp_dtype=torch.bfloat16 if args.amp == "bf16" else None)
+    device, ctx = scoring_context(args)
     conversions = [parse_conversion(s) for s in (args.convert or DEFAULT_CONVERSIONS)]
     started, t_start = now(), time.perf_counter()
 

@@ -43,7 +43,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 # The no-training half's script, beside this one: its evaluation is the one these rows must share.
@@ -60,7 +59,6 @@ from qkvlab.study.results import STATUS_OK, ResultsStore
 from qkvlab.study.spec import load_sweep, parse_tokens
 from qkvlab.study.sweep import check_with_trainer, expand
 from qkvlab.train.config import load_yaml, parse_override, set_dotted
-from qkvlab.train.context import RunContext
 
 SIDECAR_SCHEMA = "qkvlab-uptrain-conversions/1"
 
@@ -401,12 +399,7 @@ def load_into(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def score_runs(args: argparse.Namespace) -> dict[str, Any]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
-    ctx = RunContext(device=device, amp_dtype=torch.bfloat16 if args.amp == "bf16" else None)
+    device, ctx = cs.scoring_context(args)
     dtype = "float32" + (" (bf16 autocast)" if args.amp == "bf16" else "")
     started, t_start = now(), time.perf_counter()
     result = load_into(args)

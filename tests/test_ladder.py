@@ -314,7 +314,7 @@ def test_a_sweep_stopped_at_its_limit_keeps_each_runs_step_and_the_next_call_res
     s = SweepSpec.from_dict({"base": base, "grid": {"variant": ["Q-K=V"]}})
     (plan,) = expand(s)
     study = tmp_path / "study"
-    with pytest.raises(ConfigError, match="stop_at_limit stops runs at the time limit, so it needs one"):
+    with pytest.raises(ConfigError, match=r"--stop-at-limit \(stop_at_limit\) stops runs at the time limit"):
         run_sweep(s, study, devices="cpu,cpu", verbose=False, stop_at_limit=True)
     summary = run_sweep(s, study, devices="cpu,cpu", verbose=False, time_limit=7, stop_at_limit=True)
     assert summary.stopped == [plan.run_id] and summary.deferred == [plan.run_id] and not summary.ran

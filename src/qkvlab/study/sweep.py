@@ -273,7 +273,10 @@ def run_sweep(
     if time_limit is not None and not (math.isfinite(time_limit) and time_limit > 0):
         raise ConfigError(f"time_limit must be a positive number of seconds, got {time_limit!r}.")
     if stop_at_limit and time_limit is None:
-        raise ConfigError("stop_at_limit stops runs at the time limit, so it needs one: give --time-limit SECONDS too.")
+        raise ConfigError(
+            "--stop-at-limit (stop_at_limit) stops runs at the time limit, so it needs one: "
+            "give --time-limit SECONDS too."
+        )
     deadline = None if time_limit is None else time.monotonic() + time_limit
     if not isinstance(spec, SweepSpec):
         spec = load_sweep(spec)

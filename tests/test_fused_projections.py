@@ -187,6 +187,31 @@ def test_generate_does_not_fuse_unless_asked():
     assert StaticDecoder(model, cache, cuda_graph=False).fused == 0
 
 
+@pytest.mark.parametrize("variant", ["q_kv", "q_k_v+gqa2"])
+def test_generate_fuses_when_asked_and_gives_the_same_tokens(variant):
+    """generate(fuse=True) / stream(fuse="auto") fuse the model (prefill and steps) and give the
+    unfused model's tokens; fuse=True on a training model, or another value, is refused."""
+    prompt, rows = torch.tensor([[1, 2, 3, 4]]), [[5, 6, 7], [8, 9]]
+    ref = small_gpt(variant, "llama")
+    want = ref.generate(prompt, 6), ref.generate(rows, 5, return_dict=True).tokens
+    assert not any(m.fused for m in fusable(ref))
+    model = small_gpt(variant, "llama")
+    got = model.generate(prompt, 6, fuse=True)
+    assert sum(m.fused for m in fusable(model)) == expected_fused(model)
+    assert torch.equal(got, want[0])
+    again = small_gpt(variant, "llama")
+    stream = again.stream(rows, 5, fuse="auto")
+    assert [s.tokens for s in stream] and stream.result.tokens == want[1]
+    assert sum(m.fused for m in fusable(again)) == expected_fused(again)
+    training = small_gpt(variant, "llama").train()
+    with pytest.raises(ConfigError, match=r"model is in training mode; call model\.eval"):
+        training.generate(prompt, 2, fuse=True)
+    training.generate(prompt, 2, fuse="auto")  # auto: only in eval mode
+    assert not any(m.fused for m in fusable(training))
+    with pytest.raises(ConfigError, match="fuse must be True, False or 'auto', got 'yes'"):
+        model.generate(prompt, 2, fuse="yes")
+
+
 def test_generate_leaves_a_training_model_unfused():
     model = small_gpt("q_kv", "llama").train()
     model.generate(torch.tensor([[1, 2, 3]]), 3)

@@ -69,6 +69,14 @@ def test_generate_no_cuda_graph_flag_gives_the_same_text(run_dir):
     assert a.output.splitlines()[0] == b.output.splitlines()[0]
 
 
+def test_generate_fuse_flag_gives_the_same_text(run_dir):
+    """--fuse runs the fused projections (one product per layer's projections and MLP gate/up)."""
+    args = ["generate", str(run_dir), "--device", "cpu", "--prompt", "def", "--max-new-tokens", "8", "--seed", "1"]
+    a, b = CliRunner().invoke(app, args), CliRunner().invoke(app, [*args, "--fuse"])
+    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
+    assert a.output.splitlines()[0] == b.output.splitlines()[0]
+
+
 @pytest.mark.skipif(
     sys.platform == "win32" or not any(map(shutil.which, ("cc", "gcc", "clang"))),
     reason="torch.compile on CPU needs a C compiler",

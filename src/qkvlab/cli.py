@@ -756,6 +756,14 @@ def generate(
             help="torch.compile the static decode step (fuses its small kernels; the first step compiles).",
         ),
     ] = False,
+    fuse: Annotated[
+        bool,
+        typer.Option(
+            "--fuse/--no-fuse",
+            help="One matrix product for each layer's projections and for the MLP's gate and up (faster at "
+            "small batches; holds a second copy of those weights).",
+        ),
+    ] = False,
 ) -> None:
     """Continue a prompt with KV-cached decoding; prints the text, tokens/s and the cache's bytes."""
     from qkvlab.checkpoint import load_model, read_metadata
@@ -817,6 +825,7 @@ def generate(
         cache=cache,
         cuda_graph=cuda_graph,
         compile=compile,
+        fuse=fuse,
     )
     if stream:
         sys.stdout.write(tok.decode(ids))

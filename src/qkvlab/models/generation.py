@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qkvlab.attention.cache import KVCache, LinearState
+from qkvlab.attention.projections import fuse_projections
 from qkvlab.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -336,6 +337,7 @@ def run(
     use_cache: bool = True,
     cuda_graph: bool | str = "auto",
     compile: bool | str = False,
+    fuse: bool | str = False,
     stream: bool = False,
 ) -> Generator[GenerationStep, None, GenerateOutput]:
     """The decode loop behind ``GPT.generate`` and ``GPT.stream``: checks the arguments now and
@@ -351,6 +353,13 @@ def run(
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     if cuda_graph not in (True, False, "auto"):
         raise ConfigError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}.")
+    if fuse not in (True, False, "auto"):
+        raise ConfigError(f"fuse must be True, False or 'auto', got {fuse!r}.")
+    if fuse is True and model.training:
+        raise ConfigError(
+            "fuse=True fuses the projections for inference, but the model is in training mode; call "
+            "model.eval() first, or pass fuse='auto' (fuse only in eval mode) or False."
+        )
     if compile and (not use_cache or cfg.variant.linear):
         raise ConfigError(
             "compile=True compiles the static decode step over a KV cache: it needs use_cache=True and "
@@ -401,6 +410,8 @@ def run(
         if max_new_tokens == 0:
             return output([_LENGTH] * B, [0] * B)
         state, seq = cache, None
+        if fuse is True or (fuse == "auto" and not model.training):
+            fuse_projections(model)  # before the prefill, which runs the same products
         if use_cache:
             if state is None:
                 state = model.new_cache(B, total)
@@ -418,7 +429,7 @@ def run(
         if use_cache and (compile or cuda_graph is True or (auto and isinstance(state, KVCache))):
             from qkvlab.models.decoding import StaticDecoder
 
-            step = StaticDecoder(model, state, cuda_graph=cuda_graph, compile=compile).step
+            step = StaticDecoder(model, state, cuda_graph=cuda_graph, compile=compile, fuse=fuse).step
         elif use_cache:
             step = lambda tok: model.decode_one(tok, state)  # noqa: E731
 

@@ -163,6 +163,7 @@ class GPT(nn.Module):
         use_cache: bool = True,
         cuda_graph: bool | str = "auto",
         compile: bool | str = False,
+        fuse: bool | str = False,
         return_dict: bool = False,
     ) -> torch.Tensor | GenerateOutput:
         """Extend ``idx`` ``(B, T)`` by up to ``max_new_tokens``; returns ``(B, T + max_new_tokens)``.
@@ -189,7 +190,11 @@ class GPT(nn.Module):
         the dynamic step of a small or medium model is bound by host-side kernel launches; False
         keeps the dynamic step. ``compile=True`` runs the static step through ``torch.compile``
         first (see :class:`~qkvlab.models.decoding.StaticDecoder`), graphed or not (a mode name
-        picks Inductor's mode); it needs a KV cache.
+        picks Inductor's mode); it needs a KV cache. ``fuse=True`` (or ``"auto"``: only in eval
+        mode) runs each attention layer's projections, and the SwiGLU MLP's gate and up, as one
+        matrix product each (faster at small batches, where each product is short; the fused
+        matrices are a second copy of those weights until ``model.train()`` or
+        :func:`~qkvlab.attention.projections.unfuse_projections`).
 
         Cached decoding is the default; ``use_cache=False`` recomputes the whole prefix each
         step (for checks). :meth:`stream` yields the same tokens step by step.
@@ -218,6 +223,7 @@ class GPT(nn.Module):
         use_cache: bool = True,
         cuda_graph: bool | str = "auto",
         compile: bool | str = False,
+        fuse: bool | str = False,
     ) -> GenerationStream:
         """:meth:`generate` as an iterator: one :class:`~qkvlab.models.generation.GenerationStep` per token.
 

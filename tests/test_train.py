@@ -444,8 +444,13 @@ def test_a_stop_request_saves_the_step_reached_and_the_resumed_run_ends_as_an_un
         train(cfg, verbose=False)
     assert latest_checkpoint(tmp_path / "run").name == "ckpt-0000007"  # saved at the step reached
     monkeypatch.setattr(Trainer, "train_step", step_once)
+    first = qkvlab.train.state.load_state(latest_checkpoint(tmp_path / "run"))
+    assert first["train_time_s"] > 0 and first["train_time_tokens"] == 7 * cfg.tokens_per_step
     resumed = train(cfg, resume=True, verbose=False)  # the request was answered: this run goes on
     assert resumed["steps"] == 20 and resumed["val_loss"] == whole["val_loss"]
+    # time and rate are the whole run's: both parts' seconds, every token
+    assert resumed["train_time_s"] > first["train_time_s"]
+    assert resumed["train_tokens_per_s"] == pytest.approx(resumed["tokens"] / resumed["train_time_s"])
     a, b = weights(tmp_path / "whole/model.safetensors"), weights(tmp_path / "run/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # a request withdrawn before any run answers it stops nothing

@@ -466,6 +466,9 @@ class Trainer:
         torch.manual_seed(config.seed + 1_000_003 * ctx.rank)
         self.batches = self.task.batches(config.batch_size // ctx.world_size, seed=config.seed, ctx=ctx)
         self.step, self.tokens = 0, 0
+        # (seconds of training, tokens they trained) before this process: a run resumed from a
+        # checkpoint that records them reports its whole time and rate, not its last part's
+        self._timed: tuple[float, int] = (0.0, 0)
         self.last_loss: float | None = None  # training loss of the latest step
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # steps not yet checked
         self.last_eval: dict[str, float] = {}
@@ -538,6 +541,8 @@ class Trainer:
             state = {
                 "step": self.step,
                 "tokens": self.tokens,
+                "train_time_s": self._timed[0],
+                "train_time_tokens": self._timed[1],
                 "optimizer": optim_state,
                 "data": self.batches.state_dict(),
                 "rng": rng,
@@ -598,6 +603,8 @@ class Trainer:
             set_optimizer_state_dict(self.raw, self.optimizer, state["optimizer"], options=options)
             self.batches.load_state_dict(state["data"])
             self.step, self.tokens = int(state["step"]), int(state["tokens"])
+            if state.get("train_time_s") is not None:  # older checkpoints: this process's part only
+                self._timed = (float(state["train_time_s"]), int(state["train_time_tokens"]))
             self.last_eval = dict(state.get("last_eval") or {})
             self.last_loss = state.get("last_loss")
             rng = state["rng"]
@@ -780,7 +787,7 @@ class Trainer:
             dynamic_ncols=True,
             disable=not (ctx.is_main and config.log.progress),
         )
-        train_time, run_tokens, window_tokens, window_time = 0.0, 0, 0, 0.0
+        (train_time, run_tokens), window_tokens, window_time = self._timed, 0, 0.0
         rates: list[float] = []  # tokens/s of each log window; the first holds compilation
         every_step = reads_every_step(ctx.device)
         window_start = time.perf_counter()
@@ -789,6 +796,7 @@ class Trainer:
                 bar.close()
                 if self.saved_step != self.step:
                     self.check_steps()  # never save a step that diverged
+                    self._timed = (train_time + time.perf_counter() - window_start, run_tokens)
                     self.save_checkpoint()
                 _stop.clear()  # answered: the next run in this process starts afresh
                 raise RunStopped(self.out, self.step, total)
@@ -823,6 +831,7 @@ class Trainer:
             if row and self.log is not None:
                 self.log.write(row)
             if ckpt_now:
+                self._timed = (train_time, run_tokens)
                 self.save_checkpoint()
             window_start = time.perf_counter()  # evaluation and checkpoints are not training time
         bar.close()

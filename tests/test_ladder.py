@@ -297,6 +297,24 @@ def test_the_time_estimate_prefers_runs_that_shared_their_device_as_this_sweep_w
     assert _Timer(store, None, runs_per_device=6).estimate("other", 1000) is None
 
 
+def test_the_time_estimate_fits_a_line_through_runs_at_two_budgets(tmp_path: Path):
+    """A run's own train time includes its compilation, so from one budget the rate comes out
+    high; runs at two budgets give the line through their wall times instead."""
+    from qkvlab.study.sweep import _Timer
+
+    store = ResultsStore(tmp_path)
+    # wall = 50 s + 1 ms per token; train time = 20 s of compilation + 1 ms per token
+    for k, tokens in enumerate([10_000, 10_000, 40_000]):
+        wall, trained = 50 + tokens / 1000, 20 + tokens / 1000
+        store.append({"run_id": f"r{k}", "status": "ok", "model": "m", "tokens": tokens, "wall_s": wall,
+                      "train_time_s": trained})  # fmt: skip
+    assert _Timer(store, None).estimate("m", 100_000) == pytest.approx(150.0)
+    one_budget = ResultsStore(tmp_path / "one")
+    one_budget.append({"run_id": "r", "status": "ok", "model": "m", "tokens": 10_000, "wall_s": 60.0,
+                       "train_time_s": 30.0})  # fmt: skip
+    assert _Timer(one_budget, None).estimate("m", 100_000) == pytest.approx(30 + 300)  # fixed + rate: high
+
+
 def test_a_sweep_stopped_at_its_limit_keeps_each_runs_step_and_the_next_call_resumes_it(tmp_path: Path):
     """The slices' path (runs in worker processes): at the limit a run still training saves a
     checkpoint and leaves no row; the next call resumes it from there and records it."""

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from qkvlab.checkpoint import atomic_write
@@ -446,11 +447,12 @@ class _Timer:
     """Whether a plan is expected to finish before the deadline (always, without one).
 
     A run's wall time is a fixed part (start-up, compilation, the final evaluation) plus its
-    tokens at a rate, both the median over the finished runs of the same model here: a rate of
-    wall time per token alone would charge the fixed part four times over to a run with four
-    times the tokens. Runs that shared their device with as many others as this sweep's runs
-    will are preferred, since sharing slows each run; rows without ``train_time_s`` (a custom
-    trainer) count as all rate.
+    tokens at a rate: the line through the wall times of the finished runs of the same model
+    here when they ran at two or more budgets, else the medians of their untimed part and of
+    their train time per token. A rate of wall time per token alone would charge the fixed part
+    four times over to a run with four times the tokens. Runs that shared their device with as
+    many others as this sweep's runs will are preferred, since sharing slows each run; rows
+    without ``train_time_s`` (a custom trainer) count as all rate.
     """
 
     def __init__(
@@ -471,6 +473,12 @@ class _Timer:
         rows = alike or rows
         if not rows:
             return None
+        if len({r["tokens"] for r in rows}) >= 2:
+            # runs at two or more budgets: the line through their wall times, which puts the
+            # compilation in the fixed part (a run's own train time counts it as rate)
+            slope, intercept = np.polyfit([r["tokens"] for r in rows], [r["wall_s"] for r in rows], 1)
+            if slope > 0 and intercept >= 0:
+                return float(intercept + slope * tokens)
         fixed, rate = [], []
         for r in rows:
             train = r.get("train_time_s")

@@ -194,6 +194,19 @@ class FusedLinears:
         return super()._load_from_state_dict(*args, **kwargs)
 
 
+def check_fuse(fuse: bool | str, model: nn.Module) -> bool:
+    """Check a ``fuse=`` argument (True, False or ``"auto"``: only in eval mode) against
+    ``model``; returns whether to fuse it."""
+    if fuse not in (True, False, "auto"):
+        raise ConfigError(f"fuse must be True, False or 'auto', got {fuse!r}.")
+    if fuse is True and model.training:
+        raise ConfigError(
+            "fuse=True fuses the projections for inference, but the model is in training mode; call "
+            "model.eval() first, or pass fuse='auto' (fuse only in eval mode) or False."
+        )
+    return fuse is True or (fuse == "auto" and not model.training)
+
+
 def fuse_projections(model: nn.Module) -> int:
     """Fuse every :class:`FusedLinears` module of ``model`` for inference (refreshing stale ones).
 

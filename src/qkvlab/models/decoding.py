@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from qkvlab.attention.cache import KVCache
-from qkvlab.attention.projections import FusedLinears, fuse_projections, fusion_epoch
+from qkvlab.attention.projections import FusedLinears, check_fuse, fuse_projections, fusion_epoch
 from qkvlab.errors import ConfigError
 
 #: ``torch.compile`` modes a :class:`StaticDecoder` accepts (its own CUDA graph records the step).
@@ -95,13 +95,7 @@ class StaticDecoder:
         compile: bool | str = False,
         fuse: bool | str = False,
     ):
-        if fuse not in (True, False, "auto"):
-            raise ConfigError(f"fuse must be True, False or 'auto', got {fuse!r}.")
-        if fuse is True and model.training:
-            raise ConfigError(
-                "fuse=True fuses the projections for inference, but the model is in training mode; call "
-                "model.eval() first, or pass fuse='auto' (fuse only in eval mode) or False."
-            )
+        check_fuse(fuse, model)  # "auto" is decided at each fusion sync, as the mode may change
         if cuda_graph not in (True, False, "auto"):
             raise ConfigError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}.")
         if not isinstance(compile, bool) and compile not in COMPILE_MODES:

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qkvlab.attention.cache import KVCache, LinearState
-from qkvlab.attention.projections import fuse_projections
+from qkvlab.attention.projections import check_fuse, fuse_projections
 from qkvlab.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -353,13 +353,7 @@ def run(
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     if cuda_graph not in (True, False, "auto"):
         raise ConfigError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}.")
-    if fuse not in (True, False, "auto"):
-        raise ConfigError(f"fuse must be True, False or 'auto', got {fuse!r}.")
-    if fuse is True and model.training:
-        raise ConfigError(
-            "fuse=True fuses the projections for inference, but the model is in training mode; call "
-            "model.eval() first, or pass fuse='auto' (fuse only in eval mode) or False."
-        )
+    fuse = check_fuse(fuse, model)
     if compile and (not use_cache or cfg.variant.linear):
         raise ConfigError(
             "compile=True compiles the static decode step over a KV cache: it needs use_cache=True and "
@@ -410,7 +404,7 @@ def run(
         if max_new_tokens == 0:
             return output([_LENGTH] * B, [0] * B)
         state, seq = cache, None
-        if fuse is True or (fuse == "auto" and not model.training):
+        if fuse:
             fuse_projections(model)  # before the prefill, which runs the same products
         if use_cache:
             if state is None:

@@ -7,12 +7,14 @@
 # Every step skips what an earlier call on the same (warm) machine finished, so the script is
 # simply called again until it says "done". Before the first call, on the workstation:
 #
-#   split -b 49500000 -d SmolLM2-135M-Instruct.Q4_1.gguf .data/smol-gguf.part   # 98 MB > one carry
+#   split -n 3 -d SmolLM2-135M-Instruct.Q4_1.gguf .data/smol-gguf.part   # 98 MB > one carry
+#   echo 3 > .data/smol-gguf.parts
 #   sha256sum SmolLM2-135M-Instruct.Q4_1.gguf > .data/smol-gguf.sha256
 #
-# and carry .data/smol-gguf.part00 in one call and .data/smol-gguf.part01 (+ .data/smol-gguf.sha256)
-# in the next: files carried earlier stay on a warm machine. The Gutenberg and Dickens zips must
-# be there too (scripts/ladder_data.sh stages them; the ladder's first call carries them).
+# and carry one part per call (with .data/smol-gguf.parts and .data/smol-gguf.sha256): files
+# carried earlier stay on a warm machine, and a part of 33 MB fits beside the checkout and the
+# ladder's .data/head.tar, so the parts can ride along other calls. The Gutenberg and Dickens
+# zips must be there too (scripts/ladder_data.sh stages them; the ladder's first call carries them).
 #
 #   TIME_LIMIT=420 bash scripts/convert_slice.sh          # on the machine; again until "done"
 #
@@ -35,12 +37,18 @@ mkdir -p "$OUT"
 python3 -c "import sys; sys.path.insert(0, 'scripts'); import sweep_slice; sweep_slice.link_data()"
 
 if [ ! -f "$SRC/model.safetensors" ]; then
-    if [ ! -f .data/smol-gguf.part01 ]; then
-        echo "waiting for the GGUF's second part (.data/smol-gguf.part01): carry it in the next call"
-        exit 0
-    fi
+    nparts=$(cat .data/smol-gguf.parts 2>/dev/null || echo 2)
+    parts=()
+    for i in $(seq 0 $((nparts - 1))); do
+        part=$(printf ".data/smol-gguf.part%02d" "$i")
+        if [ ! -f "$part" ]; then
+            echo "waiting for the GGUF's part $part ($nparts in all): carry it in a next call"
+            exit 0
+        fi
+        parts+=("$part")
+    done
     gguf=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
-    cat .data/smol-gguf.part00 .data/smol-gguf.part01 > "$gguf"
+    cat "${parts[@]}" > "$gguf"
     echo "$(cut -d' ' -f1 .data/smol-gguf.sha256)  $gguf" | sha256sum -c -   # the parts joined whole
     python3 -m qkvlab import "$gguf" "$SRC"
 fi

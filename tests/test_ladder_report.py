@@ -242,17 +242,22 @@ def test_trend_ranking_and_verdict_rules():
     sizes = {"s1": 2.0, "s2": 2.1, "s3": 1.9}
     text = ladder.verdict("Q-K=V", sizes, dict.fromkeys(sizes, "worse"), flat)
     assert text.startswith("Q-K=V: costs +1.90% to +2.10% loss at every tested size")
-    assert "gap flat within the data" in text
+    assert "change vs QKV flat within the data" in text
     shrink = ladder.change_trend([6, 6.5, 7, 7.5], [3.0, 2.5, 2.0, 1.5])
     text = ladder.verdict("MQA", sizes, {"s1": "worse", "s2": "undecided", "s3": "untested"}, shrink)
     assert "worse than QKV at s1" in text and "data cannot decide at s2" in text
-    assert "n=1, no test at s3" in text and "gap shrinks with size" in text
+    assert "n=1, no test at s3" in text and "falls with size: MQA gains on QKV as N grows" in text
     text = ladder.verdict("GQA-4", {"s1": 0.1}, {"s1": "untested"}, None)
     assert "n=1, no test" in text and "trend with size not assessed" in text
     pred = ladder.Prediction(2.5e8, 2.5e8, 2.3, 2.25, 0.0513, 0.04, 0.06, 2000)
     text = ladder.verdict("Q-K=V", sizes, dict.fromkeys(sizes, "worse"), grow, pred, 0.031)
-    assert "gap grows with size" in text
+    assert "rises with size: Q-K=V loses ground to QKV as N grows" in text
     assert "PPL +5.1% [+4.0%, +6.0%] (paper Table 4: +3.1%)" in text
+    # A falling change that crosses 0 (a variant pulling ahead of QKV) is said as gaining, not as a
+    # growing gap.
+    ahead = ladder.change_trend([6, 6.5, 7, 7.5], [0.1, -0.4, -0.9, -1.4])
+    text = ladder.verdict("GQA-4", {"a": 0.1, "b": -1.4}, {"a": "undecided", "b": "undecided"}, ahead)
+    assert "falls with size: GQA-4 gains on QKV as N grows" in text
     assert ladder.verdict("Q=K=V", {}, {}, None) == "Q=K=V: not yet run beside QKV at any size."
 
     same = ladder.rank_change({"q_k_v": 3.0, "q_kv": 3.1, "qkv": 3.3}, {"q_k_v": 2.9, "q_kv": 3.0, "qkv": 3.2})
@@ -362,7 +367,7 @@ def test_write_ladder_report_full_grid(tmp_path: Path):
     assert trends[(1_000_000, "Q=K=V")]["ci_low"] > 0  # the built-in growing gap
     verdicts = {(v["recipe"], v["budget"], v["variant"]): v["text"] for v in summary["verdicts"]}
     assert verdicts[("gpt2", 1_000_000, "Q-K=V")].startswith("Q-K=V: costs +")
-    assert "gap grows with size" in verdicts[("gpt2", 1_000_000, "Q=K=V")]
+    assert "Q=K=V loses ground to QKV as N grows" in verdicts[("gpt2", 1_000_000, "Q=K=V")]
     assert "trend with size not assessed" in verdicts[("llama", 1_000_000, "Q-K=V")]
 
     ranks = [r for r in summary["rankings"] if r["recipe"] == "gpt2"]

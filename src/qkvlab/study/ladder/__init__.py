@@ -47,9 +47,10 @@ Verdict rules, per (recipe, budget, variant):
   better: "gains a-b% loss at every tested size"; all undecided: "no difference shown at any tested
   size ... data cannot decide"; otherwise the sizes of each kind are listed and "data cannot
   decide" is said for the undecided ones. Sizes with one seed: "n=1, no test".
-* Trend (3+ sizes): slope interval excluding 0 and of the same sign as the mean change: "gap
-  grows with size"; of the opposite sign: "gap shrinks with size"; including 0: "flat within the
-  data". Fewer than 3 sizes: "trend not assessed".
+* Trend (3+ sizes): the slope of the change per decade of N. Its interval above 0: "change vs
+  QKV rises with size: <variant> loses ground to QKV as N grows"; below 0: "falls with size:
+  <variant> gains on QKV as N grows" (said by direction, which is unambiguous whatever the sign of
+  the change); including 0: "flat within the data". Fewer than 3 sizes: "trend not assessed".
 * The extrapolated PPL change and its interval, beside the paper's Table 4 change.
 
 The package, one job a module: :mod:`~qkvlab.study.ladder.stats` (tests and fits),

@@ -236,16 +236,18 @@ def verdict(
             parts.append(f"data cannot decide at {', '.join(by['undecided'])} (interval includes 0)")
     if tested and by["untested"]:
         parts.append(f"n=1, no test at {', '.join(by['untested'])}")
-    mean_change = statistics.fmean(changes.values())
     if trend is None or trend.ci_low is None:
         parts.append("trend with size not assessed (fewer than 3 sizes)")
     else:
         slope = f"slope {trend.slope:+.2f} pt per decade of N, 95% CI [{trend.ci_low:+.2f}, {trend.ci_high:+.2f}]"
-        if trend.ci_low > 0 or trend.ci_high < 0:
-            grows = (trend.slope > 0) == (mean_change > 0)
-            parts.append(f"gap {'grows' if grows else 'shrinks'} with size ({slope})")
+        # Said by the slope's direction, not as a "gap": a gap "growing" read as a growing cost
+        # even where the variant was pulling ahead of QKV (a falling change of mixed sign).
+        if trend.ci_low > 0:
+            parts.append(f"change vs QKV rises with size: {label} loses ground to QKV as N grows ({slope})")
+        elif trend.ci_high < 0:
+            parts.append(f"change vs QKV falls with size: {label} gains on QKV as N grows ({slope})")
         else:
-            parts.append(f"gap flat within the data ({slope}, includes 0)")
+            parts.append(f"change vs QKV flat within the data ({slope}, includes 0)")
     if prediction is not None and prediction_problem:
         parts.append(f"no extrapolation to 300M ({prediction_problem})")
     elif prediction is not None:

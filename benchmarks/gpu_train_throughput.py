@@ -18,6 +18,10 @@ Cases (``--cases``; default all):
   ``gpt2-300m`` (354.9M), QKV and Q-K=V, T=1024, ``torch.compile``d two ways
   (``--ladder-modes``): the model alone (``model``), and model + loss as one graph (``loss``,
   what ``compile: true`` in a training config does: the logits' fp32 upcast fuses into the loss);
+- ``rung``: the scaling ladder's largest rungs as the ladder trains them (``--rung-presets``,
+  default ``gpt2-85m`` and ``llama-30m``): its 8,192-token BPE vocabulary, 32 x 512 tokens a
+  step, model + loss compiled, QKV and Q-K=V, each run alone on the GPU (the ladder's slices
+  share the GPU among six runs, so their rows' MFU is each run's share);
 - ``paper``: the paper's 300M shape (``paper-300m``, dropout 0.1) in qkvlab, eager and
   compiled, beside the paper's own model classes ``GPT`` (QKV) and ``GPT_QKV_KEqualsV`` (Q-K=V)
   from its ``transformer_KQV_300_M.py`` / ``transformer_KV_1_300_M.py`` (main @ ffedd92, MIT),
@@ -169,10 +173,19 @@ def run_case(
 
 
 def qkvlab_case(
-    preset: str, variant: str, *, compiled: bool, B: int, T: int, args, peak, whole_loss: bool = False
+    preset: str,
+    variant: str,
+    *,
+    compiled: bool,
+    B: int,
+    T: int,
+    args,
+    peak,
+    whole_loss: bool = False,
+    vocab_size: int | None = None,
 ) -> dict:
     torch.manual_seed(0)
-    cfg = get_preset(preset, variant=variant)
+    cfg = get_preset(preset, variant=variant, **({"vocab_size": vocab_size} if vocab_size else {}))
     model = build_model(cfg).cuda().train()
     fwd = torch.compile(model) if compiled and not whole_loss else model
 
@@ -182,7 +195,7 @@ def qkvlab_case(
     if whole_loss:  # model + fp32 cross-entropy in one graph: the logits' upcast fuses into the loss
         loss_fn = torch.compile(loss_fn)
     how = "compiled with loss" if whole_loss else "compiled" if compiled else "eager"
-    label = f"qkvlab {preset} {variant} {how}"
+    label = f"qkvlab {preset} {variant} {how}" + (f", vocab {cfg.vocab_size}" if vocab_size else "")
     res = run_case(
         label,
         model,
@@ -196,7 +209,9 @@ def qkvlab_case(
         args=args,
         peak=peak,
     )
-    res.update(source="qkvlab", preset=preset, variant=variant, compiled=compiled, whole_loss=whole_loss)
+    res.update(
+        source="qkvlab", preset=preset, variant=variant, compiled=compiled, whole_loss=whole_loss, vocab=cfg.vocab_size
+    )
     return res
 
 
@@ -233,12 +248,15 @@ def reference_case(filename: str, cls: str, variant: str, *, sdpa: bool, B: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", default="ladder,paper", help="comma list of: ladder, paper")
+    ap.add_argument("--cases", default="ladder,paper", help="comma list of: ladder, rung, paper")
     ap.add_argument("--ref-dir", default=".data/paper_ref", help="folder with the paper's transformer_*_300_M.py")
     ap.add_argument("--ladder-presets", default="gpt2-85m,gpt2-300m")
     ap.add_argument(
         "--ladder-modes", default="model,loss", help="torch.compile the model alone, and/or model + loss in one graph"
     )
+    ap.add_argument("--rung-presets", default="gpt2-85m,llama-30m")
+    ap.add_argument("--rung-vocab", type=int, default=8192, help="the ladder's BPE vocabulary")
+    ap.add_argument("--rung-batch", default="32x512", help="BxT of a ladder step")
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--out", default=None)
@@ -272,6 +290,23 @@ def main() -> None:
                             preset, variant, compiled=True, B=16, T=1024, args=args, peak=peak, whole_loss=whole
                         )
                     )
+    if "rung" in cases:
+        B, T = (int(x) for x in args.rung_batch.split("x"))
+        for preset in args.rung_presets.split(","):
+            for variant in ("QKV", "Q-K=V"):
+                add(
+                    qkvlab_case(
+                        preset,
+                        variant,
+                        compiled=True,
+                        B=B,
+                        T=T,
+                        args=args,
+                        peak=peak,
+                        whole_loss=True,
+                        vocab_size=args.rung_vocab,
+                    )
+                )
     if "paper" in cases:
         B, T = 8, 1024
         for variant in ("QKV", "Q-K=V"):
@@ -289,13 +324,16 @@ def main() -> None:
 
     print("\nratios (tokens/s)")
     summary = {}
-    for preset in ("gpt2-85m", "gpt2-300m", "paper-300m"):
+    shapes = dict.fromkeys((r["preset"], r["vocab"], r["B"], r["T"]) for r in rows if r.get("source") == "qkvlab")
+    for preset, vocab, B, T in shapes:
+        rung = vocab == args.rung_vocab and f"{B}x{T}" == args.rung_batch  # the ladder's own shape
+        name = f"{preset} (ladder rung, vocab {vocab}, {B}x{T})" if rung else preset
         for compiled, whole in ((True, True), (True, False), (False, False)):
-            a = find(preset=preset, variant="QKV", compiled=compiled, whole_loss=whole)
-            b = find(preset=preset, variant="Q-K=V", compiled=compiled, whole_loss=whole)
+            kw = dict(preset=preset, vocab=vocab, B=B, T=T, compiled=compiled, whole_loss=whole)
+            a, b = find(variant="QKV", **kw), find(variant="Q-K=V", **kw)
             if a and b:
                 how = "compiled with loss" if whole else "compiled" if compiled else "eager"
-                summary[f"{preset} {how}: Q-K=V / QKV"] = b["tokens_per_s"] / a["tokens_per_s"]
+                summary[f"{name} {how}: Q-K=V / QKV"] = b["tokens_per_s"] / a["tokens_per_s"]
     for variant in ("QKV", "Q-K=V"):
         ours_e = find(preset="paper-300m", variant=variant, compiled=False)
         ours_c = find(preset="paper-300m", variant=variant, compiled=True, whole_loss=False)
@@ -310,10 +348,18 @@ def main() -> None:
         print(f"  {k:<55} {v:6.3f}x")
     t1 = summary.get("gpt2-85m compiled with loss: Q-K=V / QKV", summary.get("gpt2-85m compiled: Q-K=V / QKV"))
     mfu350 = {r["case"]: r["mfu"] for r in rows if r.get("preset") == "gpt2-300m" and r.get("mfu") is not None}
+    rung_mfu = {
+        r["case"]: r["mfu"]
+        for r in rows
+        if r.get("vocab") == args.rung_vocab and f"{r['B']}x{r['T']}" == args.rung_batch and r.get("mfu") is not None
+    }
     goals = {
         "Q-K=V / QKV training tokens/s at 124M": {"target": 1.03, "value": t1},
         "MFU at 350M": {"target": 0.40, "values": mfu350},
+        "MFU of the ladder's largest rungs, alone on the GPU": {"target": 0.35, "values": rung_mfu},
     }
+    if rung_mfu:
+        print(f"ladder rungs alone, MFU: { {k: round(v, 3) for k, v in rung_mfu.items()} } (goal 35%)")
     print(f"\ntraining goals: Q-K=V / QKV at 124M = {t1} (goal 1.03x); MFU at 350M = {mfu350} (goal 40%)")
     doc = {
         "benchmark": "gpu_train_throughput",

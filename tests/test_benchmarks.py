@@ -54,6 +54,22 @@ def test_gpu_generate_smoke_budget_batches(tmp_path):
     }, doc["rows"]
 
 
+def test_profile_generate_smoke_reports_kinds_bandwidth_and_prefill(tmp_path):
+    """The step profile splits time by kind with the bandwidth the matrix products achieve on the
+    weights, and profiles a prefill per variant (fused, as the benchmark's rows run)."""
+    run_script("profile_generate.py", "--fuse", "--out", str(tmp_path))
+    doc = json.loads((tmp_path / "profile_generate_graph_fused.json").read_text())
+    steps = {r["variant"]: r for r in doc["records"] if r["what"] == "decode step"}
+    prefills = {r["variant"]: r for r in doc["records"] if r["what"] == "prefill"}
+    assert set(steps) == set(prefills) == {"QKV", "Q-K=V"}, doc["records"]
+    for r in steps.values():
+        mm = r["kinds"]["matrix products"]
+        assert r["step_us"] > 0 and mm["us"] > 0 and mm["gbps"] == pytest.approx(mm["bytes"] / mm["us"] / 1e3)
+        assert r["mode"] == "graph, fused" and r["roofline_us"] > 0
+    assert all(p["wall_us"] > 0 and p["fused"] and p["top"] for p in prefills.values())
+    assert (tmp_path / "profile_generate_graph_fused.txt").read_text().count("prefill ") == 2
+
+
 @pytest.mark.skipif(INTERPRETER_PROBLEM is not None, reason=f"no working Triton interpreter: {INTERPRETER_PROBLEM}")
 def test_gpu_decode_smoke_checks_every_method(tmp_path):
     """Each method of the decode benchmark is checked against the fp32 reference before timing;

@@ -13,11 +13,14 @@ embedding table), the decode kernel on the cache (B x S x bytes per token). A ki
 copy bandwidth is where the step loses its roofline fraction. ``--fuse`` profiles the fused
 projections (``StaticDecoder(fuse=True)``); ``--prefill P`` also profiles one uncompiled prefill of
 a ``P``-token prompt per variant (kernel time by kind and by name), as ``generate`` runs it.
+``--hf`` also profiles HF Llama's step on the same weights for the variants it has (QKV, GQA-8),
+set up as ``gpu_generate_vs_hf.py`` times it, so its attention (SDPA) and matrix products get
+the same split.
 
 Run on the GPU machine from the repository root::
 
     PYTHONPATH=src:benchmarks python3 benchmarks/profile_generate.py --variants QKV,Q-K=V --compile --fuse \
-        --prefill 4096
+        --hf --prefill 4096
 
 The text goes to stdout and ``profile_generate_<mode>.txt``, the numbers to
 ``profile_generate_<mode>.json``, in ``--out`` (default ``$OUT``).
@@ -39,15 +42,17 @@ from torch.profiler import ProfilerActivity, profile
 from benchutil import env_info
 from gpu_decode import copy_bandwidth, timer
 from gpu_generate import ONE_B, SMOKE, build, fill_cache, release
-from gpu_generate_vs_hf import weight_bytes
+from gpu_generate_vs_hf import HF_LLAMA, HFDecoder, hf_llama, weight_bytes
 from qkvlab.attention.projections import fuse_projections
 from qkvlab.models.decoding import StaticDecoder
 
-KINDS = (
+KINDS = (  # first match wins: the attention kernels' names hold "cutlass" too
     ("decode kernel", ("_decode_split_kernel", "_decode_combine_kernel")),
+    ("inductor fused", ("triton_",)),
+    # SDPA's kernels, as HF's step runs them (flash, memory-efficient, cuDNN or the math path)
+    ("attention", ("fmha", "flash", "attention", "cudnn", "aten::scaled_dot_product")),
     # the aten names are the CPU operators of --smoke
     ("matrix products", ("nvjet", "gemm", "gemv", "cutlass", "splitk", "splitK", "aten::linear", "aten::mm")),
-    ("inductor fused", ("triton_",)),
 )
 
 
@@ -107,36 +112,23 @@ def kernel_times(prof, reps: int) -> tuple[dict[str, float], dict[str, float], d
     return dict(by_kind), dict(count), dict(by_name)
 
 
-def profile_case(variant: str, B: int, S: int, args, device, bw_gbps: float) -> tuple[str, dict]:
-    model = build(variant, args.shape, S + 64, device, torch.bfloat16)
-    cache = model.new_cache(B, S + 32)
-    fill_cache(cache, S, torch.Generator(device=device).manual_seed(2))
-    token = torch.zeros(B, dtype=torch.long, device=device)
-    dec = StaticDecoder(model, cache, cuda_graph="auto", warmup=3, compile=args.compile, fuse=args.fuse)
-
-    def step():
-        cache.reset()
-        cache.advance(S)  # the same position every time: the profile is of one step, repeated
-        dec.step(token)
-
+def step_report(
+    label: str, step, device, args, bw_gbps: float, weights: int, cache: int, record: dict
+) -> tuple[str, dict]:
+    """Time and profile one repeated decode ``step``; split its kernel time by kind, with the
+    bandwidth the matrix products achieve on the ``weights`` bytes and the attention (qkvlab's
+    decode kernel, or SDPA) on the ``cache`` bytes."""
+    must_read = {"matrix products": weights, "decode kernel": cache, "attention": cache}
     for _ in range(3):
         step()
     wall = median_us(step, device, 20)
     prof = profiled(step, device, args.steps)
     by_kind, count, _ = kernel_times(prof, args.steps)
     busy = sum(by_kind.values())
-    # What each kind must read: the matrix products the weights (the embedding table is read
-    # one row a step), the decode kernel the filled cache.
-    must_read = {
-        "matrix products": weight_bytes(model, model.wte.weight, model.lm_head.weight),
-        "decode kernel": B * S * cache.bytes_per_token,
-    }
-    mode = ("compiled + graph" if args.compile else "graph") + (", fused" if args.fuse else "")
-    roofline_us = sum(must_read.values()) / (bw_gbps * 1e3)
+    roofline_us = (weights + cache) / (bw_gbps * 1e3)
     lines = [
-        f"{variant} B={B} S={S} ({mode}): step {wall:.0f} us wall, {busy:.0f} us in kernels, "
-        f"{sum(count.values()):.0f} kernels; roofline {roofline_us:.0f} us "
-        f"({100 * roofline_us / wall:.0f}% of the step)",
+        f"{label}: step {wall:.0f} us wall, {busy:.0f} us in kernels, {sum(count.values()):.0f} kernels; "
+        f"roofline {roofline_us:.0f} us ({100 * roofline_us / wall:.0f}% of the step)",
     ]
     kinds = {}
     for kind in sorted(by_kind, key=by_kind.get, reverse=True):
@@ -152,13 +144,57 @@ def profile_case(variant: str, B: int, S: int, args, device, bw_gbps: float) -> 
     lines.append(f"  {'gaps':<16} {wall - busy:8.0f} us  (wall minus kernel time)")
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     lines.append(prof.key_averages().table(sort_by=sort, row_limit=args.rows))
-    record = dict(
-        what="decode step", variant=variant, B=B, context=S, mode=mode, step_us=wall, kernel_us=busy,
-        roofline_us=roofline_us, kinds=kinds,
-    )  # fmt: skip
+    record.update(what="decode step", step_us=wall, kernel_us=busy, roofline_us=roofline_us, kinds=kinds)
+    return "\n".join(lines), record
+
+
+def profile_case(variant: str, B: int, S: int, args, device, bw_gbps: float) -> tuple[str, dict]:
+    model = build(variant, args.shape, S + 64, device, torch.bfloat16)
+    cache = model.new_cache(B, S + 32)
+    fill_cache(cache, S, torch.Generator(device=device).manual_seed(2))
+    token = torch.zeros(B, dtype=torch.long, device=device)
+    dec = StaticDecoder(model, cache, cuda_graph="auto", warmup=3, compile=args.compile, fuse=args.fuse)
+
+    def step():
+        cache.reset()
+        cache.advance(S)  # the same position every time: the profile is of one step, repeated
+        dec.step(token)
+
+    # What a step must read: the weights (the embedding table one row a step) and the filled cache.
+    weights = weight_bytes(model, model.wte.weight, model.lm_head.weight)
+    cache_bytes = B * S * cache.bytes_per_token
+    mode = ("compiled + graph" if args.compile else "graph") + (", fused" if args.fuse else "")
+    record = dict(system="qkvlab", variant=variant, B=B, context=S, mode=mode)
+    out = step_report(f"{variant} B={B} S={S} ({mode})", step, device, args, bw_gbps, weights, cache_bytes, record)
     dec = cache = model = None
     release(device)
-    return "\n".join(lines), record
+    return out
+
+
+def profile_hf_case(variant: str, B: int, S: int, args, device, bw_gbps: float) -> tuple[str, dict]:
+    """HF Llama's step with the same weights, as ``gpu_generate_vs_hf.py`` times it (sdpa,
+    ``StaticCache``, ``forward`` compiled with ``reduce-overhead``; uncompiled under ``--smoke``)."""
+    model = build(variant, args.shape, S + 64, device, torch.bfloat16)
+    hf = hf_llama(model)
+    wbytes = weight_bytes(hf, hf.get_input_embeddings().weight, hf.get_output_embeddings().weight)
+    model = None
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    dec = HFDecoder(hf, B, S + 32, mode)
+    dec.fill(S, torch.Generator(device=device).manual_seed(2))
+    token = torch.zeros(B, dtype=torch.long, device=device)
+
+    def step():
+        dec.seek(S)
+        dec.step(token)
+
+    record = dict(system="hf-llama", variant=variant, B=B, context=S, mode=mode or "eager")
+    label = f"HF Llama {variant} B={B} S={S} ({mode or 'eager'})"
+    out = step_report(label, step, device, args, bw_gbps, wbytes, B * S * dec.bytes_per_token(), record)
+    dec = hf = None
+    if mode:
+        torch._dynamo.reset()
+    release(device)
+    return out
 
 
 def profile_prefill(variant: str, P: int, args, device) -> tuple[str, dict]:
@@ -202,6 +238,7 @@ def main() -> None:
     ap.add_argument("--points", default="1x32768", help="comma list of BATCHxCONTEXT")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--fuse", action="store_true", help="fused projections, as StaticDecoder(fuse=True)")
+    ap.add_argument("--hf", action="store_true", help="also profile HF Llama's step (QKV, GQA-8) on the same weights")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU: a check of the script")
     ap.add_argument("--out", default=None, help="folder for the text and JSON (default $OUT)")
     ap.add_argument("--prefill", default="", help="comma list of prompt lengths to profile a prefill of")
@@ -226,6 +263,11 @@ def main() -> None:
             print(text, flush=True)
             texts.append(text)
             records.append(record)
+            if args.hf and variant in HF_LLAMA:
+                text, record = profile_hf_case(variant, B, S, args, device, bw)
+                print(text, flush=True)
+                texts.append(text)
+                records.append(record)
         for P in (int(v) for v in args.prefill.split(",") if v):
             text, record = profile_prefill(variant, P, args, device)
             print(text, flush=True)

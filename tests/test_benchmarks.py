@@ -57,15 +57,24 @@ def test_gpu_generate_smoke_budget_batches(tmp_path):
 def test_profile_generate_smoke_reports_kinds_bandwidth_and_prefill(tmp_path):
     """The step profile splits time by kind with the bandwidth the matrix products achieve on the
     weights, and profiles a prefill per variant (fused, as the benchmark's rows run)."""
-    run_script("profile_generate.py", "--fuse", "--out", str(tmp_path))
+    run_script("profile_generate.py", "--fuse", "--hf", "--out", str(tmp_path))
     doc = json.loads((tmp_path / "profile_generate_graph_fused.json").read_text())
-    steps = {r["variant"]: r for r in doc["records"] if r["what"] == "decode step"}
+    steps = {(r["system"], r["variant"]): r for r in doc["records"] if r["what"] == "decode step"}
     prefills = {r["variant"]: r for r in doc["records"] if r["what"] == "prefill"}
-    assert set(steps) == set(prefills) == {"QKV", "Q-K=V"}, doc["records"]
+    # HF's step beside qkvlab's where transformers has the variant (Llama: QKV)
+    assert set(steps) == {("qkvlab", "QKV"), ("qkvlab", "Q-K=V"), ("hf-llama", "QKV")}, doc["records"]
+    assert set(prefills) == {"QKV", "Q-K=V"}, doc["records"]
     for r in steps.values():
-        mm = r["kinds"]["matrix products"]
+        mm, att = r["kinds"]["matrix products"], r["kinds"]["attention"]  # SDPA on the CPU for both
         assert r["step_us"] > 0 and mm["us"] > 0 and mm["gbps"] == pytest.approx(mm["bytes"] / mm["us"] / 1e3)
-        assert r["mode"] == "graph, fused" and r["roofline_us"] > 0
+        tensors = {"QKV": 2, "Q-K=V": 1}[r["variant"]]  # K and V, or the one shared K=V tensor
+        assert att["bytes"] == r["B"] * r["context"] * tensors * 2 * 64 * 2  # 2 layers x 64 wide x bf16
+        assert r["roofline_us"] > 0
+    assert steps["qkvlab", "QKV"]["mode"] == "graph, fused" and steps["hf-llama", "QKV"]["mode"] == "eager"
+    assert (
+        steps["qkvlab", "QKV"]["kinds"]["matrix products"]["bytes"]
+        == steps["hf-llama", "QKV"]["kinds"]["matrix products"]["bytes"]
+    )
     assert all(p["wall_us"] > 0 and p["fused"] and p["top"] for p in prefills.values())
     assert (tmp_path / "profile_generate_graph_fused.txt").read_text().count("prefill ") == 2
 

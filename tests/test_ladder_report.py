@@ -484,3 +484,86 @@ def test_rows_from_another_config_are_left_out_not_merged(tmp_path: Path):
     (cell,) = summary["cells"]
     assert cell["val_loss_mean"] == pytest.approx(4.0) and cell["n"] == 1
     assert "deadbeef" in report.read_text()
+
+
+# ================================================================== change during training
+def write_curve(
+    study: Path, r: dict[str, Any], losses: list[float], every: int = 25, tokens_per_step: int = 100
+) -> None:
+    """A run folder with the metrics.jsonl the trainer writes (a train row every ``every`` steps)."""
+    r["out_dir"] = f"runs/{r['run_id']}"
+    run = study / r["out_dir"]
+    run.mkdir(parents=True, exist_ok=True)
+    lines = [
+        {"step": (i + 1) * every, "tokens": (i + 1) * every * tokens_per_step, "loss": loss, "val_loss": None}
+        for i, loss in enumerate(losses)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+
+
+def test_curve_change_pairs_seeds_and_smooths(tmp_path):
+    """A variant 2% above QKV at every logged point reads +2% everywhere; a gap growing linearly
+    along the run reads about its value at each fraction; seeds pair by seed and a seed one side
+    lacks is left out."""
+    n_log = 40
+    qkv_losses = {s: [6.0 - 0.05 * i + 0.1 * (-1) ** (i + s) for i in range(n_log)] for s in (0, 1)}
+    rows = []
+    for s in (0, 1):
+        base = row("QKV", "gpt2-3m", 3e6, 4_000_000, s, 4.0)
+        write_curve(tmp_path, base, qkv_losses[s])
+        flat = row("Q-K=V", "gpt2-3m", 3e6, 4_000_000, s, 4.1)
+        write_curve(tmp_path, flat, [1.02 * x for x in qkv_losses[s]])
+        rows += [base, flat]
+    grow = row("Q=K=V", "gpt2-3m", 3e6, 4_000_000, 0, 4.4)
+    write_curve(tmp_path, grow, [x * (1 + 0.1 * (i + 1) / n_log) for i, x in enumerate(qkv_losses[0])])
+    lone = row("GQA-4", "gpt2-3m", 3e6, 4_000_000, 2, 4.0)  # seed 2: QKV has no run with it
+    write_curve(tmp_path, lone, qkv_losses[0])
+    rows += [grow, lone]
+    cells = ladder.build_cells(rows)
+    key = lambda v: ("gpt2", 4_000_000, "gpt2-3m", VariantSpec.parse(v).id)  # noqa: E731
+    qkv = cells[key("QKV")]
+
+    cc = ladder.curve_change(cells[key("Q-K=V")], qkv, tmp_path)
+    assert cc.seeds == [0, 1] and len(cc.tokens) == n_log - ladder.CURVE_WINDOW + 1
+    assert cc.tokens[0] == ladder.CURVE_WINDOW * 25 * 100  # the first point with a full window
+    assert cc.change_pct == pytest.approx([2.0] * len(cc.tokens), abs=1e-9)
+    assert cc.at(1.0) == pytest.approx(2.0) and cc.at(0.01) is None
+
+    g = ladder.curve_change(cells[key("Q=K=V")], qkv, tmp_path)
+    assert g.seeds == [0]
+    for f in ladder.CURVE_FRACTIONS:  # the trailing window lags the growing gap by half its length
+        expected = 10 * (f * n_log - (ladder.CURVE_WINDOW - 1) / 2) / n_log
+        assert g.at(f) == pytest.approx(expected, abs=0.3), f
+    assert g.change_pct == sorted(g.change_pct)
+
+    assert ladder.curve_change(cells[key("GQA-4")], qkv, tmp_path) is None
+    del rows[0]["out_dir"]  # a committed row without its run folder: QKV's seed 0 has no curve
+    cells = ladder.build_cells(rows)
+    assert ladder.curve_change(cells[key("Q-K=V")], cells[key("QKV")], tmp_path).seeds == [1]
+
+
+def test_report_shows_change_during_training(tmp_path):
+    """Section 4b: a table at the fractions of the largest budget and a figure, from the run folders;
+    without them the section says so."""
+    study = tmp_path / "study"
+    rows = [r for r in ladder_rows() if r["model"] in ("gpt2-1m", "gpt2-3m")]
+    write_study(study, rows)
+    text = ladder.write_ladder_report(study).read_text()
+    assert "## 4b. Change vs QKV during training" in text and "No training curves beside QKV's" in text
+
+    for r in rows:
+        if r["tokens_budget"] == 4_000_000 and r["model"] == "gpt2-3m":
+            scale = {"QKV": 1.0, "Q-K=V": 1.02, "Q=K=V": 1.05, "GQA-4": 1.0}[r["variant"]]
+            write_curve(study, r, [scale * (5.0 - 0.02 * i) for i in range(40)])
+    write_study(study, rows)
+    report = ladder.write_ladder_report(study)
+    text = report.read_text()
+    section = text[text.index("## 4b.") : text.index("## 5.")]
+    assert "### gpt2, gpt2-3m" in section and "gpt2-1m" not in section
+    assert "| Q-K=V | 3 | +2.00% | +2.00% | +2.00% | +2.00% |" in section
+    assert "| GQA-4 | 3 | +0.00% |" in section
+    figure = report.parent / "scaling-change-during-training-gpt2-gpt2-3m-4e6-tokens.png"
+    assert figure.read_bytes()[:8] == PNG_MAGIC and figure.name in section
+    summary = json.loads((report.parent / "ladder_summary.json").read_text())
+    rec = {r["variant"]: r for r in summary["changes_during_training"]}
+    assert rec["Q=K=V"]["change_pct_at"]["1.0"] == pytest.approx(5.0) and rec["Q=K=V"]["seeds"] == [0, 1, 2]

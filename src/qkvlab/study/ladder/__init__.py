@@ -39,6 +39,11 @@ budget):
   QKV at each size, with the slope's 95% t-interval (3+ sizes).
 * Ranking across budgets at fixed size: ``scipy.stats.spearmanr`` over the variants both
   budgets have (3+ variants).
+* Change during training (:func:`curve_change`): each run's logged training loss, a trailing
+  mean over ``CURVE_WINDOW`` points, over QKV's run of the same seed (the batch order is a
+  function of the seed alone), minus 1, averaged over the seeds both have; read at
+  ``CURVE_FRACTIONS`` of the run. Inside one run the learning-rate schedule is shared, so these
+  are not the losses of shorter runs.
 
 Verdict rules, per (recipe, budget, variant):
 
@@ -60,13 +65,17 @@ The package, one job a module: :mod:`~qkvlab.study.ladder.stats` (tests and fits
 """
 
 from qkvlab.study.ladder.analysis import (
+    CURVE_FRACTIONS,
+    CURVE_WINDOW,
     TARGET_PRESET,
     Cell,
+    CurveChange,
     LadderAnalysis,
     LRChoice,
     analyse,
     build_cells,
     choose_lrs,
+    curve_change,
     filter_chosen_lr,
     lr_of,
     nonembedding_of,
@@ -99,11 +108,14 @@ from qkvlab.study.ladder.stats import (
 
 __all__ = [
     "CONFIDENCE",
+    "CURVE_FRACTIONS",
+    "CURVE_WINDOW",
     "FIG_PREFIX",
     "N_DRAWS",
     "N_SCALE",
     "TARGET_PRESET",
     "Cell",
+    "CurveChange",
     "GroupFit",
     "LRChoice",
     "LadderAnalysis",
@@ -115,6 +127,7 @@ __all__ = [
     "build_cells",
     "change_trend",
     "choose_lrs",
+    "curve_change",
     "expected_cells",
     "filter_chosen_lr",
     "fit_group",

@@ -13,6 +13,7 @@ import statistics
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from qkvlab.errors import ConfigError
@@ -29,7 +30,7 @@ from qkvlab.study.ladder.stats import (
     rank_change,
 )
 from qkvlab.study.paper import PAPER_TABLES
-from qkvlab.study.results import STATUS_OK
+from qkvlab.study.results import STATUS_OK, read_metrics
 from qkvlab.study.spec import format_tokens
 from qkvlab.study.tables import fmt_count, is_qkv, mean_std, variant_label, variant_order
 
@@ -411,3 +412,63 @@ def budget_label(budget: int | None) -> str:
 def size_label(a: LadderAnalysis, recipe: str, model: str) -> str:
     n = a.size_n.get((recipe, model))
     return f"{model} ({fmt_count(n)})" if n else model
+
+
+# ============================================================ change along the runs
+#: Where along a run the report reads the training-loss change (fractions of its tokens).
+CURVE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+#: Logged points in the trailing mean that smooths a training-loss curve (25 steps apart in the
+#: ladder's config: 200 steps, about a twelfth of a full-budget run).
+CURVE_WINDOW = 8
+
+
+@dataclass
+class CurveChange:
+    """A variant's training loss against QKV's along their runs at one (recipe, budget, size):
+    at each logged token count, the mean over seeds (paired: the same seed sees the same
+    batches) of smoothed loss / QKV's smoothed loss - 1, in percent."""
+
+    tokens: list[int]
+    change_pct: list[float]
+    seeds: list[Any]
+
+    def at(self, fraction: float) -> float | None:
+        """The change at the last logged point at or before ``fraction`` of the run's tokens."""
+        if not self.tokens:
+            return None
+        limit = fraction * self.tokens[-1] * (1 + 1e-9)
+        inside = [c for t, c in zip(self.tokens, self.change_pct, strict=True) if t <= limit]
+        return inside[-1] if inside else None
+
+
+def _smoothed_train_loss(run_dir: Any, window: int) -> dict[int, float]:
+    """tokens -> mean training loss over the ``window`` logged points ending there."""
+    pts = sorted((int(m["tokens"]), float(m["loss"])) for m in read_metrics(run_dir) if m.get("loss") is not None)
+    out = {}
+    for i in range(window - 1, len(pts)):
+        out[pts[i][0]] = statistics.fmean(loss for _, loss in pts[i - window + 1 : i + 1])
+    return out
+
+
+def curve_change(cell: Cell, base: Cell, study_dir: Any, window: int = CURVE_WINDOW) -> CurveChange | None:
+    """:class:`CurveChange` of ``cell`` against ``base`` (QKV) from the runs' ``metrics.jsonl``
+    under ``study_dir``; None where no seed has both curves (e.g. rows without run folders)."""
+
+    def curves(c: Cell) -> dict[Any, dict[int, float]]:
+        out: dict[Any, dict[int, float]] = {}
+        for r in c.rows:
+            if r.get("out_dir") and r.get("seed") not in out:  # a seed run twice: its first run
+                curve = _smoothed_train_loss(Path(study_dir) / r["out_dir"], window)
+                if curve:
+                    out[r.get("seed")] = curve
+        return out
+
+    mine, theirs = curves(cell), curves(base)
+    seeds = sorted((s for s in mine if s in theirs), key=str)
+    if not seeds:
+        return None
+    tokens = sorted(set.intersection(*(set(mine[s]) & set(theirs[s]) for s in seeds)))
+    if not tokens:
+        return None
+    change = [100 * statistics.fmean(mine[s][t] / theirs[s][t] - 1 for s in seeds) for t in tokens]
+    return CurveChange(tokens, change, seeds)

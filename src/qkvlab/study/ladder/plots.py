@@ -146,3 +146,29 @@ def plot_tokens(a: LadderAnalysis, recipe: str, model: str, budgets: list, vids:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
     return save_png(fig, out / slug(f"{FIG_PREFIX}loss-vs-tokens-{recipe}-{model}.png"))
+
+
+def plot_curve_changes(
+    a: LadderAnalysis, recipe: str, budget: int | None, model: str, changes: dict, out: Path
+) -> Path | None:
+    """Training-loss change vs QKV (%) along the runs, one line per variant (``changes``: variant
+    id -> :class:`~qkvlab.study.ladder.analysis.CurveChange`)."""
+    if not changes:
+        return None
+    colors = _colors(a)
+    fig = figure()
+    ax = fig.add_subplot()
+    for vid in sorted(changes, key=variant_order):
+        c = changes[vid]
+        ax.plot(c.tokens, c.change_pct, color=colors[vid], lw=1.2, label=f"{variant_label(vid)} (n={len(c.seeds)})")
+    ax.axhline(0.0, color="0.6", lw=0.8)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("training loss change vs QKV (%)")
+    ax.set_title(
+        f"{recipe}, {size_label(a, recipe, model)}, {budget_label(budget)}: change vs QKV during training "
+        "(smoothed, mean over paired seeds)",
+        fontsize=8,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return save_png(fig, out / slug(f"{FIG_PREFIX}change-during-training-{recipe}-{model}-{budget_label(budget)}.png"))

@@ -16,6 +16,7 @@ from qkvlab.study.ladder.analysis import TARGET_PRESET, analyse
 from qkvlab.study.ladder.plots import FIG_PREFIX
 from qkvlab.study.ladder.sections import (
     coverage_section,
+    curves_section,
     fits_section,
     header_section,
     json_safe,
@@ -68,9 +69,10 @@ def write_ladder_report(study_dir: str | Path, out_dir: str | Path | None = None
     test_lines, test_records = tests_section(a, out, plots, figures)
     fit_lines, fit_records = fits_section(a, out, plots, figures)
     token_lines, rank_records = tokens_section(a, out, plots, figures)
+    curve_lines, curve_records = curves_section(a, study, out, plots, figures)
     verdict_lines, verdict_records = verdict_section(a)
     cover_lines, cover_records = coverage_section(a, study, all_rows)
-    lines += lr_lines + table_lines + test_lines + fit_lines + token_lines
+    lines += lr_lines + table_lines + test_lines + fit_lines + token_lines + curve_lines
     listed = ", ".join(f"`{f}`" for f in figures) if figures else "none (plots off, or too few points)"
     lines += ["## 5. Figures", "", f"Shown with their sections above: {listed}.", "", *verdict_lines, *cover_lines]
     downstream_lines, downstream_records = downstream_section(downstream)
@@ -88,6 +90,7 @@ def write_ladder_report(study_dir: str | Path, out_dir: str | Path | None = None
             if t is not None
         ],
         "rankings": rank_records,
+        "changes_during_training": curve_records,
         "verdicts": verdict_records,
         "not_yet_run": cover_records,
         "downstream": downstream_records,

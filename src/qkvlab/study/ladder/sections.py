@@ -16,8 +16,18 @@ import numpy as np
 
 from qkvlab.attention.variant import VariantSpec
 from qkvlab.errors import ConfigError
-from qkvlab.study.ladder.analysis import TARGET_PRESET, CellKey, LadderAnalysis, budget_label, recipe_of, size_label
-from qkvlab.study.ladder.plots import plot_change, plot_fits, plot_tokens
+from qkvlab.study.ladder.analysis import (
+    CURVE_FRACTIONS,
+    CURVE_WINDOW,
+    TARGET_PRESET,
+    CellKey,
+    LadderAnalysis,
+    budget_label,
+    curve_change,
+    recipe_of,
+    size_label,
+)
+from qkvlab.study.ladder.plots import plot_change, plot_curve_changes, plot_fits, plot_tokens
 from qkvlab.study.ladder.stats import CONFIDENCE, N_DRAWS, PowerLawFit
 from qkvlab.study.paper import PAPER_TABLES
 from qkvlab.study.results import STATUS_FAILED, STATUS_SKIPPED, read_jsonl
@@ -517,6 +527,67 @@ def tokens_section(a: LadderAnalysis, out: Path, plots: bool, figures: list[str]
                 lines += [f"![Loss vs tokens, {recipe}, {model}]({path.name})", ""]
     if not any_table:
         lines += ["No size has run at two token budgets yet (not yet run).", ""]
+    return lines, records
+
+
+def curves_section(
+    a: LadderAnalysis, study: Path, out: Path, plots: bool, figures: list[str]
+) -> tuple[list[str], list[dict]]:
+    """The training-loss change vs QKV along the runs, at each size's largest budget."""
+    lines = [
+        "## 4b. Change vs QKV during training",
+        "",
+        f"Training loss of each variant over QKV's, minus 1, along the runs at each size's largest budget: "
+        f"each curve is a trailing mean over {CURVE_WINDOW} logged points, and a variant's run is paired "
+        "with QKV's of the same seed (the same batches in the same order), then averaged over seeds. "
+        "Points inside one run share its learning-rate schedule, which has barely begun to decay at a "
+        "quarter of the run, so a column here is not the loss of a shorter run (section 4's budgets "
+        "are). It shows whether a gap opens early and holds or keeps growing as the run goes on. "
+        "-: the run has no smoothed point that early.",
+        "",
+    ]
+    records = []
+    any_table = False
+    for recipe in sorted({g[0] for g in a.groups}):
+        budgets = sorted((g[1] for g in a.groups if g[0] == recipe), key=lambda b: b or 0)
+        models = sorted(
+            {m for g in a.groups if g[0] == recipe for m in a.sizes[g]}, key=lambda m: a.size_n.get((recipe, m)) or 0
+        )
+        for model in models:
+            budget = max((b for b in budgets if model in a.sizes[(recipe, b)]), key=lambda b: b or 0)
+            base_vid = a.baseline((recipe, budget))
+            base = a.cell(recipe, budget, model, base_vid) if base_vid else None
+            if base is None:
+                continue
+            changes = {}
+            for vid in a.variants[(recipe, budget)]:
+                c = a.cell(recipe, budget, model, vid)
+                if c is not None and not is_qkv(vid) and (cc := curve_change(c, base, study)) is not None:
+                    changes[vid] = cc
+            if not changes:
+                continue
+            any_table = True
+            body = []
+            for vid in sorted(changes, key=variant_order):
+                cc = changes[vid]
+                vals = [cc.at(f) for f in CURVE_FRACTIONS]
+                body.append(
+                    [variant_label(vid), str(len(cc.seeds)), *("-" if v is None else f"{v:+.2f}%" for v in vals)]
+                )
+                records.append(
+                    dict(
+                        recipe=recipe, budget=budget, model=model, variant=variant_label(vid), variant_id=vid,
+                        seeds=cc.seeds, window=CURVE_WINDOW,
+                        change_pct_at={str(f): v for f, v in zip(CURVE_FRACTIONS, vals, strict=True)},
+                    )
+                )  # fmt: skip
+            head = ["Variant", "Seeds", *(f"{int(100 * f)}% of {budget_label(budget)}" for f in CURVE_FRACTIONS)]
+            lines += [f"### {recipe}, {size_label(a, recipe, model)}", "", *markdown_table(head, body), ""]
+            if plots and (path := plot_curve_changes(a, recipe, budget, model, changes, out)) is not None:
+                figures.append(path.name)
+                lines += [f"![Change vs QKV during training, {recipe}, {model}]({path.name})", ""]
+    if not any_table:
+        lines += ["No training curves beside QKV's (run folders with metrics.jsonl) yet.", ""]
     return lines, records
 
 

@@ -26,7 +26,9 @@ Reported per row: tokens/s (B / step time), the ratio to ``hf-llama`` QKV at the
 the fraction of the bandwidth roofline: (bytes a step must read: every weight but the input
 embedding table, plus the whole cache once) / (device-to-device copy bandwidth, measured once,
 read + write) / step time. Prefill tokens/s of one prompt (``--prefill``, default 4k and 32k;
-uncompiled on both sides, as ``generate`` runs a prefill) per variant and system. JSON (hardware,
+uncompiled on both sides, as ``generate`` runs a prefill) per variant and system, measured after
+the decode points with every model in memory and the repetitions taken in turn across them.
+Every HF call runs without autograd, as ``generate`` runs it and as qkvlab's steps run. JSON (hardware,
 versions, rows) goes to ``$OUT/gpu_generate_vs_hf.json`` and ``--out``, rewritten after each row.
 
 Run on the GPU machine from the repository root. Compiling, per model and point on both sides,
@@ -59,7 +61,7 @@ import torch
 from benchutil import env_info, write_json
 from gpu_decode import copy_bandwidth, rel_err, timer
 from gpu_generate import ONE_B, VARIANTS, build, fill_cache, fill_normal, release, time_steps
-from qkvlab.attention.projections import unfuse_projections
+from qkvlab.attention.projections import fuse_projections, unfuse_projections
 from qkvlab.models.decoding import StaticDecoder
 
 NAME = "gpu_generate_vs_hf.json"
@@ -201,12 +203,13 @@ class HFDecoder:
         self.cache = StaticCache(config=hf.config, max_cache_len=max_len)
         device = next(hf.parameters()).device
         # The layers allocate on their first write: one token per row does it.
-        hf(
-            torch.zeros(B, 1, dtype=torch.long, device=device),
-            **{self.kw: self.cache},
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with torch.no_grad():
+            hf(
+                torch.zeros(B, 1, dtype=torch.long, device=device),
+                **{self.kw: self.cache},
+                use_cache=True,
+                logits_to_keep=1,
+            )
         self.pos = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.fwd = torch.compile(hf.forward, mode=compile_mode, fullgraph=True) if compile_mode else hf.forward
         self.compiled = compile_mode is not None
@@ -229,6 +232,7 @@ class HFDecoder:
             layer.cumulative_length.fill_(S)
         self.pos.fill_(S)
 
+    @torch.no_grad()  # as HF's generate() and its static-cache recipe run it (qkvlab's steps too)
     def step(self, token: torch.Tensor) -> torch.Tensor:
         if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten
@@ -242,6 +246,7 @@ class HFDecoder:
 
 
 # ----------------------------------------------------------------------------- one point
+@torch.no_grad()
 def hf_greedy(hf, idx: torch.Tensor, n: int) -> torch.Tensor:
     """``n`` greedy tokens from ``hf`` with its own cache (a DynamicCache)."""
     kw = _cache_kwarg(hf)
@@ -255,6 +260,7 @@ def hf_greedy(hf, idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack(toks, 1)
 
 
+@torch.no_grad()
 def model_checks(model, hf, device, tol: float) -> dict:
     """Full-forward logits and 16 greedy tokens of a short prompt: qkvlab against HF Llama (same weights)."""
     g = torch.Generator(device=device).manual_seed(5)
@@ -350,51 +356,78 @@ def hf_point(hf, system, B, S, args, device, seed: int, ref: torch.Tensor | None
     return row
 
 
-def prefill_row(system, variant, run_prefill, P, device, reps: int) -> dict:
-    """Tokens/s of one prompt of ``P`` tokens through ``run_prefill()`` (median of ``reps`` after one warm-up)."""
-    row = dict(system=system, variant=variant, prompt=P)
-    try:
-        run_prefill()
-        ts = []
-        for _ in range(reps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            run_prefill()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t0)
-    except torch.OutOfMemoryError:
-        free(device)
-        return {**row, "error": "OOM"}
-    row["prefill_s"] = statistics.median(ts)
-    row["prefill_tokens_per_s"] = P / row["prefill_s"]
-    free(device)
-    return row
+def prefill_phase(
+    variants: list[str], shape: dict, lengths: list[int], systems: set, args, device, dtype
+) -> list[dict]:
+    """Prefill tokens/s of one prompt per (system, variant) and length, uncompiled on both sides (as
+    ``generate`` runs a prefill), without autograd. Every model is built first and the timed
+    repetitions go round all of them in turn (A B C A B C ...), so that a drift of the GPU's
+    clocks over the run falls on every row alike instead of on whichever ran last."""
+    from transformers import StaticCache
 
-
-def prefill_rows(model, hf, system, variant, lengths, device, reps) -> list[dict]:
+    runners = []
+    for variant in variants:
+        model = build(variant, shape, max(lengths) + 16, device, dtype)
+        if args.fuse:
+            fuse_projections(model)  # the projections as the decode rows ran them
+        if "qkvlab" in systems:
+            runners.append(("qkvlab", variant, model))
+        if "hf" in systems and variant in HF_LLAMA:
+            runners.append(("hf-llama", variant, hf_llama(model)))
+        elif "hf" in systems and variant in HF_GEMMA and not args.no_gemma:
+            hf, _ = hf_gemma_kv(model)  # the decode rows already said why, if not
+            if hf is not None:
+                runners.append(("hf-gemma4-kv", variant, hf))
     rows = []
+    gen = torch.Generator(device=device).manual_seed(7)
     for P in lengths:
-        prompt = torch.randint(0, model.config.vocab_size, (1, P), device=device)
-        cache = model.new_cache(1, P)
+        prompt = torch.randint(0, shape["vocab_size"], (1, P), device=device, generator=gen)
+        fns, errors, times = {}, {}, {}
+        for system, variant, m in runners:
+            if system == "qkvlab":
+                cache = m.new_cache(1, P)
 
-        def ours(prompt=prompt, cache=cache):
-            cache.reset()
-            model.prefill(prompt, cache)
+                def fn(m=m, cache=cache, prompt=prompt):
+                    cache.reset()
+                    m.prefill(prompt, cache)
+            else:
+                kw = _cache_kwarg(m)
 
-        rows.append(prefill_row("qkvlab", variant, ours, P, device, reps))
-        cache = None
-        if hf is not None:
-            from transformers import StaticCache
+                def fn(m=m, kw=kw, prompt=prompt, P=P):
+                    m(prompt, **{kw: StaticCache(config=m.config, max_cache_len=P)}, use_cache=True, logits_to_keep=1)
 
-            kw = _cache_kwarg(hf)
-
-            def theirs(prompt=prompt, P=P, kw=kw):
-                c = StaticCache(config=hf.config, max_cache_len=P)
-                hf(prompt, **{kw: c}, use_cache=True, logits_to_keep=1)
-
-            rows.append(prefill_row(system, variant, theirs, P, device, reps))
+            fns[system, variant] = fn
+            times[system, variant] = []
+        with torch.no_grad():
+            for rep in range(args.prefill_reps + 1):  # the first round warms every model up
+                for key, fn in fns.items():
+                    if key in errors:
+                        continue
+                    try:
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        fn()
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                    except torch.OutOfMemoryError:
+                        errors[key] = "OOM"
+                        free(device)
+                        continue
+                    if rep:
+                        times[key].append(time.perf_counter() - t0)
+        for (system, variant), ts in times.items():
+            row = dict(system=system, variant=variant, prompt=P, reps=len(ts), interleaved=True)
+            if (system, variant) in errors:
+                rows.append({**row, "error": errors[system, variant]})
+                continue
+            row["prefill_s"] = statistics.median(ts)
+            row["prefill_tokens_per_s"] = P / row["prefill_s"]
+            rows.append(row)
+        fns = None
+        free(device)
+    runners = None
+    free(device)
     return rows
 
 
@@ -566,11 +599,13 @@ def main() -> None:
                     free(device)
                 rows.append({"variant": variant, **hf_point(hf, system, B, S, args, device, seed, ref, model)})
                 save()
-        if prefill:
-            prefills.extend(prefill_rows(model, hf, system, variant, prefill, device, args.prefill_reps))
-            save()
         model = hf = None
         free(device)
+    if prefill:
+        torch._dynamo.reset()  # the decode points' compiled graphs and their memory go first
+        free(device)
+        prefills.extend(prefill_phase(args.variants.split(","), shape, prefill, systems, args, device, dtype))
+        save()
 
     finish_rows(rows, bw, baseline_of(rows, args.baseline_from))
     print()

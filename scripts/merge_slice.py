@@ -3,7 +3,8 @@
 ``results.jsonl`` of the slice holds the committed rows it started from plus its new ones:
 rows are merged by run id (a row already committed is kept as it is; a run id is a hash of
 the run's whole config, so rows of different configs never merge), run files are unpacked
-under ``runs/``, and the slice's timing is appended to ``slices.jsonl``.
+under ``runs/``, and the slice's timing is appended to ``slices.jsonl`` (once: merging the same
+slice again adds nothing).
 
     python scripts/merge_slice.py /path/to/files_at results/ladder-gutenberg [--lease-s 540]
 """
@@ -43,8 +44,15 @@ def main() -> int:
         tar.extractall(args.results, filter="data")
     info = json.loads((args.slice / "slice.json").read_text())
     info["lease_s"] = args.lease_s
-    with open(args.results / "slices.jsonl", "a") as f:
-        f.write(json.dumps(info) + "\n")
+    log = args.results / "slices.jsonl"
+    slices = read_jsonl(log) if log.is_file() else []
+    # A slice is known by its start time: merging the same one again must not count its device
+    # time twice (its rows are already skipped above).
+    if any(s.get("started") == info.get("started") for s in slices):
+        print(f"slice started {info.get('started')} is already in {log}: its timing is not added again")
+    else:
+        slices.append(info)
+        atomic_write(log, lambda p: Path(p).write_text("".join(json.dumps(s) + "\n" for s in slices)))
     print(f"{len(added)} rows added ({sum(r.get('status') == 'ok' for r in added)} ok); {len(rows)} in {target}")
     return 0
 

@@ -68,6 +68,10 @@ def test_slices_continue_from_committed_rows_and_merge_by_run_id(tmp_path: Path)
     assert [s["lease_s"] for s in slices] == [7.0, 7.0]
     third = one_slice("out3")  # nothing left: no new row
     assert third["ran"] == 0 and len(ok_rows(results)) == 2
+    # merging a slice twice (a retried step of the procedure) neither adds rows nor counts its time twice
+    before = (results / "slices.jsonl").read_text()
+    script("merge_slice.py", str(tmp_path / "out2"), str(results), "--lease-s", "7")
+    assert (results / "slices.jsonl").read_text() == before and len(ok_rows(results)) == 2
 
 
 def test_a_warm_machines_slices_stop_runs_with_a_checkpoint_and_count_only_their_own(tmp_path: Path):

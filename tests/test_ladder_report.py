@@ -567,3 +567,52 @@ def test_report_shows_change_during_training(tmp_path):
     summary = json.loads((report.parent / "ladder_summary.json").read_text())
     rec = {r["variant"]: r for r in summary["changes_during_training"]}
     assert rec["Q=K=V"]["change_pct_at"]["1.0"] == pytest.approx(5.0) and rec["Q=K=V"]["seeds"] == [0, 1, 2]
+
+
+# ================================================================== training stability
+def write_norms(study: Path, r: dict[str, Any], norms: list[float]) -> None:
+    r["out_dir"] = f"runs/{r['run_id']}"
+    (study / r["out_dir"]).mkdir(parents=True, exist_ok=True)
+    lines = [{"step": 25 * (i + 1), "tokens": 2500 * (i + 1), "loss": 5.0, "grad_norm": g} for i, g in enumerate(norms)]
+    (study / r["out_dir"] / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+
+
+def test_instability_rule_and_report_section(tmp_path):
+    """Flagged: a second half averaging above 3x max(clip, first-half median), or not finite; a
+    stable run, a brief spike and a run without a folder are not."""
+    study = tmp_path / "study"
+    rows = [r for r in ladder_rows() if r["model"] == "gpt2-3m" and r["tokens_budget"] == 4_000_000]
+    text = ladder.write_ladder_report(write_study(study, rows)).read_text()
+    assert "## 4c. Training stability" in text and "None of the 0 runs with a run folder." in text
+
+    calm = [0.5] * 20
+    blowup = [0.5] * 10 + [20.0] * 10  # late mean 20 > 3 x max(1.0, 0.5)
+    spike = [0.5] * 10 + [30.0] + [0.5] * 9  # one spike: late mean 3.45 > 3? no: (30 + 9 * 0.5) / 10 = 3.45
+    edge = [0.5] * 10 + [2.9] * 10  # late mean 2.9 < 3 x clip 1.0
+    bad = [0.5] * 10 + [float("nan")] * 10
+    by = {(r["variant"], r["seed"]): r for r in rows}
+    write_norms(study, by["QKV", 0], calm)
+    write_norms(study, by["Q=K=V", 0], blowup)
+    write_norms(study, by["Q=K=V", 1], edge)
+    write_norms(study, by["Q-K=V", 2], bad)
+    write_norms(study, by["GQA-4", 1], spike)
+    assert ladder.instability(by["QKV", 0], study) is None and ladder.instability(by["Q=K=V", 1], study) is None
+    assert ladder.instability(by["QKV", 1], study) is None  # no run folder
+    x = ladder.instability(by["Q=K=V", 0], study)
+    assert (x.early_median, x.late_mean, x.max_grad_norm, x.clip) == (0.5, 20.0, 20.0, 1.0) and x.seed == 0
+    assert ladder.instability(by["Q-K=V", 2], study) is not None  # NaN norms
+    assert ladder.instability(by["GQA-4", 1], study) is not None  # a late spike big enough to carry the mean
+    strict = dict(by["GQA-4", 1], config={**by["GQA-4", 1]["config"], "optim": {"lr": 1e-3, "grad_clip": 2.0}})
+    assert ladder.instability(strict, study) is None  # 3.45 < 3 x clip 2.0
+
+    write_study(study, rows)
+    report = ladder.write_ladder_report(study)
+    section = report.read_text().split("## 4c. Training stability")[1].split("## 5.")[0]
+    assert "3 of 5 runs with a run folder (Q-K=V 1, Q=K=V 1, GQA-4 1):" in section
+    assert "| Q=K=V | gpt2 | gpt2-3m | 4e6 tokens | 0 | 0.50 | 20.00 | 20.0 |" in section
+    summary = json.loads((report.parent / "ladder_summary.json").read_text())
+    assert {(u["variant_id"], u["seed"]) for u in summary["unstable_runs"]} == {
+        ("q_kv", 2),
+        ("qkv", 0),
+        ("q_k_v+gqa4", 1),
+    }

@@ -39,6 +39,9 @@ budget):
   QKV at each size, with the slope's 95% t-interval (3+ sizes).
 * Ranking across budgets at fixed size: ``scipy.stats.spearmanr`` over the variants both
   budgets have (3+ variants).
+* Training stability (:func:`instability`): a run whose mean gradient norm over the second half
+  of its logged steps exceeds ``UNSTABLE_FACTOR`` times the larger of its clipping threshold and
+  its own first-half median (or is not finite) is listed in the report, with its final loss.
 * Change during training (:func:`curve_change`): each run's logged training loss, a trailing
   mean over ``CURVE_WINDOW`` points, over QKV's run of the same seed (the batch order is a
   function of the seed alone), minus 1, averaged over the seeds both have; read at
@@ -68,8 +71,10 @@ from qkvlab.study.ladder.analysis import (
     CURVE_FRACTIONS,
     CURVE_WINDOW,
     TARGET_PRESET,
+    UNSTABLE_FACTOR,
     Cell,
     CurveChange,
+    Instability,
     LadderAnalysis,
     LRChoice,
     analyse,
@@ -77,6 +82,7 @@ from qkvlab.study.ladder.analysis import (
     choose_lrs,
     curve_change,
     filter_chosen_lr,
+    instability,
     lr_of,
     nonembedding_of,
     preset_nonembedding,
@@ -114,9 +120,11 @@ __all__ = [
     "N_DRAWS",
     "N_SCALE",
     "TARGET_PRESET",
+    "UNSTABLE_FACTOR",
     "Cell",
     "CurveChange",
     "GroupFit",
+    "Instability",
     "LRChoice",
     "LadderAnalysis",
     "PairedTest",
@@ -134,6 +142,7 @@ __all__ = [
     "fit_log_power_law",
     "fit_power_law",
     "fit_shared_e",
+    "instability",
     "lr_of",
     "nonembedding_of",
     "paired_test",

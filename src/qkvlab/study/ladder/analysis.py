@@ -472,3 +472,52 @@ def curve_change(cell: Cell, base: Cell, study_dir: Any, window: int = CURVE_WIN
         return None
     change = [100 * statistics.fmean(mine[s][t] / theirs[s][t] - 1 for s in seeds) for t in tokens]
     return CurveChange(tokens, change, seeds)
+
+
+# ============================================================ training stability
+#: A run is flagged when its mean gradient norm over the second half of training exceeds this many
+#: times the larger of its clipping threshold and its own median over the first half.
+UNSTABLE_FACTOR = 3.0
+
+
+@dataclass
+class Instability:
+    """A run whose gradients grew large late in training (the clipped updates then carry on in a
+    fixed-norm direction, and its final loss reflects that as much as the variant)."""
+
+    run_id: str
+    recipe: str
+    model: str
+    budget: int | None
+    variant_id: str
+    seed: Any
+    clip: float
+    early_median: float
+    late_mean: float
+    max_grad_norm: float
+    val_loss: float | None
+
+
+def instability(row: dict[str, Any], study_dir: Any, factor: float = UNSTABLE_FACTOR) -> Instability | None:
+    """The row's :class:`Instability` if its logged gradient norms meet the rule above, else None
+    (also None for a row without a run folder or gradient norms)."""
+    if not row.get("out_dir"):
+        return None
+    norms = [
+        float(m["grad_norm"])
+        for m in sorted(read_metrics(Path(study_dir) / row["out_dir"]), key=lambda m: m.get("step") or 0)
+        if m.get("loss") is not None and m.get("grad_norm") is not None
+    ]
+    if len(norms) < 4:
+        return None
+    half = len(norms) // 2
+    optim = (row.get("config") or {}).get("optim") or {}
+    clip = float(optim.get("grad_clip", 1.0) or 0.0) if isinstance(optim, dict) else 1.0
+    early, late = statistics.median(norms[:half]), statistics.fmean(norms[half:])
+    if math.isfinite(late) and late <= factor * max(clip, early):  # a NaN or infinite norm is flagged
+        return None
+    return Instability(
+        run_id=str(row.get("run_id")), recipe=recipe_of(row), model=str(row.get("model")),
+        budget=row.get("tokens_budget"), variant_id=str(row.get("variant_id")), seed=row.get("seed"),
+        clip=clip, early_median=early, late_mean=late, max_grad_norm=max(norms), val_loss=row.get("val_loss"),
+    )  # fmt: skip

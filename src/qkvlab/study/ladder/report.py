@@ -21,6 +21,7 @@ from qkvlab.study.ladder.sections import (
     header_section,
     json_safe,
     lr_section,
+    stability_section,
     tables_section,
     tests_section,
     tokens_section,
@@ -70,9 +71,10 @@ def write_ladder_report(study_dir: str | Path, out_dir: str | Path | None = None
     fit_lines, fit_records = fits_section(a, out, plots, figures)
     token_lines, rank_records = tokens_section(a, out, plots, figures)
     curve_lines, curve_records = curves_section(a, study, out, plots, figures)
+    stability_lines, stability_records = stability_section(a, study)
     verdict_lines, verdict_records = verdict_section(a)
     cover_lines, cover_records = coverage_section(a, study, all_rows)
-    lines += lr_lines + table_lines + test_lines + fit_lines + token_lines + curve_lines
+    lines += lr_lines + table_lines + test_lines + fit_lines + token_lines + curve_lines + stability_lines
     listed = ", ".join(f"`{f}`" for f in figures) if figures else "none (plots off, or too few points)"
     lines += ["## 5. Figures", "", f"Shown with their sections above: {listed}.", "", *verdict_lines, *cover_lines]
     downstream_lines, downstream_records = downstream_section(downstream)
@@ -91,6 +93,7 @@ def write_ladder_report(study_dir: str | Path, out_dir: str | Path | None = None
         ],
         "rankings": rank_records,
         "changes_during_training": curve_records,
+        "unstable_runs": stability_records,
         "verdicts": verdict_records,
         "not_yet_run": cover_records,
         "downstream": downstream_records,

@@ -20,10 +20,12 @@ from qkvlab.study.ladder.analysis import (
     CURVE_FRACTIONS,
     CURVE_WINDOW,
     TARGET_PRESET,
+    UNSTABLE_FACTOR,
     CellKey,
     LadderAnalysis,
     budget_label,
     curve_change,
+    instability,
     recipe_of,
     size_label,
 )
@@ -589,6 +591,50 @@ def curves_section(
     if not any_table:
         lines += ["No training curves beside QKV's (run folders with metrics.jsonl) yet.", ""]
     return lines, records
+
+
+def stability_section(a: LadderAnalysis, study: Path) -> tuple[list[str], list[dict]]:
+    """Runs whose gradients grew large late in training, from their logged gradient norms."""
+    flagged = [x for r in a.rows if (x := instability(r, study)) is not None]
+    lines = [
+        "## 4c. Training stability",
+        "",
+        f"A run is listed when its mean gradient norm over the second half of training exceeds "
+        f"{UNSTABLE_FACTOR:g}x the larger of its clipping threshold and its own median over the first half: "
+        "its updates were then clipped through most of that half, and its final loss says as much about that as about "
+        "the variant. Runs at a learning rate not chosen are left out, as everywhere above.",
+        "",
+    ]
+    checked = sum(1 for r in a.rows if r.get("out_dir"))
+    if not flagged:
+        lines += [f"None of the {checked} runs with a run folder.", ""]
+        return lines, []
+    ordered = sorted(
+        flagged, key=lambda x: (variant_order(x.variant_id), x.recipe, a.size_n.get((x.recipe, x.model)) or 0)
+    )
+    body = [
+        [
+            variant_label(x.variant_id), x.recipe, x.model, budget_label(x.budget), str(x.seed),
+            f"{x.early_median:.2f}", f"{x.late_mean:.2f}", f"{x.max_grad_norm:.1f}",
+            "-" if x.val_loss is None else f"{x.val_loss:.4f}",
+        ]
+        for x in ordered
+    ]  # fmt: skip
+    head = ["Variant", "Recipe", "Size", "Budget", "Seed", "Grad norm, 1st half (median)",
+            "2nd half (mean)", "Max", "Val loss"]  # fmt: skip
+    per_variant = {}
+    for x in flagged:
+        per_variant[x.variant_id] = per_variant.get(x.variant_id, 0) + 1
+    counts = ", ".join(
+        f"{variant_label(v)} {n}" for v, n in sorted(per_variant.items(), key=lambda kv: variant_order(kv[0]))
+    )
+    lines += [
+        f"{len(flagged)} of {checked} runs with a run folder ({counts}):",
+        "",
+        *markdown_table(head, body),
+        "",
+    ]
+    return lines, [asdict(x) for x in flagged]
 
 
 def verdict_section(a: LadderAnalysis) -> tuple[list[str], list[dict]]:

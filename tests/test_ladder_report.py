@@ -616,3 +616,8 @@ def test_instability_rule_and_report_section(tmp_path):
         ("qkv", 0),
         ("q_k_v+gqa4", 1),
     }
+    verdicts = {v["variant"]: v["text"] for v in summary["verdicts"] if v["budget"] == 4_000_000}
+    assert verdicts["Q=K=V"].endswith("Unstable late in training (section 4c): gpt2-3m seed 0.")
+    assert verdicts["Q-K=V"].endswith("(section 4c): gpt2-3m seed 2.")
+    assert verdicts["GQA-4"].endswith("(section 4c): gpt2-3m seed 1.") and "QKV" not in verdicts  # the baseline
+    assert "Unstable late in training" in report.read_text().split("## 6. Verdict per variant")[1]

@@ -637,7 +637,9 @@ def stability_section(a: LadderAnalysis, study: Path) -> tuple[list[str], list[d
     return lines, [asdict(x) for x in flagged]
 
 
-def verdict_section(a: LadderAnalysis) -> tuple[list[str], list[dict]]:
+def verdict_section(a: LadderAnalysis, unstable: Sequence[dict] = ()) -> tuple[list[str], list[dict]]:
+    """Section 6; ``unstable``: section 4c's records, named in the verdict of their (recipe, budget,
+    variant) so that a cost partly due to runs that blew up is not read as the variant's alone."""
     lines = [
         "## 6. Verdict per variant",
         "",
@@ -654,7 +656,12 @@ def verdict_section(a: LadderAnalysis) -> tuple[list[str], list[dict]]:
             continue
         lines += [f"### {recipe}, {budget_label(budget)}", ""]
         for k in sorted(keys, key=lambda k: variant_order(k[2])):
-            lines.append(f"- {a.verdicts[k]}")
+            text = a.verdicts[k]
+            bad = [u for u in unstable if (u["recipe"], u["budget"], u["variant_id"]) == k]
+            if bad:
+                runs = ", ".join(f"{u['model']} seed {u['seed']}" for u in bad)
+                text += f" Unstable late in training (section 4c): {runs}."
+            lines.append(f"- {text}")
             t = a.trends.get(k)
             records.append(
                 {
@@ -662,7 +669,7 @@ def verdict_section(a: LadderAnalysis) -> tuple[list[str], list[dict]]:
                     "budget": budget,
                     "variant": variant_label(k[2]),
                     "variant_id": k[2],
-                    "text": a.verdicts[k],
+                    "text": text,
                     "trend": None if t is None else asdict(t),
                 }
             )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import math
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -622,9 +623,7 @@ def stability_section(a: LadderAnalysis, study: Path) -> tuple[list[str], list[d
     ]  # fmt: skip
     head = ["Variant", "Recipe", "Size", "Budget", "Seed", "Grad norm, 1st half (median)",
             "2nd half (mean)", "Max", "Val loss"]  # fmt: skip
-    per_variant = {}
-    for x in flagged:
-        per_variant[x.variant_id] = per_variant.get(x.variant_id, 0) + 1
+    per_variant = Counter(x.variant_id for x in flagged)
     counts = ", ".join(
         f"{variant_label(v)} {n}" for v, n in sorted(per_variant.items(), key=lambda kv: variant_order(kv[0]))
     )

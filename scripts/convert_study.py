@@ -8,10 +8,12 @@ For SmolLM2-135M-Instruct imported from its GGUF (docs/interop.md, results/conve
 
 Rows, in order: the source model itself (``to`` and ``init`` null), then one conversion per
 ``--convert TO:INIT`` (default: ``Q-K=V``, which keeps the source's KV heads, with each of ``key``,
-``value``, ``mean``, ``fit``; ``Q-MQA`` with ``mean`` and ``fit``; and ``MQA``, head pooling alone
-with K and V kept apart, written without an init), each made by qkvlab's ``convert_checkpoint``
-(what ``qkvlab convert`` runs; the row records the equivalent command) into ``--work`` and scored
-with no training:
+``value``, ``mean``, ``fit`` and ``fit+refit``; ``Q-MQA`` with ``mean``, ``fit`` and ``fit+refit``;
+and ``MQA``, head pooling alone with K and V kept apart, written without an init, and ``MQA:refit``),
+each made by qkvlab's ``convert_checkpoint`` (what ``qkvlab convert`` runs; the row records the
+equivalent command) into ``--work`` and scored with no training. ``+refit`` (``refit`` alone for
+pooling) is ``qkvlab convert --refit-output``: calibrated layer by layer, with each ``o_proj``
+refitted to the source's attention outputs; a row's ``init`` holds that label.
 
 - perplexity on ``--windows-per-book`` windows of ``--seq-len`` tokens from every book of
   ``--val-zip`` (evenly spaced: the centre of each of ``k`` equal parts of the book) and on
@@ -55,12 +57,23 @@ from qkvlab.costs import count_params
 from qkvlab.data import get_tokenizer
 from qkvlab.data.corpus import load_corpus
 from qkvlab.errors import ConfigError
-from qkvlab.interop.convert import convert_checkpoint
+from qkvlab.interop.convert import INITS, convert_checkpoint
 from qkvlab.provenance import code_version, now
 from qkvlab.tasks.lm import evaluate_lm
 from qkvlab.train.context import RunContext
 
-DEFAULT_CONVERSIONS = ("Q-K=V:key", "Q-K=V:value", "Q-K=V:mean", "Q-K=V:fit", "Q-MQA:mean", "Q-MQA:fit", "MQA")
+DEFAULT_CONVERSIONS = (
+    "Q-K=V:key",
+    "Q-K=V:value",
+    "Q-K=V:mean",
+    "Q-K=V:fit",
+    "Q-MQA:mean",
+    "Q-MQA:fit",
+    "MQA",
+    "Q-K=V:fit+refit",
+    "Q-MQA:fit+refit",
+    "MQA:refit",
+)
 SCHEMA = "qkvlab-convert-study/1"
 
 
@@ -248,26 +261,58 @@ def relative_to_source(rows: list[dict[str, Any]]) -> None:
             row["dickens_ppl_ratio"] = row["dickens_ppl"] / src["dickens_ppl"]
 
 
+REFIT = "refit"
+
+
+def split_recipe(label: str | None) -> tuple[str | None, bool]:
+    """A row's ``init`` label -> (``qkvlab convert --init``, ``--refit-output``): ``fit+refit`` ->
+    (``fit``, True), ``refit`` (head pooling alone, refitted) -> (None, True), ``fit`` -> (``fit``, False)."""
+    if label is None:
+        return None, False
+    if label == REFIT:
+        return None, True
+    init, plus, rest = label.partition("+")
+    return init, bool(plus) and rest == REFIT
+
+
+def recipe_label(init: str | None, refit: bool) -> str | None:
+    """The inverse of :func:`split_recipe`."""
+    return (f"{init}+{REFIT}" if init else REFIT) if refit else init
+
+
 def parse_conversion(spec: str) -> tuple[str, str | None]:
-    """``TO:INIT`` for a K=V target (``Q-K=V:fit``), ``TO`` alone for head pooling only (``MQA``)."""
-    to, sep, init = spec.rpartition(":") if ":" in spec else (spec, "", None)
-    if not to or (sep and not init):
+    """``TO:INIT`` for a K=V target (``Q-K=V:fit``), ``TO`` alone for head pooling only (``MQA``);
+    ``+refit`` after the init (``Q-K=V:fit+refit``), or ``TO:refit`` for pooling alone, adds
+    ``qkvlab convert --refit-output``. Returns (to, the row's init label)."""
+    to, sep, label = spec.rpartition(":") if ":" in spec else (spec, "", None)
+    if not to or (sep and not label):
         raise SystemExit(f"--convert takes TO:INIT (e.g. Q-K=V:fit) or TO (e.g. MQA), got {spec!r}")
     try:
         shared = VariantSpec.parse(to).kv_shared
     except ConfigError as e:
         raise SystemExit(f"--convert {spec!r}: {e}") from None
+    init, refit = split_recipe(label)
+    if (label is not None and recipe_label(init, refit) != label) or (init is not None and init not in INITS):
+        raise SystemExit(
+            f"--convert {spec!r}: the init is one of {', '.join(INITS)}, optionally followed by +{REFIT} "
+            f"(e.g. {to}:fit+{REFIT})"
+        )
     if shared and init is None:
         raise SystemExit(f"--convert {spec!r}: a K=V target needs an init (key, value, mean or fit): {to}:mean")
     if not shared and init is not None:
-        raise SystemExit(f"--convert {spec!r}: {to} keeps separate K and V, so it takes no init; write {to}")
-    return to, init
+        raise SystemExit(
+            f"--convert {spec!r}: {to} keeps separate K and V, so it takes no init; write {to} (or {to}:{REFIT})"
+        )
+    return to, label
 
 
-def convert_command(run: Path, out: Path, to: str, init: str | None, args) -> str:
+def convert_command(run: Path, out: Path, to: str, label: str | None, args) -> str:
+    init, refit = split_recipe(label)
     cmd = f"qkvlab convert {run} {out} --to {to}{f' --init {init}' if init else ''} --device {args.device} --force"
-    if init == "fit":
+    if init == "fit" or refit:
         cmd += f" --calib {args.calib} --calib-tokens {args.calib_tokens} --calib-seq-len {args.calib_seq_len}"
+    if refit:
+        cmd += " --refit-output"
     return cmd
 
 
@@ -460,13 +505,15 @@ def main(argv: list[str] | None = None) -> dict:
         if to is None:
             run, conversion = args.run, None
         else:
-            run = args.work / (to.replace("=", "").lower() + (f"-{init}" if init else ""))
+            run = args.work / (to.replace("=", "").lower() + (f"-{init.replace('+', '-')}" if init else ""))
+            base, refit = split_recipe(init)
             report = convert_checkpoint(
                 args.run,
                 run,
                 to=to,
-                init=init or "mean",  # not used when the target keeps separate K and V
-                calib=args.calib if init == "fit" else None,
+                init=base or "mean",  # not used when the target keeps separate K and V
+                refit_output=refit,
+                calib=args.calib if base == "fit" or refit else None,
                 calib_tokens=args.calib_tokens,
                 calib_seq_len=args.calib_seq_len,
                 device=args.device,
@@ -478,6 +525,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "calibration": report["calibration"],
                 "mean_key_error": report.get("mean_key_error"),
                 "mean_value_error": report.get("mean_value_error"),
+                "mean_output_error_before_refit": report.get("mean_output_error_before_refit"),
+                "mean_output_error": report.get("mean_output_error"),
                 "wall_s": round(time.perf_counter() - t0, 1),
             }
         ev = evaluate_run(run, args, sets, tok, ctx)

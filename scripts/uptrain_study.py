@@ -13,7 +13,8 @@ For SmolLM2-135M-Instruct (docs/interop.md, "Uptraining a converted model"), aft
         --into results/convert-smollm2/convert-no-training-cpu.json --device cuda
 
 ``config`` writes a sweep file (qkvlab's format, :mod:`qkvlab.study.spec`): one grid block per
-``--conversion TO:INIT=FOLDER`` (``TO=FOLDER`` for a target without an init, e.g. ``MQA``), each
+``--conversion TO:INIT=FOLDER`` (``TO=FOLDER`` for a target without an init, e.g. ``MQA``; INIT
+``fit+refit`` / ``TO:refit=FOLDER`` for a conversion made with ``--refit-output``), each
 ``init_from`` that folder, trained with its own tokenizer (``bpe:FOLDER/tokenizer``) on
 ``--train-zip`` at every ``--tokens`` budget. The blocks also name the checkpoint's model config
 (shape and variant), so the file says what each run trains; the grid and the trainer take the
@@ -101,12 +102,13 @@ def parse_labelled(spec: str) -> tuple[str, str, str | None, Path]:
         except SystemExit:
             continue
         target = VariantSpec.parse(to)
-        if (target.kv_shared or target.n_kv_heads is not None) and (init is None or init in INITS):
+        if target.kv_shared or target.n_kv_heads is not None:  # parse_conversion checked the init
             found.append((label, to, init, Path(spec[i + 1 :])))
     if not found:
         raise SystemExit(
             f"--conversion takes TO:INIT=FOLDER (e.g. Q-K=V:fit=/tmp/convert-smollm2/q-kv-fit) or TO=FOLDER "
-            f"(MQA=/tmp/convert-smollm2/mqa), INIT one of {', '.join(INITS)}; got {spec!r}"
+            f"(MQA=/tmp/convert-smollm2/mqa), INIT one of {', '.join(INITS)}, optionally followed by +refit; "
+            f"got {spec!r}"
         )
     return next((f for f in found if f[3].is_dir()), found[0])
 
@@ -123,9 +125,11 @@ def check_label(label: str, to: str, init: str | None, folder: Path, meta: dict[
         return
     if meta.get("action") != "convert":
         raise SystemExit(f"{folder} was not written by qkvlab convert (its interop.json says {meta.get('action')!r})")
-    if meta.get("init") != init:
+    recorded = cs.recipe_label(meta.get("init"), bool(meta.get("refit_output")))
+    if recorded != init:
         raise SystemExit(
-            f"{folder} is labelled {label}, but its interop.json records init {meta.get('init')!r}, not {init!r}"
+            f"{folder} is labelled {label}, but its interop.json records init {recorded!r}, not {init!r} (a "
+            "conversion made with --refit-output is labelled INIT+refit, or refit for head pooling alone)"
         )
     if VariantSpec.parse(meta["variant"]).kv_shared != VariantSpec.parse(to).kv_shared:
         raise SystemExit(f"{folder} is labelled {label}, but holds {meta.get('paper_name')} ({meta['variant']})")

@@ -106,7 +106,12 @@ def test_spread_windows(study):
 def test_parse_conversion(study):
     assert study.parse_conversion("Q-K=V:fit") == ("Q-K=V", "fit")
     assert study.parse_conversion("MQA") == ("MQA", None)
-    for bad in ("Q-K=V", "MQA:mean", "Q-K=V:", "nonsense:key"):
+    assert study.parse_conversion("Q-MQA:fit+refit") == ("Q-MQA", "fit+refit")
+    assert study.parse_conversion("MQA:refit") == ("MQA", "refit")
+    assert study.split_recipe("fit+refit") == ("fit", True) and study.split_recipe("refit") == (None, True)
+    assert study.split_recipe("mean") == ("mean", False) and study.split_recipe(None) == (None, False)
+    for bad in ("Q-K=V", "MQA:mean", "Q-K=V:", "nonsense:key", "Q-K=V:refit", "Q-K=V:fit+tune", "MQA:mean+refit",
+                "Q-K=V:best+refit", "Q-K=V:fit+refit+refit"):  # fmt: skip
         with pytest.raises(SystemExit):
             study.parse_conversion(bad)
 
@@ -118,7 +123,8 @@ def test_convert_study_end_to_end(study, tmp_path, data, capsys):
     assert [(r["to"], r["init"]) for r in rows] == [(None, None)] + [
         study.parse_conversion(s) for s in study.DEFAULT_CONVERSIONS
     ]
-    assert rows[-1]["to"] == "MQA" and rows[-1]["init"] is None and rows[-1]["target"] == "MQA"
+    by = {(r["to"], r["init"]): r for r in rows}
+    assert by["MQA", None]["target"] == "MQA"
     for key in ("hardware", "versions", "git_commit", "eval", "seq_len", "started", "finished", "command"):
         assert key in result
     assert result["eval"]["val"]["scored_tokens"] == 2 * 2 * 16 and result["eval"]["dickens"]["scored_tokens"] == 48
@@ -135,7 +141,6 @@ def test_convert_study_end_to_end(study, tmp_path, data, capsys):
     assert source["target"] == "GQA-2" and source["conversion"] is None and source["init"] is None
     assert source["checkpoint"] == str(run) and source["kv_cache_reduction"] == 0.0
     # bf16 bytes per token: layers * cached tensors * KV heads * head_dim * 2
-    by = {(r["to"], r["init"]): r for r in rows}
     assert source["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 8 * 2
     assert by["Q-K=V", "key"]["target"] == "Q-GQA-2" and by["Q-K=V", "key"]["kv_heads"] == 2
     assert by["Q-K=V", "key"]["kv_cache_bytes_per_token"] == 2 * 1 * 2 * 8 * 2
@@ -146,6 +151,15 @@ def test_convert_study_end_to_end(study, tmp_path, data, capsys):
     fit = by["Q-K=V", "fit"]["conversion"]
     assert fit["calibration"]["tokens"] == 256 and "--calib" in fit["command"]
     assert by["Q-K=V", "mean"]["conversion"]["calibration"] is None
+    # +refit: qkvlab convert --refit-output, calibrated layer by layer; pooling alone takes it too
+    for key in (("Q-K=V", "fit+refit"), ("Q-MQA", "fit+refit"), ("MQA", "refit")):
+        conv = by[key]["conversion"]
+        assert conv["command"].endswith("--refit-output") and conv["calibration"]["mode"] == "sequential"
+        assert conv["mean_output_error"] <= conv["mean_output_error_before_refit"]
+    for refit, plain in ((("Q-K=V", "fit+refit"), ("Q-K=V", "fit")), (("MQA", "refit"), ("MQA", None))):
+        assert by[refit]["kv_cache_bytes_per_token"] == by[plain]["kv_cache_bytes_per_token"]
+    assert "--init" not in by["MQA", "refit"]["conversion"]["command"]
+    assert Path(by["Q-K=V", "fit+refit"]["checkpoint"]).name == "q-kv-fit-refit"
     # What is exact: init key keeps the key path (so the first layer's scores), init value the value path.
     src = load_model(run / "model.safetensors")
     x = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(1))
@@ -160,7 +174,7 @@ def test_convert_study_end_to_end(study, tmp_path, data, capsys):
     assert again["earlier_runs"][0]["started"] == result["started"]
     fewer = run_study(study, tmp_path, data, run, "--resume", "--convert", "MQA")  # rows not asked for stay
     assert [(r["to"], r["init"]) for r in fewer["rows"]] == [(None, None), ("MQA", None)] + [
-        (r["to"], r["init"]) for r in rows[1:-1]
+        (r["to"], r["init"]) for r in rows[1:] if (r["to"], r["init"]) != ("MQA", None)
     ]
     with pytest.raises(SystemExit, match="seq_len"):  # other settings: refused, the file is kept
         run_study(study, tmp_path, data, run, "--resume", "--seq-len", "8")

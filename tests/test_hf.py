@@ -502,6 +502,68 @@ def test_convert_fit_never_worse_than_the_simple_inits():
     assert totals["fit"] < totals["mean"]
 
 
+def related_roles(src: GPT, seed: int = 3) -> GPT:
+    """Make every layer's values a linear map of its keys (v = B k per head): K=V is then exact."""
+    D, n_kv = src.config.head_dim, src.config.n_kv_heads
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for blk in src.backbone.blocks:
+            p = blk.attn.qkv.proj
+            M = torch.randn(D, D, generator=gen)
+            p["v"].weight.copy_(torch.einsum("ab,hbd->had", M, p["k"].weight.view(n_kv, D, -1)).reshape(-1, 32))
+            if p["v"].bias is not None:
+                p["v"].bias.copy_(torch.einsum("ab,hb->ha", M, p["k"].bias.view(n_kv, D)).reshape(-1))
+    return src
+
+
+@pytest.mark.parametrize("recipe", ["llama", "gpt2"])
+def test_convert_refit_keeps_an_exact_conversion_exact(recipe):
+    # gpt2: learned positions join the stream before the first block, o_proj has a bias to refit.
+    src = related_roles(qkv_source(recipe, "GQA-4", bias=True))
+    target = target_config(src.config, "Q-GQA-4", None)
+    new, layers = convert_model(src, target, init="fit", tokens=tokens(8, 32, seed=5), refit_output=True)
+    idx = tokens()
+    with torch.no_grad():
+        assert (new(idx) - src(idx)).abs().max() < 1e-4
+    for layer in layers:
+        assert layer["key_error"] < 1e-9 and layer["value_error"] < 1e-9
+        assert layer["output_error_before"] < 1e-9 and layer["output_error"] < 1e-9
+        assert layer["stream_error"] < 1e-9
+
+
+def logit_error(new: GPT, src: GPT, idx: torch.Tensor) -> float:
+    with torch.no_grad():
+        ref = src(idx)
+        return float((new(idx) - ref).pow(2).sum() / ref.pow(2).sum())
+
+
+@pytest.mark.parametrize("to, init", [("Q-K=V", "mean"), ("Q-K=V", "fit"), ("Q-MQA", "fit"), ("MQA", "mean")])
+def test_convert_refit_fits_each_layer_to_the_sources_outputs(to, init):
+    src = qkv_source(n_layers=3)
+    target = target_config(src.config, to, None)
+    calib, held_out = tokens(16, 48, seed=5), tokens(8, 48, seed=9)
+    moments = attention_input_moments(src, calib) if init == "fit" else None
+    plain, _ = convert_model(src, target, init=init, moments=moments)
+    refit, layers = convert_model(src, target, init=init, tokens=calib, refit_output=True)
+    for layer in layers:  # least squares on the calibration tokens: never worse than the o_proj it starts from
+        assert layer["output_error"] <= layer["output_error_before"] + 1e-12
+    assert layers[-1]["output_error"] < layers[-1]["output_error_before"]
+    assert all(np.isfinite(layer["stream_error"]) for layer in layers)
+    # and on tokens it never saw, the converted model is closer to the source than without the refit
+    assert logit_error(refit, src, held_out) < logit_error(plain, src, held_out)
+    # only o_proj (and, for K=V, the fitted projections) changed: norms, MLPs and embeddings are the source's
+    sd, out = src.state_dict(), refit.state_dict()
+    for name in ("backbone.blocks.1.mlp.down.weight", "backbone.blocks.2.norm1.weight", "wte.weight"):
+        assert torch.equal(out[name], sd[name])
+    assert not torch.equal(out["backbone.blocks.2.attn.o_proj.weight"], sd["backbone.blocks.2.attn.o_proj.weight"])
+
+
+def test_convert_refit_needs_calibration_tokens():
+    src = qkv_source()
+    with pytest.raises(ConfigError, match="--calib"):
+        convert_model(src, target_config(src.config, "Q-K=V", None), init="mean", refit_output=True)
+
+
 @pytest.mark.parametrize(
     "variant, to, kv_heads, match",
     [
@@ -539,3 +601,11 @@ def test_convert_cli_writes_a_loadable_run(tmp_path, bpe):
     assert "\n" not in str(again.exception)
     bad = runner.invoke(app, ["convert", str(run), str(tmp_path / "o2"), "--init", "fit"])
     assert isinstance(bad.exception, ConfigError) and "--calib" in str(bad.exception)
+    bad = runner.invoke(app, ["convert", str(run), str(tmp_path / "o3"), "--refit-output"])
+    assert isinstance(bad.exception, ConfigError) and "--calib" in str(bad.exception)
+    refit = runner.invoke(app, [*args[:2], str(tmp_path / "o4"), *args[3:], "--refit-output"])
+    assert refit.exit_code == 0, refit.output
+    assert "o_proj refitted" in refit.output
+    report = json.loads((tmp_path / "o4" / "interop.json").read_text())
+    assert report["refit_output"] is True and report["calibration"]["mode"] == "sequential"
+    assert all(lay["output_error"] <= lay["output_error_before"] for lay in report["layers"])

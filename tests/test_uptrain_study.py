@@ -86,9 +86,30 @@ def test_parse_labelled(scripts):
     assert up.parse_labelled("Q-K=V:fit=/tmp/x") == ("Q-K=V:fit", "Q-K=V", "fit", Path("/tmp/x"))
     assert up.parse_labelled("Q-K=V:fit=/tmp/a=b") == ("Q-K=V:fit", "Q-K=V", "fit", Path("/tmp/a=b"))
     assert up.parse_labelled("MQA=/tmp/mqa") == ("MQA", "MQA", None, Path("/tmp/mqa"))
-    for bad in ("Q-K=V:fit", "Q-K=V:best=/tmp/x", "Q-MQA=/tmp/x", "nonsense=/tmp/x"):
+    assert up.parse_labelled("Q-K=V:fit+refit=/tmp/r") == ("Q-K=V:fit+refit", "Q-K=V", "fit+refit", Path("/tmp/r"))
+    assert up.parse_labelled("MQA:refit=/tmp/m") == ("MQA:refit", "MQA", "refit", Path("/tmp/m"))
+    for bad in ("Q-K=V:fit", "Q-K=V:best=/tmp/x", "Q-MQA=/tmp/x", "nonsense=/tmp/x", "Q-K=V:fit+best=/tmp/x"):
         with pytest.raises(SystemExit, match="--conversion takes"):
             up.parse_labelled(bad)
+
+
+def test_check_label_reads_refit_from_interop(scripts, tmp_path):
+    _, up = scripts
+    meta = {"action": "convert", "init": "fit", "refit_output": True, "variant": "q_kv+rope", "paper_name": "Q-K=V"}
+    up.check_label("Q-K=V:fit+refit", "Q-K=V", "fit+refit", tmp_path, meta)
+    with pytest.raises(SystemExit, match=r"records init 'fit\+refit'.*not 'fit'"):
+        up.check_label("Q-K=V:fit", "Q-K=V", "fit", tmp_path, meta)
+    up.check_label("Q-K=V:fit", "Q-K=V", "fit", tmp_path, {**meta, "refit_output": False})
+    pooled = {
+        "action": "convert",
+        "init": None,
+        "refit_output": True,
+        "variant": "q_k_v+gqa1+rope",
+        "paper_name": "MQA",
+    }
+    up.check_label("MQA:refit", "MQA", "refit", tmp_path, pooled)
+    with pytest.raises(SystemExit, match="records init 'refit'"):
+        up.check_label("MQA", "MQA", None, tmp_path, pooled)
 
 
 @pytest.fixture

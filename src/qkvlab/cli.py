@@ -953,6 +953,14 @@ def convert(
     device: Annotated[str, typer.Option(help="Device of the calibration pass: 'auto', 'cpu' or 'cuda'.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Stored dtype: fp32, bf16 or fp16.")] = "fp32",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    refit_output: Annotated[
+        bool,
+        typer.Option(
+            "--refit-output",
+            help="Calibrate layer by layer on the converted model's own activations and refit each o_proj by least "
+            "squares to the source's attention outputs (needs --calib).",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Convert a trained QKV model to Q-K=V (choice of init) and/or fewer KV heads (mean-pooled)."""
@@ -962,7 +970,7 @@ def convert(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     report = convert_checkpoint(
         checkpoint, out, to=to, init=init, kv_heads=kv_heads, calib=calib, calib_tokens=calib_tokens,
-        calib_seq_len=calib_seq_len, device=device, dtype=dtype, force=force,
+        calib_seq_len=calib_seq_len, device=device, dtype=dtype, force=force, refit_output=refit_output,
     )  # fmt: skip
     if as_json:
         print(json.dumps(report, indent=2))

@@ -45,7 +45,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -261,29 +261,44 @@ def relative_to_source(rows: list[dict[str, Any]]) -> None:
             row["dickens_ppl_ratio"] = row["dickens_ppl"] / src["dickens_ppl"]
 
 
-REFIT = "refit"
+REFIT, POOL_FIT = "refit", "poolfit"
 
 
-def split_recipe(label: str | None) -> tuple[str | None, bool]:
-    """A row's ``init`` label -> (``qkvlab convert --init``, ``--refit-output``): ``fit+refit`` ->
-    (``fit``, True), ``refit`` (head pooling alone, refitted) -> (None, True), ``fit`` -> (``fit``, False)."""
+class Recipe(NamedTuple):
+    """How a conversion was made: ``qkvlab convert --init`` (None for pooling alone), ``--pool``
+    and ``--refit-output``."""
+
+    init: str | None
+    pool: str = "mean"
+    refit: bool = False
+
+
+def split_recipe(label: str | None) -> Recipe:
+    """A row's ``init`` label -> :class:`Recipe`. The label is ``+``-joined parts in this order: the
+    init, ``poolfit`` (``--pool fit``), ``refit`` (``--refit-output``); e.g. ``fit+refit``,
+    ``fit+poolfit+refit``, or ``poolfit+refit`` for head pooling alone. Unknown or misordered parts
+    come back unchanged in ``init`` (``parse_conversion`` refuses them)."""
     if label is None:
-        return None, False
-    if label == REFIT:
-        return None, True
-    init, plus, rest = label.partition("+")
-    return init, bool(plus) and rest == REFIT
+        return Recipe(None)
+    parts = label.split("+")
+    refit = parts[-1] == REFIT
+    parts = parts[:-1] if refit else parts
+    pool = "fit" if parts and parts[-1] == POOL_FIT else "mean"
+    parts = parts[:-1] if pool == "fit" else parts
+    return Recipe("+".join(parts) or None, pool, refit)
 
 
-def recipe_label(init: str | None, refit: bool) -> str | None:
+def recipe_label(init: str | None, refit: bool = False, pool: str | None = "mean") -> str | None:
     """The inverse of :func:`split_recipe`."""
-    return (f"{init}+{REFIT}" if init else REFIT) if refit else init
+    parts = [p for p in (init, POOL_FIT if pool == "fit" else None, REFIT if refit else None) if p]
+    return "+".join(parts) or None
 
 
 def parse_conversion(spec: str) -> tuple[str, str | None]:
     """``TO:INIT`` for a K=V target (``Q-K=V:fit``), ``TO`` alone for head pooling only (``MQA``);
-    ``+refit`` after the init (``Q-K=V:fit+refit``), or ``TO:refit`` for pooling alone, adds
-    ``qkvlab convert --refit-output``. Returns (to, the row's init label)."""
+    ``+poolfit`` (``--pool fit``) and then ``+refit`` (``--refit-output``) after the init
+    (``Q-MQA:fit+poolfit+refit``), or in place of it for pooling alone (``MQA:poolfit``,
+    ``MQA:refit``). Returns (to, the row's init label)."""
     to, sep, label = spec.rpartition(":") if ":" in spec else (spec, "", None)
     if not to or (sep and not label):
         raise SystemExit(f"--convert takes TO:INIT (e.g. Q-K=V:fit) or TO (e.g. MQA), got {spec!r}")
@@ -291,15 +306,15 @@ def parse_conversion(spec: str) -> tuple[str, str | None]:
         shared = VariantSpec.parse(to).kv_shared
     except ConfigError as e:
         raise SystemExit(f"--convert {spec!r}: {e}") from None
-    init, refit = split_recipe(label)
-    if (label is not None and recipe_label(init, refit) != label) or (init is not None and init not in INITS):
+    r = split_recipe(label)
+    if r.init is not None and r.init not in INITS:
         raise SystemExit(
-            f"--convert {spec!r}: the init is one of {', '.join(INITS)}, optionally followed by +{REFIT} "
-            f"(e.g. {to}:fit+{REFIT})"
+            f"--convert {spec!r}: the init is one of {', '.join(INITS)}, optionally followed by +{POOL_FIT} and then "
+            f"+{REFIT} (e.g. {to}:fit+{REFIT})"
         )
-    if shared and init is None:
+    if shared and r.init is None:
         raise SystemExit(f"--convert {spec!r}: a K=V target needs an init (key, value, mean or fit): {to}:mean")
-    if not shared and init is not None:
+    if not shared and r.init is not None:
         raise SystemExit(
             f"--convert {spec!r}: {to} keeps separate K and V, so it takes no init; write {to} (or {to}:{REFIT})"
         )
@@ -307,11 +322,13 @@ def parse_conversion(spec: str) -> tuple[str, str | None]:
 
 
 def convert_command(run: Path, out: Path, to: str, label: str | None, args) -> str:
-    init, refit = split_recipe(label)
-    cmd = f"qkvlab convert {run} {out} --to {to}{f' --init {init}' if init else ''} --device {args.device} --force"
-    if init == "fit" or refit:
+    r = split_recipe(label)
+    cmd = f"qkvlab convert {run} {out} --to {to}{f' --init {r.init}' if r.init else ''} --device {args.device} --force"
+    if r.init == "fit" or r.refit or r.pool == "fit":
         cmd += f" --calib {args.calib} --calib-tokens {args.calib_tokens} --calib-seq-len {args.calib_seq_len}"
-    if refit:
+    if r.pool == "fit":
+        cmd += " --pool fit"
+    if r.refit:
         cmd += " --refit-output"
     return cmd
 
@@ -506,14 +523,15 @@ def main(argv: list[str] | None = None) -> dict:
             run, conversion = args.run, None
         else:
             run = args.work / (to.replace("=", "").lower() + (f"-{init.replace('+', '-')}" if init else ""))
-            base, refit = split_recipe(init)
+            r = split_recipe(init)
             report = convert_checkpoint(
                 args.run,
                 run,
                 to=to,
-                init=base or "mean",  # not used when the target keeps separate K and V
-                refit_output=refit,
-                calib=args.calib if base == "fit" or refit else None,
+                init=r.init or "mean",  # not used when the target keeps separate K and V
+                refit_output=r.refit,
+                pool=r.pool,
+                calib=args.calib if r.init == "fit" or r.refit or r.pool == "fit" else None,
                 calib_tokens=args.calib_tokens,
                 calib_seq_len=args.calib_seq_len,
                 device=args.device,

@@ -125,11 +125,11 @@ def check_label(label: str, to: str, init: str | None, folder: Path, meta: dict[
         return
     if meta.get("action") != "convert":
         raise SystemExit(f"{folder} was not written by qkvlab convert (its interop.json says {meta.get('action')!r})")
-    recorded = cs.recipe_label(meta.get("init"), bool(meta.get("refit_output")))
+    recorded = cs.recipe_label(meta.get("init"), bool(meta.get("refit_output")), meta.get("pool"))
     if recorded != init:
         raise SystemExit(
             f"{folder} is labelled {label}, but its interop.json records init {recorded!r}, not {init!r} (a "
-            "conversion made with --refit-output is labelled INIT+refit, or refit for head pooling alone)"
+            "conversion made with --pool fit / --refit-output is labelled INIT+poolfit / INIT+refit, in that order)"
         )
     if VariantSpec.parse(meta["variant"]).kv_shared != VariantSpec.parse(to).kv_shared:
         raise SystemExit(f"{folder} is labelled {label}, but holds {meta.get('paper_name')} ({meta['variant']})")

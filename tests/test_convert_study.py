@@ -108,10 +108,20 @@ def test_parse_conversion(study):
     assert study.parse_conversion("MQA") == ("MQA", None)
     assert study.parse_conversion("Q-MQA:fit+refit") == ("Q-MQA", "fit+refit")
     assert study.parse_conversion("MQA:refit") == ("MQA", "refit")
-    assert study.split_recipe("fit+refit") == ("fit", True) and study.split_recipe("refit") == (None, True)
-    assert study.split_recipe("mean") == ("mean", False) and study.split_recipe(None) == (None, False)
+    assert study.parse_conversion("Q-MQA:fit+poolfit+refit") == ("Q-MQA", "fit+poolfit+refit")
+    assert study.parse_conversion("MQA:poolfit") == ("MQA", "poolfit")
+    assert study.split_recipe("fit+refit") == ("fit", "mean", True) and study.split_recipe("refit") == (
+        None,
+        "mean",
+        True,
+    )
+    assert study.split_recipe("fit+poolfit+refit") == ("fit", "fit", True)
+    assert study.split_recipe("poolfit") == (None, "fit", False)
+    assert study.split_recipe("mean") == ("mean", "mean", False) and study.split_recipe(None) == (None, "mean", False)
+    for label in ("fit+refit", "refit", "fit+poolfit+refit", "poolfit", "mean", None):
+        assert study.recipe_label(*study.split_recipe(label)[::2], study.split_recipe(label).pool) == label
     for bad in ("Q-K=V", "MQA:mean", "Q-K=V:", "nonsense:key", "Q-K=V:refit", "Q-K=V:fit+tune", "MQA:mean+refit",
-                "Q-K=V:best+refit", "Q-K=V:fit+refit+refit"):  # fmt: skip
+                "Q-K=V:best+refit", "Q-K=V:fit+refit+refit", "Q-MQA:fit+refit+poolfit", "Q-MQA:poolfit"):  # fmt: skip
         with pytest.raises(SystemExit):
             study.parse_conversion(bad)
 

@@ -558,6 +558,79 @@ def test_convert_refit_fits_each_layer_to_the_sources_outputs(to, init):
     assert not torch.equal(out["backbone.blocks.2.attn.o_proj.weight"], sd["backbone.blocks.2.attn.o_proj.weight"])
 
 
+def rope_map(D: int, gen: torch.Generator) -> torch.Tensor:
+    """A random map that commutes with RoPE: a scaled rotation per rotated pair (i, i + D/2)."""
+    c, s = torch.randn(D // 2, generator=gen), torch.randn(D // 2, generator=gen)
+    M = torch.zeros(D, D)
+    i, j = torch.arange(D // 2), torch.arange(D // 2) + D // 2
+    M[i, i], M[j, j], M[i, j], M[j, i] = c, c, -s, s
+    return M
+
+
+def grouped_by_maps(src: GPT, m: int, kv_too: bool, seed: int = 4) -> GPT:
+    """Within each group of ``m`` adjacent KV heads, make every head's key a RoPE-commuting map of
+    the group's first key and its value any map of the first value (and, with ``kv_too``, that
+    value itself a map of that key): pooling by fitting is then exact, averaging is not."""
+    D, n_kv = src.config.head_dim, src.config.n_kv_heads
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for blk in src.backbone.blocks:
+            p = blk.attn.qkv.proj
+            wk, wv = p["k"].weight.view(n_kv, D, -1), p["v"].weight.view(n_kv, D, -1)
+            for g in range(0, n_kv, m):
+                if kv_too:
+                    wv[g] = torch.randn(D, D, generator=gen) @ wk[g]
+                for j in range(g + 1, g + m):
+                    wk[j] = rope_map(D, gen) @ wk[g]
+                    wv[j] = torch.randn(D, D, generator=gen) @ wv[g]
+    return src
+
+
+@pytest.mark.parametrize("to", ["GQA-2", "Q-GQA-2", "MQA"])
+def test_convert_pool_fit_is_exact_when_a_groups_heads_are_maps_of_one_another(to):
+    src = qkv_source()  # 8 query heads, 8 KV heads of 4
+    target = target_config(src.config, to, None)
+    m = src.config.n_kv_heads // target.n_kv_heads
+    grouped_by_maps(src, m, kv_too=target.variant.kv_shared)
+    moments = attention_input_moments(src, tokens(8, 32, seed=5))
+    init = "fit" if target.variant.kv_shared else "mean"
+    fitted, layers = convert_model(src, target, init=init, moments=moments, pool="fit")
+    averaged, _ = convert_model(src, target, init=init, moments=moments)
+    idx = tokens()
+    with torch.no_grad():
+        ref = src(idx)
+        assert (fitted(idx) - ref).abs().max() < 1e-4
+        assert (averaged(idx) - ref).abs().max() > 1e-2
+    for layer in layers:
+        assert layer["key_error"] < 1e-9 and layer["value_error"] < 1e-9
+        assert all(h["mean_init_key_error"] > 1e-3 for h in layer["heads"])
+
+
+def test_convert_pool_fit_is_never_worse_than_averaging_on_the_calibration_data():
+    src = qkv_source()
+    moments = attention_input_moments(src, tokens(8, 32, seed=5))
+    for to, init in (("MQA", "mean"), ("Q-GQA-2", "fit")):
+        _, layers = convert_model(src, target_config(src.config, to, None), init=init, moments=moments, pool="fit")
+        for layer in layers:
+            for h in layer["heads"]:
+                assert h["key_error"] + h["value_error"] <= h["mean_init_key_error"] + h["mean_init_value_error"] + 1e-9
+
+
+@pytest.mark.parametrize(
+    "to, init, pool, match",
+    [
+        ("Q-K=V", "fit", "fit", "keeps the source's 8 KV heads"),
+        ("Q-MQA", "mean", "fit", "use --init fit"),
+        ("MQA", "mean", "median", "--pool must be one of mean, fit"),
+        ("MQA", "mean", "fit", "--calib"),
+    ],
+)
+def test_convert_pool_refusals(to, init, pool, match):
+    src = qkv_source()
+    with pytest.raises(ConfigError, match=match):
+        convert_model(src, target_config(src.config, to, None), init=init, pool=pool)
+
+
 def test_convert_refit_needs_calibration_tokens():
     src = qkv_source()
     with pytest.raises(ConfigError, match="--calib"):
@@ -608,4 +681,9 @@ def test_convert_cli_writes_a_loadable_run(tmp_path, bpe):
     assert "o_proj refitted" in refit.output
     report = json.loads((tmp_path / "o4" / "interop.json").read_text())
     assert report["refit_output"] is True and report["calibration"]["mode"] == "sequential"
+    assert report["pool"] == "mean"
+    pooled = runner.invoke(app, [*args[:2], str(tmp_path / "o5"), *args[3:], "--pool", "fit", "--refit-output"])
+    assert pooled.exit_code == 0, pooled.output
+    assert "fitted as one on the calibration activations" in pooled.output
+    assert json.loads((tmp_path / "o5" / "interop.json").read_text())["pool"] == "fit"
     assert all(lay["output_error"] <= lay["output_error_before"] for lay in report["layers"])

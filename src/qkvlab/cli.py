@@ -953,6 +953,13 @@ def convert(
     device: Annotated[str, typer.Option(help="Device of the calibration pass: 'auto', 'cpu' or 'cuda'.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Stored dtype: fp32, bf16 or fp16.")] = "fp32",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    pool: Annotated[
+        str,
+        typer.Option(
+            help="How pooled KV heads are made: mean (the GQA paper's) or fit (fitted to every source head of the "
+            "group, each through a map folded into q_proj/o_proj; needs --calib, and --init fit for a K=V target).",
+        ),
+    ] = "mean",
     refit_output: Annotated[
         bool,
         typer.Option(
@@ -970,7 +977,7 @@ def convert(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     report = convert_checkpoint(
         checkpoint, out, to=to, init=init, kv_heads=kv_heads, calib=calib, calib_tokens=calib_tokens,
-        calib_seq_len=calib_seq_len, device=device, dtype=dtype, force=force, refit_output=refit_output,
+        calib_seq_len=calib_seq_len, device=device, dtype=dtype, force=force, refit_output=refit_output, pool=pool,
     )  # fmt: skip
     if as_json:
         print(json.dumps(report, indent=2))

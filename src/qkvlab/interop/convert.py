@@ -196,29 +196,32 @@ def _tr(x: torch.Tensor) -> torch.Tensor:
     return x.diagonal(dim1=-2, dim2=-1).sum(-1)
 
 
-def fit_shared(
-    K: torch.Tensor, V: torch.Tensor, C: torch.Tensor, *, key_map: str, iterations: int = FIT_ITERATIONS
+def fit_common(
+    Z: torch.Tensor, is_key: list[bool], C: torch.Tensor, *, key_map: str, iterations: int = FIT_ITERATIONS
 ) -> dict[str, torch.Tensor]:
-    """The ``fit`` init for the KV heads of one layer (see the module docstring).
+    """One projection ``s = W x`` per head that ``n`` roles share, each through its own foldable map.
 
-    ``K``, ``V``: ``(H, D, d+1)`` key and value maps of the augmented input (bias last), one
-    per KV head; ``C``: ``E[x x^T]`` of the augmented input. ``key_map``: ``"rope"`` (``R``
-    commutes with RoPE), ``"free"`` (any ``R``) or ``"identity"``. Returns per head ``W``
-    (``(H, D, d+1)``), ``R``, ``B`` and the relative errors ``(H, 2)`` of both roles for the
-    ``mean`` init (``start``) and for the fit (``end``).
+    ``Z``: ``(H, n, D, d+1)``, role ``r`` of head ``h`` is the map ``Z[h, r]`` of the augmented
+    input (bias last); ``is_key[r]``: a key role, matched as ``R s`` with ``R`` per ``key_map``
+    (``"rope"``: commutes with RoPE, ``"free"``: any, ``"identity"``), else a value role, matched
+    as ``B s`` with any ``B``; ``C``: ``E[x x^T]`` of the augmented input. Minimises, per head,
+    ``sum_r E||z_r - M_r s||^2 / E||z_r||^2`` by exact block-coordinate steps (the maps by least
+    squares given ``W``, ``W`` in closed form given the maps), descending from the mean of the
+    roles and from each role alone and keeping the best, so it is never worse than those.
+    Returns ``W`` ``(H, D, d+1)``, the maps ``(H, n, D, D)`` and the relative errors ``(H, n)``
+    of the roles' mean with identity maps (``start``) and of the fit (``end``).
 
-    Every step keeps ``W`` in the row space of ``[K; V]`` (the closed-form step combines
-    them), so ``W = T [K; V]`` and the whole fit runs on the ``2D x 2D`` Gram matrices
-    ``G = [K; V] C [K; V]^T`` instead of the ``(d+1) x (d+1)`` covariance.
+    Every step keeps ``W`` in the row space of the stacked roles, so ``W = T Zs`` and the fit runs
+    on the ``nD x nD`` Gram matrices ``G = Zs C Zs^T`` instead of the ``(d+1) x (d+1)`` covariance.
     """
-    H, D = K.shape[0], K.shape[1]
-    eye = torch.eye(D, dtype=K.dtype).expand(H, D, D)
-    zero = torch.zeros_like(eye)
-    Z = torch.cat([K, V], 1)  # (H, 2D, d+1)
-    G = Z @ C @ Z.transpose(1, 2)
-    Ek, Ev = torch.cat([eye, zero], 2), torch.cat([zero, eye], 2)  # K = Ek Z, V = Ev Z
-    ek = _tr(G[:, :D, :D]).clamp_min(1e-30)[:, None, None]
-    ev = _tr(G[:, D:, D:]).clamp_min(1e-30)[:, None, None]
+    H, n, D = Z.shape[0], Z.shape[1], Z.shape[2]
+    eye = torch.eye(D, dtype=Z.dtype).expand(H, D, D)
+    Zs = Z.reshape(H, n * D, -1)
+    G = Zs @ C @ Zs.transpose(1, 2)
+    sel = [torch.zeros(H, D, n * D, dtype=Z.dtype) for _ in range(n)]  # role r = sel[r] @ Zs
+    for r in range(n):
+        sel[r][:, :, r * D : (r + 1) * D] = eye
+    energy = [_tr(G[:, r * D : (r + 1) * D, r * D : (r + 1) * D]).clamp_min(1e-30)[:, None, None] for r in range(n)]
 
     def t(x):
         return x.transpose(-2, -1)
@@ -227,53 +230,66 @@ def fit_shared(
         N = T @ G @ t(T)
         return N + eye * (1e-12 * _tr(N)[:, None, None] / D)
 
-    def regress(E, T):  # least squares of E Z on s = T Z: (E G T^T) (T G T^T)^-1, a symmetric solve
-        return t(torch.linalg.solve(gram(T), T @ G @ t(E)))
-
-    def fit_b(T):
-        return regress(Ev, T)
-
-    def fit_r(T):
+    def fit_map(r, T):  # least squares of role r on s = T Zs: (E G T^T) (T G T^T)^-1, a symmetric solve
+        if not is_key[r] or key_map == "free":
+            return t(torch.linalg.solve(gram(T), T @ G @ t(sel[r])))
         if key_map == "identity":
             return eye
-        if key_map == "free":
-            return regress(Ek, T)
-        return rope_commuting_fit(Ek @ G @ t(T), gram(T))
+        return rope_commuting_fit(sel[r] @ G @ t(T), gram(T))
 
-    def errors(T, R, B):
-        dk, dv = Ek - R @ T, Ev - B @ T
-        return torch.stack([_tr(dk @ G @ t(dk)) / ek[:, 0, 0], _tr(dv @ G @ t(dv)) / ev[:, 0, 0]], 1)
+    def errors(T, maps):
+        out = []
+        for r in range(n):
+            d = sel[r] - maps[r] @ T
+            out.append(_tr(d @ G @ t(d)) / energy[r][:, 0, 0])
+        return torch.stack(out, 1)
 
     def descend(T):
-        B, R = fit_b(T), fit_r(T)
-        best = [errors(T, R, B).sum(1), T, R, B]
+        maps = [fit_map(r, T) for r in range(n)]
+        best = [errors(T, maps).sum(1), T, torch.stack(maps, 1)]
         for _ in range(iterations):
-            T = torch.linalg.solve(t(R) @ R / ek + t(B) @ B / ev, torch.cat([t(R) / ek, t(B) / ev], 2))
-            # W's scale is free (R and B absorb it); keep it at the keys' energy for conditioning.
-            T = T * torch.sqrt(ek[:, 0] / _tr(T @ G @ t(T)).clamp_min(1e-30)[:, None])[..., None]
-            B, R = fit_b(T), fit_r(T)
-            total = errors(T, R, B).sum(1)
+            lhs = sum(t(M) @ M / e for M, e in zip(maps, energy, strict=True))
+            rhs = sum(t(M) @ E / e for M, E, e in zip(maps, sel, energy, strict=True))
+            T = torch.linalg.solve(lhs, rhs)
+            # W's scale is free (the maps absorb it); keep it at the first role's energy for conditioning.
+            T = T * torch.sqrt(energy[0][:, 0] / _tr(T @ G @ t(T)).clamp_min(1e-30)[:, None])[..., None]
+            maps = [fit_map(r, T) for r in range(n)]
+            total = errors(T, maps).sum(1)
             better = total < best[0]
             gain = torch.where(better, best[0] - total, torch.zeros_like(total))
-            best = [torch.where(better, total, best[0])] + [
-                torch.where(better[:, None, None], new, old) for new, old in zip((T, R, B), best[1:], strict=True)
+            best = [
+                torch.where(better, total, best[0]),
+                torch.where(better[:, None, None], T, best[1]),
+                torch.where(better[:, None, None, None], torch.stack(maps, 1), best[2]),
             ]
             if not bool((gain > 1e-8 * best[0]).any()):
                 break
         return best
 
-    # The constrained problem can have several stationary points: descend from the three
-    # simple inits and keep the best per head, so fit is never worse than key, value or mean
-    # (each with its own best B and R folded in).
+    # The constrained problem can have several stationary points: descend from the simple starts
+    # and keep the best per head.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # batched solves of tiny matrices: threads cost ~400x here (MKL, 2 cores)
     try:
-        runs = [descend(T0) for T0 in ((Ek + Ev) / 2, Ek, Ev)]
+        mean = sum(sel) / n
+        runs = [descend(T0) for T0 in (mean, *sel)]
     finally:
         torch.set_num_threads(threads)
     pick = torch.stack([r[0] for r in runs]).argmin(0)
-    T, R, B = (torch.stack([r[k] for r in runs])[pick, torch.arange(H)] for k in (1, 2, 3))
-    return {"W": T @ Z, "R": R, "B": B, "start": errors((Ek + Ev) / 2, eye, eye), "end": errors(T, R, B)}
+    T, maps = (torch.stack([r[k] for r in runs])[pick, torch.arange(H)] for k in (1, 2))
+    start = errors(mean, [eye] * n)
+    return {"W": T @ Zs, "maps": maps, "start": start, "end": errors(T, list(maps.unbind(1)))}
+
+
+def fit_shared(
+    K: torch.Tensor, V: torch.Tensor, C: torch.Tensor, *, key_map: str, iterations: int = FIT_ITERATIONS
+) -> dict[str, torch.Tensor]:
+    """The ``fit`` init for the KV heads of one layer (see the module docstring): :func:`fit_common`
+    with two roles, the key ``K`` and the value ``V`` (each ``(H, D, d+1)``). Returns ``W``, ``R``,
+    ``B`` and the relative errors ``(H, 2)`` of both roles for the ``mean`` init (``start``) and for
+    the fit (``end``)."""
+    res = fit_common(torch.stack([K, V], 1), [True, False], C, key_map=key_map, iterations=iterations)
+    return {"W": res["W"], "R": res["maps"][:, 0], "B": res["maps"][:, 1], "start": res["start"], "end": res["end"]}
 
 
 def role_errors(K: torch.Tensor, V: torch.Tensor, W: torch.Tensor, C: torch.Tensor) -> tuple[float, float]:
@@ -303,6 +319,8 @@ def _layer_tensors(i: int, src: dict[str, torch.Tensor], out: dict[str, torch.Te
     for r in ("k", "v"):
         for part in ("weight", "bias"):
             out.pop(proj(i, r) + part, None)
+    if ctx["pool"] == "fit":
+        return _pool_fitted(i, src, out, ctx, C)
     wk, wv = src[proj(i, "k") + "weight"].to(torch.float64), src[proj(i, "v") + "weight"].to(torch.float64)
     bk, bv = (src.get(proj(i, r) + "bias") for r in ("k", "v"))
     wk, wv = pool_heads(wk, n_src, n_dst), pool_heads(wv, n_src, n_dst)
@@ -350,6 +368,75 @@ def _layer_tensors(i: int, src: dict[str, torch.Tensor], out: dict[str, torch.Te
     return info
 
 
+def _augmented_role(src: dict[str, torch.Tensor], i: int, role: str) -> torch.Tensor:
+    """``[W | b]`` of layer ``i``'s ``role`` projection (``b`` zeros without a bias), float64."""
+    w = src[proj(i, role) + "weight"].to(torch.float64)
+    b = src.get(proj(i, role) + "bias")
+    b = torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b.to(torch.float64)
+    return torch.cat([w, b[:, None]], 1)
+
+
+def _pool_fitted(i: int, src, out, ctx, C: torch.Tensor) -> dict[str, Any]:
+    """``--pool fit`` for layer ``i``: each pooled head is fitted to every source head of its group,
+    each through its own map, folded into the query heads that read that source head (``R^T`` into
+    ``q_proj``) and into their ``o_proj`` columns (``B``). With K=V one projection serves all the
+    group's keys and values (:func:`fit_common` with ``2m`` roles); without, the keys and the values
+    are pooled by two such fits."""
+    cfg, share = ctx["cfg"], ctx["share"]
+    n_dst, D, key_map = ctx["n_dst"], cfg.head_dim, ctx["key_map"]
+    m = cfg.n_kv_heads // n_dst
+    K = _augmented_role(src, i, "k").view(n_dst, m, D, -1)
+    V = _augmented_role(src, i, "v").view(n_dst, m, D, -1)
+    if share:
+        res = fit_common(torch.cat([K, V], 1), [True] * m + [False] * m, C, key_map=key_map)
+        R, B = res["maps"][:, :m], res["maps"][:, m:]
+        fits = {"kv": res}
+        key_err, value_err = res["end"][:, :m], res["end"][:, m:]
+        start_k, start_v = res["start"][:, :m], res["start"][:, m:]
+    else:
+        rk = fit_common(K, [True] * m, C, key_map=key_map)
+        rv = fit_common(V, [False] * m, C, key_map=key_map)
+        R, B = rk["maps"], rv["maps"]
+        fits = {"k": rk, "v": rv}
+        key_err, value_err, start_k, start_v = rk["end"], rv["end"], rk["start"], rv["start"]
+    wq = src[proj(i, "q") + "weight"].to(torch.float64, copy=True)
+    bq = src.get(proj(i, "q") + "bias")
+    bq = None if bq is None else bq.to(torch.float64, copy=True)
+    wo = src[block(i) + "attn.o_proj.weight"].to(torch.float64, copy=True)
+    per_src = cfg.n_heads // cfg.n_kv_heads
+    for h in range(cfg.n_heads):  # query head h read source KV head j = h // per_src, in group j // m
+        g, jj = divmod(h // per_src, m)
+        rows = slice(h * D, (h + 1) * D)
+        wq[rows] = R[g, jj].T @ wq[rows]
+        if bq is not None:
+            bq[rows] = R[g, jj].T @ bq[rows]
+        wo[:, rows] = wo[:, rows] @ B[g, jj]
+    out[proj(i, "q") + "weight"] = wq
+    if bq is not None:
+        out[proj(i, "q") + "bias"] = bq
+    out[block(i) + "attn.o_proj.weight"] = wo
+    for group, res in fits.items():
+        W = res["W"].reshape(n_dst * D, -1)
+        out[proj(i, group) + "weight"] = W[:, :-1]
+        if cfg.bias:
+            out[proj(i, group) + "bias"] = W[:, -1]
+    heads = [
+        {
+            "mean_init_key_error": float(start_k[g].mean()),
+            "mean_init_value_error": float(start_v[g].mean()),
+            "key_error": float(key_err[g].mean()),
+            "value_error": float(value_err[g].mean()),
+        }
+        for g in range(n_dst)
+    ]
+    return {
+        "layer": i,
+        "heads": heads,
+        "key_error": sum(h["key_error"] for h in heads) / n_dst,
+        "value_error": sum(h["value_error"] for h in heads) / n_dst,
+    }
+
+
 @torch.no_grad()
 def convert_model(
     model,
@@ -359,6 +446,7 @@ def convert_model(
     moments: list[torch.Tensor] | None = None,
     tokens: torch.Tensor | None = None,
     refit_output: bool = False,
+    pool: str = "mean",
     batch_size: int = 8,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """The converted GPT and per-layer diagnostics (see the module docstring).
@@ -371,8 +459,11 @@ def convert_model(
     if init not in INITS:
         raise ConfigError(f"--init must be one of {', '.join(INITS)}, got {init!r}.")
     share = target.variant.kv_shared
+    check_pool(pool, cfg, target, init)
     if refit_output and tokens is None:
         raise ConfigError("--refit-output fits each layer on calibration activations; pass --calib TEXT (a corpus).")
+    if pool == "fit" and moments is None and not refit_output:
+        raise ConfigError("--pool fit is fitted on calibration activations; pass --calib TEXT (a corpus).")
     if init == "fit" and share and moments is None and not refit_output:
         raise ConfigError("--init fit is fitted on calibration activations; pass --calib TEXT (a corpus).")
     # Only the attention projections are computed on (in float64); the rest is copied as it is.
@@ -387,11 +478,33 @@ def convert_model(
         "n_dst": n_dst,
         "group": cfg.n_heads // n_dst,  # query heads per KV head after conversion
         "key_map": "identity" if v.qk_norm else "rope" if v.pos == "rope" else "free",
+        "pool": pool,
     }
     if refit_output:
         return _convert_sequential(model, target, src, out, ctx, tokens, batch_size)
     layers = [_layer_tensors(i, src, out, ctx, None if moments is None else moments[i]) for i in range(cfg.n_layers)]
     return model_from_tensors(target, out, where="convert"), layers
+
+
+POOLS = ("mean", "fit")
+
+
+def check_pool(pool: str, cfg: GPTConfig, target: GPTConfig, init: str) -> None:
+    """Refuse a ``--pool`` that is unknown, pools nothing, or cannot go with ``init``."""
+    if pool not in POOLS:
+        raise ConfigError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}.")
+    if pool == "mean":
+        return
+    if target.n_kv_heads == cfg.n_kv_heads:
+        raise ConfigError(
+            f"--pool fit: the target keeps the source's {cfg.n_kv_heads} KV heads, so nothing is pooled; drop --pool "
+            "or give fewer heads (--kv-heads, or a target such as Q-MQA)."
+        )
+    if target.variant.kv_shared and init != "fit":
+        raise ConfigError(
+            f"--pool fit fits the shared K=V projection to the source's heads, which --init {init} does not do; "
+            "use --init fit with it."
+        )
 
 
 def _in_batches(f, x: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -482,7 +595,7 @@ def _convert_sequential(model, target: GPTConfig, src, out, ctx, tokens: torch.T
     cfg = ctx["cfg"]
     device = next(model.parameters()).device
     # A placeholder for every layer (mean init: no moments needed); each is replaced in turn.
-    placeholder = {**ctx, "init": "mean" if ctx["init"] == "fit" else ctx["init"]}
+    placeholder = {**ctx, "init": "mean" if ctx["init"] == "fit" else ctx["init"], "pool": "mean"}
     for i in range(cfg.n_layers):
         _layer_tensors(i, src, out, placeholder, None)
     new = model_from_tensors(target, out, where="convert").to(device).eval()
@@ -529,11 +642,13 @@ def convert_checkpoint(
     dtype: str = "fp32",
     force: bool = False,
     refit_output: bool = False,
+    pool: str = "mean",
 ) -> dict[str, Any]:
     """Convert the qkvlab checkpoint ``src`` and write the run folder ``out``; returns the report.
 
     ``refit_output`` calibrates layer by layer and refits each ``o_proj`` (see
-    :func:`convert_model`); it needs ``calib``."""
+    :func:`convert_model`); ``pool="fit"`` fits pooled heads instead of averaging them. Both need
+    ``calib``."""
     if init not in INITS:
         raise ConfigError(f"--init must be one of {', '.join(INITS)}, got {init!r}.")
     torch_dtype = dtype_of(dtype)
@@ -543,6 +658,7 @@ def convert_checkpoint(
     if not isinstance(cfg, GPTConfig):
         raise ConfigError(f"convert works on GPT language models; {str(weights)!r} holds a {cfg.family!r}.")
     target = target_config(cfg, to, kv_heads)
+    check_pool(pool, cfg, target, init)
     if Path(out).exists() and not force:  # before the (possibly long) calibration pass
         raise ConfigError(f"Output folder {str(out)!r} already exists; pass --force to replace it.")
     moments = tokens = None
@@ -556,13 +672,15 @@ def convert_checkpoint(
         calib_info = {"source": calib, "tokens": int(tokens.numel()), "seq_len": seq, "mode": mode}
     elif refit_output:
         raise ConfigError("--refit-output fits each layer on calibration activations; pass --calib TEXT (a corpus).")
+    elif pool == "fit":
+        raise ConfigError("--pool fit is fitted on calibration activations; pass --calib TEXT (a corpus).")
     elif init == "fit" and target.variant.kv_shared:
         raise ConfigError("--init fit is fitted on calibration activations; pass --calib TEXT (a corpus).")
     if refit_output:  # layer by layer on the calibration device
-        new, layers = convert_model(model, target, init=init, tokens=tokens, refit_output=True)
+        new, layers = convert_model(model, target, init=init, tokens=tokens, refit_output=True, pool=pool)
         new = new.cpu()
     else:
-        new, layers = convert_model(model.cpu(), target, init=init, moments=moments)
+        new, layers = convert_model(model.cpu(), target, init=init, moments=moments, pool=pool)
     src_v, dst_v = cfg.variant, target.variant
     elem = torch.empty((), dtype=torch.bfloat16).element_size()
 
@@ -577,7 +695,12 @@ def convert_checkpoint(
         "variant": dst_v.id,
         "paper_name": dst_v.paper_name,
         "init": init if dst_v.kv_shared else None,
-        "kv_heads": {"source": cfg.n_kv_heads, "target": target.n_kv_heads, "pooling": "mean of adjacent heads"},
+        "kv_heads": {
+            "source": cfg.n_kv_heads,
+            "target": target.n_kv_heads,
+            "pooling": None if target.n_kv_heads == cfg.n_kv_heads else f"{pool} of adjacent heads",
+        },
+        "pool": pool if target.n_kv_heads != cfg.n_kv_heads else None,
         "kv_cache_bytes_per_token_bf16": {"source": kv_bytes(cfg), "target": kv_bytes(target)},
         "calibration": calib_info,
         "refit_output": refit_output,
@@ -586,7 +709,13 @@ def convert_checkpoint(
     }
     notes = []
     if target.n_kv_heads != cfg.n_kv_heads:
-        notes.append(f"K/V heads mean-pooled in adjacent groups of {cfg.n_kv_heads // target.n_kv_heads}.")
+        m = cfg.n_kv_heads // target.n_kv_heads
+        notes.append(
+            f"K/V heads mean-pooled in adjacent groups of {m}."
+            if pool == "mean"
+            else f"K/V heads of each adjacent group of {m} fitted as one on the calibration activations, each source "
+            "head through its own map, folded into q_proj (R^T) and o_proj (B) of the query heads that read it."
+        )
     if dst_v.kv_shared:
         notes.append(
             {

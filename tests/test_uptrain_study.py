@@ -88,6 +88,8 @@ def test_parse_labelled(scripts):
     assert up.parse_labelled("MQA=/tmp/mqa") == ("MQA", "MQA", None, Path("/tmp/mqa"))
     assert up.parse_labelled("Q-K=V:fit+refit=/tmp/r") == ("Q-K=V:fit+refit", "Q-K=V", "fit+refit", Path("/tmp/r"))
     assert up.parse_labelled("MQA:refit=/tmp/m") == ("MQA:refit", "MQA", "refit", Path("/tmp/m"))
+    label = "Q-MQA:fit+poolfit+refit"
+    assert up.parse_labelled(f"{label}=/tmp/p") == (label, "Q-MQA", "fit+poolfit+refit", Path("/tmp/p"))
     for bad in ("Q-K=V:fit", "Q-K=V:best=/tmp/x", "Q-MQA=/tmp/x", "nonsense=/tmp/x", "Q-K=V:fit+best=/tmp/x"):
         with pytest.raises(SystemExit, match="--conversion takes"):
             up.parse_labelled(bad)
@@ -108,6 +110,9 @@ def test_check_label_reads_refit_from_interop(scripts, tmp_path):
         "paper_name": "MQA",
     }
     up.check_label("MQA:refit", "MQA", "refit", tmp_path, pooled)
+    up.check_label("MQA:poolfit+refit", "MQA", "poolfit+refit", tmp_path, {**pooled, "pool": "fit"})
+    with pytest.raises(SystemExit, match="records init 'poolfit\\+refit'"):
+        up.check_label("MQA:refit", "MQA", "refit", tmp_path, {**pooled, "pool": "fit"})
     with pytest.raises(SystemExit, match="records init 'refit'"):
         up.check_label("MQA", "MQA", None, tmp_path, pooled)
 

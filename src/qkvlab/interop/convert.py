@@ -6,7 +6,9 @@ Two steps, each optional, in this order:
    value heads of each group of ``n_kv / N`` adjacent heads are mean-pooled into one (weights and
    biases), as the GQA paper (Ainslie et al., 2023) does before uptraining. Query head ``h`` used
    KV head ``h // G`` before and uses the pooled head that contains it after. Pooling only
-   merges heads; more KV heads than the source has are refused.
+   merges heads; more KV heads than the source has are refused. ``--pool fit`` fits the pooled
+   head to every source head of its group instead, each through its own map folded into the
+   query heads that read that source head (:func:`_pool_fitted`, :func:`fit_common`).
 2. **Sharing K and V** (a ``q_kv`` target such as ``Q-K=V``): one projection ``s = W x + b``
    replaces the key and value projections. The key role becomes ``rope(norm(s))`` and the value
    ``s`` (qkvlab's K=V semantics), so no choice of ``W`` keeps both roles in general; ``--init``

@@ -19,7 +19,7 @@
 #   TIME_LIMIT=420 bash scripts/convert_slice.sh          # on the machine; again until "done"
 #
 # Knobs (environment): TOKENS (uptraining budgets, default 5M,20M), CONVERSIONS (default Q-K=V fit
-# and fit+refit, Q-MQA fit+refit and MQA refit), TIME_LIMIT (seconds for the uptraining sweep), DEVICE,
+# and fit+refit, Q-MQA fit+poolfit+refit and MQA poolfit+refit), TIME_LIMIT (seconds for the uptraining sweep), DEVICE,
 # UPTRAIN_ARGS (more options for uptrain_study.py config, e.g. "--batch-size 8 --grad-accum 2"),
 # SCORE_ARGS (e.g. "--windows-per-book 1" for a quick CPU check of the script).
 set -euo pipefail
@@ -58,8 +58,10 @@ python3 scripts/convert_study.py "$SRC" --work "$WORK" --device "$DEVICE" --out 
     ${SCORE_ARGS:-} $( [ -f "$RESULTS" ] && echo --resume )
 
 # fit alone beside fit+refit for Q-K=V (does the better start save uptraining tokens?), and the
-# refitted pooled models (without the refit they start at perplexities above 10,000).
-CONVERSIONS=${CONVERSIONS:-"Q-K=V:fit=$WORK/q-kv-fit Q-K=V:fit+refit=$WORK/q-kv-fit-refit Q-MQA:fit+refit=$WORK/q-mqa-fit-refit MQA:refit=$WORK/mqa-refit"}
+# pooled models at their best start (fitted pooling and the refit; averaged and not refitted they
+# start at perplexities above 10,000).
+CONVERSIONS=${CONVERSIONS:-"Q-K=V:fit=$WORK/q-kv-fit Q-K=V:fit+refit=$WORK/q-kv-fit-refit \
+Q-MQA:fit+poolfit+refit=$WORK/q-mqa-fit-poolfit-refit MQA:poolfit+refit=$WORK/mqa-poolfit-refit"}
 if [ ! -f "$STUDY.yaml" ]; then
     python3 scripts/uptrain_study.py config --out "$STUDY.yaml" --tokens "$TOKENS" --study-dir "$STUDY" \
         --train-zip ../shared/data/gutenberg/gutenberg-train.zip --val-zip ../shared/data/gutenberg/gutenberg-val.zip \

@@ -8,12 +8,14 @@ For SmolLM2-135M-Instruct imported from its GGUF (docs/interop.md, results/conve
 
 Rows, in order: the source model itself (``to`` and ``init`` null), then one conversion per
 ``--convert TO:INIT`` (default: ``Q-K=V``, which keeps the source's KV heads, with each of ``key``,
-``value``, ``mean``, ``fit`` and ``fit+refit``; ``Q-MQA`` with ``mean``, ``fit`` and ``fit+refit``;
-and ``MQA``, head pooling alone with K and V kept apart, written without an init, and ``MQA:refit``),
+``value``, ``mean``, ``fit`` and ``fit+refit``; ``Q-MQA`` with ``mean``, ``fit``, ``fit+refit``,
+``fit+poolfit`` and ``fit+poolfit+refit``; and ``MQA``, head pooling alone with K and V kept apart,
+written without an init, with ``MQA:refit`` and ``MQA:poolfit+refit``),
 each made by qkvlab's ``convert_checkpoint`` (what ``qkvlab convert`` runs; the row records the
 equivalent command) into ``--work`` and scored with no training. ``+refit`` (``refit`` alone for
 pooling) is ``qkvlab convert --refit-output``: calibrated layer by layer, with each ``o_proj``
-refitted to the source's attention outputs; a row's ``init`` holds that label.
+refitted to the source's attention outputs; ``+poolfit`` is ``--pool fit``: pooled heads fitted
+to their group's source heads instead of averaged. A row's ``init`` holds that label.
 
 - perplexity on ``--windows-per-book`` windows of ``--seq-len`` tokens from every book of
   ``--val-zip`` (evenly spaced: the centre of each of ``k`` equal parts of the book) and on
@@ -73,6 +75,9 @@ DEFAULT_CONVERSIONS = (
     "Q-K=V:fit+refit",
     "Q-MQA:fit+refit",
     "MQA:refit",
+    "Q-MQA:fit+poolfit",
+    "Q-MQA:fit+poolfit+refit",
+    "MQA:poolfit+refit",
 )
 SCHEMA = "qkvlab-convert-study/1"
 

@@ -169,6 +169,12 @@ def test_convert_study_end_to_end(study, tmp_path, data, capsys):
     for refit, plain in ((("Q-K=V", "fit+refit"), ("Q-K=V", "fit")), (("MQA", "refit"), ("MQA", None))):
         assert by[refit]["kv_cache_bytes_per_token"] == by[plain]["kv_cache_bytes_per_token"]
     assert "--init" not in by["MQA", "refit"]["conversion"]["command"]
+    # +poolfit: qkvlab convert --pool fit, the pooled heads fitted to the source's
+    for key in (("Q-MQA", "fit+poolfit"), ("Q-MQA", "fit+poolfit+refit"), ("MQA", "poolfit+refit")):
+        assert " --pool fit" in by[key]["conversion"]["command"]
+        interop = json.loads((Path(by[key]["checkpoint"]) / "interop.json").read_text())
+        assert interop["pool"] == "fit" and interop["refit_output"] == key[1].endswith("+refit")
+    assert " --pool" not in by["Q-MQA", "fit+refit"]["conversion"]["command"]
     assert Path(by["Q-K=V", "fit+refit"]["checkpoint"]).name == "q-kv-fit-refit"
     # What is exact: init key keeps the key path (so the first layer's scores), init value the value path.
     src = load_model(run / "model.safetensors")

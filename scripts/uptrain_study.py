@@ -64,10 +64,13 @@ from qkvlab.train.config import load_yaml, parse_override, set_dotted
 SIDECAR_SCHEMA = "qkvlab-uptrain-conversions/1"
 
 # The uptraining recipe for a small pretrained model (SmolLM2-135M). This is continued
-# pretraining, not training from scratch: a peak rate of 3e-4, below the rates models of this size
-# are pretrained at, so the updates repair the converted attention without erasing what the
-# weights already know. A short warmup (20 steps) lets the Adam moments settle; a longer one would
-# spend a good share of a 5M-token run (153 steps) below the peak. Then a cosine decay to a tenth.
+# pretraining, not training from scratch: a peak rate of 1e-4, well below the rates models of this
+# size are pretrained at, so the updates repair the converted attention without erasing what the
+# weights already know. Checked on a CPU on the Q-K=V fit conversion, 16 steps of 4,096 tokens
+# (results/convert-smollm2/uptrain-lr-check-cpu.json): 3e-4 wrecked it (val perplexity 61 -> 741),
+# 1e-4 and 3e-5 repaired it (40 and 41). A short warmup (20 steps) lets the Adam moments settle;
+# a longer one would spend a good share of a 5M-token run (153 steps) below the peak. Then a cosine
+# decay to a tenth.
 # AdamW with betas (0.9, 0.95), weight decay 0.1 on matrices only and gradients clipped at norm
 # 1.0: the usual settings for pretraining models of this kind. Sequences are 2048 tokens long,
 # the length of the windows the study scores: shorter training windows would leave the later
@@ -75,7 +78,7 @@ SIDECAR_SCHEMA = "qkvlab-uptrain-conversions/1"
 # per step; by estimate (not measured) that fits an 80 GB GPU in bf16 (the trainer's dtype auto
 # on CUDA) with the compiled loss; --grad-accum 2 --batch-size 8 keeps the step and halves it.
 RECIPE = {
-    "lr": 3e-4,
+    "lr": 1e-4,
     "warmup_steps": 20,
     "betas": [0.9, 0.95],
     "weight_decay": 0.1,

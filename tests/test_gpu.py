@@ -181,3 +181,25 @@ def test_cuda_cached_decode_does_not_use_cudnn_attention():
     names = {e.key for e in prof.key_averages()}
     assert "aten::scaled_dot_product_attention" in names  # the profile saw the attention calls
     assert not any("cudnn_attention" in n for n in names), sorted(n for n in names if "attention" in n)
+
+
+@pytest.mark.parametrize("to, init, pool, refit", [("Q-K=V", "fit", "mean", False), ("Q-MQA", "fit", "fit", True)])
+def test_cuda_conversion_matches_the_cpu_one(to, init, pool, refit):
+    """convert runs its fits (and the layer-by-layer refit) on the model's device: the same model as on a CPU."""
+    from qkvlab.interop.convert import attention_input_moments, convert_model, target_config
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layers=2, d_model=64, n_heads=8, vocab_size=512, max_seq_len=64, recipe="llama", variant="GQA-4")
+    src = GPT(cfg).eval()
+    target = target_config(cfg, to, None)
+    calib, idx = torch.randint(0, 512, (8, 32)), torch.randint(0, 512, (2, 32))
+    kw = dict(init=init, pool=pool)
+    if refit:
+        kw.update(tokens=calib, refit_output=True)
+    else:
+        kw.update(moments=attention_input_moments(src, calib))
+    on_cpu, _ = convert_model(src, target, **kw)
+    on_gpu, _ = convert_model(src.to("cuda"), target, **kw)
+    with torch.no_grad():
+        want, got = on_cpu(idx), on_gpu.to("cuda")(idx.to("cuda")).cpu()
+    assert (got - want).abs().max() <= 1e-3 * want.abs().max()

@@ -185,7 +185,8 @@ def rope_commuting_fit(M: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
     ``k = k_i + i k_{i+D/2}``.
     """
     D = M.shape[-1]
-    i, j = torch.arange(D // 2), torch.arange(D // 2) + D // 2
+    i = torch.arange(D // 2, device=M.device)
+    j = i + D // 2
     den = (N[..., i, i] + N[..., j, j]).clamp_min(1e-30)
     a = (M[..., i, i] + M[..., j, j]) / den
     b = (M[..., j, i] - M[..., i, j]) / den
@@ -217,10 +218,10 @@ def fit_common(
     on the ``nD x nD`` Gram matrices ``G = Zs C Zs^T`` instead of the ``(d+1) x (d+1)`` covariance.
     """
     H, n, D = Z.shape[0], Z.shape[1], Z.shape[2]
-    eye = torch.eye(D, dtype=Z.dtype).expand(H, D, D)
+    eye = torch.eye(D, dtype=Z.dtype, device=Z.device).expand(H, D, D)
     Zs = Z.reshape(H, n * D, -1)
     G = Zs @ C @ Zs.transpose(1, 2)
-    sel = [torch.zeros(H, D, n * D, dtype=Z.dtype) for _ in range(n)]  # role r = sel[r] @ Zs
+    sel = [torch.zeros(H, D, n * D, dtype=Z.dtype, device=Z.device) for _ in range(n)]  # role r = sel[r] @ Zs
     for r in range(n):
         sel[r][:, :, r * D : (r + 1) * D] = eye
     energy = [_tr(G[:, r * D : (r + 1) * D, r * D : (r + 1) * D]).clamp_min(1e-30)[:, None, None] for r in range(n)]
@@ -271,14 +272,15 @@ def fit_common(
     # The constrained problem can have several stationary points: descend from the simple starts
     # and keep the best per head.
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # batched solves of tiny matrices: threads cost ~400x here (MKL, 2 cores)
+    if Z.device.type == "cpu":
+        torch.set_num_threads(1)  # batched solves of tiny matrices: threads cost ~400x here (MKL, 2 cores)
     try:
         mean = sum(sel) / n
         runs = [descend(T0) for T0 in (mean, *sel)]
     finally:
         torch.set_num_threads(threads)
     pick = torch.stack([r[0] for r in runs]).argmin(0)
-    T, maps = (torch.stack([r[k] for r in runs])[pick, torch.arange(H)] for k in (1, 2))
+    T, maps = (torch.stack([r[k] for r in runs])[pick, torch.arange(H, device=Z.device)] for k in (1, 2))
     start = errors(mean, [eye] * n)
     return {"W": T @ Zs, "maps": maps, "start": start, "end": errors(T, list(maps.unbind(1)))}
 
@@ -343,7 +345,7 @@ def _layer_tensors(i: int, src: dict[str, torch.Tensor], out: dict[str, torch.Te
     bq = None if bq is None else bq.to(torch.float64, copy=True)
     wo = src[block(i) + "attn.o_proj.weight"].to(torch.float64, copy=True)
     if init == "fit":
-        res = fit_shared(K.view(n_dst, D, -1), V.view(n_dst, D, -1), C, key_map=ctx["key_map"])
+        res = _fit_on(ctx, fit_shared, K.view(n_dst, D, -1), V.view(n_dst, D, -1), C, key_map=ctx["key_map"])
         W = res["W"].reshape(n_dst * D, -1)
         for h in range(cfg.n_heads):  # query head h reads KV head h // G
             j, rows = h // G, slice(h * D, (h + 1) * D)
@@ -370,6 +372,14 @@ def _layer_tensors(i: int, src: dict[str, torch.Tensor], out: dict[str, torch.Te
     return info
 
 
+def _fit_on(ctx: dict[str, Any], fit, *args, **kw) -> dict[str, torch.Tensor]:
+    """Run ``fit`` on the conversion's device (``ctx["device"]``: the model's; a GPU makes the
+    many tiny float64 solves of a fit with several roles fast) and bring the result to the CPU."""
+    device = ctx["device"]
+    res = fit(*(a.to(device) if isinstance(a, torch.Tensor) else a for a in args), **kw)
+    return {k: v.cpu() for k, v in res.items()}
+
+
 def _augmented_role(src: dict[str, torch.Tensor], i: int, role: str) -> torch.Tensor:
     """``[W | b]`` of layer ``i``'s ``role`` projection (``b`` zeros without a bias), float64."""
     w = src[proj(i, role) + "weight"].to(torch.float64)
@@ -390,14 +400,14 @@ def _pool_fitted(i: int, src, out, ctx, C: torch.Tensor) -> dict[str, Any]:
     K = _augmented_role(src, i, "k").view(n_dst, m, D, -1)
     V = _augmented_role(src, i, "v").view(n_dst, m, D, -1)
     if share:
-        res = fit_common(torch.cat([K, V], 1), [True] * m + [False] * m, C, key_map=key_map)
+        res = _fit_on(ctx, fit_common, torch.cat([K, V], 1), [True] * m + [False] * m, C, key_map=key_map)
         R, B = res["maps"][:, :m], res["maps"][:, m:]
         fits = {"kv": res}
         key_err, value_err = res["end"][:, :m], res["end"][:, m:]
         start_k, start_v = res["start"][:, :m], res["start"][:, m:]
     else:
-        rk = fit_common(K, [True] * m, C, key_map=key_map)
-        rv = fit_common(V, [False] * m, C, key_map=key_map)
+        rk = _fit_on(ctx, fit_common, K, [True] * m, C, key_map=key_map)
+        rv = _fit_on(ctx, fit_common, V, [False] * m, C, key_map=key_map)
         R, B = rk["maps"], rv["maps"]
         fits = {"k": rk, "v": rv}
         key_err, value_err, start_k, start_v = rk["end"], rv["end"], rk["start"], rv["start"]
@@ -481,6 +491,7 @@ def convert_model(
         "group": cfg.n_heads // n_dst,  # query heads per KV head after conversion
         "key_map": "identity" if v.qk_norm else "rope" if v.pos == "rope" else "free",
         "pool": pool,
+        "device": next(model.parameters()).device,
     }
     if refit_output:
         return _convert_sequential(model, target, src, out, ctx, tokens, batch_size)
@@ -682,7 +693,7 @@ def convert_checkpoint(
         new, layers = convert_model(model, target, init=init, tokens=tokens, refit_output=True, pool=pool)
         new = new.cpu()
     else:
-        new, layers = convert_model(model.cpu(), target, init=init, moments=moments, pool=pool)
+        new, layers = convert_model(model, target, init=init, moments=moments, pool=pool)
     src_v, dst_v = cfg.variant, target.variant
     elem = torch.empty((), dtype=torch.bfloat16).element_size()
 

@@ -67,7 +67,7 @@ SIDECAR_SCHEMA = "qkvlab-uptrain-conversions/1"
 # pretraining, not training from scratch: a peak rate of 1e-4, well below the rates models of this
 # size are pretrained at, so the updates repair the converted attention without erasing what the
 # weights already know. Checked on a CPU on the Q-K=V fit conversion, 16 steps of 4,096 tokens
-# (results/convert-smollm2/uptrain-lr-check-cpu.json): 3e-4 wrecked it (val perplexity 61 -> 741),
+# (results/convert-smollm2/uptrain-lr-check-cpu.json): 3e-4 wrecked it (val perplexity 63 -> 741),
 # 1e-4 and 3e-5 repaired it (40 and 41). A short warmup (20 steps) lets the Adam moments settle;
 # a longer one would spend a good share of a 5M-token run (153 steps) below the peak. Then a cosine
 # decay to a tenth.

@@ -19,8 +19,8 @@
 #   TIME_LIMIT=420 bash scripts/convert_slice.sh          # on the machine; again until "done"
 #
 # Knobs (environment): TOKENS (uptraining budgets, default 5M,20M), CONVERSIONS (default Q-K=V fit
-# and fit+refit, Q-MQA fit+poolfit+refit and MQA poolfit+refit), TIME_LIMIT (seconds for the uptraining sweep), DEVICE,
-# UPTRAIN_ARGS (more options for uptrain_study.py config, e.g. "--batch-size 8 --grad-accum 2"),
+# and fit+refit, Q-MQA fit+poolfit+refit and MQA poolfit+refit), TIME_LIMIT (seconds for the
+# uptraining sweep), DEVICE, UPTRAIN_ARGS (more options for uptrain_study.py config, e.g. "--batch-size 8 --grad-accum 2"),
 # SCORE_ARGS (e.g. "--windows-per-book 1" for a quick CPU check of the script).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -13,8 +13,9 @@ For SmolLM2-135M-Instruct (docs/interop.md, "Uptraining a converted model"), aft
         --into results/convert-smollm2/convert-no-training-cpu.json --device cuda
 
 ``config`` writes a sweep file (qkvlab's format, :mod:`qkvlab.study.spec`): one grid block per
-``--conversion TO:INIT=FOLDER`` (``TO=FOLDER`` for a target without an init, e.g. ``MQA``; INIT
-``fit+refit`` / ``TO:refit=FOLDER`` for a conversion made with ``--refit-output``), each
+``--conversion TO:INIT=FOLDER`` (``TO=FOLDER`` for a target without an init, e.g. ``MQA``; the
+label's ``+poolfit`` / ``+refit`` parts, as convert_study.py writes them, for a conversion made
+with ``--pool fit`` / ``--refit-output``, e.g. ``Q-MQA:fit+poolfit+refit=FOLDER``), each
 ``init_from`` that folder, trained with its own tokenizer (``bpe:FOLDER/tokenizer``) on
 ``--train-zip`` at every ``--tokens`` budget. The blocks also name the checkpoint's model config
 (shape and variant), so the file says what each run trains; the grid and the trainer take the

@@ -133,11 +133,10 @@ def attention_input_moments(model, tokens: torch.Tensor, batch_size: int = 8) ->
 
     def hook(i):
         def fn(module, inputs, output):
-            x = output.reshape(-1, output.shape[-1]).to(torch.float64).cpu()
-            xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+            xa = _augment(output)
             sums[i] += xa.T @ xa
             if i == 0:
-                count[0] += x.shape[0]
+                count[0] += xa.shape[0]
 
         return fn
 
@@ -325,34 +324,18 @@ def _layer_tensors(i: int, src: dict[str, torch.Tensor], out: dict[str, torch.Te
             out.pop(proj(i, r) + part, None)
     if ctx["pool"] == "fit":
         return _pool_fitted(i, src, out, ctx, C)
-    wk, wv = src[proj(i, "k") + "weight"].to(torch.float64), src[proj(i, "v") + "weight"].to(torch.float64)
-    bk, bv = (src.get(proj(i, r) + "bias") for r in ("k", "v"))
-    wk, wv = pool_heads(wk, n_src, n_dst), pool_heads(wv, n_src, n_dst)
-    zeros = torch.zeros(wk.shape[0], dtype=wk.dtype)
-    bk = pool_heads(bk.to(torch.float64), n_src, n_dst) if bk is not None else zeros
-    bv = pool_heads(bv.to(torch.float64), n_src, n_dst) if bv is not None else zeros
+    K = pool_heads(_augmented_role(src, i, "k"), n_src, n_dst)  # (n_dst * D, d + 1): bias last
+    V = pool_heads(_augmented_role(src, i, "v"), n_src, n_dst)
     info: dict[str, Any] = {"layer": i}
     if not share:
-        out[proj(i, "k") + "weight"], out[proj(i, "v") + "weight"] = wk, wv
-        if cfg.bias:
-            out[proj(i, "k") + "bias"], out[proj(i, "v") + "bias"] = bk, bv
+        _write_projection(out, i, "k", K, cfg.bias)
+        _write_projection(out, i, "v", V, cfg.bias)
         return info
-    K = torch.cat([wk, bk[:, None]], 1)  # (n_dst * D, d + 1): the key map of the augmented input
-    V = torch.cat([wv, bv[:, None]], 1)
     W = K if init == "key" else V if init == "value" else (K + V) / 2
-    wq = src[proj(i, "q") + "weight"].to(torch.float64, copy=True)
-    bq = src.get(proj(i, "q") + "bias")
-    bq = None if bq is None else bq.to(torch.float64, copy=True)
-    wo = src[block(i) + "attn.o_proj.weight"].to(torch.float64, copy=True)
+    R = B = None
     if init == "fit":
         res = _fit_on(ctx, fit_shared, K.view(n_dst, D, -1), V.view(n_dst, D, -1), C, key_map=ctx["key_map"])
-        W = res["W"].reshape(n_dst * D, -1)
-        for h in range(cfg.n_heads):  # query head h reads KV head h // G
-            j, rows = h // G, slice(h * D, (h + 1) * D)
-            wq[rows] = res["R"][j].T @ wq[rows]
-            if bq is not None:
-                bq[rows] = res["R"][j].T @ bq[rows]
-            wo[:, rows] = wo[:, rows] @ res["B"][j]
+        W, R, B = res["W"].reshape(n_dst * D, -1), res["R"], res["B"]
         start, end = res["start"].tolist(), res["end"].tolist()
         info["heads"] = [
             {"mean_init_key_error": s[0], "mean_init_value_error": s[1], "key_error": e[0], "value_error": e[1]}
@@ -362,14 +345,38 @@ def _layer_tensors(i: int, src: dict[str, torch.Tensor], out: dict[str, torch.Te
         info["value_error"] = sum(e[1] for e in end) / n_dst
     elif C is not None:
         info["key_error"], info["value_error"] = role_errors(K, V, W, C)
+    _fold_maps(i, src, out, cfg, R, B, per=G)  # query head h reads KV head h // G
+    _write_projection(out, i, "kv", W, cfg.bias)
+    return info
+
+
+def _write_projection(out: dict[str, torch.Tensor], i: int, group: str, W: torch.Tensor, bias: bool) -> None:
+    """Store ``[W | b]`` (bias last) as layer ``i``'s ``group`` projection."""
+    out[proj(i, group) + "weight"] = W[:, :-1]
+    if bias:
+        out[proj(i, group) + "bias"] = W[:, -1]
+
+
+def _fold_maps(i, src, out, cfg: GPTConfig, R: torch.Tensor | None, B: torch.Tensor | None, *, per: int) -> None:
+    """Write layer ``i``'s query and output projections with per-KV-head maps folded in: query head
+    ``h`` takes ``R[h // per]^T`` into its ``q_proj`` rows (and bias) and ``B[h // per]`` into its
+    ``o_proj`` columns (``R``, ``B``: ``(N, D, D)``; None: the source's projections as they are)."""
+    D = cfg.head_dim
+    wq = src[proj(i, "q") + "weight"].to(torch.float64, copy=True)
+    bq = src.get(proj(i, "q") + "bias")
+    bq = None if bq is None else bq.to(torch.float64, copy=True)
+    wo = src[block(i) + "attn.o_proj.weight"].to(torch.float64, copy=True)
+    if R is not None:
+        for h in range(cfg.n_heads):
+            j, rows = h // per, slice(h * D, (h + 1) * D)
+            wq[rows] = R[j].T @ wq[rows]
+            if bq is not None:
+                bq[rows] = R[j].T @ bq[rows]
+            wo[:, rows] = wo[:, rows] @ B[j]
     out[proj(i, "q") + "weight"] = wq
     if bq is not None:
         out[proj(i, "q") + "bias"] = bq
     out[block(i) + "attn.o_proj.weight"] = wo
-    out[proj(i, "kv") + "weight"] = W[:, :-1]
-    if cfg.bias:
-        out[proj(i, "kv") + "bias"] = W[:, -1]
-    return info
 
 
 def _fit_on(ctx: dict[str, Any], fit, *args, **kw) -> dict[str, torch.Tensor]:
@@ -411,27 +418,11 @@ def _pool_fitted(i: int, src, out, ctx, C: torch.Tensor) -> dict[str, Any]:
         R, B = rk["maps"], rv["maps"]
         fits = {"k": rk, "v": rv}
         key_err, value_err, start_k, start_v = rk["end"], rv["end"], rk["start"], rv["start"]
-    wq = src[proj(i, "q") + "weight"].to(torch.float64, copy=True)
-    bq = src.get(proj(i, "q") + "bias")
-    bq = None if bq is None else bq.to(torch.float64, copy=True)
-    wo = src[block(i) + "attn.o_proj.weight"].to(torch.float64, copy=True)
+    # Query head h read source KV head h // per_src, now map (g, jj) of pooled head g: flat index.
     per_src = cfg.n_heads // cfg.n_kv_heads
-    for h in range(cfg.n_heads):  # query head h read source KV head j = h // per_src, in group j // m
-        g, jj = divmod(h // per_src, m)
-        rows = slice(h * D, (h + 1) * D)
-        wq[rows] = R[g, jj].T @ wq[rows]
-        if bq is not None:
-            bq[rows] = R[g, jj].T @ bq[rows]
-        wo[:, rows] = wo[:, rows] @ B[g, jj]
-    out[proj(i, "q") + "weight"] = wq
-    if bq is not None:
-        out[proj(i, "q") + "bias"] = bq
-    out[block(i) + "attn.o_proj.weight"] = wo
+    _fold_maps(i, src, out, cfg, R.reshape(-1, D, D), B.reshape(-1, D, D), per=per_src)
     for group, res in fits.items():
-        W = res["W"].reshape(n_dst * D, -1)
-        out[proj(i, group) + "weight"] = W[:, :-1]
-        if cfg.bias:
-            out[proj(i, group) + "bias"] = W[:, -1]
+        _write_projection(out, i, group, res["W"].reshape(n_dst * D, -1), cfg.bias)
     heads = [
         {
             "mean_init_key_error": float(start_k[g].mean()),

@@ -59,13 +59,14 @@ python3 scripts/convert_study.py "$SRC" --work "$WORK" --device "$DEVICE" --out 
 
 # fit alone beside fit+refit for Q-K=V (does the better start save uptraining tokens?), and the
 # pooled models at their best start (fitted pooling and the refit; averaged and not refitted they
-# start at perplexities above 10,000).
+# start at perplexities above 10,000). The source itself trains on the same tokens as their control
+# (--control): training on Gutenberg lowers its Gutenberg perplexity too.
 CONVERSIONS=${CONVERSIONS:-"Q-K=V:fit=$WORK/q-kv-fit Q-K=V:fit+refit=$WORK/q-kv-fit-refit \
 Q-MQA:fit+poolfit+refit=$WORK/q-mqa-fit-poolfit-refit MQA:poolfit+refit=$WORK/mqa-poolfit-refit"}
 if [ ! -f "$STUDY.yaml" ]; then
     python3 scripts/uptrain_study.py config --out "$STUDY.yaml" --tokens "$TOKENS" --study-dir "$STUDY" \
         --train-zip ../shared/data/gutenberg/gutenberg-train.zip --val-zip ../shared/data/gutenberg/gutenberg-val.zip \
-        $(for c in $CONVERSIONS; do echo --conversion "$c"; done) ${UPTRAIN_ARGS:-}
+        --control "$SRC" $(for c in $CONVERSIONS; do echo --conversion "$c"; done) ${UPTRAIN_ARGS:-}
 fi
 python3 -m qkvlab sweep "$STUDY.yaml" --time-limit "$TIME_LIMIT"
 python3 scripts/uptrain_study.py score "$STUDY" --into "$RESULTS" --device "$DEVICE" --resume

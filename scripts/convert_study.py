@@ -257,13 +257,21 @@ def study_row(
 
 def relative_to_source(rows: list[dict[str, Any]]) -> None:
     """Set each row's cache reduction and perplexity ratios against the source row (``to`` null,
-    not uptrained), in place."""
+    not uptrained), in place; and, where the source was uptrained on as many tokens (the control),
+    the ratio to that row too (``val_ppl_ratio_same_tokens``, ``dickens_ppl_ratio_same_tokens``)."""
     src = next(r for r in rows if r["to"] is None and r["uptrain_tokens"] == 0)
+    controls = {r["uptrain_tokens"]: r for r in rows if r["to"] is None}
     for row in rows:
         row["kv_cache_reduction"] = 1.0 - row["kv_cache_bytes_per_token"] / src["kv_cache_bytes_per_token"]
         row["val_ppl_ratio"] = row["val_ppl_all"] / src["val_ppl_all"]
         if "dickens_ppl" in row:
             row["dickens_ppl_ratio"] = row["dickens_ppl"] / src["dickens_ppl"]
+        control = controls.get(row["uptrain_tokens"])
+        if control is None:
+            continue
+        row["val_ppl_ratio_same_tokens"] = row["val_ppl_all"] / control["val_ppl_all"]
+        if "dickens_ppl" in row and "dickens_ppl" in control:
+            row["dickens_ppl_ratio_same_tokens"] = row["dickens_ppl"] / control["dickens_ppl"]
 
 
 REFIT, POOL_FIT = "refit", "poolfit"
@@ -356,10 +364,14 @@ def markdown_table(result: dict[str, Any]) -> str:
     """The rows as Markdown tables (what results/convert-smollm2/README.md shows): all val books
     and Dickens, then per val book (with a column of uptraining tokens when some row has them)."""
     rows = table_order(result["rows"])
+    # With an uptrained source (the control), each row is also set against the source trained on as many tokens.
+    control = any(r["to"] is None and r["uptrain_tokens"] for r in rows)
     lines = [
         "| model | init | KV heads | uptrain tokens | KV cache B/token (bf16) | cache vs source | val ppl "
-        "| Dickens ppl | val ppl / source's | key / value error (calib.) | greedy continuation | wall s |",
-        "|" + "---|" * 12,
+        "| Dickens ppl | val ppl / source's | "
+        + ("val ppl / source's at the same tokens | " if control else "")
+        + "key / value error (calib.) | greedy continuation | wall s |",
+        "|" + "---|" * (12 + control),
     ]
 
     def name(r: dict[str, Any]) -> str:
@@ -371,10 +383,13 @@ def markdown_table(result: dict[str, Any]) -> str:
         err = f"{err:.3f} / {conv['mean_value_error']:.3f}" if err is not None else ""
         cont = json.dumps(r["greedy_continuation"], ensure_ascii=False)[1:-1].replace("|", "\\|")
         dickens = _num(r["dickens_ppl"]) if "dickens_ppl" in r else ""
+        same = ""
+        if control:
+            same = f"{_num(r['val_ppl_ratio_same_tokens']) if 'val_ppl_ratio_same_tokens' in r else ''} | "
         lines.append(
             f"| {name(r)} | {r['kv_heads']} | {r['uptrain_tokens']:,} | {r['kv_cache_bytes_per_token']:,.0f} "
             f"| {-r.get('kv_cache_reduction', 0.0) or 0.0:.0%} | {_num(r['val_ppl_all'])} | {dickens} "
-            f"| {_num(r.get('val_ppl_ratio', 1.0))} | {err} | `{cont}` | {r['wall_s']:.0f} |"
+            f"| {_num(r.get('val_ppl_ratio', 1.0))} | {same}{err} | `{cont}` | {r['wall_s']:.0f} |"
         )
     books = list(rows[0]["val_ppl"]) if rows else []
     uptrained = any(r["uptrain_tokens"] for r in rows)

@@ -22,6 +22,11 @@ with ``--pool fit`` / ``--refit-output``, e.g. ``Q-MQA:fit+poolfit+refit=FOLDER`
 model from ``init_from`` anyway and refuse a model key that differs from the checkpoint's. The
 labels are written as comments in the YAML and into a sidecar ``<out stem>.conversions.json``;
 each folder's own ``interop.json`` (written by ``qkvlab convert``) must agree with its label.
+``--control FOLDER`` adds the unconverted source (the folder the conversions were made from) as
+one more block, trained with the same recipe on the same tokens: continued training on a new text
+lowers the source's perplexity on that text too, so a conversion is measured against the source
+uptrained on as many tokens (``val_ppl_ratio_same_tokens``), not only against the source as it
+came (``val_ppl_ratio``).
 
 ``score`` takes a study folder that ``qkvlab sweep`` filled: every run of ``results.jsonl`` with
 status ``ok`` and an ``init_from`` is scored by convert_study's own evaluation (the same val
@@ -63,6 +68,7 @@ from qkvlab.study.sweep import check_with_trainer, expand
 from qkvlab.train.config import load_yaml, parse_override, set_dotted
 
 SIDECAR_SCHEMA = "qkvlab-uptrain-conversions/1"
+CONTROL = "source"  # the label of the unconverted source's runs (their rows have ``to`` null)
 
 # The uptraining recipe for a small pretrained model (SmolLM2-135M). This is continued
 # pretraining, not training from scratch: a peak rate of 1e-4, well below the rates models of this
@@ -139,6 +145,33 @@ def check_label(label: str, to: str, init: str | None, folder: Path, meta: dict[
         raise SystemExit(f"{folder} is labelled {label}, but holds {meta.get('paper_name')} ({meta['variant']})")
 
 
+def control_entry(folder: Path) -> dict[str, Any]:
+    """``--control``: the unconverted source, uptrained beside the conversions as their control."""
+    for need in ("model.safetensors", "tokenizer"):
+        if not (folder / need).exists():
+            raise SystemExit(f"--control {folder}: {folder / need} is missing; give the folder qkvlab import wrote")
+    check_control(folder, read_interop(folder))
+    cfg = checkpoint_config(folder / "model.safetensors")
+    return {
+        "label": CONTROL,
+        "to": None,
+        "init": None,
+        "folder": str(folder),
+        "variant": cfg.variant.id,
+        "paper_name": cfg.variant.paper_name,
+        "source": str(folder),
+        "model": {k: v for k, v in cfg.to_dict().items() if k != "variant"},
+    }
+
+
+def check_control(folder: Path, meta: dict[str, Any] | None) -> None:
+    if meta is not None and meta.get("action") == "convert":
+        raise SystemExit(
+            f"--control {folder} holds a conversion (its interop.json says action 'convert'); the control is the "
+            f"source the conversions were made from ({meta.get('source') or 'its interop.json names it'})"
+        )
+
+
 def conversion_entry(spec: str) -> dict[str, Any]:
     """One ``--conversion`` of ``config``, checked against its folder."""
     label, to, init, folder = parse_labelled(spec)
@@ -210,14 +243,15 @@ def sweep_mapping(args: argparse.Namespace, conversions: list[dict[str, Any]]) -
 
 
 def write_config(args: argparse.Namespace) -> dict[str, Any]:
-    if not args.conversion:
-        raise SystemExit("config needs at least one --conversion TO:INIT=FOLDER")
+    if not args.conversion and args.control is None:
+        raise SystemExit("config needs at least one --conversion TO:INIT=FOLDER (or --control FOLDER)")
     try:
         args.tokens = [t.strip() for t in args.tokens.split(",") if t.strip()]
         budgets = [parse_tokens(t) for t in args.tokens]
     except ConfigError as e:
         raise SystemExit(f"--tokens: {e}") from None
-    conversions = [conversion_entry(s) for s in args.conversion]
+    conversions = [control_entry(args.control)] if args.control is not None else []
+    conversions += [conversion_entry(s) for s in args.conversion or []]
     folders = [str(Path(c["folder"]).resolve()) for c in conversions]
     if len(set(folders)) < len(folders) or len({(c["to"], c["init"]) for c in conversions}) < len(conversions):
         raise SystemExit("each --conversion needs its own folder and its own TO:INIT")
@@ -266,7 +300,7 @@ def label_map(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, tup
     """Resolved init folder -> (to, init, where the label came from); later sources win."""
     out: dict[str, tuple[str, str | None, str]] = {}
     for r in result["rows"]:
-        if r["to"] is not None and r["uptrain_tokens"] == 0 and r.get("checkpoint"):
+        if r["uptrain_tokens"] == 0 and r.get("checkpoint"):  # the source's row too: the control's init
             out[str(Path(r["checkpoint"]).resolve())] = (r["to"], r["init"], f"{args.into}'s no-training row")
     if args.labels is not None:
         side = json.loads(args.labels.read_text())
@@ -297,8 +331,11 @@ def finished_runs(args: argparse.Namespace, labels: dict[str, tuple[str, str | N
                 f"--conversion TO:INIT={init_from} (or --labels with config's sidecar)"
             )
         to, init, where = labels[key]
-        name = f"{to}:{init}" if init else to
-        check_label(f"{name} ({where})", to, init, Path(init_from), read_interop(Path(key)))
+        if to is None:
+            check_control(Path(init_from), read_interop(Path(key)))
+        else:
+            name = f"{to}:{init}" if init else to
+            check_label(f"{name} ({where})", to, init, Path(init_from), read_interop(Path(key)))
         run_dir = Path(row["out_dir"])
         run_dir = run_dir if run_dir.is_absolute() else args.study / run_dir
         if not (run_dir / "model.safetensors").is_file():
@@ -311,7 +348,7 @@ def finished_runs(args: argparse.Namespace, labels: dict[str, tuple[str, str | N
         key = (r["to"], r["init"], r["tokens"])
         if key in seen:
             raise SystemExit(
-                f"runs {seen[key]} and {r['row']['run_id']} both uptrained {r['to']} {r['init'] or ''} on "
+                f"runs {seen[key]} and {r['row']['run_id']} both uptrained {r['to'] or CONTROL} {r['init'] or ''} on "
                 f"{r['tokens']:,} tokens; a results file holds one row of each"
             )
         seen[key] = r["row"]["run_id"]
@@ -454,7 +491,7 @@ def score_runs(args: argparse.Namespace) -> dict[str, Any]:
     for run in runs:
         key = (run["to"], run["init"], run["tokens"])
         init = f" init {run['init']}" if run["init"] else ""
-        label = f"{run['to']}{init} + {run['tokens']:,} tokens"
+        label = f"{run['to'] or CONTROL}{init} + {run['tokens']:,} tokens"
         if args.resume and key in by_key:
             print(f"{label}: kept", flush=True)
             continue
@@ -495,6 +532,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     c = sub.add_parser("config", help="write the uptraining sweep YAML (and its labels sidecar)")
     c.add_argument("--conversion", action="append", metavar="TO:INIT=FOLDER",
                    help="a converted folder and its label (repeatable), e.g. Q-K=V:fit=/tmp/q-kv-fit")  # fmt: skip
+    c.add_argument("--control", type=Path, default=None, metavar="FOLDER",
+                   help="the unconverted source, trained with the same recipe: the conversions' control")  # fmt: skip
     c.add_argument("--tokens", default="5M,20M", help="token budgets, comma-separated (k / M / B suffixes)")
     c.add_argument("--out", type=Path, default=Path("studies/uptrain-smollm2.yaml"), help="the sweep YAML")
     c.add_argument("--name", default="uptrain-smollm2", help="the study's name")

@@ -139,35 +139,39 @@ def test_uptrain_study_end_to_end(scripts, data, tmp_path, monkeypatch, capsys, 
                         "--convert", "Q-K=V:fit", "--convert", "Q-MQA:mean", "--out", str(into)])  # fmt: skip
     no_training = {(r["to"], r["init"]): r for r in baseline["rows"]}
     conversions = {("Q-K=V", "fit"): work / "q-kv-fit", ("Q-MQA", "mean"): work / "q-mqa-mean"}
+    folders = {(None, None): source, **conversions}  # the source, uptrained too: the control
 
     # config: one block per conversion, each at both budgets, every point runnable.
     yaml_path = tmp_path / "uptrain.yaml"
     cfg_args = ["config", "--out", str(yaml_path), "--study-dir", str(study), "--tokens", ",".join(map(str, BUDGETS)),
                 "--train-zip", str(data / "train.zip"), "--val-zip", str(data / "val.zip"), "--lr", "1e-2",
                 "--warmup-steps", "2", "--seq-len", "16", "--batch-size", "8", "--no-compile", "--device", "cpu",
-                "--set", "log.progress=false", "--set", "eval_batches=2",
+                "--set", "log.progress=false", "--set", "eval_batches=2", "--control", str(source),
                 *(a for (to, i), f in conversions.items() for a in ("--conversion", f"{to}:{i}={f}"))]  # fmt: skip
     up.main(cfg_args)
     plans = expand(load_sweep(yaml_path))
-    grid = [(str(f), t) for f in conversions.values() for t in BUDGETS]
+    grid = [(str(f), t) for f in folders.values() for t in BUDGETS]
     assert [(p.config["init_from"], p.tokens) for p in plans] == grid
-    assert {p.variant for p in plans} == {"Q-GQA-2", "Q-MQA"} and all(p.status == "pending" for p in plans)
+    assert {p.variant for p in plans} == {"GQA-2", "Q-GQA-2", "Q-MQA"} and all(p.status == "pending" for p in plans)
     assert all(p.config["data"]["tokenizer"] == f"bpe:{p.config['init_from']}/tokenizer" for p in plans)
     text = yaml_path.read_text()
     assert f"#   Q-K=V:fit   {work / 'q-kv-fit'}" in text and "#   Q-MQA:mean" in text
+    assert f"#   source      {source}" in text
     sidecar = json.loads((tmp_path / "uptrain.conversions.json").read_text())
     assert [(c["to"], c["init"], c["folder"]) for c in sidecar["conversions"]] == [
-        (to, init, str(f)) for (to, init), f in conversions.items()
+        (to, init, str(f)) for (to, init), f in folders.items()
     ]
     labels = up.label_map(argparse.Namespace(into=into, labels=tmp_path / "uptrain.conversions.json", conversion=None),
                           {"rows": []})  # fmt: skip
-    assert {k: v[:2] for k, v in labels.items()} == {str(f.resolve()): key for key, f in conversions.items()}
+    assert {k: v[:2] for k, v in labels.items()} == {str(f.resolve()): key for key, f in folders.items()}
     with pytest.raises(SystemExit, match="records init 'fit', not 'mean'"):  # a label the folder contradicts
         up.main([*cfg_args[:-4], "--conversion", f"Q-K=V:mean={work / 'q-kv-fit'}"])
+    with pytest.raises(SystemExit, match="holds a conversion"):  # a control that is not the source
+        up.main([*cfg_args[:-6], "--control", str(work / "q-kv-fit")])
 
     # qkvlab's own sweep trains them.
     summary = run_sweep(yaml_path, verbose=False)
-    assert len(summary.ran) == 4 and not summary.failed, summary.failed
+    assert len(summary.ran) == 6 and not summary.failed, summary.failed
     runs = {r["run_id"]: r for r in ResultsStore(study).latest().values()}
 
     # score: one row per (conversion, budget), on the no-training rows' windows.
@@ -183,15 +187,16 @@ def test_uptrain_study_end_to_end(scripts, data, tmp_path, monkeypatch, capsys, 
     assert table.count("| Q-GQA-2 | fit |") == 6 and "| Q-GQA-2 | fit | 2 | 1,024 |" in table
     uptrained = [r for r in result["rows"] if r["uptrain_tokens"]]
     assert result["rows"][: len(baseline["rows"])] == json.loads(json.dumps(baseline["rows"]))
-    assert sorted((r["to"], r["init"], r["uptrain_tokens"]) for r in uptrained) == sorted(
-        (to, init, t) for to, init in conversions for t in BUDGETS
+    assert sorted((str(r["to"]), str(r["init"]), r["uptrain_tokens"]) for r in uptrained) == sorted(
+        (str(to), str(init), t) for to, init in folders for t in BUDGETS
     )
+    controls = {r["uptrain_tokens"]: r for r in uptrained if r["to"] is None}
     hashes = {k: s["tokens_sha256"] for k, s in result["eval"].items()}
     for row in uptrained:
         run = runs[row["uptrain"]["run_id"]]
         assert row["uptrain_tokens"] == run["tokens"] == run["steps"] * 8 * 16
         assert row["uptrain"]["batch_tokens"] == 128 and row["uptrain"]["lr"] == 1e-2
-        assert row["uptrain"]["init_from"] == str(conversions[row["to"], row["init"]])
+        assert row["uptrain"]["init_from"] == str(folders[row["to"], row["init"]])
         assert row["checkpoint"] == str(study / run["out_dir"]) and row["eval_tokens_sha256"] == hashes
         assert row["val_tokens"] == no_training[row["to"], row["init"]]["val_tokens"]
         base = no_training[row["to"], row["init"]]
@@ -199,7 +204,10 @@ def test_uptrain_study_end_to_end(scripts, data, tmp_path, monkeypatch, capsys, 
         # trained weights, not the init's: lower loss on the val books (the same prose as training)
         assert row["val_loss_all"] < base["val_loss_all"] - 0.5, (row["val_loss_all"], base["val_loss_all"])
         assert row["val_ppl_ratio"] == row["val_ppl_all"] / no_training[None, None]["val_ppl_all"]
+        control = controls[row["uptrain_tokens"]]  # the source trained on the same tokens
+        assert row["val_ppl_ratio_same_tokens"] == row["val_ppl_all"] / control["val_ppl_all"]
         assert result["rows"][0]["val_ppl_all"] == no_training[None, None]["val_ppl_all"]
+    assert "val ppl / source's at the same tokens" in table and "| GQA-2 (source) |  | 2 | 1,024 |" in table
     assert result["uptrain_runs"][0]["study"] == str(study)
 
     # --resume adds nothing; the no-training script keeps the uptrained rows on its own --resume.

@@ -21,7 +21,9 @@
 # Knobs (environment): TOKENS (uptraining budgets, default 5M,20M), CONVERSIONS (default Q-K=V fit
 # and fit+refit, Q-MQA fit+poolfit+refit and MQA poolfit+refit), TIME_LIMIT (seconds for the
 # uptraining sweep), DEVICE, UPTRAIN_ARGS (more options for uptrain_study.py config, e.g. "--batch-size 8 --grad-accum 2"),
-# SCORE_ARGS (e.g. "--windows-per-book 1" for a quick CPU check of the script).
+# SCORE_ARGS (e.g. "--windows-per-book 1" for a quick CPU check of the script), HARNESS_DATA,
+# HARNESS_LIMIT (items per task, default 500) and HARNESS_TIME (seconds, default 300) for the
+# zero-shot scoring at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/convert-out}
@@ -73,6 +75,7 @@ python3 scripts/uptrain_study.py score "$STUDY" --into "$RESULTS" --device "$DEV
 # small files only: the run folders' configs and logs, not their weights
 tar czf "$OUT/uptrain-runs.tar.gz" "$STUDY.yaml" "$STUDY.conversions.json" \
     $(find "$STUDY" -name config.yaml -o -name summary.json -o -name metrics.jsonl -o -name results.jsonl)
+todo=()
 left=$(python3 - "$STUDY.yaml" "$STUDY" <<'EOF'
 import sys
 from qkvlab.study import ResultsStore, expand, load_sweep
@@ -80,4 +83,28 @@ done = ResultsStore(sys.argv[2]).finished_ids()
 print(sum(p.run_id not in done for p in expand(load_sweep(sys.argv[1]))))
 EOF
 )
-if [ "$left" = 0 ]; then echo "done: every uptraining run scored into $RESULTS"; else echo "$left uptraining runs left: call again"; fi
+if [ "$left" = 0 ]; then echo "uptraining done: every run scored into $RESULTS"; else echo "$left uptraining runs left: call again"; fi
+# Zero-shot accuracy (lm-eval) of the source, the conversions the uptraining starts from and the
+# uptrained runs, here, where their checkpoints are, once every run has trained: with HARNESS_DATA
+# (the task files, e.g. .data/tasks unpacked from .data/harness-data.tar.xz) and lm-eval installed
+# (its wheels: scripts/device_wheels.sh). A folder with a harness.json is done, so a call cut off
+# by HARNESS_TIME is continued by the next; only the harness.json files come back.
+unscored() {
+    todo=()
+    for d in "$SRC" $(for c in $CONVERSIONS; do echo "${c##*=}"; done) \
+        $(find "$STUDY/runs" -mindepth 2 -maxdepth 2 -name model.safetensors -printf '%h\n' 2>/dev/null | sort); do
+        [ -f "$d/harness.json" ] || todo+=("$d")
+    done
+}
+if [ "$left" = 0 ] && [ -n "${HARNESS_DATA:-}" ]; then
+    unscored
+    if [ ${#todo[@]} -gt 0 ]; then
+        timeout -s TERM "${HARNESS_TIME:-300}" python3 -m qkvlab eval harness "${todo[@]}" --tasks all \
+            --limit "${HARNESS_LIMIT:-500}" --data-root "$HARNESS_DATA" --batch-size 32 \
+            || echo "harness: stopped before every model was scored; call again"
+        unscored
+    fi
+    find "$SRC" "$WORK" "$STUDY" -name harness.json -print0 | tar czf "$OUT/harness.tar.gz" --null -T -
+    echo "harness: ${#todo[@]} model(s) left to score"
+fi
+if [ "$left" = 0 ] && [ ${#todo[@]} = 0 ]; then echo "done"; fi

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -61,6 +62,7 @@ from qkvlab.data.corpus import load_corpus
 from qkvlab.errors import ConfigError
 from qkvlab.interop.convert import INITS, convert_checkpoint
 from qkvlab.provenance import code_version, now
+from qkvlab.study.downstream import PAPER_TASKS, TASK_LABEL, run_summary
 from qkvlab.tasks.lm import evaluate_lm
 from qkvlab.train.context import RunContext
 
@@ -405,6 +407,62 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def harness_results(root: Path) -> dict[str, list[dict[str, Any]]]:
+    """The ``harness.json`` files under ``root`` (``qkvlab eval harness`` wrote one into each model
+    folder on the machine that held the checkpoints), by the name of the folder they scored."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(root.rglob("harness.json")):
+        doc = json.loads(path.read_text())
+        if doc.get("format") != "qkvlab-harness/1":
+            raise SystemExit(f"{path}: not a harness.json of qkvlab eval harness")
+        for r in doc["rows"]:
+            checkpoint = Path(r["checkpoint"])
+            folder = checkpoint.parent if checkpoint.suffix == ".safetensors" else checkpoint
+            out.setdefault(folder.name, []).append(r)
+    return out
+
+
+def harness_table(result: dict[str, Any], root: Path) -> str:
+    """Zero-shot accuracy of each row's model (lm-eval's ``acc``, in points, ± its standard error),
+    the five tasks' mean, its change against the source trained on as many tokens (the control;
+    else the source as it came) and LAMBADA; a row whose folder has no harness.json is left out."""
+    scored = harness_results(root)
+    summaries: dict[int, dict[str, Any]] = {}
+    for i, r in enumerate(result["rows"]):
+        rows = scored.get(Path(r["checkpoint"]).name) if r.get("checkpoint") else None
+        if rows:
+            summaries[i] = {**run_summary({(x["task"], x["metric"]): x for x in rows}), "n": rows[0].get("n")}
+    order = [r for r in table_order(result["rows"]) if result["rows"].index(r) in summaries]
+    controls = {r["uptrain_tokens"]: summaries[result["rows"].index(r)] for r in order if r["to"] is None}
+
+    def pts(x: float | None, se: float | None = None, signed: bool = False) -> str:
+        if x is None:
+            return "-"
+        return (f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}") + (f" ± {100 * se:.1f}" if se is not None else "")
+
+    lines = [
+        "| model | init | uptrain tokens | "
+        + " | ".join(TASK_LABEL[t] for t in PAPER_TASKS)
+        + " | Avg | Δ Avg vs source | LAMBADA acc | LAMBADA ppl | items a task |",
+        "|" + "---|" * (len(PAPER_TASKS) + 8),
+    ]
+    for r in order:
+        s = summaries[result["rows"].index(r)]
+        base = controls.get(r["uptrain_tokens"], controls.get(0))
+        delta = ""
+        if r["to"] is not None and base is not None and s["avg"] is not None and base["avg"] is not None:
+            errs = (s["avg_stderr"], base["avg_stderr"])  # combined as if independent: different models
+            delta = pts(s["avg"] - base["avg"], None if None in errs else math.hypot(*errs), signed=True)
+        accs = " | ".join(pts(s["acc"][t], s["acc_stderr"][t]) for t in PAPER_TASKS)
+        ppl = "-" if s["lambada_ppl"] is None else f"{s['lambada_ppl']:.1f}"
+        lines.append(
+            f"| {r['target']}{' (source)' if r['to'] is None else ''} | {r['init'] or ''} | {r['uptrain_tokens']:,} "
+            f"| {accs} | {pts(s['avg'], s['avg_stderr'])} | {delta} | {pts(s['lambada_acc'], s['lambada_acc_stderr'])} "
+            f"| {ppl} | {s['n'] or ''} |"
+        )
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- main
 def hardware(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
@@ -472,10 +530,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--resume", action="store_true", help="keep rows of --out made with the same settings")
     p.add_argument("--out", type=Path, default=None, help="the results JSON (required unless RUN is one)")
+    p.add_argument("--harness", type=Path, default=None, help="with a results JSON: its models' harness.json folder")
     args = p.parse_args(argv)
     if args.run.suffix == ".json":
         result = json.loads(args.run.read_text())
         print(markdown_table(result))
+        if args.harness is not None:
+            print("\n" + harness_table(result, args.harness))
         return result
     if args.out is None:
         p.error("--out is required")

@@ -213,3 +213,46 @@ def test_a_source_with_equal_key_and_value_weights_converts_without_loss(study, 
         assert row["val_ppl_all"] == pytest.approx(source["val_ppl_all"], rel=1e-5)
         assert row["dickens_ppl"] == pytest.approx(source["dickens_ppl"], rel=1e-5)
         assert row["greedy_continuation"] == source["greedy_continuation"]
+
+
+def test_harness_table_matches_folders_and_sets_each_row_against_its_control(study, tmp_path):
+    """Accuracies found by the folder each harness.json scored; the change against the source
+    trained on as many tokens where there is one, else against the source as it came."""
+
+    def row(to, init, tokens, checkpoint):
+        return {"to": to, "init": init, "uptrain_tokens": tokens, "checkpoint": checkpoint, "target": to or "GQA-3"}
+
+    result = {
+        "rows": [
+            row(None, None, 0, "/tmp/smol-import"),
+            row("Q-K=V", "fit", 0, "/tmp/convert/q-kv-fit"),
+            row("Q-K=V", "fit", 1000, "studies/up/runs/q_kv-fit-t1e3"),
+            row(None, None, 1000, "studies/up/runs/src-t1e3"),
+            row("MQA", None, 0, "/tmp/convert/mqa"),  # never scored: left out
+        ]
+    }
+    accs = {"smol-import": 0.50, "q-kv-fit": 0.30, "q_kv-fit-t1e3": 0.45, "src-t1e3": 0.60}
+    for i, (folder, acc) in enumerate(accs.items()):
+        where = tmp_path / f"m{i}" / folder  # wherever the tarball put them: only the folder's name counts
+        where.mkdir(parents=True)
+        rows = [{"task": t, "metric": "acc", "value": acc, "stderr": 0.01, "n": 100,
+                 "checkpoint": f"/elsewhere/{folder}/model.safetensors"} for t in study.PAPER_TASKS]  # fmt: skip
+        rows += [{"task": "lambada_openai", "metric": "perplexity", "value": 12.5, "stderr": 1.0, "n": 100,
+                  "checkpoint": f"/elsewhere/{folder}/model.safetensors"}]  # fmt: skip
+        (where / "harness.json").write_text(json.dumps({"format": "qkvlab-harness/1", "rows": rows}))
+    lines = study.harness_table(result, tmp_path).splitlines()
+    body = {tuple(c.strip() for c in line.split("|")[1:4]): line for line in lines[2:]}
+    assert list(body) == [
+        ("GQA-3 (source)", "", "0"),
+        ("GQA-3 (source)", "", "1,000"),
+        ("Q-K=V", "fit", "0"),
+        ("Q-K=V", "fit", "1,000"),
+    ]
+    se = f"{100 * 2**0.5 * (5 * 0.01**2) ** 0.5 / 5:.1f}"  # two averages of five, each of stderr 1 point
+    assert f"| -20.0 ± {se} |" in body["Q-K=V", "fit", "0"]  # against the source as it came
+    assert f"| -15.0 ± {se} |" in body["Q-K=V", "fit", "1,000"]  # against the source trained on 1,000 tokens
+    assert "| 45.0 ± 1.0 |" in body["Q-K=V", "fit", "1,000"] and "| 12.5 | 100 |" in body["Q-K=V", "fit", "1,000"]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "harness.json").write_text(json.dumps({"format": "other", "rows": []}))
+    with pytest.raises(SystemExit, match="not a harness.json"):
+        study.harness_table(result, tmp_path)

@@ -254,5 +254,5 @@ def test_harness_table_matches_folders_and_sets_each_row_against_its_control(stu
     assert "| 45.0 ± 1.0 |" in body["Q-K=V", "fit", "1,000"] and "| 12.5 | 100 |" in body["Q-K=V", "fit", "1,000"]
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "harness.json").write_text(json.dumps({"format": "other", "rows": []}))
-    with pytest.raises(SystemExit, match="not a harness.json"):
+    with pytest.raises(SystemExit, match=r"not a harness\.json"):
         study.harness_table(result, tmp_path)

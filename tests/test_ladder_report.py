@@ -271,6 +271,21 @@ def test_trend_ranking_and_verdict_rules():
     assert ladder.rank_change({"q_k_v": 3.0, "q_kv": 3.1}, {"q_k_v": 3.0, "q_kv": 3.1}) is None
 
 
+def test_budget_change_by_hand():
+    small = {"s1": 1.0, "s2": 0.5, "s3": 2.0, "s4": 0.0}
+    large = {"s1": 2.0, "s2": 1.5, "s3": 2.5, "s4": 0.0, "s5": 9.0}  # s5: one budget only
+    bc = ladder.budget_change(small, large, ["s5", "s4", "s1", "s2", "s3"])
+    assert bc.sizes == ("s4", "s1", "s2", "s3") and bc.diffs == (0.0, 1.0, 1.0, 0.5)
+    d = np.array(bc.diffs)
+    half = stats.t.ppf(0.975, 3) * d.std(ddof=1) / 2
+    assert bc.mean == pytest.approx(0.625) and (bc.ci_low, bc.ci_high) == pytest.approx((0.625 - half, 0.625 + half))
+    # the size with no difference is left out of the sign test: 3 up of 3, two-sided p = 2 / 2**3
+    assert (bc.n_up, bc.n_down) == (3, 0) and bc.sign_p == pytest.approx(0.25)
+    assert ladder.budget_change({"s1": 1.0}, {"s1": 2.0}, ["s1"]) is None
+    same = ladder.budget_change({"a": 1.0, "b": 2.0}, {"a": 1.0, "b": 2.0}, ["a", "b"])
+    assert same.mean == 0.0 and same.ci_low is None and same.sign_p is None
+
+
 # ================================================================== the written report
 def test_expected_cells_follow_the_sweep_blocks():
     rows = [row("QKV", "gpt2-3m", 3e6, 9_850_000, 0, 3.0), row("GQA-4", "gpt2-10m", 1e7, 9_850_000, 0, 3.0)]
@@ -372,6 +387,13 @@ def test_write_ladder_report_full_grid(tmp_path: Path):
 
     ranks = [r for r in summary["rankings"] if r["recipe"] == "gpt2"]
     assert len(ranks) == 5 and all(r["rho"] == pytest.approx(1.0) and not r["changed"] for r in ranks)
+    budgets = {(b["recipe"], b["variant"]): b for b in summary["change_with_budget"]}
+    qkv_eq = budgets["gpt2", "Q-K=V"]  # built in: the same relative change at both budgets, plus noise
+    assert qkv_eq["sizes"] == ["gpt2-1m", "gpt2-3m", "gpt2-10m", "gpt2-30m", "gpt2-85m"]
+    assert abs(qkv_eq["mean"]) < 0.05 and qkv_eq["ci_low"] < 0 < qkv_eq["ci_high"]
+    assert qkv_eq["budget_small"] == 1_000_000 and qkv_eq["budget_large"] == 4_000_000
+    assert ("llama", "Q-K=V") not in budgets and ("gpt2", "QKV") not in budgets  # llama: one budget
+    assert "## 4a. Change vs QKV against the token budget" in text and "### gpt2: 1e6 tokens → 4e6 tokens" in text
 
     missing = summary["not_yet_run"]
     assert {"recipe": "gpt2", "budget": 1_000_000, "model": "gpt2-1m", "not_yet_run": ["MQA (failed)"],

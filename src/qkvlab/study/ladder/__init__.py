@@ -39,6 +39,10 @@ budget):
   QKV at each size, with the slope's 95% t-interval (3+ sizes).
 * Ranking across budgets at fixed size: ``scipy.stats.spearmanr`` over the variants both
   budgets have (3+ variants).
+* Change vs QKV against the budget (:func:`budget_change`): per size, the change at the largest
+  budget minus the change at the smallest; over the sizes run at both, the mean with a t-interval
+  (sizes as replicates) and a two-sided sign test (``scipy.stats.binomtest``; sizes with no
+  difference left out). The variants share QKV's runs, so their rows are not independent.
 * Training stability (:func:`instability`): a run whose mean gradient norm over the second half
   of its logged steps exceeds ``UNSTABLE_FACTOR`` times the larger of its clipping threshold and
   its own first-half median (or is not finite) is listed in the report, with its final loss.
@@ -97,11 +101,13 @@ from qkvlab.study.ladder.stats import (
     CONFIDENCE,
     N_DRAWS,
     N_SCALE,
+    BudgetChange,
     GroupFit,
     PairedTest,
     PowerLawFit,
     Prediction,
     Trend,
+    budget_change,
     change_trend,
     fit_group,
     fit_log_power_law,
@@ -121,6 +127,7 @@ __all__ = [
     "N_SCALE",
     "TARGET_PRESET",
     "UNSTABLE_FACTOR",
+    "BudgetChange",
     "Cell",
     "CurveChange",
     "GroupFit",
@@ -132,6 +139,7 @@ __all__ = [
     "Prediction",
     "Trend",
     "analyse",
+    "budget_change",
     "build_cells",
     "change_trend",
     "choose_lrs",

@@ -18,11 +18,13 @@ from typing import Any
 
 from qkvlab.errors import ConfigError
 from qkvlab.study.ladder.stats import (
+    BudgetChange,
     GroupFit,
     PairedTest,
     PowerLawFit,
     Prediction,
     Trend,
+    budget_change,
     change_trend,
     fit_group,
     paired_test,
@@ -279,6 +281,8 @@ class LadderAnalysis:
     target_notes: dict[str, str] = field(default_factory=dict)
     trends: dict[tuple[str, int | None, str], Trend | None] = field(default_factory=dict)
     rankings: list[dict[str, Any]] = field(default_factory=list)
+    # (recipe, smaller budget, larger budget, variant) -> its change vs QKV moved between them
+    budget_changes: dict[tuple[str, int | None, int | None, str], BudgetChange | None] = field(default_factory=dict)
     verdicts: dict[tuple[str, int | None, str], str] = field(default_factory=dict)
 
     def cell(self, recipe: str, budget: int | None, model: str, vid: str) -> Cell | None:
@@ -377,6 +381,17 @@ def analyse(rows: Sequence[dict[str, Any]]) -> LadderAnalysis:
                 a.rankings.append(
                     {"recipe": recipe, "model": model, "budget_a": b1, "budget_b": b2, **(res or {"variants": []})}
                 )
+        # Does the change vs QKV grow or shrink with more tokens? The smallest and largest budgets,
+        # over every size run at both (sizes are the replicates here).
+        if len(budgets) >= 2:
+            lo, hi = budgets[0], budgets[-1]
+            for vid in variants[(recipe, lo)]:
+                if is_qkv(vid) or vid not in variants[(recipe, hi)]:
+                    continue
+                per = [
+                    {m: 100 * ch for m in models if (ch := a.change((recipe, b, m, vid))) is not None} for b in (lo, hi)
+                ]
+                a.budget_changes[(recipe, lo, hi, vid)] = budget_change(per[0], per[1], models)
 
     paper = PAPER_TABLES["table4"].values
     for g in groups:

@@ -15,6 +15,7 @@ from qkvlab.study.grid import planned_ids
 from qkvlab.study.ladder.analysis import TARGET_PRESET, analyse
 from qkvlab.study.ladder.plots import FIG_PREFIX
 from qkvlab.study.ladder.sections import (
+    budget_section,
     coverage_section,
     curves_section,
     fits_section,
@@ -70,11 +71,13 @@ def write_ladder_report(study_dir: str | Path, out_dir: str | Path | None = None
     test_lines, test_records = tests_section(a, out, plots, figures)
     fit_lines, fit_records = fits_section(a, out, plots, figures)
     token_lines, rank_records = tokens_section(a, out, plots, figures)
+    budget_lines, budget_records = budget_section(a)
     curve_lines, curve_records = curves_section(a, study, out, plots, figures)
     stability_lines, stability_records = stability_section(a, study)
     verdict_lines, verdict_records = verdict_section(a, stability_records)
     cover_lines, cover_records = coverage_section(a, study, all_rows)
-    lines += lr_lines + table_lines + test_lines + fit_lines + token_lines + curve_lines + stability_lines
+    lines += lr_lines + table_lines + test_lines + fit_lines + token_lines + budget_lines + curve_lines
+    lines += stability_lines
     listed = ", ".join(f"`{f}`" for f in figures) if figures else "none (plots off, or too few points)"
     lines += ["## 5. Figures", "", f"Shown with their sections above: {listed}.", "", *verdict_lines, *cover_lines]
     downstream_lines, downstream_records = downstream_section(downstream)
@@ -92,6 +95,7 @@ def write_ladder_report(study_dir: str | Path, out_dir: str | Path | None = None
             if t is not None
         ],
         "rankings": rank_records,
+        "change_with_budget": budget_records,
         "changes_during_training": curve_records,
         "unstable_runs": stability_records,
         "verdicts": verdict_records,

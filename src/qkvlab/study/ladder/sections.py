@@ -533,6 +533,70 @@ def tokens_section(a: LadderAnalysis, out: Path, plots: bool, figures: list[str]
     return lines, records
 
 
+def budget_section(a: LadderAnalysis) -> tuple[list[str], list[dict]]:
+    """Does each variant's change vs QKV grow or shrink from the smallest token budget to the largest?"""
+    if not a.budget_changes:
+        return [], []
+    most = max((len(bc.sizes) for bc in a.budget_changes.values() if bc is not None), default=0)
+    lines = [
+        "## 4a. Change vs QKV against the token budget",
+        "",
+        "Per size, the variant's change vs QKV (% of QKV's loss, mean over seeds) at the smallest and the largest "
+        "budget, and the difference (larger budget minus smaller, percentage points); over the sizes run at both, "
+        f"the mean difference with its {CONFIDENCE:.0%} t-interval (sizes as the replicates) and a two-sided sign "
+        "test of the differences (as many sizes up as down under the null). With n sizes a sign test's p cannot "
+        f"go below 2^(1-n) ({2.0 ** (1 - most):.3g} for the {most} sizes here, all moving one way), so with few "
+        "sizes it can say which way the data lean, not settle it.",
+        "",
+    ]
+    records = []
+    for recipe in sorted({k[0] for k in a.budget_changes}):
+        keys = [k for k in a.budget_changes if k[0] == recipe]
+        lo, hi = keys[0][1], keys[0][2]
+        models = sorted({m for k in keys if (bc := a.budget_changes[k]) for m in bc.sizes},
+                        key=lambda m: a.size_n.get((recipe, m)) or 0)  # fmt: skip
+        body = []
+        for key in sorted(keys, key=lambda k: variant_order(k[3])):
+            bc = a.budget_changes[key]
+            if bc is None:
+                body.append([variant_label(key[3]), *["-"] * len(models), "fewer than 2 sizes at both budgets", "", ""])
+                continue
+            per = dict(zip(bc.sizes, zip(bc.small, bc.large, strict=True), strict=True))
+            cells = [f"{per[m][0]:+.2f} → {per[m][1]:+.2f} ({per[m][1] - per[m][0]:+.2f})" if m in per else "-"
+                     for m in models]  # fmt: skip
+            ci = "" if bc.ci_low is None else f" [{bc.ci_low:+.2f}, {bc.ci_high:+.2f}]"
+            body.append(
+                [variant_label(key[3]), *cells, f"{bc.mean:+.2f}{ci}", f"{bc.n_up} / {bc.n_down}", _p(bc.sign_p)]
+            )
+            records.append(
+                {
+                    "recipe": recipe,
+                    "budget_small": lo,
+                    "budget_large": hi,
+                    "variant": variant_label(key[3]),
+                    "variant_id": key[3],
+                    **asdict(bc),
+                    "diffs": list(bc.diffs),
+                }
+            )
+        lines += [
+            f"### {recipe}: {budget_label(lo)} → {budget_label(hi)}",
+            "",
+            *markdown_table(
+                [
+                    "Variant",
+                    *[size_label(a, recipe, m) for m in models],
+                    "Mean difference (pts) [CI]",
+                    "Sizes up / down",
+                    "Sign test p",
+                ],
+                body,
+            ),
+            "",
+        ]
+    return lines, records
+
+
 def curves_section(
     a: LadderAnalysis, study: Path, out: Path, plots: bool, figures: list[str]
 ) -> tuple[list[str], list[dict]]:

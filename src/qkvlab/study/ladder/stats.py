@@ -434,3 +434,45 @@ def rank_change(losses_a: dict[str, float], losses_b: dict[str, float]) -> dict[
         "order_b": order_b,
         "changed": order_a != order_b,
     }
+
+
+# ================================================================== change with the budget
+@dataclass(frozen=True)
+class BudgetChange:
+    """How a variant's change vs QKV moves from a smaller token budget to a larger one, over the
+    sizes run at both: per size the difference (percentage points of loss, larger budget minus
+    smaller), their mean with a t-interval over sizes, and a two-sided sign test of "up as often
+    as down" (sizes with no difference left out)."""
+
+    sizes: tuple[str, ...]
+    small: tuple[float, ...]
+    large: tuple[float, ...]
+    mean: float
+    ci_low: float | None
+    ci_high: float | None
+    n_up: int
+    n_down: int
+    sign_p: float | None
+
+    @property
+    def diffs(self) -> tuple[float, ...]:
+        return tuple(b - a for a, b in zip(self.small, self.large, strict=True))
+
+
+def budget_change(small: dict[str, float], large: dict[str, float], order: Sequence[str]) -> BudgetChange | None:
+    """``small`` / ``large``: size -> change vs QKV (% of loss) at each budget; ``order``: the
+    sizes smallest first. None for fewer than 2 sizes at both budgets."""
+    sizes = tuple(m for m in order if m in small and m in large)
+    if len(sizes) < 2:
+        return None
+    stats, _ = _scipy()
+    a = tuple(float(small[m]) for m in sizes)
+    b = tuple(float(large[m]) for m in sizes)
+    d = np.array(b) - np.array(a)
+    mean = float(d.mean())
+    se = float(d.std(ddof=1)) / math.sqrt(len(d))
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(d) - 1)) * se if se > 0 else None
+    up, down = int((d > 0).sum()), int((d < 0).sum())
+    sign_p = float(stats.binomtest(up, up + down, 0.5).pvalue) if up + down else None
+    low, high = (None, None) if half is None else (mean - half, mean + half)
+    return BudgetChange(sizes, a, b, mean, low, high, up, down, sign_p)

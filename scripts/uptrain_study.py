@@ -151,15 +151,20 @@ def control_entry(folder: Path) -> dict[str, Any]:
         if not (folder / need).exists():
             raise SystemExit(f"--control {folder}: {folder / need} is missing; give the folder qkvlab import wrote")
     check_control(folder, read_interop(folder))
+    return block_entry(CONTROL, None, None, folder, source=str(folder))
+
+
+def block_entry(label: str, to: str | None, init: str | None, folder: Path, source: str | None) -> dict[str, Any]:
+    """A block of the sweep: its label, conversion, folder and the checkpoint's model config."""
     cfg = checkpoint_config(folder / "model.safetensors")
     return {
-        "label": CONTROL,
-        "to": None,
-        "init": None,
+        "label": label,
+        "to": to,
+        "init": init,
         "folder": str(folder),
         "variant": cfg.variant.id,
         "paper_name": cfg.variant.paper_name,
-        "source": str(folder),
+        "source": source,
         "model": {k: v for k, v in cfg.to_dict().items() if k != "variant"},
     }
 
@@ -180,17 +185,7 @@ def conversion_entry(spec: str) -> dict[str, Any]:
             raise SystemExit(f"--conversion {spec}: {folder / need} is missing; give a folder qkvlab convert wrote")
     meta = read_interop(folder)
     check_label(label, to, init, folder, meta)
-    cfg = checkpoint_config(folder / "model.safetensors")
-    return {
-        "label": label,
-        "to": to,
-        "init": init,
-        "folder": str(folder),
-        "variant": cfg.variant.id,
-        "paper_name": cfg.variant.paper_name,
-        "source": meta.get("source"),
-        "model": {k: v for k, v in cfg.to_dict().items() if k != "variant"},
-    }
+    return block_entry(label, to, init, folder, source=meta.get("source"))
 
 
 # --------------------------------------------------------------------------- config

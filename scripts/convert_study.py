@@ -62,7 +62,7 @@ from qkvlab.data.corpus import load_corpus
 from qkvlab.errors import ConfigError
 from qkvlab.interop.convert import INITS, convert_checkpoint
 from qkvlab.provenance import code_version, now
-from qkvlab.study.downstream import PAPER_TASKS, TASK_LABEL, run_summary
+from qkvlab.study.downstream import PAPER_TASKS, TASK_LABEL, points, run_summary
 from qkvlab.tasks.lm import evaluate_lm
 from qkvlab.train.context import RunContext
 
@@ -427,18 +427,12 @@ def harness_table(result: dict[str, Any], root: Path) -> str:
     the five tasks' mean, its change against the source trained on as many tokens (the control;
     else the source as it came) and LAMBADA; a row whose folder has no harness.json is left out."""
     scored = harness_results(root)
-    summaries: dict[int, dict[str, Any]] = {}
-    for i, r in enumerate(result["rows"]):
+    order = []  # (row, its summary) for the rows whose folder was scored, in table order
+    for r in table_order(result["rows"]):
         rows = scored.get(Path(r["checkpoint"]).name) if r.get("checkpoint") else None
         if rows:
-            summaries[i] = {**run_summary({(x["task"], x["metric"]): x for x in rows}), "n": rows[0].get("n")}
-    order = [r for r in table_order(result["rows"]) if result["rows"].index(r) in summaries]
-    controls = {r["uptrain_tokens"]: summaries[result["rows"].index(r)] for r in order if r["to"] is None}
-
-    def pts(x: float | None, se: float | None = None, signed: bool = False) -> str:
-        if x is None:
-            return "-"
-        return (f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}") + (f" ± {100 * se:.1f}" if se is not None else "")
+            order.append((r, {**run_summary({(x["task"], x["metric"]): x for x in rows}), "n": rows[0].get("n")}))
+    controls = {r["uptrain_tokens"]: s for r, s in order if r["to"] is None}
 
     lines = [
         "| model | init | uptrain tokens | "
@@ -446,19 +440,18 @@ def harness_table(result: dict[str, Any], root: Path) -> str:
         + " | Avg | Δ Avg vs source | LAMBADA acc | LAMBADA ppl | items a task |",
         "|" + "---|" * (len(PAPER_TASKS) + 8),
     ]
-    for r in order:
-        s = summaries[result["rows"].index(r)]
+    for r, s in order:
         base = controls.get(r["uptrain_tokens"], controls.get(0))
         delta = ""
         if r["to"] is not None and base is not None and s["avg"] is not None and base["avg"] is not None:
             errs = (s["avg_stderr"], base["avg_stderr"])  # combined as if independent: different models
-            delta = pts(s["avg"] - base["avg"], None if None in errs else math.hypot(*errs), signed=True)
-        accs = " | ".join(pts(s["acc"][t], s["acc_stderr"][t]) for t in PAPER_TASKS)
+            delta = points(s["avg"] - base["avg"], None if None in errs else math.hypot(*errs), signed=True)
+        accs = " | ".join(points(s["acc"][t], s["acc_stderr"][t]) for t in PAPER_TASKS)
         ppl = "-" if s["lambada_ppl"] is None else f"{s['lambada_ppl']:.1f}"
+        lambada = points(s["lambada_acc"], s["lambada_acc_stderr"])
         lines.append(
             f"| {r['target']}{' (source)' if r['to'] is None else ''} | {r['init'] or ''} | {r['uptrain_tokens']:,} "
-            f"| {accs} | {pts(s['avg'], s['avg_stderr'])} | {delta} | {pts(s['lambada_acc'], s['lambada_acc_stderr'])} "
-            f"| {ppl} | {s['n'] or ''} |"
+            f"| {accs} | {points(s['avg'], s['avg_stderr'])} | {delta} | {lambada} | {ppl} | {s['n'] or ''} |"
         )
     return "\n".join(lines)
 

@@ -65,7 +65,8 @@ def average(values: Sequence[tuple[float | None, float | None]]) -> tuple[float 
     return mean, math.sqrt(sum(s * s for _, s in values)) / len(values)
 
 
-def _pts(x: float | None, se: float | None = None, *, signed: bool = False) -> str:
+def points(x: float | None, se: float | None = None, *, signed: bool = False) -> str:
+    """An accuracy (a fraction) in points, one decimal, with its standard error when given."""
     if x is None:
         return "-"
     text = f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
@@ -179,10 +180,10 @@ def downstream_section(
                 key[1],
                 str(key[2] if key[2] is not None else "-"),
                 str(s["seed"] if s["seed"] is not None else "-"),
-                *(_pts(s["acc"][t], s["acc_stderr"][t]) for t in PAPER_TASKS),
-                _pts(s["avg"], s["avg_stderr"]),
-                _pts(delta, delta_se, signed=True) if delta is not None else "",
-                _pts(s["lambada_acc"], s["lambada_acc_stderr"]),
+                *(points(s["acc"][t], s["acc_stderr"][t]) for t in PAPER_TASKS),
+                points(s["avg"], s["avg_stderr"]),
+                points(delta, delta_se, signed=True) if delta is not None else "",
+                points(s["lambada_acc"], s["lambada_acc_stderr"]),
                 "-" if ppl is None else f"{ppl:.4g}",
             ]
             table_rows.append(cells)

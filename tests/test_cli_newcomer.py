@@ -250,3 +250,20 @@ def test_anomaly_backbone_reports_progress_and_computes_the_same(tmp_path, capsy
 
     compute_features(settings, torch.device("cpu"), ds, progress=True)
     assert "from the cache" in capsys.readouterr().out
+
+
+def test_ctrl_c_during_training_asks_for_a_stop_and_a_second_one_interrupts():
+    """The first SIGINT only sets the trainer's stop request (a flag the loop reads: it cannot be
+    swallowed by a finaliser the way a KeyboardInterrupt can); the second interrupts at once; after
+    the block the handler and the flag are as they were."""
+    from qkvlab.cli import _ctrl_c_stops_the_run
+    from qkvlab.train import trainer
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), _ctrl_c_stops_the_run():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert trainer._stop.is_set()
+        os.kill(os.getpid(), signal.SIGINT)
+        pytest.fail("a second Ctrl-C must interrupt")
+    assert not trainer._stop.is_set()
+    assert signal.getsignal(signal.SIGINT) is before

@@ -14,12 +14,15 @@ Help text is plain text, no reST or Markdown: typer prints it as written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shlex
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -405,14 +408,42 @@ def train(
 
     An out_dir that already holds a run is refused unless --resume (the same run) or --force.
     """
-    from qkvlab.train import load_config
+    from qkvlab.train import RunStopped, load_config
     from qkvlab.train import train as run_training
 
     cfg = load_config(config, overrides or [])
     try:
-        run_training(cfg, resume=resume, force=force)
-    except KeyboardInterrupt:
+        with _ctrl_c_stops_the_run():
+            run_training(cfg, resume=resume, force=force)
+    except (KeyboardInterrupt, RunStopped):
         raise _train_stopped(cfg, [*_launcher(), "train", str(config), *(overrides or [])]) from None
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops_the_run():
+    """The first Ctrl-C asks the run to stop after its current step with a checkpoint (the
+    trainer's own stop request, answered by RunStopped); a second one interrupts at once.
+
+    A KeyboardInterrupt raised wherever the main thread happens to be can land in a finaliser or a
+    library's cleanup, where Python only prints it and the run trains on; a flag the loop reads
+    cannot be lost that way. Under torchrun each process gets the signal, and a distributed run
+    does not answer stop requests, so there the plain KeyboardInterrupt stays."""
+    from qkvlab.train import request_stop
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def first(signum, frame):
+        request_stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        request_stop(False)  # a request the run ended before answering must not stop the next one
 
 
 def _train_stopped(cfg, command: list[str]) -> typer.Exit:

@@ -12,17 +12,25 @@
 #   sha256sum SmolLM2-135M-Instruct.Q4_1.gguf > .data/smol-gguf.sha256
 #
 # and carry one part per call (with .data/smol-gguf.parts and .data/smol-gguf.sha256): files
-# carried earlier stay on a warm machine, and a part of 33 MB fits beside the checkout and the
-# ladder's .data/head.tar, so the parts can ride along other calls. The Gutenberg and Dickens
-# zips must be there too (scripts/ladder_data.sh stages them; the ladder's first call carries them).
+# carried earlier stay on a warm machine, and a part of 33 MB fits beside the checkout (17 MB), so
+# the parts can ride along other calls. The image has no gguf (nor lm-eval): carry .data/wheels
+# from scripts/device_wheels.sh and install them first. The Gutenberg and Dickens zips must be
+# there too (scripts/ladder_data.sh stages them), the training split from the first conversion on:
+# the fitted ones calibrate on it. A call that makes every conversion of the no-training half
+# takes about 9 minutes on an H100 (measured 2026-12-06); the fitted pooling dominates.
 #
 #   TIME_LIMIT=420 bash scripts/convert_slice.sh          # on the machine; again until "done"
 #
 # Knobs (environment): TOKENS (uptraining budgets, default 5M,20M), CONVERSIONS (default Q-K=V fit
 # and fit+refit, Q-MQA fit+poolfit+refit and MQA poolfit+refit), TIME_LIMIT (seconds for the
 # uptraining sweep), DEVICE, UPTRAIN_ARGS (more options for uptrain_study.py config, e.g. "--batch-size 8 --grad-accum 2"),
-# SCORE_ARGS (e.g. "--windows-per-book 1" for a quick CPU check of the script), HARNESS_DATA,
-# HARNESS_LIMIT (items per task, default 500) and HARNESS_TIME (seconds, default 300) for the
+# BASELINE (a results JSON of an earlier slice on the same kind of device, e.g. the committed
+# results/convert-smollm2/convert-no-training-cuda.json: its rows are kept, and a conversion the
+# uptraining starts from is made again where its folder is not on this machine), CONVERT_ROWS
+# (TO:INIT ... for convert_study.py --convert: only these conversions are made; with a BASELINE,
+# e.g. the uptraining's four starting points), SWEEP_ARGS (more options for qkvlab sweep, e.g.
+# "--devices 0,0" for two runs at once), SCORE_ARGS (e.g. "--windows-per-book 1" for a quick CPU
+# check of the script), HARNESS_DATA, HARNESS_LIMIT (items per task, default 500) and HARNESS_TIME (seconds, default 300) for the
 # zero-shot scoring at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,9 +41,13 @@ TOKENS=${TOKENS:-5M,20M}
 DEVICE=${DEVICE:-cuda}
 TIME_LIMIT=${TIME_LIMIT:-420}
 STUDY=studies/uptrain-smollm2
-RESULTS=$OUT/convert-${DEVICE}.json
+# The results live beside the conversions, on the machine: $OUT starts empty on every call, so a
+# file kept only there could not be resumed. Each call leaves a copy in $OUT however it ends.
+RESULTS=$WORK/convert-${DEVICE}.json
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$WORK"
+trap '[ -f "$RESULTS" ] && cp "$RESULTS" "$OUT/"' EXIT
+if [ -n "${BASELINE:-}" ] && [ ! -f "$RESULTS" ]; then cp "$BASELINE" "$RESULTS"; fi
 python3 -c "import sys; sys.path.insert(0, 'scripts'); import sweep_slice; sweep_slice.link_data()"
 
 if [ ! -f "$SRC/model.safetensors" ]; then
@@ -57,7 +69,7 @@ fi
 
 # The no-training half on this device (a previous call's rows are kept: --resume).
 python3 scripts/convert_study.py "$SRC" --work "$WORK" --device "$DEVICE" --out "$RESULTS" \
-    ${SCORE_ARGS:-} $( [ -f "$RESULTS" ] && echo --resume )
+    ${SCORE_ARGS:-} $( [ -f "$RESULTS" ] && echo --resume ) $(for c in ${CONVERT_ROWS:-}; do echo --convert "$c"; done)
 
 # fit alone beside fit+refit for Q-K=V (does the better start save uptraining tokens?), and the
 # pooled models at their best start (fitted pooling and the refit; averaged and not refitted they
@@ -70,7 +82,13 @@ if [ ! -f "$STUDY.yaml" ]; then
         --train-zip ../shared/data/gutenberg/gutenberg-train.zip --val-zip ../shared/data/gutenberg/gutenberg-val.zip \
         --control "$SRC" $(for c in $CONVERSIONS; do echo --conversion "$c"; done) ${UPTRAIN_ARGS:-}
 fi
-python3 -m qkvlab sweep "$STUDY.yaml" --time-limit "$TIME_LIMIT"
+if [ ! -e ../shared/data/gutenberg/gutenberg-train.zip ]; then
+    echo "waiting for .data/gutenberg-train.zip (the uptraining text): carry it in a next call"
+    exit 0
+fi
+# --stop-at-limit: a run the limit cuts off stops with a checkpoint, and the next call on this warm
+# machine resumes it, so no call's tail is spent idle.
+python3 -m qkvlab sweep "$STUDY.yaml" --time-limit "$TIME_LIMIT" --stop-at-limit ${SWEEP_ARGS:-}
 python3 scripts/uptrain_study.py score "$STUDY" --into "$RESULTS" --device "$DEVICE" --resume
 # small files only: the run folders' configs and logs, not their weights
 tar czf "$OUT/uptrain-runs.tar.gz" "$STUDY.yaml" "$STUDY.conversions.json" \

@@ -589,10 +589,15 @@ def main(argv: list[str] | None = None) -> dict:
     for to, init in plan:
         label = "source" if to is None else to + (f" init {init}" if init else "")
         t0 = time.perf_counter()
-        if (to, init, 0) in done:
-            result["rows"].append(done[to, init, 0])
+        kept = done.pop((to, init, 0), None)
+        # A row whose conversion is not on this machine is made again: what comes after (the
+        # uptraining) starts from that folder. Its scores come out the same on the same kind of device.
+        if kept is not None and (to is None or (Path(kept["checkpoint"]) / "model.safetensors").is_file()):
+            result["rows"].append(kept)
             print(f"{label}: kept", flush=True)
             continue
+        if kept is not None:
+            print(f"{label}: {kept['checkpoint']} is not here; converting again", flush=True)
         if to is None:
             run, conversion = args.run, None
         else:
@@ -643,8 +648,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{row['wall_s']:.0f} s",
             flush=True,
         )
-    planned = {(to, init, 0) for to, init in plan}
-    others = [r for key, r in done.items() if key not in planned]
+    others = list(done.values())  # popped above: the rows of the plan
     if others:  # rows of the file this run was not asked for (uptrained ones, say) stay, after the plan's
         print(f"kept {len(others)} other row(s) of {args.out}")
         result["rows"].extend(others)

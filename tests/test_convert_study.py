@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -192,6 +193,17 @@ def test_convert_study_end_to_end(study, tmp_path, data, capsys):
     assert [(r["to"], r["init"]) for r in fewer["rows"]] == [(None, None), ("MQA", None)] + [
         (r["to"], r["init"]) for r in rows[1:] if (r["to"], r["init"]) != ("MQA", None)
     ]
+    # a kept row whose conversion folder is gone (a fresh machine) is converted again: what comes
+    # after (the uptraining) starts from that folder; the other rows stay as they were
+    shutil.rmtree(by["MQA", None]["checkpoint"])
+    capsys.readouterr()
+    redone = run_study(study, tmp_path, data, run, "--resume", "--convert", "MQA")
+    assert "MQA: " + by["MQA", None]["checkpoint"] + " is not here; converting again" in capsys.readouterr().out
+    assert (Path(by["MQA", None]["checkpoint"]) / "model.safetensors").is_file()
+    new = {(r["to"], r["init"]): r for r in redone["rows"]}
+    assert new["MQA", None]["val_ppl_all"] == pytest.approx(by["MQA", None]["val_ppl_all"], rel=1e-6)
+    assert [r for k, r in new.items() if k != ("MQA", None)] == [r for k, r in by.items() if k != ("MQA", None)]
+    fewer = redone
     with pytest.raises(SystemExit, match="seq_len"):  # other settings: refused, the file is kept
         run_study(study, tmp_path, data, run, "--resume", "--seq-len", "8")
     assert json.loads((tmp_path / "study.json").read_text())["rows"] == fewer["rows"]

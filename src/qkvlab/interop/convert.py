@@ -215,73 +215,91 @@ def fit_common(
 
     Every step keeps ``W`` in the row space of the stacked roles, so ``W = T Zs`` and the fit runs
     on the ``nD x nD`` Gram matrices ``G = Zs C Zs^T`` instead of the ``(d+1) x (d+1)`` covariance.
+    Each step needs ``T G`` once: every role's cross term is a block of it and every error a trace
+    of ``D x D`` products. The starts descend together, as one more batch dimension, each frozen
+    once it stops improving, so each ends exactly where it would alone.
     """
     H, n, D = Z.shape[0], Z.shape[1], Z.shape[2]
     eye = torch.eye(D, dtype=Z.dtype, device=Z.device).expand(H, D, D)
     Zs = Z.reshape(H, n * D, -1)
     G = Zs @ C @ Zs.transpose(1, 2)
-    sel = [torch.zeros(H, D, n * D, dtype=Z.dtype, device=Z.device) for _ in range(n)]  # role r = sel[r] @ Zs
-    for r in range(n):
-        sel[r][:, :, r * D : (r + 1) * D] = eye
-    energy = [_tr(G[:, r * D : (r + 1) * D, r * D : (r + 1) * D]).clamp_min(1e-30)[:, None, None] for r in range(n)]
+    blocks = [slice(r * D, (r + 1) * D) for r in range(n)]  # role r is sel_r Zs, sel_r = [0 .. I .. 0]
+    energy = torch.stack([_tr(G[:, b, b]) for b in blocks], -1).clamp_min(1e-30)  # (H, n): E||z_r||^2
 
     def t(x):
         return x.transpose(-2, -1)
 
-    def gram(T):
-        N = T @ G @ t(T)
-        return N + eye * (1e-12 * _tr(N)[:, None, None] / D)
+    def ridge(N):  # a relative ridge for the solves
+        return N + eye * (1e-12 * _tr(N)[..., None, None] / D)
 
-    def fit_map(r, T):  # least squares of role r on s = T Zs: (E G T^T) (T G T^T)^-1, a symmetric solve
-        if not is_key[r] or key_map == "free":
-            return t(torch.linalg.solve(gram(T), T @ G @ t(sel[r])))
-        if key_map == "identity":
-            return eye
-        return rope_commuting_fit(sel[r] @ G @ t(T), gram(T))
+    def fit_maps(TG, N):  # least squares of each role on s = T Zs: (T G sel_r^T)^T (T G T^T)^-1
+        maps, Nr = [], ridge(N)
+        for r, b in enumerate(blocks):
+            if not is_key[r] or key_map == "free":
+                maps.append(t(torch.linalg.solve(Nr, TG[..., b])))  # Nr is symmetric
+            elif key_map == "identity":
+                maps.append(eye.expand_as(N))
+            else:
+                maps.append(rope_commuting_fit(t(TG[..., b]), Nr))
+        return torch.stack(maps, -3)
 
-    def errors(T, maps):
-        out = []
-        for r in range(n):
-            d = sel[r] - maps[r] @ T
-            out.append(_tr(d @ G @ t(d)) / energy[r][:, 0, 0])
-        return torch.stack(out, 1)
+    def errors(TG, N, maps):  # E||z_r - M_r s||^2 / e_r = (e_r - 2 tr(M_r T G sel_r^T) + tr(M_r N M_r^T)) / e_r
+        cross = torch.stack([_tr(maps[..., r, :, :] @ TG[..., b]) for r, b in enumerate(blocks)], -1)
+        return (energy - 2 * cross + _tr(maps @ N.unsqueeze(-3) @ t(maps))) / energy
 
-    def descend(T):
-        maps = [fit_map(r, T) for r in range(n)]
-        best = [errors(T, maps).sum(1), T, torch.stack(maps, 1)]
+    def descend(T):  # T: (S, H, D, nD), one descent per start
+        TG = T @ G
+        N = TG @ t(T)
+        maps = fit_maps(TG, N)
+        best = [errors(TG, N, maps).sum(-1), T, maps]
+        active = torch.ones(T.shape[0], dtype=torch.bool, device=T.device)
         for _ in range(iterations):
-            lhs = sum(t(M) @ M / e for M, e in zip(maps, energy, strict=True))
-            rhs = sum(t(M) @ E / e for M, E, e in zip(maps, sel, energy, strict=True))
-            T = torch.linalg.solve(lhs, rhs)
+            scaled = maps / energy[..., None, None]
+            lhs = (t(maps) @ scaled).sum(-3)
+            rhs = torch.cat(t(scaled).unbind(-3), -1)  # sum_r M_r^T sel_r / e_r: block r is M_r^T / e_r
+            T_new = torch.linalg.solve(lhs, rhs)
+            TG_new = T_new @ G
+            N_new = TG_new @ t(T_new)
             # W's scale is free (the maps absorb it); keep it at the first role's energy for conditioning.
-            T = T * torch.sqrt(energy[0][:, 0] / _tr(T @ G @ t(T)).clamp_min(1e-30)[:, None])[..., None]
-            maps = [fit_map(r, T) for r in range(n)]
-            total = errors(T, maps).sum(1)
-            better = total < best[0]
+            c = torch.sqrt(energy[:, 0] / _tr(N_new).clamp_min(1e-30))[..., None, None]
+            # A start that stopped improving keeps its T: it ends where it would have alone.
+            keep = active[:, None, None, None]
+            T = torch.where(keep, c * T_new, T)
+            TG = torch.where(keep, c * TG_new, TG)
+            N = torch.where(keep, c * c * N_new, N)
+            maps = fit_maps(TG, N)
+            total = errors(TG, N, maps).sum(-1)
+            better = (total < best[0]) & active[:, None]
             gain = torch.where(better, best[0] - total, torch.zeros_like(total))
             best = [
                 torch.where(better, total, best[0]),
-                torch.where(better[:, None, None], T, best[1]),
-                torch.where(better[:, None, None, None], torch.stack(maps, 1), best[2]),
+                torch.where(better[..., None, None], T, best[1]),
+                torch.where(better[..., None, None, None], maps, best[2]),
             ]
-            if not bool((gain > 1e-8 * best[0]).any()):
+            active = active & (gain > 1e-8 * best[0]).any(-1)
+            if not bool(active.any()):
                 break
         return best
 
     # The constrained problem can have several stationary points: descend from the simple starts
-    # and keep the best per head.
+    # (the mean of the roles, and each role alone) and keep the best per head.
+    sel = torch.zeros(n, H, D, n * D, dtype=Z.dtype, device=Z.device)
+    for r, b in enumerate(blocks):
+        sel[r, :, :, b] = eye
+    mean = sel.mean(0)
     threads = torch.get_num_threads()
     if Z.device.type == "cpu":
-        torch.set_num_threads(1)  # batched solves of tiny matrices: threads cost ~400x here (MKL, 2 cores)
+        torch.set_num_threads(1)  # products and solves of small matrices: threads cost ~400x here (MKL, 2 cores)
     try:
-        mean = sum(sel) / n
-        runs = [descend(T0) for T0 in (mean, *sel)]
+        err, Ts, maps = descend(torch.cat([mean[None], sel]))
     finally:
         torch.set_num_threads(threads)
-    pick = torch.stack([r[0] for r in runs]).argmin(0)
-    T, maps = (torch.stack([r[k] for r in runs])[pick, torch.arange(H, device=Z.device)] for k in (1, 2))
-    start = errors(mean, [eye] * n)
-    return {"W": T @ Zs, "maps": maps, "start": start, "end": errors(T, list(maps.unbind(1)))}
+    pick, heads = err.argmin(0), torch.arange(H, device=Z.device)
+    T, maps = Ts[pick, heads], maps[pick, heads]
+    TG = mean @ G
+    start = errors(TG, TG @ t(mean), torch.stack([eye] * n, -3))
+    TG = T @ G
+    return {"W": T @ Zs, "maps": maps, "start": start, "end": errors(TG, TG @ t(T), maps)}
 
 
 def fit_shared(

@@ -23,15 +23,16 @@
 #
 # Knobs (environment): TOKENS (uptraining budgets, default 5M,20M), CONVERSIONS (default Q-K=V fit
 # and fit+refit, Q-MQA fit+poolfit+refit and MQA poolfit+refit), TIME_LIMIT (seconds for the
-# uptraining sweep), DEVICE, UPTRAIN_ARGS (more options for uptrain_study.py config, e.g. "--batch-size 8 --grad-accum 2"),
+# uptraining sweep), DEVICE, UPTRAIN_ARGS (more options for uptrain_study.py config, e.g.
+# "--batch-size 8 --grad-accum 2"),
 # BASELINE (a results JSON of an earlier slice on the same kind of device, e.g. the committed
 # results/convert-smollm2/convert-no-training-cuda.json: its rows are kept, and a conversion the
 # uptraining starts from is made again where its folder is not on this machine), CONVERT_ROWS
 # (TO:INIT ... for convert_study.py --convert: only these conversions are made; with a BASELINE,
 # e.g. the uptraining's four starting points), SWEEP_ARGS (more options for qkvlab sweep, e.g.
 # "--devices 0,0" for two runs at once), SCORE_ARGS (e.g. "--windows-per-book 1" for a quick CPU
-# check of the script), HARNESS_DATA, HARNESS_LIMIT (items per task, default 500) and HARNESS_TIME (seconds, default 300) for the
-# zero-shot scoring at the end.
+# check of the script), HARNESS_DATA, HARNESS_LIMIT (items per task, default 500) and HARNESS_TIME
+# (seconds, default 300) for the zero-shot scoring at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/convert-out}

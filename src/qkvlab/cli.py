@@ -430,7 +430,8 @@ def _ctrl_c_stops_the_run():
     does not answer stop requests, so there the plain KeyboardInterrupt stays."""
     from qkvlab.train import request_stop
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or threading.current_thread() is not threading.main_thread():
+    distributed = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1")  # torchrun sets it
+    if distributed or threading.current_thread() is not threading.main_thread():
         yield
         return
 

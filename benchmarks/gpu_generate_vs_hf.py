@@ -291,7 +291,7 @@ def point_inputs(model, B: int, S: int, args, device, seed: int):
 
 def qkvlab_point(model, B, S, args, device, seed: int) -> tuple[dict, torch.Tensor | None]:
     """qkvlab's compiled step at ``(B, S)``: check against the eager step, time. Returns (row, eager logits)."""
-    row = dict(system="qkvlab", B=B, context=S, fused=args.fuse)
+    row = dict(system="qkvlab", B=B, context=S, fused=args.fuse, gemv=args.gemv)
     try:
         token, cache = point_inputs(model, B, S, args, device, seed)
     except torch.OutOfMemoryError:
@@ -302,7 +302,13 @@ def qkvlab_point(model, B, S, args, device, seed: int) -> tuple[dict, torch.Tens
     cache.reset()
     cache.advance(S)
     dec = StaticDecoder(
-        model, cache, cuda_graph="auto", warmup=args.warmup, compile=args.compile_mode or False, fuse=args.fuse
+        model,
+        cache,
+        cuda_graph="auto",
+        warmup=args.warmup,
+        compile=args.compile_mode or False,
+        fuse=args.fuse,
+        gemv=args.gemv,
     )
     t0 = time.perf_counter()
     got = dec.step(token).float()
@@ -523,6 +529,11 @@ def main() -> None:
         action="store_true",
         help="qkvlab's decoder fuses each layer's projections into one matrix product (StaticDecoder(fuse=True)); "
         "run once with and once without, on the same machine, to compare",
+    )
+    ap.add_argument(
+        "--gemv",
+        action="store_true",
+        help="qkvlab's decoder runs its one-row products with qkvlab's GEMV kernel (StaticDecoder(gemv=True))",
     )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -38,6 +38,7 @@ from qkvlab.attention.backends import (
     select_decode_backend,
 )
 from qkvlab.attention.cache import LayerKVCache, LayerLinearState
+from qkvlab.attention.matvec import apply_linear
 from qkvlab.attention.positional import Pos2DFix, RMSNorm, Rotary, default_scale
 from qkvlab.attention.projections import ProjectionStrategy
 from qkvlab.attention.variant import VariantSpec
@@ -222,7 +223,7 @@ class Attention(nn.Module):
 
     def _project(self, out: torch.Tensor, B: int) -> torch.Tensor:
         """``(B, Hq, 1, D)`` attention output of a decode step -> ``(B, 1, d_model)``."""
-        return self.o_proj(out.transpose(1, 2).reshape(B, 1, self.n_heads * self.head_dim))
+        return apply_linear(self.o_proj, out.transpose(1, 2).reshape(B, 1, self.n_heads * self.head_dim))
 
     def _decode(
         self, q: torch.Tensor, cache: LayerKVCache, lengths: torch.Tensor, length: int | None = None

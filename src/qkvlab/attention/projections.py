@@ -19,9 +19,9 @@ inference weights; see :class:`FusedLinears` for how it is kept in sync.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from qkvlab.attention.matvec import linear
 from qkvlab.attention.variant import ROLES, VariantSpec
 from qkvlab.errors import ConfigError
 
@@ -181,7 +181,7 @@ class FusedLinears:
                 return None
             if self._moved() and not self._snapshot():
                 return None
-        return F.linear(x, self._fused_weight, self._fused_bias).split(self._fused_sizes, dim=-1)
+        return linear(x, self._fused_weight, self._fused_bias).split(self._fused_sizes, dim=-1)
 
     # ------------------------------------------------------------- training / loading unfuse
     def train(self, mode: bool = True):

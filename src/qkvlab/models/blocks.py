@@ -9,6 +9,7 @@ from torch import nn
 
 from qkvlab.attention.backends import AttentionOutput
 from qkvlab.attention.cache import CacheLayout, KVCache, LinearState
+from qkvlab.attention.matvec import apply_linear
 from qkvlab.attention.module import Attention, check_padding_mask
 from qkvlab.attention.positional import RMSNorm, Rotary
 from qkvlab.attention.projections import FusedLinears
@@ -44,10 +45,10 @@ class MLP(FusedLinears, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is None:
-            return self.down(self.act(self.up(x)))
+            return apply_linear(self.down, self.act(apply_linear(self.up, x)))
         fused = self._fused_outputs(x)
-        gate, up = fused if fused is not None else (self.gate(x), self.up(x))
-        return self.down(self.act(gate) * up)
+        gate, up = fused if fused is not None else (apply_linear(self.gate, x), apply_linear(self.up, x))
+        return apply_linear(self.down, self.act(gate) * up)
 
 
 class Block(nn.Module):

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from qkvlab.attention.cache import KVCache
+from qkvlab.attention.matvec import use_gemv
 from qkvlab.attention.projections import FusedLinears, check_fuse, fuse_projections, fusion_epoch
 from qkvlab.errors import ConfigError
 
@@ -83,6 +84,10 @@ class StaticDecoder:
             False (the default), ``"auto"`` (if the model is in eval mode) or True (requires eval
             mode). It costs a second copy of the fused matrices and stays fused after the decoder (``model.train()`` or
             :func:`~qkvlab.attention.projections.unfuse_projections` undoes it).
+        gemv: at batch 1 on CUDA, run the step's matrix-vector products (projections, MLP, head)
+            with qkvlab's one-row kernel (:mod:`qkvlab.kernels.gemv`) instead of cuBLAS, whose
+            tiles leave most of the card idle on a narrow output. Rows of a larger batch, or
+            a CPU, keep ``F.linear``.
     """
 
     def __init__(
@@ -94,6 +99,7 @@ class StaticDecoder:
         warmup: int = 2,
         compile: bool | str = False,
         fuse: bool | str = False,
+        gemv: bool = False,
     ):
         check_fuse(fuse, model)  # "auto" is decided at each fusion sync, as the mode may change
         if cuda_graph not in (True, False, "auto"):
@@ -117,6 +123,9 @@ class StaticDecoder:
         self.model = model
         self.cache = cache
         self._fuse = bool(fuse)
+        if gemv not in (True, False):
+            raise ConfigError(f"gemv must be True or False, got {gemv!r}.")
+        self._gemv = gemv
         self._fusable = [m for m in model.modules() if isinstance(m, FusedLinears)]
         self._sync_fusion()
         self.use_graph = device.type == "cuda" and cuda_graph in (True, "auto")
@@ -157,12 +166,12 @@ class StaticDecoder:
         self._set_pos()
         stream = torch.cuda.Stream(device=self.cache.device)
         stream.wait_stream(torch.cuda.current_stream(self.cache.device))
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), use_gemv(self._gemv):
             for _ in range(max(1, self._warmup)):
                 self._fn()
         torch.cuda.current_stream(self.cache.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph), use_gemv(self._gemv):
             self._logits = self._fn()
         self.graph = graph
 
@@ -208,6 +217,7 @@ class StaticDecoder:
             self.graph.replay()
             logits = self._logits.clone()
         else:
-            logits = self._fn()
+            with use_gemv(self._gemv):
+                logits = self._fn()
         self.cache.advance(1)
         return logits

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from qkvlab.attention.cache import CacheLayout, KVCache, LinearState, new_decode_state
+from qkvlab.attention.matvec import apply_linear
 from qkvlab.errors import ConfigError
 from qkvlab.models.blocks import Backbone, init_weights
 from qkvlab.models.config import GPTConfig
@@ -71,7 +72,7 @@ class GPT(nn.Module):
         if need_weights:
             h, infos = h
             return self.lm_head(h), infos
-        return self.lm_head(h)
+        return apply_linear(self.lm_head, h)
 
     # ------------------------------------------------------------- generation
     def new_cache(self, batch_size: int, max_len: int | None = None, **kw) -> KVCache | LinearState:

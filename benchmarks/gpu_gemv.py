@@ -1,0 +1,139 @@
+"""Matrix-vector products at batch 1, the weight-reading half of a decode step: cuBLAS
+(``F.linear``, what the compiled step calls) against an inductor-generated reduction
+(``(x * W).sum(-1)`` compiled with coordinate-descent tuning) and qkvlab's one-row kernel
+(``qkvlab.kernels.gemv``: its own launch shape, and the best of a sweep of them), for each
+weight shape of the 1.28B llama model of ``gpu_generate.py``. Prints GB/s read and the fraction of
+the measured copy bandwidth, and writes JSON with hardware and versions.
+
+    PYTHONPATH=src:benchmarks python3 benchmarks/gpu_gemv.py --out $OUT/gpu_gemv.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from benchutil import env_info
+from qkvlab.kernels.gemv import GemvConfig, _auto_config, gemv
+
+# (name, out features, in features) of the 1.28B llama shape (d_model 2048, d_ff 8192, 32 heads)
+SHAPES = [
+    ("qkv fused", 6144, 2048),
+    ("q + kv fused (Q-K=V)", 4096, 2048),
+    ("q + k + v, 8 kv heads", 3072, 2048),
+    ("o", 2048, 2048),
+    ("gate + up fused", 16384, 2048),
+    ("down", 2048, 8192),
+    ("lm head", 50304, 2048),
+]
+
+
+def _time(fn, reps: int) -> float:
+    """Median microseconds of one call, timed by CUDA graph replay of `reps` calls (no host gaps)."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    times = []
+    for _ in range(7):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / reps)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    us = _time(lambda: b.copy_(a), 5)
+    return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+def bench_shape(name: str, n: int, k: int, reps: int, bw: float, red) -> dict:
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    # several copies so that consecutive calls in the graph do not hit L2 (50 MB on an H100)
+    copies = max(1, (200 << 20) // w.numel() // 2)
+    ws = [w.clone() for _ in range(copies)]
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    ref = F.linear(x.float(), w.float())
+    it = iter(range(10**9))
+
+    def pick():
+        return ws[next(it) % copies]
+
+    y_red = red(x, w)
+    y_tri = gemv(x, w)
+    errs = {
+        "cublas": (F.linear(x, w).float() - ref).abs().max().item(),
+        "inductor": (y_red.float() - ref).abs().max().item(),
+        "triton": (y_tri.float() - ref).abs().max().item(),
+    }
+    us = {
+        "cublas": _time(lambda: F.linear(x, pick()), reps),
+        "inductor": _time(lambda: red(x, pick()), reps),
+        "triton": _time(lambda: gemv(x, pick()), reps),
+    }
+    # the kernel's own choice against a sweep of launch shapes: is the heuristic near the best?
+    sweep = {}
+    for bn in (2, 4, 8, 16):
+        for bk in (256, 512, 1024):
+            for nw in (4, 8):
+                for ns in (1, 3):
+                    cfg = GemvConfig(bn, bk, nw, ns)
+                    try:
+                        sweep[(bn, bk, nw, ns)] = _time(lambda cfg=cfg: gemv(x, pick(), config=cfg), 10)
+                    except Exception as e:  # out of resources for this shape: not a candidate
+                        print(f"  {cfg}: {type(e).__name__}")
+    best = min(sweep, key=sweep.get)
+    us["triton best of sweep"] = _time(lambda: gemv(x, pick(), config=GemvConfig(*best)), reps)
+    mb = n * k * 2 / 1e6
+    frac = {s: mb * 1e6 / (t * 1e-6) / 1e9 / bw for s, t in us.items()}
+    print(
+        f"{name:24s} {mb:6.1f} {us['cublas']:10.2f} {us['inductor']:12.2f} {us['triton']:10.2f}  "
+        + " / ".join(f"{frac[s]:.2f}" for s in ("cublas", "inductor", "triton"))
+        + f"   sweep best {best}: {us['triton best of sweep']:.2f} us; auto {_auto_config(n, k, w.device)}"
+    )
+    return dict(
+        name=name,
+        out_features=n,
+        in_features=k,
+        mb=mb,
+        us=us,
+        fraction_of_copy=frac,
+        max_abs_err=errs,
+        auto_config=str(_auto_config(n, k, w.device)),
+        best_config=dict(zip(("block_n", "block_k", "num_warps", "num_stages"), best, strict=True)),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    import torch._inductor.config as ic
+
+    ic.coordinate_descent_tuning = True
+    bw = copy_bandwidth()
+    rows = []
+    print(f"copy bandwidth {bw:,.0f} GB/s on {torch.cuda.get_device_name()}")
+    print(f"{'weight':24s} {'MB':>6s} {'cuBLAS us':>10s} {'inductor us':>12s} {'triton us':>10s}  fraction of copy bw")
+    red = torch.compile(lambda x, w: (x.float() * w.float()).sum(-1).to(w.dtype), dynamic=False)
+    for name, n, k in SHAPES:
+        rows.append(bench_shape(name, n, k, args.reps, bw, red))
+    result = dict(benchmark="gpu_gemv", environment=env_info(torch.device("cuda")), copy_gb_s=bw, rows=rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Matrix-vector product for one-row decode steps: ``y = x @ w.T (+ b)`` with ``x`` of one row.
+
+At batch 1 a decode step is a chain of matrix-vector products whose cost is reading the weights
+once. cuBLAS tiles the output in blocks of 64 rows, so an 8 MB projection (2048 x 2048) runs on 32
+thread blocks of a 132-SM card and reads well below the copy rate. This kernel gives each program
+a few output rows and the whole reduction, so every projection spreads over hundreds of programs,
+and accumulates in float32 (as cuBLAS does for half inputs).
+
+:func:`gemv` is the plain function (falls back to ``F.linear`` for what the kernel does not take);
+``torch.ops.qkvlab.gemv`` is the opaque operator a compiled step calls. The model reaches it through
+:mod:`qkvlab.attention.matvec`, the switch a decode step turns on.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton is optional: F.linear is always there.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# The kernel calls no jit function of Triton's standard library (tl.sum, tl.zeros), which were
+# decorated for one mode when Triton was imported: the kernel is decorated late (_kernel), so a
+# test can choose the interpreter after import. The same rule as the decode kernel's.
+if HAS_TRITON:
+    _sum_fn = tl.standard._sum_combine
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch shape: output rows per program, reduction tile, warps and pipeline stages."""
+
+    block_n: int = 0  # 0: chosen from the shape (see _auto_config)
+    block_k: int = 0
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _gemv_kernel(
+    X,
+    W,
+    Bias,
+    Y,
+    N,
+    K,
+    stride_wn,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    # a short last block reads row N-1 again rather than masking every load; its stores are masked
+    safe_rows = tl.minimum(rows, N - 1)
+    acc = tl.full([BLOCK_N, BLOCK_K], 0.0, tl.float32)  # one reduction at the end, not per tile
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        ptrs = W + safe_rows[:, None] * stride_wn + cols[None, :]
+        if EVEN_K:
+            x = tl.load(X + cols)
+            w = tl.load(ptrs)
+        else:
+            x = tl.load(X + cols, mask=cols < K, other=0.0)
+            w = tl.load(ptrs, mask=cols[None, :] < K, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.reduce(acc, 1, _sum_fn)
+    if HAS_BIAS:
+        y += tl.load(Bias + safe_rows).to(tl.float32)
+    tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=rows < N)
+
+
+@functools.cache
+def _kernel(interpret: bool):
+    del interpret  # keys the cache: triton.jit reads TRITON_INTERPRET when it decorates
+    return triton.jit(_gemv_kernel)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _auto_config(N: int, K: int, device: torch.device) -> GemvConfig:
+    """Enough programs to fill the card a few times over, each streaming whole rows.
+
+    The reduction tile is the widest power of two up to 512 that K fills; the row block the
+    largest of 16 / 8 / 4 / 2 / 1 that still gives at least four programs per SM.
+    """
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
+    block_k = 512
+    while block_k > 16 and block_k > K:
+        block_k //= 2
+    block_n = 16
+    while block_n > 1 and triton.cdiv(N, block_n) < 4 * sms:
+        block_n //= 2
+    return GemvConfig(block_n=block_n, block_k=block_k)
+
+
+def gemv_unsupported_reason(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> str | None:
+    """Why the kernel does not take these inputs (then :func:`gemv` uses ``F.linear``), or None."""
+    if not HAS_TRITON:
+        return "Triton is not installed"
+    if w.device.type != "cuda" and not _interpreting():
+        return f"weights on {w.device.type} (the kernel needs CUDA, or TRITON_INTERPRET=1 on a CPU)"
+    if w.dim() != 2 or x.shape[-1] != w.shape[1]:
+        return f"shapes {tuple(x.shape)} x {tuple(w.shape)}"
+    if x.numel() != w.shape[1]:
+        return f"{x.numel() // max(w.shape[1], 1)} rows (the kernel takes one)"
+    if w.dtype not in _DTYPES or x.dtype != w.dtype or (bias is not None and bias.dtype != w.dtype):
+        return f"dtypes {x.dtype} / {w.dtype}"
+    if w.stride(1) != 1:
+        return "weight rows not contiguous"
+    return None
+
+
+def gemv(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, config: GemvConfig | None = None
+) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` for an ``x`` holding one row (any leading shape of size 1)."""
+    if gemv_unsupported_reason(x, w, bias) is not None:
+        return F.linear(x, w, bias)
+    N, K = w.shape
+    cfg = config or GemvConfig()
+    if not cfg.block_n or not cfg.block_k:
+        auto = _auto_config(N, K, w.device)
+        cfg = GemvConfig(cfg.block_n or auto.block_n, cfg.block_k or auto.block_k, cfg.num_warps, cfg.num_stages)
+    xv = x.reshape(K).contiguous()
+    y = torch.empty(N, device=w.device, dtype=w.dtype)
+    kernel = _kernel(_interpreting())
+    kernel[(triton.cdiv(N, cfg.block_n),)](
+        xv,
+        w,
+        bias if bias is not None else w,  # unread without a bias
+        y,
+        N,
+        K,
+        w.stride(0),
+        HAS_BIAS=bias is not None,
+        EVEN_K=K % cfg.block_k == 0,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return y.reshape(*x.shape[:-1], N)
+
+
+@torch.library.custom_op("qkvlab::gemv", mutates_args=())
+def gemv_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`gemv` as ``torch.ops.qkvlab.gemv``: opaque to ``torch.compile`` (its launch shape
+    is host code), so a compiled step fuses the code around it and calls the kernel as is."""
+    return gemv(x, w, bias)
+
+
+@gemv_op.register_fake
+def _gemv_fake(x, w, bias):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+__all__ = ["HAS_TRITON", "GemvConfig", "gemv", "gemv_op", "gemv_unsupported_reason"]

@@ -1,0 +1,136 @@
+"""The one-row matrix-vector kernel (``qkvlab.kernels.gemv``) and the switch the model's call sites
+go through (``qkvlab.attention.matvec``): the kernel under Triton's interpreter against
+``F.linear``, every launch shape it may pick, and a decode step with the switch on equal to one
+without it. The GPU run of the same is in ``test_gpu.py``; speed is ``benchmarks/gpu_gemv.py``'s.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qkvlab import GPT, GPTConfig
+from qkvlab.attention import matvec
+from qkvlab.errors import ConfigError
+from qkvlab.kernels.gemv import HAS_TRITON, GemvConfig, gemv, gemv_unsupported_reason
+from qkvlab.models.decoding import StaticDecoder
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def rounded_reference(x, w, b):
+    """float32-accumulated product rounded to the inputs' dtype, as the kernel (and cuBLAS) return."""
+    y = F.linear(x.float(), w.float(), None if b is None else b.float())
+    return y.to(w.dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,bias", [(40, 300, True), (64, 512, False), (7, 1024, True), (1, 16, False)])
+def test_kernel_equals_linear(interpret, dtype, n, k, bias):
+    g = torch.Generator().manual_seed(n * k)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    x = torch.randn(1, 1, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    assert gemv_unsupported_reason(x, w, b) is None
+    got = gemv(x, w, b)
+    assert got.shape == (1, 1, n) and got.dtype == dtype
+    ref = rounded_reference(x, w, b)
+    # the same float32 sum in another order: one unit in the last place of the output at most
+    tol = {torch.float32: 1e-4, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
+    assert torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol * ref.float().abs().max().item())
+
+
+@needs_triton
+@pytest.mark.parametrize("cfg", [GemvConfig(1, 16), GemvConfig(4, 64), GemvConfig(16, 128, 2, 1), GemvConfig(2, 256)])
+def test_every_launch_shape_gives_the_same_product(interpret, cfg):
+    """Blocks that do not divide N (a repeated last row, masked stores) or K (masked tail)."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(37, 200, generator=g, dtype=torch.float64).float()
+    x = torch.randn(200, generator=g).float()
+    b = torch.randn(37, generator=g).float()
+    got = gemv(x, w, b, config=cfg)
+    assert torch.allclose(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_strided_weight_rows(interpret):
+    """A weight whose rows are a slice of a wider matrix (row stride > K)."""
+    g = torch.Generator().manual_seed(2)
+    wide = torch.randn(24, 96, generator=g)
+    w = wide[:, :64]
+    x = torch.randn(64, generator=g)
+    assert torch.allclose(gemv(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_what_the_kernel_refuses_goes_to_linear(interpret):
+    w = torch.randn(8, 16)
+    assert "rows" in gemv_unsupported_reason(torch.randn(2, 16), w)
+    assert "dtypes" in gemv_unsupported_reason(torch.randn(16, dtype=torch.float64), w)
+    assert "contiguous" in gemv_unsupported_reason(torch.randn(16), torch.randn(16, 8).t())
+    x = torch.randn(3, 16)  # three rows: F.linear's answer, exactly
+    assert torch.equal(gemv(x, w), F.linear(x, w))
+
+
+def test_switch_is_off_by_default_and_keeps_autograd():
+    lin = torch.nn.Linear(16, 8)
+    x = torch.randn(1, 16)
+    assert not matvec.gemv_enabled()
+    assert torch.equal(matvec.apply_linear(lin, x), lin(x))
+    with matvec.use_gemv():
+        assert matvec.gemv_enabled()
+        y = matvec.apply_linear(lin, x)  # parameters need gradients: F.linear, with a graph
+        assert y.grad_fn is not None
+    assert not matvec.gemv_enabled()
+
+
+@needs_triton
+def test_switch_routes_one_row_products_to_the_kernel(interpret, monkeypatch):
+    calls = []
+    real = torch.ops.qkvlab.gemv if hasattr(torch.ops.qkvlab, "gemv") else None
+    lin = torch.nn.Linear(32, 8).eval()
+    x = torch.randn(1, 1, 32)
+    with torch.no_grad(), matvec.use_gemv():
+        real = torch.ops.qkvlab.gemv
+
+        def spy(*a):
+            calls.append(a[1].shape)
+            return real(*a)
+
+        monkeypatch.setattr(torch.ops.qkvlab, "gemv", spy)
+        got = matvec.apply_linear(lin, x)
+        matvec.apply_linear(lin, torch.randn(2, 32))  # two rows: F.linear
+    assert calls == [torch.Size([8, 32])]
+    assert torch.allclose(got, lin(x), rtol=1e-5, atol=1e-5)
+
+
+def test_static_decoder_refuses_a_bad_gemv_value():
+    model = GPT(GPTConfig(recipe="llama", variant="q_kv", n_layers=1, d_model=32, n_heads=4, vocab_size=41)).eval()
+    cache = model.new_cache(1, 8)
+    with pytest.raises(ConfigError, match="gemv must be True or False"):
+        StaticDecoder(model, cache, cuda_graph=False, gemv="yes")
+
+
+@needs_triton
+@pytest.mark.parametrize("variant,recipe", [("q_kv", "llama"), ("q_k_v+gqa2", "llama"), ("qkv", "gpt2")])
+def test_decode_steps_with_the_kernel_equal_those_without(interpret, variant, recipe):
+    """Every one-row product of the step (fused projections, output, MLP, head) through the kernel."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(recipe=recipe, variant=variant, n_layers=2, d_model=32, n_heads=4, vocab_size=41, max_seq_len=32)
+    model = GPT(cfg).float().eval()
+    prompt = torch.randint(0, 41, (1, 5))
+    tokens = torch.randint(0, 41, (1, 3))
+    logits = {}
+    for use in (False, True):
+        cache = model.new_cache(1, 16)
+        model.prefill(prompt, cache)
+        dec = StaticDecoder(model, cache, cuda_graph=False, fuse=True, gemv=use)
+        logits[use] = torch.stack([dec.step(tokens[:, t]) for t in range(tokens.shape[1])], 1)
+    assert torch.allclose(logits[True], logits[False], rtol=1e-4, atol=1e-4)

@@ -30,7 +30,8 @@
 # uptraining starts from is made again where its folder is not on this machine), CONVERT_ROWS
 # (TO:INIT ... for convert_study.py --convert: only these conversions are made; with a BASELINE,
 # e.g. the uptraining's four starting points), SWEEP_ARGS (more options for qkvlab sweep, e.g.
-# "--devices 0,0" for two runs at once), SCORE_ARGS (e.g. "--windows-per-book 1" for a quick CPU
+# "--devices 0,0" for two runs at once), TRAIN_ZIP (the uptraining and calibration text, default the
+# Gutenberg training zip; scripts/zip_subset.py makes a smaller one of its first books), SCORE_ARGS (e.g. "--windows-per-book 1" for a quick CPU
 # check of the script), HARNESS_DATA, HARNESS_LIMIT (items per task, default 500) and HARNESS_TIME
 # (seconds, default 300) for the zero-shot scoring at the end.
 set -euo pipefail
@@ -42,6 +43,8 @@ TOKENS=${TOKENS:-5M,20M}
 DEVICE=${DEVICE:-cuda}
 TIME_LIMIT=${TIME_LIMIT:-420}
 STUDY=studies/uptrain-smollm2
+# the uptraining text, also the fitted conversions' calibration text (its first documents)
+TRAIN_ZIP=${TRAIN_ZIP:-../shared/data/gutenberg/gutenberg-train.zip}
 # The results live beside the conversions, on the machine: $OUT starts empty on every call, so a
 # file kept only there could not be resumed. Each call leaves a copy in $OUT however it ends.
 RESULTS=$WORK/convert-${DEVICE}.json
@@ -70,7 +73,7 @@ fi
 
 # The no-training half on this device (a previous call's rows are kept: --resume).
 python3 scripts/convert_study.py "$SRC" --work "$WORK" --device "$DEVICE" --out "$RESULTS" \
-    ${SCORE_ARGS:-} $( [ -f "$RESULTS" ] && echo --resume ) $(for c in ${CONVERT_ROWS:-}; do echo --convert "$c"; done)
+    --calib "$TRAIN_ZIP" ${SCORE_ARGS:-} $( [ -f "$RESULTS" ] && echo --resume ) $(for c in ${CONVERT_ROWS:-}; do echo --convert "$c"; done)
 
 # fit alone beside fit+refit for Q-K=V (does the better start save uptraining tokens?), and the
 # pooled models at their best start (fitted pooling and the refit; averaged and not refitted they
@@ -80,11 +83,11 @@ CONVERSIONS=${CONVERSIONS:-"Q-K=V:fit=$WORK/q-kv-fit Q-K=V:fit+refit=$WORK/q-kv-
 Q-MQA:fit+poolfit+refit=$WORK/q-mqa-fit-poolfit-refit MQA:poolfit+refit=$WORK/mqa-poolfit-refit"}
 if [ ! -f "$STUDY.yaml" ]; then
     python3 scripts/uptrain_study.py config --out "$STUDY.yaml" --tokens "$TOKENS" --study-dir "$STUDY" \
-        --train-zip ../shared/data/gutenberg/gutenberg-train.zip --val-zip ../shared/data/gutenberg/gutenberg-val.zip \
+        --train-zip "$TRAIN_ZIP" --val-zip ../shared/data/gutenberg/gutenberg-val.zip \
         --control "$SRC" $(for c in $CONVERSIONS; do echo --conversion "$c"; done) ${UPTRAIN_ARGS:-}
 fi
-if [ ! -e ../shared/data/gutenberg/gutenberg-train.zip ]; then
-    echo "waiting for .data/gutenberg-train.zip (the uptraining text): carry it in a next call"
+if [ ! -e "$TRAIN_ZIP" ]; then
+    echo "waiting for $TRAIN_ZIP (the uptraining text): carry it in a next call"
     exit 0
 fi
 # --stop-at-limit: a run the limit cuts off stops with a checkpoint, and the next call on this warm

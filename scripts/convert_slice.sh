@@ -31,9 +31,11 @@
 # (TO:INIT ... for convert_study.py --convert: only these conversions are made; with a BASELINE,
 # e.g. the uptraining's four starting points), SWEEP_ARGS (more options for qkvlab sweep, e.g.
 # "--devices 0,0" for two runs at once), TRAIN_ZIP (the uptraining and calibration text, default the
-# Gutenberg training zip; scripts/zip_subset.py makes a smaller one of its first books), SCORE_ARGS (e.g. "--windows-per-book 1" for a quick CPU
-# check of the script), HARNESS_DATA, HARNESS_LIMIT (items per task, default 500) and HARNESS_TIME
-# (seconds, default 300) for the zero-shot scoring at the end.
+# Gutenberg training zip; scripts/zip_subset.py makes a smaller one of its first books),
+# SCORE_ARGS (e.g. "--windows-per-book 1" for a quick CPU check of the script), HARNESS_DATA,
+# HARNESS_LIMIT (items per task, default 500) and HARNESS_TIME (seconds, default 300) for the
+# zero-shot scoring at the end, DEADLINE (epoch seconds: the sweep and the scoring fit in what is
+# left before it; it overrides TIME_LIMIT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/convert-out}
@@ -90,6 +92,13 @@ if [ ! -e "$TRAIN_ZIP" ]; then
     echo "waiting for $TRAIN_ZIP (the uptraining text): carry it in a next call"
     exit 0
 fi
+# DEADLINE (epoch seconds, e.g. the call's start + 560) bounds the sweep and the zero-shot scoring
+# by what is left of the call once the import and the conversions are done.
+left_s() { echo $(( ${DEADLINE} - $(date +%s) - $1 )); }
+if [ -n "${DEADLINE:-}" ]; then
+    TIME_LIMIT=$(left_s 60)   # a minute for scoring the finished runs and packing the results
+    if [ "$TIME_LIMIT" -lt 30 ]; then echo "no time left for the uptraining in this call: call again"; exit 0; fi
+fi
 # --stop-at-limit: a run the limit cuts off stops with a checkpoint, and the next call on this warm
 # machine resumes it, so no call's tail is spent idle.
 python3 -m qkvlab sweep "$STUDY.yaml" --time-limit "$TIME_LIMIT" --stop-at-limit ${SWEEP_ARGS:-}
@@ -121,7 +130,9 @@ unscored() {
 if [ "$left" = 0 ] && [ -n "${HARNESS_DATA:-}" ]; then
     unscored
     if [ ${#todo[@]} -gt 0 ]; then
-        timeout -s TERM "${HARNESS_TIME:-300}" python3 -m qkvlab eval harness "${todo[@]}" --tasks all \
+        harness_s=${HARNESS_TIME:-300}
+        if [ -n "${DEADLINE:-}" ] && [ "$(left_s 20)" -lt "$harness_s" ]; then harness_s=$(left_s 20); fi
+        timeout -s TERM "$((harness_s > 1 ? harness_s : 1))" python3 -m qkvlab eval harness "${todo[@]}" --tasks all \
             --limit "${HARNESS_LIMIT:-500}" --data-root "$HARNESS_DATA" --batch-size 32 \
             || echo "harness: stopped before every model was scored; call again"
         unscored

@@ -132,6 +132,34 @@ def test_cuda_compiled_graph_decode_matches_eager(variant):
     torch.testing.assert_close(got, ref, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["q_kv", "q_k_v+gqa2"])
+def test_cuda_gemv_step_matches_cublas_step(variant, dtype, monkeypatch):
+    """StaticDecoder(gemv=True), compiled and graphed at batch 1: the kernel runs every one-row
+    product of the step (counted) and the logits equal the cuBLAS step's."""
+    from qkvlab.kernels import gemv as gemv_mod
+    from qkvlab.models.decoding import StaticDecoder
+
+    torch._dynamo.reset()
+    model = cuda_gpt(variant, "llama", dtype)
+    idx = torch.randint(0, 512, (1, 30), device="cuda")
+    steps = torch.randint(0, 512, (1, 6), device="cuda")
+    launches = []
+    real = gemv_mod.gemv
+    monkeypatch.setattr(gemv_mod, "gemv", lambda x, w, b=None, config=None: launches.append(w.shape) or real(x, w, b))
+    outs = {}
+    for use in (False, True):
+        cache = model.new_cache(1, 64)
+        model.prefill(idx, cache)
+        dec = StaticDecoder(model, cache, compile=True, fuse=True, gemv=use)
+        outs[use] = torch.stack([dec.step(steps[:, t]) for t in range(steps.shape[1])], 1).float()
+        assert dec.graph is not None
+    # per layer: fused projections, output, fused gate+up, down; then the head (once per traced call)
+    assert len(launches) >= 2 * 4 + 1
+    tol = TOL[dtype] * max(outs[False].abs().max().item(), 1.0)
+    assert (outs[True] - outs[False]).abs().max().item() <= tol
+
+
 @pytest.mark.parametrize(("variant", "kernel"), [("q_kv+rope+qknorm", True), ("q_kv+gqa2", True), ("q_k_v", False)])
 def test_cuda_auto_decode_backend(variant, kernel, monkeypatch):
     """On CUDA the default ("auto") decode step reaches the Triton kernel through the registry for a

@@ -13,9 +13,11 @@ change results (a new initialisation, a fixed bug) records new values, reviewed 
 
     .venv/bin/python tests/test_refactor_guard.py --regen
 
-On another torch version or processor architecture than the one that recorded them, floating
-point results may differ in the last bits, so there the floats are compared to a relative 1e-4
-(still far below what a changed computation gives) and integers and strings stay exact.
+On another torch version, architecture, vector instruction set or CPU vendor than the one that
+recorded them, floating point results may differ in the last bits (an AMD EPYC and the Intel
+machine of the first recording differ in 20 of the values), so there the floats are compared to a
+relative 1e-4 (still far below what a changed computation gives) and integers and strings stay
+exact.
 """
 
 from __future__ import annotations
@@ -140,12 +142,29 @@ def sweep_rows() -> list[dict[str, Any]]:
     return rows
 
 
+def cpu_environment() -> dict[str, str]:
+    """What decides the last bits of a CPU run: torch, the architecture, the vector ISA torch
+    dispatches to and the vendor (the same x86-64 build rounds differently on AMD and Intel)."""
+    vendor = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                vendor = line.split(":", 1)[1].strip()
+                break
+    return {
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_vendor": vendor or platform.processor(),
+    }
+
+
 def measure(workdir: Path) -> dict[str, Any]:
     """The guarded values, computed in ``workdir`` (empty; it is filled with runs)."""
     write_tokens(workdir / "tokens.npy")
     with fixed_environment(workdir):
         return {
-            "env": {"torch": torch.__version__, "machine": platform.machine()},
+            "env": cpu_environment(),
             "step_losses": step_losses(),
             "sweep_rows": sweep_rows(),
         }

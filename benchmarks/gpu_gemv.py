@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from benchutil import env_info
+from gpu_decode import copy_bandwidth, timer
 from qkvlab.kernels.gemv import GemvConfig, _auto_config, gemv
 
 # (name, out features, in features) of the 1.28B llama shape (d_model 2048, d_ff 8192, 32 heads)
@@ -48,13 +49,6 @@ def _time(fn, reps: int) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / reps)
     return sorted(times)[len(times) // 2]
-
-
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    us = _time(lambda: b.copy_(a), 5)
-    return 2 * nbytes / (us * 1e-6) / 1e9
 
 
 def bench_shape(name: str, n: int, k: int, reps: int, bw: float, red) -> dict:
@@ -122,7 +116,7 @@ def main() -> None:
     import torch._inductor.config as ic
 
     ic.coordinate_descent_tuning = True
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(torch.device("cuda"), timer(torch.device("cuda"), rep_ms=200))  # as the other benchmarks
     rows = []
     print(f"copy bandwidth {bw:,.0f} GB/s on {torch.cuda.get_device_name()}")
     print(f"{'weight':24s} {'MB':>6s} {'cuBLAS us':>10s} {'inductor us':>12s} {'triton us':>10s}  fraction of copy bw")

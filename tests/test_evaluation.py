@@ -65,7 +65,9 @@ def test_classifier_metrics_are_the_means_and_add_up_over_processes():
     ]
     total = parts[0] + parts[1]
     assert total[2].item() == 23 and total[1].item() / 23 == one["val_acc"]
-    assert total[0].item() / 23 == pytest.approx(one["val_loss"], rel=1e-12)
+    # each batch's loss is summed in float32, and the two paths batch differently (5 and 6 rows),
+    # so they agree to float32 rounding, not bit for bit (the last bits differ between CPUs)
+    assert total[0].item() / 23 == pytest.approx(one["val_loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize(("n", "batch_size", "world_size"), [(13, 6, 2), (23, 6, 2), (7, 9, 3), (10, 4, 4), (1, 4, 2)])

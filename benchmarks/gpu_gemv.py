@@ -93,7 +93,7 @@ def bench_shape(name: str, n: int, k: int, reps: int, bw: float, red) -> dict:
     print(
         f"{name:24s} {mb:6.1f} {us['cublas']:10.2f} {us['inductor']:12.2f} {us['triton']:10.2f}  "
         + " / ".join(f"{frac[s]:.2f}" for s in ("cublas", "inductor", "triton"))
-        + f"   sweep best {best}: {us['triton best of sweep']:.2f} us; auto {_auto_config(n, k, w.device)}"
+        + f"   sweep best {best}: {us['triton best of sweep']:.2f} us; auto {_auto_config(n, k)}"
     )
     return dict(
         name=name,
@@ -103,7 +103,7 @@ def bench_shape(name: str, n: int, k: int, reps: int, bw: float, red) -> dict:
         us=us,
         fraction_of_copy=frac,
         max_abs_err=errs,
-        auto_config=str(_auto_config(n, k, w.device)),
+        auto_config=str(_auto_config(n, k)),
         best_config=dict(zip(("block_n", "block_k", "num_warps", "num_stages"), best, strict=True)),
     )
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from qkvlab import GPT, GPTConfig
 from qkvlab.attention import matvec
 from qkvlab.errors import ConfigError
-from qkvlab.kernels.gemv import HAS_TRITON, GemvConfig, gemv, gemv_unsupported_reason
+from qkvlab.kernels.gemv import HAS_TRITON, GemvConfig, gemv, gemv_unsupported_reason, resolve_config
 from qkvlab.models.decoding import StaticDecoder
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
@@ -43,7 +43,7 @@ def test_kernel_equals_linear(interpret, dtype, n, k, bias):
     assert got.shape == (1, 1, n) and got.dtype == dtype
     ref = rounded_reference(x, w, b)
     # the same float32 sum in another order: one unit in the last place of the output at most
-    tol = {torch.float32: 1e-4, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
+    tol = {torch.float32: 1e-4, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
     assert torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol * ref.float().abs().max().item())
 
 
@@ -57,6 +57,14 @@ def test_every_launch_shape_gives_the_same_product(interpret, cfg):
     b = torch.randn(37, generator=g).float()
     got = gemv(x, w, b, config=cfg)
     assert torch.allclose(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_launch_shape_fields_left_zero_come_from_the_shape():
+    assert resolve_config(None, 2048, 2048) == GemvConfig(2, 1024, 4, 3)
+    assert resolve_config(None, 16384, 2048).block_n == 4
+    assert resolve_config(None, 64, 300).block_k == 256  # the widest power of two K fills
+    assert resolve_config(GemvConfig(num_stages=1), 2048, 8192) == GemvConfig(2, 1024, 4, 1)
+    assert resolve_config(GemvConfig(8, 64, 2, 1), 2048, 2048) == GemvConfig(8, 64, 2, 1)
 
 
 @needs_triton

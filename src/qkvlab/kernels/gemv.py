@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +43,10 @@ if HAS_TRITON:
 class GemvConfig:
     """Launch shape: output rows per program, reduction tile, warps and pipeline stages."""
 
-    block_n: int = 0  # 0: chosen from the shape (see _auto_config)
+    block_n: int = 0  # 0 in any field: that field chosen from the shape (see _auto_config)
     block_k: int = 0
-    num_warps: int = 4
-    num_stages: int = 2
+    num_warps: int = 0
+    num_stages: int = 0
 
 
 def _gemv_kernel(
@@ -93,7 +93,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def _auto_config(N: int, K: int, device: torch.device) -> GemvConfig:
+def _auto_config(N: int, K: int) -> GemvConfig:
     """Many small programs, each streaming a few whole rows in wide tiles.
 
     A sweep of launch shapes over the projections of a 1.28B llama model on an H100
@@ -104,6 +104,12 @@ def _auto_config(N: int, K: int, device: torch.device) -> GemvConfig:
     while block_k > 16 and block_k > K:
         block_k //= 2
     return GemvConfig(block_n=4 if N >= 6144 else 2, block_k=block_k, num_warps=4, num_stages=3)
+
+
+def resolve_config(config: GemvConfig | None, N: int, K: int) -> GemvConfig:
+    """``config`` with each field left 0 (or all, for None) chosen from the shape."""
+    given = config or GemvConfig()
+    return GemvConfig(*(g or a for g, a in zip(astuple(given), astuple(_auto_config(N, K)), strict=True)))
 
 
 def gemv_unsupported_reason(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> str | None:
@@ -130,10 +136,7 @@ def gemv(
     if gemv_unsupported_reason(x, w, bias) is not None:
         return F.linear(x, w, bias)
     N, K = w.shape
-    cfg = config or GemvConfig()
-    if not cfg.block_n or not cfg.block_k:
-        auto = _auto_config(N, K, w.device)
-        cfg = GemvConfig(cfg.block_n or auto.block_n, cfg.block_k or auto.block_k, cfg.num_warps, cfg.num_stages)
+    cfg = resolve_config(config, N, K)
     xv = x.reshape(K).contiguous()
     y = torch.empty(N, device=w.device, dtype=w.dtype)
     kernel = _kernel(_interpreting())
@@ -167,4 +170,4 @@ def _gemv_fake(x, w, bias):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
-__all__ = ["HAS_TRITON", "GemvConfig", "gemv", "gemv_op", "gemv_unsupported_reason"]
+__all__ = ["HAS_TRITON", "GemvConfig", "gemv", "gemv_op", "gemv_unsupported_reason", "resolve_config"]

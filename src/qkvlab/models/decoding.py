@@ -86,8 +86,8 @@ class StaticDecoder:
             :func:`~qkvlab.attention.projections.unfuse_projections` undoes it).
         gemv: at batch 1 on CUDA, run the step's matrix-vector products (projections, MLP, head)
             with qkvlab's one-row kernel (:mod:`qkvlab.kernels.gemv`) instead of cuBLAS, whose
-            tiles leave most of the card idle on a narrow output. Rows of a larger batch, or
-            a CPU, keep ``F.linear``.
+            tiles leave most of the card idle on a narrow output. Off by default. Rows of a
+            larger batch, or a CPU, keep ``F.linear``.
     """
 
     def __init__(

@@ -289,9 +289,9 @@ def point_inputs(model, B: int, S: int, args, device, seed: int):
     return token, cache
 
 
-def qkvlab_point(model, B, S, args, device, seed: int) -> tuple[dict, torch.Tensor | None]:
+def qkvlab_point(model, B, S, args, device, seed: int, gemv: str = "none") -> tuple[dict, torch.Tensor | None]:
     """qkvlab's compiled step at ``(B, S)``: check against the eager step, time. Returns (row, eager logits)."""
-    row = dict(system="qkvlab", B=B, context=S, fused=args.fuse, gemv=args.gemv)
+    row = dict(system="qkvlab", B=B, context=S, fused=args.fuse, gemv=gemv)
     try:
         token, cache = point_inputs(model, B, S, args, device, seed)
     except torch.OutOfMemoryError:
@@ -308,7 +308,7 @@ def qkvlab_point(model, B, S, args, device, seed: int) -> tuple[dict, torch.Tens
         warmup=args.warmup,
         compile=args.compile_mode or False,
         fuse=args.fuse,
-        gemv=args.gemv,
+        gemv=False if gemv == "none" else gemv,
     )
     t0 = time.perf_counter()
     got = dec.step(token).float()
@@ -532,11 +532,16 @@ def main() -> None:
     )
     ap.add_argument(
         "--gemv",
-        action="store_true",
-        help="qkvlab's decoder runs its one-row products with qkvlab's GEMV kernel (StaticDecoder(gemv=True))",
+        default="none",
+        help="comma list of how qkvlab's batch-1 step computes its one-row products: none (cuBLAS), kernel "
+        "(qkvlab's GEMV kernel), inductor (an Inductor reduction); StaticDecoder(gemv=...). Each is a row; the "
+        "first is the 'qkvlab' row the targets are checked on",
     )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    bad = [g for g in args.gemv.split(",") if g not in ("none", "kernel", "inductor")]
+    if bad:
+        ap.error(f"--gemv: {bad[0]!r} is not one of none, kernel, inductor")
     try:
         import transformers
     except ImportError:
@@ -553,6 +558,8 @@ def main() -> None:
         args.compile_mode, args.hf_compile_mode = "none", "none"
     args.compile_mode = None if args.compile_mode == "none" else args.compile_mode
     args.hf_compile_mode = None if args.hf_compile_mode == "none" else args.hf_compile_mode
+    if "inductor" in args.gemv.split(",") and args.compile_mode is None:
+        ap.error("--gemv inductor has Inductor generate the products: it needs a compiled step (not --smoke)")
     systems = set(args.systems.split(","))
     dtype = torch.float32 if args.smoke else torch.bfloat16
     tol = TOL_FP32 if args.smoke else TOL_BF16
@@ -599,9 +606,13 @@ def main() -> None:
             seed = 1000 * v_i + 10 * p_i
             ref = None
             if "qkvlab" in systems:
-                row, ref = qkvlab_point(model, B, S, args, device, seed)
-                rows.append({"variant": variant, **row})
-                save()
+                for g_i, gemv in enumerate(args.gemv.split(",")):
+                    row, ref_g = qkvlab_point(model, B, S, args, device, seed, gemv)
+                    if g_i:  # the first route is "qkvlab", whose rows the targets read; the others beside it
+                        row["system"] = f"qkvlab gemv={gemv}"
+                    ref = ref if ref is not None else ref_g
+                    rows.append({"variant": variant, **row})
+                    save()
             if hf is not None:
                 if system == "hf-llama" and ref is None:  # the qkvlab eager step is the reference
                     token, cache = point_inputs(model, B, S, args, device, seed)

@@ -153,7 +153,15 @@ def profile_case(variant: str, B: int, S: int, args, device, bw_gbps: float) -> 
     cache = model.new_cache(B, S + 32)
     fill_cache(cache, S, torch.Generator(device=device).manual_seed(2))
     token = torch.zeros(B, dtype=torch.long, device=device)
-    dec = StaticDecoder(model, cache, cuda_graph="auto", warmup=3, compile=args.compile, fuse=args.fuse, gemv=args.gemv)
+    dec = StaticDecoder(
+        model,
+        cache,
+        cuda_graph="auto",
+        warmup=3,
+        compile=args.compile,
+        fuse=args.fuse,
+        gemv=False if args.gemv == "none" else args.gemv,
+    )
 
     def step():
         cache.reset()
@@ -166,7 +174,7 @@ def profile_case(variant: str, B: int, S: int, args, device, bw_gbps: float) -> 
     mode = (
         ("compiled + graph" if args.compile else "graph")
         + (", fused" if args.fuse else "")
-        + (", gemv" if args.gemv else "")
+        + ("" if args.gemv == "none" else f", gemv {args.gemv}")
     )
     record = dict(system="qkvlab", variant=variant, B=B, context=S, mode=mode)
     out = step_report(f"{variant} B={B} S={S} ({mode})", step, device, args, bw_gbps, weights, cache_bytes, record)
@@ -242,7 +250,7 @@ def main() -> None:
     ap.add_argument("--points", default="1x32768", help="comma list of BATCHxCONTEXT")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--fuse", action="store_true", help="fused projections, as StaticDecoder(fuse=True)")
-    ap.add_argument("--gemv", action="store_true", help="qkvlab's one-row GEMV kernel, as StaticDecoder(gemv=True)")
+    ap.add_argument("--gemv", choices=("none", "kernel", "inductor"), default="none", help="as StaticDecoder(gemv=...)")
     ap.add_argument("--hf", action="store_true", help="also profile HF Llama's step (QKV, GQA-8) on the same weights")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU: a check of the script")
     ap.add_argument("--out", default=None, help="folder for the text and JSON (default $OUT)")

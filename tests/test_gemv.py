@@ -6,6 +6,8 @@ without it. The GPU run of the same is in ``test_gpu.py``; speed is ``benchmarks
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -122,8 +124,10 @@ def test_switch_routes_one_row_products_to_the_kernel(interpret, monkeypatch):
 def test_static_decoder_refuses_a_bad_gemv_value():
     model = GPT(GPTConfig(recipe="llama", variant="q_kv", n_layers=1, d_model=32, n_heads=4, vocab_size=41)).eval()
     cache = model.new_cache(1, 8)
-    with pytest.raises(ConfigError, match="gemv must be True or False"):
+    with pytest.raises(ConfigError, match="gemv must be one of"):
         StaticDecoder(model, cache, cuda_graph=False, gemv="yes")
+    with pytest.raises(ConfigError, match="needs compile=True"):
+        StaticDecoder(model, cache, cuda_graph=False, gemv="inductor")
 
 
 @needs_triton
@@ -142,3 +146,68 @@ def test_decode_steps_with_the_kernel_equal_those_without(interpret, variant, re
         dec = StaticDecoder(model, cache, cuda_graph=False, fuse=True, gemv=use)
         logits[use] = torch.stack([dec.step(tokens[:, t]) for t in range(tokens.shape[1])], 1)
     assert torch.allclose(logits[True], logits[False], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reduction_route_is_the_product(dtype):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(24, 40, generator=g).to(dtype)
+    x = torch.randn(1, 1, 40, generator=g).to(dtype)
+    b = torch.randn(24, generator=g).to(dtype)
+    got = matvec.reduction_linear(x, w, b)
+    assert got.shape == (1, 1, 24) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    ref = rounded_reference(x, w, b).float()
+    assert torch.allclose(got.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_inductor_route_is_plain_linear_outside_a_trace():
+    """Eagerly the multiply would materialise the whole matrix: the route applies only under compile."""
+    lin = torch.nn.Linear(16, 8).eval()
+    x = torch.randn(1, 16)
+    with torch.no_grad(), matvec.use_gemv("inductor"):
+        assert matvec.gemv_enabled() == "inductor"
+        assert torch.equal(matvec.apply_linear(lin, x), lin(x))
+
+
+needs_cc = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile on CPU needs a C compiler"
+)
+
+
+@needs_cc
+def test_compiled_step_with_the_inductor_route_equals_the_eager_step(monkeypatch):
+    """gemv="inductor" under compile: every one-row product traced as a reduction, same logits."""
+    torch._dynamo.reset()
+    traced = []
+    real = matvec.reduction_linear
+
+    def spy(x, w, bias=None):
+        traced.append(tuple(w.shape))
+        return real(x, w, bias)
+
+    monkeypatch.setattr(matvec, "reduction_linear", spy)
+    torch.manual_seed(0)
+    cfg = GPTConfig(recipe="llama", variant="q_kv", n_layers=2, d_model=32, n_heads=4, vocab_size=41, max_seq_len=32)
+    model = GPT(cfg).float().eval()
+    prompt = torch.randint(0, 41, (1, 5))
+    tokens = torch.randint(0, 41, (1, 3))
+    logits = {}
+    for mode, compile in ((False, False), ("inductor", True)):
+        cache = model.new_cache(1, 16)
+        model.prefill(prompt, cache)
+        dec = StaticDecoder(model, cache, cuda_graph=False, fuse=True, compile=compile, gemv=mode)
+        logits[mode] = torch.stack([dec.step(tokens[:, t]) for t in range(tokens.shape[1])], 1)
+    # per layer the fused projections, the output, the fused gate+up and the down; then the head
+    assert traced[:9] == [(64, 32), (32, 32), (256, 32), (32, 128)] * 2 + [(41, 32)]
+    torch.testing.assert_close(logits["inductor"], logits[False], rtol=1e-5, atol=1e-5)
+
+
+def test_generate_checks_the_gemv_value_at_the_call():
+    model = GPT(GPTConfig(recipe="llama", variant="q_kv", n_layers=1, d_model=32, n_heads=4, vocab_size=41)).eval()
+    prompt = torch.randint(0, 41, (1, 4))
+    with pytest.raises(ConfigError, match="gemv must be one of"):
+        model.generate(prompt, 2, gemv="fast")
+    with pytest.raises(ConfigError, match="needs compile=True"):
+        model.stream(prompt, 2, gemv="inductor")
+    assert model.generate(prompt, 2, gemv=True).shape == (1, 6)  # on a CPU: F.linear, the same step

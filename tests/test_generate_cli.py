@@ -132,3 +132,27 @@ def test_generate_refuses_bad_sampling_values(run_dir, flag, value, message):
     result = CliRunner().invoke(app, args)
     assert result.exit_code != 0
     assert message in (result.output + str(result.exception))
+
+
+def test_generate_gemv_values_are_checked(run_dir):
+    base = ["generate", str(run_dir), "--device", "cpu", "--prompt", "def", "--max-new-tokens", "4"]
+    bad = CliRunner().invoke(app, [*base, "--gemv", "fast"])
+    assert bad.exit_code != 0 and "--gemv must be none, kernel or inductor" in str(bad.exception)
+    alone = CliRunner().invoke(app, [*base, "--gemv", "inductor"])
+    assert alone.exit_code != 0 and "add --compile" in str(alone.exception)
+    a, b = CliRunner().invoke(app, base), CliRunner().invoke(app, [*base, "--gemv", "kernel"])
+    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
+    assert a.output.splitlines()[0] == b.output.splitlines()[0]  # on a CPU the products stay F.linear
+
+
+@pytest.mark.skipif(
+    sys.platform == "win32" or not any(map(shutil.which, ("cc", "gcc", "clang"))),
+    reason="torch.compile on CPU needs a C compiler",
+)
+def test_generate_compile_with_the_inductor_products_gives_the_same_greedy_text(run_dir):
+    torch._dynamo.reset()
+    args = ["generate", str(run_dir), "--device", "cpu", "--prompt", "def", "--max-new-tokens", "8"]
+    args += ["--temperature", "0", "--compile"]
+    a, b = CliRunner().invoke(app, args), CliRunner().invoke(app, [*args, "--gemv", "inductor"])
+    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
+    assert a.output.splitlines()[0] == b.output.splitlines()[0]

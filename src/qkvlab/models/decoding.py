@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from qkvlab.attention.cache import KVCache
-from qkvlab.attention.matvec import use_gemv
+from qkvlab.attention.matvec import gemv_mode, use_gemv
 from qkvlab.attention.projections import FusedLinears, check_fuse, fuse_projections, fusion_epoch
 from qkvlab.errors import ConfigError
 
@@ -84,10 +84,12 @@ class StaticDecoder:
             False (the default), ``"auto"`` (if the model is in eval mode) or True (requires eval
             mode). It costs a second copy of the fused matrices and stays fused after the decoder (``model.train()`` or
             :func:`~qkvlab.attention.projections.unfuse_projections` undoes it).
-        gemv: at batch 1 on CUDA, run the step's matrix-vector products (projections, MLP, head)
-            with qkvlab's one-row kernel (:mod:`qkvlab.kernels.gemv`) instead of cuBLAS, whose
-            tiles leave most of the card idle on a narrow output. Off by default. Rows of a
-            larger batch, or a CPU, keep ``F.linear``.
+        gemv: how a batch-1 step computes its matrix-vector products (projections, MLP, head),
+            whose cuBLAS tiles leave most of a large card idle on a narrow output: False (the
+            default: ``F.linear``), True or ``"kernel"`` (qkvlab's one-row Triton kernel,
+            :mod:`qkvlab.kernels.gemv`, on CUDA) or ``"inductor"`` (with ``compile``: Inductor
+            generates each product as a reduction and may fuse it with the code around it). See
+            :mod:`qkvlab.attention.matvec`. Rows of a larger batch keep ``F.linear``.
     """
 
     def __init__(
@@ -99,7 +101,7 @@ class StaticDecoder:
         warmup: int = 2,
         compile: bool | str = False,
         fuse: bool | str = False,
-        gemv: bool = False,
+        gemv: bool | str = False,
     ):
         check_fuse(fuse, model)  # "auto" is decided at each fusion sync, as the mode may change
         if cuda_graph not in (True, False, "auto"):
@@ -123,9 +125,12 @@ class StaticDecoder:
         self.model = model
         self.cache = cache
         self._fuse = bool(fuse)
-        if gemv not in (True, False):
-            raise ConfigError(f"gemv must be True or False, got {gemv!r}.")
-        self._gemv = gemv
+        self._gemv = gemv_mode(gemv)
+        if self._gemv == "inductor" and not compile:
+            raise ConfigError(
+                "gemv='inductor' has Inductor generate the matrix-vector products, so it needs compile=True "
+                "(or a compile mode); without compiling use gemv=True (qkvlab's kernel)."
+            )
         self._fusable = [m for m in model.modules() if isinstance(m, FusedLinears)]
         self._sync_fusion()
         self.use_graph = device.type == "cuda" and cuda_graph in (True, "auto")
@@ -138,7 +143,11 @@ class StaticDecoder:
         self._logits: torch.Tensor | None = None
         self._warmup = warmup
         mode = compile if isinstance(compile, str) else None
-        self._fn = torch.compile(self._run, fullgraph=True, mode=mode) if compile else self._run
+        if compile and self._gemv == "inductor" and mode in (None, "default"):
+            # the reductions Inductor generates for the products are tuned for their shapes
+            self._fn = torch.compile(self._run, fullgraph=True, options={"coordinate_descent_tuning": True})
+        else:
+            self._fn = torch.compile(self._run, fullgraph=True, mode=mode) if compile else self._run
 
     def _sync_fusion(self) -> None:
         """Fuse (in eval mode, if asked) and note the fused buffers the step will read."""

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qkvlab.attention.cache import KVCache, LinearState
+from qkvlab.attention.matvec import gemv_mode
 from qkvlab.attention.projections import check_fuse, fuse_projections
 from qkvlab.errors import ConfigError
 
@@ -338,6 +339,7 @@ def run(
     cuda_graph: bool | str = "auto",
     compile: bool | str = False,
     fuse: bool | str = False,
+    gemv: bool | str = False,
     stream: bool = False,
 ) -> Generator[GenerationStep, None, GenerateOutput]:
     """The decode loop behind ``GPT.generate`` and ``GPT.stream``: checks the arguments now and
@@ -354,6 +356,12 @@ def run(
     if cuda_graph not in (True, False, "auto"):
         raise ConfigError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}.")
     fuse = check_fuse(fuse, model)
+    gemv = gemv_mode(gemv)
+    if gemv == "inductor" and not compile:
+        raise ConfigError(
+            "gemv='inductor' has Inductor generate the matrix-vector products, so it needs compile=True "
+            "(or a compile mode); without compiling use gemv=True (qkvlab's kernel)."
+        )
     if compile and (not use_cache or cfg.variant.linear):
         raise ConfigError(
             "compile=True compiles the static decode step over a KV cache: it needs use_cache=True and "
@@ -423,7 +431,7 @@ def run(
         if use_cache and (compile or cuda_graph is True or (auto and isinstance(state, KVCache))):
             from qkvlab.models.decoding import StaticDecoder
 
-            step = StaticDecoder(model, state, cuda_graph=cuda_graph, compile=compile, fuse=fuse).step
+            step = StaticDecoder(model, state, cuda_graph=cuda_graph, compile=compile, fuse=fuse, gemv=gemv).step
         elif use_cache:
             step = lambda tok: model.decode_one(tok, state)  # noqa: E731
 

@@ -6,12 +6,14 @@ weight shape of the 1.28B llama model of ``gpu_generate.py``. Prints GB/s read a
 the measured copy bandwidth, and writes JSON with hardware and versions.
 
     PYTHONPATH=src:benchmarks python3 benchmarks/gpu_gemv.py --out $OUT/gpu_gemv.json
+    PYTHONPATH=src:benchmarks python3 benchmarks/gpu_gemv.py --smoke   # the checks on a CPU (interpreter)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 import torch.nn.functional as F
@@ -108,11 +110,44 @@ def bench_shape(name: str, n: int, k: int, reps: int, bw: float, red) -> dict:
     )
 
 
+SMOKE_SHAPES = [("smoke, K tiled", 40, 256), ("smoke, ragged K", 37, 200)]
+
+
+def smoke_shape(name: str, n: int, k: int) -> dict:
+    """The checks alone, on the CPU under Triton's interpreter: the kernel with its own launch shape
+    and every shape of the sweep against a float32 product (no timing)."""
+    g = torch.Generator().manual_seed(n * k)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(torch.bfloat16)
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    ref = F.linear(x.float(), w.float())
+    errs = {
+        "cublas": (F.linear(x, w).float() - ref).abs().max().item(),
+        "triton": (gemv(x, w).float() - ref).abs().max().item(),
+    }
+    for cfg in (GemvConfig(bn, bk, 4, 1) for bn in (2, 16) for bk in (64, 256)):
+        errs[f"triton {cfg.block_n}x{cfg.block_k}"] = (gemv(x, w, config=cfg).float() - ref).abs().max().item()
+    print(f"{name:24s} max abs error " + ", ".join(f"{s} {e:.1e}" for s, e in errs.items()))
+    return dict(name=name, out_features=n, in_features=k, max_abs_err=errs, auto_config=str(_auto_config(n, k)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument(
+        "--smoke", action="store_true", help="CPU, Triton's interpreter, tiny shapes: the checks, no timing"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is first decorated: the CPU runs it
+        rows = [smoke_shape(*shape) for shape in SMOKE_SHAPES]
+        result = dict(benchmark="gpu_gemv", smoke=True, environment=env_info(torch.device("cpu")), rows=rows)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU: run with --smoke for a CPU check of the script")
     import torch._inductor.config as ic
 
     ic.coordinate_descent_tuning = True

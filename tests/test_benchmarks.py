@@ -91,6 +91,16 @@ def test_gpu_decode_smoke_checks_every_method(tmp_path):
         assert len(errors) >= 5 and max(errors.values()) < 1e-2, errors
 
 
+def test_gpu_gemv_smoke_checks_every_launch_shape(tmp_path):
+    """The GEMV benchmark's checks on the CPU (interpreter): the kernel's own launch shape and a sweep's."""
+    pytest.importorskip("triton", reason="the kernel needs Triton (the dev extra)")
+    out = run_script("gpu_gemv.py", "--out", str(tmp_path / "gemv.json"), interpret=True)
+    rows = json.loads((tmp_path / "gemv.json").read_text())["rows"]
+    assert len(rows) == 2, out
+    for r in rows:
+        assert len(r["max_abs_err"]) == 6 and max(r["max_abs_err"].values()) < 0.05, r  # bf16 outputs near 1
+
+
 def test_gpu_generate_vs_hf_smoke_checks_both_sides(tmp_path):
     """qkvlab and transformers side by side: HF Llama holds the qkvlab weights and agrees (logits, greedy
     tokens, the decode step on the same cache); every variant has its qkvlab and its HF row."""

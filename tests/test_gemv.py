@@ -131,9 +131,15 @@ def test_static_decoder_refuses_a_bad_gemv_value():
 
 
 @needs_triton
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("variant,recipe", [("q_kv", "llama"), ("q_k_v+gqa2", "llama"), ("qkv", "gpt2")])
-def test_decode_steps_with_the_kernel_equal_those_without(interpret, variant, recipe):
-    """Every one-row product of the step (fused projections, output, MLP, head) through the kernel."""
+def test_decode_steps_with_the_kernel_equal_those_without(interpret, variant, recipe, fuse, monkeypatch):
+    """Every one-row product of the step (projections, fused or not, output, MLP, head) through the kernel."""
+    from qkvlab.kernels import gemv as gemv_mod
+
+    launched = []
+    real = gemv_mod.gemv
+    monkeypatch.setattr(gemv_mod, "gemv", lambda x, w, b=None, config=None: launched.append(1) or real(x, w, b))
     torch.manual_seed(0)
     cfg = GPTConfig(recipe=recipe, variant=variant, n_layers=2, d_model=32, n_heads=4, vocab_size=41, max_seq_len=32)
     model = GPT(cfg).float().eval()
@@ -143,8 +149,11 @@ def test_decode_steps_with_the_kernel_equal_those_without(interpret, variant, re
     for use in (False, True):
         cache = model.new_cache(1, 16)
         model.prefill(prompt, cache)
-        dec = StaticDecoder(model, cache, cuda_graph=False, fuse=True, gemv=use)
+        dec = StaticDecoder(model, cache, cuda_graph=False, fuse=fuse, gemv=use)
         logits[use] = torch.stack([dec.step(tokens[:, t]) for t in range(tokens.shape[1])], 1)
+    n_proj = 1 if fuse else len(model.backbone.blocks[0].attn.qkv.proj)  # projection products per layer
+    n_mlp = 2 if fuse or recipe == "gpt2" else 3
+    assert len(launched) == tokens.shape[1] * (2 * (n_proj + 1 + n_mlp) + 1)  # 2 layers, then the head
     assert torch.allclose(logits[True], logits[False], rtol=1e-4, atol=1e-4)
 
 

@@ -81,12 +81,14 @@ def test_generate_fuse_flag_gives_the_same_text(run_dir):
     sys.platform == "win32" or not any(map(shutil.which, ("cc", "gcc", "clang"))),
     reason="torch.compile on CPU needs a C compiler",
 )
-def test_generate_compile_flag_gives_the_same_greedy_text(run_dir):
-    """--compile decodes through the compiled static step; greedy tokens match the dynamic step's."""
+@pytest.mark.parametrize("extra", [[], ["--gemv", "inductor"]], ids=["compile", "compile-gemv-inductor"])
+def test_generate_compile_flag_gives_the_same_greedy_text(run_dir, extra):
+    """--compile decodes through the compiled static step (with --gemv inductor, its products generated
+    by Inductor); greedy tokens match the dynamic step's."""
     torch._dynamo.reset()
     args = ["generate", str(run_dir), "--device", "cpu", "--prompt", "def", "--max-new-tokens", "8"]
     args += ["--temperature", "0"]
-    a, b = CliRunner().invoke(app, args), CliRunner().invoke(app, [*args, "--compile"])
+    a, b = CliRunner().invoke(app, args), CliRunner().invoke(app, [*args, "--compile", *extra])
     assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
     assert a.output.splitlines()[0] == b.output.splitlines()[0]
 
@@ -143,16 +145,3 @@ def test_generate_gemv_values_are_checked(run_dir):
     a, b = CliRunner().invoke(app, base), CliRunner().invoke(app, [*base, "--gemv", "kernel"])
     assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
     assert a.output.splitlines()[0] == b.output.splitlines()[0]  # on a CPU the products stay F.linear
-
-
-@pytest.mark.skipif(
-    sys.platform == "win32" or not any(map(shutil.which, ("cc", "gcc", "clang"))),
-    reason="torch.compile on CPU needs a C compiler",
-)
-def test_generate_compile_with_the_inductor_products_gives_the_same_greedy_text(run_dir):
-    torch._dynamo.reset()
-    args = ["generate", str(run_dir), "--device", "cpu", "--prompt", "def", "--max-new-tokens", "8"]
-    args += ["--temperature", "0", "--compile"]
-    a, b = CliRunner().invoke(app, args), CliRunner().invoke(app, [*args, "--gemv", "inductor"])
-    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
-    assert a.output.splitlines()[0] == b.output.splitlines()[0]

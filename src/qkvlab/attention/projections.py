@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qkvlab.attention.matvec import linear
+from qkvlab.attention.matvec import apply_linear, linear
 from qkvlab.attention.variant import ROLES, VariantSpec
 from qkvlab.errors import ConfigError
 
@@ -267,6 +267,6 @@ class ProjectionStrategy(FusedLinears, nn.Module):
         if fused is not None:
             out = dict(zip(self.proj.keys(), fused, strict=True))  # one product, split per group
         else:
-            out = {g: layer(x) for g, layer in self.proj.items()}  # each group computed once
+            out = {g: apply_linear(layer, x) for g, layer in self.proj.items()}  # each group computed once
         out["x"] = x
         return out[self._source["q"]], out[self._source["k"]], out[self._source["v"]]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from benchutil import env_info
 from gpu_decode import copy_bandwidth, timer
-from qkvlab.kernels.gemv import GemvConfig, _auto_config, gemv
+from qkvlab.kernels.gemv import GemvConfig, _auto_config, gemv, gemv_reference
 
 # (name, out features, in features) of the 1.28B llama shape (d_model 2048, d_ff 8192, 32 heads)
 SHAPES = [
@@ -110,6 +110,53 @@ def bench_shape(name: str, n: int, k: int, reps: int, bw: float, red) -> dict:
     )
 
 
+# the products a llama layer's norm comes before (projections, gate + up) and whose output a residual
+# add follows (output, down): what fusing each into the product saves, the product's kernel alone
+FUSED_CASES = [
+    ("norm -> q + kv fused (Q-K=V)", 4096, 2048, "norm"),
+    ("norm -> gate + up fused", 16384, 2048, "norm"),
+    ("o -> + residual", 2048, 2048, "residual"),
+    ("down -> + residual", 2048, 8192, "residual"),
+]
+
+
+def bench_fused(name: str, n: int, k: int, what: str, reps: int) -> dict:
+    """A norm before the product (F.rms_norm, then the kernel) or a residual add after it, as two
+    kernels and as one (the kernel's prologue / epilogue); microseconds a call, and the check."""
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    copies = max(1, (200 << 20) // w.numel() // 2)
+    ws = [w.clone() for _ in range(copies)]
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    nw = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+    r = torch.randn(1, n, device="cuda", dtype=torch.bfloat16)
+    it = iter(range(10**9))
+
+    def pick():
+        return ws[next(it) % copies]
+
+    if what == "norm":
+        apart = lambda: gemv(F.rms_norm(x, (k,), nw, 1e-5), pick())  # noqa: E731
+        fused = lambda: gemv(x, pick(), norm_weight=nw, eps=1e-5)  # noqa: E731
+        ref = gemv_reference(x, w, None, nw, 1e-5)
+        got = gemv(x, w, norm_weight=nw, eps=1e-5)
+    else:
+        apart = lambda: gemv(x, pick()) + r  # noqa: E731
+        fused = lambda: gemv(x, pick(), residual=r)  # noqa: E731
+        ref = gemv_reference(x, w, None, None, 1e-5, r)
+        got = gemv(x, w, residual=r)
+    us = {
+        "apart": _time(apart, reps),
+        "fused": _time(fused, reps),
+        "product alone": _time(lambda: gemv(x, pick()), reps),
+    }
+    err = (got.float() - ref.float()).abs().max().item()
+    print(
+        f"{name:32s} apart {us['apart']:7.2f} us  fused {us['fused']:7.2f} us  "
+        f"product alone {us['product alone']:7.2f} us  err {err:.1e}"
+    )
+    return dict(name=name, out_features=n, in_features=k, fused=what, us=us, max_abs_err=err)
+
+
 SMOKE_SHAPES = [("smoke, K tiled", 40, 256), ("smoke, ragged K", 37, 200)]
 
 
@@ -126,6 +173,9 @@ def smoke_shape(name: str, n: int, k: int) -> dict:
     }
     for cfg in (GemvConfig(bn, bk, 4, 1) for bn in (2, 16) for bk in (64, 256)):
         errs[f"triton {cfg.block_n}x{cfg.block_k}"] = (gemv(x, w, config=cfg).float() - ref).abs().max().item()
+    nw, r = torch.rand(k, generator=g).to(torch.bfloat16) + 0.5, torch.randn(1, n, generator=g).to(torch.bfloat16)
+    fused = gemv(x, w, norm_weight=nw, eps=1e-5, residual=r).float()
+    errs["triton, norm + residual fused"] = (fused - gemv_reference(x, w, None, nw, 1e-5, r).float()).abs().max().item()
     print(f"{name:24s} max abs error " + ", ".join(f"{s} {e:.1e}" for s, e in errs.items()))
     return dict(name=name, out_features=n, in_features=k, max_abs_err=errs, auto_config=str(_auto_config(n, k)))
 
@@ -158,7 +208,11 @@ def main() -> None:
     red = torch.compile(lambda x, w: (x.float() * w.float()).sum(-1).to(w.dtype), dynamic=False)
     for name, n, k in SHAPES:
         rows.append(bench_shape(name, n, k, args.reps, bw, red))
-    result = dict(benchmark="gpu_gemv", environment=env_info(torch.device("cuda")), copy_gb_s=bw, rows=rows)
+    print("\nnorm before / residual add after the product, as two kernels and as one:")
+    fused = [bench_fused(name, n, k, what, args.reps) for name, n, k, what in FUSED_CASES]
+    result = dict(
+        benchmark="gpu_gemv", environment=env_info(torch.device("cuda")), copy_gb_s=bw, rows=rows, fused_rows=fused
+    )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

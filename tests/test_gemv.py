@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from qkvlab import GPT, GPTConfig
 from qkvlab.attention import matvec
 from qkvlab.errors import ConfigError
-from qkvlab.kernels.gemv import HAS_TRITON, GemvConfig, gemv, gemv_unsupported_reason, resolve_config
+from qkvlab.kernels.gemv import (
+    HAS_TRITON,
+    GemvConfig,
+    gemv,
+    gemv_reference,
+    gemv_unsupported_reason,
+    resolve_config,
+)
 from qkvlab.models.decoding import StaticDecoder
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
@@ -70,6 +77,44 @@ def test_launch_shape_fields_left_zero_come_from_the_shape():
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [256, 200], ids=["even-k", "ragged-k"])
+@pytest.mark.parametrize("norm,res,bias", [(True, False, False), (False, True, True), (True, True, False)])
+def test_norm_before_and_residual_after_in_the_kernel(interpret, dtype, k, norm, res, bias):
+    """RMSNorm of the input before the product and a residual added after it, in one kernel: equal
+    to the definition (gemv_reference), and to the model's norm module followed by F.linear up to
+    the rounding of the normalised input that the model does and the kernel does not."""
+    from qkvlab.attention.positional import RMSNorm
+
+    g = torch.Generator().manual_seed(k)
+    w = (torch.randn(48, k, generator=g) / k**0.5).to(dtype)
+    x = (3 * torch.randn(1, 1, k, generator=g)).to(dtype)
+    nw = (1 + 0.1 * torch.randn(k, generator=g)).to(dtype) if norm else None
+    r = torch.randn(1, 1, 48, generator=g).to(dtype) if res else None
+    b = torch.randn(48, generator=g).to(dtype) if bias else None
+    got = gemv(x, w, b, config=GemvConfig(4, 64), norm_weight=nw, eps=1e-5, residual=r)
+    ref = gemv_reference(x, w, b, nw, 1e-5, r)
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    scale = ref.float().abs().max().item()
+    assert got.shape == (1, 1, 48) and torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol * scale)
+    model_way = x
+    if norm:
+        rms = RMSNorm(k, eps=1e-5).to(dtype)
+        rms.weight.data.copy_(nw)
+        model_way = rms(x)
+    model_way = F.linear(model_way, w, b) + (r if res else 0)
+    loose = 1e-5 if dtype == torch.float32 else 2**-5  # the model rounds twice more in bf16
+    assert torch.allclose(got.float(), model_way.float(), rtol=loose, atol=loose * scale)
+
+
+def test_norm_and_residual_fall_back_to_the_definition_where_the_kernel_cannot_run(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    w, x = torch.randn(8, 16), torch.randn(16)
+    nw, r = torch.rand(16) + 0.5, torch.randn(8)
+    assert torch.equal(gemv(x, w, norm_weight=nw, residual=r), gemv_reference(x, w, None, nw, 1e-6, r))
+
+
+@needs_triton
 def test_strided_weight_rows(interpret):
     """A weight whose rows are a slice of a wider matrix (row stride > K)."""
     g = torch.Generator().manual_seed(2)
@@ -85,6 +130,8 @@ def test_what_the_kernel_refuses_goes_to_linear(interpret):
     assert "rows" in gemv_unsupported_reason(torch.randn(2, 16), w)
     assert "dtypes" in gemv_unsupported_reason(torch.randn(16, dtype=torch.float64), w)
     assert "contiguous" in gemv_unsupported_reason(torch.randn(16), torch.randn(16, 8).t())
+    assert "norm weight" in gemv_unsupported_reason(torch.randn(16), w, norm_weight=torch.ones(15))
+    assert "residual of 7" in gemv_unsupported_reason(torch.randn(16), w, residual=torch.ones(7))
     x = torch.randn(3, 16)  # three rows: F.linear's answer, exactly
     assert torch.equal(gemv(x, w), F.linear(x, w))
 

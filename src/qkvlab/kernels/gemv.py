@@ -53,11 +53,16 @@ def _gemv_kernel(
     X,
     W,
     Bias,
+    NormW,
+    Res,
     Y,
     N,
     K,
     stride_wn,
+    eps,
     HAS_BIAS: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    HAS_RES: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -66,20 +71,35 @@ def _gemv_kernel(
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     # a short last block reads row N-1 again rather than masking every load; its stores are masked
     safe_rows = tl.minimum(rows, N - 1)
+    if HAS_NORM:  # (inv_rms exists only in this specialisation, as its only readers are under HAS_NORM)
+        # every program reduces the whole input row (a few KB, from L2) rather than wait for a
+        # separate norm kernel: the step saves that kernel's launch and its round trip to memory
+        ssq = tl.full([BLOCK_K], 0.0, tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            xs = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
+            ssq += xs * xs
+        inv_rms = tl.rsqrt(tl.reduce(ssq, 0, _sum_fn) / K + eps)
     acc = tl.full([BLOCK_N, BLOCK_K], 0.0, tl.float32)  # one reduction at the end, not per tile
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         ptrs = W + safe_rows[:, None] * stride_wn + cols[None, :]
         if EVEN_K:
-            x = tl.load(X + cols)
+            x = tl.load(X + cols).to(tl.float32)
             w = tl.load(ptrs)
+            if HAS_NORM:
+                x = x * inv_rms * tl.load(NormW + cols).to(tl.float32)
         else:
-            x = tl.load(X + cols, mask=cols < K, other=0.0)
+            x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
             w = tl.load(ptrs, mask=cols[None, :] < K, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            if HAS_NORM:
+                x = x * inv_rms * tl.load(NormW + cols, mask=cols < K, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * x[None, :]
     y = tl.reduce(acc, 1, _sum_fn)
     if HAS_BIAS:
         y += tl.load(Bias + safe_rows).to(tl.float32)
+    if HAS_RES:
+        y += tl.load(Res + safe_rows).to(tl.float32)
     tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=rows < N)
 
 
@@ -112,8 +132,14 @@ def resolve_config(config: GemvConfig | None, N: int, K: int) -> GemvConfig:
     return GemvConfig(*(g or a for g, a in zip(astuple(given), astuple(_auto_config(N, K)), strict=True)))
 
 
-def gemv_unsupported_reason(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> str | None:
-    """Why the kernel does not take these inputs (then :func:`gemv` uses ``F.linear``), or None."""
+def gemv_unsupported_reason(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> str | None:
+    """Why the kernel does not take these inputs (then :func:`gemv` computes them with PyTorch), or None."""
     if not HAS_TRITON:
         return "Triton is not installed"
     if w.device.type != "cuda" and not _interpreting():
@@ -122,19 +148,61 @@ def gemv_unsupported_reason(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor
         return f"shapes {tuple(x.shape)} x {tuple(w.shape)}"
     if x.numel() != w.shape[1]:
         return f"{x.numel() // max(w.shape[1], 1)} rows (the kernel takes one)"
-    if w.dtype not in _DTYPES or x.dtype != w.dtype or (bias is not None and bias.dtype != w.dtype):
+    extras = [t for t in (bias, norm_weight, residual) if t is not None]
+    if w.dtype not in _DTYPES or x.dtype != w.dtype or any(t.dtype != w.dtype for t in extras):
         return f"dtypes {x.dtype} / {w.dtype}"
     if w.stride(1) != 1:
         return "weight rows not contiguous"
+    if norm_weight is not None and tuple(norm_weight.shape) != (w.shape[1],):
+        return f"norm weight of shape {tuple(norm_weight.shape)} for {w.shape[1]} inputs"
+    if residual is not None and residual.numel() != w.shape[0]:
+        return f"residual of {residual.numel()} values for {w.shape[0]} outputs"
     return None
 
 
-def gemv(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, config: GemvConfig | None = None
+def gemv_reference(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``F.linear(x, w, bias)`` for an ``x`` holding one row (any leading shape of size 1)."""
-    if gemv_unsupported_reason(x, w, bias) is not None:
-        return F.linear(x, w, bias)
+    """What :func:`gemv` computes, in PyTorch: ``residual + linear(rms_norm(x) * norm_weight, w, bias)``,
+    the norm (if given) over the last dimension and everything but the output rounding in float32.
+
+    The model's own norm rounds its output to the activations' dtype before the product; the
+    kernel keeps it in float32, so in half precision the two differ by that rounding.
+    """
+    xf = x.float()
+    if norm_weight is not None:
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
+    y = F.linear(xf, w.float(), None if bias is None else bias.float())
+    if residual is not None:
+        y = y + residual.float().reshape(y.shape)
+    return y.to(w.dtype)
+
+
+def gemv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` for an ``x`` holding one row (any leading shape of size 1).
+
+    ``norm_weight`` first normalises ``x`` (RMSNorm with that weight and ``eps``) and ``residual``
+    (one value per output) is added to the result: the norm before a projection and the residual
+    add after one, in the same kernel (:func:`gemv_reference` is the definition).
+    """
+    if gemv_unsupported_reason(x, w, bias, norm_weight, residual) is not None:
+        if norm_weight is None and residual is None:
+            return F.linear(x, w, bias)
+        return gemv_reference(x, w, bias, norm_weight, eps, residual)
     N, K = w.shape
     cfg = resolve_config(config, N, K)
     xv = x.reshape(K).contiguous()
@@ -143,12 +211,17 @@ def gemv(
     kernel[(triton.cdiv(N, cfg.block_n),)](
         xv,
         w,
-        bias if bias is not None else w,  # unread without a bias
+        bias if bias is not None else w,  # the pointers of absent inputs are never read
+        norm_weight.contiguous() if norm_weight is not None else w,
+        residual.reshape(N).contiguous() if residual is not None else w,
         y,
         N,
         K,
         w.stride(0),
+        float(eps),
         HAS_BIAS=bias is not None,
+        HAS_NORM=norm_weight is not None,
+        HAS_RES=residual is not None,
         EVEN_K=K % cfg.block_k == 0,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
@@ -170,4 +243,4 @@ def _gemv_fake(x, w, bias):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
-__all__ = ["HAS_TRITON", "GemvConfig", "gemv", "gemv_op", "gemv_unsupported_reason", "resolve_config"]
+__all__ = ["HAS_TRITON", "GemvConfig", "gemv", "gemv_op", "gemv_reference", "gemv_unsupported_reason", "resolve_config"]

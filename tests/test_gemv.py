@@ -181,12 +181,18 @@ def test_static_decoder_refuses_a_bad_gemv_value():
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("variant,recipe", [("q_kv", "llama"), ("q_k_v+gqa2", "llama"), ("qkv", "gpt2")])
 def test_decode_steps_with_the_kernel_equal_those_without(interpret, variant, recipe, fuse, monkeypatch):
-    """Every one-row product of the step (projections, fused or not, output, MLP, head) through the kernel."""
+    """Every one-row product of the step (projections, fused or not, output, MLP, head) through the
+    kernel, with the block's RMSNorms and residual adds inside it where the products are fused."""
     from qkvlab.kernels import gemv as gemv_mod
 
     launched = []
     real = gemv_mod.gemv
-    monkeypatch.setattr(gemv_mod, "gemv", lambda x, w, b=None, config=None: launched.append(1) or real(x, w, b))
+
+    def spy(x, w, b=None, config=None, **kw):
+        launched.append((kw.get("norm_weight") is not None, kw.get("residual") is not None))
+        return real(x, w, b, **kw)
+
+    monkeypatch.setattr(gemv_mod, "gemv", spy)
     torch.manual_seed(0)
     cfg = GPTConfig(recipe=recipe, variant=variant, n_layers=2, d_model=32, n_heads=4, vocab_size=41, max_seq_len=32)
     model = GPT(cfg).float().eval()
@@ -201,6 +207,9 @@ def test_decode_steps_with_the_kernel_equal_those_without(interpret, variant, re
     n_proj = 1 if fuse else len(model.backbone.blocks[0].attn.qkv.proj)  # projection products per layer
     n_mlp = 2 if fuse or recipe == "gpt2" else 3
     assert len(launched) == tokens.shape[1] * (2 * (n_proj + 1 + n_mlp) + 1)  # 2 layers, then the head
+    if fuse and recipe == "llama":  # the RMSNorms before, and the residual adds after, inside the kernels
+        layer = [(True, False), (False, True), (True, False), (False, True)]  # q+kv, o, gate+up, down
+        assert launched[:9] == layer * 2 + [(False, False)]
     assert torch.allclose(logits[True], logits[False], rtol=1e-4, atol=1e-4)
 
 

@@ -147,7 +147,9 @@ def test_cuda_gemv_step_matches_cublas_step(variant, dtype, route, monkeypatch):
     steps = torch.randint(0, 512, (1, 6), device="cuda")
     launches = []
     real = gemv_mod.gemv
-    monkeypatch.setattr(gemv_mod, "gemv", lambda x, w, b=None, config=None: launches.append(w.shape) or real(x, w, b))
+    monkeypatch.setattr(
+        gemv_mod, "gemv", lambda x, w, b=None, config=None, **kw: launches.append(w.shape) or real(x, w, b, **kw)
+    )
     outs = {}
     for use in (False, route):
         cache = model.new_cache(1, 64)

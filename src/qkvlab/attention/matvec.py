@@ -13,6 +13,12 @@ The model's call sites for projections, the MLP and the head go through :func:`l
   Outside a trace it is ``F.linear`` (eagerly, the multiply would materialise the whole matrix).
 
 Anything that needs gradients keeps ``F.linear``.
+
+The call sites may also pass the norm before a product and the residual added after it
+(``linear(x, w, norm=..., residual=...)``): in the static one-token step a block hands its
+RMSNorm to its fused projections and gate+up and its residual stream to its output and down
+projections, and the kernel route computes both inside the product's kernel (the others compute
+them as separate operations, the same result).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from qkvlab.attention.positional import RMSNorm
 from qkvlab.errors import ConfigError
 
 #: What ``use_gemv`` / ``StaticDecoder(gemv=...)`` accept (True is "kernel").
@@ -59,14 +66,37 @@ def gemv_enabled() -> bool | str:
     return _ENABLED
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, or a one-row route inside :func:`use_gemv` where it applies."""
+def linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    norm: torch.nn.Module | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``residual + F.linear(norm(x), w, bias)`` (each part where given), or a one-row route inside
+    :func:`use_gemv` where it applies. The kernel route computes an :class:`RMSNorm` ``norm`` and
+    the residual add in the product's own kernel; any other norm module runs as it is."""
     if _ENABLED and x.numel() == x.shape[-1] and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
-        if _ENABLED == "kernel" and _kernel_takes(x, w, bias):
-            return torch.ops.qkvlab.gemv(x, w, bias)
+        if _ENABLED == "kernel":
+            norm_weight = _kernel_norm(norm, x)
+            if norm is not None and norm_weight is None:  # a norm the kernel does not compute: first
+                x, norm = norm(x), None
+            if _kernel_takes(x, w, bias, norm_weight, residual):
+                eps = norm.eps if norm is not None else 1e-6
+                return torch.ops.qkvlab.gemv(x, w, bias, norm_weight, eps, residual)
         if _ENABLED == "inductor" and torch.compiler.is_compiling() and w.dim() == 2:
-            return reduction_linear(x, w, bias)
-    return F.linear(x, w, bias)
+            y = reduction_linear(norm(x) if norm is not None else x, w, bias)
+            return y if residual is None else y + residual
+    y = F.linear(norm(x) if norm is not None else x, w, bias)
+    return y if residual is None else y + residual
+
+
+def _kernel_norm(norm: torch.nn.Module | None, x: torch.Tensor) -> torch.Tensor | None:
+    """The weight of a norm the kernel computes itself (qkvlab's RMSNorm in ``x``'s dtype), or None."""
+    if norm is not None and type(norm) is RMSNorm and norm.weight.dtype == x.dtype:
+        return norm.weight
+    return None
 
 
 def reduction_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,21 +107,29 @@ def reduction_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
     return y.to(w.dtype).reshape(*x.shape[:-1], w.shape[0])
 
 
-def apply_linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)``; a plain ``nn.Linear`` goes through :func:`linear` inside :func:`use_gemv`.
+def apply_linear(
+    module: torch.nn.Module,
+    x: torch.Tensor,
+    *,
+    norm: torch.nn.Module | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``residual + module(norm(x))`` (each part where given); a plain ``nn.Linear`` goes through
+    :func:`linear` inside :func:`use_gemv`.
 
     Only an exact ``nn.Linear``: a subclass or a wrapper (an adapter, a quantised layer) has its
     own forward, which is called as it is.
     """
     if _ENABLED and type(module) is torch.nn.Linear:
-        return linear(x, module.weight, module.bias)
-    return module(x)
+        return linear(x, module.weight, module.bias, norm=norm, residual=residual)
+    y = module(norm(x) if norm is not None else x)
+    return y if residual is None else y + residual
 
 
-def _kernel_takes(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def _kernel_takes(x, w, bias, norm_weight=None, residual=None) -> bool:
     from qkvlab.kernels.gemv import gemv_unsupported_reason
 
-    return gemv_unsupported_reason(x, w, bias) is None
+    return gemv_unsupported_reason(x, w, bias, norm_weight, residual) is None
 
 
 __all__ = ["GEMV_MODES", "apply_linear", "gemv_enabled", "gemv_mode", "linear", "reduction_linear", "use_gemv"]

@@ -161,9 +161,16 @@ class Attention(nn.Module):
         cache: LayerKVCache | LayerLinearState | None = None,
         padding_mask: torch.Tensor | None = None,
         need_weights: bool = False,
+        norm: nn.Module | None = None,
+        residual: torch.Tensor | None = None,
     ):
+        """``norm`` and ``residual`` (the block's input norm and its residual stream) are for the
+        static one-token step only: the output is then ``residual + attention(norm(x))``, so a
+        one-row product can take the norm and the add into its kernel (``StaticDecoder(gemv=...)``)."""
         B, T, _ = x.shape
-        q_raw, k_raw, v_raw = self.qkv(x)
+        if (norm is not None or residual is not None) and not isinstance(offset, torch.Tensor):
+            raise ConfigError("Attention takes norm= and residual= only in the static decode step (a device offset).")
+        q_raw, k_raw, v_raw = self.qkv(x, norm)
         k_src = self._heads(k_raw, self.n_kv_heads)
         v_src = k_src if self.kv_shared else self._heads(v_raw, self.n_kv_heads)
         if self.linear:
@@ -188,7 +195,7 @@ class Attention(nn.Module):
                 cache.write(offset, k_store, v_store)
         if static:
             lengths = (offset + 1).to(torch.int32).expand(B).contiguous()  # one per row, read by pointer
-            return self._project(self._decode(q, cache, lengths), B)
+            return self._project(self._decode(q, cache, lengths), B, residual)
         if cache is not None and T == 1 and padding_mask is None and not need_weights and self.pos2d is None:
             lengths = torch.full((B,), offset + 1, dtype=torch.int32, device=x.device)
             return self._project(self._decode(q, cache, lengths, length=offset + 1), B)
@@ -221,9 +228,11 @@ class Attention(nn.Module):
         y = self.o_proj(res.out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         return (y, res) if need_weights else y
 
-    def _project(self, out: torch.Tensor, B: int) -> torch.Tensor:
-        """``(B, Hq, 1, D)`` attention output of a decode step -> ``(B, 1, d_model)``."""
-        return apply_linear(self.o_proj, out.transpose(1, 2).reshape(B, 1, self.n_heads * self.head_dim))
+    def _project(self, out: torch.Tensor, B: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, Hq, 1, D)`` attention output of a decode step -> ``(B, 1, d_model)`` (+ ``residual``)."""
+        return apply_linear(
+            self.o_proj, out.transpose(1, 2).reshape(B, 1, self.n_heads * self.head_dim), residual=residual
+        )
 
     def _decode(
         self, q: torch.Tensor, cache: LayerKVCache, lengths: torch.Tensor, length: int | None = None

@@ -171,8 +171,8 @@ class FusedLinears:
         self._fused_sizes = None
         self._fused_watch, self._fused_members = [], []
 
-    def _fused_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-        """The layers' outputs from one product (views of it), or None when not fused."""
+    def _fused_outputs(self, x: torch.Tensor, norm: nn.Module | None = None) -> tuple[torch.Tensor, ...] | None:
+        """The layers' outputs from one product of ``norm(x)`` (views of it), or None when not fused."""
         if self._fused_weight is None:
             return None
         if not torch.compiler.is_compiling():
@@ -181,7 +181,7 @@ class FusedLinears:
                 return None
             if self._moved() and not self._snapshot():
                 return None
-        return linear(x, self._fused_weight, self._fused_bias).split(self._fused_sizes, dim=-1)
+        return linear(x, self._fused_weight, self._fused_bias, norm=norm).split(self._fused_sizes, dim=-1)
 
     # ------------------------------------------------------------- training / loading unfuse
     def train(self, mode: bool = True):
@@ -262,11 +262,16 @@ class ProjectionStrategy(FusedLinears, nn.Module):
     def _fusion_linears(self) -> list[nn.Linear]:
         return list(self.proj.values())
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        fused = self._fused_outputs(x)
+    def forward(
+        self, x: torch.Tensor, norm: nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The q, k, v sources of ``norm(x)`` (``norm``, where given, is the block's input norm: a
+        one-row step may compute it inside the fused product, see :mod:`qkvlab.attention.matvec`)."""
+        fused = self._fused_outputs(x, norm) if "x" not in self._source.values() else None
         if fused is not None:
             out = dict(zip(self.proj.keys(), fused, strict=True))  # one product, split per group
         else:
+            x = norm(x) if norm is not None else x
             out = {g: apply_linear(layer, x) for g, layer in self.proj.items()}  # each group computed once
         out["x"] = x
         return out[self._source["q"]], out[self._source["k"]], out[self._source["v"]]

@@ -232,14 +232,21 @@ def gemv(
 
 
 @torch.library.custom_op("qkvlab::gemv", mutates_args=())
-def gemv_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def gemv_op(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     """:func:`gemv` as ``torch.ops.qkvlab.gemv``: opaque to ``torch.compile`` (its launch shape
     is host code), so a compiled step fuses the code around it and calls the kernel as is."""
-    return gemv(x, w, bias)
+    return gemv(x, w, bias, norm_weight=norm_weight, eps=eps, residual=residual)
 
 
 @gemv_op.register_fake
-def _gemv_fake(x, w, bias):
+def _gemv_fake(x, w, bias, norm_weight=None, eps=1e-6, residual=None):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 

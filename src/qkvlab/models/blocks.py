@@ -9,7 +9,7 @@ from torch import nn
 
 from qkvlab.attention.backends import AttentionOutput
 from qkvlab.attention.cache import CacheLayout, KVCache, LinearState
-from qkvlab.attention.matvec import apply_linear
+from qkvlab.attention.matvec import apply_linear, gemv_enabled
 from qkvlab.attention.module import Attention, check_padding_mask
 from qkvlab.attention.positional import RMSNorm, Rotary
 from qkvlab.attention.projections import FusedLinears
@@ -43,12 +43,19 @@ class MLP(FusedLinears, nn.Module):
     def _fusion_linears(self) -> list[nn.Linear]:
         return [] if self.gate is None else [self.gate, self.up]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate is None:
-            return apply_linear(self.down, self.act(apply_linear(self.up, x)))
-        fused = self._fused_outputs(x)
-        gate, up = fused if fused is not None else (apply_linear(self.gate, x), apply_linear(self.up, x))
-        return apply_linear(self.down, self.act(gate) * up)
+    def forward(
+        self, x: torch.Tensor, norm: nn.Module | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``residual + mlp(norm(x))`` (each where given: the block's norm and residual stream, which a
+        one-row step may compute inside the products' kernels, see :mod:`qkvlab.attention.matvec`)."""
+        fused = self._fused_outputs(x, norm) if self.gate is not None else None
+        if fused is None:
+            x = norm(x) if norm is not None else x
+            if self.gate is None:
+                return apply_linear(self.down, self.act(apply_linear(self.up, x)), residual=residual)
+            fused = (apply_linear(self.gate, x), apply_linear(self.up, x))
+        gate, up = fused
+        return apply_linear(self.down, self.act(gate) * up, residual=residual)
 
 
 class Block(nn.Module):
@@ -78,6 +85,11 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, *, offset=0, cache=None, padding_mask=None, need_weights=False):
+        if isinstance(offset, torch.Tensor) and gemv_enabled() and not self.training and not self.attn.linear:
+            # The static one-token step with one-row products on: the norms and residual adds go
+            # to the products (the kernel route computes them in the products' own kernels).
+            x = self.attn(x, offset=offset, cache=cache, norm=self.norm1, residual=x)
+            return self.mlp(x, norm=self.norm2, residual=x)
         a = self.attn(self.norm1(x), offset=offset, cache=cache, padding_mask=padding_mask, need_weights=need_weights)
         a, info = a if need_weights else (a, None)
         x = x + self.drop(a)

@@ -110,19 +110,22 @@ def bench_shape(name: str, n: int, k: int, reps: int, bw: float, red) -> dict:
     )
 
 
-# the products a llama layer's norm comes before (projections, gate + up) and whose output a residual
-# add follows (output, down): what fusing each into the product saves, the product's kernel alone
+# the products a llama layer's norm comes before (projections, gate + up), whose output a residual
+# add follows (output, down), and SwiGLU's product before the down projection: what fusing each
+# into the product saves, beside the product's kernel alone
 FUSED_CASES = [
     ("norm -> q + kv fused (Q-K=V)", 4096, 2048, "norm"),
     ("norm -> gate + up fused", 16384, 2048, "norm"),
     ("o -> + residual", 2048, 2048, "residual"),
     ("down -> + residual", 2048, 8192, "residual"),
+    ("silu(gate) * up -> down", 2048, 8192, "glu"),
 ]
 
 
 def bench_fused(name: str, n: int, k: int, what: str, reps: int) -> dict:
-    """A norm before the product (F.rms_norm, then the kernel) or a residual add after it, as two
-    kernels and as one (the kernel's prologue / epilogue); microseconds a call, and the check."""
+    """A norm before the product (F.rms_norm, then the kernel), a residual add after it or SwiGLU's
+    silu(gate) * up before the down projection, as two kernels and as one (the kernel's prologue /
+    epilogue); microseconds a call, and the check."""
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
     copies = max(1, (200 << 20) // w.numel() // 2)
     ws = [w.clone() for _ in range(copies)]
@@ -139,6 +142,13 @@ def bench_fused(name: str, n: int, k: int, what: str, reps: int) -> dict:
         fused = lambda: gemv(x, pick(), norm_weight=nw, eps=1e-5)  # noqa: E731
         ref = gemv_reference(x, w, None, nw, 1e-5)
         got = gemv(x, w, norm_weight=nw, eps=1e-5)
+    elif what == "glu":
+        gate_up = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16)
+        gate, up = gate_up.chunk(2, dim=-1)
+        apart = lambda: gemv(F.silu(gate) * up, pick())  # noqa: E731
+        fused = lambda: gemv(gate_up, pick(), glu=True)  # noqa: E731
+        ref = gemv_reference(gate_up, w, glu=True)
+        got = gemv(gate_up, w, glu=True)
     else:
         apart = lambda: gemv(x, pick()) + r  # noqa: E731
         fused = lambda: gemv(x, pick(), residual=r)  # noqa: E731
@@ -176,6 +186,9 @@ def smoke_shape(name: str, n: int, k: int) -> dict:
     nw, r = torch.rand(k, generator=g).to(torch.bfloat16) + 0.5, torch.randn(1, n, generator=g).to(torch.bfloat16)
     fused = gemv(x, w, norm_weight=nw, eps=1e-5, residual=r).float()
     errs["triton, norm + residual fused"] = (fused - gemv_reference(x, w, None, nw, 1e-5, r).float()).abs().max().item()
+    gate_up = torch.randn(1, 2 * k, generator=g).to(torch.bfloat16)
+    glu = (gemv(gate_up, w, glu=True).float() - gemv_reference(gate_up, w, glu=True).float()).abs().max().item()
+    errs["triton, swiglu input made inside"] = glu
     print(f"{name:24s} max abs error " + ", ".join(f"{s} {e:.1e}" for s, e in errs.items()))
     return dict(name=name, out_features=n, in_features=k, max_abs_err=errs, auto_config=str(_auto_config(n, k)))
 

@@ -107,6 +107,21 @@ def test_norm_before_and_residual_after_in_the_kernel(interpret, dtype, k, norm,
     assert torch.allclose(got.float(), model_way.float(), rtol=loose, atol=loose * scale)
 
 
+@needs_triton
+@pytest.mark.parametrize("k", [256, 200], ids=["even-k", "ragged-k"])
+def test_swiglu_input_made_in_the_kernel(interpret, k):
+    """glu: the input is [gate | up] and the product reads silu(gate) * up, with a residual after."""
+    g = torch.Generator().manual_seed(k + 1)
+    w = torch.randn(24, k, generator=g) / k**0.5
+    gate_up = torch.randn(1, 1, 2 * k, generator=g)
+    r = torch.randn(1, 1, 24, generator=g)
+    got = gemv(gate_up, w, config=GemvConfig(4, 64), residual=r, glu=True)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.allclose(got, F.linear(F.silu(gate) * up, w) + r, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(matvec.swiglu_linear(gate_up, w, residual=r), got, rtol=1e-5, atol=1e-5)
+    assert "glu" in gemv_unsupported_reason(torch.randn(1, k), w, glu=True)
+
+
 def test_norm_and_residual_fall_back_to_the_definition_where_the_kernel_cannot_run(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     w, x = torch.randn(8, 16), torch.randn(16)
@@ -182,14 +197,14 @@ def test_static_decoder_refuses_a_bad_gemv_value():
 @pytest.mark.parametrize("variant,recipe", [("q_kv", "llama"), ("q_k_v+gqa2", "llama"), ("qkv", "gpt2")])
 def test_decode_steps_with_the_kernel_equal_those_without(interpret, variant, recipe, fuse, monkeypatch):
     """Every one-row product of the step (projections, fused or not, output, MLP, head) through the
-    kernel, with the block's RMSNorms and residual adds inside it where the products are fused."""
+    kernel, with the block's RMSNorms, residual adds and SwiGLU inside it where the products are fused."""
     from qkvlab.kernels import gemv as gemv_mod
 
     launched = []
     real = gemv_mod.gemv
 
     def spy(x, w, b=None, config=None, **kw):
-        launched.append((kw.get("norm_weight") is not None, kw.get("residual") is not None))
+        launched.append((kw.get("norm_weight") is not None, kw.get("residual") is not None, kw.get("glu", False)))
         return real(x, w, b, **kw)
 
     monkeypatch.setattr(gemv_mod, "gemv", spy)
@@ -207,9 +222,9 @@ def test_decode_steps_with_the_kernel_equal_those_without(interpret, variant, re
     n_proj = 1 if fuse else len(model.backbone.blocks[0].attn.qkv.proj)  # projection products per layer
     n_mlp = 2 if fuse or recipe == "gpt2" else 3
     assert len(launched) == tokens.shape[1] * (2 * (n_proj + 1 + n_mlp) + 1)  # 2 layers, then the head
-    if fuse and recipe == "llama":  # the RMSNorms before, and the residual adds after, inside the kernels
-        layer = [(True, False), (False, True), (True, False), (False, True)]  # q+kv, o, gate+up, down
-        assert launched[:9] == layer * 2 + [(False, False)]
+    if fuse and recipe == "llama":  # the RMSNorms, the residual adds and SwiGLU inside the kernels
+        layer = [(True, False, False), (False, True, False), (True, False, False), (False, True, True)]
+        assert launched[:9] == layer * 2 + [(False, False, False)]  # q+kv, o, gate+up, down; then the head
     assert torch.allclose(logits[True], logits[False], rtol=1e-4, atol=1e-4)
 
 

@@ -18,7 +18,8 @@ The call sites may also pass the norm before a product and the residual added af
 (``linear(x, w, norm=..., residual=...)``): in the static one-token step a block hands its
 RMSNorm to its fused projections and gate+up and its residual stream to its output and down
 projections, and the kernel route computes both inside the product's kernel (the others compute
-them as separate operations, the same result).
+them as separate operations, the same result). Likewise SwiGLU's ``silu(gate) * up`` is made by
+the down projection's kernel as it reads the fused gate and up products (:func:`swiglu_linear`).
 """
 
 from __future__ import annotations
@@ -92,6 +93,22 @@ def linear(
     return y if residual is None else y + residual
 
 
+def swiglu_linear(
+    gate_up: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``residual + F.linear(silu(gate) * up, w, bias)`` for ``gate_up = [gate | up]`` (SwiGLU's
+    fused gate and up products side by side): the kernel route makes the input as it reads it."""
+    if (
+        _ENABLED == "kernel"
+        and gate_up.numel() == gate_up.shape[-1]
+        and not (torch.is_grad_enabled() and (gate_up.requires_grad or w.requires_grad))
+        and _kernel_takes(gate_up, w, bias, None, residual, glu=True)
+    ):
+        return torch.ops.qkvlab.gemv(gate_up, w, bias, None, 1e-6, residual, True)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, w, bias, residual=residual)
+
+
 def _kernel_norm(norm: torch.nn.Module | None, x: torch.Tensor) -> torch.Tensor | None:
     """The weight of a norm the kernel computes itself (qkvlab's RMSNorm in ``x``'s dtype), or None."""
     if norm is not None and type(norm) is RMSNorm and norm.weight.dtype == x.dtype:
@@ -126,10 +143,19 @@ def apply_linear(
     return y if residual is None else y + residual
 
 
-def _kernel_takes(x, w, bias, norm_weight=None, residual=None) -> bool:
+def _kernel_takes(x, w, bias, norm_weight=None, residual=None, glu=False) -> bool:
     from qkvlab.kernels.gemv import gemv_unsupported_reason
 
-    return gemv_unsupported_reason(x, w, bias, norm_weight, residual) is None
+    return gemv_unsupported_reason(x, w, bias, norm_weight, residual, glu) is None
 
 
-__all__ = ["GEMV_MODES", "apply_linear", "gemv_enabled", "gemv_mode", "linear", "reduction_linear", "use_gemv"]
+__all__ = [
+    "GEMV_MODES",
+    "apply_linear",
+    "gemv_enabled",
+    "gemv_mode",
+    "linear",
+    "reduction_linear",
+    "swiglu_linear",
+    "use_gemv",
+]

@@ -173,6 +173,11 @@ class FusedLinears:
 
     def _fused_outputs(self, x: torch.Tensor, norm: nn.Module | None = None) -> tuple[torch.Tensor, ...] | None:
         """The layers' outputs from one product of ``norm(x)`` (views of it), or None when not fused."""
+        product = self._fused_product(x, norm)
+        return None if product is None else product.split(self._fused_sizes, dim=-1)
+
+    def _fused_product(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor | None:
+        """The one product of ``norm(x)`` with the fused matrix (the layers' outputs side by side), or None."""
         if self._fused_weight is None:
             return None
         if not torch.compiler.is_compiling():
@@ -181,7 +186,7 @@ class FusedLinears:
                 return None
             if self._moved() and not self._snapshot():
                 return None
-        return linear(x, self._fused_weight, self._fused_bias, norm=norm).split(self._fused_sizes, dim=-1)
+        return linear(x, self._fused_weight, self._fused_bias, norm=norm)
 
     # ------------------------------------------------------------- training / loading unfuse
     def train(self, mode: bool = True):

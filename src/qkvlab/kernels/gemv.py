@@ -63,6 +63,7 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_NORM: tl.constexpr,
     HAS_RES: tl.constexpr,
+    GLU: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -89,11 +90,15 @@ def _gemv_kernel(
             w = tl.load(ptrs)
             if HAS_NORM:
                 x = x * inv_rms * tl.load(NormW + cols).to(tl.float32)
+            if GLU:  # X holds [gate | up]: the input is silu(gate) * up, made here
+                x = x / (1.0 + tl.exp(-x)) * tl.load(X + K + cols).to(tl.float32)
         else:
             x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
             w = tl.load(ptrs, mask=cols[None, :] < K, other=0.0)
             if HAS_NORM:
                 x = x * inv_rms * tl.load(NormW + cols, mask=cols < K, other=0.0).to(tl.float32)
+            if GLU:
+                x = x / (1.0 + tl.exp(-x)) * tl.load(X + K + cols, mask=cols < K, other=0.0).to(tl.float32)
         acc += w.to(tl.float32) * x[None, :]
     y = tl.reduce(acc, 1, _sum_fn)
     if HAS_BIAS:
@@ -138,16 +143,20 @@ def gemv_unsupported_reason(
     bias: torch.Tensor | None = None,
     norm_weight: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    glu: bool = False,
 ) -> str | None:
     """Why the kernel does not take these inputs (then :func:`gemv` computes them with PyTorch), or None."""
     if not HAS_TRITON:
         return "Triton is not installed"
     if w.device.type != "cuda" and not _interpreting():
         return f"weights on {w.device.type} (the kernel needs CUDA, or TRITON_INTERPRET=1 on a CPU)"
-    if w.dim() != 2 or x.shape[-1] != w.shape[1]:
-        return f"shapes {tuple(x.shape)} x {tuple(w.shape)}"
-    if x.numel() != w.shape[1]:
-        return f"{x.numel() // max(w.shape[1], 1)} rows (the kernel takes one)"
+    width = 2 * w.shape[1] if glu and w.dim() == 2 else w.shape[-1]  # [gate | up] for glu
+    if w.dim() != 2 or x.shape[-1] != width:
+        return f"shapes {tuple(x.shape)} x {tuple(w.shape)}" + (" (glu: the input is [gate | up])" if glu else "")
+    if x.numel() != width:
+        return f"{x.numel() // max(width, 1)} rows (the kernel takes one)"
+    if glu and norm_weight is not None:
+        return "a norm and glu together"
     extras = [t for t in (bias, norm_weight, residual) if t is not None]
     if w.dtype not in _DTYPES or x.dtype != w.dtype or any(t.dtype != w.dtype for t in extras):
         return f"dtypes {x.dtype} / {w.dtype}"
@@ -167,14 +176,19 @@ def gemv_reference(
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     residual: torch.Tensor | None = None,
+    glu: bool = False,
 ) -> torch.Tensor:
     """What :func:`gemv` computes, in PyTorch: ``residual + linear(rms_norm(x) * norm_weight, w, bias)``,
-    the norm (if given) over the last dimension and everything but the output rounding in float32.
+    the norm (if given) over the last dimension and everything but the output rounding in float32;
+    with ``glu``, ``x`` is ``[gate | up]`` and the product's input is ``silu(gate) * up``.
 
     The model's own norm rounds its output to the activations' dtype before the product; the
     kernel keeps it in float32, so in half precision the two differ by that rounding.
     """
     xf = x.float()
+    if glu:
+        gate, up = xf.chunk(2, dim=-1)
+        xf = F.silu(gate) * up
     if norm_weight is not None:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
     y = F.linear(xf, w.float(), None if bias is None else bias.float())
@@ -192,20 +206,22 @@ def gemv(
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     residual: torch.Tensor | None = None,
+    glu: bool = False,
 ) -> torch.Tensor:
     """``F.linear(x, w, bias)`` for an ``x`` holding one row (any leading shape of size 1).
 
     ``norm_weight`` first normalises ``x`` (RMSNorm with that weight and ``eps``) and ``residual``
     (one value per output) is added to the result: the norm before a projection and the residual
-    add after one, in the same kernel (:func:`gemv_reference` is the definition).
+    add after one, in the same kernel (:func:`gemv_reference` is the definition). With ``glu``,
+    ``x`` is SwiGLU's ``[gate | up]`` and the kernel makes ``silu(gate) * up`` as it reads them.
     """
-    if gemv_unsupported_reason(x, w, bias, norm_weight, residual) is not None:
-        if norm_weight is None and residual is None:
+    if gemv_unsupported_reason(x, w, bias, norm_weight, residual, glu) is not None:
+        if norm_weight is None and residual is None and not glu:
             return F.linear(x, w, bias)
-        return gemv_reference(x, w, bias, norm_weight, eps, residual)
+        return gemv_reference(x, w, bias, norm_weight, eps, residual, glu)
     N, K = w.shape
     cfg = resolve_config(config, N, K)
-    xv = x.reshape(K).contiguous()
+    xv = x.reshape(-1).contiguous()
     y = torch.empty(N, device=w.device, dtype=w.dtype)
     kernel = _kernel(_interpreting())
     kernel[(triton.cdiv(N, cfg.block_n),)](
@@ -222,6 +238,7 @@ def gemv(
         HAS_BIAS=bias is not None,
         HAS_NORM=norm_weight is not None,
         HAS_RES=residual is not None,
+        GLU=glu,
         EVEN_K=K % cfg.block_k == 0,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
@@ -239,14 +256,15 @@ def gemv_op(
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     residual: torch.Tensor | None = None,
+    glu: bool = False,
 ) -> torch.Tensor:
     """:func:`gemv` as ``torch.ops.qkvlab.gemv``: opaque to ``torch.compile`` (its launch shape
     is host code), so a compiled step fuses the code around it and calls the kernel as is."""
-    return gemv(x, w, bias, norm_weight=norm_weight, eps=eps, residual=residual)
+    return gemv(x, w, bias, norm_weight=norm_weight, eps=eps, residual=residual, glu=glu)
 
 
 @gemv_op.register_fake
-def _gemv_fake(x, w, bias, norm_weight=None, eps=1e-6, residual=None):
+def _gemv_fake(x, w, bias, norm_weight=None, eps=1e-6, residual=None, glu=False):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from qkvlab.attention.backends import AttentionOutput
 from qkvlab.attention.cache import CacheLayout, KVCache, LinearState
-from qkvlab.attention.matvec import apply_linear, gemv_enabled
+from qkvlab.attention.matvec import apply_linear, gemv_enabled, swiglu_linear
 from qkvlab.attention.module import Attention, check_padding_mask
 from qkvlab.attention.positional import RMSNorm, Rotary
 from qkvlab.attention.projections import FusedLinears
@@ -48,6 +48,17 @@ class MLP(FusedLinears, nn.Module):
     ) -> torch.Tensor:
         """``residual + mlp(norm(x))`` (each where given: the block's norm and residual stream, which a
         one-row step may compute inside the products' kernels, see :mod:`qkvlab.attention.matvec`)."""
+        if (
+            self.gate is not None
+            and gemv_enabled() == "kernel"
+            and type(self.act) is nn.SiLU
+            and type(self.down) is nn.Linear
+            and self._fused_weight is not None
+        ):
+            # the one-row kernel makes silu(gate) * up as the down projection reads [gate | up]
+            product = self._fused_product(x, norm)
+            if product is not None:
+                return swiglu_linear(product, self.down.weight, self.down.bias, residual=residual)
         fused = self._fused_outputs(x, norm) if self.gate is not None else None
         if fused is None:
             x = norm(x) if norm is not None else x

@@ -291,3 +291,22 @@ def test_generate_checks_the_gemv_value_at_the_call():
     with pytest.raises(ConfigError, match="needs compile=True"):
         model.stream(prompt, 2, gemv="inductor")
     assert model.generate(prompt, 2, gemv=True).shape == (1, 6)  # on a CPU: F.linear, the same step
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", ["k_v", "kv"])
+def test_identity_roles_read_the_normalised_input_with_the_kernel(interpret, variant):
+    """A role that is the input itself (Q = x) needs norm(x) as a tensor: the block's norm is applied
+    before the fused product there, and the step still equals the plain one."""
+    torch.manual_seed(1)
+    cfg = GPTConfig(recipe="llama", variant=variant, n_layers=2, d_model=32, n_heads=4, vocab_size=41, max_seq_len=32)
+    model = GPT(cfg).float().eval()
+    prompt = torch.randint(0, 41, (1, 5))
+    tokens = torch.randint(0, 41, (1, 3))
+    logits = {}
+    for use in (False, True):
+        cache = model.new_cache(1, 16)
+        model.prefill(prompt, cache)
+        dec = StaticDecoder(model, cache, cuda_graph=False, fuse=True, gemv=use)
+        logits[use] = torch.stack([dec.step(tokens[:, t]) for t in range(tokens.shape[1])], 1)
+    assert torch.allclose(logits[True], logits[False], rtol=1e-4, atol=1e-4)

@@ -272,7 +272,9 @@ class ProjectionStrategy(FusedLinears, nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The q, k, v sources of ``norm(x)`` (``norm``, where given, is the block's input norm: a
         one-row step may compute it inside the fused product, see :mod:`qkvlab.attention.matvec`)."""
-        fused = self._fused_outputs(x, norm) if "x" not in self._source.values() else None
+        if norm is not None and "x" in self._source.values():
+            x, norm = norm(x), None  # a role that is the (normalised) input itself needs it as a tensor
+        fused = self._fused_outputs(x, norm)
         if fused is not None:
             out = dict(zip(self.proj.keys(), fused, strict=True))  # one product, split per group
         else:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from benchutil import env_info
 from gpu_decode import copy_bandwidth, timer
+from qkvlab.attention.matvec import reduction_linear
 from qkvlab.kernels.gemv import GemvConfig, _auto_config, gemv, gemv_reference
 
 # (name, out features, in features) of the 1.28B llama shape (d_model 2048, d_ff 8192, 32 heads)
@@ -53,17 +54,19 @@ def _time(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def bench_shape(name: str, n: int, k: int, reps: int, bw: float, red) -> dict:
+def rotating_weights(n: int, k: int):
+    """A bf16 ``(n, k)`` weight and a function returning it or one of its copies in turn: about
+    200 MB in all, so that consecutive calls in a captured graph do not read from L2."""
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
-    # several copies so that consecutive calls in the graph do not hit L2 (50 MB on an H100)
-    copies = max(1, (200 << 20) // w.numel() // 2)
-    ws = [w.clone() for _ in range(copies)]
+    ws = [w, *(w.clone() for _ in range(max(1, (200 << 20) // w.numel() // 2) - 1))]
+    turn = iter(range(10**9))
+    return w, lambda: ws[next(turn) % len(ws)]
+
+
+def bench_shape(name: str, n: int, k: int, reps: int, bw: float, red) -> dict:
+    w, pick = rotating_weights(n, k)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     ref = F.linear(x.float(), w.float())
-    it = iter(range(10**9))
-
-    def pick():
-        return ws[next(it) % copies]
 
     y_red = red(x, w)
     y_tri = gemv(x, w)
@@ -126,16 +129,10 @@ def bench_fused(name: str, n: int, k: int, what: str, reps: int) -> dict:
     """A norm before the product (F.rms_norm, then the kernel), a residual add after it or SwiGLU's
     silu(gate) * up before the down projection, as two kernels and as one (the kernel's prologue /
     epilogue); microseconds a call, and the check."""
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
-    copies = max(1, (200 << 20) // w.numel() // 2)
-    ws = [w.clone() for _ in range(copies)]
+    w, pick = rotating_weights(n, k)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     nw = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
     r = torch.randn(1, n, device="cuda", dtype=torch.bfloat16)
-    it = iter(range(10**9))
-
-    def pick():
-        return ws[next(it) % copies]
 
     if what == "norm":
         apart = lambda: gemv(F.rms_norm(x, (k,), nw, 1e-5), pick())  # noqa: E731
@@ -218,7 +215,7 @@ def main() -> None:
     rows = []
     print(f"copy bandwidth {bw:,.0f} GB/s on {torch.cuda.get_device_name()}")
     print(f"{'weight':24s} {'MB':>6s} {'cuBLAS us':>10s} {'inductor us':>12s} {'triton us':>10s}  fraction of copy bw")
-    red = torch.compile(lambda x, w: (x.float() * w.float()).sum(-1).to(w.dtype), dynamic=False)
+    red = torch.compile(reduction_linear, dynamic=False)  # what StaticDecoder(gemv="inductor") traces
     for name, n, k in SHAPES:
         rows.append(bench_shape(name, n, k, args.reps, bw, red))
     print("\nnorm before / residual add after the product, as two kernels and as one:")

@@ -48,6 +48,17 @@ def gemv_mode(mode: object) -> bool | str:
     raise ConfigError(f"gemv must be one of {GEMV_MODES}, got {mode!r}.")
 
 
+def check_gemv(mode: object, compile: bool | str) -> bool | str:
+    """:func:`gemv_mode` of ``mode``, refusing the Inductor route without ``compile``."""
+    mode = gemv_mode(mode)
+    if mode == "inductor" and not compile:
+        raise ConfigError(
+            "gemv='inductor' has Inductor generate the matrix-vector products, so it needs compile=True "
+            "(or a compile mode); without compiling use gemv=True (qkvlab's kernel)."
+        )
+    return mode
+
+
 @contextlib.contextmanager
 def use_gemv(mode: bool | str = True) -> Iterator[None]:
     """Route one-row :func:`linear` calls inside the block (a decode step); see the module doc."""
@@ -152,6 +163,7 @@ def _kernel_takes(x, w, bias, norm_weight=None, residual=None, glu=False) -> boo
 __all__ = [
     "GEMV_MODES",
     "apply_linear",
+    "check_gemv",
     "gemv_enabled",
     "gemv_mode",
     "linear",

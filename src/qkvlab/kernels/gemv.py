@@ -14,11 +14,12 @@ and accumulates in float32 (as cuBLAS does for half inputs).
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import astuple, dataclass
 
 import torch
 import torch.nn.functional as F
+
+from qkvlab.kernels.kv_decode import _interpreting
 
 try:  # Triton is optional: F.linear is always there.
     import triton
@@ -114,17 +115,10 @@ def _kernel(interpret: bool):
     return triton.jit(_gemv_kernel)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def _auto_config(N: int, K: int) -> GemvConfig:
-    """Many small programs, each streaming a few whole rows in wide tiles.
-
-    A sweep of launch shapes over the projections of a 1.28B llama model on an H100
-    (``benchmarks/gpu_gemv.py``) put the best at 2-4 rows by 1,024 columns, four warps: narrow
-    blocks give a 2048-row projection a thousand programs, and wide tiles keep many loads in flight.
-    """
+    """Many small programs, each streaming a few whole rows in wide tiles: narrow blocks give a
+    2048-row projection about a thousand programs, and wide tiles keep many loads in flight
+    (``benchmarks/gpu_gemv.py`` sweeps the alternatives; docs/benchmarks.md has what it found)."""
     block_k = 1024
     while block_k > 16 and block_k > K:
         block_k //= 2

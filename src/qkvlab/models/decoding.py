@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from qkvlab.attention.cache import KVCache
-from qkvlab.attention.matvec import gemv_mode, use_gemv
+from qkvlab.attention.matvec import check_gemv, use_gemv
 from qkvlab.attention.projections import FusedLinears, check_fuse, fuse_projections, fusion_epoch
 from qkvlab.errors import ConfigError
 
@@ -125,12 +125,7 @@ class StaticDecoder:
         self.model = model
         self.cache = cache
         self._fuse = bool(fuse)
-        self._gemv = gemv_mode(gemv)
-        if self._gemv == "inductor" and not compile:
-            raise ConfigError(
-                "gemv='inductor' has Inductor generate the matrix-vector products, so it needs compile=True "
-                "(or a compile mode); without compiling use gemv=True (qkvlab's kernel)."
-            )
+        self._gemv = check_gemv(gemv, compile)
         self._fusable = [m for m in model.modules() if isinstance(m, FusedLinears)]
         self._sync_fusion()
         self.use_graph = device.type == "cuda" and cuda_graph in (True, "auto")

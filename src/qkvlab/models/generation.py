@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qkvlab.attention.cache import KVCache, LinearState
-from qkvlab.attention.matvec import gemv_mode
+from qkvlab.attention.matvec import check_gemv
 from qkvlab.attention.projections import check_fuse, fuse_projections
 from qkvlab.errors import ConfigError
 
@@ -356,12 +356,7 @@ def run(
     if cuda_graph not in (True, False, "auto"):
         raise ConfigError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}.")
     fuse = check_fuse(fuse, model)
-    gemv = gemv_mode(gemv)
-    if gemv == "inductor" and not compile:
-        raise ConfigError(
-            "gemv='inductor' has Inductor generate the matrix-vector products, so it needs compile=True "
-            "(or a compile mode); without compiling use gemv=True (qkvlab's kernel)."
-        )
+    gemv = check_gemv(gemv, compile)
     if compile and (not use_cache or cfg.variant.linear):
         raise ConfigError(
             "compile=True compiles the static decode step over a KV cache: it needs use_cache=True and "

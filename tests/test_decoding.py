@@ -116,14 +116,20 @@ def test_generate_with_static_steps_matches_recompute():
 @pytest.mark.parametrize("variant", ["q_kv", "q_k_v", "q_kv+mqa", "q_kv+rope+qknorm"])
 def test_static_step_takes_the_decode_kernel_under_the_interpreter(variant, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    calls = []
+    calls, steps = [], []
     real = qkvlab.kernels.decode_attention
+    real_step = qkvlab.kernels.kv_decode.decode_attention_step
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("shared_kv"))
         return real(*args, **kwargs)
 
+    def spy_step(*args, **kwargs):  # (q, k_new, v_new, k_cache, v_cache, ...): v_cache None if shared
+        steps.append(args[4] is None)
+        return real_step(*args, **kwargs)
+
     monkeypatch.setattr(qkvlab.kernels, "decode_attention", spy)
+    monkeypatch.setattr(qkvlab.kernels.kv_decode, "decode_attention_step", spy_step)
     model = small_gpt(variant, "llama", dtype=torch.float32, n_heads=2)  # head dim 16: the kernel's minimum
     prompt = torch.randint(0, 41, (2, 9))
     tokens = torch.randint(0, 41, (2, 3))
@@ -133,10 +139,12 @@ def test_static_step_takes_the_decode_kernel_under_the_interpreter(variant, monk
     set_decode_backend(model, "triton")
     _, sta = run_both(model, prompt, tokens, max_len=16)
     torch.testing.assert_close(sta, dyn, rtol=2e-4, atol=2e-4)
-    # the static steps (3 steps x 2 layers) took the kernel; the dynamic run of the same call
-    # takes it too for a shared cache with a key transform, so count only what must be there
+    # the static steps (3 steps x 2 layers) took the whole-step kernel (cache write and RoPE in
+    # the same launch); the dynamic run of the same call takes the attention kernel too for a
+    # shared cache with a key transform, so count only what must be there
     shared = model.config.variant.kv_shared
-    assert calls.count(shared) >= 2 * 3 and set(calls) == {shared}
+    assert steps == [shared] * (2 * 3)
+    assert set(calls) <= {shared}
 
 
 def test_static_decoder_errors():
@@ -200,19 +208,20 @@ def test_compiled_static_step_equals_the_eager_one(variant, mode):
 @needs_cc
 @needs_interpreter
 def test_compiled_static_step_calls_the_decode_kernel_as_an_operator(monkeypatch):
-    """Under compile the kernel is torch.ops.qkvlab.decode_attention, traced as opaque and run as is."""
+    """Under compile the whole-step kernel is torch.ops.qkvlab.decode_attention_step, traced as
+    opaque (it writes the caches in place) and run as is."""
     from qkvlab.kernels import kv_decode
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     torch._dynamo.reset()
     calls = []
-    real = kv_decode.decode_attention
+    real = kv_decode.decode_attention_step
 
     def spy(*args, **kwargs):
-        calls.append(kwargs.get("shared_kv"))
+        calls.append(args[4] is None)  # a shared cache passes no v_cache
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(kv_decode, "decode_attention", spy)  # what the operator calls at run time
+    monkeypatch.setattr(kv_decode, "decode_attention_step", spy)  # what the operator calls at run time
     model = small_gpt("q_kv+rope", "llama", dtype=torch.float32, n_heads=2)  # head dim 16
     prompt = torch.randint(0, 41, (2, 6))
     tokens = torch.randint(0, 41, (2, 3))

@@ -192,6 +192,22 @@ def test_static_decoder_refuses_a_bad_gemv_value():
         StaticDecoder(model, cache, cuda_graph=False, gemv="inductor")
 
 
+def test_auto_takes_the_kernel_on_cuda_only(monkeypatch):
+    """"auto" (the default) is the kernel on a CUDA device where Triton is installed, else off;
+    the switch itself takes only a decided route."""
+    from qkvlab.kernels import gemv as gemv_module
+
+    model = GPT(GPTConfig(recipe="llama", variant="q_kv", n_layers=1, d_model=32, n_heads=4, vocab_size=41)).eval()
+    assert StaticDecoder(model, model.new_cache(1, 8), cuda_graph=False)._gemv is False  # a CPU cache
+    assert matvec.resolve_gemv("auto", torch.device("cuda")) == ("kernel" if gemv_module.HAS_TRITON else False)
+    monkeypatch.setattr(gemv_module, "HAS_TRITON", False)
+    assert matvec.resolve_gemv("auto", torch.device("cuda")) is False
+    for mode in (False, "kernel", "inductor"):
+        assert matvec.resolve_gemv(mode, torch.device("cuda")) == mode
+    with pytest.raises(ConfigError, match="gemv must be one of"), matvec.use_gemv("auto"):
+        pass
+
+
 @needs_triton
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize(

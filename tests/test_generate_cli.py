@@ -139,7 +139,7 @@ def test_generate_refuses_bad_sampling_values(run_dir, flag, value, message):
 def test_generate_gemv_values_are_checked(run_dir):
     base = ["generate", str(run_dir), "--device", "cpu", "--prompt", "def", "--max-new-tokens", "4"]
     bad = CliRunner().invoke(app, [*base, "--gemv", "fast"])
-    assert bad.exit_code != 0 and "--gemv must be none, kernel or inductor" in str(bad.exception)
+    assert bad.exit_code != 0 and "--gemv must be auto, none, kernel or inductor" in str(bad.exception)
     alone = CliRunner().invoke(app, [*base, "--gemv", "inductor"])
     assert alone.exit_code != 0 and "add --compile" in str(alone.exception)
     a, b = CliRunner().invoke(app, base), CliRunner().invoke(app, [*base, "--gemv", "kernel"])

@@ -115,12 +115,18 @@ def test_ragged_batch_through_the_decode_kernel(variant, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     lengths = []
     real = qkvlab.kernels.decode_attention
+    real_step = qkvlab.kernels.kv_decode.decode_attention_step
 
     def spy(*args, **kwargs):
         lengths.append(args[3].tolist())
         return real(*args, **kwargs)
 
+    def spy_step(*args, **kwargs):  # the step writing its cache entry at args[5], the positions
+        lengths.append((args[5].reshape(-1) + 1).tolist())
+        return real_step(*args, **kwargs)
+
     monkeypatch.setattr(qkvlab.kernels, "decode_attention", spy)
+    monkeypatch.setattr(qkvlab.kernels.kv_decode, "decode_attention_step", spy_step)
     model = small_gpt(variant, dtype=torch.float32, n_heads=2)  # head dim 16: the kernel's minimum
     idx, mask = padded(ROWS)
     forced = torch.randint(0, V, (3, 2), generator=torch.Generator().manual_seed(3))

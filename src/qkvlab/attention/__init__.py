@@ -3,6 +3,7 @@
 from qkvlab.attention.backends import (
     AttentionOutput,
     DecodeStep,
+    StepWrite,
     available_backends,
     get_backend,
     register_backend,
@@ -28,6 +29,7 @@ __all__ = [
     "ProjectionStrategy",
     "RMSNorm",
     "Rotary",
+    "StepWrite",
     "VariantSpec",
     "available_backends",
     "get_backend",

@@ -180,6 +180,25 @@ def sdpa_attention(
 
 # --------------------------------------------------------------------------- decode backends
 @dataclass(frozen=True)
+class StepWrite:
+    """The static step's cache write, for a decode backend to do in its own launch.
+
+    ``k_new`` ``(B, Hkv, 1, D)``: the raw ``s`` of a shared cache, else the new key: unrotated
+    if ``rope_new``, which has the backend rotate it at its position. ``v_new``: the new value
+    (None when shared). ``positions``: the slot of each row, 0-d or ``(B,)``, on the device; the
+    step's lengths are ``positions + 1``. ``rope_q``: the step's query is unrotated too.
+    ``rope_table``: ``(cos, sin)``, the model's RoPE tables, for those rotations.
+    """
+
+    k_new: torch.Tensor
+    v_new: torch.Tensor | None
+    positions: torch.Tensor
+    rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+    rope_q: bool = False
+    rope_new: bool = False
+
+
+@dataclass(frozen=True)
 class DecodeStep:
     """One new token per row attending over a whole KV cache: what a decode backend computes.
 
@@ -191,18 +210,21 @@ class DecodeStep:
     ``0 .. lengths[b] - 1``. ``length``: the one length of every row when the host knows it
     (an eager step), else None (a step captured in a CUDA graph reads it on the device).
     The result is ``(B, Hq, 1, D)``; see :mod:`qkvlab.kernels.kv_decode` for the exact semantics.
+    ``write``: the new token's entry is not in the cache yet; only a backend registered with
+    ``writes=True`` runs such a step, writing it first (``lengths`` is then None).
     """
 
     q: torch.Tensor
     k_cache: torch.Tensor
     v_cache: torch.Tensor
-    lengths: torch.Tensor
+    lengths: torch.Tensor | None
     scale: float
     rope_cos: torch.Tensor | None = None
     rope_sin: torch.Tensor | None = None
     k_norm_weight: torch.Tensor | None = None
     eps: float = 1e-6
     length: int | None = None
+    write: StepWrite | None = None
 
     @property
     def shared_kv(self) -> bool:
@@ -226,11 +248,12 @@ _DECODE_BACKENDS: dict[str, DecodeBackend] = {}
 TORCH_DECODE = "torch"
 
 
-def register_decode_backend(name: str, *, supports, auto_devices: tuple[str, ...] = ("cuda",)):
+def register_decode_backend(name: str, *, supports, auto_devices: tuple[str, ...] = ("cuda",), writes: bool = False):
     """Decorator: register ``fn(step) -> (B, Hq, 1, D)`` as decode backend ``name``.
 
     ``supports(step) -> bool`` says whether ``fn`` runs ``step``; ``auto_devices``: the device
-    types on which ``"auto"`` tries it (named explicitly, it is tried on any device).
+    types on which ``"auto"`` tries it (named explicitly, it is tried on any device);
+    ``writes``: it also runs steps with a :class:`StepWrite`.
     """
     if name in ("auto", TORCH_DECODE):
         raise ValueError(f"{name!r} is a reserved decode choice, not a backend name")
@@ -238,6 +261,7 @@ def register_decode_backend(name: str, *, supports, auto_devices: tuple[str, ...
     def deco(fn):
         fn.supports = supports
         fn.auto_devices = tuple(auto_devices)
+        fn.writes = writes
         _DECODE_BACKENDS[name] = fn
         return fn
 
@@ -269,6 +293,8 @@ def select_decode_backend(choice: str, step: DecodeStep) -> DecodeBackend | None
         candidates = [b for b in _DECODE_BACKENDS.values() if step.q.device.type in b.auto_devices]
     else:
         candidates = [_DECODE_BACKENDS[choice]]
+    if step.write is not None:
+        candidates = [b for b in candidates if getattr(b, "writes", False)]
     return next((b for b in candidates if b.supports(step)), None)
 
 
@@ -284,11 +310,13 @@ def _triton_supports(step: DecodeStep) -> bool:
     return kv_decode.decode_unsupported_reason(step.q, step.k_cache, step.v_cache, **step.key_role) is None
 
 
-@register_decode_backend("triton", supports=_triton_supports)
+@register_decode_backend("triton", supports=_triton_supports, writes=True)
 def triton_decode(step: DecodeStep) -> torch.Tensor:
     """The split-K Triton kernel; inside ``torch.compile`` the opaque operator that wraps it."""
     from qkvlab import kernels
 
+    if step.write is not None:
+        return _triton_decode_write(step)
     if torch.compiler.is_compiling():
         return torch.ops.qkvlab.decode_attention(
             step.q,
@@ -311,5 +339,45 @@ def triton_decode(step: DecodeStep) -> torch.Tensor:
         eps=step.eps,
         shared_kv=step.shared_kv,
         max_length=step.length,
+        **step.key_role,
+    )
+
+
+def _triton_decode_write(step: DecodeStep) -> torch.Tensor:
+    """The step with its cache write and rotations in the same launch."""
+    from qkvlab.kernels import kv_decode
+
+    w = step.write
+    shared = step.shared_kv
+    table = w.rope_table if w.rope_table is not None else (None, None)
+    if torch.compiler.is_compiling():
+        return torch.ops.qkvlab.decode_attention_step(
+            step.q,
+            w.k_new,
+            None if shared else w.v_new,
+            step.k_cache,
+            None if shared else step.v_cache,
+            w.positions,
+            step.scale,
+            *table,
+            w.rope_q,
+            w.rope_new,
+            step.rope_cos,
+            step.rope_sin,
+            step.k_norm_weight,
+            step.eps,
+        )
+    return kv_decode.decode_attention_step(
+        step.q,
+        w.k_new,
+        None if shared else w.v_new,
+        step.k_cache,
+        None if shared else step.v_cache,
+        w.positions,
+        scale=step.scale,
+        rope_table=w.rope_table,
+        rope_q=w.rope_q,
+        rope_new=w.rope_new,
+        eps=step.eps,
         **step.key_role,
     )

@@ -33,30 +33,44 @@ import torch.nn.functional as F
 from qkvlab.attention.positional import RMSNorm
 from qkvlab.errors import ConfigError
 
-#: What ``use_gemv`` / ``StaticDecoder(gemv=...)`` accept (True is "kernel").
-GEMV_MODES = (False, True, "kernel", "inductor")
+#: What ``StaticDecoder(gemv=...)`` accepts (True is "kernel"; ``use_gemv`` takes all but "auto").
+GEMV_MODES = ("auto", False, True, "kernel", "inductor")
 
 _ENABLED: bool | str = False  # False, "kernel" or "inductor"
 
 
-def gemv_mode(mode: object) -> bool | str:
-    """``mode`` as False, ``"kernel"`` or ``"inductor"``; anything else is a :class:`ConfigError`."""
+def gemv_mode(mode: object, *, allow_auto: bool = False) -> bool | str:
+    """``mode`` as False, ``"kernel"`` or ``"inductor"`` (or ``"auto"`` where allowed); anything
+    else is a :class:`ConfigError`."""
     if mode is True:
         return "kernel"
-    if mode is False or mode in ("kernel", "inductor"):
+    if mode is False or mode in ("kernel", "inductor") or (allow_auto and mode == "auto"):
         return mode
     raise ConfigError(f"gemv must be one of {GEMV_MODES}, got {mode!r}.")
 
 
 def check_gemv(mode: object, compile: bool | str) -> bool | str:
-    """:func:`gemv_mode` of ``mode``, refusing the Inductor route without ``compile``."""
-    mode = gemv_mode(mode)
+    """:func:`gemv_mode` of ``mode`` (``"auto"`` allowed), refusing the Inductor route without ``compile``."""
+    mode = gemv_mode(mode, allow_auto=True)
     if mode == "inductor" and not compile:
         raise ConfigError(
             "gemv='inductor' has Inductor generate the matrix-vector products, so it needs compile=True "
             "(or a compile mode); without compiling use gemv=True (qkvlab's kernel)."
         )
     return mode
+
+
+def resolve_gemv(mode: bool | str, device: torch.device) -> bool | str:
+    """A checked ``mode`` with ``"auto"`` decided for ``device``: the kernel on CUDA where Triton
+    is installed (it reads the weights closer to the copy rate than cuBLAS's one-row products,
+    measured in docs/benchmarks.md), else False."""
+    if mode != "auto":
+        return mode
+    if device.type != "cuda":
+        return False
+    from qkvlab.kernels.gemv import HAS_TRITON
+
+    return "kernel" if HAS_TRITON else False
 
 
 @contextlib.contextmanager
@@ -168,6 +182,7 @@ __all__ = [
     "gemv_mode",
     "linear",
     "reduction_linear",
+    "resolve_gemv",
     "swiglu_linear",
     "use_gemv",
 ]

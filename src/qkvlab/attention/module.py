@@ -33,6 +33,7 @@ from qkvlab.attention import linear as linear_attn
 from qkvlab.attention.backends import (
     AttentionOutput,
     DecodeStep,
+    StepWrite,
     check_decode_choice,
     get_backend,
     select_decode_backend,
@@ -178,6 +179,10 @@ class Attention(nn.Module):
         static = isinstance(offset, torch.Tensor)  # a device position: the graph-safe decode step
         if static and (not isinstance(cache, LayerKVCache) or self.pos2d is not None):
             raise ConfigError("Static decoding needs a KV cache and a causal model without the 2D fix.")
+        if static:
+            fused = self._write_and_decode(q_raw, k_src, v_src, offset, cache)
+            if fused is not None:
+                return self._project(fused, B, residual)
         # The key role of the new tokens; a shared K=V cache re-derives it on read instead.
         needs_k_new = cache is None or not self.kv_shared or self.qk_shared
         k_new = self.key_role(k_src, offset) if needs_k_new else k_src
@@ -233,6 +238,47 @@ class Attention(nn.Module):
         return apply_linear(
             self.o_proj, out.transpose(1, 2).reshape(B, 1, self.n_heads * self.head_dim), residual=residual
         )
+
+    def _write_and_decode(
+        self, q_raw: torch.Tensor, k_src: torch.Tensor, v_src: torch.Tensor, offset: torch.Tensor, cache: LayerKVCache
+    ) -> torch.Tensor | None:
+        """The static step's cache write, rotations and attention in one decode-backend launch,
+        where the chosen backend writes (a step's small kernels around the attention cost it a
+        launch and a gap each). Norms of the query or key roles are applied here first; RoPE is
+        left to the backend. None: no backend takes the step, and it runs op by op."""
+        rope = self.rotary is not None
+        query_norm = self.k_norm if self.qk_shared else self.q_norm
+        q_src = k_src if self.qk_shared else self._heads(q_raw, self.n_heads)
+        rope_q = rope and query_norm is None
+        q = q_src if rope_q else self.query_role(q_src, offset)
+        if self.kv_shared:  # the raw s is stored; the key role is derived on read
+            k_new, v_new, rope_new = k_src, None, False
+        else:
+            rope_new = rope and self.k_norm is None
+            k_new, v_new = (k_src if rope_new else self.key_role(k_src, offset)), v_src
+        cache.owner._check(k_new, 1)
+        derive = self.kv_shared and self.key_transformed
+        step = DecodeStep(
+            q,
+            cache.k,
+            cache.v,
+            None,
+            self.scale,
+            rope_cos=self.rotary.cos if derive and rope else None,
+            rope_sin=self.rotary.sin if derive and rope else None,
+            k_norm_weight=self.k_norm.weight if derive and self.k_norm is not None else None,
+            eps=self.k_norm.eps if self.k_norm is not None else 1e-6,
+            write=StepWrite(
+                k_new,
+                v_new,
+                offset,
+                rope_table=(self.rotary.cos, self.rotary.sin) if rope else None,
+                rope_q=rope_q,
+                rope_new=rope_new,
+            ),
+        )
+        backend = select_decode_backend(self.decode_backend, step)
+        return None if backend is None else backend(step)
 
     def _decode(
         self, q: torch.Tensor, cache: LayerKVCache, lengths: torch.Tensor, length: int | None = None

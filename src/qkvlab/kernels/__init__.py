@@ -11,6 +11,8 @@ from qkvlab.kernels.kv_decode import (
     DecodeConfig,
     decode_attention,
     decode_attention_reference,
+    decode_attention_step,
+    decode_attention_step_reference,
     decode_unsupported_reason,
 )
 
@@ -18,5 +20,7 @@ __all__ = [
     "DecodeConfig",
     "decode_attention",
     "decode_attention_reference",
+    "decode_attention_step",
+    "decode_attention_step_reference",
     "decode_unsupported_reason",
 ]

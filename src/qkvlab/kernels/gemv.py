@@ -19,7 +19,7 @@ from dataclasses import astuple, dataclass
 import torch
 import torch.nn.functional as F
 
-from qkvlab.kernels.kv_decode import _interpreting
+from qkvlab.kernels.kv_decode import _gdc_launch_dependents, _gdc_wait, _interpreting, _pdl_supported
 
 try:  # Triton is optional: F.linear is always there.
     import triton
@@ -68,8 +68,16 @@ def _gemv_kernel(
     EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if PDL:
+        # Launched as a programmatic dependent of the kernel before it: this program may already
+        # be resident while that one finishes, so it waits for its results before reading any
+        # input, then lets the next product launch in turn. A step's chain of products (and the
+        # decode combine before them) thus overlaps each launch with the previous kernel's tail.
+        _gdc_wait()
+        _gdc_launch_dependents()
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     # a short last block reads row N-1 again rather than masking every load; its stores are masked
     safe_rows = tl.minimum(rows, N - 1)
@@ -217,7 +225,9 @@ def gemv(
     cfg = resolve_config(config, N, K)
     xv = x.reshape(-1).contiguous()
     y = torch.empty(N, device=w.device, dtype=w.dtype)
-    kernel = _kernel(_interpreting())
+    interpreting = _interpreting()
+    pdl = w.device.type == "cuda" and not interpreting and _pdl_supported(w.device.index or 0)
+    kernel = _kernel(interpreting)
     kernel[(triton.cdiv(N, cfg.block_n),)](
         xv,
         w,
@@ -236,8 +246,10 @@ def gemv(
         EVEN_K=K % cfg.block_k == 0,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
+        PDL=pdl,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return y.reshape(*x.shape[:-1], N)
 

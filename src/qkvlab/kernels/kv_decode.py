@@ -49,6 +49,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     HAS_TRITON = False
 
 _LOG2E = 1.4426950408889634
+_gdc_launch_dependents = _gdc_wait = None  # set below where Triton has them
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -253,6 +254,8 @@ def _decode_split_kernel(
     Opart,
     LSEpart,
     Out,
+    Knew,
+    Vnew,
     stride_qb,
     stride_qh,
     stride_kb,
@@ -264,6 +267,11 @@ def _decode_split_kernel(
     stride_ob,
     stride_oh,
     stride_cs,
+    stride_l,
+    stride_nkb,
+    stride_nkh,
+    stride_nvb,
+    stride_nvh,
     n_kv_heads,
     n_q_heads,
     seq_len,
@@ -288,6 +296,10 @@ def _decode_split_kernel(
     NORM_DOT: tl.constexpr,
     PDL: tl.constexpr,
     TABLE_LO: tl.constexpr,
+    LENS_POS: tl.constexpr,
+    WRITE_NEW: tl.constexpr,
+    ROPE_Q: tl.constexpr,
+    ROPE_NEW: tl.constexpr,
 ):
     """One program = one (batch row, KV head, split of the sequence).
 
@@ -310,12 +322,24 @@ def _decode_split_kernel(
     directly; else the split's normalised partial output and its log2-sum-exp go to ``Opart`` /
     ``LSEpart`` for the combine kernel, which (``PDL``) is launched as a programmatic dependent
     while the last splits finish: each program signals it once its results are stored.
+
+    The static decode step's work around the attention, in the same launch: ``LENS_POS``:
+    ``Lens`` holds each row's new position (``stride_l`` 0 for one shared by all rows) and the
+    length is one more; ``ROPE_Q``: ``Q`` is the unrotated query, rotated here at that position;
+    ``WRITE_NEW``: the program whose split holds the new position first stores the new token's
+    entry (``Knew``, and ``Vnew`` for separate caches; ``ROPE_NEW``: the key rotated here) into
+    the cache, then reads it back with the rest of its split. No other program reads that slot.
     """
+    if PDL:  # launched as a programmatic dependent too: the kernel before it may still be running
+        _gdc_wait()
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // n_kv_heads).to(tl.int64)  # 64-bit row / head offsets: caches can pass 2^31 elements
     kvh = (pid_bh % n_kv_heads).to(tl.int64)
-    length = tl.minimum(tl.load(Lens + b).to(tl.int32), seq_len)  # never read past the cache
+    stored = tl.load(Lens + b * stride_l).to(tl.int32)
+    if LENS_POS:
+        stored = stored + 1  # a position: the new token attends to itself and what comes before
+    length = tl.minimum(stored, seq_len)  # never read past the cache
     start = split * split_len
     end = tl.minimum(start + split_len, length)
     if split == num_splits - 1:
@@ -327,9 +351,39 @@ def _decode_split_kernel(
     g_mask = offs_g < G
     heads = kvh * G + offs_g
 
+    last = length - 1  # the new token's position
+    if WRITE_NEW:
+        if split == tl.minimum(last // split_len, num_splits - 1):
+            n_ptr = Knew + b * stride_nkb + kvh * stride_nkh + offs_d
+            n1 = tl.load(n_ptr)
+            n2 = tl.load(n_ptr + HALF)
+            if ROPE_NEW:  # in float32, rounded once: as the model's rotation computes it
+                cn = tl.load(Cos + last * stride_cs + offs_d).to(tl.float32)
+                sn = tl.load(Sin + last * stride_cs + offs_d).to(tl.float32)
+                f1 = n1.to(tl.float32)
+                f2 = n2.to(tl.float32)
+                n1 = f1 * cn - f2 * sn
+                n2 = f2 * cn + f1 * sn
+            k_slot = K + b * stride_kb + kvh * stride_kh + last * stride_ks + offs_d
+            tl.store(k_slot, n1.to(K.dtype.element_ty))
+            tl.store(k_slot + HALF, n2.to(K.dtype.element_ty))
+            if not SHARED:
+                nv_ptr = Vnew + b * stride_nvb + kvh * stride_nvh + offs_d
+                v_slot = V + b * stride_vb + kvh * stride_vh + last * stride_vs + offs_d
+                tl.store(v_slot, tl.load(nv_ptr).to(V.dtype.element_ty))
+                tl.store(v_slot + HALF, tl.load(nv_ptr + HALF).to(V.dtype.element_ty))
+        tl.debug_barrier()  # the slot's stores are visible to the whole program before its loads
+
     q_rows = Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
     q1 = tl.load(q_rows, mask=g_mask[:, None], other=0.0)
     q2 = tl.load(q_rows + HALF, mask=g_mask[:, None], other=0.0)
+    if ROPE_Q:
+        cq = tl.load(Cos + last * stride_cs + offs_d).to(tl.float32)[None, :]
+        sq = tl.load(Sin + last * stride_cs + offs_d).to(tl.float32)[None, :]
+        fq1 = q1.to(tl.float32)
+        fq2 = q2.to(tl.float32)
+        q1 = (fq1 * cq - fq2 * sq).to(q1.dtype)
+        q2 = (fq2 * cq + fq1 * sq).to(q2.dtype)
     if (not USE_DOT) or DOT_F32:
         q1 = q1.to(tl.float32)
         q2 = q2.to(tl.float32)
@@ -490,6 +544,7 @@ def _decode_combine_kernel(
     s_mask = offs_s < num_splits
     if PDL:
         _gdc_wait()  # every split has finished and its stores are visible
+        _gdc_launch_dependents()  # the output projection (a dependent too, on one row) may launch
     lse = tl.load(LSEpart + row * num_splits + offs_s, mask=s_mask, other=float("-inf"))
     m = tl.reduce(lse, 0, _max_fn)
     m = tl.where(m == float("-inf"), 0.0, m)
@@ -718,7 +773,6 @@ def decode_attention(
     q3, v_cache, lengths, four_d = _check_args(
         q, k_cache, v_cache, lengths, rope_cos, rope_sin, k_norm_weight, shared_kv
     )
-    cfg = config or DecodeConfig()
     key_role = dict(rope_cos=rope_cos, rope_sin=rope_sin, k_norm_weight=k_norm_weight)
     reason = decode_unsupported_reason(q3, k_cache, v_cache, **key_role)
     if reason is not None:
@@ -731,19 +785,56 @@ def decode_attention(
         if out is None:
             return res
         return out.copy_(res.reshape(out.shape))
+    res = _launch(
+        q3, k_cache, v_cache, lengths, scale=scale, eps=eps, max_length=max_length, config=config, out=out, **key_role
+    )
+    if out is not None:
+        return out
+    return res.unsqueeze(2) if four_d else res
+
+
+def _launch(
+    q3: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    scale: float,
+    rope_cos: torch.Tensor | None,
+    rope_sin: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    eps: float,
+    max_length: int | None = None,
+    config: DecodeConfig | None = None,
+    out: torch.Tensor | None = None,
+    positions: bool = False,
+    new: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    table: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rope_q: bool = False,
+    rope_new: bool = False,
+) -> torch.Tensor:
+    """Launch the kernels on checked, supported inputs; returns ``(B, Hq, D)``.
+
+    ``positions``: ``lengths`` holds positions (stride 0 for one shared by all rows); ``new``:
+    the ``(B, Hkv, D)`` entries to write there first; ``table``: the RoPE tables that
+    ``rope_q`` / ``rope_new`` rotate the query / the new key with (``rope_cos`` / ``rope_sin``
+    are the key role's, derived on read from a shared cache).
+    """
+    cfg = config or DecodeConfig()
     B, Hq, D = q3.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv
     S_hint = min(S, max_length) if max_length else S
     shared = v_cache is k_cache or (v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride())
     has_rope = rope_cos is not None
+    if table is None and has_rope:
+        table = (rope_cos, rope_sin)
     gp, block_n, num_warps, num_stages, use_dot = _plan(G, D, cfg, rotated_shared=shared and has_rope)
     n_tiles = max(1, _cdiv(S_hint, block_n))
     interpreting = _interpreting()
     split_kernel, combine_kernel = _kernels(interpreting)
 
     lengths = lengths.to(q3.device)
-    result = out
     if out is None:
         out = torch.empty((B, Hq, D), dtype=q3.dtype, device=q3.device)
     elif out.dtype != q3.dtype or out.numel() != B * Hq * D or not out.is_contiguous():
@@ -752,8 +843,9 @@ def decode_attention(
     # The interpreter's tl.dot mishandles bfloat16 operands: it then multiplies in float32.
     dot_f32 = q3.dtype == torch.float32 or (q3.dtype == torch.bfloat16 and interpreting)
     pdl = q3.device.type == "cuda" and not interpreting and _pdl_supported(q3.device.index or 0)
-    cos = rope_cos if has_rope else out
-    sin = rope_sin if has_rope else out
+    cos, sin = table if table is not None else (out, out)
+    k_new, v_new = new if new is not None else (out, None)
+    v_new = k_new if v_new is None else v_new
     weight = k_norm_weight if k_norm_weight is not None else out
     consts = dict(
         G=G,
@@ -775,6 +867,10 @@ def decode_attention(
         NORM_DOT=use_dot and q3.dtype == torch.bfloat16,
         PDL=pdl,
         TABLE_LO=min(16, block_n),
+        LENS_POS=positions,
+        WRITE_NEW=new is not None,
+        ROPE_Q=rope_q,
+        ROPE_NEW=rope_new,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -791,17 +887,22 @@ def decode_attention(
             o_part,
             lse_part,
             out,
+            k_new,
+            v_new,
             *q3.stride()[:2],
             *k_cache.stride()[:3],
             *v_cache.stride()[:3],
             *out.stride()[:2],
-            cos.stride(0) if has_rope else 0,
+            cos.stride(0) if table is not None else 0,
+            lengths.stride(0),
+            *k_new.stride()[:2],
+            *v_new.stride()[:2],
             Hkv,
             Hq,
             S,
             split_len,
             splits,
-            cos.shape[0] if has_rope else 0,
+            cos.shape[0] if table is not None else 0,
             float(scale) * _LOG2E,
             float(eps),
         )
@@ -814,7 +915,13 @@ def decode_attention(
 
             def compile_split_kernel():
                 part = torch.empty(2, dtype=torch.float32, device=q3.device)
-                return split_kernel.warmup(*args(part, part, block_n, 2), grid=(1,), ONE_SPLIT=False, **consts)
+                return split_kernel.warmup(
+                    *args(part, part, block_n, 2),
+                    grid=(1,),
+                    ONE_SPLIT=False,
+                    **consts,
+                    **({"launch_pdl": True} if pdl else {}),
+                )
 
             _resident_per_sm(compile_split_kernel, key)
         resident = _RESIDENT[key]
@@ -826,7 +933,12 @@ def decode_attention(
         lse_part = torch.empty((B * Hq, splits), dtype=torch.float32, device=q3.device)
     else:
         o_part = lse_part = out  # unused
-    split_kernel[(B * Hkv, splits)](*args(o_part, lse_part, split_len, splits), ONE_SPLIT=splits == 1, **consts)
+    split_kernel[(B * Hkv, splits)](
+        *args(o_part, lse_part, split_len, splits),
+        ONE_SPLIT=splits == 1,
+        **consts,
+        **({"launch_pdl": True} if pdl else {}),
+    )
     if splits > 1:
         combine_kernel[(B * Hq,)](
             o_part,
@@ -842,9 +954,7 @@ def decode_attention(
             num_warps=4 if D >= 128 else 2,
             **({"launch_pdl": True} if pdl else {}),
         )
-    if result is not None:
-        return result
-    return out.unsqueeze(2) if four_d else out
+    return out
 
 
 @torch.library.custom_op("qkvlab::decode_attention", mutates_args=())
@@ -886,11 +996,202 @@ def _decode_attention_fake(q, k_cache, v_cache, lengths, scale, rope_cos, rope_s
     return q.new_empty(q.shape)  # (B, Hq, D) or (B, Hq, 1, D), contiguous, as the kernel returns
 
 
+# --------------------------------------------------------------------------- the whole step
+def _step_args(q, k_new, v_new, k_cache, v_cache, positions, rope_table, rope_q, rope_new):
+    """Validate a step's extra arguments; returns (k_new3, v_new3 or None, positions (B,) int64)."""
+    B = q.shape[0]
+    k3 = k_new[:, :, 0] if k_new.dim() == 4 else k_new
+    shape = (B, k_cache.shape[1], k_cache.shape[3])
+    if tuple(k3.shape) != shape:
+        raise ValueError(f"k_new must be {shape} (or with a length-1 third dim), got {tuple(k_new.shape)}")
+    v3 = None
+    if v_cache is not None and v_cache is not k_cache:
+        if v_new is None:
+            raise ValueError("separate K and V caches need v_new")
+        v3 = v_new[:, :, 0] if v_new.dim() == 4 else v_new
+        if tuple(v3.shape) != shape:
+            raise ValueError(f"v_new must be {shape} (or with a length-1 third dim), got {tuple(v_new.shape)}")
+    elif v_new is not None:
+        raise ValueError("a shared K=V cache takes k_new only (v_new must be None)")
+    if positions.dtype.is_floating_point or positions.dtype == torch.bool or positions.numel() not in (1, B):
+        got = f"{positions.dtype} {tuple(positions.shape)}"
+        raise ValueError(f"positions must be integers, one or {B} of them; got {got}")
+    if (rope_q or rope_new) and rope_table is None:
+        raise ValueError("rope_q / rope_new need the RoPE tables (rope_table)")
+    return k3, v3, positions.reshape(-1).expand(B)
+
+
+def _rotate(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor], pos: torch.Tensor) -> torch.Tensor:
+    """RoPE of ``x`` ``(B, H, D)`` at one position per row, in float32, rounded once to x's dtype."""
+    c = table[0].index_select(0, pos).float()[:, None, :]
+    sn = table[1].index_select(0, pos).float()[:, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * c - x2 * sn, x2 * c + x1 * sn], dim=-1).to(x.dtype)
+
+
+def decode_attention_step_reference(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor | None,
+    positions: torch.Tensor,
+    *,
+    scale: float,
+    rope_table: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rope_q: bool = False,
+    rope_new: bool = False,
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """What :func:`decode_attention_step` computes, in PyTorch: write the new entry, then attend.
+
+    Row ``b`` stores ``k_new[b]`` (rotated at ``positions[b]`` if ``rope_new``) and, for
+    separate caches, ``v_new[b]`` at slot ``positions[b]`` of its caches (mutated in place),
+    then its query (rotated there if ``rope_q``) attends to slots ``0 .. positions[b]`` as
+    :func:`decode_attention_reference` defines it.
+    """
+    shared = v_cache is None or v_cache is k_cache
+    cache_v = None if shared else v_cache
+    k3, v3, pos = _step_args(q, k_new, v_new, k_cache, cache_v, positions, rope_table, rope_q, rope_new)
+    four_d = q.dim() == 4
+    q3 = q[:, :, 0] if four_d else q
+    pos = pos.to(device=k_cache.device, dtype=torch.long)
+    if rope_q:
+        q3 = _rotate(q3, rope_table, pos)
+    if rope_new:
+        k3 = _rotate(k3, rope_table, pos)
+    rows = torch.arange(q3.shape[0], device=k_cache.device)
+    k_cache[rows, :, pos] = k3.to(k_cache.dtype)
+    if not shared:
+        v_cache[rows, :, pos] = v3.to(v_cache.dtype)
+    out = decode_attention_reference(
+        q3,
+        k_cache,
+        None if shared else v_cache,
+        pos + 1,
+        scale=scale,
+        rope_cos=rope_cos,
+        rope_sin=rope_sin,
+        k_norm_weight=k_norm_weight,
+        eps=eps,
+        shared_kv=shared,
+    )
+    return out.unsqueeze(2) if four_d else out
+
+
+def decode_attention_step(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor | None,
+    positions: torch.Tensor,
+    *,
+    scale: float,
+    rope_table: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rope_q: bool = False,
+    rope_new: bool = False,
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """One whole decode step of a layer in one launch: write the new token's cache entry at
+    ``positions``, rotate what RoPE still has to rotate, attend (see
+    :func:`decode_attention_step_reference` for the definition).
+
+    A static decode step otherwise spends a small kernel on each of these (the query's
+    rotation, the key's rotation and write, the value's write, the lengths), each costing a
+    launch and a gap of the same order as its work. ``q`` ``(B, Hq, D)`` or ``(B, Hq, 1, D)``;
+    ``k_new`` / ``v_new`` ``(B, Hkv, D)`` or ``(B, Hkv, 1, D)`` (``v_new`` None for a shared
+    cache, whose ``k_new`` is the raw ``s``); ``positions``: one integer per row, or one for
+    all rows, on the device (a CUDA graph replays it); each must be below the cache length (not
+    checked: no device sync). ``rope_table``: ``(cos, sin)`` ``(R, D/2)``; ``rope_cos`` /
+    ``rope_sin`` / ``k_norm_weight`` derive a shared cache's key role on read, as in
+    :func:`decode_attention`; ``config`` as there. Inputs the kernel does not take run the
+    reference.
+    """
+    shared = v_cache is None or v_cache is k_cache
+    cache_v = k_cache if shared else v_cache
+    k3, v3, pos = _step_args(q, k_new, v_new, k_cache, cache_v, positions, rope_table, rope_q, rope_new)
+    q3, _, _, four_d = _check_args(
+        q, k_cache, None if shared else v_cache, pos, rope_cos, rope_sin, k_norm_weight, shared
+    )
+    key_role = dict(rope_cos=rope_cos, rope_sin=rope_sin, k_norm_weight=k_norm_weight)
+    reason = decode_unsupported_reason(q3, k_cache, cache_v, **key_role)
+    if reason is None:
+        for name, t in (("k_new", k3), ("v_new", v3)):
+            if t is not None and (t.dtype != k_cache.dtype or not _aligned(t) or t.device != k_cache.device):
+                reason = f"{name} is not a {k_cache.dtype} tensor on {k_cache.device} with 16-byte aligned rows"
+        if rope_table is not None and any(t.stride(-1) != 1 or t.device != k_cache.device for t in rope_table):
+            reason = "the RoPE tables are not contiguous in their last dim on the cache's device"
+    if reason is not None:
+        return decode_attention_step_reference(
+            q, k_new, v_new, k_cache, v_cache, positions, scale=scale, rope_table=rope_table,
+            rope_q=rope_q, rope_new=rope_new, eps=eps, **key_role,
+        )  # fmt: skip
+    res = _launch(
+        q3,
+        k_cache,
+        cache_v,
+        pos.to(k_cache.device),
+        scale=scale,
+        eps=eps,
+        positions=True,
+        new=(k3, v3),
+        table=rope_table if (rope_q or rope_new) else None,
+        rope_q=rope_q,
+        rope_new=rope_new,
+        config=config,
+        **key_role,
+    )
+    return res.unsqueeze(2) if four_d else res
+
+
+@torch.library.custom_op("qkvlab::decode_attention_step", mutates_args=("k_cache", "v_cache"))
+def decode_attention_step_op(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor | None,
+    positions: torch.Tensor,
+    scale: float,
+    rope_table_cos: torch.Tensor | None,
+    rope_table_sin: torch.Tensor | None,
+    rope_q: bool,
+    rope_new: bool,
+    rope_cos: torch.Tensor | None,
+    rope_sin: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """:func:`decode_attention_step` as ``torch.ops.qkvlab.decode_attention_step``, which
+    mutates the caches (``v_cache`` None for a shared one); a compiled step calls it as is."""
+    table = None if rope_table_cos is None else (rope_table_cos, rope_table_sin)
+    return decode_attention_step(
+        q, k_new, v_new, k_cache, v_cache, positions, scale=scale, rope_table=table, rope_q=rope_q,
+        rope_new=rope_new, rope_cos=rope_cos, rope_sin=rope_sin, k_norm_weight=k_norm_weight, eps=eps,
+    )  # fmt: skip
+
+
+@decode_attention_step_op.register_fake
+def _decode_attention_step_fake(q, k_new, v_new, k_cache, v_cache, positions, *args):
+    return q.new_empty(q.shape)
+
+
 __all__ = [
     "HAS_TRITON",
     "DecodeConfig",
     "decode_attention",
     "decode_attention_op",
     "decode_attention_reference",
+    "decode_attention_step",
+    "decode_attention_step_op",
+    "decode_attention_step_reference",
     "decode_unsupported_reason",
 ]

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from qkvlab.attention.cache import KVCache
-from qkvlab.attention.matvec import check_gemv, use_gemv
+from qkvlab.attention.matvec import check_gemv, resolve_gemv, use_gemv
 from qkvlab.attention.projections import FusedLinears, check_fuse, fuse_projections, fusion_epoch
 from qkvlab.errors import ConfigError
 
@@ -85,8 +85,9 @@ class StaticDecoder:
             mode). It costs a second copy of the fused matrices and stays fused after the decoder (``model.train()`` or
             :func:`~qkvlab.attention.projections.unfuse_projections` undoes it).
         gemv: how a batch-1 step computes its matrix-vector products (projections, MLP, head),
-            whose cuBLAS tiles leave most of a large card idle on a narrow output: False (the
-            default: ``F.linear``), True or ``"kernel"`` (qkvlab's one-row Triton kernel,
+            whose cuBLAS tiles leave most of a large card idle on a narrow output: ``"auto"``
+            (the default: the kernel on CUDA with Triton, else ``F.linear``), False
+            (``F.linear``), True or ``"kernel"`` (qkvlab's one-row Triton kernel,
             :mod:`qkvlab.kernels.gemv`, on CUDA) or ``"inductor"`` (with ``compile``: Inductor
             generates each product as a reduction and may fuse it with the code around it). See
             :mod:`qkvlab.attention.matvec`. Rows of a larger batch keep ``F.linear``.
@@ -101,7 +102,7 @@ class StaticDecoder:
         warmup: int = 2,
         compile: bool | str = False,
         fuse: bool | str = False,
-        gemv: bool | str = False,
+        gemv: bool | str = "auto",
     ):
         check_fuse(fuse, model)  # "auto" is decided at each fusion sync, as the mode may change
         if cuda_graph not in (True, False, "auto"):
@@ -125,7 +126,7 @@ class StaticDecoder:
         self.model = model
         self.cache = cache
         self._fuse = bool(fuse)
-        self._gemv = check_gemv(gemv, compile)
+        self._gemv = resolve_gemv(check_gemv(gemv, compile), cache.device)
         self._fusable = [m for m in model.modules() if isinstance(m, FusedLinears)]
         self._sync_fusion()
         self.use_graph = device.type == "cuda" and cuda_graph in (True, "auto")

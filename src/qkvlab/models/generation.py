@@ -339,7 +339,7 @@ def run(
     cuda_graph: bool | str = "auto",
     compile: bool | str = False,
     fuse: bool | str = False,
-    gemv: bool | str = False,
+    gemv: bool | str = "auto",
     stream: bool = False,
 ) -> Generator[GenerationStep, None, GenerateOutput]:
     """The decode loop behind ``GPT.generate`` and ``GPT.stream``: checks the arguments now and

@@ -165,7 +165,7 @@ class GPT(nn.Module):
         cuda_graph: bool | str = "auto",
         compile: bool | str = False,
         fuse: bool | str = False,
-        gemv: bool | str = False,
+        gemv: bool | str = "auto",
         return_dict: bool = False,
     ) -> torch.Tensor | GenerateOutput:
         """Extend ``idx`` ``(B, T)`` by up to ``max_new_tokens``; returns ``(B, T + max_new_tokens)``.
@@ -197,9 +197,9 @@ class GPT(nn.Module):
         matrix product each (faster at small batches, where each product is short; the fused
         matrices are a second copy of those weights until ``model.train()`` or
         :func:`~qkvlab.attention.projections.unfuse_projections`). ``gemv`` picks how a batch-1
-        static step computes its matrix-vector products: False (cuBLAS), True / ``"kernel"``
-        (qkvlab's one-row kernel, on CUDA) or ``"inductor"`` (with ``compile``); see
-        :mod:`qkvlab.attention.matvec`.
+        static step computes its matrix-vector products: ``"auto"`` (the default: the kernel on
+        CUDA with Triton, else cuBLAS), False (cuBLAS), True / ``"kernel"`` (qkvlab's one-row
+        kernel, on CUDA) or ``"inductor"`` (with ``compile``); see :mod:`qkvlab.attention.matvec`.
 
         Cached decoding is the default; ``use_cache=False`` recomputes the whole prefix each
         step (for checks). :meth:`stream` yields the same tokens step by step.
@@ -229,7 +229,7 @@ class GPT(nn.Module):
         cuda_graph: bool | str = "auto",
         compile: bool | str = False,
         fuse: bool | str = False,
-        gemv: bool | str = False,
+        gemv: bool | str = "auto",
     ) -> GenerationStream:
         """:meth:`generate` as an iterator: one :class:`~qkvlab.models.generation.GenerationStep` per token.
 

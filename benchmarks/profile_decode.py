@@ -10,8 +10,8 @@ Nsight Compute reads the hardware counters of the split kernel; on the GPU machi
 them (``results/profile_decode_eager_host.txt`` is one such run): what an eager step pays
 before the GPU starts, e.g. Triton's launcher, called twice (split and combine kernels).
 
-Inputs are those of ``gpu_decode.py`` (bf16, Hq=32, D=128, a shared K=V cache, RoPE on the key
-role unless ``--which kv``); the result is checked against the float32 reference first.
+Inputs are those of ``gpu_decode.py`` (bf16, Hq=32, D=128 unless ``--head-dim``, a shared K=V
+cache, RoPE on the key role unless ``--which kv``); the result is checked against the float32 reference first.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import time
 
 import torch
 
+import gpu_decode
 from gpu_decode import Point, rel_err
 from qkvlab.kernels import DecodeConfig
 
@@ -35,6 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--B", type=int, default=1)
     ap.add_argument("--S", type=int, default=32768)
     ap.add_argument("--Hkv", type=int, default=32)
+    ap.add_argument("--head-dim", type=int, default=gpu_decode.D, help="head width D")
     ap.add_argument("--which", default="rope_kv", choices=["rope_kv", "rope_qkn_kv", "sep_kv", "kv"])
     ap.add_argument("--config", default="{}", help="DecodeConfig fields as JSON")
     ap.add_argument("--calls", type=int, default=5)
@@ -44,6 +46,7 @@ def main(argv=None) -> int:
         print("profile_decode.py needs a CUDA GPU", file=sys.stderr)
         return 2
     cfg = DecodeConfig(**json.loads(args.config))
+    gpu_decode.D = args.head_dim  # Point reads the module's head width
     pt = Point(args.B, args.S, args.Hkv, torch.device("cuda"))
     fn = pt.ours(args.which, pt.full, config=cfg, out=pt.out)
     fn()

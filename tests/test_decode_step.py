@@ -140,6 +140,22 @@ def test_bad_step_arguments_raise():
         decode_attention_step_reference(q, k_new, v_new, k_cache, v_cache, pos, scale=0.1, rope_q=True)
     with pytest.raises(ValueError, match="shared K=V"):
         decode_attention_step_reference(q, k_new, v_new, k_cache, None, pos, **step)
+    short = (table[0][:10], table[1][:10])  # fewer positions than the cache
+    with pytest.raises(ValueError, match="rope_table must be"):
+        decode_attention_step_reference(q, k_new, v_new, k_cache, v_cache, pos, scale=0.1, rope_table=short)
+
+
+def test_what_the_kernel_cannot_run_falls_back_to_the_reference_with_a_warning(monkeypatch):
+    """On a CPU without the interpreter: one warning naming why, and the reference's result."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    (q, k_new, v_new, k_cache, v_cache, pos), table, _ = make_step(2, 4, 2, 64, 32, shared=False)
+    step = dict(scale=0.1, rope_table=table, rope_q=True, rope_new=True)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    with pytest.warns(RuntimeWarning, match="falling back to the PyTorch reference"):
+        out = decode_attention_step(q, k_new, v_new, kc, vc, pos, **step)
+    kr, vr = k_cache.clone(), v_cache.clone()
+    torch.testing.assert_close(out, decode_attention_step_reference(q, k_new, v_new, kr, vr, pos, **step))
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
 
 
 @needs_cuda

@@ -113,8 +113,20 @@ def test_generate_with_static_steps_matches_recompute():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("variant", ["q_kv", "q_k_v", "q_kv+mqa", "q_kv+rope+qknorm"])
-def test_static_step_takes_the_decode_kernel_under_the_interpreter(variant, monkeypatch):
+@pytest.mark.parametrize(
+    "variant,recipe",
+    [
+        ("q_kv", "llama"),
+        ("q_k_v", "llama"),
+        ("q_kv+mqa", "llama"),
+        ("q_kv+rope+qknorm", "llama"),
+        ("k_v", "llama"),  # Q = K: the query is the key role, rotated in the kernel
+        ("kv", "llama"),  # Q = K = V
+        ("q_k_v", "gpt2"),  # learned positions: nothing to rotate
+        ("q_kv", "gpt2"),
+    ],
+)
+def test_static_step_takes_the_decode_kernel_under_the_interpreter(variant, recipe, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     calls, steps = [], []
     real = qkvlab.kernels.decode_attention
@@ -130,7 +142,7 @@ def test_static_step_takes_the_decode_kernel_under_the_interpreter(variant, monk
 
     monkeypatch.setattr(qkvlab.kernels, "decode_attention", spy)
     monkeypatch.setattr(qkvlab.kernels.kv_decode, "decode_attention_step", spy_step)
-    model = small_gpt(variant, "llama", dtype=torch.float32, n_heads=2)  # head dim 16: the kernel's minimum
+    model = small_gpt(variant, recipe, dtype=torch.float32, n_heads=2)  # head dim 16: the kernel's minimum
     prompt = torch.randint(0, 41, (2, 9))
     tokens = torch.randint(0, 41, (2, 3))
     set_decode_backend(model, "torch")

@@ -193,7 +193,7 @@ def test_static_decoder_refuses_a_bad_gemv_value():
 
 
 def test_auto_takes_the_kernel_on_cuda_only(monkeypatch):
-    """"auto" (the default) is the kernel on a CUDA device where Triton is installed, else off;
+    """ "auto" (the default) is the kernel on a CUDA device where Triton is installed, else off;
     the switch itself takes only a decided route."""
     from qkvlab.kernels import gemv as gemv_module
 

@@ -307,6 +307,14 @@ def _triton_supports(step: DecodeStep) -> bool:
         return False
     from qkvlab.kernels import kv_decode
 
+    w = step.write
+    if w is not None:  # the new entries and RoPE tables must be readable by the kernel too
+        return (
+            kv_decode.decode_step_unsupported_reason(
+                step.q, w.k_new, w.v_new, step.k_cache, step.v_cache, rope_table=w.rope_table, **step.key_role
+            )
+            is None
+        )
     return kv_decode.decode_unsupported_reason(step.q, step.k_cache, step.v_cache, **step.key_role) is None
 
 

@@ -1018,7 +1018,44 @@ def _step_args(q, k_new, v_new, k_cache, v_cache, positions, rope_table, rope_q,
         raise ValueError(f"positions must be integers, one or {B} of them; got {got}")
     if (rope_q or rope_new) and rope_table is None:
         raise ValueError("rope_q / rope_new need the RoPE tables (rope_table)")
+    if rope_table is not None:
+        S, half = k_cache.shape[2], k_cache.shape[3] // 2
+        c, sn = rope_table
+        if c.dim() != 2 or c.shape != sn.shape or c.shape[1] != half or c.shape[0] < S:
+            raise ValueError(f"rope_table must be two (R, {half}) tables with R >= {S}, got {tuple(c.shape)}")
     return k3, v3, positions.reshape(-1).expand(B)
+
+
+def decode_step_unsupported_reason(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor | None = None,
+    *,
+    rope_table: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+) -> str | None:
+    """Why :func:`decode_attention_step` would run its reference here, or None if the kernel runs:
+    :func:`decode_unsupported_reason`'s reasons, and new entries or RoPE tables it cannot read."""
+    reason = decode_unsupported_reason(
+        q, k_cache, v_cache, rope_cos=rope_cos, rope_sin=rope_sin, k_norm_weight=k_norm_weight
+    )
+    if reason is not None:
+        return reason
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if t is None:
+            continue
+        t3 = t[:, :, 0] if t.dim() == 4 else t
+        if t3.dtype != k_cache.dtype or t3.device != k_cache.device or not _aligned(t3):
+            return f"{name} is not a {k_cache.dtype} tensor on {k_cache.device} with 16-byte aligned rows"
+    if rope_table is not None and any(
+        t.stride(-1) != 1 or t.device != k_cache.device or not t.dtype.is_floating_point for t in rope_table
+    ):
+        return "the RoPE tables are not floating tables contiguous in their last dim on the cache's device"
+    return None
 
 
 def _rotate(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor], pos: torch.Tensor) -> torch.Tensor:
@@ -1112,8 +1149,8 @@ def decode_attention_step(
     all rows, on the device (a CUDA graph replays it); each must be below the cache length (not
     checked: no device sync). ``rope_table``: ``(cos, sin)`` ``(R, D/2)``; ``rope_cos`` /
     ``rope_sin`` / ``k_norm_weight`` derive a shared cache's key role on read, as in
-    :func:`decode_attention`; ``config`` as there. Inputs the kernel does not take run the
-    reference.
+    :func:`decode_attention`; ``config`` as there. Inputs the kernel does not take
+    (:func:`decode_step_unsupported_reason`) run the reference, with one warning.
     """
     shared = v_cache is None or v_cache is k_cache
     cache_v = k_cache if shared else v_cache
@@ -1122,14 +1159,13 @@ def decode_attention_step(
         q, k_cache, None if shared else v_cache, pos, rope_cos, rope_sin, k_norm_weight, shared
     )
     key_role = dict(rope_cos=rope_cos, rope_sin=rope_sin, k_norm_weight=k_norm_weight)
-    reason = decode_unsupported_reason(q3, k_cache, cache_v, **key_role)
-    if reason is None:
-        for name, t in (("k_new", k3), ("v_new", v3)):
-            if t is not None and (t.dtype != k_cache.dtype or not _aligned(t) or t.device != k_cache.device):
-                reason = f"{name} is not a {k_cache.dtype} tensor on {k_cache.device} with 16-byte aligned rows"
-        if rope_table is not None and any(t.stride(-1) != 1 or t.device != k_cache.device for t in rope_table):
-            reason = "the RoPE tables are not contiguous in their last dim on the cache's device"
+    reason = decode_step_unsupported_reason(q3, k3, v3, k_cache, cache_v, rope_table=rope_table, **key_role)
     if reason is not None:
+        warnings.warn(
+            f"qkvlab decode_attention_step: falling back to the PyTorch reference ({reason}).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return decode_attention_step_reference(
             q, k_new, v_new, k_cache, v_cache, positions, scale=scale, rope_table=rope_table,
             rope_q=rope_q, rope_new=rope_new, eps=eps, **key_role,
@@ -1193,5 +1229,6 @@ __all__ = [
     "decode_attention_step",
     "decode_attention_step_op",
     "decode_attention_step_reference",
+    "decode_step_unsupported_reason",
     "decode_unsupported_reason",
 ]

@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import statistics
 import time
 
@@ -537,8 +538,15 @@ def main() -> None:
         "(qkvlab's GEMV kernel), inductor (an Inductor reduction); StaticDecoder(gemv=...). Each is a row; the "
         "first is the 'qkvlab' row the targets are checked on",
     )
+    ap.add_argument(
+        "--no-pdl",
+        action="store_true",
+        help="launch qkvlab's kernels plainly, not as programmatic dependents (QKVLAB_PDL=0): what overlap is worth",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.no_pdl:
+        os.environ["QKVLAB_PDL"] = "0"
     bad = [g for g in args.gemv.split(",") if g not in ("none", "kernel", "inductor")]
     if bad:
         ap.error(f"--gemv: {bad[0]!r} is not one of none, kernel, inductor")

@@ -169,3 +169,19 @@ def test_cuda_step_kernel_matches_reference(shared, dtype, splits, monkeypatch):
     cfg = DecodeConfig(num_splits=splits) if splits else None
     got, want = run_both(tensors, table, kw, shared=shared, rope_q=True, rope_new=not shared, derive=shared, config=cfg)
     check(got, want, 2e-4 if dtype == torch.float32 else 1.5e-2)
+
+
+def test_dependent_launch_follows_the_device_and_the_environment(monkeypatch):
+    """Kernels launch as programmatic dependents on a supporting GPU unless QKVLAB_PDL=0."""
+    assert not kv_decode.use_pdl(torch.device("cpu"))
+    monkeypatch.setattr(kv_decode, "_pdl_supported", lambda index: True)
+    monkeypatch.setattr(kv_decode, "_interpreting", lambda: False)
+    cuda = torch.device("cuda", 0)
+    assert kv_decode.use_pdl(cuda)
+    for off in ("0", "off", "false"):
+        monkeypatch.setenv("QKVLAB_PDL", off)
+        assert not kv_decode.use_pdl(cuda)
+    monkeypatch.setenv("QKVLAB_PDL", "1")
+    assert kv_decode.use_pdl(cuda)
+    monkeypatch.setattr(kv_decode, "_interpreting", lambda: True)  # the interpreter has no launch options
+    assert not kv_decode.use_pdl(cuda)

@@ -19,7 +19,7 @@ from dataclasses import astuple, dataclass
 import torch
 import torch.nn.functional as F
 
-from qkvlab.kernels.kv_decode import _gdc_launch_dependents, _gdc_wait, _interpreting, _pdl_supported
+from qkvlab.kernels.kv_decode import _gdc_launch_dependents, _gdc_wait, _interpreting, use_pdl
 
 try:  # Triton is optional: F.linear is always there.
     import triton
@@ -226,7 +226,7 @@ def gemv(
     xv = x.reshape(-1).contiguous()
     y = torch.empty(N, device=w.device, dtype=w.dtype)
     interpreting = _interpreting()
-    pdl = w.device.type == "cuda" and not interpreting and _pdl_supported(w.device.index or 0)
+    pdl = use_pdl(w.device)
     kernel = _kernel(interpreting)
     kernel[(triton.cdiv(N, cfg.block_n),)](
         xv,

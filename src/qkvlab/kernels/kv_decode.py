@@ -666,6 +666,17 @@ def _pdl_supported(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+def use_pdl(device: torch.device) -> bool:
+    """Whether qkvlab's kernels launch as programmatic dependents on ``device``: where Triton and
+    the GPU support it (sm_90+), unless the environment sets ``QKVLAB_PDL=0`` (to measure what
+    the overlap is worth, or to profile kernels that do not overlap)."""
+    if device.type != "cuda" or _interpreting():
+        return False
+    if os.environ.get("QKVLAB_PDL", "1").strip().lower() in ("0", "false", "off", "no"):
+        return False
+    return _pdl_supported(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _plan(G: int, D: int, cfg: DecodeConfig, *, rotated_shared: bool) -> tuple[int, int, int, int, bool]:
     """Tile choices ``(GP, block_n, num_warps, num_stages, use_dot)``.
 
@@ -842,7 +853,7 @@ def _launch(
     out = out.view(B, Hq, D)
     # The interpreter's tl.dot mishandles bfloat16 operands: it then multiplies in float32.
     dot_f32 = q3.dtype == torch.float32 or (q3.dtype == torch.bfloat16 and interpreting)
-    pdl = q3.device.type == "cuda" and not interpreting and _pdl_supported(q3.device.index or 0)
+    pdl = use_pdl(q3.device)
     cos, sin = table if table is not None else (out, out)
     k_new, v_new = new if new is not None else (out, None)
     v_new = k_new if v_new is None else v_new
@@ -1231,4 +1242,5 @@ __all__ = [
     "decode_attention_step_reference",
     "decode_step_unsupported_reason",
     "decode_unsupported_reason",
+    "use_pdl",
 ]

@@ -31,6 +31,7 @@ from torch import nn
 
 from qkvlab.attention import linear as linear_attn
 from qkvlab.attention.backends import (
+    TORCH_DECODE,
     AttentionOutput,
     DecodeStep,
     StepWrite,
@@ -246,6 +247,8 @@ class Attention(nn.Module):
         where the chosen backend writes (a step's small kernels around the attention cost it a
         launch and a gap each). Norms of the query or key roles are applied here first; RoPE is
         left to the backend. None: no backend takes the step, and it runs op by op."""
+        if self.decode_backend == TORCH_DECODE:
+            return None
         rope = self.rotary is not None
         query_norm = self.k_norm if self.qk_shared else self.q_norm
         q_src = k_src if self.qk_shared else self._heads(q_raw, self.n_heads)

@@ -219,7 +219,8 @@ def test_compiled_static_step_equals_the_eager_one(variant, mode):
 
 @needs_cc
 @needs_interpreter
-def test_compiled_static_step_calls_the_decode_kernel_as_an_operator(monkeypatch):
+@pytest.mark.parametrize("variant,shared", [("q_kv+rope", True), ("q_k_v+gqa2", False)], ids=["k=v", "k,v"])
+def test_compiled_static_step_calls_the_decode_kernel_as_an_operator(variant, shared, monkeypatch):
     """Under compile the whole-step kernel is torch.ops.qkvlab.decode_attention_step, traced as
     opaque (it writes the caches in place) and run as is."""
     from qkvlab.kernels import kv_decode
@@ -234,15 +235,16 @@ def test_compiled_static_step_calls_the_decode_kernel_as_an_operator(monkeypatch
         return real(*args, **kwargs)
 
     monkeypatch.setattr(kv_decode, "decode_attention_step", spy)  # what the operator calls at run time
-    model = small_gpt("q_kv+rope", "llama", dtype=torch.float32, n_heads=2)  # head dim 16
+    model = small_gpt(variant, "llama", dtype=torch.float32, n_heads=2)  # head dim 16
     prompt = torch.randint(0, 41, (2, 6))
     tokens = torch.randint(0, 41, (2, 3))
     set_decode_backend(model, "torch")
     ref = run_static(model, prompt, tokens, max_len=12)
     set_decode_backend(model, "triton")
     got = run_static(model, prompt, tokens, max_len=12, compile=True)
+    # equal logits at every step: each step's entry reached the caches (two of them for K,V) in place
     torch.testing.assert_close(got, ref, rtol=2e-4, atol=2e-4)
-    assert calls == [True] * (2 * 3)  # 2 layers x 3 steps, all through the operator
+    assert calls == [shared] * (2 * 3)  # 2 layers x 3 steps, all through the operator
 
 
 def test_generate_compile_needs_a_kv_cache():

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import statistics
 import sys
@@ -347,6 +348,17 @@ def run_point(B, S, Hkv, device, bench, rounds: int, log) -> dict:
 
 
 # ----------------------------------------------------------------------------- sweep
+def _decode_configs(text: str) -> list[DecodeConfig]:
+    """``--sweep-configs``: a JSON list of DecodeConfig fields; a bad one is a usage error."""
+    try:
+        items = json.loads(text)
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise ValueError("not a list of objects")
+        return [DecodeConfig(**i) for i in items]
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+
 def sweep_configs(which: str = "rope_kv", grid: str = "launch") -> list[DecodeConfig]:
     """Launch configs to compare against the defaults: tile length, warps and pipelining depth
     (``grid="tiles"``: longer tiles, e.g. at ``--head-dim 64``, where a 128-key tile is 16 KB)."""
@@ -390,14 +402,14 @@ def _sweep_row(pt, which, cfg, ref, bench) -> dict:
 
 
 def run_sweep(
-    device, bench, log, smoke=False, split_configs: int = 3, points=None, which="rope_kv", grid="launch"
+    device, bench, log, smoke=False, split_configs: int = 3, points=None, which="rope_kv", grid="launch", configs=None
 ) -> list[dict]:
     """Time launch configurations of ours_rope_kv at the goal points (each checked first), then
     the split count for the ``split_configs`` fastest configs (on summed time over the points)."""
     rows = []
     if points is None:
         points = [(1, 96, 32), (2, 64, 32), (1, 96, 8)] if smoke else [*MAIN_POINTS, GQA_POINT]
-    cfgs = sweep_configs(which, grid)
+    cfgs = [DecodeConfig(), *configs] if configs else sweep_configs(which, grid)
     made = {}
     for B, S, Hkv in points:
         pt = made[(B, S, Hkv)] = Point(B, S, Hkv, device, seed=1)
@@ -556,6 +568,13 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-which", default="rope_kv", choices=["rope_kv", "rope_qkn_kv"], help="method --sweep times")
     ap.add_argument("--sweep-grid", default="launch", choices=["launch", "tiles"], help="configs --sweep times")
     ap.add_argument("--head-dim", type=int, default=D, help="head width D (the goals are stated at 128)")
+    ap.add_argument(
+        "--sweep-configs",
+        type=_decode_configs,
+        default=None,
+        help="launch configs for --sweep to time against the default instead of a grid: a JSON list of "
+        'DecodeConfig fields, e.g. \'[{"block_n": 64, "num_warps": 8}]\'',
+    )
     ap.add_argument("--sweep-points", default="", help="comma list of BxSxHkv for --sweep, e.g. 1x512x32,8x1024x32")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds per method (median reported)")
     ap.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
@@ -605,6 +624,7 @@ def main(argv=None) -> int:
             points=pts,
             which=args.sweep_which,
             grid=args.sweep_grid,
+            configs=args.sweep_configs,
         )
         write_json(data, "gpu_decode.json", args.out)  # kept even if the main table is stopped later
     if not args.no_main:

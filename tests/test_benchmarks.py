@@ -91,6 +91,25 @@ def test_gpu_decode_smoke_checks_every_method(tmp_path):
         assert len(errors) >= 5 and max(errors.values()) < 1e-2, errors
 
 
+@pytest.mark.skipif(INTERPRETER_PROBLEM is not None, reason=f"no working Triton interpreter: {INTERPRETER_PROBLEM}")
+def test_gpu_decode_sweeps_the_configs_it_is_given(tmp_path):
+    """--sweep-configs times the given launch configs against the default, each checked first."""
+    out = tmp_path / "gpu_decode.json"
+    configs = '[{"block_n": 16, "num_stages": 2}]'
+    run_script("gpu_decode.py", "--sweep", "--no-main", "--sweep-configs", configs, "--out", str(out), interpret=True)
+    sweep = json.loads(out.read_text())["sweep"]
+    rows = [r for r in sweep if r["which"] == "rope_kv" and "num_splits" not in r["config"]]
+    assert {json.dumps(r["config"], sort_keys=True) for r in rows} == {"{}", '{"block_n": 16, "num_stages": 2}'}
+    assert all(r["rel_err"] < 1e-2 for r in rows), rows
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_decode.py"), "--sweep-configs", '{"block_n": 16}'],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks")])),
+    )
+    assert bad.returncode == 2 and "--sweep-configs" in bad.stderr and "not a list" in bad.stderr
+
+
 def test_gpu_gemv_smoke_checks_every_launch_shape(tmp_path):
     """The GEMV benchmark's checks on the CPU (interpreter): the kernel's own launch shape and a sweep's."""
     pytest.importorskip("triton", reason="the kernel needs Triton (the dev extra)")

@@ -23,6 +23,11 @@ signature; it falls back to the reference, with one warning, for anything it doe
 (:func:`decode_unsupported_reason`), so it never returns a wrong answer. The attention module
 reaches it through the ``"triton"`` decode backend of :mod:`qkvlab.attention.backends`.
 
+:func:`decode_attention_step` is the same kernel doing a static decode step's work around the
+attention in its launch: it writes the new token's entry at each row's position (rotating a
+separate key there), rotates the query, and attends over ``positions + 1``
+(:func:`decode_attention_step_reference` defines it).
+
 Example::
 
     out = decode_attention(q, cache.k, cache.v, lengths, scale=D**-0.5,

@@ -240,6 +240,18 @@ class Attention(nn.Module):
             self.o_proj, out.transpose(1, 2).reshape(B, 1, self.n_heads * self.head_dim), residual=residual
         )
 
+    def _derived_key_role(self) -> dict:
+        """The :class:`DecodeStep` fields that derive a shared K=V cache's key role from the raw
+        ``s`` on read (RoPE tables, QK-norm weight; None where the layer has none or the cache
+        holds final keys), and the norm's eps."""
+        derive = self.kv_shared and self.key_transformed
+        return dict(
+            rope_cos=self.rotary.cos if derive and self.rotary is not None else None,
+            rope_sin=self.rotary.sin if derive and self.rotary is not None else None,
+            k_norm_weight=self.k_norm.weight if derive and self.k_norm is not None else None,
+            eps=self.k_norm.eps if self.k_norm is not None else 1e-6,
+        )
+
     def _write_and_decode(
         self, q_raw: torch.Tensor, k_src: torch.Tensor, v_src: torch.Tensor, offset: torch.Tensor, cache: LayerKVCache
     ) -> torch.Tensor | None:
@@ -260,17 +272,13 @@ class Attention(nn.Module):
             rope_new = rope and self.k_norm is None
             k_new, v_new = (k_src if rope_new else self.key_role(k_src, offset)), v_src
         cache.owner._check(k_new, 1)
-        derive = self.kv_shared and self.key_transformed
         step = DecodeStep(
             q,
             cache.k,
             cache.v,
             None,
             self.scale,
-            rope_cos=self.rotary.cos if derive and rope else None,
-            rope_sin=self.rotary.sin if derive and rope else None,
-            k_norm_weight=self.k_norm.weight if derive and self.k_norm is not None else None,
-            eps=self.k_norm.eps if self.k_norm is not None else 1e-6,
+            **self._derived_key_role(),
             write=StepWrite(
                 k_new,
                 v_new,
@@ -294,19 +302,7 @@ class Attention(nn.Module):
         prefix (``length`` known) or the whole cache with a per-row key mask. Returns
         ``(B, Hq, 1, D)``.
         """
-        derive = self.kv_shared and self.key_transformed  # the key role is derived from raw s on read
-        step = DecodeStep(
-            q,
-            cache.k,
-            cache.v,
-            lengths,
-            self.scale,
-            rope_cos=self.rotary.cos if derive and self.rotary is not None else None,
-            rope_sin=self.rotary.sin if derive and self.rotary is not None else None,
-            k_norm_weight=self.k_norm.weight if derive and self.k_norm is not None else None,
-            eps=self.k_norm.eps if self.k_norm is not None else 1e-6,
-            length=length,
-        )
+        step = DecodeStep(q, cache.k, cache.v, lengths, self.scale, **self._derived_key_role(), length=length)
         backend = select_decode_backend(self.decode_backend, step)
         if backend is not None:
             return backend(step)
@@ -317,7 +313,7 @@ class Attention(nn.Module):
             k, v = cache.k, cache.v
             mask = torch.arange(k.shape[2], device=q.device) < lengths[:, None]  # (B, S)
             causal, q_offset = False, 0
-        if derive:
+        if self.kv_shared and self.key_transformed:  # the key role is derived from raw s on read
             k = self.key_role(k, 0)
         return get_backend(self.backend)(
             q,

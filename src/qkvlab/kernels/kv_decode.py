@@ -244,8 +244,8 @@ if HAS_TRITON:
     try:  # programmatic dependent launch (Hopper+); Triton >= 3.4 has these and ``launch_pdl``
         from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch_dependents
         from triton.language.extra.cuda import gdc_wait as _gdc_wait
-    except ImportError:  # pragma: no cover - older Triton: the combine kernel launches plainly
-        _gdc_launch_dependents = _gdc_wait = None
+    except ImportError:  # pragma: no cover - older Triton: they stay None, the kernels launch plainly
+        pass
 
 
 def _decode_split_kernel(

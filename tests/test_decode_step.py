@@ -171,6 +171,24 @@ def test_cuda_step_kernel_matches_reference(shared, dtype, splits, monkeypatch):
     check(got, want, 2e-4 if dtype == torch.float32 else 1.5e-2)
 
 
+@needs_triton
+def test_query_tables_other_than_the_key_roles_run_the_reference():
+    """The kernel reads one pair of RoPE tables: a query rotated with other tables than a shared
+    cache's key role falls back (with a warning) rather than rotate with the wrong ones."""
+    (q, k_new, _, k_cache, _, pos), table, _ = make_step(2, 4, 2, 64, 32, shared=True)
+    other = Rotary(32, 67, theta=500.0)
+    step = dict(scale=0.1, rope_table=(other.cos, other.sin), rope_q=True, rope_cos=table[0], rope_sin=table[1])
+    kc = k_cache.clone()
+    with pytest.warns(RuntimeWarning, match="not the key role's"):
+        out = decode_attention_step(q, k_new, None, kc, None, pos, **step)
+    kr = k_cache.clone()
+    torch.testing.assert_close(out, decode_attention_step_reference(q, k_new, None, kr, None, pos, **step))
+    same = dict(step, rope_table=table)  # the same tables: the kernel, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decode_attention_step(q, k_new, None, k_cache.clone(), None, pos, **same)
+
+
 def test_dependent_launch_follows_the_device_and_the_environment(monkeypatch):
     """Kernels launch as programmatic dependents on a supporting GPU unless QKVLAB_PDL=0."""
     assert not kv_decode.use_pdl(torch.device("cpu"))

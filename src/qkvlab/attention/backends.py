@@ -311,7 +311,13 @@ def _triton_supports(step: DecodeStep) -> bool:
     if w is not None:  # the new entries and RoPE tables must be readable by the kernel too
         return (
             kv_decode.decode_step_unsupported_reason(
-                step.q, w.k_new, w.v_new, step.k_cache, step.v_cache, rope_table=w.rope_table, **step.key_role
+                step.q,
+                w.k_new,
+                w.v_new,
+                step.k_cache,
+                step.v_cache,
+                rope_table=w.rope_table if (w.rope_q or w.rope_new) else None,
+                **step.key_role,
             )
             is None
         )

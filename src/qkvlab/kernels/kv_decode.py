@@ -1055,7 +1055,9 @@ def decode_step_unsupported_reason(
     k_norm_weight: torch.Tensor | None = None,
 ) -> str | None:
     """Why :func:`decode_attention_step` would run its reference here, or None if the kernel runs:
-    :func:`decode_unsupported_reason`'s reasons, and new entries or RoPE tables it cannot read."""
+    :func:`decode_unsupported_reason`'s reasons, and new entries or RoPE tables it cannot read.
+    ``rope_table``: the tables the step rotates the query or new key with (None where it rotates
+    neither); the kernel reads one pair of tables, so they must be the key role's, if it has any."""
     reason = decode_unsupported_reason(
         q, k_cache, v_cache, rope_cos=rope_cos, rope_sin=rope_sin, k_norm_weight=k_norm_weight
     )
@@ -1071,7 +1073,22 @@ def decode_step_unsupported_reason(
         t.stride(-1) != 1 or t.device != k_cache.device or not t.dtype.is_floating_point for t in rope_table
     ):
         return "the RoPE tables are not floating tables contiguous in their last dim on the cache's device"
+    if (
+        rope_table is not None
+        and rope_cos is not None
+        and not (_same_tensor(rope_table[0], rope_cos) and _same_tensor(rope_table[1], rope_sin))
+    ):
+        return "the query's RoPE tables are not the key role's (the kernel reads one pair)"
     return None
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same memory viewed the same way (while torch.compile traces, the same tensor object)."""
+    if a is b:
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
 def _rotate(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor], pos: torch.Tensor) -> torch.Tensor:
@@ -1175,7 +1192,8 @@ def decode_attention_step(
         q, k_cache, None if shared else v_cache, pos, rope_cos, rope_sin, k_norm_weight, shared
     )
     key_role = dict(rope_cos=rope_cos, rope_sin=rope_sin, k_norm_weight=k_norm_weight)
-    reason = decode_step_unsupported_reason(q3, k3, v3, k_cache, cache_v, rope_table=rope_table, **key_role)
+    table = rope_table if (rope_q or rope_new) else None
+    reason = decode_step_unsupported_reason(q3, k3, v3, k_cache, cache_v, rope_table=table, **key_role)
     if reason is not None:
         warnings.warn(
             f"qkvlab decode_attention_step: falling back to the PyTorch reference ({reason}).",
@@ -1195,7 +1213,7 @@ def decode_attention_step(
         eps=eps,
         positions=True,
         new=(k3, v3),
-        table=rope_table if (rope_q or rope_new) else None,
+        table=table,
         rope_q=rope_q,
         rope_new=rope_new,
         config=config,

@@ -23,9 +23,15 @@ from qkvlab.kernels.gemv import (
     gemv_unsupported_reason,
     resolve_config,
 )
+from qkvlab.kernels.kv_decode import _interpreter_problem
 from qkvlab.models.decoding import StaticDecoder
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+INTERPRETER_PROBLEM = _interpreter_problem() if HAS_TRITON else "Triton is not installed"
+# the kernel's CPU tests run it under Triton's interpreter, which some Triton/numpy pairs cannot run
+needs_interpreter = pytest.mark.skipif(
+    INTERPRETER_PROBLEM is not None, reason=f"no working Triton interpreter: {INTERPRETER_PROBLEM}"
+)
 
 
 @pytest.fixture
@@ -39,7 +45,7 @@ def rounded_reference(x, w, b):
     return y.to(w.dtype)
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k,bias", [(40, 300, True), (64, 512, False), (7, 1024, True), (1, 16, False)])
 def test_kernel_equals_linear(interpret, dtype, n, k, bias):
@@ -56,7 +62,7 @@ def test_kernel_equals_linear(interpret, dtype, n, k, bias):
     assert torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol * ref.float().abs().max().item())
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("cfg", [GemvConfig(1, 16), GemvConfig(4, 64), GemvConfig(16, 128, 2, 1), GemvConfig(2, 256)])
 def test_every_launch_shape_gives_the_same_product(interpret, cfg):
     """Blocks that do not divide N (a repeated last row, masked stores) or K (masked tail)."""
@@ -76,7 +82,7 @@ def test_launch_shape_fields_left_zero_come_from_the_shape():
     assert resolve_config(GemvConfig(8, 64, 2, 1), 2048, 2048) == GemvConfig(8, 64, 2, 1)
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [256, 200], ids=["even-k", "ragged-k"])
 @pytest.mark.parametrize("norm,res,bias", [(True, False, False), (False, True, True), (True, True, False)])
@@ -107,7 +113,7 @@ def test_norm_before_and_residual_after_in_the_kernel(interpret, dtype, k, norm,
     assert torch.allclose(got.float(), model_way.float(), rtol=loose, atol=loose * scale)
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("k", [256, 200], ids=["even-k", "ragged-k"])
 def test_swiglu_input_made_in_the_kernel(interpret, k):
     """glu: the input is [gate | up] and the product reads silu(gate) * up, with a residual after."""
@@ -129,7 +135,7 @@ def test_norm_and_residual_fall_back_to_the_definition_where_the_kernel_cannot_r
     assert torch.equal(gemv(x, w, norm_weight=nw, residual=r), gemv_reference(x, w, None, nw, 1e-6, r))
 
 
-@needs_triton
+@needs_interpreter
 def test_strided_weight_rows(interpret):
     """A weight whose rows are a slice of a wider matrix (row stride > K)."""
     g = torch.Generator().manual_seed(2)
@@ -163,7 +169,7 @@ def test_switch_is_off_by_default_and_keeps_autograd():
     assert not matvec.gemv_enabled()
 
 
-@needs_triton
+@needs_interpreter
 def test_switch_routes_one_row_products_to_the_kernel(interpret, monkeypatch):
     calls = []
     real = torch.ops.qkvlab.gemv if hasattr(torch.ops.qkvlab, "gemv") else None
@@ -181,6 +187,20 @@ def test_switch_routes_one_row_products_to_the_kernel(interpret, monkeypatch):
         matvec.apply_linear(lin, torch.randn(2, 32))  # two rows: F.linear
     assert calls == [torch.Size([8, 32])]
     assert torch.allclose(got, lin(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_interpreter
+def test_autocast_keeps_linear(interpret):
+    """Under autocast a one-row product is F.linear's, in autocast's dtype: the kernel does not cast
+    its inputs, and a decode step's keys must come out in the dtype the cache was allocated in."""
+    lin = torch.nn.Linear(32, 8).eval()
+    x = torch.randn(1, 1, 32)
+    with torch.no_grad(), matvec.use_gemv("kernel"), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.linear(x, lin.weight, lin.bias)
+        assert matvec.apply_linear(lin, x).dtype == want.dtype == torch.bfloat16
+        assert torch.equal(matvec.apply_linear(lin, x), want)
+        gate_up = torch.randn(1, 1, 64)
+        assert matvec.swiglu_linear(gate_up, lin.weight).dtype == torch.bfloat16
 
 
 def test_static_decoder_refuses_a_bad_gemv_value():
@@ -208,7 +228,7 @@ def test_auto_takes_the_kernel_on_cuda_only(monkeypatch):
         pass
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize(
     "variant,recipe", [("q_kv", "llama"), ("q_k_v+gqa2", "llama"), ("qkv", "gpt2"), ("k_v", "llama"), ("kv", "llama")]

@@ -12,7 +12,9 @@ The model's call sites for projections, the MLP and the head go through :func:`l
   elementwise code around it (SwiGLU before the down projection, a residual add after).
   Outside a trace it is ``F.linear`` (eagerly, the multiply would materialise the whole matrix).
 
-Anything that needs gradients keeps ``F.linear``.
+Anything that needs gradients keeps ``F.linear``, and so does a product under autocast: autocast
+casts ``F.linear``'s inputs to its dtype, which neither route would do, so the result's dtype (and
+the KV cache's) would differ from the model's outside the step.
 
 The call sites may also pass the norm before a product and the residual added after it
 (``linear(x, w, norm=..., residual=...)``): in the static one-token step a block hands its
@@ -103,7 +105,7 @@ def linear(
     """``residual + F.linear(norm(x), w, bias)`` (each part where given), or a one-row route inside
     :func:`use_gemv` where it applies. The kernel route computes an :class:`RMSNorm` ``norm`` and
     the residual add in the product's own kernel; any other norm module runs as it is."""
-    if _ENABLED and x.numel() == x.shape[-1] and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+    if _ENABLED and x.numel() == x.shape[-1] and _routable(x, w):
         if _ENABLED == "kernel":
             norm_weight = _kernel_norm(norm, x)
             if norm is not None and norm_weight is None:  # a norm the kernel does not compute: first
@@ -126,12 +128,20 @@ def swiglu_linear(
     if (
         _ENABLED == "kernel"
         and gate_up.numel() == gate_up.shape[-1]
-        and not (torch.is_grad_enabled() and (gate_up.requires_grad or w.requires_grad))
+        and _routable(gate_up, w)
         and _kernel_takes(gate_up, w, bias, None, residual, glu=True)
     ):
         return torch.ops.qkvlab.gemv(gate_up, w, bias, None, 1e-6, residual, True)
     gate, up = gate_up.chunk(2, dim=-1)
     return linear(F.silu(gate) * up, w, bias, residual=residual)
+
+
+def _routable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether a one-row route may compute ``F.linear(x, w)``: not when it must record gradients,
+    nor under autocast for ``x``'s device (autocast would cast ``F.linear``'s inputs; see the module doc)."""
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return False
+    return not torch.is_autocast_enabled(x.device.type)
 
 
 def _kernel_norm(norm: torch.nn.Module | None, x: torch.Tensor) -> torch.Tensor | None:

@@ -19,7 +19,7 @@ from dataclasses import astuple, dataclass
 import torch
 import torch.nn.functional as F
 
-from qkvlab.kernels.kv_decode import _gdc_launch_dependents, _gdc_wait, _interpreting, use_pdl
+from qkvlab.kernels.kv_decode import _gdc_launch_dependents, _gdc_wait, _interpreter_problem, _interpreting, use_pdl
 
 try:  # Triton is optional: F.linear is always there.
     import triton
@@ -168,6 +168,8 @@ def gemv_unsupported_reason(
         return f"norm weight of shape {tuple(norm_weight.shape)} for {w.shape[1]} inputs"
     if residual is not None and residual.numel() != w.shape[0]:
         return f"residual of {residual.numel()} values for {w.shape[0]} outputs"
+    if w.device.type != "cuda" and not torch.compiler.is_compiling():  # can this Triton's interpreter run it?
+        return _interpreter_problem()
     return None
 
 

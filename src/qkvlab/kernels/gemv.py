@@ -279,7 +279,7 @@ def gemv(
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         PDL=pdl,
-        PF_LINES=_prefetch_lines(K, w.element_size()) if use_l2_prefetch(w.device, "gemv") else 0,
+        PF_LINES=_prefetch_lines(K, w.element_size()) if use_l2_prefetch(w.device) else 0,
         LINE_ELEMS=128 // w.element_size(),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,

@@ -841,17 +841,12 @@ def decode_attention(
     return res.unsqueeze(2) if four_d else res
 
 
-def use_l2_prefetch(device: torch.device, kernel: str) -> bool:
-    """Whether qkvlab's ``kernel`` (``"decode"`` or ``"gemv"``) asks L2 for its first reads before
-    anything else (on CUDA). The environment's ``QKVLAB_L2_PREFETCH`` chooses: ``1`` (the default)
-    both, ``0`` neither, or the name of one (to measure what each is worth)."""
+def use_l2_prefetch(device: torch.device) -> bool:
+    """Whether qkvlab's kernels ask L2 for their first reads before anything else (on CUDA),
+    unless the environment sets ``QKVLAB_L2_PREFETCH=0`` (to measure what that is worth)."""
     if device.type != "cuda" or _interpreting():
         return False
-    choice = os.environ.get("QKVLAB_L2_PREFETCH", "1").strip().lower()
-    return choice in ("1", "true", "on", "yes", kernel)
-
-
-_L2_SHARE = int(os.environ.get("QKVLAB_L2_SHARE", "2"))
+    return os.environ.get("QKVLAB_L2_PREFETCH", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 @functools.cache
@@ -866,7 +861,7 @@ def _prefetch_keys(
     share half of L2 (more would evict lines before their loads reach them), in whole tiles."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     at_once = programs if resident_per_sm is None else min(programs, resident_per_sm * _sm_count(index))
-    keys = _l2_bytes(index) // _L2_SHARE // max(1, at_once * bytes_per_key)
+    keys = _l2_bytes(index) // 2 // max(1, at_once * bytes_per_key)
     return min(split_len, keys // block_n * block_n)
 
 
@@ -920,7 +915,7 @@ def _launch(
     # The interpreter's tl.dot mishandles bfloat16 operands: it then multiplies in float32.
     dot_f32 = q3.dtype == torch.float32 or (q3.dtype == torch.bfloat16 and interpreting)
     pdl = use_pdl(q3.device)
-    prefetch = use_l2_prefetch(q3.device, "decode")
+    prefetch = use_l2_prefetch(q3.device)
     line_elems = min(D, 128 // q3.element_size())  # one 128-byte line of a key row per prefetch
     cos, sin = table if table is not None else (out, out)
     k_new, v_new = new if new is not None else (out, None)

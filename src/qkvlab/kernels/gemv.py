@@ -19,14 +19,7 @@ from dataclasses import astuple, dataclass
 import torch
 import torch.nn.functional as F
 
-from qkvlab.kernels.kv_decode import (
-    _gdc_launch_dependents,
-    _gdc_wait,
-    _interpreter_problem,
-    _interpreting,
-    use_l2_prefetch,
-    use_pdl,
-)
+from qkvlab.kernels.kv_decode import _gdc_launch_dependents, _gdc_wait, _interpreter_problem, _interpreting, use_pdl
 
 try:  # Triton is optional: F.linear is always there.
     import triton
@@ -76,26 +69,8 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
-    PF_LINES: tl.constexpr,
-    LINE_ELEMS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    # a short last block reads row N-1 again rather than masking every load; its stores are masked
-    safe_rows = tl.minimum(rows, N - 1)
-    if PF_LINES > 0:
-        # The weights depend on no kernel: before waiting for the one before it, the program asks
-        # L2 for the first PF_LINES 128-byte lines of each of its rows (clamped to the row), so
-        # that DRAM is already busy with them while that kernel's last programs finish.
-        pf_cols = tl.minimum(tl.arange(0, PF_LINES) * LINE_ELEMS, K - 1)
-        tl.inline_asm_elementwise(
-            "prefetch.global.L2 [$1]; // $0",
-            "=r,l",
-            [W + safe_rows[:, None] * stride_wn + pf_cols[None, :]],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
     if PDL:
         # Launched as a programmatic dependent of the kernel before it: this program may already
         # be resident while that one finishes, so it waits for its results before reading any
@@ -103,6 +78,9 @@ def _gemv_kernel(
         # decode combine before them) thus overlaps each launch with the previous kernel's tail.
         _gdc_wait()
         _gdc_launch_dependents()
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    # a short last block reads row N-1 again rather than masking every load; its stores are masked
+    safe_rows = tl.minimum(rows, N - 1)
     if HAS_NORM:  # (inv_rms exists only in this specialisation, as its only readers are under HAS_NORM)
         # every program reduces the whole input row (a few KB, from L2) rather than wait for a
         # separate norm kernel: the step saves that kernel's launch and its round trip to memory
@@ -153,14 +131,6 @@ def _auto_config(N: int, K: int) -> GemvConfig:
     while block_k > 16 and block_k > K:
         block_k //= 2
     return GemvConfig(block_n=4 if N >= 6144 else 2, block_k=block_k, num_warps=4, num_stages=3)
-
-
-def _prefetch_lines(K: int, element_size: int) -> int:
-    """128-byte lines of each row that a program prefetches to L2 as it starts: the whole row
-    up to 4 KiB (a power of two, as ``tl.arange`` needs). The programs resident at once then ask
-    for a few MB, well inside L2, and the rest of a longer row follows the pipeline's loads."""
-    lines = -(-K * element_size // 128)
-    return min(1 << (lines - 1).bit_length(), 32)
 
 
 def resolve_config(config: GemvConfig | None, N: int, K: int) -> GemvConfig:
@@ -279,8 +249,6 @@ def gemv(
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         PDL=pdl,
-        PF_LINES=_prefetch_lines(K, w.element_size()) if use_l2_prefetch(w.device) else 0,
-        LINE_ELEMS=128 // w.element_size(),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}),

@@ -283,7 +283,6 @@ def _decode_split_kernel(
     split_len,
     num_splits,
     cos_rows,
-    prefetch_len,
     qk_scale,
     eps,
     G: tl.constexpr,
@@ -306,9 +305,6 @@ def _decode_split_kernel(
     WRITE_NEW: tl.constexpr,
     ROPE_Q: tl.constexpr,
     ROPE_NEW: tl.constexpr,
-    PREFETCH: tl.constexpr,
-    LINES_PER_KEY: tl.constexpr,
-    LINE_ELEMS: tl.constexpr,
 ):
     """One program = one (batch row, KV head, split of the sequence).
 
@@ -338,55 +334,25 @@ def _decode_split_kernel(
     ``WRITE_NEW``: the program whose split holds the new position first stores the new token's
     entry (``Knew``, and ``Vnew`` for separate caches; ``ROPE_NEW``: the key rotated here) into
     the cache, then reads it back with the rest of its split. No other program reads that slot.
-
-    ``PREFETCH``: before anything else, the program asks L2 for the first ``prefetch_len`` keys
-    of its split (``LINES_PER_KEY`` lines of ``LINE_ELEMS`` elements each), with no registers
-    held: the memory system is busy from the program's first cycle, while a programmatic
-    dependent still waits for the kernel before it, rather than from the pipeline's first loads.
-    The split's bounds come from the launch alone, never from data a kernel writes.
     """
+    if PDL:  # launched as a programmatic dependent too: the kernel before it may still be running
+        _gdc_wait()
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // n_kv_heads).to(tl.int64)  # 64-bit row / head offsets: caches can pass 2^31 elements
     kvh = (pid_bh % n_kv_heads).to(tl.int64)
-    start = split * split_len
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
-    offs_n = tl.arange(0, BLOCK_N)
-    if PREFETCH:  # (the cache's other slots were written by earlier launches, the new one by this)
-        pf_end = tl.minimum(start + prefetch_len, seq_len)
-        offs_line = tl.arange(0, LINES_PER_KEY) * LINE_ELEMS
-        for p0 in range(start, pf_end, BLOCK_N):
-            keys = tl.minimum(p0 + offs_n, pf_end - 1)  # clamped: every address is in the cache
-            tl.inline_asm_elementwise(
-                "prefetch.global.L2 [$1]; // $0",
-                "=r,l",
-                [k_base + keys[:, None] * stride_ks + offs_line[None, :]],
-                dtype=tl.int32,
-                is_pure=False,
-                pack=1,
-            )
-            if not SHARED:
-                tl.inline_asm_elementwise(
-                    "prefetch.global.L2 [$1]; // $0",
-                    "=r,l",
-                    [v_base + keys[:, None] * stride_vs + offs_line[None, :]],
-                    dtype=tl.int32,
-                    is_pure=False,
-                    pack=1,
-                )
-    if PDL:  # launched as a programmatic dependent too: the kernel before it may still be running
-        _gdc_wait()
     stored = tl.load(Lens + b * stride_l).to(tl.int32)
     if LENS_POS:
         stored = stored + 1  # a position: the new token attends to itself and what comes before
     length = tl.minimum(stored, seq_len)  # never read past the cache
+    start = split * split_len
     end = tl.minimum(start + split_len, length)
     if split == num_splits - 1:
         end = length  # the last split takes any remainder: coverage never depends on the hint
 
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, HALF)
+    offs_n = tl.arange(0, BLOCK_N)
     g_mask = offs_g < G
     heads = kvh * G + offs_g
 
@@ -455,6 +421,8 @@ def _decode_split_kernel(
     l_i = tl.full([GP], 0.0, tl.float32)
     acc1 = tl.full([GP, HALF], 0.0, tl.float32)
     acc2 = tl.full([GP, HALF], 0.0, tl.float32)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
 
     for n0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
         pos = n0 + offs_n
@@ -841,30 +809,6 @@ def decode_attention(
     return res.unsqueeze(2) if four_d else res
 
 
-def use_l2_prefetch(device: torch.device) -> bool:
-    """Whether qkvlab's kernels ask L2 for their first reads before anything else (on CUDA),
-    unless the environment sets ``QKVLAB_L2_PREFETCH=0`` (to measure what that is worth)."""
-    if device.type != "cuda" or _interpreting():
-        return False
-    return os.environ.get("QKVLAB_L2_PREFETCH", "1").strip().lower() not in ("0", "false", "off", "no")
-
-
-@functools.cache
-def _l2_bytes(index: int) -> int:
-    return int(getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0) or 0)
-
-
-def _prefetch_keys(
-    device, programs: int, resident_per_sm: int | None, bytes_per_key: int, split_len: int, block_n: int
-) -> int:
-    """Keys at the start of each split that a program prefetches: the programs resident at once
-    share half of L2 (more would evict lines before their loads reach them), in whole tiles."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    at_once = programs if resident_per_sm is None else min(programs, resident_per_sm * _sm_count(index))
-    keys = _l2_bytes(index) // 2 // max(1, at_once * bytes_per_key)
-    return min(split_len, keys // block_n * block_n)
-
-
 def _launch(
     q3: torch.Tensor,
     k_cache: torch.Tensor,
@@ -915,8 +859,6 @@ def _launch(
     # The interpreter's tl.dot mishandles bfloat16 operands: it then multiplies in float32.
     dot_f32 = q3.dtype == torch.float32 or (q3.dtype == torch.bfloat16 and interpreting)
     pdl = use_pdl(q3.device)
-    prefetch = use_l2_prefetch(q3.device)
-    line_elems = min(D, 128 // q3.element_size())  # one 128-byte line of a key row per prefetch
     cos, sin = table if table is not None else (out, out)
     k_new, v_new = new if new is not None else (out, None)
     v_new = k_new if v_new is None else v_new
@@ -945,14 +887,11 @@ def _launch(
         WRITE_NEW=new is not None,
         ROPE_Q=rope_q,
         ROPE_NEW=rope_new,
-        PREFETCH=prefetch,
-        LINES_PER_KEY=D // line_elems,
-        LINE_ELEMS=line_elems,
         num_warps=num_warps,
         num_stages=num_stages,
     )
 
-    def args(o_part, lse_part, split_len, splits, prefetch_len=0):
+    def args(o_part, lse_part, split_len, splits):
         return (
             q3,
             k_cache,
@@ -980,7 +919,6 @@ def _launch(
             split_len,
             splits,
             cos.shape[0] if table is not None else 0,
-            prefetch_len,
             float(scale) * _LOG2E,
             float(eps),
         )
@@ -1011,12 +949,8 @@ def _launch(
         lse_part = torch.empty((B * Hq, splits), dtype=torch.float32, device=q3.device)
     else:
         o_part = lse_part = out  # unused
-    prefetch_len = 0
-    if prefetch:
-        per_key = D * q3.element_size() * (1 if shared else 2)
-        prefetch_len = _prefetch_keys(q3.device, B * Hkv * splits, resident, per_key, split_len, block_n)
     split_kernel[(B * Hkv, splits)](
-        *args(o_part, lse_part, split_len, splits, prefetch_len),
+        *args(o_part, lse_part, split_len, splits),
         ONE_SPLIT=splits == 1,
         **consts,
         **({"launch_pdl": True} if pdl else {}),

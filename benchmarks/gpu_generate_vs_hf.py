@@ -19,7 +19,9 @@ decode step at a filled cache, for
 Checks come first, on the cache each point is timed on: the qkvlab compiled step against its own
 eager step; the HF Llama step against the qkvlab eager step on the same cache contents (same
 weights, so the same logits up to bf16 rounding); the Gemma step against Gemma's own uncompiled
-step; and, once per model, full-forward logits and 16 greedy tokens of a short prompt, qkvlab
+step, on a float32 copy at the first point (in bf16 a random Gemma 4 is too sensitive to rounding
+for the check to mean anything: ``gemma_float32_check``), the bf16 difference reported beside it;
+and, once per model, full-forward logits and 16 greedy tokens of a short prompt, qkvlab
 against HF Llama. A check beyond tolerance stops the run (exit status 1) after the JSON is written.
 
 Reported per row: tokens/s (B / step time), the ratio to ``hf-llama`` QKV at the same point, and
@@ -73,6 +75,9 @@ HF_GEMMA = {"Q-K=V", "Q-GQA-8"}  # Gemma 4 text, attention_k_eq_v
 # bf16 logits of a 16-layer model computed two correct ways differ by a few percent (as between
 # the eager, graph and compiled steps of gpu_generate.py).
 TOL_BF16, TOL_FP32 = 6e-2, 1e-4
+# the Gemma rows' float32 check: far above its rounding (1e-5 on the CPU), far below a wrong step's
+# error (a step that misplaces the cache or a position is off by order 1)
+GEMMA_TOL = 1e-2
 
 
 def free(device) -> None:
@@ -323,34 +328,67 @@ def qkvlab_point(model, B, S, args, device, seed: int, gemv: str = "none") -> tu
     return row, ref
 
 
-def hf_point(hf, system, B, S, args, device, seed: int, ref: torch.Tensor | None, model) -> dict:
+def hf_compiled_vs_eager(hf, B: int, S: int, args, device, seed: int, vocab_size: int):
+    """``hf``'s compiled and uncompiled steps on one filled cache: ``(decoder, token, compiled
+    logits, eager logits)``, the decoder left at position ``S + 1`` for timing."""
+    token = torch.randint(
+        0, vocab_size, (B,), device=device, generator=torch.Generator(device=device).manual_seed(seed)
+    )
+    dec = HFDecoder(hf, B, point_len(S, args), args.hf_compile_mode)
+    dec.fill(S, torch.Generator(device=device).manual_seed(seed + 1))
+    # the uncompiled step first: the compiled one is then checked against it
+    compiled = dec.fwd
+    dec.fwd, dec.compiled = hf.forward, False
+    eager = dec.step(token).float()
+    dec.fwd, dec.compiled = compiled, args.hf_compile_mode is not None
+    dec.seek(S)
+    return dec, token, dec.step(token).float(), eager
+
+
+def gemma_float32_check(hf, B: int, S: int, args, device, seed: int, vocab_size: int, tol: float) -> dict:
+    """The Gemma rows' check: compiled against uncompiled steps of a float32 copy of ``hf`` (same
+    weights) on a cache filled as the timed one is.
+
+    In bfloat16 the two differ by 0.1 to 0.9 (relative) at this random initialisation, on the CPU
+    too, and in float32 they agree to 1e-5: Gemma 4 RMS-normalises q and k and scales the scores
+    by 1, not 1/sqrt(D), so a random model's attention is sharp enough that a rounding difference
+    changes which keys a head weighs, and that compounds over the layers. A bfloat16 comparison
+    cannot tell a wrong step from rounding; the float32 one checks the harness (cache filling,
+    positions, the compiled graph) and HF's compiled K=V step."""
+    import copy
+
+    hf32 = copy.deepcopy(hf).float()
+    dec, _, got, eager = hf_compiled_vs_eager(hf32, B, S, args, device, seed, vocab_size)
+    err = rel_err(got, eager)
+    del dec, hf32, got, eager
+    if args.hf_compile_mode:
+        torch._dynamo.reset()
+    free(device)
+    return {"gemma_float32_compiled_vs_eager_rel_err": err, "at": f"B={B} S={S}", "ok": err <= tol}
+
+
+def hf_point(hf, system, B, S, args, device, seed: int, ref: torch.Tensor | None, model, gemma_check=None) -> dict:
     """An HF model's step at ``(B, S)``: Llama on the cache contents the qkvlab row was checked on
-    (``ref``: qkvlab's eager logits there), Gemma on its own, checked against its uncompiled step."""
+    (``ref``: qkvlab's eager logits there), Gemma on its own: its ``check_rel_err`` is the float32
+    check of its variant (``gemma_check``, :func:`gemma_float32_check`), and its bfloat16 compiled
+    step against its uncompiled step is reported beside it."""
     row = dict(system=system, B=B, context=S)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    token = torch.randint(0, model.config.vocab_size, (B,), device=device, generator=gen)
     try:
-        dec = HFDecoder(hf, B, point_len(S, args), args.hf_compile_mode)
-        dec.fill(S, torch.Generator(device=device).manual_seed(seed + 1))
         # HF's own uncompiled step first: against qkvlab's (Llama) it checks the cache contents and
         # the harness; the compiled step is then checked against it and against qkvlab's
-        compiled = dec.fwd
-        dec.fwd, dec.compiled = hf.forward, False
-        eager = dec.step(token).float()
-        dec.fwd, dec.compiled = compiled, args.hf_compile_mode is not None
-        dec.seek(S)
-        if system == "hf-llama":
-            row["check_eager_rel_err"] = rel_err(eager, ref) if ref is not None else float("nan")
-        else:
-            ref = eager
+        t0 = time.perf_counter()
+        dec, token, got, eager = hf_compiled_vs_eager(hf, B, S, args, device, seed, model.config.vocab_size)
+        row["first_step_s"] = time.perf_counter() - t0  # (with the cache's filling and one eager step)
     except torch.OutOfMemoryError:
         free(device)
         return {**row, "error": "OOM allocating the cache"}
-    t0 = time.perf_counter()
-    got = dec.step(token).float()
-    row["first_step_s"] = time.perf_counter() - t0
-    row["check_rel_err"] = rel_err(got, ref) if ref is not None else float("nan")
     row["check_compiled_vs_eager_rel_err"] = rel_err(got, eager)
+    if system == "hf-llama":
+        row["check_eager_rel_err"] = rel_err(eager, ref) if ref is not None else float("nan")
+        row["check_rel_err"] = rel_err(got, ref) if ref is not None else float("nan")
+    else:
+        row["check_rel_err"] = gemma_check["gemma_float32_compiled_vs_eager_rel_err"] if gemma_check else float("nan")
+        row["check"] = "float32 copy, compiled vs uncompiled step"
     for _ in range(args.warmup):  # reduce-overhead records its graphs over the first calls
         dec.step(token)
     row["step_s"] = time_steps(dec.step, token, args.steps, device)
@@ -610,6 +648,17 @@ def main() -> None:
             if hf is None:
                 skipped[variant] = why
                 print(f"{variant}: no HF K=V row: {why}", flush=True)
+            else:
+                (B0, S0), seed0 = points[0], 1000 * v_i
+                checks[variant] = gemma_float32_check(
+                    hf, B0, S0, args, device, seed0, model.config.vocab_size, GEMMA_TOL
+                )
+                c = checks[variant]
+                print(
+                    f"{variant}: HF Gemma 4 K=V, float32 copy at {c['at']}: compiled vs uncompiled step "
+                    f"rel.err {c['gemma_float32_compiled_vs_eager_rel_err']:.1e}",
+                    flush=True,
+                )
         for p_i, (B, S) in enumerate(points):
             seed = 1000 * v_i + 10 * p_i
             ref = None
@@ -627,7 +676,8 @@ def main() -> None:
                     ref = model.decode_one(token, cache).float()
                     cache = None
                     free(device)
-                rows.append({"variant": variant, **hf_point(hf, system, B, S, args, device, seed, ref, model)})
+                row = hf_point(hf, system, B, S, args, device, seed, ref, model, checks.get(variant))
+                rows.append({"variant": variant, **row})
                 save()
         model = hf = None
         free(device)

@@ -177,3 +177,42 @@ def test_the_hf_harness_agrees_with_qkvlab_at_a_long_filled_cache(monkeypatch):
         assert rel_err(got.float(), ref) < tol, dtype
         # without autograd, as qkvlab's step runs: HF timed with grad on would carry its overhead
         assert got.grad_fn is None and not got.requires_grad
+
+
+def test_the_gemma_float32_check_catches_a_harness_that_loses_its_position(monkeypatch):
+    """The Gemma rows' check (compiled against uncompiled steps of a float32 copy) passes on the
+    harness as it is and fails by far when the harness does not put the cache back at S before the
+    second step: the failure it is there to catch (uncompiled on both sides here, on the CPU)."""
+    pytest.importorskip("transformers", reason="the side-by-side benchmark needs transformers (the dev extra)")
+    import argparse
+    import types
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_generate_vs_hf as vs_hf
+
+    config = types.SimpleNamespace(
+        vocab_size=256, d_model=64, d_ff=128, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, max_seq_len=128,
+        rope_theta=10000.0,
+    )  # fmt: skip
+    holder = torch.nn.Linear(1, 1)
+    holder.config = config
+    hf, why = vs_hf.hf_gemma_kv(holder)
+    if hf is None:
+        pytest.skip(why)
+    args = argparse.Namespace(hf_compile_mode=None, smoke=True)
+    monkeypatch.setattr(vs_hf, "point_len", lambda S, args: S + 16)
+    good = vs_hf.gemma_float32_check(hf, 2, 40, args, torch.device("cpu"), 3, 256, vs_hf.GEMMA_TOL)
+    assert good["ok"] and good["gemma_float32_compiled_vs_eager_rel_err"] < 1e-5, good
+    seek, calls = vs_hf.HFDecoder.seek, []
+
+    def seek_once(self, S):  # the fill's seek happens; the one before the second step is lost
+        calls.append(S)
+        if len(calls) == 1:
+            seek(self, S)
+
+    monkeypatch.setattr(vs_hf.HFDecoder, "seek", seek_once)  # so the second step lands at S + 1
+    bad = vs_hf.gemma_float32_check(hf, 2, 40, args, torch.device("cpu"), 3, 256, vs_hf.GEMMA_TOL)
+    assert calls == [40, 40] and not bad["ok"], bad
+    assert bad["gemma_float32_compiled_vs_eager_rel_err"] > 10 * vs_hf.GEMMA_TOL, bad

@@ -216,3 +216,39 @@ def test_the_gemma_float32_check_catches_a_harness_that_loses_its_position(monke
     bad = vs_hf.gemma_float32_check(hf, 2, 40, args, torch.device("cpu"), 3, 256, vs_hf.GEMMA_TOL)
     assert calls == [40, 40] and not bad["ok"], bad
     assert bad["gemma_float32_compiled_vs_eager_rel_err"] > 10 * vs_hf.GEMMA_TOL, bad
+
+
+def test_compile_decode_reports_the_kernel_a_launch_compiles(tmp_path, monkeypatch):
+    """The offline compile of the split kernel (no GPU): the launch's constants, a register count
+    from the cubin, the residency the launch heuristic would compute from it, and a tile loop with
+    its tensor-core products and barriers; a wider tile needs more registers and shared memory."""
+    from qkvlab.kernels import kv_decode
+
+    if not kv_decode.HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    import os
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
+        pytest.skip("this Triton has no bundled cuobjdump")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import compile_decode
+
+    out = tmp_path / "compile.json"
+    assert (
+        compile_decode.main(
+            ["--head-dim", "64", "--groups", "4", "--configs", '[{}, {"block_n": 64}]', "--out", str(out)]
+        )
+        == 0
+    )
+    wide, narrow = json.loads(out.read_text())["rows"]
+    assert (wide["block_n"], narrow["block_n"]) == (128, 64)  # the launch's own choice at D=64 with RoPE: 128
+    for row in (wide, narrow):
+        assert row["registers"] > 0 and row["spill_bytes"] == 0
+        assert row["programs_per_sm"] == kv_decode.resident_programs(
+            row["registers"], row["shared_bytes"], row["num_warps"]
+        )
+        assert row["loop"]["mma"] > 0 and row["loop"]["bar"] > 0 and row["loop"]["cp.async"] > 0, row
+    assert wide["registers"] > narrow["registers"] and wide["shared_bytes"] > narrow["shared_bytes"]
+    assert wide["loop"]["mma"] == 2 * narrow["loop"]["mma"]  # twice the keys a tile: twice the products

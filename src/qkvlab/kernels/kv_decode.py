@@ -735,6 +735,16 @@ def _num_splits(B: int, Hkv: int, n_tiles: int, device, cfg: DecodeConfig, resid
 _RESIDENT: dict = {}
 
 
+def resident_programs(
+    n_regs: int, shared: int, warps: int, *, regs_sm: int = 65536, smem_sm: int = 228 * 1024, threads_sm: int = 2048
+) -> int:
+    """Programs of a compiled kernel that fit on one multiprocessor at once, limited by registers
+    (allocated per warp in 256-register units), shared memory (the driver reserves 1 KiB a block)
+    and threads; the defaults are an H100's / H200's (sm_90)."""
+    regs = -(-max(n_regs, 1) // 8) * 8 * 32 * warps
+    return max(1, min(regs_sm // regs, smem_sm // (shared + 1024), threads_sm // (32 * warps), 32))
+
+
 def _resident_per_sm(compile_kernel, launch_key) -> int | None:
     """Programs of a kernel that fit on one multiprocessor at once (registers, shared memory,
     threads), or None where that is unknown. ``compile_kernel()`` compiles it without a launch
@@ -745,12 +755,14 @@ def _resident_per_sm(compile_kernel, launch_key) -> int | None:
         kernel._init_handles()
         warps = kernel.metadata.num_warps
         props = torch.cuda.get_device_properties(launch_key[0])
-        regs_sm = getattr(props, "regs_per_multiprocessor", 65536)
-        threads_sm = getattr(props, "max_threads_per_multi_processor", 2048)
-        smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-        regs = -(-max(kernel.n_regs, 1) // 8) * 8 * 32 * warps  # allocated per warp in 256-register units
-        smem = kernel.metadata.shared + 1024  # the driver reserves 1 KiB per block
-        value = max(1, min(regs_sm // regs, smem_sm // smem, threads_sm // (32 * warps), 32))
+        value = resident_programs(
+            kernel.n_regs,
+            kernel.metadata.shared,
+            warps,
+            regs_sm=getattr(props, "regs_per_multiprocessor", 65536),
+            smem_sm=getattr(props, "shared_memory_per_multiprocessor", 228 * 1024),
+            threads_sm=getattr(props, "max_threads_per_multi_processor", 2048),
+        )
     except Exception:  # Triton internals differ between versions: the plain heuristic then
         value = None
     _RESIDENT[launch_key] = value
@@ -809,6 +821,57 @@ def decode_attention(
     return res.unsqueeze(2) if four_d else res
 
 
+def split_kernel_constants(
+    dtype: torch.dtype,
+    G: int,
+    D: int,
+    cfg: DecodeConfig,
+    *,
+    shared: bool,
+    has_rope: bool,
+    has_norm: bool,
+    interpreting: bool = False,
+    pdl: bool = False,
+    positions: bool = False,
+    write_new: bool = False,
+    rope_q: bool = False,
+    rope_new: bool = False,
+) -> dict:
+    """The split kernel's compile-time constants and launch options (``num_warps``,
+    ``num_stages``) for a cache of ``dtype`` with ``G`` query heads per KV head of width ``D``:
+    what a launch specialises on (``benchmarks/compile_decode.py`` compiles the same offline)."""
+    gp, block_n, num_warps, num_stages, use_dot = _plan(G, D, cfg, rotated_shared=shared and has_rope)
+    # The interpreter's tl.dot mishandles bfloat16 operands: it then multiplies in float32.
+    dot_f32 = dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting)
+    return dict(
+        G=G,
+        GP=gp,
+        HALF=D // 2,
+        BLOCK_N=block_n,
+        SHARED=shared,
+        HAS_ROPE=has_rope,
+        HAS_NORM=has_norm,
+        USE_DOT=use_dot,
+        DOT_PRECISION="ieee" if dot_f32 else "tf32",
+        DOT_F32=dot_f32,
+        NUM_STAGES=num_stages,
+        # Rotate in the cache's 16-bit dtype: the dot rounds the rotated key to it anyway. The
+        # interpreter has no 16-bit bfloat arithmetic: it rotates in float32 there (as its dots).
+        ROPE_TY=tl.float32 if dot_f32 else _TL_DTYPES[dtype],
+        # QK-norm's sums of squares by tl.dot: bfloat16 caches only (float16 squares overflow
+        # past 256; float32 caches keep the float32 sums)
+        NORM_DOT=use_dot and dtype == torch.bfloat16,
+        PDL=pdl,
+        TABLE_LO=min(16, block_n),
+        LENS_POS=positions,
+        WRITE_NEW=write_new,
+        ROPE_Q=rope_q,
+        ROPE_NEW=rope_new,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+
+
 def _launch(
     q3: torch.Tensor,
     k_cache: torch.Tensor,
@@ -845,8 +908,6 @@ def _launch(
     has_rope = rope_cos is not None
     if table is None and has_rope:
         table = (rope_cos, rope_sin)
-    gp, block_n, num_warps, num_stages, use_dot = _plan(G, D, cfg, rotated_shared=shared and has_rope)
-    n_tiles = max(1, _cdiv(S_hint, block_n))
     interpreting = _interpreting()
     split_kernel, combine_kernel = _kernels(interpreting)
 
@@ -856,40 +917,28 @@ def _launch(
     elif out.dtype != q3.dtype or out.numel() != B * Hq * D or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {q3.dtype} tensor of {B * Hq * D} elements")
     out = out.view(B, Hq, D)
-    # The interpreter's tl.dot mishandles bfloat16 operands: it then multiplies in float32.
-    dot_f32 = q3.dtype == torch.float32 or (q3.dtype == torch.bfloat16 and interpreting)
     pdl = use_pdl(q3.device)
     cos, sin = table if table is not None else (out, out)
     k_new, v_new = new if new is not None else (out, None)
     v_new = k_new if v_new is None else v_new
     weight = k_norm_weight if k_norm_weight is not None else out
-    consts = dict(
-        G=G,
-        GP=gp,
-        HALF=D // 2,
-        BLOCK_N=block_n,
-        SHARED=shared,
-        HAS_ROPE=has_rope,
-        HAS_NORM=k_norm_weight is not None,
-        USE_DOT=use_dot,
-        DOT_PRECISION="ieee" if dot_f32 else "tf32",
-        DOT_F32=dot_f32,
-        NUM_STAGES=num_stages,
-        # Rotate in the cache's 16-bit dtype: the dot rounds the rotated key to it anyway. The
-        # interpreter has no 16-bit bfloat arithmetic: it rotates in float32 there (as its dots).
-        ROPE_TY=tl.float32 if dot_f32 else _TL_DTYPES[q3.dtype],
-        # QK-norm's sums of squares by tl.dot: bfloat16 caches only (float16 squares overflow
-        # past 256; float32 caches keep the float32 sums)
-        NORM_DOT=use_dot and q3.dtype == torch.bfloat16,
-        PDL=pdl,
-        TABLE_LO=min(16, block_n),
-        LENS_POS=positions,
-        WRITE_NEW=new is not None,
-        ROPE_Q=rope_q,
-        ROPE_NEW=rope_new,
-        num_warps=num_warps,
-        num_stages=num_stages,
+    consts = split_kernel_constants(
+        q3.dtype,
+        G,
+        D,
+        cfg,
+        shared=shared,
+        has_rope=has_rope,
+        has_norm=k_norm_weight is not None,
+        interpreting=interpreting,
+        pdl=pdl,
+        positions=positions,
+        write_new=new is not None,
+        rope_q=rope_q,
+        rope_new=rope_new,
     )
+    block_n = consts["BLOCK_N"]
+    n_tiles = max(1, _cdiv(S_hint, block_n))
 
     def args(o_part, lse_part, split_len, splits):
         return (

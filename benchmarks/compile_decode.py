@@ -184,7 +184,7 @@ def main(argv=None) -> int:
               f"{row['loop_instructions']:>5} " + " ".join(f"{row['loop'][k]:>8}" for k in KINDS))  # fmt: skip
     doc = {
         "benchmark": "compile_decode",
-        "env": env_info(torch.device("cpu")),
+        "env": {**env_info(torch.device("cpu")), "gpu": f"none: compiled for sm_{args.arch}, not run"},
         "arch": args.arch,
         "shape": {"head_dim": args.head_dim, "groups": args.groups, "dtype": args.dtype, "which": args.which},
         "step": args.step,

@@ -124,13 +124,30 @@ def sass_report(cubin: bytes) -> dict:
     # the widest backward branch is the tile loop (the kernel has no other loop that long)
     loops = [(t, a) for a, _, t in instrs if t is not None and t < a]
     first, last = max(loops, key=lambda span: span[1] - span[0]) if loops else (1, 0)
-    ops = Counter(op for a, op, _ in instrs if first <= a <= last)
+    body = [op for a, op, _ in instrs if first <= a <= last]
+    ops = Counter(body)
     return {
         "registers": int(regs.group(1)) if regs else None,
         "spill_bytes": int(local.group(1)) if local else None,
-        "loop_instructions": sum(ops.values()),
+        "loop_instructions": len(body),
         "loop": {kind: sum(ops[o] for o in names) for kind, names in KINDS.items()},
+        "loop_sequence": sequence(body),
     }
+
+
+def sequence(body: list[str]) -> str:
+    """The loop's counted instructions (and ``DEPBAR``, the wait for asynchronous copies) in
+    order, runs merged (``LDSMx8``): where its barriers fall between shared-memory traffic and
+    the tensor-core products shows which layout change or reduction each one serves."""
+    counted = {o for names in KINDS.values() for o in names} | {"DEPBAR"}
+    runs: list[list] = []
+    for op in body:
+        if op in counted:
+            if runs and runs[-1][0] == op:
+                runs[-1][1] += 1
+            else:
+                runs.append([op, 1])
+    return " ".join(op if n == 1 else f"{op}x{n}" for op, n in runs)
 
 
 def main(argv=None) -> int:
@@ -142,6 +159,7 @@ def main(argv=None) -> int:
     ap.add_argument("--step", action="store_true", help="the whole-step kernel (positions, new entry, query rotation)")
     ap.add_argument("--configs", default="[{}]", help="JSON list of DecodeConfig fields ({} is the default launch)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100 / H200)")
+    ap.add_argument("--sequence", action="store_true", help="also print each tile loop's instruction sequence")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     try:
@@ -182,6 +200,8 @@ def main(argv=None) -> int:
         name = json.dumps(row["config"]) + f" n{row['block_n']} w{row['num_warps']} s{row['num_stages']}"
         print(f"{name:<44} {row['registers']!s:>4} {row['spill_bytes']!s:>5} {shared_bytes:>6} {per_sm:>3} "
               f"{row['loop_instructions']:>5} " + " ".join(f"{row['loop'][k]:>8}" for k in KINDS))  # fmt: skip
+        if args.sequence:
+            print(f"  loop: {row['loop_sequence']}")
     doc = {
         "benchmark": "compile_decode",
         "env": {**env_info(torch.device("cpu")), "gpu": f"none: compiled for sm_{args.arch}, not run"},

@@ -250,5 +250,11 @@ def test_compile_decode_reports_the_kernel_a_launch_compiles(tmp_path, monkeypat
             row["registers"], row["shared_bytes"], row["num_warps"]
         )
         assert row["loop"]["mma"] > 0 and row["loop"]["bar"] > 0 and row["loop"]["cp.async"] > 0, row
+        seq = row["loop_sequence"].split()  # in order, runs merged: as many barriers as counted
+        assert "DEPBAR" in seq
+        assert (
+            sum(int(op.split("x")[1]) if "x" in op else 1 for op in seq if op.split("x")[0] == "BAR")
+            == row["loop"]["bar"]
+        )
     assert wide["registers"] > narrow["registers"] and wide["shared_bytes"] > narrow["shared_bytes"]
     assert wide["loop"]["mma"] == 2 * narrow["loop"]["mma"]  # twice the keys a tile: twice the products

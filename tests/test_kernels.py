@@ -585,3 +585,16 @@ def test_cuda_programmatic_dependent_combine_in_a_graph(monkeypatch):
         for ((q, k, lengths), kw), out in zip(bufs, outs, strict=True):
             ref = reference64(q.cpu(), k.cpu(), None, lengths.cpu(), shared=True, **{n: t.cpu() for n, t in kw.items()})
             assert rel_err(out.cpu(), ref) < 1.5e-2, trial
+
+
+def test_residency_arithmetic_matches_what_nsight_compute_reported():
+    """``resident_programs`` (the launch heuristic's and compile_decode.py's) against the H100's
+    own limits for two compiled split kernels (ncu_decode_h100_32k_q_gqa8_d64*.txt): 168 registers
+    and 37,376 bytes of shared memory hold 3 programs an SM, 122 and 18,944 hold 4; registers bind
+    in both (the driver then sizes the shared-memory carveout to what those programs need)."""
+    from qkvlab.kernels.kv_decode import resident_programs
+
+    assert resident_programs(168, 37376, 4) == 3
+    assert resident_programs(122, 18944, 4) == 4
+    assert resident_programs(64, 1024, 1) == 32  # the hardware's 32 blocks an SM
+    assert resident_programs(255, 0, 8) == 1

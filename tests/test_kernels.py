@@ -135,6 +135,7 @@ def test_warp_split_half_precision(dtype):
     assert out.dtype == dtype and rel_err(out, reference64(q, k, v, lengths, shared=True, **kw)) < 1.5e-2
 
 
+@needs_triton
 def test_warp_split_needs_tensor_core_tiles_of_16_keys_a_warp():
     q, k, _, lengths, _ = make_inputs(1, 4, 2, 40, 16, shared=True, rope=False, norm=False)
     with pytest.raises(ValueError, match="heads of 32 or wider"):

@@ -1,9 +1,18 @@
-"""Shared helpers: the variant grid on tiny models."""
+"""Shared helpers: the variant grid on tiny models; the mark for tests that run Triton's interpreter."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from qkvlab.kernels.kv_decode import HAS_TRITON, _interpreter_problem
+
+# Tests that run a kernel under Triton's interpreter need Triton and an interpreter that passes
+# the kernels' own probe (Triton 3.6's fails it with numpy 2; the entry points then fall back).
+INTERPRETER_PROBLEM = _interpreter_problem() if HAS_TRITON else "Triton is not installed"
+needs_interpreter = pytest.mark.skipif(
+    INTERPRETER_PROBLEM is not None, reason=f"no working Triton interpreter: {INTERPRETER_PROBLEM}"
+)
 
 SHARINGS = ["q_k_v", "q_kv", "qk_v", "qkv", "qv_k", "k_v"]
 # Tiny shape: 4 query heads of width 8, d_model 32 (so the identity role of k_v fits).

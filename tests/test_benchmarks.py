@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from qkvlab.kernels.kv_decode import HAS_TRITON, _interpreter_problem
+from conftest import INTERPRETER_PROBLEM
 
 ROOT = Path(__file__).resolve().parents[1]
-INTERPRETER_PROBLEM = _interpreter_problem() if HAS_TRITON else "Triton is not installed"
 
 
 def run_script(name: str, *args: str, interpret: bool = False) -> str:

@@ -12,14 +12,11 @@ import warnings
 import pytest
 import torch
 
+from conftest import needs_interpreter
 from qkvlab.attention.positional import Rotary
 from qkvlab.kernels import DecodeConfig, decode_attention_reference, kv_decode
 from qkvlab.kernels.kv_decode import HAS_TRITON, decode_attention_step, decode_attention_step_reference
 
-INTERPRETER_PROBLEM = kv_decode._interpreter_problem() if HAS_TRITON else "Triton is not installed"
-needs_triton = pytest.mark.skipif(
-    INTERPRETER_PROBLEM is not None, reason=f"no working Triton interpreter: {INTERPRETER_PROBLEM}"
-)
 needs_cuda = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs Triton and a CUDA GPU")
 
 
@@ -74,7 +71,7 @@ def check(got, want, tol):
         torch.testing.assert_close(vc, vr, rtol=0, atol=0)
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("splits", [None, 1, 3, 7])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize(
@@ -91,7 +88,7 @@ def test_step_kernel_matches_reference(shared, rope_q, rope_new, derive, heads, 
     check(got, want, 2e-5)
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize(
     "shared,rope_q,rope_new,derive",
     [(True, True, False, True), (False, True, True, False)],
@@ -105,7 +102,7 @@ def test_step_kernel_with_a_softmax_a_warp(shared, rope_q, rope_new, derive):
     check(got, want, 2e-5)
 
 
-@needs_triton
+@needs_interpreter
 def test_step_one_position_for_all_rows_and_a_normed_shared_cache():
     tensors, table, kw = make_step(3, 4, 2, 96, 32, shared=True, ragged=False, norm=True)
     got, want = run_both(tensors, table, kw, shared=True, rope_q=True, rope_new=False, derive=True)
@@ -113,7 +110,7 @@ def test_step_one_position_for_all_rows_and_a_normed_shared_cache():
     assert tensors[5].dim() == 0
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_step_half_precision(dtype):
     tensors, table, kw = make_step(4, 8, 2, 160, 64, shared=False, dtype=dtype)
@@ -185,7 +182,7 @@ def test_cuda_step_kernel_matches_reference(shared, dtype, splits, monkeypatch):
     check(got, want, 2e-4 if dtype == torch.float32 else 1.5e-2)
 
 
-@needs_triton
+@needs_interpreter
 def test_query_tables_other_than_the_key_roles_run_the_reference():
     """The kernel reads one pair of RoPE tables: a query rotated with other tables than a shared
     cache's key role falls back (with a warning) rather than rotate with the wrong ones."""

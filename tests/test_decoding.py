@@ -16,17 +16,12 @@ import pytest
 import torch
 
 import qkvlab
+from conftest import INTERPRETER_PROBLEM, needs_interpreter
 from qkvlab import GPT, GPTConfig
 from qkvlab.attention import Attention
 from qkvlab.attention import backends as backends_mod
 from qkvlab.errors import ConfigError
-from qkvlab.kernels.kv_decode import HAS_TRITON, _interpreter_problem
 from qkvlab.models.decoding import StaticDecoder
-
-INTERPRETER_PROBLEM = _interpreter_problem() if HAS_TRITON else "Triton is not installed"
-needs_interpreter = pytest.mark.skipif(
-    INTERPRETER_PROBLEM is not None, reason=f"no working Triton interpreter: {INTERPRETER_PROBLEM}"
-)
 
 VARIANTS = ["q_k_v", "q_kv", "qk_v", "qkv", "q_k_v+gqa2", "q_kv+gqa2", "q_kv+mqa"]
 

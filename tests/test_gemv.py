@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import needs_interpreter
 from qkvlab import GPT, GPTConfig
 from qkvlab.attention import matvec
 from qkvlab.errors import ConfigError
@@ -23,15 +24,9 @@ from qkvlab.kernels.gemv import (
     gemv_unsupported_reason,
     resolve_config,
 )
-from qkvlab.kernels.kv_decode import _interpreter_problem
 from qkvlab.models.decoding import StaticDecoder
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-INTERPRETER_PROBLEM = _interpreter_problem() if HAS_TRITON else "Triton is not installed"
-# the kernel's CPU tests run it under Triton's interpreter, which some Triton/numpy pairs cannot run
-needs_interpreter = pytest.mark.skipif(
-    INTERPRETER_PROBLEM is not None, reason=f"no working Triton interpreter: {INTERPRETER_PROBLEM}"
-)
 
 
 @pytest.fixture

@@ -16,18 +16,13 @@ import pytest
 import torch
 
 import qkvlab.kernels
+from conftest import needs_interpreter
 from qkvlab import GPT, GPTConfig
 from qkvlab.attention import Attention
 from qkvlab.data.tokenizers import ByteTokenizer
 from qkvlab.errors import ConfigError
-from qkvlab.kernels.kv_decode import HAS_TRITON, _interpreter_problem
 from qkvlab.models.decoding import StaticDecoder
 from qkvlab.models.generation import _RowText, apply_repetition_penalty, sample, top_p_filter
-
-INTERPRETER_PROBLEM = _interpreter_problem() if HAS_TRITON else "Triton is not installed"
-needs_interpreter = pytest.mark.skipif(
-    INTERPRETER_PROBLEM is not None, reason=f"no working Triton interpreter: {INTERPRETER_PROBLEM}"
-)
 
 V = 41
 ROWS = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16]]

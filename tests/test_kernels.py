@@ -13,16 +13,11 @@ import pytest
 import torch
 
 import qkvlab
+from conftest import INTERPRETER_PROBLEM, needs_interpreter
 from qkvlab.attention.positional import Rotary
 from qkvlab.kernels import DecodeConfig, decode_attention, decode_attention_reference, kv_decode
 from qkvlab.kernels.kv_decode import HAS_TRITON, decode_unsupported_reason
 
-# The kernel tests run the kernel under the interpreter: Triton installed, and an interpreter that
-# passes the module's probe (Triton 3.6's fails with numpy 2; the entry points then fall back).
-INTERPRETER_PROBLEM = kv_decode._interpreter_problem() if HAS_TRITON else "Triton is not installed"
-needs_triton = pytest.mark.skipif(
-    INTERPRETER_PROBLEM is not None, reason=f"no working Triton interpreter: {INTERPRETER_PROBLEM}"
-)
 # The CUDA tests compile the kernel for the GPU: they need Triton and a GPU, whatever the
 # interpreter does (a GPU image whose interpreter fails its probe still runs them).
 needs_cuda = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs Triton and a CUDA GPU")
@@ -69,7 +64,7 @@ HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
 KEY_ROLES = {"raw": (False, False), "rope": (True, False), "qknorm": (False, True), "rope+qknorm": (True, True)}
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("heads", list(HEADS))
 @pytest.mark.parametrize("key_role", list(KEY_ROLES))
 @pytest.mark.parametrize("shared", [True, False], ids=["k=v", "k,v"])
@@ -94,7 +89,7 @@ TILINGS = {  # (Hq, Hkv, D): tl.dot with rows padded to 16 from D = 32, tl.sum b
 }
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("splits", [1, 2, 5])
 @pytest.mark.parametrize("shape", list(TILINGS))
 def test_kernel_tilings(shape, splits):
@@ -106,7 +101,7 @@ def test_kernel_tilings(shape, splits):
     assert rel_err(out, reference64(q, k, k, lengths, shared=True, **kw)) < 1e-5
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("heads", list(HEADS))
 @pytest.mark.parametrize("key_role", list(KEY_ROLES))
 @pytest.mark.parametrize("shared", [True, False], ids=["k=v", "k,v"])
@@ -125,7 +120,7 @@ def test_warp_split_matches_reference(shared, key_role, heads):
     assert torch.allclose(outs[1], outs[0], rtol=1e-5, atol=1e-6)
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_warp_split_half_precision(dtype):
     """16-bit caches: the rotation in the cache's dtype, QK-norm's sums of squares by tl.dot (bf16)."""
@@ -135,7 +130,7 @@ def test_warp_split_half_precision(dtype):
     assert out.dtype == dtype and rel_err(out, reference64(q, k, v, lengths, shared=True, **kw)) < 1.5e-2
 
 
-@needs_triton
+@needs_interpreter
 def test_warp_split_needs_tensor_core_tiles_of_16_keys_a_warp():
     q, k, _, lengths, _ = make_inputs(1, 4, 2, 40, 16, shared=True, rope=False, norm=False)
     with pytest.raises(ValueError, match="heads of 32 or wider"):
@@ -145,7 +140,7 @@ def test_warp_split_needs_tensor_core_tiles_of_16_keys_a_warp():
         decode_attention(q, k, k, lengths, scale=0.25, shared_kv=True, config=DecodeConfig(block_n=32, warp_split=True))
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("D", [16, 32], ids=["sum", "dot"])
 @pytest.mark.parametrize("shared", [True, False], ids=["k=v", "k,v"])
@@ -157,7 +152,7 @@ def test_kernel_half_precision(shared, D, dtype):
     assert rel_err(out, reference64(q, k, v, lengths, shared=shared, **kw)) < 1.5e-2
 
 
-@needs_triton
+@needs_interpreter
 def test_kernel_default_plan_4d_query_and_int_length():
     """Heuristic launch, q of shape (B, Hq, 1, D) and one int length for every row."""
     q, k, _, _, kw = make_inputs(2, 4, 2, 70, 32, shared=True, rope=True, norm=False)
@@ -168,7 +163,7 @@ def test_kernel_default_plan_4d_query_and_int_length():
     assert rel_err(out[:, :, 0], ref) < 1e-5
 
 
-@needs_triton
+@needs_interpreter
 def test_kernel_reads_an_expanded_lengths_tensor_per_row():
     """A stride-0 lengths tensor (one device position expanded to every row) is read per row."""
     q, k, _, _, kw = make_inputs(3, 4, 2, 40, 16, shared=True, rope=True, norm=False)
@@ -178,7 +173,7 @@ def test_kernel_reads_an_expanded_lengths_tensor_per_row():
     assert rel_err(out, ref) < 1e-5
 
 
-@needs_triton
+@needs_interpreter
 def test_kernel_strided_cache_view_and_length_hint():
     """A view of a longer cache (row stride > S * D) and a max_length hint smaller than S."""
     q, big, _, _, kw = make_inputs(2, 4, 2, 64, 32, shared=True, rope=True, norm=True)
@@ -188,7 +183,7 @@ def test_kernel_strided_cache_view_and_length_hint():
     assert rel_err(out, reference64(q, k.contiguous(), None, lengths, shared=True, **kw)) < 1e-5
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("stages", [1, 3])
 @pytest.mark.parametrize("norm", [False, True], ids=["rope", "rope_qkn"])
 def test_pipelining_depth_agrees(norm, stages):
@@ -256,7 +251,7 @@ def test_the_interpreter_probe_passes_where_the_interpreter_works():
         assert problem is None or triton.__version__ in problem
 
 
-@needs_triton
+@needs_interpreter
 def test_supported_inputs_do_not_warn():
     q, k, _, lengths, kw = make_inputs(2, 4, 2, 24, 32, shared=True, rope=True, norm=True)
     assert decode_unsupported_reason(q, k, None, **kw) is None
@@ -333,7 +328,7 @@ def test_reference_matches_attention_module_decode():
         torch.testing.assert_close(out.double().transpose(1, 2).reshape(want.shape), want, rtol=1e-4, atol=1e-5)
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("splits", [1, 3])
 def test_out_buffer_is_fully_written(splits):
     """A NaN-poisoned ``out`` comes back finite and right: every element was written."""
@@ -415,7 +410,7 @@ def test_cuda_kernel_launch_configs(cfg, norm, monkeypatch):
     assert rel_err(out.cpu(), ref) < 1.5e-2
 
 
-@needs_triton
+@needs_interpreter
 def test_lengths_past_the_cache_read_only_the_cache():
     """A length over S reads the S cached keys (as the reference does), never past the cache."""
     q, k, _, _, kw = make_inputs(2, 4, 2, 40, 32, shared=True, rope=True, norm=False)
@@ -424,7 +419,7 @@ def test_lengths_past_the_cache_read_only_the_cache():
     assert rel_err(out, reference64(q, k, k, torch.tensor([40, 40]), shared=True, **kw)) < 1e-5
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize(
     "variant", ["q_kv+rope", "q_kv+gqa2+rope+qknorm", "qkv+rope", "q_kv+mqa+qknorm+learned", "q_kv+learned"]
 )
@@ -488,7 +483,7 @@ def test_bad_config_values_are_named(field, value):
         DecodeConfig(**{field: value})
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 def test_qk_norm_sums_of_squares(dtype):
     """QK-norm's per-key sums of squares: by tl.dot for bfloat16 caches (float32 under the
@@ -499,7 +494,7 @@ def test_qk_norm_sums_of_squares(dtype):
     assert rel_err(out, reference64(q, k, k, lengths, shared=True, **kw)) < 1e-2
 
 
-@needs_triton
+@needs_interpreter
 def test_qk_norm_half_cache_with_large_values():
     """A float16 cache with values past 256 (whose squares overflow float16) still normalises
     right: float16 keeps the float32 sums."""
@@ -510,7 +505,7 @@ def test_qk_norm_half_cache_with_large_values():
     assert rel_err(out, reference64(q, k, k, lengths, shared=True, **kw)) < 1e-2
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize(("S", "block_n"), [(300, 128), (300, 32), (300, 16), (10, 128)])
 def test_held_rope_rows(S, block_n):
     """The held RoPE rows of a tile, built by angle addition from 16 + block_n/16 table rows
@@ -521,7 +516,7 @@ def test_held_rope_rows(S, block_n):
     assert rel_err(out, reference64(q, k, k, lengths, shared=True, **kw)) < 1e-5
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("norm", [False, True], ids=["rope", "rope_qkn"])
 def test_rope_in_half_precision(norm):
     """Rotating the key role in float16 (the cache's dtype) stays at float16 accuracy."""

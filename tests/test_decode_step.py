@@ -89,20 +89,6 @@ def test_step_kernel_matches_reference(shared, rope_q, rope_new, derive, heads, 
 
 
 @needs_interpreter
-@pytest.mark.parametrize(
-    "shared,rope_q,rope_new,derive",
-    [(True, True, False, True), (False, True, True, False)],
-    ids=["k=v+rope", "k,v+rope"],
-)
-def test_step_kernel_with_a_softmax_a_warp(shared, rope_q, rope_new, derive):
-    """DecodeConfig(warp_split=True): the whole step with each warp's own softmax state."""
-    tensors, table, kw = make_step(4, 4, 2, 200, 32, shared=shared)
-    cfg = DecodeConfig(num_splits=3, block_n=32, num_warps=2, warp_split=True)
-    got, want = run_both(tensors, table, kw, shared=shared, rope_q=rope_q, rope_new=rope_new, derive=derive, config=cfg)
-    check(got, want, 2e-5)
-
-
-@needs_interpreter
 def test_step_one_position_for_all_rows_and_a_normed_shared_cache():
     tensors, table, kw = make_step(3, 4, 2, 96, 32, shared=True, ragged=False, norm=True)
     got, want = run_both(tensors, table, kw, shared=True, rope_q=True, rope_new=False, derive=True)

@@ -102,45 +102,6 @@ def test_kernel_tilings(shape, splits):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("heads", list(HEADS))
-@pytest.mark.parametrize("key_role", list(KEY_ROLES))
-@pytest.mark.parametrize("shared", [True, False], ids=["k=v", "k,v"])
-def test_warp_split_matches_reference(shared, key_role, heads):
-    """Each warp's own softmax over its share of every tile, merged after the loop: the same
-    attention. Row lengths 1 and 17 leave whole shares past the end (their state stays empty)."""
-    Hq, Hkv = HEADS[heads]
-    rope, norm = KEY_ROLES[key_role]
-    q, k, v, lengths, kw = make_inputs(4, Hq, Hkv, 50, 32, shared=shared, rope=rope, norm=norm)
-    plain = DecodeConfig(block_n=32, num_warps=2, num_splits=3)
-    split = DecodeConfig(block_n=32, num_warps=2, num_splits=3, warp_split=True)
-    outs = [
-        decode_attention(q, k, v, lengths, scale=32**-0.5, shared_kv=shared, config=c, **kw) for c in (plain, split)
-    ]
-    assert rel_err(outs[1], reference64(q, k, v, lengths, shared=shared, **kw)) < 1e-5
-    assert torch.allclose(outs[1], outs[0], rtol=1e-5, atol=1e-6)
-
-
-@needs_interpreter
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_warp_split_half_precision(dtype):
-    """16-bit caches: the rotation in the cache's dtype, QK-norm's sums of squares by tl.dot (bf16)."""
-    q, k, v, lengths, kw = make_inputs(3, 8, 2, 70, 64, shared=True, rope=True, norm=True, dtype=dtype)
-    cfg = DecodeConfig(block_n=64, num_splits=2, warp_split=True)
-    out = decode_attention(q, k, k, lengths, scale=64**-0.5, shared_kv=True, config=cfg, **kw)
-    assert out.dtype == dtype and rel_err(out, reference64(q, k, v, lengths, shared=True, **kw)) < 1.5e-2
-
-
-@needs_interpreter
-def test_warp_split_needs_tensor_core_tiles_of_16_keys_a_warp():
-    q, k, _, lengths, _ = make_inputs(1, 4, 2, 40, 16, shared=True, rope=False, norm=False)
-    with pytest.raises(ValueError, match="heads of 32 or wider"):
-        decode_attention(q, k, k, lengths, scale=0.25, shared_kv=True, config=DecodeConfig(warp_split=True))
-    q, k, _, lengths, _ = make_inputs(1, 4, 2, 40, 32, shared=True, rope=False, norm=False)
-    with pytest.raises(ValueError, match="16 keys a warp"):
-        decode_attention(q, k, k, lengths, scale=0.25, shared_kv=True, config=DecodeConfig(block_n=32, warp_split=True))
-
-
-@needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("D", [16, 32], ids=["sum", "dot"])
 @pytest.mark.parametrize("shared", [True, False], ids=["k=v", "k,v"])
@@ -384,8 +345,6 @@ CUDA_CONFIGS = [
     DecodeConfig(block_n=128, num_warps=8),
     DecodeConfig(num_splits=1),
     DecodeConfig(num_splits=5),
-    DecodeConfig(warp_split=True),
-    DecodeConfig(block_n=64, warp_split=True, num_splits=5),
 ]
 
 
@@ -475,8 +434,7 @@ def test_split_waves_fills_whole_waves():
 
 
 @pytest.mark.parametrize(
-    ("field", "value"),
-    [("block_n", 24), ("block_n", 8), ("num_splits", 0), ("num_warps", 3), ("num_stages", 0), ("warp_split", 2)],
+    ("field", "value"), [("block_n", 24), ("block_n", 8), ("num_splits", 0), ("num_warps", 3), ("num_stages", 0)]
 )
 def test_bad_config_values_are_named(field, value):
     with pytest.raises(ValueError, match=f"{field} must be .* got {value}"):

@@ -305,7 +305,6 @@ def _decode_split_kernel(
     WRITE_NEW: tl.constexpr,
     ROPE_Q: tl.constexpr,
     ROPE_NEW: tl.constexpr,
-    WS: tl.constexpr,
 ):
     """One program = one (batch row, KV head, split of the sequence).
 
@@ -328,11 +327,6 @@ def _decode_split_kernel(
     directly; else the split's normalised partial output and its log2-sum-exp go to ``Opart`` /
     ``LSEpart`` for the combine kernel, which (``PDL``) is launched as a programmatic dependent
     while the last splits finish: each program signals it once its results are stored.
-
-    ``WS`` > 1 (``DecodeConfig(warp_split=True)``, WS = the warps): the tile is WS shares of
-    ``BLOCK_N / WS`` keys, one a warp, each with its own running maximum, sum and output, merged
-    once after the loop; the single-state loop exchanges every tile's row maximum and sum between
-    the warps through shared memory (``benchmarks/compile_decode.py --sequence`` shows where).
 
     The static decode step's work around the attention, in the same launch: ``LENS_POS``:
     ``Lens`` holds each row's new position (``stride_l`` 0 for one shared by all rows) and the
@@ -423,186 +417,93 @@ def _decode_split_kernel(
             cos_n = tl.load(Cos + small_rows, mask=small, other=1.0).to(ROPE_TY)
             sin_n = tl.load(Sin + small_rows, mask=small, other=0.0).to(ROPE_TY)
 
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.full([GP], 0.0, tl.float32)
+    acc1 = tl.full([GP, HALF], 0.0, tl.float32)
+    acc2 = tl.full([GP, HALF], 0.0, tl.float32)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
-    if WS > 1:
-        # Each warp's share of a tile (keys w * SUB .. w * SUB + SUB - 1 of it) keeps its own
-        # online softmax: a leading dimension of WS sub-splits, which the batched dots lay across
-        # the warps, so a tile's maximum and sum stay in each warp (no exchange through shared
-        # memory a tile); the WS states merge once, after the loop.
-        SUB: tl.constexpr = BLOCK_N // WS
-        offs_w = tl.arange(0, WS)
-        rel = offs_w[:, None] * SUB + tl.arange(0, SUB)[None, :]  # (WS, SUB) offsets in the tile
-        q1w = tl.broadcast_to(q1[None, :, :], (WS, GP, HALF))
-        q2w = tl.broadcast_to(q2[None, :, :], (WS, GP, HALF))
-        if HAS_ROPE:
-            q1fw = tl.broadcast_to(q1f[None, :, :], (WS, GP, HALF))
-            q2fw = tl.broadcast_to(q2f[None, :, :], (WS, GP, HALF))
-            cos_w = tl.reshape(cos_n, (WS, SUB, HALF))
-            sin_w = tl.reshape(sin_n, (WS, SUB, HALF))
-        m_w = tl.full([WS, GP], float("-inf"), tl.float32)
-        l_w = tl.full([WS, GP], 0.0, tl.float32)
-        a1 = tl.full([WS, GP, HALF], 0.0, tl.float32)
-        a2 = tl.full([WS, GP, HALF], 0.0, tl.float32)
-        for n0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
-            pos = n0 + rel
-            n_mask = pos < end
-            kp = k_base + pos[:, :, None] * stride_ks + offs_d[None, None, :]
-            x1 = tl.load(kp, mask=n_mask[:, :, None], other=0.0)
-            x2 = tl.load(kp + HALF, mask=n_mask[:, :, None], other=0.0)
-            if not SHARED:
-                vp = v_base + pos[:, :, None] * stride_vs + offs_d[None, None, :]
-                v1 = tl.load(vp, mask=n_mask[:, :, None], other=0.0)
-                v2 = tl.load(vp + HALF, mask=n_mask[:, :, None], other=0.0)
-            k1 = x1.to(ROPE_TY)
-            k2 = x2.to(ROPE_TY)
-            if HAS_NORM and NORM_DOT:
-                if DOT_F32:
-                    s1 = x1.to(tl.float32)
-                    s2 = x2.to(tl.float32)
-                else:
-                    s1 = x1
-                    s2 = x2
-                ones = tl.full([WS, GP, HALF], 1.0, s1.dtype)
-                ssq_t = tl.dot(ones, tl.trans(s1 * s1, (0, 2, 1)), input_precision=DOT_PRECISION)
-                ssq_t = tl.dot(ones, tl.trans(s2 * s2, (0, 2, 1)), ssq_t, input_precision=DOT_PRECISION)
-                rnorm_t = tl.rsqrt(ssq_t / (2 * HALF) + eps)
-                k1 = k1 * w1.to(ROPE_TY)[None, None, :]
-                k2 = k2 * w2.to(ROPE_TY)[None, None, :]
-            elif HAS_NORM:
-                f1 = x1.to(tl.float32)
-                f2 = x2.to(tl.float32)
-                ssq = tl.reduce(f1 * f1, 2, _sum_fn) + tl.reduce(f2 * f2, 2, _sum_fn)
-                rnorm = tl.rsqrt(ssq / (2 * HALF) + eps)
-                k1 = k1 * w1.to(ROPE_TY)[None, None, :]
-                k2 = k2 * w2.to(ROPE_TY)[None, None, :]
-            qd1 = q1w
-            qd2 = q2w
-            if HAS_ROPE:
-                cb = tl.load(Cos + n0 * stride_cs + offs_d).to(tl.float32)[None, None, :]
-                sb = tl.load(Sin + n0 * stride_cs + offs_d).to(tl.float32)[None, None, :]
-                qd1 = (q1fw * cb + q2fw * sb).to(q1.dtype)
-                qd2 = (q2fw * cb - q1fw * sb).to(q2.dtype)
-                r1 = k1 * cos_w - k2 * sin_w
-                k2 = k2 * cos_w + k1 * sin_w
-                k1 = r1
-            qk = tl.dot(qd1, tl.trans(k1.to(q1.dtype), (0, 2, 1)), input_precision=DOT_PRECISION)
-            qk = tl.dot(qd2, tl.trans(k2.to(q2.dtype), (0, 2, 1)), qk, input_precision=DOT_PRECISION)
-            if HAS_NORM and NORM_DOT:
-                qk = qk * (rnorm_t * qk_scale)
-            elif HAS_NORM:
-                qk = qk * (rnorm * qk_scale)[:, None, :]
+
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
+        pos = n0 + offs_n
+        n_mask = pos < end
+        kp = k_base + pos[:, None] * stride_ks + offs_d[None, :]
+        x1 = tl.load(kp, mask=n_mask[:, None], other=0.0)
+        x2 = tl.load(kp + HALF, mask=n_mask[:, None], other=0.0)
+        if not SHARED:
+            vp = v_base + pos[:, None] * stride_vs + offs_d[None, :]
+            v1 = tl.load(vp, mask=n_mask[:, None], other=0.0)
+            v2 = tl.load(vp + HALF, mask=n_mask[:, None], other=0.0)
+
+        k1 = x1.to(ROPE_TY)
+        k2 = x2.to(ROPE_TY)
+        if HAS_NORM and NORM_DOT:
+            # Sums of squares on the tensor cores, already in the scores' (GP, BLOCK_N) layout:
+            # ones(GP, D) @ (x * x)^T, each square rounded to bf16 (float32's range: no overflow),
+            # summed in float32; in float32 throughout where the dots are (the interpreter).
+            if DOT_F32:
+                s1 = x1.to(tl.float32)
+                s2 = x2.to(tl.float32)
             else:
-                qk = qk * qk_scale
-            qk = tl.where(n_mask[:, None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_w, tl.reduce(qk, 2, _max_fn))
-            # a warp's share may lie wholly past the end (the last tile): its maximum stays -inf,
-            # and exponents are taken from 0 there so that no -inf - -inf makes a NaN
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_w - m_ref)
-            p = tl.exp2(qk - m_ref[:, :, None])
-            l_w = l_w * alpha + tl.reduce(p, 2, _sum_fn)
-            m_w = m_new
-            if SHARED:
-                v1 = x1
-                v2 = x2
+                s1 = x1
+                s2 = x2
+            ones = tl.full([GP, HALF], 1.0, s1.dtype)
+            ssq_t = tl.dot(ones, tl.trans(s1 * s1), input_precision=DOT_PRECISION)
+            ssq_t = tl.dot(ones, tl.trans(s2 * s2), ssq_t, input_precision=DOT_PRECISION)
+            rnorm_t = tl.rsqrt(ssq_t / (2 * HALF) + eps)
+            k1 = k1 * w1.to(ROPE_TY)[None, :]
+            k2 = k2 * w2.to(ROPE_TY)[None, :]
+        elif HAS_NORM:
+            f1 = x1.to(tl.float32)
+            f2 = x2.to(tl.float32)
+            ssq = tl.reduce(f1 * f1, 1, _sum_fn) + tl.reduce(f2 * f2, 1, _sum_fn)
+            rnorm = tl.rsqrt(ssq / (2 * HALF) + eps)
+            k1 = k1 * w1.to(ROPE_TY)[None, :]
+            k2 = k2 * w2.to(ROPE_TY)[None, :]
+        qd1 = q1
+        qd2 = q2
+        if HAS_ROPE:
+            cb = tl.load(Cos + n0 * stride_cs + offs_d).to(tl.float32)[None, :]
+            sb = tl.load(Sin + n0 * stride_cs + offs_d).to(tl.float32)[None, :]
+            qd1 = (q1f * cb + q2f * sb).to(q1.dtype)
+            qd2 = (q2f * cb - q1f * sb).to(q2.dtype)
+            r1 = k1 * cos_n - k2 * sin_n
+            k2 = k2 * cos_n + k1 * sin_n
+            k1 = r1
+        if USE_DOT:
+            qk = tl.dot(qd1, tl.trans(k1.to(q1.dtype)), input_precision=DOT_PRECISION)
+            qk = tl.dot(qd2, tl.trans(k2.to(q2.dtype)), qk, input_precision=DOT_PRECISION)
+        else:
+            qk = tl.reduce(qd1[:, None, :] * k1[None, :, :], 2, _sum_fn) + tl.reduce(
+                qd2[:, None, :] * k2[None, :, :], 2, _sum_fn
+            )
+        if HAS_NORM and NORM_DOT:
+            qk = qk * (rnorm_t * qk_scale)
+        elif HAS_NORM:
+            qk = qk * (rnorm * qk_scale)[None, :]
+        else:
+            qk = qk * qk_scale
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
+        m_i = m_new
+
+        if SHARED:
+            v1 = x1
+            v2 = x2
+        if USE_DOT:
             if DOT_F32:
                 v1 = v1.to(tl.float32)
                 v2 = v2.to(tl.float32)
             pv = p.to(v1.dtype)
-            a1 = tl.dot(pv, v1, a1 * alpha[:, :, None], input_precision=DOT_PRECISION)
-            a2 = tl.dot(pv, v2, a2 * alpha[:, :, None], input_precision=DOT_PRECISION)
-        m_i = tl.reduce(m_w, 0, _max_fn)
-        weight = tl.exp2(m_w - tl.where(m_i == float("-inf"), 0.0, m_i)[None, :])
-        l_i = tl.reduce(l_w * weight, 0, _sum_fn)
-        acc1 = tl.reduce(a1 * weight[:, :, None], 0, _sum_fn)
-        acc2 = tl.reduce(a2 * weight[:, :, None], 0, _sum_fn)
-    else:
-        m_i = tl.full([GP], float("-inf"), tl.float32)
-        l_i = tl.full([GP], 0.0, tl.float32)
-        acc1 = tl.full([GP, HALF], 0.0, tl.float32)
-        acc2 = tl.full([GP, HALF], 0.0, tl.float32)
-
-        for n0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
-            pos = n0 + offs_n
-            n_mask = pos < end
-            kp = k_base + pos[:, None] * stride_ks + offs_d[None, :]
-            x1 = tl.load(kp, mask=n_mask[:, None], other=0.0)
-            x2 = tl.load(kp + HALF, mask=n_mask[:, None], other=0.0)
-            if not SHARED:
-                vp = v_base + pos[:, None] * stride_vs + offs_d[None, :]
-                v1 = tl.load(vp, mask=n_mask[:, None], other=0.0)
-                v2 = tl.load(vp + HALF, mask=n_mask[:, None], other=0.0)
-
-            k1 = x1.to(ROPE_TY)
-            k2 = x2.to(ROPE_TY)
-            if HAS_NORM and NORM_DOT:
-                # Sums of squares on the tensor cores, already in the scores' (GP, BLOCK_N) layout:
-                # ones(GP, D) @ (x * x)^T, each square rounded to bf16 (float32's range: no overflow),
-                # summed in float32; in float32 throughout where the dots are (the interpreter).
-                if DOT_F32:
-                    s1 = x1.to(tl.float32)
-                    s2 = x2.to(tl.float32)
-                else:
-                    s1 = x1
-                    s2 = x2
-                ones = tl.full([GP, HALF], 1.0, s1.dtype)
-                ssq_t = tl.dot(ones, tl.trans(s1 * s1), input_precision=DOT_PRECISION)
-                ssq_t = tl.dot(ones, tl.trans(s2 * s2), ssq_t, input_precision=DOT_PRECISION)
-                rnorm_t = tl.rsqrt(ssq_t / (2 * HALF) + eps)
-                k1 = k1 * w1.to(ROPE_TY)[None, :]
-                k2 = k2 * w2.to(ROPE_TY)[None, :]
-            elif HAS_NORM:
-                f1 = x1.to(tl.float32)
-                f2 = x2.to(tl.float32)
-                ssq = tl.reduce(f1 * f1, 1, _sum_fn) + tl.reduce(f2 * f2, 1, _sum_fn)
-                rnorm = tl.rsqrt(ssq / (2 * HALF) + eps)
-                k1 = k1 * w1.to(ROPE_TY)[None, :]
-                k2 = k2 * w2.to(ROPE_TY)[None, :]
-            qd1 = q1
-            qd2 = q2
-            if HAS_ROPE:
-                cb = tl.load(Cos + n0 * stride_cs + offs_d).to(tl.float32)[None, :]
-                sb = tl.load(Sin + n0 * stride_cs + offs_d).to(tl.float32)[None, :]
-                qd1 = (q1f * cb + q2f * sb).to(q1.dtype)
-                qd2 = (q2f * cb - q1f * sb).to(q2.dtype)
-                r1 = k1 * cos_n - k2 * sin_n
-                k2 = k2 * cos_n + k1 * sin_n
-                k1 = r1
-            if USE_DOT:
-                qk = tl.dot(qd1, tl.trans(k1.to(q1.dtype)), input_precision=DOT_PRECISION)
-                qk = tl.dot(qd2, tl.trans(k2.to(q2.dtype)), qk, input_precision=DOT_PRECISION)
-            else:
-                qk = tl.reduce(qd1[:, None, :] * k1[None, :, :], 2, _sum_fn) + tl.reduce(
-                    qd2[:, None, :] * k2[None, :, :], 2, _sum_fn
-                )
-            if HAS_NORM and NORM_DOT:
-                qk = qk * (rnorm_t * qk_scale)
-            elif HAS_NORM:
-                qk = qk * (rnorm * qk_scale)[None, :]
-            else:
-                qk = qk * qk_scale
-            qk = tl.where(n_mask[None, :], qk, float("-inf"))
-
-            m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
-            m_i = m_new
-
-            if SHARED:
-                v1 = x1
-                v2 = x2
-            if USE_DOT:
-                if DOT_F32:
-                    v1 = v1.to(tl.float32)
-                    v2 = v2.to(tl.float32)
-                pv = p.to(v1.dtype)
-                acc1 = tl.dot(pv, v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
-                acc2 = tl.dot(pv, v2, acc2 * alpha[:, None], input_precision=DOT_PRECISION)
-            else:
-                acc1 = acc1 * alpha[:, None] + tl.reduce(p[:, :, None] * v1.to(tl.float32)[None, :, :], 1, _sum_fn)
-                acc2 = acc2 * alpha[:, None] + tl.reduce(p[:, :, None] * v2.to(tl.float32)[None, :, :], 1, _sum_fn)
+            acc1 = tl.dot(pv, v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
+            acc2 = tl.dot(pv, v2, acc2 * alpha[:, None], input_precision=DOT_PRECISION)
+        else:
+            acc1 = acc1 * alpha[:, None] + tl.reduce(p[:, :, None] * v1.to(tl.float32)[None, :, :], 1, _sum_fn)
+            acc2 = acc2 * alpha[:, None] + tl.reduce(p[:, :, None] * v2.to(tl.float32)[None, :, :], 1, _sum_fn)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o1 = acc1 / l_safe[:, None]
@@ -730,17 +631,12 @@ class DecodeConfig:
             the programs that fit on the GPU at once.
         num_warps: warps per program (default 4).
         num_stages: tiles whose loads the software pipeliner keeps in flight (default 3).
-        warp_split: each warp keeps its own softmax over its share of every tile, merged once
-            after the loop, instead of the program's warps exchanging each tile's maximum and
-            sum through shared memory (tensor-core tiles only: heads of 32 or wider, and at least
-            16 keys a warp). Default off.
     """
 
     block_n: int | None = None
     num_splits: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
-    warp_split: bool | None = None
 
     def __post_init__(self):
         for name, pow2, low in (("block_n", True, 16), ("num_splits", False, 1), ("num_warps", True, 1)):
@@ -750,8 +646,6 @@ class DecodeConfig:
                 raise ValueError(f"DecodeConfig.{name} must be {kind} or None, got {value!r}")
         if self.num_stages is not None and self.num_stages < 1:
             raise ValueError(f"DecodeConfig.num_stages must be an integer >= 1 or None, got {self.num_stages!r}")
-        if self.warp_split not in (None, True, False):
-            raise ValueError(f"DecodeConfig.warp_split must be True, False or None, got {self.warp_split!r}")
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32} if HAS_TRITON else {}
@@ -788,8 +682,8 @@ def use_pdl(device: torch.device) -> bool:
     return _pdl_supported(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _plan(G: int, D: int, cfg: DecodeConfig, *, rotated_shared: bool) -> tuple[int, int, int, int, bool, int]:
-    """Tile choices ``(GP, block_n, num_warps, num_stages, use_dot, sub_splits)``.
+def _plan(G: int, D: int, cfg: DecodeConfig, *, rotated_shared: bool) -> tuple[int, int, int, int, bool]:
+    """Tile choices ``(GP, block_n, num_warps, num_stages, use_dot)``.
 
     Tensor cores score any group (rows padded to 16): the broadcast products of the tl.sum path
     need so many registers that they spill, so that path is only for heads narrower than 32.
@@ -804,16 +698,7 @@ def _plan(G: int, D: int, cfg: DecodeConfig, *, rotated_shared: bool) -> tuple[i
         block_n = 128 if rotated_shared and half <= 64 else 64
     else:  # keep the (GP, BLOCK_N, D/2) broadcast product near 8k elements
         block_n = max(16, min(128, 8192 // (gp * half)))
-    num_warps = cfg.num_warps or 4
-    sub_splits = 1
-    if cfg.warp_split:
-        if not use_dot or block_n // num_warps < 16:
-            raise ValueError(
-                f"DecodeConfig(warp_split=True) needs heads of 32 or wider and 16 keys a warp; got head dim {D}, "
-                f"{block_n} keys a tile for {num_warps} warps (raise block_n or lower num_warps)"
-            )
-        sub_splits = num_warps
-    return gp, block_n, num_warps, cfg.num_stages or 3, use_dot, sub_splits
+    return gp, block_n, cfg.num_warps or 4, cfg.num_stages or 3, use_dot
 
 
 @functools.lru_cache(maxsize=4096)
@@ -955,7 +840,7 @@ def split_kernel_constants(
     """The split kernel's compile-time constants and launch options (``num_warps``,
     ``num_stages``) for a cache of ``dtype`` with ``G`` query heads per KV head of width ``D``:
     what a launch specialises on (``benchmarks/compile_decode.py`` compiles the same offline)."""
-    gp, block_n, num_warps, num_stages, use_dot, sub_splits = _plan(G, D, cfg, rotated_shared=shared and has_rope)
+    gp, block_n, num_warps, num_stages, use_dot = _plan(G, D, cfg, rotated_shared=shared and has_rope)
     # The interpreter's tl.dot mishandles bfloat16 operands: it then multiplies in float32.
     dot_f32 = dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting)
     return dict(
@@ -982,7 +867,6 @@ def split_kernel_constants(
         WRITE_NEW=write_new,
         ROPE_Q=rope_q,
         ROPE_NEW=rope_new,
-        WS=sub_splits,
         num_warps=num_warps,
         num_stages=num_stages,
     )

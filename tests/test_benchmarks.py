@@ -119,6 +119,31 @@ def test_gpu_gemv_smoke_checks_every_launch_shape(tmp_path):
         assert len(r["max_abs_err"]) == 8 and max(r["max_abs_err"].values()) < 0.05, r  # bf16 outputs near 1
 
 
+@pytest.mark.skipif(INTERPRETER_PROBLEM is not None, reason=f"no working Triton interpreter: {INTERPRETER_PROBLEM}")
+def test_gpu_weight_prefetch_smoke_checks_the_stack_against_its_reference(tmp_path):
+    """The layer stack the prefetch benchmark times computes what its float32 reference does."""
+    run_script("gpu_weight_prefetch.py", "--out", str(tmp_path / "wp.json"), interpret=True)
+    doc = json.loads((tmp_path / "wp.json").read_text())
+    assert doc["rel_err_vs_reference"] < 0.05
+    assert [r["mode"] for r in doc["rows"]] == ["none", "fork"] and all(r["max_abs_diff"] == 0 for r in doc["rows"])
+
+
+@pytest.mark.skipif(INTERPRETER_PROBLEM is not None, reason=f"no working Triton interpreter: {INTERPRETER_PROBLEM}")
+def test_gpu_weight_prefetch_stops_when_the_stack_is_not_its_reference(monkeypatch, capsys):
+    """A stack that drops the attention's residual is caught before anything is timed."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_weight_prefetch as wp
+    from qkvlab.kernels import gemv as gemv_mod
+
+    def no_residual(x, w, *a, residual=None, **kw):
+        return gemv_mod.gemv(x, w, *a, **kw)
+
+    monkeypatch.setattr(wp, "gemv", no_residual)
+    assert wp.main(["--smoke"]) == 1
+    assert "does not compute its reference" in capsys.readouterr().out
+
+
 def test_gpu_generate_vs_hf_smoke_checks_both_sides(tmp_path):
     """qkvlab and transformers side by side: HF Llama holds the qkvlab weights and agrees (logits, greedy
     tokens, the decode step on the same cache); every variant has its qkvlab and its HF row."""

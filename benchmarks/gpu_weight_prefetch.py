@@ -40,9 +40,9 @@ import torch.nn.functional as F
 
 from benchutil import env_info, write_json
 from gpu_decode import EAGER_FALLBACKS, copy_bandwidth, timer
+from qkvlab.attention.positional import Rotary
 from qkvlab.kernels.gemv import gemv
 from qkvlab.kernels.kv_decode import decode_attention, decode_attention_reference
-from qkvlab.attention.positional import Rotary
 
 FULL = dict(layers=16, d_model=2048, n_heads=32, d_ff=8192, head_dim=64, context=32768)
 SMOKE = dict(layers=2, d_model=64, n_heads=4, d_ff=128, head_dim=16, context=64)

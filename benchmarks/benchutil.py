@@ -3,18 +3,43 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import platform
 import subprocess
+from pathlib import Path
 
 import torch
 
 from qkvlab.costs import BF16_PEAK, bf16_peak  # noqa: F401  (the benchmarks take them from here)
 
 
+def source_commit() -> str | None:
+    """The commit the benchmark's sources are at: ``git rev-parse HEAD`` in the checkout, else
+    ``$QKVLAB_GIT_COMMIT`` (a copy of the tree without ``.git``, as on a device machine), else None.
+    A checkout with uncommitted changes gets ``+dirty``."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if head.returncode == 0:
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("QKVLAB_GIT_COMMIT") or None
+
+
 def env_info(device: torch.device) -> dict:
-    """Date, Python / torch / CUDA / cuDNN / Triton versions, GPU name, SMs, memory, driver, clocks."""
+    """Date, source commit, Python / torch / CUDA / cuDNN / Triton versions, GPU name, SMs, memory,
+    driver, clocks."""
     info = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": source_commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda_runtime": torch.version.cuda,

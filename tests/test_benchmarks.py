@@ -282,3 +282,25 @@ def test_compile_decode_reports_the_kernel_a_launch_compiles(tmp_path, monkeypat
         )
     assert wide["registers"] > narrow["registers"] and wide["shared_bytes"] > narrow["shared_bytes"]
     assert wide["loop"]["mma"] == 2 * narrow["loop"]["mma"]  # twice the keys a tile: twice the products
+
+
+def test_benchmark_json_names_the_source_commit(monkeypatch):
+    """Every benchmark's environment record names the commit its sources are at: from git in a
+    checkout, else from QKVLAB_GIT_COMMIT (a tree copied without .git), else None."""
+    import subprocess as sp
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import benchutil
+
+    head = sp.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert benchutil.source_commit().split("+")[0] == head.stdout.strip()
+
+    def no_git(*a, **k):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(benchutil.subprocess, "run", no_git)
+    monkeypatch.setenv("QKVLAB_GIT_COMMIT", "0123abc")
+    assert benchutil.source_commit() == "0123abc"
+    monkeypatch.delenv("QKVLAB_GIT_COMMIT")
+    assert benchutil.source_commit() is None

@@ -335,6 +335,32 @@ def _decode_split_kernel(
     entry (``Knew``, and ``Vnew`` for separate caches; ``ROPE_NEW``: the key rotated here) into
     the cache, then reads it back with the rest of its split. No other program reads that slot.
     """
+    offs_d = tl.arange(0, HALF)
+    offs_n = tl.arange(0, BLOCK_N)
+    # Before the wait, only what no kernel of a step writes: the key role's held RoPE angles and
+    # its norm weight, built while the kernel before this one (the projection) still finishes.
+    if HAS_NORM:
+        w1 = tl.load(W + offs_d).to(tl.float32)
+        w2 = tl.load(W + HALF + offs_d).to(tl.float32)
+    if HAS_ROPE:
+        if TABLE_LO < BLOCK_N:  # n = i * LO + j by angle addition from LO + BLOCK_N / LO rows
+            offs_lo = tl.arange(0, TABLE_LO)
+            offs_hi = tl.arange(0, BLOCK_N // TABLE_LO) * TABLE_LO
+            lo_rows = offs_lo[:, None] * stride_cs + offs_d[None, :]
+            hi_rows = offs_hi[:, None] * stride_cs + offs_d[None, :]
+            c_lo = tl.load(Cos + lo_rows, mask=(offs_lo < cos_rows)[:, None], other=1.0).to(tl.float32)
+            s_lo = tl.load(Sin + lo_rows, mask=(offs_lo < cos_rows)[:, None], other=0.0).to(tl.float32)
+            c_hi = tl.load(Cos + hi_rows, mask=(offs_hi < cos_rows)[:, None], other=1.0).to(tl.float32)
+            s_hi = tl.load(Sin + hi_rows, mask=(offs_hi < cos_rows)[:, None], other=0.0).to(tl.float32)
+            c3 = c_hi[:, None, :] * c_lo[None, :, :] - s_hi[:, None, :] * s_lo[None, :, :]
+            s3 = s_hi[:, None, :] * c_lo[None, :, :] + c_hi[:, None, :] * s_lo[None, :, :]
+            cos_n = tl.reshape(c3, (BLOCK_N, HALF)).to(ROPE_TY)
+            sin_n = tl.reshape(s3, (BLOCK_N, HALF)).to(ROPE_TY)
+        else:  # a tile of at most TABLE_LO keys reads its rows
+            small_rows = offs_n[:, None] * stride_cs + offs_d[None, :]
+            small = (offs_n < cos_rows)[:, None]
+            cos_n = tl.load(Cos + small_rows, mask=small, other=1.0).to(ROPE_TY)
+            sin_n = tl.load(Sin + small_rows, mask=small, other=0.0).to(ROPE_TY)
     if PDL:  # launched as a programmatic dependent too: the kernel before it may still be running
         _gdc_wait()
     pid_bh = tl.program_id(0)
@@ -351,8 +377,6 @@ def _decode_split_kernel(
         end = length  # the last split takes any remainder: coverage never depends on the hint
 
     offs_g = tl.arange(0, GP)
-    offs_d = tl.arange(0, HALF)
-    offs_n = tl.arange(0, BLOCK_N)
     g_mask = offs_g < G
     heads = kvh * G + offs_g
 
@@ -392,30 +416,9 @@ def _decode_split_kernel(
     if (not USE_DOT) or DOT_F32:
         q1 = q1.to(tl.float32)
         q2 = q2.to(tl.float32)
-    if HAS_NORM:
-        w1 = tl.load(W + offs_d).to(tl.float32)
-        w2 = tl.load(W + HALF + offs_d).to(tl.float32)
     if HAS_ROPE:
         q1f = q1.to(tl.float32)  # the query is re-rotated per tile from a float32 copy
         q2f = q2.to(tl.float32)
-        if TABLE_LO < BLOCK_N:  # n = i * LO + j by angle addition from LO + BLOCK_N / LO rows
-            offs_lo = tl.arange(0, TABLE_LO)
-            offs_hi = tl.arange(0, BLOCK_N // TABLE_LO) * TABLE_LO
-            lo_rows = offs_lo[:, None] * stride_cs + offs_d[None, :]
-            hi_rows = offs_hi[:, None] * stride_cs + offs_d[None, :]
-            c_lo = tl.load(Cos + lo_rows, mask=(offs_lo < cos_rows)[:, None], other=1.0).to(tl.float32)
-            s_lo = tl.load(Sin + lo_rows, mask=(offs_lo < cos_rows)[:, None], other=0.0).to(tl.float32)
-            c_hi = tl.load(Cos + hi_rows, mask=(offs_hi < cos_rows)[:, None], other=1.0).to(tl.float32)
-            s_hi = tl.load(Sin + hi_rows, mask=(offs_hi < cos_rows)[:, None], other=0.0).to(tl.float32)
-            c3 = c_hi[:, None, :] * c_lo[None, :, :] - s_hi[:, None, :] * s_lo[None, :, :]
-            s3 = s_hi[:, None, :] * c_lo[None, :, :] + c_hi[:, None, :] * s_lo[None, :, :]
-            cos_n = tl.reshape(c3, (BLOCK_N, HALF)).to(ROPE_TY)
-            sin_n = tl.reshape(s3, (BLOCK_N, HALF)).to(ROPE_TY)
-        else:  # a tile of at most TABLE_LO keys reads its rows
-            small_rows = offs_n[:, None] * stride_cs + offs_d[None, :]
-            small = (offs_n < cos_rows)[:, None]
-            cos_n = tl.load(Cos + small_rows, mask=small, other=1.0).to(ROPE_TY)
-            sin_n = tl.load(Sin + small_rows, mask=small, other=0.0).to(ROPE_TY)
 
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.full([GP], 0.0, tl.float32)

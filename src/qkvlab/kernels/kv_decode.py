@@ -800,6 +800,11 @@ def decode_attention(
     separate caches read both tensors. Unsupported inputs (see :func:`decode_unsupported_reason`)
     fall back to the reference with one ``warnings.warn``. ``lengths`` must lie in ``[1, S]``
     (not checked, to avoid a device sync); a row of length 0 gets zeros.
+
+    Where the launch is a programmatic dependent (:func:`use_pdl`), the kernel reads the RoPE
+    tables and ``k_norm_weight`` before it waits for the kernel launched just before it: they
+    are a model's constant buffers, so that kernel must not be the one that writes them
+    (``QKVLAB_PDL=0`` launches plainly).
     """
     q3, v_cache, lengths, four_d = _check_args(
         q, k_cache, v_cache, lengths, rope_cos, rope_sin, k_norm_weight, shared_kv
@@ -1234,7 +1239,8 @@ def decode_attention_step(
     all rows, on the device (a CUDA graph replays it); each must be below the cache length (not
     checked: no device sync). ``rope_table``: ``(cos, sin)`` ``(R, D/2)``; ``rope_cos`` /
     ``rope_sin`` / ``k_norm_weight`` derive a shared cache's key role on read, as in
-    :func:`decode_attention`; ``config`` as there. Inputs the kernel does not take
+    :func:`decode_attention` (and read as early, so the same rule holds for them); ``config``
+    as there. Inputs the kernel does not take
     (:func:`decode_step_unsupported_reason`) run the reference, with one warning.
     """
     shared = v_cache is None or v_cache is k_cache

@@ -304,3 +304,54 @@ def test_benchmark_json_names_the_source_commit(monkeypatch):
     assert benchutil.source_commit() == "0123abc"
     monkeypatch.delenv("QKVLAB_GIT_COMMIT")
     assert benchutil.source_commit() is None
+
+
+def test_ab_pairs_sign_test_and_summary(monkeypatch):
+    """The pairs' statistics: the exact sign test's known values, and a summary that pairs each
+    row's before and after by pair and counts the wins."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import ab_pairs
+
+    assert ab_pairs.sign_test_p(3, 3) == 0.25
+    assert ab_pairs.sign_test_p(6, 6) == 2 / 64
+    assert ab_pairs.sign_test_p(0, 6) == 2 / 64
+    assert ab_pairs.sign_test_p(4, 5) == 2 * (1 + 5) / 32
+    assert ab_pairs.sign_test_p(2, 4) == 1.0
+
+    def run(pair, side, tps):
+        return {
+            "pair": pair,
+            "side": side,
+            "rows": [dict(system="qkvlab", variant="Q-K=V", B=1, context=8, tokens_per_s=tps)],
+        }
+
+    runs = [run(0, "before", 100.0), run(0, "after", 110.0), run(1, "after", 99.0), run(1, "before", 90.0)]
+    (s,) = ab_pairs.summarise(runs)
+    assert s["before_tokens_per_s"] == [100.0, 90.0] and s["after_tokens_per_s"] == [110.0, 99.0]
+    assert s["after_wins"] == 2 and abs(s["geomean_ratio"] - 1.1) < 1e-12
+
+
+@pytest.mark.skipif(INTERPRETER_PROBLEM is not None, reason=f"no working Triton interpreter: {INTERPRETER_PROBLEM}")
+def test_ab_pairs_smoke_runs_both_trees_in_alternating_order(tmp_path):
+    """One pair on the CPU against a copy of this src: both sides ran, every row is paired."""
+    import shutil
+
+    before = tmp_path / "src_before"
+    shutil.copytree(ROOT / "src" / "qkvlab", before / "qkvlab", ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "ab.json"
+    run_script(
+        "ab_pairs.py", "--before-src", str(before), "--pairs", "2", "--out", str(out), "--",
+        "--variants", "Q-K=V", "--systems", "qkvlab", "--prefill", "none", "--no-gemma", interpret=True,
+    )  # fmt: skip
+    doc = json.loads(out.read_text())
+    assert [(r["pair"], r["side"]) for r in doc["runs"]] == [(0, "before"), (0, "after"), (1, "after"), (1, "before")]
+    assert doc["summary"] and all(s["pairs"] == 2 and len(s["ratios"]) == 2 for s in doc["summary"])
+
+
+def test_ab_pairs_names_a_tree_without_qkvlab(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks")]))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ab_pairs.py"), "--before-src", str(tmp_path), "--smoke"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "no qkvlab package there" in proc.stderr and "Traceback" not in proc.stderr

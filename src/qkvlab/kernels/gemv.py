@@ -71,6 +71,17 @@ def _gemv_kernel(
     PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    # a short last block reads row N-1 again rather than masking every load; its stores are masked
+    safe_rows = tl.minimum(rows, N - 1)
+    # No kernel writes the weights: the first tile is read into registers before the wait below,
+    # so its DRAM latency overlaps the previous kernel's tail; the loop reads the others.
+    cols0 = tl.arange(0, BLOCK_K)
+    first_ptrs = W + safe_rows[:, None] * stride_wn + cols0[None, :]
+    if EVEN_K:
+        w_first = tl.load(first_ptrs)
+    else:
+        w_first = tl.load(first_ptrs, mask=cols0[None, :] < K, other=0.0)
     if PDL:
         # Launched as a programmatic dependent of the kernel before it: this program may already
         # be resident while that one finishes, so it waits for its results before reading any
@@ -78,9 +89,6 @@ def _gemv_kernel(
         # decode combine before them) thus overlaps each launch with the previous kernel's tail.
         _gdc_wait()
         _gdc_launch_dependents()
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    # a short last block reads row N-1 again rather than masking every load; its stores are masked
-    safe_rows = tl.minimum(rows, N - 1)
     if HAS_NORM:  # (inv_rms exists only in this specialisation, as its only readers are under HAS_NORM)
         # every program reduces the whole input row (a few KB, from L2) rather than wait for a
         # separate norm kernel: the step saves that kernel's launch and its round trip to memory
@@ -94,16 +102,17 @@ def _gemv_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         ptrs = W + safe_rows[:, None] * stride_wn + cols[None, :]
+        later = cols[None, :] >= BLOCK_K  # the first tile is w_first: no second read of it
         if EVEN_K:
             x = tl.load(X + cols).to(tl.float32)
-            w = tl.load(ptrs)
+            w = tl.where(later, tl.load(ptrs, mask=later, other=0.0), w_first)
             if HAS_NORM:
                 x = x * inv_rms * tl.load(NormW + cols).to(tl.float32)
             if GLU:  # X holds [gate | up]: the input is silu(gate) * up, made here
                 x = x / (1.0 + tl.exp(-x)) * tl.load(X + K + cols).to(tl.float32)
         else:
             x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
-            w = tl.load(ptrs, mask=cols[None, :] < K, other=0.0)
+            w = tl.where(later, tl.load(ptrs, mask=later & (cols[None, :] < K), other=0.0), w_first)
             if HAS_NORM:
                 x = x * inv_rms * tl.load(NormW + cols, mask=cols < K, other=0.0).to(tl.float32)
             if GLU:

@@ -227,6 +227,11 @@ def gemv(
     (one value per output) is added to the result: the norm before a projection and the residual
     add after one, in the same kernel (:func:`gemv_reference` is the definition). With ``glu``,
     ``x`` is SwiGLU's ``[gate | up]`` and the kernel makes ``silu(gate) * up`` as it reads them.
+
+    Where the launch is a programmatic dependent (``use_pdl``), the kernel reads the first tile
+    of ``w`` before it waits for the kernel launched just before it: weights are a model's
+    constants, so that kernel must not be the one that writes them (``QKVLAB_PDL=0`` launches
+    plainly).
     """
     if gemv_unsupported_reason(x, w, bias, norm_weight, residual, glu) is not None:
         if norm_weight is None and residual is None and not glu:

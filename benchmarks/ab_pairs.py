@@ -41,6 +41,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_generate_vs_hf.py"
 
 
+def tree_digest(src: Path) -> str:
+    """SHA-256 over the ``qkvlab`` package's ``.py`` files (relative paths and contents): which
+    code a side ran, where the environment's one source commit cannot tell two trees apart."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted((src / "qkvlab").rglob("*.py")):
+        h.update(path.relative_to(src).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def sign_test_p(wins: int, n: int) -> float:
     """Exact two-sided sign test: the probability of a split at least this uneven under 50/50."""
     if n == 0:
@@ -156,6 +167,8 @@ def main(argv=None) -> int:
         "runs_args": passthrough,
         "before_src": str(args.before_src),
         "after_src": str(args.after_src),
+        "before_sha256": tree_digest(args.before_src),
+        "after_sha256": tree_digest(args.after_src),
         "runs": [],
     }
     with tempfile.TemporaryDirectory() as tmp:

@@ -346,6 +346,22 @@ def test_ab_pairs_smoke_runs_both_trees_in_alternating_order(tmp_path):
     doc = json.loads(out.read_text())
     assert [(r["pair"], r["side"]) for r in doc["runs"]] == [(0, "before"), (0, "after"), (1, "after"), (1, "before")]
     assert doc["summary"] and all(s["pairs"] == 2 and len(s["ratios"]) == 2 for s in doc["summary"])
+    assert doc["before_sha256"] == doc["after_sha256"]  # the same code on both sides
+
+
+def test_ab_pairs_tree_digest_tells_trees_apart(tmp_path):
+    import ab_pairs
+
+    for name in ("a", "b"):
+        (tmp_path / name / "qkvlab" / "kernels").mkdir(parents=True)
+        (tmp_path / name / "qkvlab" / "__init__.py").write_text("")
+        (tmp_path / name / "qkvlab" / "kernels" / "gemv.py").write_text("x = 1\n")
+    assert ab_pairs.tree_digest(tmp_path / "a") == ab_pairs.tree_digest(tmp_path / "b")
+    (tmp_path / "b" / "qkvlab" / "kernels" / "gemv.py").write_text("x = 2\n")
+    assert ab_pairs.tree_digest(tmp_path / "a") != ab_pairs.tree_digest(tmp_path / "b")
+    (tmp_path / "b" / "qkvlab" / "kernels" / "gemv.py").write_text("x = 1\n")
+    (tmp_path / "b" / "qkvlab" / "kernels" / "notes.txt").write_text("not code")  # only .py files count
+    assert ab_pairs.tree_digest(tmp_path / "a") == ab_pairs.tree_digest(tmp_path / "b")
 
 
 def test_ab_pairs_names_a_tree_without_qkvlab(tmp_path):

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import platform
 import subprocess
-from pathlib import Path
 
 import torch
 
@@ -14,24 +12,13 @@ from qkvlab.costs import BF16_PEAK, bf16_peak  # noqa: F401  (the benchmarks tak
 
 
 def source_commit() -> str | None:
-    """The commit the benchmark's sources are at: ``git rev-parse HEAD`` in the checkout, else
-    ``$QKVLAB_GIT_COMMIT`` (a copy of the tree without ``.git``, as on a device machine), else None.
-    A checkout with uncommitted changes gets ``+dirty``."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        if head.returncode == 0:
-            dirty = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=root,
-                capture_output=True,
-                text=True,
-                timeout=10,
-            )
-            return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return os.environ.get("QKVLAB_GIT_COMMIT") or None
+    """The commit of the qkvlab sources the benchmark imports (:func:`qkvlab.provenance.code_version`:
+    ``$QKVLAB_GIT_COMMIT`` where set, else git; None for a package outside a checkout, as a
+    copied tree is), with ``+dirty`` for uncommitted changes."""
+    from qkvlab.provenance import code_version
+
+    commit, dirty = code_version()
+    return None if commit is None else commit + ("+dirty" if dirty else "")
 
 
 def env_info(device: torch.device) -> dict:

@@ -285,22 +285,27 @@ def test_compile_decode_reports_the_kernel_a_launch_compiles(tmp_path, monkeypat
 
 
 def test_benchmark_json_names_the_source_commit(monkeypatch):
-    """Every benchmark's environment record names the commit its sources are at: from git in a
-    checkout, else from QKVLAB_GIT_COMMIT (a tree copied without .git), else None."""
+    """Every benchmark's environment record names the commit of the qkvlab it imports:
+    QKVLAB_GIT_COMMIT where set (also over git, which on a copied tree can name another
+    commit), else git in a checkout, else None."""
     import subprocess as sp
+
+    from qkvlab import provenance
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import benchutil
 
+    monkeypatch.delenv("QKVLAB_GIT_COMMIT", raising=False)
     head = sp.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     if head.returncode == 0:
         assert benchutil.source_commit().split("+")[0] == head.stdout.strip()
+    monkeypatch.setenv("QKVLAB_GIT_COMMIT", "0123abc")
+    assert benchutil.source_commit() == "0123abc"
 
     def no_git(*a, **k):
         raise FileNotFoundError("git")
 
-    monkeypatch.setattr(benchutil.subprocess, "run", no_git)
-    monkeypatch.setenv("QKVLAB_GIT_COMMIT", "0123abc")
+    monkeypatch.setattr(provenance.subprocess, "run", no_git)
     assert benchutil.source_commit() == "0123abc"
     monkeypatch.delenv("QKVLAB_GIT_COMMIT")
     assert benchutil.source_commit() is None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import INTERPRETER_PROBLEM
+from conftest import needs_interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_profile_generate_smoke_reports_kinds_bandwidth_and_prefill(tmp_path):
     assert (tmp_path / "profile_generate_graph_fused.txt").read_text().count("prefill ") == 2
 
 
-@pytest.mark.skipif(INTERPRETER_PROBLEM is not None, reason=f"no working Triton interpreter: {INTERPRETER_PROBLEM}")
+@needs_interpreter
 def test_gpu_decode_smoke_checks_every_method(tmp_path):
     """Each method of the decode benchmark is checked against the fp32 reference before timing;
     the checks are read from the JSON the benchmark writes."""
@@ -90,7 +90,7 @@ def test_gpu_decode_smoke_checks_every_method(tmp_path):
         assert len(errors) >= 5 and max(errors.values()) < 1e-2, errors
 
 
-@pytest.mark.skipif(INTERPRETER_PROBLEM is not None, reason=f"no working Triton interpreter: {INTERPRETER_PROBLEM}")
+@needs_interpreter
 def test_gpu_decode_sweeps_the_configs_it_is_given(tmp_path):
     """--sweep-configs times the given launch configs against the default, each checked first."""
     out = tmp_path / "gpu_decode.json"
@@ -119,7 +119,7 @@ def test_gpu_gemv_smoke_checks_every_launch_shape(tmp_path):
         assert len(r["max_abs_err"]) == 8 and max(r["max_abs_err"].values()) < 0.05, r  # bf16 outputs near 1
 
 
-@pytest.mark.skipif(INTERPRETER_PROBLEM is not None, reason=f"no working Triton interpreter: {INTERPRETER_PROBLEM}")
+@needs_interpreter
 def test_gpu_weight_prefetch_smoke_checks_the_stack_against_its_reference(tmp_path):
     """The layer stack the prefetch benchmark times computes what its float32 reference does."""
     run_script("gpu_weight_prefetch.py", "--out", str(tmp_path / "wp.json"), interpret=True)
@@ -128,7 +128,7 @@ def test_gpu_weight_prefetch_smoke_checks_the_stack_against_its_reference(tmp_pa
     assert [r["mode"] for r in doc["rows"]] == ["none", "fork"] and all(r["max_abs_diff"] == 0 for r in doc["rows"])
 
 
-@pytest.mark.skipif(INTERPRETER_PROBLEM is not None, reason=f"no working Triton interpreter: {INTERPRETER_PROBLEM}")
+@needs_interpreter
 def test_gpu_weight_prefetch_stops_when_the_stack_is_not_its_reference(monkeypatch, capsys):
     """A stack that drops the attention's residual is caught before anything is timed."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -336,7 +336,7 @@ def test_ab_pairs_sign_test_and_summary(monkeypatch):
     assert s["after_wins"] == 2 and abs(s["geomean_ratio"] - 1.1) < 1e-12
 
 
-@pytest.mark.skipif(INTERPRETER_PROBLEM is not None, reason=f"no working Triton interpreter: {INTERPRETER_PROBLEM}")
+@needs_interpreter
 def test_ab_pairs_smoke_runs_both_trees_in_alternating_order(tmp_path):
     """One pair on the CPU against a copy of this src: both sides ran, every row is paired."""
     import shutil

@@ -10,7 +10,9 @@ changes are worth: a single before/after run decides nothing, pairs on one machi
 For every row (system, variant, batch, context) it prints each pair's tokens/s and ratio, the
 mean ratio (geometric), how many pairs the change won, the exact two-sided sign test over the
 pairs, and a one-sample t-test of the log ratios (scipy, where installed), and writes all runs'
-rows and the summary to JSON with the hardware and versions.
+rows and the summary to JSON with the hardware and versions, after every run: a call stopped at
+its time limit keeps the runs it finished, and a run that fails or overruns ``--timeout`` ends
+the pairs with one line, its place recorded under ``stopped``.
 
 A tree to compare against is any folder holding a ``qkvlab`` package, e.g. this checkout's
 ``src`` with one file taken from an earlier commit (on a machine without ``.git``, carry it)::
@@ -170,6 +172,7 @@ def main(argv=None) -> int:
         "before_sha256": tree_digest(args.before_src),
         "after_sha256": tree_digest(args.after_src),
         "runs": [],
+        "summary": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.pairs):
@@ -179,27 +182,39 @@ def main(argv=None) -> int:
                 out = Path(tmp) / f"{side}_{i}.json"
                 env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src), str(ROOT / "benchmarks")]))
                 env.pop("OUT", None)  # the runs' own JSON stays here; this script writes the record
-                proc = subprocess.run(
-                    [sys.executable, str(SCRIPT), *passthrough, "--out", str(out)],
-                    env=env,
-                    cwd=ROOT,
-                    capture_output=True,
-                    text=True,
-                    timeout=args.timeout,
-                )
-                if proc.returncode != 0 or not out.is_file():
-                    print(f"pair {i} {side}: gpu_generate_vs_hf.py failed (exit {proc.returncode}); stopping")
-                    print(proc.stdout[-2000:] + proc.stderr[-2000:])
+                try:
+                    proc = subprocess.run(
+                        [sys.executable, str(SCRIPT), *passthrough, "--out", str(out)],
+                        env=env,
+                        cwd=ROOT,
+                        capture_output=True,
+                        text=True,
+                        timeout=args.timeout,
+                    )
+                    failed = None if proc.returncode == 0 and out.is_file() else f"exit {proc.returncode}"
+                    tail = proc.stdout[-2000:] + proc.stderr[-2000:]
+                except subprocess.TimeoutExpired as e:
+                    # TimeoutExpired holds bytes whatever text= said
+                    got = [
+                        x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.output, e.stderr)
+                    ]
+                    failed, tail = f"over its {args.timeout} s limit", got[0][-2000:] + got[1][-2000:]
+                if failed:
+                    doc["stopped"] = {"pair": i, "side": side, "why": failed}
+                    write_json(doc, "ab_pairs.json", args.out)  # the pairs finished so far stay
+                    print(f"pair {i} {side}: gpu_generate_vs_hf.py failed ({failed}); stopping")
+                    print(tail)
                     return 1
                 rows = json.loads(out.read_text())["rows"]
                 doc["runs"].append({"pair": i, "side": side, "rows": rows})
+                # written after every run: a call cut off at its time limit keeps what it measured
+                doc["summary"] = summarise(doc["runs"])
+                write_json(doc, "ab_pairs.json", args.out)
                 print(
                     f"pair {i} {side}: " + ", ".join(f"{r['variant']} {r['tokens_per_s']:.1f}" for r in rows),
                     flush=True,
                 )
-    doc["summary"] = summarise(doc["runs"])
     print(table(doc["summary"]))
-    write_json(doc, "ab_pairs.json", args.out)
     return 0
 
 

@@ -376,3 +376,41 @@ def test_ab_pairs_names_a_tree_without_qkvlab(tmp_path):
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2 and "no qkvlab package there" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ab_pairs_keeps_the_runs_before_a_failure(tmp_path):
+    """A side that fails (here: an 'after' tree whose package cannot import) stops the pairs with
+    one line, and the JSON already holds the runs before it and says where it stopped."""
+    import shutil
+
+    before = tmp_path / "src_before"
+    shutil.copytree(ROOT / "src" / "qkvlab", before / "qkvlab", ignore=shutil.ignore_patterns("__pycache__"))
+    after = tmp_path / "src_after"
+    (after / "qkvlab").mkdir(parents=True)
+    (after / "qkvlab" / "__init__.py").write_text("raise ImportError('a broken tree')\n")
+    out = tmp_path / "ab.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks")]))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ab_pairs.py"), "--before-src", str(before), "--after-src",
+         str(after), "--pairs", "2", "--smoke", "--out", str(out), "--", "--variants", "Q-K=V", "--systems",
+         "qkvlab", "--prefill", "none", "--no-gemma"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "pair 0 after: gpu_generate_vs_hf.py failed (exit 1); stopping" in proc.stdout
+    doc = json.loads(out.read_text())
+    assert [(r["pair"], r["side"]) for r in doc["runs"]] == [(0, "before")]
+    assert doc["stopped"] == {"pair": 0, "side": "after", "why": "exit 1"}
+
+
+def test_ab_pairs_names_a_run_over_its_time_limit(tmp_path):
+    out = tmp_path / "ab.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks")]))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ab_pairs.py"), "--before-src", str(ROOT / "src"), "--pairs", "1",
+         "--timeout", "1", "--smoke", "--out", str(out), "--", "--variants", "Q-K=V", "--systems", "qkvlab"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "failed (over its 1 s limit); stopping" in proc.stdout
+    assert "Traceback (most recent call last)" not in proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["runs"] == [] and doc["stopped"]["why"] == "over its 1 s limit"

@@ -242,6 +242,50 @@ def test_the_gemma_float32_check_catches_a_harness_that_loses_its_position(monke
     assert bad["gemma_float32_compiled_vs_eager_rel_err"] > 10 * vs_hf.GEMMA_TOL, bad
 
 
+def test_the_gemma_float32_check_falls_back_to_one_row_when_the_batch_does_not_fit(monkeypatch):
+    """A float32 cache of the whole batch out of memory (as B=16 at 32k is beside the models): the
+    check runs on one row at the same context and says so; where nothing fits it fails, naming why."""
+    pytest.importorskip("transformers", reason="the side-by-side benchmark needs transformers (the dev extra)")
+    import argparse
+    import types
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_generate_vs_hf as vs_hf
+
+    config = types.SimpleNamespace(
+        vocab_size=256, d_model=64, d_ff=128, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, max_seq_len=128,
+        rope_theta=10000.0,
+    )  # fmt: skip
+    holder = torch.nn.Linear(1, 1)
+    holder.config = config
+    hf, why = vs_hf.hf_gemma_kv(holder)
+    if hf is None:
+        pytest.skip(why)
+    args = argparse.Namespace(hf_compile_mode=None, smoke=True)
+    monkeypatch.setattr(vs_hf, "point_len", lambda S, args: S + 16)
+    real, tried = vs_hf.hf_compiled_vs_eager, []
+
+    def fits_rows(limit):
+        def run(hf, rows, *a, **k):
+            tried.append(rows)
+            if rows > limit:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real(hf, rows, *a, **k)
+
+        return run
+
+    monkeypatch.setattr(vs_hf, "hf_compiled_vs_eager", fits_rows(1))
+    got = vs_hf.gemma_float32_check(hf, 4, 40, args, torch.device("cpu"), 3, 256, vs_hf.GEMMA_TOL)
+    assert tried == [4, 1] and got["ok"] and got["at"] == "B=1 S=40" and "error" not in got, got
+    assert got["gemma_float32_compiled_vs_eager_rel_err"] < 1e-5
+    tried.clear()
+    monkeypatch.setattr(vs_hf, "hf_compiled_vs_eager", fits_rows(0))
+    got = vs_hf.gemma_float32_check(hf, 4, 40, args, torch.device("cpu"), 3, 256, vs_hf.GEMMA_TOL)
+    assert tried == [4, 1] and not got["ok"] and got["error"] == "out of memory at B=1 S=40", got
+
+
 def test_compile_decode_reports_the_kernel_a_launch_compiles(tmp_path, monkeypatch):
     """The offline compile of the split kernel (no GPU): the launch's constants, a register count
     from the cubin, the residency the launch heuristic would compute from it, and a tile loop with

@@ -203,10 +203,9 @@ def test_the_hf_harness_agrees_with_qkvlab_at_a_long_filled_cache(monkeypatch):
         assert got.grad_fn is None and not got.requires_grad
 
 
-def test_the_gemma_float32_check_catches_a_harness_that_loses_its_position(monkeypatch):
-    """The Gemma rows' check (compiled against uncompiled steps of a float32 copy) passes on the
-    harness as it is and fails by far when the harness does not put the cache back at S before the
-    second step: the failure it is there to catch (uncompiled on both sides here, on the CPU)."""
+def _tiny_gemma_harness(monkeypatch):
+    """The side-by-side benchmark's module, a tiny HF Gemma 4 K=V model and uncompiled CPU args, for
+    its float32 check (skips without transformers or without Gemma 4 in it)."""
     pytest.importorskip("transformers", reason="the side-by-side benchmark needs transformers (the dev extra)")
     import argparse
     import types
@@ -227,6 +226,16 @@ def test_the_gemma_float32_check_catches_a_harness_that_loses_its_position(monke
         pytest.skip(why)
     args = argparse.Namespace(hf_compile_mode=None, smoke=True)
     monkeypatch.setattr(vs_hf, "point_len", lambda S, args: S + 16)
+    return vs_hf, hf, args
+
+
+def test_the_gemma_float32_check_catches_a_harness_that_loses_its_position(monkeypatch):
+    """The Gemma rows' check (compiled against uncompiled steps of a float32 copy) passes on the
+    harness as it is and fails by far when the harness does not put the cache back at S before the
+    second step: the failure it is there to catch (uncompiled on both sides here, on the CPU)."""
+    import torch
+
+    vs_hf, hf, args = _tiny_gemma_harness(monkeypatch)
     good = vs_hf.gemma_float32_check(hf, 2, 40, args, torch.device("cpu"), 3, 256, vs_hf.GEMMA_TOL)
     assert good["ok"] and good["gemma_float32_compiled_vs_eager_rel_err"] < 1e-5, good
     seek, calls = vs_hf.HFDecoder.seek, []
@@ -245,26 +254,9 @@ def test_the_gemma_float32_check_catches_a_harness_that_loses_its_position(monke
 def test_the_gemma_float32_check_falls_back_to_one_row_when_the_batch_does_not_fit(monkeypatch):
     """A float32 cache of the whole batch out of memory (as B=16 at 32k is beside the models): the
     check runs on one row at the same context and says so; where nothing fits it fails, naming why."""
-    pytest.importorskip("transformers", reason="the side-by-side benchmark needs transformers (the dev extra)")
-    import argparse
-    import types
-
     import torch
 
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import gpu_generate_vs_hf as vs_hf
-
-    config = types.SimpleNamespace(
-        vocab_size=256, d_model=64, d_ff=128, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, max_seq_len=128,
-        rope_theta=10000.0,
-    )  # fmt: skip
-    holder = torch.nn.Linear(1, 1)
-    holder.config = config
-    hf, why = vs_hf.hf_gemma_kv(holder)
-    if hf is None:
-        pytest.skip(why)
-    args = argparse.Namespace(hf_compile_mode=None, smoke=True)
-    monkeypatch.setattr(vs_hf, "point_len", lambda S, args: S + 16)
+    vs_hf, hf, args = _tiny_gemma_harness(monkeypatch)
     real, tried = vs_hf.hf_compiled_vs_eager, []
 
     def fits_rows(limit):

@@ -21,19 +21,24 @@ from conftest import needs_interpreter
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(name: str, *args: str, interpret: bool = False) -> str:
+def script(name: str, *args: str, interpret: bool = False) -> subprocess.CompletedProcess:
+    """``benchmarks/name`` run with ``args`` on this checkout's sources, whatever it exits with."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks")]))
     env.pop("OUT", None)  # nothing lands in a device machine's output folder
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / name), "--smoke", *args],
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
         capture_output=True,
         text=True,
         env=env,
         cwd=ROOT,
         timeout=600,
     )
+
+
+def run_script(name: str, *args: str, interpret: bool = False) -> str:
+    proc = script(name, "--smoke", *args, interpret=interpret)
     assert proc.returncode == 0, f"{name} --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -100,12 +105,7 @@ def test_gpu_decode_sweeps_the_configs_it_is_given(tmp_path):
     rows = [r for r in sweep if r["which"] == "rope_kv" and "num_splits" not in r["config"]]
     assert {json.dumps(r["config"], sort_keys=True) for r in rows} == {"{}", '{"block_n": 16, "num_stages": 2}'}
     assert all(r["rel_err"] < 1e-2 for r in rows), rows
-    bad = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_decode.py"), "--sweep-configs", '{"block_n": 16}'],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks")])),
-    )
+    bad = script("gpu_decode.py", "--sweep-configs", '{"block_n": 16}')
     assert bad.returncode == 2 and "--sweep-configs" in bad.stderr and "not a list" in bad.stderr
 
 
@@ -406,11 +406,7 @@ def test_ab_pairs_tree_digest_tells_trees_apart(tmp_path):
 
 
 def test_ab_pairs_names_a_tree_without_qkvlab(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks")]))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "ab_pairs.py"), "--before-src", str(tmp_path), "--smoke"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
-    )  # fmt: skip
+    proc = script("ab_pairs.py", "--before-src", str(tmp_path), "--smoke")
     assert proc.returncode == 2 and "no qkvlab package there" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -425,12 +421,9 @@ def test_ab_pairs_keeps_the_runs_before_a_failure(tmp_path):
     (after / "qkvlab").mkdir(parents=True)
     (after / "qkvlab" / "__init__.py").write_text("raise ImportError('a broken tree')\n")
     out = tmp_path / "ab.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks")]))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "ab_pairs.py"), "--before-src", str(before), "--after-src",
-         str(after), "--pairs", "2", "--smoke", "--out", str(out), "--", "--variants", "Q-K=V", "--systems",
-         "qkvlab", "--prefill", "none", "--no-gemma"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+    proc = script(
+        "ab_pairs.py", "--before-src", str(before), "--after-src", str(after), "--pairs", "2", "--smoke",
+        "--out", str(out), "--", "--variants", "Q-K=V", "--systems", "qkvlab", "--prefill", "none", "--no-gemma",
     )  # fmt: skip
     assert proc.returncode == 1 and "pair 0 after: gpu_generate_vs_hf.py failed (exit 1); stopping" in proc.stdout
     doc = json.loads(out.read_text())
@@ -440,11 +433,9 @@ def test_ab_pairs_keeps_the_runs_before_a_failure(tmp_path):
 
 def test_ab_pairs_names_a_run_over_its_time_limit(tmp_path):
     out = tmp_path / "ab.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks")]))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "ab_pairs.py"), "--before-src", str(ROOT / "src"), "--pairs", "1",
-         "--timeout", "1", "--smoke", "--out", str(out), "--", "--variants", "Q-K=V", "--systems", "qkvlab"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    proc = script(
+        "ab_pairs.py", "--before-src", str(ROOT / "src"), "--pairs", "1", "--timeout", "1", "--smoke",
+        "--out", str(out), "--", "--variants", "Q-K=V", "--systems", "qkvlab",
     )  # fmt: skip
     assert proc.returncode == 1 and "failed (over its 1 s limit); stopping" in proc.stdout
     assert "Traceback (most recent call last)" not in proc.stderr

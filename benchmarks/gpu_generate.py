@@ -98,6 +98,26 @@ def time_steps(step, token, steps: int, device) -> float:
     return statistics.median(times)
 
 
+def time_steps_in_a_row(step, token, steps: int, device) -> float:
+    """Mean seconds of one decode step over ``steps`` steps run back to back, with one wait at the
+    end. :func:`time_steps` waits for every step, so each of its times also holds the host's work
+    of launching that step (its input copies and the graph's launch) while the GPU idles; a
+    generation loop that does not wait for each token (``qkvlab``'s ``generate`` waits every few
+    steps, where it has stop conditions) overlaps that work with the step before."""
+    if device.type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(steps):
+            step(token)
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3 / steps
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(token)
+    return (time.perf_counter() - t0) / steps
+
+
 def cache_len(S: int, args) -> int:
     """Positions a decode case allocates: the context, then room for every step it times."""
     return S + args.warmup + 2 * args.steps + 8

@@ -27,7 +27,10 @@ against HF Llama. A check beyond tolerance stops the run (exit status 1) after t
 Reported per row: tokens/s (B / step time), the ratio to ``hf-llama`` QKV at the same point, and
 the fraction of the bandwidth roofline: (bytes a step must read: every weight but the input
 embedding table, plus the whole cache once) / (device-to-device copy bandwidth, measured once,
-read + write) / step time. Prefill tokens/s of one prompt (``--prefill``, default 4k and 32k;
+read + write) / step time. The step time is the median of steps each waited for, as the targets
+take it; beside it, ``*_in_a_row``: the mean over as many steps run back to back with one wait at
+the end, where the host's work of launching a step overlaps the step before (as in a generation
+loop that does not wait for each token). Prefill tokens/s of one prompt (``--prefill``, default 4k and 32k;
 uncompiled on both sides, as ``generate`` runs a prefill) per variant and system, measured after
 the decode points with every model in memory and the repetitions taken in turn across them.
 Every HF call runs without autograd, as ``generate`` runs it and as qkvlab's steps run. JSON (hardware,
@@ -63,7 +66,7 @@ import torch
 
 from benchutil import env_info, write_json
 from gpu_decode import copy_bandwidth, rel_err, timer
-from gpu_generate import ONE_B, VARIANTS, build, fill_cache, fill_normal, release, time_steps
+from gpu_generate import ONE_B, VARIANTS, build, fill_cache, fill_normal, release, time_steps, time_steps_in_a_row
 from qkvlab.attention.projections import fuse_projections, unfuse_projections
 from qkvlab.models.decoding import StaticDecoder
 
@@ -283,7 +286,7 @@ def model_checks(model, hf, device, tol: float) -> dict:
 
 def point_len(S: int, args) -> int:
     """Positions each system's cache allocates at context S (the same for all: see ``HFDecoder.fill``)."""
-    return S + args.warmup + 2 * args.steps + 8
+    return S + args.warmup + 3 * args.steps + 8  # the checks, the warmup, both timings, slack
 
 
 def point_inputs(model, B: int, S: int, args, device, seed: int):
@@ -321,6 +324,7 @@ def qkvlab_point(model, B, S, args, device, seed: int, gemv: str = "none") -> tu
     row["first_step_s"] = time.perf_counter() - t0  # compile included
     row["check_rel_err"] = rel_err(got, ref)
     row["step_s"] = time_steps(dec.step, token, args.steps, device)
+    row["step_s_in_a_row"] = time_steps_in_a_row(dec.step, token, args.steps, device)
     row["cache_bytes_per_token"] = cache.bytes_per_token
     row["weight_bytes"] = weight_bytes(model, model.wte.weight, model.lm_head.weight)
     dec = cache = None
@@ -410,6 +414,7 @@ def hf_point(hf, system, B, S, args, device, seed: int, ref: torch.Tensor | None
     for _ in range(args.warmup):  # reduce-overhead records its graphs over the first calls
         dec.step(token)
     row["step_s"] = time_steps(dec.step, token, args.steps, device)
+    row["step_s_in_a_row"] = time_steps_in_a_row(dec.step, token, args.steps, device)
     row["cache_bytes_per_token"] = dec.bytes_per_token()
     row["weight_bytes"] = weight_bytes(hf, hf.get_input_embeddings().weight, hf.get_output_embeddings().weight)
     dec = None
@@ -504,6 +509,9 @@ def finish_rows(rows: list[dict], bw_gbps: float, baseline: dict) -> None:
         r["bytes_per_step"] = r["weight_bytes"] + r["B"] * r["context"] * r["cache_bytes_per_token"]
         r["roofline_s"] = r["bytes_per_step"] / (bw_gbps * 1e9)
         r["roofline_fraction"] = r["roofline_s"] / r["step_s"]
+        if "step_s_in_a_row" in r:
+            r["tokens_per_s_in_a_row"] = r["B"] / r["step_s_in_a_row"]
+            r["roofline_fraction_in_a_row"] = r["roofline_s"] / r["step_s_in_a_row"]
         base = baseline.get((r["B"], r["context"]))
         r["vs_hf_llama_qkv"] = r["tokens_per_s"] / base if base else None
 
@@ -560,9 +568,12 @@ def print_row(r: dict) -> None:
         print(f"{head} {r['error']}", flush=True)
         return
     vs = f"{r['vs_hf_llama_qkv']:5.2f}x" if r.get("vs_hf_llama_qkv") else "  -  "
+    in_a_row = ""
+    if "tokens_per_s_in_a_row" in r:
+        in_a_row = f"  in a row {r['tokens_per_s_in_a_row']:9.1f} tok/s ({r['roofline_fraction_in_a_row']:5.1%})"
     print(
         f"{head} {r['tokens_per_s']:9.1f} tok/s  {vs} HF QKV  roofline {r['roofline_fraction']:5.1%}  "
-        f"check {r['check_rel_err']:.1e}  first step {r['first_step_s']:.1f} s",
+        f"check {r['check_rel_err']:.1e}  first step {r['first_step_s']:.1f} s{in_a_row}",
         flush=True,
     )
 
@@ -633,7 +644,7 @@ def main() -> None:
     print(f"{env['gpu']}, torch {env['torch']}, transformers {env['transformers']}; copy bandwidth {bw:,.0f} GB/s")
     if args.smoke:
         print("smoke run: CPU, tiny shapes, uncompiled; the times below say nothing about speed")
-    max_len = max([S for _, S in points] + prefill) + args.warmup + 2 * args.steps + 16
+    max_len = max([S for _, S in points] + prefill) + args.warmup + 3 * args.steps + 16
     rows, prefills, checks, skipped = [], [], {}, {}
 
     def save(final: bool = False, goals: list | None = None) -> None:

@@ -161,6 +161,11 @@ def test_gpu_generate_vs_hf_smoke_checks_both_sides(tmp_path):
     assert all(r["check_compiled_vs_eager_rel_err"] < 1e-4 for r in hf_rows), hf_rows
     assert all(r["check_eager_rel_err"] < 1e-4 for r in hf_rows if r["system"] == "hf-llama"), hf_rows
     assert all(r["roofline_fraction"] > 0 and r["vs_hf_llama_qkv"] for r in rows), rows
+    # steps also timed back to back: the same bytes over that step time
+    for r in rows:
+        assert r["tokens_per_s_in_a_row"] == pytest.approx(r["B"] / r["step_s_in_a_row"]), r
+        assert r["roofline_fraction_in_a_row"] == pytest.approx(r["roofline_s"] / r["step_s_in_a_row"]), r
+    assert "in a row" in out
     for variant, check in doc["checks"].items():
         if variant in ("QKV", "GQA-8"):  # HF Llama, same weights: logits and 16 greedy tokens agree
             assert check["forward_rel_err"] < 1e-4 and check["greedy_agreement"] == 1.0, doc["checks"]

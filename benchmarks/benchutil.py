@@ -1,10 +1,14 @@
-"""Shared helpers of the GPU benchmarks: the hardware and versions every JSON records."""
+"""Shared helpers of the GPU benchmarks: the hardware and versions every JSON records, and what
+the GPU ran at while a measurement ran."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import platform
+import statistics
 import subprocess
+import threading
 
 import torch
 
@@ -51,6 +55,112 @@ def env_info(device: torch.device) -> dict:
     else:
         info.update(gpu=f"cpu ({platform.processor() or platform.machine()}), Triton interpreter")
     return info
+
+
+def _nvml_handle(device: torch.device):
+    """``(pynvml, handle)`` of ``device`` (matched by PCI bus id, so CUDA_VISIBLE_DEVICES cannot
+    mix cards up), or None without CUDA or NVML (``nvidia-ml-py``, on the GPU image)."""
+    if device.type != "cuda":
+        return None
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        p = torch.cuda.get_device_properties(device)
+        bus = f"{p.pci_domain_id:08X}:{p.pci_bus_id:02X}:{p.pci_device_id:02X}.0"
+        return pynvml, pynvml.nvmlDeviceGetHandleByPciBusId(bus)
+    except (AttributeError, OSError, pynvml.NVMLError):
+        return None
+
+
+def _reason_names(nvml) -> dict[int, str]:
+    """NVML's clock event reasons, bit to name, from the module's own constants (the older
+    ``Throttle`` spelling where a module lacks ``Event``); the first name of a bit where two share it."""
+    for prefix in ("nvmlClocksEventReason", "nvmlClocksThrottleReason"):
+        names: dict[int, str] = {}
+        for name in sorted(n for n in dir(nvml) if n.startswith(prefix)):
+            bit = getattr(nvml, name)
+            if isinstance(bit, int) and bit > 0 and bit & (bit - 1) == 0:  # one bit: not None or All
+                names.setdefault(bit, name.removeprefix(prefix))
+        if names:
+            return names
+    return {}
+
+
+class GpuWatch:
+    """What the GPU ran at while a measurement ran: NVML samples, taken on a thread every
+    ``interval`` seconds (and once at each end), of the SM and memory clocks, the temperature, the
+    power draw and the reasons the driver gives for holding clocks down (power cap, thermal
+    slowdown...). Two runs of the same code can differ by several percent; this says whether the
+    card did. Without CUDA or NVML nothing runs and :meth:`summary` is None::
+
+        with GpuWatch(device) as watch:
+            ...  # timed work
+        row["gpu_state"] = watch.summary()
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.05):
+        self.device, self.interval = device, interval
+        self.samples: list[tuple[int, int, int, float, int]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._nvml = self._handle = None
+
+    def __enter__(self) -> GpuWatch:
+        found = _nvml_handle(self.device)
+        if found is not None:
+            self._nvml, self._handle = found
+            self._sample()
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        nv, h = self._nvml, self._handle
+        reasons = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None)
+        reasons = reasons or nv.nvmlDeviceGetCurrentClocksThrottleReasons
+        # a query this card or driver lacks loses the sample, not the measurement
+        with contextlib.suppress(nv.NVMLError):
+            self.samples.append(
+                (
+                    nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM),
+                    nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM),
+                    nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU),
+                    nv.nvmlDeviceGetPowerUsage(h) / 1000,  # mW
+                    reasons(h),
+                )
+            )
+
+    def summary(self) -> dict | None:
+        """Clocks (MHz: min, median, max), highest temperature (C) and power (W), and every clock
+        event reason seen in any sample; None where nothing was sampled."""
+        if not self.samples:
+            return None
+        sm, mem, temp, power, bits = zip(*self.samples, strict=True)
+        seen = 0
+        for b in bits:
+            seen |= b
+        names = _reason_names(self._nvml)
+        return dict(
+            samples=len(self.samples),
+            sm_clock_MHz=dict(min=min(sm), median=statistics.median(sm), max=max(sm)),
+            mem_clock_MHz=dict(min=min(mem), median=statistics.median(mem), max=max(mem)),
+            temperature_C_max=max(temp),
+            power_W_max=max(power),
+            clock_event_reasons=sorted(name for bit, name in names.items() if seen & bit),
+        )
 
 
 def write_json(doc: dict, name: str, extra_path: str | None = None) -> list[str]:

@@ -64,7 +64,7 @@ import time
 
 import torch
 
-from benchutil import env_info, write_json
+from benchutil import GpuWatch, env_info, write_json
 from gpu_decode import copy_bandwidth, rel_err, timer
 from gpu_generate import ONE_B, VARIANTS, build, fill_cache, fill_normal, release, time_steps, time_steps_in_a_row
 from qkvlab.attention.projections import fuse_projections, unfuse_projections
@@ -323,8 +323,10 @@ def qkvlab_point(model, B, S, args, device, seed: int, gemv: str = "none") -> tu
     got = dec.step(token).float()
     row["first_step_s"] = time.perf_counter() - t0  # compile included
     row["check_rel_err"] = rel_err(got, ref)
-    row["step_s"] = time_steps(dec.step, token, args.steps, device)
-    row["step_s_in_a_row"] = time_steps_in_a_row(dec.step, token, args.steps, device)
+    with GpuWatch(device) as watch:
+        row["step_s"] = time_steps(dec.step, token, args.steps, device)
+        row["step_s_in_a_row"] = time_steps_in_a_row(dec.step, token, args.steps, device)
+    row["gpu_state"] = watch.summary()
     row["cache_bytes_per_token"] = cache.bytes_per_token
     row["weight_bytes"] = weight_bytes(model, model.wte.weight, model.lm_head.weight)
     dec = cache = None
@@ -413,8 +415,10 @@ def hf_point(hf, system, B, S, args, device, seed: int, ref: torch.Tensor | None
         row["check"] = "float32 copy, compiled vs uncompiled step"
     for _ in range(args.warmup):  # reduce-overhead records its graphs over the first calls
         dec.step(token)
-    row["step_s"] = time_steps(dec.step, token, args.steps, device)
-    row["step_s_in_a_row"] = time_steps_in_a_row(dec.step, token, args.steps, device)
+    with GpuWatch(device) as watch:
+        row["step_s"] = time_steps(dec.step, token, args.steps, device)
+        row["step_s_in_a_row"] = time_steps_in_a_row(dec.step, token, args.steps, device)
+    row["gpu_state"] = watch.summary()
     row["cache_bytes_per_token"] = dec.bytes_per_token()
     row["weight_bytes"] = weight_bytes(hf, hf.get_input_embeddings().weight, hf.get_output_embeddings().weight)
     dec = None
@@ -571,6 +575,11 @@ def print_row(r: dict) -> None:
     in_a_row = ""
     if "tokens_per_s_in_a_row" in r:
         in_a_row = f"  in a row {r['tokens_per_s_in_a_row']:9.1f} tok/s ({r['roofline_fraction_in_a_row']:5.1%})"
+    state = r.get("gpu_state")
+    if state:  # what the card ran at: a slow run with lowered clocks is the card's, not the code's
+        sm = state["sm_clock_MHz"]
+        held = [n for n in state["clock_event_reasons"] if n != "GpuIdle"]
+        in_a_row += f"  SM {sm['min']}-{sm['max']} MHz" + (f" ({', '.join(held)})" if held else "")
     print(
         f"{head} {r['tokens_per_s']:9.1f} tok/s  {vs} HF QKV  roofline {r['roofline_fraction']:5.1%}  "
         f"check {r['check_rel_err']:.1e}  first step {r['first_step_s']:.1f} s{in_a_row}",

@@ -446,3 +446,84 @@ def test_ab_pairs_names_a_run_over_its_time_limit(tmp_path):
     assert "Traceback (most recent call last)" not in proc.stderr
     doc = json.loads(out.read_text())
     assert doc["runs"] == [] and doc["stopped"]["why"] == "over its 1 s limit"
+
+
+class _FakeNVML:
+    """A stand-in for ``pynvml``: each sample reads the next of ``readings`` (SM MHz, memory MHz,
+    temperature, power in mW, reason bits), ``None`` for a sample whose query fails."""
+
+    NVML_CLOCK_SM, NVML_CLOCK_MEM, NVML_TEMPERATURE_GPU = 1, 2, 0
+    NVMLError = type("NVMLError", (Exception,), {})
+    nvmlClocksEventReasonNone, nvmlClocksEventReasonAll = 0, 0xF
+    nvmlClocksEventReasonGpuIdle, nvmlClocksEventReasonSwPowerCap, nvmlClocksEventReasonHwSlowdown = 1, 4, 8
+    nvmlClocksEventReasonApplicationsClocksSetting = nvmlClocksEventReasonUserDefinedClocks = 2
+
+    def __init__(self, readings):
+        self.readings, self.now = list(readings), None
+
+    def nvmlDeviceGetClockInfo(self, handle, kind):
+        if kind == self.NVML_CLOCK_SM:  # the first query of a sample takes the next reading
+            self.now = self.readings.pop(0) if self.readings else self.now
+        if self.now is None:
+            raise self.NVMLError("not supported")
+        return self.now[0] if kind == self.NVML_CLOCK_SM else self.now[1]
+
+    def nvmlDeviceGetTemperature(self, handle, sensor):
+        return self.now[2]
+
+    def nvmlDeviceGetPowerUsage(self, handle):
+        return self.now[3]
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle):
+        return self.now[4]
+
+
+def test_gpu_watch_reports_the_clocks_and_the_reasons_the_card_held_them_down(monkeypatch, capsys):
+    """A sample as the measurement starts (here idle) and one as it ends (here at its power cap);
+    a sample whose query fails is dropped; reasons are named from NVML's own constants, and the
+    side-by-side benchmark's row line names the clocks and any reason but idleness."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import torch
+
+    import benchutil
+
+    fake = _FakeNVML([(345, 2619, 31, 70_000, 1), None, (1755, 2619, 62, 699_500, 4)])
+    monkeypatch.setattr(benchutil, "_nvml_handle", lambda device: (fake, "handle"))
+    with benchutil.GpuWatch(torch.device("cuda"), interval=60) as watch:  # no sample between the ends
+        watch._sample()  # the failing query
+    assert watch.summary() == dict(
+        samples=2,
+        sm_clock_MHz=dict(min=345, median=1050, max=1755),
+        mem_clock_MHz=dict(min=2619, median=2619, max=2619),
+        temperature_C_max=62,
+        power_W_max=699.5,
+        clock_event_reasons=["GpuIdle", "SwPowerCap"],
+    )
+    # one bit, one name: the first of two that share a bit, neither None nor All
+    names = {1: "GpuIdle", 2: "ApplicationsClocksSetting", 4: "SwPowerCap", 8: "HwSlowdown"}
+    assert benchutil._reason_names(fake) == names
+    from gpu_generate_vs_hf import print_row
+
+    row = dict(system="qkvlab", variant="Q-GQA-8", B=1, context=32768, tokens_per_s=800.0, vs_hf_llama_qkv=None)
+    row.update(roofline_fraction=0.7, check_rel_err=0.03, first_step_s=3.0, gpu_state=watch.summary())
+    print_row(row)
+    assert capsys.readouterr().out.rstrip().endswith("SM 345-1755 MHz (SwPowerCap)")
+
+
+def test_gpu_watch_samples_while_the_work_runs_and_is_off_without_cuda(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import time
+
+    import torch
+
+    import benchutil
+
+    with benchutil.GpuWatch(torch.device("cpu")) as watch:  # no CUDA: no thread, no NVML
+        pass
+    assert watch.summary() is None and watch._thread is None
+    fake = _FakeNVML([(1980, 2619, 40, 300_000, 0)] * 1000)
+    monkeypatch.setattr(benchutil, "_nvml_handle", lambda device: (fake, "handle"))
+    with benchutil.GpuWatch(torch.device("cuda"), interval=0.005) as watch:
+        time.sleep(0.2)
+    assert watch.summary()["samples"] >= 4 and not watch._thread.is_alive()
+    assert watch.summary()["clock_event_reasons"] == []

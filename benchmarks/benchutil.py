@@ -138,7 +138,7 @@ class GpuWatch:
                     nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM),
                     nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM),
                     nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU),
-                    nv.nvmlDeviceGetPowerUsage(h) / 1000,  # mW
+                    nv.nvmlDeviceGetPowerUsage(h) / 1000,  # NVML gives milliwatts
                     reasons(h),
                 )
             )

@@ -572,17 +572,17 @@ def print_row(r: dict) -> None:
         print(f"{head} {r['error']}", flush=True)
         return
     vs = f"{r['vs_hf_llama_qkv']:5.2f}x" if r.get("vs_hf_llama_qkv") else "  -  "
-    in_a_row = ""
+    extra = ""
     if "tokens_per_s_in_a_row" in r:
-        in_a_row = f"  in a row {r['tokens_per_s_in_a_row']:9.1f} tok/s ({r['roofline_fraction_in_a_row']:5.1%})"
+        extra = f"  in a row {r['tokens_per_s_in_a_row']:9.1f} tok/s ({r['roofline_fraction_in_a_row']:5.1%})"
     state = r.get("gpu_state")
     if state:  # what the card ran at: a slow run with lowered clocks is the card's, not the code's
         sm = state["sm_clock_MHz"]
         held = [n for n in state["clock_event_reasons"] if n != "GpuIdle"]
-        in_a_row += f"  SM {sm['min']}-{sm['max']} MHz" + (f" ({', '.join(held)})" if held else "")
+        extra += f"  SM {sm['min']}-{sm['max']} MHz" + (f" ({', '.join(held)})" if held else "")
     print(
         f"{head} {r['tokens_per_s']:9.1f} tok/s  {vs} HF QKV  roofline {r['roofline_fraction']:5.1%}  "
-        f"check {r['check_rel_err']:.1e}  first step {r['first_step_s']:.1f} s{in_a_row}",
+        f"check {r['check_rel_err']:.1e}  first step {r['first_step_s']:.1f} s{extra}",
         flush=True,
     )
 

@@ -58,8 +58,9 @@ def env_info(device: torch.device) -> dict:
 
 
 def _nvml_handle(device: torch.device):
-    """``(pynvml, handle)`` of ``device`` (matched by PCI bus id, so CUDA_VISIBLE_DEVICES cannot
-    mix cards up), or None without CUDA or NVML (``nvidia-ml-py``, on the GPU image)."""
+    """``(pynvml, handle)`` of ``device``, or None without CUDA or NVML (``nvidia-ml-py``, on the
+    GPU image). The card is found by its UUID, else its PCI bus id, never by index: NVML's order
+    need not be CUDA's, and CUDA_VISIBLE_DEVICES renumbers CUDA's."""
     if device.type != "cuda":
         return None
     try:
@@ -68,10 +69,18 @@ def _nvml_handle(device: torch.device):
         return None
     try:
         pynvml.nvmlInit()
-        p = torch.cuda.get_device_properties(device)
+    except pynvml.NVMLError:
+        return None
+    p = torch.cuda.get_device_properties(device)
+    try:
+        uuid = str(p.uuid)
+        return pynvml, pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+    except (AttributeError, pynvml.NVMLError):
+        pass
+    try:
         bus = f"{p.pci_domain_id:08X}:{p.pci_bus_id:02X}:{p.pci_device_id:02X}.0"
         return pynvml, pynvml.nvmlDeviceGetHandleByPciBusId(bus)
-    except (AttributeError, OSError, pynvml.NVMLError):
+    except (AttributeError, pynvml.NVMLError):
         return None
 
 

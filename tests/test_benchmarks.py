@@ -527,3 +527,44 @@ def test_gpu_watch_samples_while_the_work_runs_and_is_off_without_cuda(monkeypat
         time.sleep(0.2)
     assert watch.summary()["samples"] >= 4 and not watch._thread.is_alive()
     assert watch.summary()["clock_event_reasons"] == []
+
+
+def test_gpu_watch_finds_the_card_by_uuid_else_pci_bus_id(monkeypatch):
+    """Never by index: NVML's order need not be CUDA's. No NVML, or a card it cannot find: no watch."""
+    import types
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import benchutil
+
+    class NVMLError(Exception):
+        pass
+
+    known = {"GPU-1234-abcd": "by uuid", "00000000:1B:00.0": "by bus"}
+
+    def find(key):
+        if key not in known:
+            raise NVMLError(key)
+        return known[key]
+
+    nvml = types.SimpleNamespace(
+        NVMLError=NVMLError, nvmlInit=lambda: None, nvmlDeviceGetHandleByUUID=find, nvmlDeviceGetHandleByPciBusId=find
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    props = types.SimpleNamespace(uuid="1234-abcd", pci_domain_id=0, pci_bus_id=0x1B, pci_device_id=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    cuda = torch.device("cuda")
+    assert benchutil._nvml_handle(cuda) == (nvml, "by uuid")
+    props.uuid = "5678"  # a UUID NVML does not know: the bus id
+    assert benchutil._nvml_handle(cuda) == (nvml, "by bus")
+    props.pci_bus_id = 0x2C
+    assert benchutil._nvml_handle(cuda) is None
+    assert benchutil._nvml_handle(torch.device("cpu")) is None
+
+    def no_driver():
+        raise NVMLError("driver not loaded")
+
+    nvml.nvmlInit = no_driver
+    props.uuid = "1234-abcd"
+    assert benchutil._nvml_handle(cuda) is None

@@ -115,12 +115,14 @@ class GpuWatch:
         self.samples: list[tuple[int, int, int, float, int]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._nvml = self._handle = None
+        self._nvml = self._handle = self._reasons = None
 
     def __enter__(self) -> GpuWatch:
         found = _nvml_handle(self.device)
         if found is not None:
             self._nvml, self._handle = found
+            self._reasons = getattr(self._nvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+            self._reasons = self._reasons or self._nvml.nvmlDeviceGetCurrentClocksThrottleReasons  # older name
             self._sample()
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
@@ -138,8 +140,6 @@ class GpuWatch:
 
     def _sample(self) -> None:
         nv, h = self._nvml, self._handle
-        reasons = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None)
-        reasons = reasons or nv.nvmlDeviceGetCurrentClocksThrottleReasons
         # a query this card or driver lacks loses the sample, not the measurement
         with contextlib.suppress(nv.NVMLError):
             self.samples.append(
@@ -148,7 +148,7 @@ class GpuWatch:
                     nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM),
                     nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU),
                     nv.nvmlDeviceGetPowerUsage(h) / 1000,  # NVML gives milliwatts
-                    reasons(h),
+                    self._reasons(h),
                 )
             )
 

@@ -30,8 +30,8 @@ embedding table, plus the whole cache once) / (device-to-device copy bandwidth, 
 read + write) / step time. The step time is the median of steps each waited for, as the targets
 take it; beside it, ``*_in_a_row``: the mean over as many steps run back to back with one wait at
 the end, where the host's work of launching a step overlaps the step before (as in a generation
-loop that does not wait for each token). Prefill tokens/s of one prompt (``--prefill``, default 4k and 32k;
-uncompiled on both sides, as ``generate`` runs a prefill) per variant and system, measured after
+loop that does not wait for each token). Prefill tokens/s of one prompt (``--prefill``, default
+4k and 32k; uncompiled on both sides, as ``generate`` runs a prefill) per variant and system, measured after
 the decode points with every model in memory and the repetitions taken in turn across them.
 Every HF call runs without autograd, as ``generate`` runs it and as qkvlab's steps run. JSON (hardware,
 versions, rows) goes to ``$OUT/gpu_generate_vs_hf.json`` and ``--out``, rewritten after each row.
@@ -284,6 +284,15 @@ def model_checks(model, hf, device, tol: float) -> dict:
     return out
 
 
+def time_row(row: dict, step, token, args, device) -> None:
+    """Both timings of a row's step (waited for one by one, and back to back), with what the card
+    ran at meanwhile."""
+    with GpuWatch(device) as watch:
+        row["step_s"] = time_steps(step, token, args.steps, device)
+        row["step_s_in_a_row"] = time_steps_in_a_row(step, token, args.steps, device)
+    row["gpu_state"] = watch.summary()
+
+
 def point_len(S: int, args) -> int:
     """Positions each system's cache allocates at context S (the same for all: see ``HFDecoder.fill``)."""
     return S + args.warmup + 3 * args.steps + 8  # the checks, the warmup, both timings, slack
@@ -323,10 +332,7 @@ def qkvlab_point(model, B, S, args, device, seed: int, gemv: str = "none") -> tu
     got = dec.step(token).float()
     row["first_step_s"] = time.perf_counter() - t0  # compile included
     row["check_rel_err"] = rel_err(got, ref)
-    with GpuWatch(device) as watch:
-        row["step_s"] = time_steps(dec.step, token, args.steps, device)
-        row["step_s_in_a_row"] = time_steps_in_a_row(dec.step, token, args.steps, device)
-    row["gpu_state"] = watch.summary()
+    time_row(row, dec.step, token, args, device)
     row["cache_bytes_per_token"] = cache.bytes_per_token
     row["weight_bytes"] = weight_bytes(model, model.wte.weight, model.lm_head.weight)
     dec = cache = None
@@ -415,10 +421,7 @@ def hf_point(hf, system, B, S, args, device, seed: int, ref: torch.Tensor | None
         row["check"] = "float32 copy, compiled vs uncompiled step"
     for _ in range(args.warmup):  # reduce-overhead records its graphs over the first calls
         dec.step(token)
-    with GpuWatch(device) as watch:
-        row["step_s"] = time_steps(dec.step, token, args.steps, device)
-        row["step_s_in_a_row"] = time_steps_in_a_row(dec.step, token, args.steps, device)
-    row["gpu_state"] = watch.summary()
+    time_row(row, dec.step, token, args, device)
     row["cache_bytes_per_token"] = dec.bytes_per_token()
     row["weight_bytes"] = weight_bytes(hf, hf.get_input_embeddings().weight, hf.get_output_embeddings().weight)
     dec = None

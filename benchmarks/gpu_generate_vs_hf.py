@@ -33,6 +33,11 @@ the end, where the host's work of launching a step overlaps the step before (as 
 loop that does not wait for each token). Prefill tokens/s of one prompt (``--prefill``, default
 4k and 32k; uncompiled on both sides, as ``generate`` runs a prefill) per variant and system, measured after
 the decode points with every model in memory and the repetitions taken in turn across them.
+``--generate BxS,...``: greedy tokens/s of each system's whole ``generate`` call at a prompt of S
+random tokens (its loop, sampling and stop checks included, as a user calls it: qkvlab's
+``model.generate`` with the decode rows' options, HF's ``generate`` over a ``StaticCache``, which it
+compiles itself), timed as the difference of a short and a long call so that the prefill and the
+call's setup cancel (``generate_phase``).
 Every HF call runs without autograd, as ``generate`` runs it and as qkvlab's steps run. JSON (hardware,
 versions, rows) goes to ``$OUT/gpu_generate_vs_hf.json`` and ``--out``, rewritten after each row.
 
@@ -506,6 +511,127 @@ def prefill_phase(
     return rows
 
 
+def _generate_runner(system, m, B: int, S: int, n_long: int, args, device):
+    """A function ``n -> new tokens (B, n)`` running ``system``'s own ``generate`` on a prompt of
+    ``S`` random tokens, as a user calls it for fast greedy decoding, over one cache of
+    ``S + n_long`` positions that every call reuses (so that no call recompiles for a new size).
+
+    qkvlab: ``model.generate`` with the decode rows' options (its static step, compiled, fused,
+    the first ``--gemv`` route); it resets the cache it is given. HF: ``generate`` with a
+    ``StaticCache`` passed in and reset before each call, which transformers compiles on its own
+    (its default compile config) once the cache is a static one; no stop token, so every call
+    runs to its length."""
+    gen = torch.Generator(device=device).manual_seed(11)
+    vocab = m.config.vocab_size
+    prompt = torch.randint(0, vocab, (B, S), device=device, generator=gen)
+    if system == "qkvlab":
+        cache = m.new_cache(B, S + n_long)
+        route = args.gemv.split(",")[0]
+        kw = dict(compile=args.compile_mode or False, fuse=args.fuse, gemv=False if route == "none" else route)
+        if args.smoke:
+            kw["cuda_graph"] = False
+
+        def run(n: int) -> torch.Tensor:
+            return m.generate(prompt, n, cache=cache, **kw)[:, S:]
+
+        return run
+    from transformers import StaticCache
+
+    cache = StaticCache(config=m.config, max_cache_len=S + n_long)
+    m.generation_config.eos_token_id = None  # random weights: a stop token would end rows early
+    m.generation_config.pad_token_id = 0
+    if args.smoke:
+        m.generation_config.disable_compile = True
+    mask = torch.ones_like(prompt)
+    kw = {_cache_kwarg(m): cache}
+
+    def run(n: int) -> torch.Tensor:
+        cache.reset()
+        out = m.generate(prompt, attention_mask=mask, max_new_tokens=n, do_sample=False, **kw)
+        return out[:, S:]
+
+    return run
+
+
+def _timed_call(run, n: int, B: int, device) -> tuple[float, torch.Tensor]:
+    """Seconds of ``run(n)``, the GPU waited for at both ends, and its ``(B, n)`` new tokens."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = run(n)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    took = time.perf_counter() - t0
+    if out.shape != (B, n):
+        raise RuntimeError(f"generate gave {tuple(out.shape)} new tokens, not {(B, n)}")
+    return took, out
+
+
+def generate_phase(variants: list[str], shape: dict, points: list, systems: set, args, device, dtype) -> list[dict]:
+    """Greedy decode tokens/s of each system's whole ``generate`` (its loop, sampling and stop
+    checks included, as a user gets it), at each ``(B, S)`` point: calls of ``n_short`` and
+    ``n_long`` new tokens in turn on one prompt, the time of a token the median over repetitions
+    of ``(t_long - t_short) / (n_long - n_short)``, so the prompt's prefill and the call's setup
+    (cache reset, the decoder's warmup and capture) cancel. The first round compiles and is not
+    timed; the repetitions go round every system of a point in turn."""
+    n_short, n_long = 8, 8 + args.generate_tokens
+    rows = []
+    for variant in variants:
+        torch._dynamo.reset()  # the decode rows' compiled graphs and their memory go first
+        free(device)
+        max_len = max(S for _, S in points) + n_long + 16
+        model = build(variant, shape, max_len, device, dtype)
+        models = [("qkvlab", model)] if "qkvlab" in systems else []
+        if "hf" in systems and variant in HF_LLAMA:
+            models.append(("hf-llama", hf_llama(model)))
+        elif "hf" in systems and variant in HF_GEMMA and not args.no_gemma:
+            hf, _ = hf_gemma_kv(model)  # the decode rows already said why, if not
+            if hf is not None:
+                models.append(("hf-gemma4-kv", hf))
+        for B, S in points:
+            runners, times, errors, tokens = {}, {}, {}, {}
+            for system, m in models:
+                try:
+                    runners[system] = _generate_runner(system, m, B, S, n_long, args, device)
+                except torch.OutOfMemoryError:
+                    errors[system] = "OOM allocating the cache"
+                    free(device)
+                times[system] = []
+            for rep in range(args.generate_reps + 1):  # round 0 compiles and warms up
+                for system, run in runners.items():
+                    if system in errors:
+                        continue
+                    try:
+                        (t_short, _), (t_long, out) = (_timed_call(run, n, B, device) for n in (n_short, n_long))
+                    except torch.OutOfMemoryError:
+                        errors[system] = "OOM"
+                        free(device)
+                        continue
+                    if rep:
+                        times[system].append((t_short, t_long))
+                    else:
+                        tokens[system] = out
+            for system, _ in models:
+                row = dict(system=system, variant=variant, B=B, prompt=S, new_tokens=[n_short, n_long])
+                if system in errors:
+                    rows.append({**row, "error": errors[system]})
+                    continue
+                ts = times[system]
+                row["reps"] = len(ts)
+                row["generate_s"] = [statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts)]
+                row["token_s"] = statistics.median((t[1] - t[0]) / (n_long - n_short) for t in ts)
+                row["tokens_per_s"] = B / row["token_s"]
+                if system == "hf-llama" and "qkvlab" in tokens:  # same weights: tokens equal up to the first difference
+                    same = (tokens[system] == tokens["qkvlab"]).cumprod(1).sum(1).float().mean().item()
+                    row["greedy_agreement_with_qkvlab"] = same / n_long
+                rows.append(row)
+            runners = tokens = None
+            free(device)
+        model = models = None
+        free(device)
+    return rows
+
+
 # ----------------------------------------------------------------------------- report
 def finish_rows(rows: list[dict], bw_gbps: float, baseline: dict) -> None:
     """Tokens/s, ratio to hf-llama QKV at the same point, fraction of the bandwidth roofline."""
@@ -521,6 +647,16 @@ def finish_rows(rows: list[dict], bw_gbps: float, baseline: dict) -> None:
             r["roofline_fraction_in_a_row"] = r["roofline_s"] / r["step_s_in_a_row"]
         base = baseline.get((r["B"], r["context"]))
         r["vs_hf_llama_qkv"] = r["tokens_per_s"] / base if base else None
+
+
+def finish_generate_rows(rows: list[dict]) -> None:
+    """Each whole-generate row's ratio to HF Llama QKV's at the same point (where that row ran)."""
+    base = {(r["B"], r["prompt"]): r["tokens_per_s"] for r in rows
+            if r["system"] == "hf-llama" and r["variant"] == "QKV" and "tokens_per_s" in r}  # fmt: skip
+    for r in rows:
+        if "tokens_per_s" in r:
+            b = base.get((r["B"], r["prompt"]))
+            r["vs_hf_llama_qkv"] = r["tokens_per_s"] / b if b else None
 
 
 def baseline_of(rows: list[dict], extra: str | None) -> dict:
@@ -594,10 +730,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny models on CPU, uncompiled: the checks, no timing claims")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--points", default="1x4096,1x32768,16x4096,16x32768", help="comma list of BATCHxCONTEXT")
+    ap.add_argument("--points", default="1x4096,1x32768,16x4096,16x32768", help="BATCHxCONTEXT,... ('none': skip)")
     ap.add_argument("--systems", default="qkvlab,hf", help="qkvlab, hf, or both")
     ap.add_argument("--prefill", default="4096,32768", help="prompt lengths for prefill tokens/s ('none': skip)")
     ap.add_argument("--prefill-reps", type=int, default=3)
+    ap.add_argument(
+        "--generate",
+        default="none",
+        help="comma list of BATCHxPROMPT points at which to time each system's whole generate() (greedy; 'none': skip)",
+    )
+    ap.add_argument("--generate-tokens", type=int, default=200, help="new tokens the long generate call adds")
+    ap.add_argument("--generate-reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--compile-mode", default="default", help="qkvlab StaticDecoder compile mode ('none': eager)")
@@ -637,11 +780,15 @@ def main() -> None:
     if device.type == "cpu" and not args.smoke:
         raise SystemExit("no CUDA GPU: run with --smoke for a CPU check of the script")
     shape = SMOKE if args.smoke else ONE_B
-    points = [tuple(int(v) for v in p.split("x")) for p in args.points.split(",")]
+    points, gen_points = ([] if a == "none" else [tuple(int(v) for v in p.split("x")) for p in a.split(",")]
+                          for a in (args.points, args.generate))  # fmt: skip
     prefill = [] if args.prefill == "none" else [int(p) for p in args.prefill.split(",")]
     if args.smoke:
-        points, prefill = [(1, 40), (2, 56)], [48]
+        points = [(1, 40), (2, 56)] if points else []
+        prefill = [48] if prefill else []
+        gen_points = [(2, 24)] if gen_points else []
         args.steps, args.warmup, args.prefill_reps = 2, 1, 1
+        args.generate_tokens, args.generate_reps = 4, 1
         args.compile_mode, args.hf_compile_mode = "none", "none"
     args.compile_mode = None if args.compile_mode == "none" else args.compile_mode
     args.hf_compile_mode = None if args.hf_compile_mode == "none" else args.hf_compile_mode
@@ -656,21 +803,22 @@ def main() -> None:
     print(f"{env['gpu']}, torch {env['torch']}, transformers {env['transformers']}; copy bandwidth {bw:,.0f} GB/s")
     if args.smoke:
         print("smoke run: CPU, tiny shapes, uncompiled; the times below say nothing about speed")
-    max_len = max([S for _, S in points] + prefill) + args.warmup + 3 * args.steps + 16
-    rows, prefills, checks, skipped = [], [], {}, {}
+    max_len = max([S for _, S in points] + prefill + [0]) + args.warmup + 3 * args.steps + 16
+    rows, prefills, generates, checks, skipped = [], [], [], {}, {}
 
     def save(final: bool = False, goals: list | None = None) -> None:
         if args.smoke and not (final and args.out):  # a smoke run writes only to --out, once
             return
         finish_rows(rows, bw, baseline_of(rows, args.baseline_from))
         doc = dict(benchmark="gpu_generate_vs_hf", env=env, copy_bandwidth_GBps=bw, model=shape, dtype=str(dtype))
-        doc.update(partial=not final, rows=rows, prefill=prefills, checks=checks, skipped=skipped, args=vars(args))
+        doc.update(partial=not final, rows=rows, prefill=prefills, generate=generates, checks=checks)
+        doc.update(skipped=skipped, args=vars(args))
         doc["targets"] = goals or []
         for path in write_json(doc, NAME, args.out):
             if final:
                 print(f"wrote {path}")
 
-    for v_i, variant in enumerate(args.variants.split(",")):
+    for v_i, variant in enumerate(args.variants.split(",") if points else []):
         torch._dynamo.reset()  # each model compiles afresh
         model = build(variant, shape, max_len, device, dtype)
         hf, system = None, None
@@ -727,6 +875,10 @@ def main() -> None:
         free(device)
         prefills.extend(prefill_phase(args.variants.split(","), shape, prefill, systems, args, device, dtype))
         save()
+    if gen_points:
+        generates.extend(generate_phase(args.variants.split(","), shape, gen_points, systems, args, device, dtype))
+        finish_generate_rows(generates)
+        save()
 
     finish_rows(rows, bw, baseline_of(rows, args.baseline_from))
     print()
@@ -735,6 +887,15 @@ def main() -> None:
     for r in prefills:
         what = f"{r['prefill_tokens_per_s']:12,.0f} tok/s" if "error" not in r else r["error"]
         print(f"prefill {r['system']:<13} {r['variant']:<8} prompt {r['prompt']:<6} {what}")
+    for r in generates:
+        head = f"generate {r['system']:<13} {r['variant']:<8} B={r['B']:<3} prompt {r['prompt']:<6}"
+        if "error" in r:
+            print(f"{head} {r['error']}")
+            continue
+        vs = f"{r['vs_hf_llama_qkv']:5.2f}x HF QKV" if r.get("vs_hf_llama_qkv") else ""
+        agree = r.get("greedy_agreement_with_qkvlab")
+        agree = f"  greedy tokens as qkvlab's {agree:.0%}" if agree is not None else ""
+        print(f"{head} {r['tokens_per_s']:9.1f} tok/s  {vs}{agree}")
     goals = targets(rows, prefills)
     if goals:
         print("\ntargets" + (" (smoke: shapes too small to mean anything)" if args.smoke else ""))

@@ -148,7 +148,7 @@ def test_gpu_generate_vs_hf_smoke_checks_both_sides(tmp_path):
     """qkvlab and transformers side by side: HF Llama holds the qkvlab weights and agrees (logits, greedy
     tokens, the decode step on the same cache); every variant has its qkvlab and its HF row."""
     pytest.importorskip("transformers", reason="the side-by-side benchmark needs transformers (the dev extra)")
-    out = run_script("gpu_generate_vs_hf.py", "--out", str(tmp_path / "vs_hf.json"))
+    out = run_script("gpu_generate_vs_hf.py", "--generate", "1x24", "--out", str(tmp_path / "vs_hf.json"))
     doc = json.loads((tmp_path / "vs_hf.json").read_text())
     rows = doc["rows"]
     got = {(r["system"], r["variant"]) for r in rows}
@@ -176,6 +176,15 @@ def test_gpu_generate_vs_hf_smoke_checks_both_sides(tmp_path):
             assert r["check_rel_err"] == doc["checks"][r["variant"]]["gemma_float32_compiled_vs_eager_rel_err"]
             assert r["check"].startswith("float32 copy"), r
     assert {(p["system"], p["variant"]) for p in doc["prefill"]} == got and doc["env"]["transformers"]
+    # each system's whole generate(), timed by the difference of a short and a long call
+    gens = {(g["system"], g["variant"]): g for g in doc["generate"]}
+    assert set(gens) == got, doc["generate"]
+    for g in gens.values():
+        assert g["reps"] == 1 and g["new_tokens"][1] > g["new_tokens"][0], g
+        assert g["tokens_per_s"] == pytest.approx(g["B"] / g["token_s"]) and g["vs_hf_llama_qkv"] > 0, g
+    for v in ("QKV", "GQA-8"):  # the same weights, greedy: the same tokens
+        assert gens["hf-llama", v]["greedy_agreement_with_qkvlab"] == 1.0, gens["hf-llama", v]
+    assert gens["hf-llama", "QKV"]["vs_hf_llama_qkv"] == 1.0 and "generate qkvlab" in out
 
 
 def test_the_hf_harness_agrees_with_qkvlab_at_a_long_filled_cache(monkeypatch):

@@ -436,6 +436,17 @@ def hf_point(hf, system, B, S, args, device, seed: int, ref: torch.Tensor | None
     return row
 
 
+def wall_time(fn, device):
+    """``(seconds, result)`` of ``fn()``, the GPU waited for at both ends."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
 def prefill_phase(
     variants: list[str], shape: dict, lengths: list[int], systems: set, args, device, dtype
 ) -> list[dict]:
@@ -484,18 +495,13 @@ def prefill_phase(
                     if key in errors:
                         continue
                     try:
-                        if device.type == "cuda":
-                            torch.cuda.synchronize()
-                        t0 = time.perf_counter()
-                        fn()
-                        if device.type == "cuda":
-                            torch.cuda.synchronize()
+                        took, _ = wall_time(fn, device)
                     except torch.OutOfMemoryError:
                         errors[key] = "OOM"
                         free(device)
                         continue
                     if rep:
-                        times[key].append(time.perf_counter() - t0)
+                        times[key].append(took)
         for (system, variant), ts in times.items():
             row = dict(system=system, variant=variant, prompt=P, reps=len(ts), interleaved=True)
             if (system, variant) in errors:
@@ -554,14 +560,8 @@ def _generate_runner(system, m, B: int, S: int, n_long: int, args, device):
 
 
 def _timed_call(run, n: int, B: int, device) -> tuple[float, torch.Tensor]:
-    """Seconds of ``run(n)``, the GPU waited for at both ends, and its ``(B, n)`` new tokens."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = run(n)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    took = time.perf_counter() - t0
+    """Seconds of ``run(n)`` (:func:`wall_time`) and its ``(B, n)`` new tokens."""
+    took, out = wall_time(lambda: run(n), device)
     if out.shape != (B, n):
         raise RuntimeError(f"generate gave {tuple(out.shape)} new tokens, not {(B, n)}")
     return took, out

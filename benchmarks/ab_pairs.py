@@ -81,6 +81,17 @@ def row_key(r: dict) -> tuple:
     return (r["system"], r["variant"], r["B"], r["context"])
 
 
+def timed_rows(doc: dict) -> list[dict]:
+    """A run's rows with a tokens/s: its decode steps, and its whole ``generate`` calls (``--generate``)
+    as rows of system ``"generate <system>"`` whose context is the prompt's length."""
+    rows = [r for r in doc["rows"] if "tokens_per_s" in r]
+    return rows + [
+        {**r, "system": f"generate {r['system']}", "context": r["prompt"]}
+        for r in doc.get("generate", [])
+        if "tokens_per_s" in r
+    ]
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     """Per row key: tokens/s of each pair's before and after, ratios, wins and the tests."""
     by_pair: dict[int, dict[str, dict[tuple, float]]] = {}
@@ -205,7 +216,7 @@ def main(argv=None) -> int:
                     print(f"pair {i} {side}: gpu_generate_vs_hf.py failed ({failed}); stopping")
                     print(tail)
                     return 1
-                rows = json.loads(out.read_text())["rows"]
+                rows = timed_rows(json.loads(out.read_text()))
                 doc["runs"].append({"pair": i, "side": side, "rows": rows})
                 # written after every run: a call cut off at its time limit keeps what it measured
                 doc["summary"] = summarise(doc["runs"])

@@ -394,6 +394,25 @@ def test_ab_pairs_sign_test_and_summary(monkeypatch):
     assert s["after_wins"] == 2 and abs(s["geomean_ratio"] - 1.1) < 1e-12
 
 
+def test_ab_pairs_pairs_whole_generate_rows_apart_from_decode_rows(monkeypatch):
+    """A run's generate rows are paired as rows of their own (the prompt as the context); rows
+    without a tokens/s (a failed system, a noisy difference) are left out, not paired as zero."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import ab_pairs
+
+    doc = {
+        "rows": [dict(system="qkvlab", variant="QKV", B=1, context=64, tokens_per_s=50.0)],
+        "generate": [
+            dict(system="qkvlab", variant="QKV", B=1, prompt=64, tokens_per_s=40.0),
+            dict(system="hf-llama", variant="QKV", B=1, prompt=64, error="failed: boom"),
+        ],
+    }
+    rows = ab_pairs.timed_rows(doc)
+    assert [ab_pairs.row_key(r) for r in rows] == [("qkvlab", "QKV", 1, 64), ("generate qkvlab", "QKV", 1, 64)]
+    runs = [{"pair": 0, "side": side, "rows": rows} for side in ("before", "after")]
+    assert [s["system"] for s in ab_pairs.summarise(runs)] == ["generate qkvlab", "qkvlab"]
+
+
 @needs_interpreter
 def test_ab_pairs_smoke_runs_both_trees_in_alternating_order(tmp_path):
     """One pair on the CPU against a copy of this src: both sides ran, every row is paired."""
@@ -404,11 +423,13 @@ def test_ab_pairs_smoke_runs_both_trees_in_alternating_order(tmp_path):
     out = tmp_path / "ab.json"
     run_script(
         "ab_pairs.py", "--before-src", str(before), "--pairs", "2", "--out", str(out), "--",
-        "--variants", "Q-K=V", "--systems", "qkvlab", "--prefill", "none", "--no-gemma", interpret=True,
+        "--variants", "Q-K=V", "--systems", "qkvlab", "--prefill", "none", "--no-gemma", "--generate", "1x32",
+        interpret=True,
     )  # fmt: skip
     doc = json.loads(out.read_text())
     assert [(r["pair"], r["side"]) for r in doc["runs"]] == [(0, "before"), (0, "after"), (1, "after"), (1, "before")]
     assert doc["summary"] and all(s["pairs"] == 2 and len(s["ratios"]) == 2 for s in doc["summary"])
+    assert {s["system"] for s in doc["summary"]} == {"qkvlab", "generate qkvlab"}
     assert doc["before_sha256"] == doc["after_sha256"]  # the same code on both sides
 
 

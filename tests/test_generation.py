@@ -209,6 +209,25 @@ def test_stream_yields_the_tokens_of_one_call(use_cache):
     assert torch.equal(stream.result.sequences, one.sequences)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_without_stops_every_row_takes_every_token_as_with_a_stop_never_met(use_cache):
+    """With no stop, generate skips the per-step bookkeeping of which rows ended; the result
+    must be what the bookkeeping loop gives when its stop id is never sampled."""
+    model = small_gpt("q_kv+gqa2+learned")
+    kw = dict(temperature=0.9, top_k=20, repetition_penalty=1.3, use_cache=use_cache)
+    free = model.generate(ROWS, 9, generator=torch.Generator().manual_seed(2), return_dict=True, **kw)
+    unused = next(t for t in range(V) if all(t not in row for row in free.tokens))
+    seed = torch.Generator().manual_seed(2)
+    watched = model.generate(ROWS, 9, generator=seed, stop_token_ids=[unused], return_dict=True, **kw)
+    assert torch.equal(free.sequences, watched.sequences)
+    assert free.tokens == watched.tokens and free.lengths == watched.lengths == [9, 9, 9]
+    assert free.finish_reasons == watched.finish_reasons == ["length"] * 3
+    steps = list(model.stream(ROWS, 9, generator=torch.Generator().manual_seed(2), **kw))
+    assert all(bool(s.emitted.all()) for s in steps)
+    assert [s.finished for s in steps] == [[None] * 3] * 8 + [["length"] * 3]
+    assert torch.stack([s.tokens for s in steps], 1).tolist() == free.tokens
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = torch.tensor([[0.15, 0.5, 0.05, 0.3]]).log()
     kept = {p: (top_p_filter(logits, p) > float("-inf")).nonzero()[:, 1].tolist() for p in (0.3, 0.5, 0.75, 0.81, 1.0)}

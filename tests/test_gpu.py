@@ -198,6 +198,28 @@ def test_cuda_graph_generate_matches_eager_generate():
     assert torch.equal(model.generate(idx, 40, cuda_graph=True), model.generate(idx, 40, cuda_graph=False))
 
 
+def test_cuda_graph_step_returns_a_copy_or_the_graphs_buffer():
+    from qkvlab.models.decoding import StaticDecoder
+
+    model = cuda_gpt("q_kv", "llama", torch.float32)
+    idx = torch.randint(0, 512, (2, 12), device="cuda")
+    cache = model.new_cache(2, 32)
+    model.prefill(idx[:, :8], cache)
+    dec = StaticDecoder(model, cache, cuda_graph=True)
+    first = dec.step(idx[:, 8])
+    view = dec.step(idx[:, 9], copy=False)
+    assert view.data_ptr() == dec._logits.data_ptr() and first.data_ptr() != view.data_ptr()
+    held = view.clone()
+    copied = dec.step(idx[:, 10])
+    assert copied.data_ptr() != dec._logits.data_ptr() and torch.equal(copied, dec._logits)
+    assert torch.equal(view, copied) and not torch.equal(view, held)  # the buffer moved on a step
+    ref = model.new_cache(2, 32)
+    model.prefill(idx[:, :8], ref)
+    eager = [model.decode_one(idx[:, t], ref) for t in (8, 9, 10)]
+    for got, want in zip((first, held, copied), eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+
+
 def test_cuda_cached_decode_does_not_use_cudnn_attention():
     """cuDNN plans a new graph for every key length (ms of host time per call): eager decode avoids it."""
     from torch.profiler import ProfilerActivity, profile

@@ -202,8 +202,14 @@ class StaticDecoder:
             self.pos.fill_(self.cache.length)
 
     @torch.no_grad()
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        """Decode ``token`` ``(B,)`` at position ``cache.length``; returns logits ``(B, V)`` (a copy)."""
+    def step(self, token: torch.Tensor, *, copy: bool = True) -> torch.Tensor:
+        """Decode ``token`` ``(B,)`` at position ``cache.length``; returns logits ``(B, V)``.
+
+        With a graph the logits live in the graph's output buffer, which the next step
+        overwrites: ``copy=True`` returns a copy of them, ``copy=False`` the buffer itself (one
+        copy kernel fewer a step, for a caller that has read them before it steps again, as
+        ``generate`` does).
+        """
         self._check_room()
         if token.numel() != self.cache.batch_size:
             raise ConfigError(
@@ -220,7 +226,7 @@ class StaticDecoder:
         self._set_pos()
         if self.graph is not None:
             self.graph.replay()
-            logits = self._logits.clone()
+            logits = self._logits.clone() if copy else self._logits
         else:
             with use_gemv(self._gemv):
                 logits = self._fn()

@@ -35,6 +35,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Generator, Iterator, Sequence
@@ -426,7 +427,9 @@ def run(
         if use_cache and (compile or cuda_graph is True or (auto and isinstance(state, KVCache))):
             from qkvlab.models.decoding import StaticDecoder
 
-            step = StaticDecoder(model, state, cuda_graph=cuda_graph, compile=compile, fuse=fuse, gemv=gemv).step
+            decoder = StaticDecoder(model, state, cuda_graph=cuda_graph, compile=compile, fuse=fuse, gemv=gemv)
+            # the logits are sampled from before the next step overwrites the graph's output
+            step = functools.partial(decoder.step, copy=False)
         elif use_cache:
             step = lambda tok: model.decode_one(tok, state)  # noqa: E731
 
@@ -439,24 +442,44 @@ def run(
         reason = torch.zeros(B, dtype=torch.long, device=device)
         count = torch.zeros(B, dtype=torch.long, device=device)
         stops = stop_ids is not None or bool(stop_strings)
+        # Without stops and text no row ends before the last step: every row takes every token,
+        # and the step's bookkeeping (which rows emit, their counts, which ended) is a constant.
+        # Skipping its kernels matters on a GPU, where each is a launch beside the graph's.
+        every_row = not stops and texts is None
+        all_emit = torch.ones(B, dtype=torch.bool, device=device) if every_row else None
         # Whether every row has ended is a host sync: each step on a CPU or with text on the host
         # anyway, every few steps on a GPU (rows that ended meanwhile decode on, unused).
         sync_every = 1 if device.type == "cpu" or texts is not None else 8
         cur = lengths.clone()  # uncached: each row's length in ``seq``
+
+        def advance_uncached(nxt: torch.Tensor, i: int) -> torch.Tensor:
+            seq.scatter_(1, cur[:, None], nxt[:, None])
+            cur.add_(1)
+            return _last_logits(model(seq[:, : longest + i + 1]), cur)
+
         pad = torch.full((B,), pad_token_id, dtype=torch.long, device=device)
         for i in range(max_new_tokens):
             scores = apply_repetition_penalty(logits, seen, penalty) if seen is not None else logits
             nxt = sample(scores, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            last = i + 1 == max_new_tokens
+            if seen is not None:
+                seen.scatter_(1, nxt[:, None], True)
+            if every_row:
+                new[:, i] = nxt
+                done = [FINISH_REASONS[_LENGTH] if last else None] * B
+                yield GenerationStep(tokens=nxt, emitted=all_emit, finished=done)
+                if last:
+                    count.fill_(i + 1)
+                    break
+                logits = step(nxt) if step is not None else advance_uncached(nxt, i)
+                continue
             emitted = ~finished
             new[:, i] = torch.where(emitted, nxt, pad)
             count += emitted
-            if seen is not None:
-                seen.scatter_(1, nxt[:, None], True)
             ended = torch.zeros_like(finished)
             if stop_ids is not None:
                 ended = emitted & torch.isin(nxt, stop_ids)
                 reason.masked_fill_(ended, _STOP_TOKEN)
-            last = i + 1 == max_new_tokens
             step_text = None
             if texts is not None:
                 host_tok, host_emit, host_end = nxt.tolist(), emitted.tolist(), ended.tolist()
@@ -482,12 +505,7 @@ def run(
             yield GenerationStep(tokens=nxt, emitted=emitted, finished=finished_now, text=step_text)
             if last or (stops and (i + 1) % sync_every == 0 and bool(finished.all())):
                 break
-            if step is not None:
-                logits = step(nxt)
-            else:
-                seq.scatter_(1, cur[:, None], nxt[:, None])
-                cur += 1
-                logits = _last_logits(model(seq[:, : longest + i + 1]), cur)
+            logits = step(nxt) if step is not None else advance_uncached(nxt, i)
         return output(reason.tolist(), count.tolist())
 
     return steps()

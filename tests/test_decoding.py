@@ -191,6 +191,50 @@ needs_cc = pytest.mark.skipif(
 )
 
 
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=needs_cc)])
+def test_a_decoder_goes_with_its_last_reference_not_at_a_garbage_collection(compile):
+    """A decoder is no reference cycle: with its graph it is freed when dropped. A cycle would
+    leave it to a collection, which may come while another decoder's graph is being captured
+    and invalidate that capture (see the CUDA test of a capture beside cyclic garbage)."""
+    import gc
+    import weakref
+
+    torch._dynamo.reset()
+    model = small_gpt("q_kv", "llama", dtype=torch.float32)
+    cache = model.new_cache(1, 8)
+    model.prefill(torch.tensor([[1, 2, 3]]), cache)
+    dec = StaticDecoder(model, cache, cuda_graph=False, compile=compile)
+    dec.step(torch.tensor([4]))
+    gone = weakref.ref(dec)
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        del dec
+        assert gone() is None
+    finally:
+        if was:
+            gc.enable()
+
+
+def test_no_gc_keeps_collections_out_and_restores_the_setting():
+    import gc
+
+    from qkvlab.models.decoding import no_gc
+
+    was = gc.isenabled()
+    try:
+        for before in (True, False):
+            (gc.enable if before else gc.disable)()
+            with no_gc():
+                assert not gc.isenabled()
+            assert gc.isenabled() is before
+            with pytest.raises(KeyError), no_gc():
+                raise KeyError("an error inside")
+            assert gc.isenabled() is before
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
 def run_static(model: GPT, prompt: torch.Tensor, tokens: torch.Tensor, max_len: int, **kw) -> torch.Tensor:
     cache = model.new_cache(prompt.shape[0], max_len)
     model.prefill(prompt, cache)

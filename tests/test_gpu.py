@@ -220,6 +220,37 @@ def test_cuda_graph_step_returns_a_copy_or_the_graphs_buffer():
         torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
 
 
+def test_cuda_graph_capture_survives_collections_of_cyclic_graphs():
+    """A collection during a capture that frees another graph invalidates the capture (and the
+    process's CUDA random state). Here every allocation may collect, and each decoder before is
+    leaked in a cycle, as any object of a user's may hold one: each capture must still succeed,
+    and repeated generate calls (a decoder each) too."""
+    import gc
+
+    from qkvlab.models.decoding import StaticDecoder
+
+    model = cuda_gpt("q_kv+gqa2", "llama", torch.float32)
+    idx = torch.randint(0, 512, (2, 12), device="cuda")
+    want = model.generate(idx, 6, cuda_graph=False)
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)
+    try:
+        for _ in range(4):
+            cache = model.new_cache(2, 32)
+            model.prefill(idx, cache)
+            dec = StaticDecoder(model, cache, cuda_graph=True)
+            dec.step(idx[:, -1])
+            assert dec.graph is not None
+            dec.cycle = dec  # garbage only a collection frees
+            del dec
+        for _ in range(4):
+            assert torch.equal(model.generate(idx, 6, cuda_graph=True), want)
+        torch.randn(4, device="cuda")  # the random state is intact
+    finally:
+        gc.set_threshold(*threshold)
+        gc.collect()
+
+
 def test_cuda_cached_decode_does_not_use_cudnn_attention():
     """cuDNN plans a new graph for every key length (ms of host time per call): eager decode avoids it."""
     from torch.profiler import ProfilerActivity, profile

@@ -51,6 +51,10 @@ eval mode) and re-records its graph.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -58,6 +62,22 @@ from qkvlab.attention.cache import KVCache
 from qkvlab.attention.matvec import check_gemv, resolve_gemv, use_gemv
 from qkvlab.attention.projections import FusedLinears, check_fuse, fuse_projections, fusion_epoch
 from qkvlab.errors import ConfigError
+
+
+@contextlib.contextmanager
+def no_gc() -> Iterator[None]:
+    """No automatic garbage collection inside (as it was after): a collection during a CUDA graph
+    capture that frees another graph (one held in a reference cycle, by any object) invalidates
+    the capture, and with it the process's CUDA random state. PyTorch no longer collects before
+    a capture, so a capture must keep collections out itself."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
 
 #: ``torch.compile`` modes a :class:`StaticDecoder` accepts (its own CUDA graph records the step).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
@@ -139,11 +159,17 @@ class StaticDecoder:
         self._logits: torch.Tensor | None = None
         self._warmup = warmup
         mode = compile if isinstance(compile, str) else None
+        # The step function is kept unbound (called with the decoder): a bound method stored on
+        # the decoder would make it a reference cycle, freed only by a garbage collection, and
+        # a collection that frees a decoder's graph while another graph is being captured
+        # invalidates that capture. Unbound, a decoder and its graph go when the last
+        # reference does.
+        run = StaticDecoder._run
         if compile and self._gemv == "inductor" and mode in (None, "default"):
             # the reductions Inductor generates for the products are tuned for their shapes
-            self._fn = torch.compile(self._run, fullgraph=True, options={"coordinate_descent_tuning": True})
+            self._fn = torch.compile(run, fullgraph=True, options={"coordinate_descent_tuning": True})
         else:
-            self._fn = torch.compile(self._run, fullgraph=True, mode=mode) if compile else self._run
+            self._fn = torch.compile(run, fullgraph=True, mode=mode) if compile else run
 
     def _sync_fusion(self) -> None:
         """Fuse (in eval mode, if asked) and note the fused buffers the step will read."""
@@ -173,11 +199,11 @@ class StaticDecoder:
         stream.wait_stream(torch.cuda.current_stream(self.cache.device))
         with torch.cuda.stream(stream), use_gemv(self._gemv):
             for _ in range(max(1, self._warmup)):
-                self._fn()
+                self._fn(self)
         torch.cuda.current_stream(self.cache.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), use_gemv(self._gemv):
-            self._logits = self._fn()
+        with no_gc(), torch.cuda.graph(graph), use_gemv(self._gemv):
+            self._logits = self._fn(self)
         self.graph = graph
 
     def _check_room(self) -> None:
@@ -229,6 +255,6 @@ class StaticDecoder:
             logits = self._logits.clone() if copy else self._logits
         else:
             with use_gemv(self._gemv):
-                logits = self._fn()
+                logits = self._fn(self)
         self.cache.advance(1)
         return logits

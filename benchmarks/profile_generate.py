@@ -13,6 +13,9 @@ embedding table), the decode kernel on the cache (B x S x bytes per token). A ki
 copy bandwidth is where the step loses its roofline fraction. ``--fuse`` profiles the fused
 projections (``StaticDecoder(fuse=True)``); ``--prefill P`` also profiles one uncompiled prefill of
 a ``P``-token prompt per variant (kernel time by kind and by name), as ``generate`` runs it.
+Each qkvlab step also gets its lead-in (``lead_in``): the waited-for step beside its graph's
+replay alone, and the host's time per call of the step and of each launch it makes, which
+together say how much of a waited-for step is launch work with the GPU idle.
 ``--hf`` also profiles HF Llama's step on the same weights for the variants it has (QKV, GQA-8),
 set up as ``gpu_generate_vs_hf.py`` times it, so its attention (SDPA) and matrix products get
 the same split.
@@ -79,6 +82,43 @@ def median_us(fn, device, reps: int) -> float:
             fn()
             times.append((time.perf_counter() - t0) * 1e6)
     return statistics.median(times)
+
+
+def host_us(fn, device, reps: int) -> float:
+    """Mean microseconds the host spends in ``fn()``, calls run back to back and waited for only
+    at the end: the launch work itself, where the GPU is busy with the calls before."""
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    spent = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return spent / reps * 1e6
+
+
+def lead_in(dec: StaticDecoder, step, device, reps: int = 50) -> tuple[str, dict]:
+    """Where a waited-for step's time goes before and around its graph: the median step and the
+    median replay of its graph alone (inputs already in place), both waited for, and the host's
+    microseconds per call of the step and of each launch the step makes (the token copy, the
+    position fill, the replay). The waited step minus the waited replay is what the launches
+    before the replay cost a step that nothing overlaps."""
+    step()  # records the graph, where there is one
+    waited_step = median_us(step, device, reps)
+    token = dec.token.clone()  # a copy from the tensor itself would be skipped
+    host = dict(
+        step=host_us(step, device, reps),
+        token_copy=host_us(lambda: dec.token.copy_(token), device, reps),
+        position_fill=host_us(lambda: dec.pos.fill_(dec.cache.length), device, reps),
+    )
+    record = dict(waited_step_us=waited_step, waited_replay_us=None, host_us=host)
+    line = f"  lead-in: waited step {waited_step:.0f} us"
+    if dec.graph is not None:
+        host["replay"] = host_us(dec.graph.replay, device, reps)
+        record["waited_replay_us"] = median_us(dec.graph.replay, device, reps)
+        line += f", waited replay alone {record['waited_replay_us']:.0f} us"
+    line += "; host us a call: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in host.items())
+    return line, record
 
 
 def profiled(fn, device, reps: int):
@@ -182,7 +222,11 @@ def profile_case(variant: str, B: int, S: int, args, device, bw_gbps: float) -> 
         + ("" if args.gemv == "none" else f", gemv {args.gemv}")
     )
     record = dict(system="qkvlab", variant=variant, B=B, context=S, mode=mode)
-    out = step_report(f"{variant} B={B} S={S} ({mode})", step, device, args, bw_gbps, weights, cache_bytes, record)
+    text, record = step_report(
+        f"{variant} B={B} S={S} ({mode})", step, device, args, bw_gbps, weights, cache_bytes, record
+    )
+    line, record["lead_in"] = lead_in(dec, step, device)
+    out = f"{text}\n{line}", record
     dec = cache = model = None
     release(device)
     return out

@@ -76,6 +76,10 @@ def test_profile_generate_smoke_reports_kinds_bandwidth_and_prefill(tmp_path):
         assert att["bytes"] == r["B"] * r["context"] * tensors * 2 * 64 * 2  # 2 layers x 64 wide x bf16
         assert r["roofline_us"] > 0
     assert steps["qkvlab", "QKV"]["mode"] == "graph, fused" and steps["hf-llama", "QKV"]["mode"] == "eager"
+    for v in ("QKV", "Q-K=V"):  # the lead-in of qkvlab's step: no graph on the CPU, so no replay
+        lead = steps["qkvlab", v]["lead_in"]
+        assert lead["waited_step_us"] > 0 and lead["waited_replay_us"] is None, lead
+        assert set(lead["host_us"]) == {"step", "token_copy", "position_fill"} and min(lead["host_us"].values()) > 0
     assert (
         steps["qkvlab", "QKV"]["kinds"]["matrix products"]["bytes"]
         == steps["hf-llama", "QKV"]["kinds"]["matrix products"]["bytes"]

@@ -222,9 +222,11 @@ def test_cuda_graph_step_returns_a_copy_or_the_graphs_buffer():
 
 def test_cuda_graph_capture_survives_collections_of_cyclic_graphs():
     """A collection during a capture that frees another graph invalidates the capture (and the
-    process's CUDA random state). Here every allocation may collect, and each decoder before is
-    leaked in a cycle, as any object of a user's may hold one: each capture must still succeed,
-    and repeated generate calls (a decoder each) too."""
+    process's CUDA random state). When one lands is up to the collector's thresholds, so here a
+    forward hook makes one inside every capture wherever automatic collection is on, as it may
+    be after any allocation; and each decoder before is leaked in a cycle, as any object of a
+    user's may hold one. Every capture must still succeed, and repeated generate calls (a
+    decoder each) too."""
     import gc
 
     from qkvlab.models.decoding import StaticDecoder
@@ -232,8 +234,13 @@ def test_cuda_graph_capture_survives_collections_of_cyclic_graphs():
     model = cuda_gpt("q_kv+gqa2", "llama", torch.float32)
     idx = torch.randint(0, 512, (2, 12), device="cuda")
     want = model.generate(idx, 6, cuda_graph=False)
-    threshold = gc.get_threshold()
-    gc.set_threshold(1)
+    collected = []
+
+    def collect_as_the_collector_may(module, args):
+        if gc.isenabled() and torch.cuda.is_current_stream_capturing():
+            collected.append(gc.collect())
+
+    hook = model.register_forward_pre_hook(collect_as_the_collector_may)
     try:
         for _ in range(4):
             cache = model.new_cache(2, 32)
@@ -247,8 +254,9 @@ def test_cuda_graph_capture_survives_collections_of_cyclic_graphs():
             assert torch.equal(model.generate(idx, 6, cuda_graph=True), want)
         torch.randn(4, device="cuda")  # the random state is intact
     finally:
-        gc.set_threshold(*threshold)
+        hook.remove()
         gc.collect()
+    assert not collected, f"automatic collection was on during {len(collected)} captures"
 
 
 def test_cuda_cached_decode_does_not_use_cudnn_attention():

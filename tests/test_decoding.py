@@ -107,6 +107,54 @@ def test_generate_with_static_steps_matches_recompute():
     assert torch.equal(torch.cat(out, 1), ref)
 
 
+def position_fills(dec: StaticDecoder, fn) -> int:
+    """How many times ``fn()`` fills the decoder's position tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.fill_.Scalar and args[0].data_ptr() == dec.pos.data_ptr():
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def test_a_uniform_step_advances_its_own_position():
+    """A step after a step sets no position (the step advanced it on the device); a cache moved
+    by anything else since (a reset and a shorter prompt, a prompt exactly as long as the
+    position held, a decode_one) is followed. Every step equals the dynamic decode."""
+    model = small_gpt("q_kv+gqa2", "llama")
+    g = torch.Generator().manual_seed(3)
+    prompt, tokens = torch.randint(0, 41, (2, 6), generator=g), torch.randint(0, 41, (2, 12), generator=g)
+    cache, ref = model.new_cache(2, 24), model.new_cache(2, 24)
+    dec = StaticDecoder(model, cache, cuda_graph=False)
+
+    def both(t):
+        torch.testing.assert_close(dec.step(t), model.decode_one(t, ref), rtol=1e-10, atol=1e-10)
+
+    def restart(p):
+        for c in (cache, ref):
+            c.reset()
+            model.prefill(p, c)
+
+    restart(prompt)
+    assert position_fills(dec, lambda: [both(t) for t in tokens[:, :4].T]) == 1
+    restart(prompt[:, :3])
+    assert position_fills(dec, lambda: [both(t) for t in tokens[:, 4:6].T]) == 1
+    restart(prompt[:, :5])  # exactly as long as the position the steps left: it holds already
+    assert position_fills(dec, lambda: both(tokens[:, 6])) == 0
+    restart(torch.cat([prompt, tokens[:, :4]], 1))
+    assert position_fills(dec, lambda: both(tokens[:, 7])) == 1
+    for c in (cache, ref):
+        model.decode_one(tokens[:, 8], c)
+    assert position_fills(dec, lambda: [both(t) for t in tokens[:, 9:].T]) == 1
+
+
 @needs_interpreter
 @pytest.mark.parametrize(
     "variant,recipe",

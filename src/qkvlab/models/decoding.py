@@ -155,6 +155,9 @@ class StaticDecoder:
         # capture, so a decoder serves the cache in the form it had when it was built.
         self.ragged = cache.row_lengths is not None
         self.pos = torch.zeros((cache.batch_size,) if self.ragged else (), dtype=torch.long, device=device)
+        # The cache length a uniform ``pos`` holds, or None where unknown. A uniform step
+        # advances ``pos`` itself, so a step that follows a step launches nothing to set it.
+        self._pos_at: int | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self._logits: torch.Tensor | None = None
         self._warmup = warmup
@@ -188,22 +191,29 @@ class StaticDecoder:
 
     @torch.no_grad()
     def _run(self) -> torch.Tensor:
-        return self.model(self.token, cache=self.cache, position=self.pos)[:, -1]
+        logits = self.model(self.token, cache=self.cache, position=self.pos)[:, -1]
+        if not self.ragged:
+            # inside the step (and its graph): the host launches no fill before the next step
+            self.pos.add_(1)
+        return logits
 
     @torch.no_grad()
     def capture(self) -> None:
         """Record the step (called by the first :meth:`step` when graphs are on)."""
         self._check_room()
-        self._set_pos()
         stream = torch.cuda.Stream(device=self.cache.device)
         stream.wait_stream(torch.cuda.current_stream(self.cache.device))
         with torch.cuda.stream(stream), use_gemv(self._gemv):
             for _ in range(max(1, self._warmup)):
+                # each at the next free position (a step advances its position)
+                self._pos_at = None
+                self._set_pos()
                 self._fn(self)
         torch.cuda.current_stream(self.cache.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with no_gc(), torch.cuda.graph(graph), use_gemv(self._gemv):
             self._logits = self._fn(self)
+        self._pos_at = None  # the warmup moved it; the capture ran nothing
         self.graph = graph
 
     def _check_room(self) -> None:
@@ -224,8 +234,9 @@ class StaticDecoder:
     def _set_pos(self) -> None:
         if self.ragged:
             self.pos.copy_(self.cache.row_lengths)
-        else:
+        elif self._pos_at != self.cache.length:  # moved by something else: a reset, a prefill
             self.pos.fill_(self.cache.length)
+            self._pos_at = self.cache.length
 
     @torch.no_grad()
     def step(self, token: torch.Tensor, *, copy: bool = True) -> torch.Tensor:
@@ -250,6 +261,7 @@ class StaticDecoder:
             self.capture()
         self.token.copy_(token.view(-1, 1))
         self._set_pos()
+        self._pos_at = None  # until the step has advanced it
         if self.graph is not None:
             self.graph.replay()
             logits = self._logits.clone() if copy else self._logits
@@ -257,4 +269,6 @@ class StaticDecoder:
             with use_gemv(self._gemv):
                 logits = self._fn(self)
         self.cache.advance(1)
+        if not self.ragged:
+            self._pos_at = self.cache.length
         return logits

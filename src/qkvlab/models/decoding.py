@@ -8,6 +8,8 @@ step in that form: the position is a 0-d tensor on the device, new keys/values a
 with ``index_copy_`` into the static :class:`~qkvlab.attention.cache.KVCache`, and
 attention reads the whole allocated cache with per-row lengths (the decode backend, the Triton
 kernel, which skips tiles past each row's length; masked SDPA where no backend supports the step).
+The step advances that position itself, so between two steps the host launches only the token
+copy and the replay; it sets the position again only after something else moved the cache.
 
 Example::
 

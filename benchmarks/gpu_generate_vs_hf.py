@@ -37,7 +37,8 @@ the decode points with every model in memory and the repetitions taken in turn a
 random tokens (its loop, sampling and stop checks included, as a user calls it: qkvlab's
 ``model.generate`` with the decode rows' options, HF's ``generate`` over a ``StaticCache``, which it
 compiles itself), timed as the difference of a short and a long call so that the prefill and the
-call's setup cancel (``generate_phase``).
+call's setup cancel (``generate_phase``); with ``--generate-stream`` every token also goes to the
+host as it comes, decoded to text, as a caller printing a stream gets it.
 Every HF call runs without autograd, as ``generate`` runs it and as qkvlab's steps run. JSON (hardware,
 versions, rows) goes to ``$OUT/gpu_generate_vs_hf.json`` and ``--out``, rewritten after each row.
 
@@ -517,6 +518,24 @@ def prefill_phase(
     return rows
 
 
+class StreamText:
+    """What a streaming caller does with each token: read it on the host and decode it to text.
+    One object serves both systems: qkvlab's ``stream`` calls ``decode`` (a tokenizer), HF's
+    ``generate`` calls ``put`` with each token (a streamer, prompt first) and ``end``."""
+
+    def __init__(self):
+        self.pieces: list[str] = []
+
+    def decode(self, ids) -> str:
+        return "".join(chr(0x4E00 + i % 20000) for i in ids)  # any text, one character a token
+
+    def put(self, value: torch.Tensor) -> None:
+        self.pieces.append(self.decode(value.reshape(-1).tolist()))
+
+    def end(self) -> None:
+        pass
+
+
 def _generate_runner(system, m, B: int, S: int, n_long: int, args, device):
     """A function ``n -> new tokens (B, n)`` running ``system``'s own ``generate`` on a prompt of
     ``S`` random tokens, as a user calls it for fast greedy decoding, over one cache of
@@ -526,7 +545,11 @@ def _generate_runner(system, m, B: int, S: int, n_long: int, args, device):
     the first ``--gemv`` route); it resets the cache it is given. HF: ``generate`` with a
     ``StaticCache`` passed in and reset before each call, which transformers compiles on its own
     (its default compile config) once the cache is a static one; no stop token, so every call
-    runs to its length."""
+    runs to its length.
+
+    ``--generate-stream``: each call also hands every token to the host as it comes, decoded to
+    text, as a caller printing them does (qkvlab: ``model.stream`` with a tokenizer; HF:
+    ``generate`` with a streamer)."""
     gen = torch.Generator(device=device).manual_seed(11)
     vocab = m.config.vocab_size
     prompt = torch.randint(0, vocab, (B, S), device=device, generator=gen)
@@ -538,7 +561,13 @@ def _generate_runner(system, m, B: int, S: int, n_long: int, args, device):
             kw["cuda_graph"] = False
 
         def run(n: int) -> torch.Tensor:
-            return m.generate(prompt, n, cache=cache, **kw)[:, S:]
+            if not args.generate_stream:
+                return m.generate(prompt, n, cache=cache, **kw)[:, S:]
+            steps = m.stream(prompt, n, cache=cache, tokenizer=StreamText(), **kw)
+            text = [""] * B
+            for step in steps:
+                text = [t + d for t, d in zip(text, step.text, strict=True)]
+            return steps.result.sequences[:, S:]
 
         return run
     from transformers import StaticCache
@@ -553,7 +582,8 @@ def _generate_runner(system, m, B: int, S: int, n_long: int, args, device):
 
     def run(n: int) -> torch.Tensor:
         cache.reset()
-        out = m.generate(prompt, attention_mask=mask, max_new_tokens=n, do_sample=False, **kw)
+        streamer = {"streamer": StreamText()} if args.generate_stream else {}
+        out = m.generate(prompt, attention_mask=mask, max_new_tokens=n, do_sample=False, **kw, **streamer)
         return out[:, S:]
 
     return run
@@ -617,7 +647,14 @@ def generate_phase(variants: list[str], shape: dict, points: list, systems: set,
                     else:
                         tokens[system] = out
             for system, _ in models:
-                row = dict(system=system, variant=variant, B=B, prompt=S, new_tokens=[n_short, n_long])
+                row = dict(
+                    system=system,
+                    variant=variant,
+                    B=B,
+                    prompt=S,
+                    new_tokens=[n_short, n_long],
+                    stream=args.generate_stream,
+                )
                 if system in errors:
                     rows.append({**row, "error": errors[system]})
                     continue
@@ -748,6 +785,11 @@ def main() -> None:
     )
     ap.add_argument("--generate-tokens", type=int, default=200, help="new tokens the long generate call adds")
     ap.add_argument("--generate-reps", type=int, default=3)
+    ap.add_argument(
+        "--generate-stream",
+        action="store_true",
+        help="the whole-generate calls stream: every token read on the host and decoded as it comes",
+    )
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--compile-mode", default="default", help="qkvlab StaticDecoder compile mode ('none': eager)")
@@ -795,7 +837,7 @@ def main() -> None:
         prefill = [48] if prefill else []
         gen_points = [(2, 24)] if gen_points else []
         args.steps, args.warmup, args.prefill_reps = 2, 1, 1
-        args.generate_tokens, args.generate_reps = 16, 2
+        args.generate_tokens, args.generate_reps = 48, 2  # enough that a long call outlasts the noise
         args.compile_mode, args.hf_compile_mode = "none", "none"
     args.compile_mode = None if args.compile_mode == "none" else args.compile_mode
     args.hf_compile_mode = None if args.hf_compile_mode == "none" else args.hf_compile_mode
@@ -896,6 +938,7 @@ def main() -> None:
         print(f"prefill {r['system']:<13} {r['variant']:<8} prompt {r['prompt']:<6} {what}")
     for r in generates:
         head = f"generate {r['system']:<13} {r['variant']:<8} B={r['B']:<3} prompt {r['prompt']:<6}"
+        head += " streamed" if r.get("stream") else ""
         if "tokens_per_s" not in r:
             print(f"{head} {r['error']}")
             continue

@@ -199,6 +199,22 @@ def test_gpu_generate_vs_hf_smoke_checks_both_sides(tmp_path):
     assert "generate qkvlab" in out
 
 
+def test_gpu_generate_vs_hf_streams_the_whole_generate_calls(tmp_path):
+    """--generate-stream: each system's generate hands every token to the host as it comes
+    (qkvlab's stream with a tokenizer, HF's generate with a streamer), with the same greedy tokens."""
+    pytest.importorskip("transformers", reason="the side-by-side benchmark needs transformers (the dev extra)")
+    out = run_script(
+        "gpu_generate_vs_hf.py",
+        *("--variants", "QKV", "--points", "none", "--prefill", "none", "--generate", "1x24", "--generate-stream"),
+        *("--out", str(tmp_path / "vs_hf.json")),
+    )
+    gens = {g["system"]: g for g in json.loads((tmp_path / "vs_hf.json").read_text())["generate"]}
+    assert set(gens) == {"qkvlab", "hf-llama"} and all(g["stream"] for g in gens.values()), gens
+    assert not any(g.get("error", "").startswith("failed") for g in gens.values()), gens
+    assert gens["hf-llama"]["greedy_agreement_with_qkvlab"] == 1.0, gens
+    assert "generate qkvlab        QKV      B=2   prompt 24     streamed" in out
+
+
 def test_the_hf_harness_agrees_with_qkvlab_at_a_long_filled_cache(monkeypatch):
     """The side-by-side decode check at the benchmark's context length: HF Llama's step over a
     StaticCache filled and positioned by the harness equals qkvlab's step over its own cache, to
@@ -637,11 +653,18 @@ def test_a_whole_generate_call_that_fails_is_kept_in_its_row_and_the_others_stil
 
     monkeypatch.setattr(vs_hf, "_generate_runner", hf_breaks)
     args = argparse.Namespace(
-        generate_tokens=3, generate_reps=2, no_gemma=True, smoke=True, compile_mode=None, fuse=False, gemv="none"
+        generate_tokens=40,
+        generate_reps=2,
+        generate_stream=False,
+        no_gemma=True,
+        smoke=True,
+        compile_mode=None,
+        fuse=False,
+        gemv="none",
     )
     rows = vs_hf.generate_phase(
         ["QKV"], vs_hf.SMOKE, [(1, 16)], {"qkvlab", "hf"}, args, torch.device("cpu"), torch.float32
     )
     by = {r["system"]: r for r in rows}
     assert by["hf-llama"]["error"] == "failed: RuntimeError: no cache for you", rows
-    assert by["qkvlab"]["reps"] == 2 and by["qkvlab"]["new_tokens"] == [8, 11] and by["qkvlab"]["tokens_per_s"] > 0
+    assert by["qkvlab"]["reps"] == 2 and by["qkvlab"]["new_tokens"] == [8, 48] and by["qkvlab"]["tokens_per_s"] > 0

@@ -563,10 +563,10 @@ def _generate_runner(system, m, B: int, S: int, n_long: int, args, device):
         def run(n: int) -> torch.Tensor:
             if not args.generate_stream:
                 return m.generate(prompt, n, cache=cache, **kw)[:, S:]
-            steps = m.stream(prompt, n, cache=cache, tokenizer=StreamText(), **kw)
-            text = [""] * B
-            for step in steps:
-                text = [t + d for t, d in zip(text, step.text, strict=True)]
+            sink = StreamText()
+            steps = m.stream(prompt, n, cache=cache, tokenizer=sink, **kw)
+            for step in steps:  # the text as it comes, kept as HF's streamer keeps it
+                sink.pieces.extend(step.text)
             return steps.result.sequences[:, S:]
 
         return run

@@ -110,6 +110,8 @@ def test_gpu_decode_sweeps_the_configs_it_is_given(tmp_path):
     rows = [r for r in sweep if r["which"] == "rope_kv" and "num_splits" not in r["config"]]
     assert {json.dumps(r["config"], sort_keys=True) for r in rows} == {"{}", '{"block_n": 16, "num_stages": 2}'}
     assert all(r["rel_err"] < 1e-2 for r in rows), rows
+    splits = [r for r in sweep if r["which"] == "rope_kv" and "num_splits" in r["config"]]
+    assert splits and all(r["rel_err"] < 1e-2 for r in splits), splits  # the split phase ran, checked
     bad = script("gpu_decode.py", "--sweep-configs", '{"block_n": 16}')
     assert bad.returncode == 2 and "--sweep-configs" in bad.stderr and "not a list" in bad.stderr
 

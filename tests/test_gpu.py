@@ -259,6 +259,52 @@ def test_cuda_graph_capture_survives_collections_of_cyclic_graphs():
     assert not collected, f"automatic collection was on during {len(collected)} captures"
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_cuda_graph_launched_without_the_replay_prologue_steps_exactly(compile):
+    """A step graph that draws no random numbers is launched directly (no seed and offset fills
+    first): every step equals the dynamic decode, and the random state is left alone."""
+    from qkvlab.models.decoding import StaticDecoder
+
+    model = cuda_gpt("q_kv+gqa2", "llama", torch.float32)
+    idx = torch.randint(0, 512, (2, 12), device="cuda")
+    tokens = torch.randint(0, 512, (2, 5), device="cuda")
+    cache, ref = model.new_cache(2, 32), model.new_cache(2, 32)
+    model.prefill(idx, cache)
+    model.prefill(idx, ref)
+    dec = StaticDecoder(model, cache, cuda_graph=True, compile=compile)
+    gen = torch.cuda.default_generators[torch.cuda.current_device()]
+    for t in tokens.T:
+        got = dec.step(t)
+        torch.testing.assert_close(got, model.decode_one(t, ref), rtol=1e-4, atol=1e-4)
+    assert dec._launch != dec.graph.replay  # launched directly
+    offset = gen.get_offset()
+    dec.step(tokens[:, 0])
+    torch.cuda.synchronize()
+    assert gen.get_offset() == offset
+    a, b = torch.rand(8, device="cuda"), torch.rand(8, device="cuda")
+    assert not torch.equal(a, b)
+
+
+def test_cuda_graph_that_draws_random_numbers_keeps_the_replay():
+    """A graph whose kernels draw random numbers must advance the generator every launch: no
+    direct launch for it, and its replays draw new numbers."""
+    from qkvlab.models.decoding import graph_launcher
+
+    x = torch.empty(64, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        x.copy_(torch.rand(64, device="cuda"))
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x.copy_(torch.rand(64, device="cuda"))
+    assert graph_launcher(graph, x.device) is None
+    first = x.clone()
+    graph.replay()
+    assert not torch.equal(first, x)
+
+
 def test_cuda_cached_decode_does_not_use_cudnn_attention():
     """cuDNN plans a new graph for every key length (ms of host time per call): eager decode avoids it."""
     from torch.profiler import ProfilerActivity, profile

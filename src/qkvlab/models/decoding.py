@@ -54,8 +54,10 @@ eval mode) and re-records its graph.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -79,6 +81,53 @@ def no_gc() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+@functools.cache
+def _driver_graph_launch() -> Callable | None:
+    """The CUDA driver's ``cuGraphLaunch``, or None where there is no CUDA driver to load (ROCm
+    included: its graphs go through PyTorch's replay)."""
+    if torch.version.cuda is None:
+        return None
+    try:
+        fn = ctypes.CDLL("libcuda.so.1").cuGraphLaunch
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
+    return fn
+
+
+def graph_launcher(graph: torch.cuda.CUDAGraph, device: torch.device) -> Callable[[], None] | None:
+    """A launch of ``graph`` on the current stream without PyTorch's replay prologue, or None
+    where that would change what the graph computes or cannot be done here.
+
+    ``CUDAGraph.replay`` first writes the random seed and offset the graph's random kernels
+    read, two fill kernels on every replay, and advances the generator by what the graph
+    draws. A graph that draws nothing needs neither, and at batch 1 they are host time and two
+    more launches the GPU waits for whenever the host waits for a step. This replays ``graph``
+    once: if that left the default generator's offset where it was, the graph draws no random
+    numbers (a step draws from no other generator) and its executable is launched directly.
+    """
+    launch = _driver_graph_launch()
+    if launch is None or not hasattr(graph, "raw_cuda_graph_exec"):
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    gen = torch.cuda.default_generators[index]
+    before = gen.get_offset()
+    graph.replay()
+    torch.cuda.synchronize(index)
+    if gen.get_offset() != before:
+        return None  # the graph draws random numbers: each replay must advance the generator
+    handle = graph.raw_cuda_graph_exec()
+
+    def run(graph: torch.cuda.CUDAGraph = graph) -> None:  # keeps the graph, owner of ``handle``, alive
+        # the driver launches into the current context: that of the graph's device, as replay's guard makes it
+        with contextlib.nullcontext() if torch.cuda.current_device() == index else torch.cuda.device(index):
+            code = launch(handle, torch.cuda.current_stream(index).cuda_stream)
+        if code:
+            raise RuntimeError(f"cuGraphLaunch failed with CUDA driver error {code}")
+
+    return run
 
 
 #: ``torch.compile`` modes a :class:`StaticDecoder` accepts (its own CUDA graph records the step).
@@ -161,6 +210,7 @@ class StaticDecoder:
         # advances ``pos`` itself, so a step that follows a step launches nothing to set it.
         self._pos_at: int | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
+        self._launch: Callable[[], None] | None = None  # the graph's launch, set by capture
         self._logits: torch.Tensor | None = None
         self._warmup = warmup
         mode = compile if isinstance(compile, str) else None
@@ -215,7 +265,12 @@ class StaticDecoder:
         graph = torch.cuda.CUDAGraph()
         with no_gc(), torch.cuda.graph(graph), use_gemv(self._gemv):
             self._logits = self._fn(self)
-        self._pos_at = None  # the warmup moved it; the capture ran nothing
+        # one replay (at the next free position, overwritten by the first real step) tells
+        # whether the graph can be launched without PyTorch's random-state prologue
+        self._pos_at = None
+        self._set_pos()
+        self._launch = graph_launcher(graph, self.cache.device) or graph.replay
+        self._pos_at = None  # the warmup and that replay moved it
         self.graph = graph
 
     def _check_room(self) -> None:
@@ -265,7 +320,7 @@ class StaticDecoder:
         self._set_pos()
         self._pos_at = None  # until the step has advanced it
         if self.graph is not None:
-            self.graph.replay()
+            self._launch()
             logits = self._logits.clone() if copy else self._logits
         else:
             with use_gemv(self._gemv):

@@ -209,6 +209,25 @@ def test_stream_yields_the_tokens_of_one_call(use_cache):
     assert torch.equal(stream.result.sequences, one.sequences)
 
 
+def test_the_next_step_is_launched_before_the_host_reads_a_token(monkeypatch):
+    """Where the host reads every token (streaming, stop strings), the next step is launched
+    first: it runs while the host decodes the text and the caller takes the token."""
+    import qkvlab.models.generation as generation
+
+    model = small_gpt("q_kv")
+    events = []
+    to_host_later, decode_one = generation.to_host_later, model.decode_one
+
+    def read_later(t):
+        read = to_host_later(t)
+        return lambda: events.append("read") or read()
+
+    monkeypatch.setattr(generation, "to_host_later", read_later)
+    monkeypatch.setattr(model, "decode_one", lambda *a, **k: events.append("step") or decode_one(*a, **k))
+    steps = list(model.stream(ROWS, 5, tokenizer=CharTokenizer()))
+    assert len(steps) == 5 and events == ["step", "read"] * 4 + ["read"]
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_without_stops_every_row_takes_every_token_as_with_a_stop_never_met(use_cache):
     """With no stop, generate skips the per-step bookkeeping of which rows ended; the result

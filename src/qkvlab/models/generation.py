@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -458,6 +458,7 @@ def run(
             return _last_logits(model(seq[:, : longest + i + 1]), cur)
 
         pad = torch.full((B,), pad_token_id, dtype=torch.long, device=device)
+        finished_h = [False] * B  # the rows the host has seen end, where it reads every token
         for i in range(max_new_tokens):
             scores = apply_repetition_penalty(logits, seen, penalty) if seen is not None else logits
             nxt = sample(scores, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
@@ -480,35 +481,63 @@ def run(
             if stop_ids is not None:
                 ended = emitted & torch.isin(nxt, stop_ids)
                 reason.masked_fill_(ended, _STOP_TOKEN)
+            on_host = stream or texts is not None or last
+            # What the host reads of this token is copied out before the next step is launched,
+            # and read after: the step runs while the host decodes text and the caller consumes
+            # the token, instead of waiting for them.
+            read = to_host_later(torch.stack([nxt, emitted.long(), ended.long()])) if on_host else None
+            if not last:
+                logits = step(nxt) if step is not None else advance_uncached(nxt, i)
             step_text = None
-            if texts is not None:
-                host_tok, host_emit, host_end = nxt.tolist(), emitted.tolist(), ended.tolist()
-                step_text = [""] * B
+            finished_now: list[str | None] = [None] * B
+            if read is not None:
+                host_tok, host_emit, host_end = read()
+                step_text = [""] * B if texts is not None else None
                 for b in range(B):
                     if not host_emit[b]:
                         continue
-                    done = host_end[b] or last
-                    if not host_end[b] and texts[b].add(host_tok[b]):
+                    if host_end[b]:
+                        finished_now[b] = FINISH_REASONS[_STOP_TOKEN]
+                    elif texts is not None and texts[b].add(host_tok[b]):
                         ended[b] = True
                         reason[b] = _STOP_STRING
-                        done = True
-                    step_text[b] = texts[b].delta(done)
-            finished |= ended
-            finished_now: list[str | None] = [None] * B
-            if stream or texts is not None or last:
-                ended_h, reason_h, emitted_h = ended.tolist(), reason.tolist(), emitted.tolist()
-                for b in range(B):
-                    if ended_h[b]:
-                        finished_now[b] = FINISH_REASONS[reason_h[b]]
-                    elif last and emitted_h[b]:
+                        finished_now[b] = FINISH_REASONS[_STOP_STRING]
+                    elif last:
                         finished_now[b] = "length"
+                    if texts is not None:
+                        step_text[b] = texts[b].delta(finished_now[b] is not None)
+                    if finished_now[b] is not None:
+                        finished_h[b] = True
+            finished |= ended
             yield GenerationStep(tokens=nxt, emitted=emitted, finished=finished_now, text=step_text)
-            if last or (stops and (i + 1) % sync_every == 0 and bool(finished.all())):
+            if last:
                 break
-            logits = step(nxt) if step is not None else advance_uncached(nxt, i)
+            if read is not None:
+                if stops and all(finished_h):  # from what the host read: no wait for the step
+                    break
+            elif stops and (i + 1) % sync_every == 0 and bool(finished.all()):
+                break
         return output(reason.tolist(), count.tolist())
 
     return steps()
+
+
+def to_host_later(t: torch.Tensor) -> Callable[[], list]:
+    """Start copying ``t`` to the host and return what reads it: on CUDA a copy into pinned
+    memory, ordered before whatever is launched next on the stream, and an event to wait for, so
+    that reading it does not also wait for the work launched after."""
+    if t.device.type != "cuda":
+        return t.tolist
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def read() -> list:
+        done.synchronize()
+        return host.tolist()
+
+    return read
 
 
 def _last_logits(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,9 @@ with ``index_copy_`` into the static :class:`~qkvlab.attention.cache.KVCache`, a
 attention reads the whole allocated cache with per-row lengths (the decode backend, the Triton
 kernel, which skips tiles past each row's length; masked SDPA where no backend supports the step).
 The step advances that position itself, so between two steps the host launches only the token
-copy and the replay; it sets the position again only after something else moved the cache.
+copy and the graph; it sets the position again only after something else moved the cache. A
+graph that draws no random numbers (every step in eval mode) is launched through the CUDA driver,
+without ``CUDAGraph.replay``'s write of the random seed and offset before each launch.
 
 Example::
 

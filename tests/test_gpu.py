@@ -305,6 +305,34 @@ def test_cuda_graph_that_draws_random_numbers_keeps_the_replay():
     assert not torch.equal(first, x)
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_cuda_stream_with_stops_gives_what_a_call_without_one_gives(sampled):
+    """A stream with stops reads every token on the host while the next step runs (graphed
+    steps); a call without a stream reads the rows' ends only now and then. Ragged rows, a stop
+    id that ends a row early: the same tokens, lengths, finish reasons and sequences."""
+    model = cuda_gpt("q_kv+gqa2", "llama", torch.float32)
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    kw = dict(temperature=0.9, top_k=40, repetition_penalty=1.2) if sampled else {}
+
+    def gen() -> torch.Generator:
+        return torch.Generator(device="cuda").manual_seed(3)
+
+    free = model.generate(rows, 24, generator=gen(), return_dict=True, **kw)
+    kw["stop_token_ids"] = [free.tokens[0][4]]
+    one = model.generate(rows, 24, generator=gen(), return_dict=True, **kw)
+    assert one.lengths[0] <= 5 and one.finish_reasons[0] == "stop_token"
+    stream = model.stream(rows, 24, generator=gen(), **kw)
+    tokens, reasons = [[] for _ in rows], [None] * len(rows)
+    for step in stream:
+        for b, (emitted, token) in enumerate(zip(step.emitted.tolist(), step.tokens.tolist(), strict=True)):
+            if emitted:
+                tokens[b].append(token)
+            reasons[b] = step.finished[b] or reasons[b]
+    got = stream.result
+    assert tokens == got.tokens == one.tokens and reasons == got.finish_reasons == one.finish_reasons
+    assert got.lengths == one.lengths and torch.equal(got.sequences, one.sequences)
+
+
 def test_cuda_cached_decode_does_not_use_cudnn_attention():
     """cuDNN plans a new graph for every key length (ms of host time per call): eager decode avoids it."""
     from torch.profiler import ProfilerActivity, profile

@@ -447,9 +447,9 @@ def run(
         # Skipping its kernels matters on a GPU, where each is a launch beside the graph's.
         every_row = not stops and texts is None
         all_emit = torch.ones(B, dtype=torch.bool, device=device) if every_row else None
-        # Whether every row has ended is a host sync: each step on a CPU or with text on the host
-        # anyway, every few steps on a GPU (rows that ended meanwhile decode on, unused).
-        sync_every = 1 if device.type == "cpu" or texts is not None else 8
+        # Where the host does not read every token, whether every row has ended is a host sync:
+        # each step on a CPU, every few steps on a GPU (rows that ended meanwhile decode on, unused).
+        sync_every = 1 if device.type == "cpu" else 8
         cur = lengths.clone()  # uncached: each row's length in ``seq``
 
         def advance_uncached(nxt: torch.Tensor, i: int) -> torch.Tensor:

@@ -229,6 +229,70 @@ def test_the_next_step_is_launched_before_the_host_reads_a_token(monkeypatch):
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
+def test_a_stream_keeps_the_books_the_device_keeps_without_one(use_cache):
+    """A stream reads every token, so the host keeps the rows' bookkeeping; a call without a
+    stream or text keeps it on the device. With the same stops both give the same tokens,
+    lengths, finish reasons and sequences, and the stream's steps say the same."""
+    model = small_gpt("q_kv+gqa2+learned")
+    kw = dict(temperature=0.9, top_k=20, repetition_penalty=1.3, use_cache=use_cache)
+    free = model.generate(ROWS, 10, generator=torch.Generator().manual_seed(4), return_dict=True, **kw)
+    kw["stop_token_ids"] = [free.tokens[0][3], free.tokens[2][6]]
+    device = model.generate(ROWS, 10, generator=torch.Generator().manual_seed(4), return_dict=True, **kw)
+    assert device.lengths[0] <= 4 and device.lengths[2] <= 7 and "length" in device.finish_reasons
+    stream = model.stream(ROWS, 10, generator=torch.Generator().manual_seed(4), **kw)
+    tokens, reasons = [[] for _ in ROWS], [None] * 3
+    for step in stream:
+        for b in range(3):
+            if step.emitted[b]:
+                tokens[b].append(int(step.tokens[b]))
+            reasons[b] = step.finished[b] or reasons[b]
+    host = stream.result
+    assert tokens == host.tokens == device.tokens and reasons == host.finish_reasons == device.finish_reasons
+    assert host.lengths == device.lengths and torch.equal(host.sequences, device.sequences)
+
+
+def test_between_two_streamed_steps_the_device_only_samples(monkeypatch):
+    """The host keeps a stream's bookkeeping: between two steps nothing runs on the device but
+    the sampling (greedy: one argmax), not which rows emit, ended or how many tokens each has."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names, self.counting = [], False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if self.counting:
+                self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = small_gpt("q_kv")
+    ops, decode_one = Ops(), model.decode_one
+
+    def uncounted_step(*a, **k):
+        ops.counting = False
+        try:
+            return decode_one(*a, **k)
+        finally:
+            ops.counting = True
+
+    monkeypatch.setattr(model, "decode_one", uncounted_step)
+    rows = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    free = model.generate(rows, 6).tolist()
+    never = next(t for t in range(V) if all(t not in r for r in free))  # a stop that never comes
+    between = []
+    with ops:
+        steps = iter(model.stream(rows, 6, stop_token_ids=[never], tokenizer=CharTokenizer()))
+        next(steps)  # the prefill and the first step
+        for _ in range(4):
+            ops.names, ops.counting = [], True
+            next(steps)
+            ops.counting = False
+            between.append(ops.names)
+    assert between == [["argmax"]] * 4, between
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
 def test_without_stops_every_row_takes_every_token_as_with_a_stop_never_met(use_cache):
     """With no stop, generate skips the per-step bookkeeping of which rows ended; the result
     must be what the bookkeeping loop gives when its stop id is never sampled."""

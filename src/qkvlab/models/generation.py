@@ -458,7 +458,15 @@ def run(
             return _last_logits(model(seq[:, : longest + i + 1]), cur)
 
         pad = torch.full((B,), pad_token_id, dtype=torch.long, device=device)
-        finished_h = [False] * B  # the rows the host has seen end, where it reads every token
+        # Where the host reads every token (a stream, text) it keeps the rows' bookkeeping
+        # itself: it knows each token, so which rows emit, which ended and why, and the counts
+        # follow on the host, and between two steps the device runs only the sampling and the
+        # step, not the bookkeeping's small kernels.
+        on_host = not every_row and (stream or texts is not None)
+        stop_set = {int(t) for t in stop_token_ids} if stop_ids is not None else set()
+        ended_h, reason_h, count_h = [False] * B, [_LENGTH] * B, [0] * B
+        columns: list[list[int]] = []  # the host's copy of ``new``, a column a step
+        emitted_now = torch.ones(B, dtype=torch.bool, device=device)  # remade when a row ends
         for i in range(max_new_tokens):
             scores = apply_repetition_penalty(logits, seen, penalty) if seen is not None else logits
             nxt = sample(scores, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
@@ -474,6 +482,43 @@ def run(
                     break
                 logits = step(nxt) if step is not None else advance_uncached(nxt, i)
                 continue
+            if on_host:
+                # The token is copied out before the next step is launched and read after: the
+                # step runs while the host decodes text and the caller takes the token.
+                read = to_host_later(nxt)
+                if not last:
+                    logits = step(nxt) if step is not None else advance_uncached(nxt, i)
+                host_tok = read()
+                column = [pad_token_id] * B
+                finished_now: list[str | None] = [None] * B
+                step_text = [""] * B if texts is not None else None
+                for b in range(B):
+                    if ended_h[b]:
+                        continue
+                    column[b] = host_tok[b]
+                    count_h[b] += 1
+                    if host_tok[b] in stop_set:
+                        reason_h[b] = _STOP_TOKEN
+                    elif texts is not None and texts[b].add(host_tok[b]):
+                        reason_h[b] = _STOP_STRING
+                    if reason_h[b] != _LENGTH or last:
+                        finished_now[b] = FINISH_REASONS[reason_h[b]]
+                    if texts is not None:
+                        step_text[b] = texts[b].delta(finished_now[b] is not None)
+                columns.append(column)
+                yield GenerationStep(tokens=nxt, emitted=emitted_now, finished=finished_now, text=step_text)
+                ended_now = [b for b in range(B) if finished_now[b] is not None and reason_h[b] != _LENGTH]
+                if ended_now:
+                    for b in ended_now:
+                        ended_h[b] = True
+                    emitted_now = torch.tensor([not e for e in ended_h])
+                    if device.type == "cuda":  # from pinned memory: no wait for the step just launched
+                        emitted_now = emitted_now.pin_memory().to(device, non_blocking=True)
+                    else:
+                        emitted_now = emitted_now.to(device)
+                if last or (stops and all(ended_h)):
+                    break
+                continue
             emitted = ~finished
             new[:, i] = torch.where(emitted, nxt, pad)
             count += emitted
@@ -481,42 +526,20 @@ def run(
             if stop_ids is not None:
                 ended = emitted & torch.isin(nxt, stop_ids)
                 reason.masked_fill_(ended, _STOP_TOKEN)
-            on_host = stream or texts is not None or last
-            # What the host reads of this token is copied out before the next step is launched,
-            # and read after: the step runs while the host decodes text and the caller consumes
-            # the token, instead of waiting for them.
-            read = to_host_later(torch.stack([nxt, emitted.long(), ended.long()])) if on_host else None
-            if not last:
-                logits = step(nxt) if step is not None else advance_uncached(nxt, i)
-            step_text = None
-            finished_now: list[str | None] = [None] * B
-            if read is not None:
-                host_tok, host_emit, host_end = read()
-                step_text = [""] * B if texts is not None else None
-                for b in range(B):
-                    if not host_emit[b]:
-                        continue
-                    if host_end[b]:
-                        finished_now[b] = FINISH_REASONS[_STOP_TOKEN]
-                    elif texts is not None and texts[b].add(host_tok[b]):
-                        ended[b] = True
-                        reason[b] = _STOP_STRING
-                        finished_now[b] = FINISH_REASONS[_STOP_STRING]
-                    elif last:
-                        finished_now[b] = "length"
-                    if texts is not None:
-                        step_text[b] = texts[b].delta(finished_now[b] is not None)
-                    if finished_now[b] is not None:
-                        finished_h[b] = True
             finished |= ended
-            yield GenerationStep(tokens=nxt, emitted=emitted, finished=finished_now, text=step_text)
+            finished_now = [None] * B
             if last:
+                # the host reads the rows' ends only here: every few steps otherwise
+                reasons, emits = reason.tolist(), emitted.tolist()
+                finished_now = [FINISH_REASONS[r] if e else None for r, e in zip(reasons, emits, strict=True)]
+            yield GenerationStep(tokens=nxt, emitted=emitted, finished=finished_now)
+            if last or (stops and (i + 1) % sync_every == 0 and bool(finished.all())):
                 break
-            if read is not None:
-                if stops and all(finished_h):  # from what the host read: no wait for the step
-                    break
-            elif stops and (i + 1) % sync_every == 0 and bool(finished.all()):
-                break
+            logits = step(nxt) if step is not None else advance_uncached(nxt, i)
+        if on_host:
+            if columns:
+                new[:, : len(columns)] = torch.tensor(columns, dtype=new.dtype).T
+            return output(reason_h, count_h)
         return output(reason.tolist(), count.tolist())
 
     return steps()

@@ -63,6 +63,23 @@ def rotating_weights(n: int, k: int):
     return w, lambda: ws[next(turn) % len(ws)]
 
 
+def sweep_shapes(call, k: int) -> tuple[int, int, int, int]:
+    """The launch shape ``(block_n, block_k, num_warps, num_stages)`` under which ``call(config)``
+    is fastest, of a grid whose reduction tiles reach the whole row up to 4,096 columns (a long
+    row read in few wide tiles keeps more bytes in flight per program)."""
+    sweep = {}
+    for bn in (2, 4, 8, 16):
+        for bk in (b for b in (256, 512, 1024, 2048, 4096) if b <= max(256, k)):
+            for nw in (4, 8):
+                for ns in (1, 3):
+                    cfg = GemvConfig(bn, bk, nw, ns)
+                    try:
+                        sweep[(bn, bk, nw, ns)] = _time(lambda cfg=cfg: call(cfg), 10)
+                    except Exception as e:  # out of resources for this shape: not a candidate
+                        print(f"  {cfg}: {type(e).__name__}")
+    return min(sweep, key=sweep.get)
+
+
 def bench_shape(name: str, n: int, k: int, reps: int, bw: float, red) -> dict:
     w, pick = rotating_weights(n, k)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
@@ -81,17 +98,7 @@ def bench_shape(name: str, n: int, k: int, reps: int, bw: float, red) -> dict:
         "triton": _time(lambda: gemv(x, pick()), reps),
     }
     # the kernel's own choice against a sweep of launch shapes: is the heuristic near the best?
-    sweep = {}
-    for bn in (2, 4, 8, 16):
-        for bk in (256, 512, 1024):
-            for nw in (4, 8):
-                for ns in (1, 3):
-                    cfg = GemvConfig(bn, bk, nw, ns)
-                    try:
-                        sweep[(bn, bk, nw, ns)] = _time(lambda cfg=cfg: gemv(x, pick(), config=cfg), 10)
-                    except Exception as e:  # out of resources for this shape: not a candidate
-                        print(f"  {cfg}: {type(e).__name__}")
-    best = min(sweep, key=sweep.get)
+    best = sweep_shapes(lambda cfg: gemv(x, pick(), config=cfg), k)
     us["triton best of sweep"] = _time(lambda: gemv(x, pick(), config=GemvConfig(*best)), reps)
     mb = n * k * 2 / 1e6
     frac = {s: mb * 1e6 / (t * 1e-6) / 1e9 / bw for s, t in us.items()}
@@ -121,14 +128,15 @@ FUSED_CASES = [
     ("norm -> gate + up fused", 16384, 2048, "norm"),
     ("o -> + residual", 2048, 2048, "residual"),
     ("down -> + residual", 2048, 8192, "residual"),
-    ("silu(gate) * up -> down", 2048, 8192, "glu"),
+    ("silu(gate) * up -> down -> + residual", 2048, 8192, "glu"),
 ]
 
 
-def bench_fused(name: str, n: int, k: int, what: str, reps: int) -> dict:
-    """A norm before the product (F.rms_norm, then the kernel), a residual add after it or SwiGLU's
-    silu(gate) * up before the down projection, as two kernels and as one (the kernel's prologue /
-    epilogue); microseconds a call, and the check."""
+def bench_fused(name: str, n: int, k: int, what: str, reps: int, sweep: bool = False) -> dict:
+    """A norm before the product (F.rms_norm, then the kernel), a residual add after it, or SwiGLU's
+    silu(gate) * up before the down projection and the residual after it, as kernels apart and as
+    one (the kernel's prologue / epilogue); microseconds a call, and the check. ``sweep``: also
+    the best launch shape of the fused kernel."""
     w, pick = rotating_weights(n, k)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     nw = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
@@ -136,19 +144,19 @@ def bench_fused(name: str, n: int, k: int, what: str, reps: int) -> dict:
 
     if what == "norm":
         apart = lambda: gemv(F.rms_norm(x, (k,), nw, 1e-5), pick())  # noqa: E731
-        fused = lambda: gemv(x, pick(), norm_weight=nw, eps=1e-5)  # noqa: E731
+        fused = lambda cfg=None: gemv(x, pick(), norm_weight=nw, eps=1e-5, config=cfg)  # noqa: E731
         ref = gemv_reference(x, w, None, nw, 1e-5)
         got = gemv(x, w, norm_weight=nw, eps=1e-5)
     elif what == "glu":
         gate_up = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16)
         gate, up = gate_up.chunk(2, dim=-1)
-        apart = lambda: gemv(F.silu(gate) * up, pick())  # noqa: E731
-        fused = lambda: gemv(gate_up, pick(), glu=True)  # noqa: E731
-        ref = gemv_reference(gate_up, w, glu=True)
-        got = gemv(gate_up, w, glu=True)
+        apart = lambda: gemv(F.silu(gate) * up, pick()) + r  # noqa: E731
+        fused = lambda cfg=None: gemv(gate_up, pick(), glu=True, residual=r, config=cfg)  # noqa: E731
+        ref = gemv_reference(gate_up, w, None, None, 1e-5, r, glu=True)
+        got = gemv(gate_up, w, glu=True, residual=r)
     else:
         apart = lambda: gemv(x, pick()) + r  # noqa: E731
-        fused = lambda: gemv(x, pick(), residual=r)  # noqa: E731
+        fused = lambda cfg=None: gemv(x, pick(), residual=r, config=cfg)  # noqa: E731
         ref = gemv_reference(x, w, None, None, 1e-5, r)
         got = gemv(x, w, residual=r)
     us = {
@@ -157,11 +165,19 @@ def bench_fused(name: str, n: int, k: int, what: str, reps: int) -> dict:
         "product alone": _time(lambda: gemv(x, pick()), reps),
     }
     err = (got.float() - ref.float()).abs().max().item()
+    best = None
+    if sweep:  # the launch shapes again, for the kernel as the decode step calls it (fused)
+        best = sweep_shapes(fused, k)
+        us["fused, best of sweep"] = _time(lambda: fused(GemvConfig(*best)), reps)
     print(
         f"{name:32s} apart {us['apart']:7.2f} us  fused {us['fused']:7.2f} us  "
         f"product alone {us['product alone']:7.2f} us  err {err:.1e}"
+        + (f"   fused sweep best {best}: {us['fused, best of sweep']:.2f} us" if best else "")
     )
-    return dict(name=name, out_features=n, in_features=k, fused=what, us=us, max_abs_err=err)
+    row = dict(name=name, out_features=n, in_features=k, fused=what, us=us, max_abs_err=err)
+    if best:
+        row["best_config"] = dict(zip(("block_n", "block_k", "num_warps", "num_stages"), best, strict=True))
+    return row
 
 
 SMOKE_SHAPES = [("smoke, K tiled", 40, 256), ("smoke, ragged K", 37, 200)]
@@ -196,8 +212,16 @@ def main() -> None:
     ap.add_argument(
         "--smoke", action="store_true", help="CPU, Triton's interpreter, tiny shapes: the checks, no timing"
     )
+    ap.add_argument(
+        "--shapes", default="", help="comma list of words: only the weights and fused cases whose name holds one"
+    )
+    ap.add_argument(
+        "--sweep-fused", action="store_true", help="also sweep each fused case's launch shapes (as the step runs it)"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    words = [w for w in args.shapes.split(",") if w]
+    picked = lambda name: not words or any(w in name for w in words)  # noqa: E731
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is first decorated: the CPU runs it
         rows = [smoke_shape(*shape) for shape in SMOKE_SHAPES]
@@ -217,9 +241,14 @@ def main() -> None:
     print(f"{'weight':24s} {'MB':>6s} {'cuBLAS us':>10s} {'inductor us':>12s} {'triton us':>10s}  fraction of copy bw")
     red = torch.compile(reduction_linear, dynamic=False)  # what StaticDecoder(gemv="inductor") traces
     for name, n, k in SHAPES:
-        rows.append(bench_shape(name, n, k, args.reps, bw, red))
+        if picked(name):
+            rows.append(bench_shape(name, n, k, args.reps, bw, red))
     print("\nnorm before / residual add after the product, as two kernels and as one:")
-    fused = [bench_fused(name, n, k, what, args.reps) for name, n, k, what in FUSED_CASES]
+    fused = [
+        bench_fused(name, n, k, what, args.reps, sweep=args.sweep_fused)
+        for name, n, k, what in FUSED_CASES
+        if picked(name)
+    ]
     result = dict(
         benchmark="gpu_gemv", environment=env_info(torch.device("cuda")), copy_gb_s=bw, rows=rows, fused_rows=fused
     )

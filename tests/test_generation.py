@@ -228,6 +228,28 @@ def test_the_next_step_is_launched_before_the_host_reads_a_token(monkeypatch):
     assert len(steps) == 5 and events == ["step", "read"] * 4 + ["read"]
 
 
+def test_a_stream_left_half_read_at_exit_prints_nothing(tmp_path):
+    """A stream the caller stops reading and keeps until the interpreter exits is closed during
+    its teardown: that must print nothing (no "Exception ignored" traceback from a grad mode
+    restored while torch is half torn down) and exit cleanly. Out of process: it is the exit."""
+    import subprocess
+
+    script = tmp_path / "half_read.py"
+    script.write_text(
+        "import torch\n"
+        "from qkvlab import GPT, GPTConfig\n"
+        "m = GPT(GPTConfig(recipe='llama', variant='q_kv', n_layers=1, d_model=16, n_heads=2, vocab_size=32,"
+        " max_seq_len=16)).eval()\n"
+        "it = iter(m.stream(torch.tensor([[1, 2, 3]]), 5))\n"
+        "next(it)\n"
+        "assert torch.is_grad_enabled()  # the stream's grad mode stays inside its steps\n"
+        "print('read one step')\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "read one step", done.stderr
+    assert done.stderr == "", done.stderr
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_a_stream_keeps_the_books_the_device_keeps_without_one(use_cache):
     """A stream reads every token, so the host keeps the rows' bookkeeping; a call without a

@@ -403,7 +403,6 @@ def run(
         )
 
     # The decode loop, run as the generator is consumed; the checks above raise at the call.
-    @torch.no_grad()
     def steps() -> Generator[GenerationStep, None, GenerateOutput]:
         if max_new_tokens == 0:
             return output([_LENGTH] * B, [0] * B)
@@ -542,7 +541,23 @@ def run(
             return output(reason_h, count_h)
         return output(reason.tolist(), count.tolist())
 
-    return steps()
+    return _without_grad(steps())
+
+
+def _without_grad(
+    steps: Generator[GenerationStep, None, GenerateOutput],
+) -> Generator[GenerationStep, None, GenerateOutput]:
+    """``steps`` run with autograd off, one resumption at a time; the caller's own code between
+    two steps keeps its grad mode. Unlike ``torch.no_grad()`` on the generator function, nothing
+    is left to restore while a step is handed out: a stream the caller stops reading and keeps
+    until the interpreter exits is closed there without calling into a half torn-down torch."""
+    while True:
+        with torch.no_grad():
+            try:
+                step = next(steps)
+            except StopIteration as end:
+                return end.value
+        yield step
 
 
 def to_host_later(t: torch.Tensor) -> Callable[[], list]:

@@ -126,7 +126,8 @@ def test_generate_stop_text_ends_the_output(run_dir, stream):
         ("--top-p", "1.5", "--top-p must lie in (0, 1]"),
         ("--repetition-penalty", "-1", "--repetition-penalty must be a finite number > 0"),
         ("--temperature", "nan", "--temperature must be a finite number"),
-        ("--stop-id", "100000", "outside the model's vocabulary"),
+        ("--stop-id", "100000", "--stop-id 100000 is outside the model's vocabulary"),
+        ("--stop-id", "-1", "--stop-id -1 is outside the model's vocabulary"),
     ],
 )
 def test_generate_refuses_bad_sampling_values(run_dir, flag, value, message):

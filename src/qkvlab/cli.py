@@ -843,6 +843,13 @@ def generate(
             f"The tokenizer's vocabulary ({tok.vocab_size}) is larger than the model's ({model.config.vocab_size}); "
             "generate with the tokenizer the model was trained with (--tokenizer)."
         )
+    vocab = model.config.vocab_size
+    for i in stop_id or []:
+        if not 0 <= i < vocab:
+            raise ConfigError(
+                f"--stop-id {i} is outside the model's vocabulary [0, {vocab}); pass a token id below {vocab} "
+                "(or --stop with the text to stop at)."
+            )
     context = model.config.max_seq_len
     if len(ids) + max_new_tokens > context:
         fixes = [f"lower --max-new-tokens to {context - len(ids)}"] if len(ids) < context else []

@@ -380,6 +380,10 @@ def test_repetition_penalty_known_case():
         (dict(idx=torch.ones(1, 3)), "integer token ids of shape (batch, seq)"),
         (dict(attention_mask=torch.tensor([[True, True, True], [False, False, False]])), "Row 1 of the prompt"),
         (dict(attention_mask=torch.ones(2, 2, dtype=torch.bool)), "attention_mask has shape (2, 2)"),
+        (dict(generator=5), "generator must be a torch.Generator"),
+        (dict(stop_token_ids=torch.tensor([[1]])), "a 2-D torch.int64 tensor"),
+        (dict(stop_token_ids=torch.tensor([1.0])), "a 1-D torch.float32 tensor"),
+        (dict(stop_token_ids=torch.tensor([V])), f"token id {V}, outside the model's vocabulary"),
     ],
 )
 def test_bad_values_get_one_clear_error(kwargs, message):
@@ -390,6 +394,18 @@ def test_bad_values_get_one_clear_error(kwargs, message):
     assert message in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ConfigError):  # the stream refuses at the call, before any iteration
         model.stream(idx, 3, **kwargs)
+
+
+def test_stop_ids_as_a_tensor_are_the_same_stop_ids():
+    """Token ids come as tensors: a 1-D (or 0-D) integer tensor of stop ids stops as the list does."""
+    model = small_gpt("q_kv")
+    free = model.generate(ROWS, 8, return_dict=True)
+    stop = free.tokens[1][4]
+    want = model.generate(ROWS, 8, stop_token_ids=[stop], return_dict=True)
+    assert want.finish_reasons[1] == "stop_token"
+    for ids in (torch.tensor([stop]), torch.tensor(stop), torch.tensor([stop], dtype=torch.int32)):
+        got = model.generate(ROWS, 8, stop_token_ids=ids, return_dict=True)
+        assert got.tokens == want.tokens and got.finish_reasons == want.finish_reasons
 
 
 def test_ragged_linear_state_prefill_and_finish_at_zero_tokens():

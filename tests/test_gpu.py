@@ -369,3 +369,17 @@ def test_cuda_conversion_matches_the_cpu_one(to, init, pool, refit):
     with torch.no_grad():
         want, got = on_cpu(idx), on_gpu.to("cuda")(idx.to("cuda")).cpu()
     assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+
+
+def test_cuda_model_with_a_cpu_generator_gets_one_clear_error():
+    """A generator on another device than the model is refused at the call, naming the fix,
+    rather than failing inside the sampling's multinomial."""
+    from qkvlab.errors import ConfigError
+
+    model = cuda_gpt("q_kv", "llama", torch.float32)
+    with pytest.raises(
+        ConfigError, match=r"generator is on cpu but the model is on cuda; make it with torch\.Generator"
+    ):
+        model.generate([[1, 2, 3]], 4, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    out = model.generate([[1, 2, 3]], 4, temperature=1.0, generator=torch.Generator("cuda").manual_seed(0))
+    assert out.shape == (1, 7)

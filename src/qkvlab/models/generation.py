@@ -330,7 +330,7 @@ def run(
     top_k: int | None = None,
     top_p: float | None = None,
     repetition_penalty: float | None = None,
-    stop_token_ids: Sequence[int] | None = None,
+    stop_token_ids: Sequence[int] | torch.Tensor | None = None,
     stop_strings: Sequence[str] | str | None = None,
     tokenizer: Any = None,
     pad_token_id: int = 0,
@@ -372,6 +372,24 @@ def run(
         raise ConfigError("stop_strings are matched on decoded text: pass tokenizer= (anything with .decode(ids)).")
     if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
         raise ConfigError(f"tokenizer must have a decode(ids) method, got {type(tokenizer).__name__}.")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise ConfigError(
+                f"generator must be a torch.Generator (e.g. torch.Generator(device).manual_seed(0)) or None, "
+                f"got {type(generator).__name__}."
+            )
+        if generator.device.type != device.type:
+            raise ConfigError(
+                f"generator is on {generator.device.type} but the model is on {device.type}; make it with "
+                f"torch.Generator(device={device.type!r})."
+            )
+    if isinstance(stop_token_ids, torch.Tensor):  # a tensor of ids, as the token ids themselves come
+        if stop_token_ids.dim() > 1 or stop_token_ids.dtype.is_floating_point or stop_token_ids.is_complex():
+            raise ConfigError(
+                f"stop_token_ids must be integers (a list or a 1-D integer tensor), got a {stop_token_ids.dim()}-D "
+                f"{stop_token_ids.dtype} tensor."
+            )
+        stop_token_ids = stop_token_ids.reshape(-1).tolist()
     stop_ids = None
     if stop_token_ids is not None and len(stop_token_ids):
         if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in stop_token_ids):

@@ -375,8 +375,8 @@ def run(
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise ConfigError(
-                f"generator must be a torch.Generator (e.g. torch.Generator(device).manual_seed(0)) or None, "
-                f"got {type(generator).__name__}."
+                f"generator must be a torch.Generator (e.g. torch.Generator({device.type!r}).manual_seed(0)) or "
+                f"None, got {type(generator).__name__}."
             )
         if generator.device.type != device.type:
             raise ConfigError(

@@ -483,7 +483,7 @@ def run(
         stop_set = {int(t) for t in stop_token_ids} if stop_ids is not None else set()
         ended_h, reason_h, count_h = [False] * B, [_LENGTH] * B, [0] * B
         columns: list[list[int]] = []  # the host's copy of ``new``, a column a step
-        emitted_now = torch.ones(B, dtype=torch.bool, device=device)  # remade when a row ends
+        emitted_now = torch.ones(B, dtype=torch.bool, device=device) if on_host else None  # remade when a row ends
         for i in range(max_new_tokens):
             scores = apply_repetition_penalty(logits, seen, penalty) if seen is not None else logits
             nxt = sample(scores, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
@@ -536,13 +536,13 @@ def run(
                 if last or (stops and all(ended_h)):
                     break
                 continue
+            # On the device: no stream and no text (text needs a tokenizer and makes the host read
+            # every token), yet some stop, so stop ids are what can end a row here.
             emitted = ~finished
             new[:, i] = torch.where(emitted, nxt, pad)
             count += emitted
-            ended = torch.zeros_like(finished)
-            if stop_ids is not None:
-                ended = emitted & torch.isin(nxt, stop_ids)
-                reason.masked_fill_(ended, _STOP_TOKEN)
+            ended = emitted & torch.isin(nxt, stop_ids)
+            reason.masked_fill_(ended, _STOP_TOKEN)
             finished |= ended
             finished_now = [None] * B
             if last:
@@ -550,7 +550,7 @@ def run(
                 reasons, emits = reason.tolist(), emitted.tolist()
                 finished_now = [FINISH_REASONS[r] if e else None for r, e in zip(reasons, emits, strict=True)]
             yield GenerationStep(tokens=nxt, emitted=emitted, finished=finished_now)
-            if last or (stops and (i + 1) % sync_every == 0 and bool(finished.all())):
+            if last or ((i + 1) % sync_every == 0 and bool(finished.all())):
                 break
             logits = step(nxt) if step is not None else advance_uncached(nxt, i)
         if on_host:

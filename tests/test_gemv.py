@@ -73,7 +73,8 @@ def test_launch_shape_fields_left_zero_come_from_the_shape():
     assert resolve_config(None, 2048, 2048) == GemvConfig(2, 1024, 4, 3)
     assert resolve_config(None, 16384, 2048).block_n == 4
     assert resolve_config(None, 64, 300).block_k == 256  # the widest power of two K fills
-    assert resolve_config(GemvConfig(num_stages=1), 2048, 8192) == GemvConfig(2, 1024, 4, 1)
+    assert resolve_config(None, 2048, 8192) == GemvConfig(8, 1024, 4, 1)  # long rows: eight a program
+    assert resolve_config(GemvConfig(block_n=2), 2048, 8192) == GemvConfig(2, 1024, 4, 1)
     assert resolve_config(GemvConfig(8, 64, 2, 1), 2048, 2048) == GemvConfig(8, 64, 2, 1)
 
 

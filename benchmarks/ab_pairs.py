@@ -12,7 +12,10 @@ mean ratio (geometric), how many pairs the change won, the exact two-sided sign 
 pairs, and a one-sample t-test of the log ratios (scipy, where installed), and writes all runs'
 rows and the summary to JSON with the hardware and versions, after every run: a call stopped at
 its time limit keeps the runs it finished, and a run that fails or overruns ``--timeout`` ends
-the pairs with one line, its place recorded under ``stopped``.
+the pairs with one line, its place recorded under ``stopped``. A step row is paired twice: its
+waited steps (what a caller reading every token sees) and, as "<system> in a row", the same
+steps back to back (the GPU's part alone, steadier between runs). ``--summary-of FILE`` prints
+the table of an earlier run's JSON with this summary.
 
 A tree to compare against is any folder holding a ``qkvlab`` package, e.g. this checkout's
 ``src`` with one file taken from an earlier commit (on a machine without ``.git``, carry it)::
@@ -93,12 +96,17 @@ def timed_rows(doc: dict) -> list[dict]:
 
 
 def summarise(runs: list[dict]) -> list[dict]:
-    """Per row key: tokens/s of each pair's before and after, ratios, wins and the tests."""
+    """Per row key: tokens/s of each pair's before and after, ratios, wins and the tests. A step row
+    that also timed its steps back to back gives a second key, its system followed by "in a row"."""
     by_pair: dict[int, dict[str, dict[tuple, float]]] = {}
     for run in runs:
         side = by_pair.setdefault(run["pair"], {}).setdefault(run["side"], {})
         for r in run["rows"]:
             side[row_key(r)] = r["tokens_per_s"]
+            if "tokens_per_s_in_a_row" in r:
+                # the same steps back to back: the GPU's share alone, without the host's lead-in to
+                # each waited step, whose spread between runs can hide a change of a percent
+                side[(f"{r['system']} in a row", *row_key(r)[1:])] = r["tokens_per_s_in_a_row"]
     keys = sorted({k for p in by_pair.values() for s in p.values() for k in s}, key=str)
     out = []
     for key in keys:
@@ -130,7 +138,7 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def table(summary: list[dict]) -> str:
-    lines = [f"{'row':<34} {'before tok/s':>22} {'after tok/s':>22} {'ratio':>7} {'wins':>5} {'sign p':>7} {'t p':>7}"]
+    lines = [f"{'row':<42} {'before tok/s':>22} {'after tok/s':>22} {'ratio':>7} {'wins':>5} {'sign p':>7} {'t p':>7}"]
     for s in summary:
         name = f"{s['system']} {s['variant']} B={s['B']} S={s['context']}"
         b = "/".join(f"{v:.1f}" for v in s["before_tokens_per_s"])
@@ -139,7 +147,7 @@ def table(summary: list[dict]) -> str:
         t_p = f"{t['p']:.3f}" if t else "-"
         ratio = f"{s['geomean_ratio']:.3f}" if s["geomean_ratio"] else "-"
         lines.append(
-            f"{name:<34} {b:>22} {a:>22} {ratio:>7} {s['after_wins']:>2}/{s['pairs']:<2} "
+            f"{name:<42} {b:>22} {a:>22} {ratio:>7} {s['after_wins']:>2}/{s['pairs']:<2} "
             f"{s['sign_test_p']:7.3f} {t_p:>7}"
         )
     lines.append("ratio: geometric mean of after/before over the pairs; wins: pairs where after was faster;")
@@ -155,13 +163,28 @@ def main(argv=None) -> int:
         i = argv.index("--")
         argv, passthrough = argv[:i], argv[i + 1 :]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--before-src", required=True, type=Path, help="a folder holding the 'before' qkvlab package")
+    ap.add_argument("--before-src", type=Path, help="a folder holding the 'before' qkvlab package (required)")
     ap.add_argument("--after-src", type=Path, default=ROOT / "src", help="the 'after' one (default: this src)")
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--timeout", type=int, default=300, help="seconds a run may take")
     ap.add_argument("--smoke", action="store_true", help="pass --smoke to each run (CPU; the plumbing only)")
+    ap.add_argument(
+        "--summary-of",
+        type=Path,
+        default=None,
+        help="print the table of an earlier run's JSON, summarised by this script (runs nothing)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.summary_of is not None:
+        try:
+            runs = json.loads(args.summary_of.read_text())["runs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"--summary-of {args.summary_of}: not a JSON this script wrote ({type(e).__name__}: {e})")
+        print(table(summarise(runs)))
+        return 0
+    if args.before_src is None:
+        ap.error("--before-src is required (the folder that holds the 'before' qkvlab/)")
     for name in ("before_src", "after_src"):
         src = getattr(args, name)
         if not (src / "qkvlab" / "__init__.py").is_file():

@@ -136,6 +136,27 @@ def test_gpu_weight_prefetch_smoke_checks_the_stack_against_its_reference(tmp_pa
 
 
 @needs_interpreter
+def test_gpu_persistent_mlp_smoke_matches_the_two_kernels_exactly(tmp_path):
+    """The persistent MLP (one program) gives the two GEMV kernels' output bit for bit, and its
+    barrier leaves the arrival count at 0 with the generation moved on by one."""
+    run_script("gpu_persistent_mlp.py", "--out", str(tmp_path / "pm.json"), interpret=True)
+    doc = json.loads((tmp_path / "pm.json").read_text())
+    assert doc["max_abs_err"] == 0 and doc["barrier"] == [0, 1]
+
+
+@needs_interpreter
+def test_gpu_persistent_mlp_smoke_fails_when_the_outputs_differ(monkeypatch):
+    """A reference that is not what the kernel computes makes the smoke run exit non-zero."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_persistent_mlp as pm
+
+    two = pm.mlp_two_kernels
+    monkeypatch.setattr(pm, "mlp_two_kernels", lambda *a, **kw: two(*a, **kw) * 2)
+    assert pm.main(["--smoke"]) == 1
+
+
+@needs_interpreter
 def test_gpu_weight_prefetch_stops_when_the_stack_is_not_its_reference(monkeypatch, capsys):
     """A stack that drops the attention's residual is caught before anything is timed."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -435,6 +456,30 @@ def test_ab_pairs_pairs_whole_generate_rows_apart_from_decode_rows(monkeypatch):
     assert [s["system"] for s in ab_pairs.summarise(runs)] == ["generate qkvlab", "qkvlab"]
 
 
+def test_ab_pairs_pairs_steps_back_to_back_as_rows_of_their_own(monkeypatch, tmp_path):
+    """A step row's back-to-back rate is paired under "<system> in a row", beside its waited rate,
+    and --summary-of prints an earlier JSON's table with this summary, running nothing."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import ab_pairs
+
+    def run(pair, side, waited, in_a_row):
+        row = dict(system="qkvlab", variant="QKV", B=1, context=64, tokens_per_s=waited)
+        return {"pair": pair, "side": side, "rows": [dict(row, tokens_per_s_in_a_row=in_a_row)]}
+
+    runs = [run(0, "before", 100.0, 110.0), run(0, "after", 99.0, 111.1), run(1, "after", 101.0, 111.1)]
+    runs.append(run(1, "before", 100.0, 110.0))
+    summary = {s["system"]: s for s in ab_pairs.summarise(runs)}
+    assert summary["qkvlab"]["ratios"] == [0.99, 1.01] and summary["qkvlab"]["after_wins"] == 1
+    assert summary["qkvlab in a row"]["ratios"] == pytest.approx([1.01, 1.01])
+    assert summary["qkvlab in a row"]["after_wins"] == 2
+    (tmp_path / "ab.json").write_text(json.dumps({"runs": runs}))
+    proc = script("ab_pairs.py", "--summary-of", str(tmp_path / "ab.json"))
+    assert proc.returncode == 0 and "qkvlab in a row QKV B=1 S=64" in proc.stdout, proc.stderr
+    (tmp_path / "other.json").write_text("[1, 2]")
+    proc = script("ab_pairs.py", "--summary-of", str(tmp_path / "other.json"))
+    assert proc.returncode == 2 and "not a JSON this script wrote" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @needs_interpreter
 def test_ab_pairs_smoke_runs_both_trees_in_alternating_order(tmp_path):
     """One pair on the CPU against a copy of this src: both sides ran, every row is paired."""
@@ -451,7 +496,7 @@ def test_ab_pairs_smoke_runs_both_trees_in_alternating_order(tmp_path):
     doc = json.loads(out.read_text())
     assert [(r["pair"], r["side"]) for r in doc["runs"]] == [(0, "before"), (0, "after"), (1, "after"), (1, "before")]
     assert doc["summary"] and all(s["pairs"] == 2 and len(s["ratios"]) == 2 for s in doc["summary"])
-    assert {s["system"] for s in doc["summary"]} == {"qkvlab", "generate qkvlab"}
+    assert {s["system"] for s in doc["summary"]} == {"qkvlab", "qkvlab in a row", "generate qkvlab"}
     assert doc["before_sha256"] == doc["after_sha256"]  # the same code on both sides
 
 

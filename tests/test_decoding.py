@@ -107,6 +107,54 @@ def test_generate_with_static_steps_matches_recompute():
     assert torch.equal(torch.cat(out, 1), ref)
 
 
+def copies_into(dec: StaticDecoder, fn) -> int:
+    """How many copies ``fn()`` makes into the decoder's token (its input)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.copy_.default and args[0].data_ptr() == dec.token.data_ptr():
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_a_greedy_decoder_picks_the_next_token_inside_the_step(ragged):
+    """greedy=True: each step also writes the argmax of its logits into the decoder's input, so
+    ``step(dec.next_token)`` continues with no copy of its own (the one copy into the input is the
+    step's pick); the logits are those of a plain decoder fed the argmax tokens."""
+    model = small_gpt("q_kv+gqa2", "llama")
+    prompt = torch.randint(0, 41, (2, 6), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :2] = False  # a ragged cache: one position per row
+    decs = []
+    for greedy in (False, True):
+        cache = model.new_cache(2, 20)
+        model.prefill(prompt, cache, attention_mask=mask if ragged else None)
+        decs.append(StaticDecoder(model, cache, cuda_graph=False, greedy=greedy))
+    plain, greedy = decs
+    assert greedy.ragged is ragged
+    tok = torch.tensor([5, 9])
+    ref = plain.step(tok)
+    assert copies_into(greedy, lambda: torch.testing.assert_close(greedy.step(tok), ref, rtol=0, atol=0)) == 2
+    got = []
+    for _ in range(4):
+        assert torch.equal(greedy.next_token, ref.argmax(-1))
+        ref = plain.step(ref.argmax(-1))
+        assert copies_into(greedy, lambda: got.append(greedy.step(greedy.next_token))) == 1
+        torch.testing.assert_close(got[-1], ref, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="greedy decoders only"):
+        plain.next_token  # noqa: B018
+    with pytest.raises(ConfigError, match="greedy must be True or False"):
+        StaticDecoder(model, model.new_cache(1, 4), cuda_graph=False, greedy="yes")
+
+
 def position_fills(dec: StaticDecoder, fn) -> int:
     """How many times ``fn()`` fills the decoder's position tensor."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -302,6 +350,26 @@ def test_compiled_static_step_equals_the_eager_one(variant, mode):
     eager = run_static(model, prompt, tokens, max_len=12)
     compiled = run_static(model, prompt, tokens, max_len=12, compile=mode)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@needs_cc
+def test_a_compiled_greedy_decoder_picks_what_the_eager_one_picks():
+    """The argmax traced into the compiled step (fullgraph, the input written in place) picks
+    the tokens the eager greedy step picks, step after step."""
+    torch._dynamo.reset()
+    model = small_gpt("q_kv+rope+qknorm", "llama", dtype=torch.float32)
+    prompt = torch.randint(0, 41, (2, 5), generator=torch.Generator().manual_seed(3))
+    picks = {}
+    for compile in (False, True):
+        cache = model.new_cache(2, 14)
+        model.prefill(prompt, cache)
+        dec = StaticDecoder(model, cache, cuda_graph=False, compile=compile, greedy=True)
+        dec.step(torch.tensor([1, 2]))
+        picks[compile] = [dec.next_token.clone()]
+        for _ in range(5):
+            dec.step(dec.next_token)
+            picks[compile].append(dec.next_token.clone())
+    assert torch.equal(torch.stack(picks[True]), torch.stack(picks[False]))
 
 
 @needs_cc

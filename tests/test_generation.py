@@ -314,6 +314,46 @@ def test_between_two_streamed_steps_the_device_only_samples(monkeypatch):
     assert between == [["argmax"]] * 4, between
 
 
+def eager_compile(monkeypatch) -> list[bool]:
+    """``compile=True`` without compiling (the static step eager, on this CPU), and a list of
+    the ``greedy`` of every StaticDecoder generate builds: what generate does around the step,
+    the compiled step itself being tested in test_decoding.py."""
+    import qkvlab.models.decoding as decoding
+
+    built = []
+    init = StaticDecoder.__init__
+
+    def spy(self, *a, greedy=False, **kw):
+        built.append(greedy)
+        init(self, *a, greedy=greedy, **kw)
+
+    monkeypatch.setattr(decoding.torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(StaticDecoder, "__init__", spy)
+    return built
+
+
+def test_greedy_generate_lets_the_step_pick_and_gives_what_recomputing_gives(monkeypatch):
+    """Greedy with a static step: the step picks each next token itself. Every way of calling
+    gives the tokens of the uncached reference: plain, streamed (with the tokens each step
+    handed out still right once the stream has run on), with stop ids on the device, with text
+    on the host; sampling or a repetition penalty keeps the pick outside the step."""
+    built = eager_compile(monkeypatch)
+    model = small_gpt("q_kv+gqa2+rope")
+    ref = model.generate(ROWS, 8, use_cache=False, return_dict=True)
+    plain = model.generate(ROWS, 8, compile=True, return_dict=True)
+    assert torch.equal(plain.sequences, ref.sequences) and built == [True]
+    stream = model.stream(ROWS, 8, compile=True)
+    handed = [step.tokens for step in stream]
+    assert torch.equal(torch.stack(handed, 1), torch.stack([torch.tensor(r) for r in ref.tokens]))
+    never = next(t for t in range(V) if all(t not in r for r in ref.tokens))
+    stops = model.generate(ROWS, 8, compile=True, stop_token_ids=[never], return_dict=True)
+    text = model.generate(ROWS, 8, compile=True, tokenizer=CharTokenizer(), return_dict=True)
+    assert stops.tokens == text.tokens == ref.tokens and built == [True] * 4
+    model.generate(ROWS, 3, compile=True, temperature=0.7, generator=torch.Generator().manual_seed(0))
+    model.generate(ROWS, 3, compile=True, repetition_penalty=1.2)
+    assert built[4:] == [False, False]
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_without_stops_every_row_takes_every_token_as_with_a_stop_never_met(use_cache):
     """With no stop, generate skips the per-step bookkeeping of which rows ended; the result

@@ -198,6 +198,33 @@ def test_cuda_graph_generate_matches_eager_generate():
     assert torch.equal(model.generate(idx, 40, cuda_graph=True), model.generate(idx, 40, cuda_graph=False))
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["graph", "compiled graph"])
+def test_cuda_greedy_generate_with_the_pick_in_the_step_matches_eager(compile):
+    """Greedy generate over a graphed step picks each token inside the step (StaticDecoder's
+    greedy): plain and streamed, ragged rows, the tokens of the eager, ungraphed call; the tokens
+    a stream handed out are still right after the steps that followed them."""
+    from qkvlab.models.decoding import StaticDecoder
+
+    built = []
+    init = StaticDecoder.__init__
+
+    def spy(self, *a, greedy=False, **kw):
+        built.append(greedy)
+        init(self, *a, greedy=greedy, **kw)
+
+    torch._dynamo.reset()
+    model = cuda_gpt("q_kv+gqa2", "llama", torch.float32)
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    ref = model.generate(rows, 24, cuda_graph=False, return_dict=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(StaticDecoder, "__init__", spy)
+        got = model.generate(rows, 24, cuda_graph=True, compile=compile, return_dict=True)
+        handed = [step.tokens for step in model.stream(rows, 24, cuda_graph=True, compile=compile)]
+    assert built == [True, True]
+    assert got.tokens == ref.tokens and torch.equal(got.sequences, ref.sequences)
+    assert torch.stack(handed, 1).tolist() == ref.tokens
+
+
 def test_cuda_graph_step_returns_a_copy_or_the_graphs_buffer():
     from qkvlab.models.decoding import StaticDecoder
 

@@ -164,6 +164,11 @@ class StaticDecoder:
             :mod:`qkvlab.kernels.gemv`, on CUDA) or ``"inductor"`` (with ``compile``: Inductor
             generates each product as a reduction and may fuse it with the code around it). See
             :mod:`qkvlab.attention.matvec`. Rows of a larger batch keep ``F.linear``.
+        greedy: the step also picks each row's most likely next token (the argmax of its
+            logits) and writes it into its own input: :attr:`next_token` holds it until the
+            next step, and ``step(decoder.next_token)`` continues without a copy. A greedy loop
+            then launches no argmax and no token copy between steps (compiled, the argmax is
+            fused into the step and split over the card).
     """
 
     def __init__(
@@ -176,6 +181,7 @@ class StaticDecoder:
         compile: bool | str = False,
         fuse: bool | str = False,
         gemv: bool | str = "auto",
+        greedy: bool = False,
     ):
         check_fuse(fuse, model)  # "auto" is decided at each fusion sync, as the mode may change
         if cuda_graph not in (True, False, "auto"):
@@ -190,6 +196,8 @@ class StaticDecoder:
                 f"StaticDecoder runs over a KVCache, got {type(cache).__name__}; a linear-attention "
                 "state decodes with model.decode_one (its step is already fixed-size)."
             )
+        if not isinstance(greedy, bool):
+            raise ConfigError(f"greedy must be True or False, got {greedy!r}.")
         device = cache.device
         if cuda_graph is True and device.type != "cuda":
             raise ConfigError(
@@ -198,6 +206,7 @@ class StaticDecoder:
             )
         self.model = model
         self.cache = cache
+        self.greedy = greedy
         self._fuse = bool(fuse)
         self._gemv = resolve_gemv(check_gemv(gemv, compile), cache.device)
         self._fusable = [m for m in model.modules() if isinstance(m, FusedLinears)]
@@ -243,12 +252,22 @@ class StaticDecoder:
         """How many modules of the model run fused now."""
         return sum(m.fused for m in self._fusable)
 
+    @property
+    def next_token(self) -> torch.Tensor:
+        """``(B,)``: with ``greedy``, the token each row's last step chose; the next step's input,
+        which that step overwrites with its own choice (copy it to keep it)."""
+        if not self.greedy:
+            raise ConfigError("next_token is kept by greedy decoders only: StaticDecoder(..., greedy=True).")
+        return self.token.view(-1)
+
     @torch.no_grad()
     def _run(self) -> torch.Tensor:
         logits = self.model(self.token, cache=self.cache, position=self.pos)[:, -1]
         if not self.ragged:
             # inside the step (and its graph): the host launches no fill before the next step
             self.pos.add_(1)
+        if self.greedy:  # the next input, chosen inside the step: no argmax or copy between steps
+            self.token.copy_(logits.argmax(-1, keepdim=True))
         return logits
 
     @torch.no_grad()
@@ -316,9 +335,13 @@ class StaticDecoder:
             self._sync_fusion()
             if any(a is not b for a, b in zip(captured, self._fused_refs, strict=True)):
                 self.graph = None  # the graph reads the old buffers: record the step again
+        in_place = token.data_ptr() == self.token.data_ptr()  # next_token, passed back
         if self.use_graph and self.graph is None:
+            if in_place:  # the capture's warmup steps write their own choices over it
+                token, in_place = token.clone(), False
             self.capture()
-        self.token.copy_(token.view(-1, 1))
+        if not in_place:
+            self.token.copy_(token.view(-1, 1))
         self._set_pos()
         self._pos_at = None  # until the step has advanced it
         if self.graph is not None:

@@ -440,18 +440,38 @@ def run(
             seq[:, :longest] = packed
             logits = _last_logits(model(packed), lengths)
         step = None
+        penalty = repetition_penalty if repetition_penalty not in (None, 1.0) else None
+        # Greedy without a penalty: the step itself picks each next token (StaticDecoder's greedy),
+        # so between two steps no argmax kernel runs and no token is copied into the step's input.
+        chosen = None  # that pick, once a step has made one
+        in_step = False
         auto = cuda_graph == "auto" and state is not None and state.device.type == "cuda"
         if use_cache and (compile or cuda_graph is True or (auto and isinstance(state, KVCache))):
             from qkvlab.models.decoding import StaticDecoder
 
-            decoder = StaticDecoder(model, state, cuda_graph=cuda_graph, compile=compile, fuse=fuse, gemv=gemv)
+            in_step = temperature == 0 and penalty is None
+            decoder = StaticDecoder(
+                model, state, cuda_graph=cuda_graph, compile=compile, fuse=fuse, gemv=gemv, greedy=in_step
+            )
             # the logits are sampled from before the next step overwrites the graph's output
             step = functools.partial(decoder.step, copy=False)
         elif use_cache:
             step = lambda tok: model.decode_one(tok, state)  # noqa: E731
 
+        def advance(nxt: torch.Tensor, i: int) -> torch.Tensor:
+            """The next step's logits (the step after token ``nxt``, the ``i``-th new one)."""
+            nonlocal chosen
+            if step is None:
+                return advance_uncached(nxt, i)
+            if not in_step:
+                return step(nxt)
+            # nxt is a copy of the step's own pick (or the prompt's first): passing the pick
+            # itself back launches no copy
+            logits = step(decoder.next_token if chosen is not None else nxt)
+            chosen = decoder.next_token
+            return logits
+
         seen = None
-        penalty = repetition_penalty if repetition_penalty not in (None, 1.0) else None
         if penalty is not None:
             seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
             seen.scatter_(1, packed, True)
@@ -485,8 +505,11 @@ def run(
         columns: list[list[int]] = []  # the host's copy of ``new``, a column a step
         emitted_now = torch.ones(B, dtype=torch.bool, device=device) if on_host else None  # remade when a row ends
         for i in range(max_new_tokens):
-            scores = apply_repetition_penalty(logits, seen, penalty) if seen is not None else logits
-            nxt = sample(scores, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            if chosen is not None:
+                nxt = chosen.clone()  # kept: the next step writes its own pick over ``chosen``
+            else:
+                scores = apply_repetition_penalty(logits, seen, penalty) if seen is not None else logits
+                nxt = sample(scores, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             last = i + 1 == max_new_tokens
             if seen is not None:
                 seen.scatter_(1, nxt[:, None], True)
@@ -497,14 +520,14 @@ def run(
                 if last:
                     count.fill_(i + 1)
                     break
-                logits = step(nxt) if step is not None else advance_uncached(nxt, i)
+                logits = advance(nxt, i)
                 continue
             if on_host:
                 # The token is copied out before the next step is launched and read after: the
                 # step runs while the host decodes text and the caller takes the token.
                 read = to_host_later(nxt)
                 if not last:
-                    logits = step(nxt) if step is not None else advance_uncached(nxt, i)
+                    logits = advance(nxt, i)
                 host_tok = read()
                 column = [pad_token_id] * B
                 finished_now: list[str | None] = [None] * B
@@ -552,7 +575,7 @@ def run(
             yield GenerationStep(tokens=nxt, emitted=emitted, finished=finished_now)
             if last or ((i + 1) % sync_every == 0 and bool(finished.all())):
                 break
-            logits = step(nxt) if step is not None else advance_uncached(nxt, i)
+            logits = advance(nxt, i)
         if on_host:
             if columns:
                 new[:, : len(columns)] = torch.tensor(columns, dtype=new.dtype).T

@@ -135,6 +135,34 @@ def test_gpu_weight_prefetch_smoke_checks_the_stack_against_its_reference(tmp_pa
     assert [r["mode"] for r in doc["rows"]] == ["none", "fork"] and all(r["max_abs_diff"] == 0 for r in doc["rows"])
 
 
+def test_profile_stream_smoke_times_every_call(tmp_path):
+    run_script("profile_stream.py", "--out", str(tmp_path))
+    doc = json.loads((tmp_path / "profile_stream.json").read_text())
+    assert set(doc["rates"]) == {"stream+text", "stream", "generate"}
+    assert all(r["us_per_token"] > 0 for r in doc["rates"].values())
+    assert doc["split"]["gpu_events"] == 0  # a CPU run has no GPU timeline to split
+
+
+def test_profile_stream_splits_a_timeline_at_each_step(monkeypatch):
+    """Synthetic trace: steps of a product then a sampling kernel, with an idle gap before the next
+    step; the split finds the period, the busy time, what follows the last product and the gap."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import profile_stream
+
+    events, ts = [], 0.0
+    for _ in range(12):
+        for name, dur, gap in (("emb_0", 2.0, 0.0), ("_gemv_kernel", 90.0, 0.0), ("argmax", 6.0, 2.0)):
+            events.append(dict(ph="X", cat="kernel", name=name, ts=ts, dur=dur))
+            ts += dur + gap
+    events.append(dict(ph="X", cat="cuda_runtime", name="cudaEventSynchronize", ts=0.0, dur=50.0))
+    split = profile_stream.split_trace(events, "emb", n_tokens=12, skip=2)
+    assert split["step_starts"] == 12 and split["tokens"] == 8
+    assert split["period_us"] == 100.0 and split["busy_us"] == 98.0
+    assert split["after_last_product"] == {"argmax": {"median_us": 6.0, "per_token": 1.0}}
+    assert split["gaps_us_per_token"] == {"argmax -> emb_0": 2.0}
+    assert split["host_calls_per_token"]["cudaEventSynchronize"]["per_token"] == 1 / 12
+
+
 @needs_interpreter
 def test_gpu_persistent_mlp_smoke_matches_the_two_kernels_exactly(tmp_path):
     """The persistent MLP (one program) gives the two GEMV kernels' output bit for bit, and its

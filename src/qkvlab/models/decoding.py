@@ -167,8 +167,8 @@ class StaticDecoder:
         greedy: the step also picks each row's most likely next token (the argmax of its
             logits) and writes it into its own input: :attr:`next_token` holds it until the
             next step, and ``step(decoder.next_token)`` continues without a copy. A greedy loop
-            then launches no argmax and no token copy between steps (compiled, the argmax is
-            fused into the step and split over the card).
+            then launches no argmax and no token copy between steps (compiled, Inductor
+            generates the argmax as part of the step).
     """
 
     def __init__(

@@ -35,8 +35,9 @@ SHAPES = [
 ]
 
 
-def _time(fn, reps: int) -> float:
-    """Median microseconds of one call, timed by CUDA graph replay of `reps` calls (no host gaps)."""
+def _time(fn, reps: int, samples: int = 7) -> float:
+    """Median microseconds of one call, timed by CUDA graph replay of `reps` calls (no host gaps),
+    over `samples` replays."""
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
@@ -44,7 +45,7 @@ def _time(fn, reps: int) -> float:
         for _ in range(reps):
             fn()
     times = []
-    for _ in range(7):
+    for _ in range(samples):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         g.replay()

@@ -221,6 +221,7 @@ def main(argv=None) -> int:
 
     from benchutil import env_info
     from gpu_decode import copy_bandwidth, timer
+    from gpu_gemv import _time
     from qkvlab.kernels.kv_decode import use_pdl
 
     pdl = use_pdl(device)
@@ -233,27 +234,15 @@ def main(argv=None) -> int:
     )
 
     def time_chain(layer_fn, reps=3):
+        """Microseconds a layer (the median of nine replays of ``reps`` chains) and the chain's output."""
+
         def chain():
             x = x0
             for weights in layers:
                 x = layer_fn(x, weights)
             return x
 
-        chain()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                out = chain()
-        times = []
-        for _ in range(9):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) * 1e3 / (reps * n_layers))
-        return sorted(times)[len(times) // 2], out
+        return _time(chain, reps, samples=9) / n_layers, chain()
 
     frac = lambda us: mb * 1e6 / (us * 1e-6) / 1e9 / bw  # noqa: E731
     ref_us, ref_out = time_chain(lambda x, w: mlp_two_kernels(x, *w))

@@ -107,21 +107,26 @@ def test_generate_with_static_steps_matches_recompute():
     assert torch.equal(torch.cat(out, 1), ref)
 
 
-def copies_into(dec: StaticDecoder, fn) -> int:
-    """How many copies ``fn()`` makes into the decoder's token (its input)."""
+def writes_into(target: torch.Tensor, op, fn) -> int:
+    """How many times ``fn()`` calls the in-place ``op`` on ``target``'s memory."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
         n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten.copy_.default and args[0].data_ptr() == dec.token.data_ptr():
+            if func is op and args[0].data_ptr() == target.data_ptr():
                 Count.n += 1
             return func(*args, **(kwargs or {}))
 
     with Count():
         fn()
     return Count.n
+
+
+def copies_into(dec: StaticDecoder, fn) -> int:
+    """How many copies ``fn()`` makes into the decoder's token (its input)."""
+    return writes_into(dec.token, torch.ops.aten.copy_.default, fn)
 
 
 @pytest.mark.parametrize("ragged", [False, True])
@@ -157,19 +162,7 @@ def test_a_greedy_decoder_picks_the_next_token_inside_the_step(ragged):
 
 def position_fills(dec: StaticDecoder, fn) -> int:
     """How many times ``fn()`` fills the decoder's position tensor."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten.fill_.Scalar and args[0].data_ptr() == dec.pos.data_ptr():
-                Count.n += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count():
-        fn()
-    return Count.n
+    return writes_into(dec.pos, torch.ops.aten.fill_.Scalar, fn)
 
 
 def test_a_uniform_step_advances_its_own_position():

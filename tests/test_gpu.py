@@ -223,6 +223,7 @@ def test_cuda_greedy_generate_with_the_pick_in_the_step_matches_eager(compile):
     assert built == [True, True]
     assert got.tokens == ref.tokens and torch.equal(got.sequences, ref.sequences)
     assert torch.stack(handed, 1).tolist() == ref.tokens
+    assert all(t.device.type == "cpu" for t in handed)  # read on the host, while the next step ran
 
 
 def test_cuda_graph_step_returns_a_copy_or_the_graphs_buffer():

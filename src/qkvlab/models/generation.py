@@ -252,6 +252,9 @@ class GenerationStep:
         tokens: ``(B,)`` sampled ids (meaningless where ``emitted`` is False).
         emitted: ``(B,)`` bool: rows for which ``tokens`` is their next token (rows that ended
             at an earlier step are False).
+
+        Both are on the host, read there while the next step already runs on the model's
+        device: reading them waits for nothing.
         finished: per row, the finish reason if the row ended at this step, else None.
         text: with a tokenizer, the new text of each row at this step ("" if none yet: an
             unfinished UTF-8 character waits for its next byte); else None.
@@ -481,8 +484,9 @@ def run(
         stops = stop_ids is not None or bool(stop_strings)
         # Without stops and text no row ends before the last step: every row takes every token,
         # and the step's bookkeeping (which rows emit, their counts, which ended) is a constant.
-        # Skipping its kernels matters on a GPU, where each is a launch beside the graph's.
-        every_row = not stops and texts is None
+        # Skipping its kernels matters on a GPU, where each is a launch beside the graph's. A
+        # stream is left out: its caller reads every token, so the host reads it (below).
+        every_row = not stops and texts is None and not stream
         all_emit = torch.ones(B, dtype=torch.bool, device=device) if every_row else None
         # Where the host does not read every token, whether every row has ended is a host sync:
         # each step on a CPU, every few steps on a GPU (rows that ended meanwhile decode on, unused).
@@ -498,15 +502,18 @@ def run(
         # Where the host reads every token (a stream, text) it keeps the rows' bookkeeping
         # itself: it knows each token, so which rows emit, which ended and why, and the counts
         # follow on the host, and between two steps the device runs only the sampling and the
-        # step, not the bookkeeping's small kernels.
+        # step, not the bookkeeping's small kernels. A stream's steps hand out what the host
+        # read: a caller reading them waits for nothing, not even the step already launched.
         on_host = not every_row and (stream or texts is not None)
         stop_set = {int(t) for t in stop_token_ids} if stop_ids is not None else set()
         ended_h, reason_h, count_h = [False] * B, [_LENGTH] * B, [0] * B
         columns: list[list[int]] = []  # the host's copy of ``new``, a column a step
-        emitted_now = torch.ones(B, dtype=torch.bool, device=device) if on_host else None  # remade when a row ends
+        emitted_now = torch.ones(B, dtype=torch.bool) if on_host else None  # remade when a row ends
         for i in range(max_new_tokens):
             if chosen is not None:
-                nxt = chosen.clone()  # kept: the next step writes its own pick over ``chosen``
+                # the step's own pick, which the next step overwrites with its own: the host path
+                # copies it out before that launch, the others keep a copy
+                nxt = chosen if on_host else chosen.clone()
             else:
                 scores = apply_repetition_penalty(logits, seen, penalty) if seen is not None else logits
                 nxt = sample(scores, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
@@ -546,16 +553,14 @@ def run(
                     if texts is not None:
                         step_text[b] = texts[b].delta(finished_now[b] is not None)
                 columns.append(column)
-                yield GenerationStep(tokens=nxt, emitted=emitted_now, finished=finished_now, text=step_text)
+                yield GenerationStep(
+                    tokens=torch.tensor(host_tok), emitted=emitted_now, finished=finished_now, text=step_text
+                )
                 ended_now = [b for b in range(B) if finished_now[b] is not None and reason_h[b] != _LENGTH]
                 if ended_now:
                     for b in ended_now:
                         ended_h[b] = True
                     emitted_now = torch.tensor([not e for e in ended_h])
-                    if device.type == "cuda":  # from pinned memory: no wait for the step just launched
-                        emitted_now = emitted_now.pin_memory().to(device, non_blocking=True)
-                    else:
-                        emitted_now = emitted_now.to(device)
                 if last or (stops and all(ended_h)):
                     break
                 continue
@@ -605,8 +610,9 @@ def to_host_later(t: torch.Tensor) -> Callable[[], list]:
     """Start copying ``t`` to the host and return what reads it: on CUDA a copy into pinned
     memory, ordered before whatever is launched next on the stream, and an event to wait for, so
     that reading it does not also wait for the work launched after."""
-    if t.device.type != "cuda":
-        return t.tolist
+    if t.device.type != "cuda":  # read now: ``t`` may be a buffer that what runs next overwrites
+        values = t.tolist()
+        return lambda: values
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
     done = torch.cuda.Event()

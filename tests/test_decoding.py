@@ -305,6 +305,33 @@ def test_a_decoder_goes_with_its_last_reference_not_at_a_garbage_collection(comp
             gc.enable()
 
 
+@pytest.mark.parametrize("variant,recipe", [("q_kv", "llama"), ("q_kv+learned+linear", "gpt2")], ids=["kv", "linear"])
+def test_a_dropped_cache_is_freed_at_once_not_at_a_garbage_collection(variant, recipe):
+    """A cache's layers refer back to it weakly: dropped (also after a generate over it), a cache
+    and its tensors are freed at once. A cycle would hold a GPU's cache memory until a collection.
+    A layer whose cache is gone says so."""
+    import gc
+    import weakref
+
+    model = small_gpt(variant, recipe, dtype=torch.float32)
+    linear = "linear" in variant
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        for run in (False, True):
+            cache = model.new_cache(1) if linear else model.new_cache(1, 12)
+            if run:
+                model.generate(torch.tensor([[1, 2, 3]]), 4, cache=cache)
+            layer, gone = cache.layers[0], weakref.ref(cache)
+            del cache
+            assert gone() is None
+            with pytest.raises(ConfigError, match="cache or state was freed"):
+                layer.owner  # noqa: B018
+    finally:
+        if was:
+            gc.enable()
+
+
 def test_no_gc_keeps_collections_out_and_restores_the_setting():
     import gc
 

@@ -22,6 +22,7 @@ A linear-attention model (variant ``+linear``) keeps no per-token cache: its lay
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -62,11 +63,30 @@ class CacheLayout:
         return self.n_layers * self.n_kv_heads * (self.head_dim * self.head_dim + self.head_dim) * elem
 
 
-class LayerKVCache:
+class _OwnedLayer:
+    """A layer of a whole-model decode state, which holds its layers: the layer refers back to it
+    weakly, so that the state is freed (its GPU memory with it) as soon as its last user drops
+    it, not at a later garbage collection."""
+
+    def __init__(self, owner: _DecodeState):
+        self._owner = weakref.ref(owner)
+
+    @property
+    def owner(self) -> _DecodeState:
+        owner = self._owner()
+        if owner is None:
+            raise ConfigError(
+                "This layer's cache or state was freed: keep the whole cache (model.new_cache(...)) while using "
+                "its layers."
+            )
+        return owner
+
+
+class LayerKVCache(_OwnedLayer):
     """One layer's cache. ``k`` and ``v`` are the same tensor object when K=V is shared."""
 
     def __init__(self, owner: KVCache, k: torch.Tensor, v: torch.Tensor):
-        self.owner = owner
+        super().__init__(owner)
         self.k = k
         self.v = v
 
@@ -320,14 +340,14 @@ def _resolve_for_model(
     return max_len, dtype or param.dtype, device or param.device
 
 
-class LayerLinearState:
+class LayerLinearState(_OwnedLayer):
     """One layer's linear-attention state: ``S`` ``(B, Hkv, D, D)`` and ``n`` ``(B, Hkv, D)``.
 
     :func:`qkvlab.attention.linear.recurrent` updates both in place.
     """
 
     def __init__(self, owner: LinearState, S: torch.Tensor, n: torch.Tensor):
-        self.owner = owner
+        super().__init__(owner)
         self.S = S
         self.n = n
 

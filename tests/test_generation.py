@@ -358,6 +358,70 @@ def test_greedy_generate_lets_the_step_pick_and_gives_what_recomputing_gives(mon
     assert built[4:] == [False, False]
 
 
+def test_calls_over_one_cache_reuse_its_decoder(monkeypatch):
+    """A generate over the cache of an earlier call, with the same options and form, takes that
+    call's decoder (its step compiled, its graph captured) and gives what a new one gives; other
+    options, another cache or another form (ragged or not) build a new one. A stream closed
+    early leaves its decoder too; a call whose step raised does not."""
+    built = eager_compile(monkeypatch)
+    model = small_gpt("q_kv+gqa2+rope")
+    cache = model.new_cache(3, 24)
+    ref = model.generate(ROWS, 6, use_cache=False)
+    assert torch.equal(model.generate(ROWS, 6, cache=cache, compile=True), ref) and len(built) == 1
+    assert torch.equal(model.generate(ROWS, 6, cache=cache, compile=True), ref) and len(built) == 1
+    uniform = [r[:2] for r in ROWS]  # rows of one length: not ragged, another decoder
+    assert torch.equal(model.generate(uniform, 6, cache=cache, compile=True), model.generate(uniform, 6))
+    assert len(built) == 2
+    model.generate(ROWS, 6, cache=model.new_cache(3, 24), compile=True)  # another cache
+    model.generate(ROWS, 6, cache=cache, compile=True, repetition_penalty=1.3)  # other options
+    assert len(built) == 4
+    model.generate(ROWS, 6, cache=cache, compile=True, repetition_penalty=1.3)
+    stream = iter(model.stream(ROWS, 6, cache=cache, compile=True, repetition_penalty=1.3))
+    next(stream)
+    stream.close()
+    model.generate(ROWS, 6, cache=cache, compile=True, repetition_penalty=1.3)
+    assert len(built) == 4
+    from qkvlab.models.decoding import StaticDecoder as Decoder
+
+    def broken(self, *a, **k):
+        raise RuntimeError("a failing step")
+
+    with monkeypatch.context() as m:
+        m.setattr(Decoder, "step", broken)
+        with pytest.raises(RuntimeError, match="a failing step"):
+            model.generate(ROWS, 6, cache=cache, compile=True, repetition_penalty=1.3)
+    model.generate(ROWS, 6, cache=cache, compile=True, repetition_penalty=1.3)
+    assert len(built) == 5
+
+
+def test_an_idle_decoder_keeps_neither_its_model_nor_its_cache(monkeypatch):
+    """What a call leaves for the next holds the model and the cache weakly: each, dropped, is
+    freed at once (no garbage collection), and the idle decoder with the model."""
+    import gc
+    import weakref
+
+    from qkvlab.models import generation
+
+    eager_compile(monkeypatch)
+    model = small_gpt("q_kv")
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        cache = model.new_cache(1, 12)
+        model.generate([[1, 2, 3]], 4, cache=cache, compile=True)
+        gone = weakref.ref(cache)
+        del cache
+        assert gone() is None
+        model.generate([[1, 2, 3]], 4, cache=model.new_cache(1, 12), compile=True)
+        decoder = weakref.ref(generation._IDLE_DECODERS[model][2])
+        gone = weakref.ref(model)
+        del model
+        assert gone() is None and decoder() is None
+    finally:
+        if was:
+            gc.enable()
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_without_stops_every_row_takes_every_token_as_with_a_stop_never_met(use_cache):
     """With no stop, generate skips the per-step bookkeeping of which rows ended; the result

@@ -35,9 +35,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
+import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -50,6 +52,9 @@ from qkvlab.attention.projections import check_fuse, fuse_projections
 from qkvlab.errors import ConfigError
 
 if TYPE_CHECKING:
+    from torch import nn
+
+    from qkvlab.models.decoding import StaticDecoder
     from qkvlab.models.gpt import GPT
 
 #: ``GenerateOutput.finish_reasons`` values.
@@ -423,6 +428,9 @@ def run(
             texts=[t.text for t in texts] if texts is not None else None,
         )
 
+    # what the loop's end runs (unless a step raised): the decoder is left for the next call
+    hand_back: list[Callable[[], None]] = []
+
     # The decode loop, run as the generator is consumed; the checks above raise at the call.
     def steps() -> Generator[GenerationStep, None, GenerateOutput]:
         if max_new_tokens == 0:
@@ -450,12 +458,10 @@ def run(
         in_step = False
         auto = cuda_graph == "auto" and state is not None and state.device.type == "cuda"
         if use_cache and (compile or cuda_graph is True or (auto and isinstance(state, KVCache))):
-            from qkvlab.models.decoding import StaticDecoder
-
             in_step = temperature == 0 and penalty is None
-            decoder = StaticDecoder(
-                model, state, cuda_graph=cuda_graph, compile=compile, fuse=fuse, gemv=gemv, greedy=in_step
-            )
+            options = dict(cuda_graph=cuda_graph, compile=compile, fuse=fuse, gemv=gemv, greedy=in_step)
+            decoder = _take_decoder(model, state, options)
+            hand_back.append(functools.partial(_leave_decoder, model, state, options, decoder))
             # the logits are sampled from before the next step overwrites the graph's output
             step = functools.partial(decoder.step, copy=False)
         elif use_cache:
@@ -587,23 +593,63 @@ def run(
             return output(reason_h, count_h)
         return output(reason.tolist(), count.tolist())
 
-    return _without_grad(steps())
+    return _without_grad(steps(), hand_back)
 
 
 def _without_grad(
     steps: Generator[GenerationStep, None, GenerateOutput],
+    at_end: Sequence[Callable[[], None]] = (),
 ) -> Generator[GenerationStep, None, GenerateOutput]:
     """``steps`` run with autograd off, one resumption at a time; the caller's own code between
     two steps keeps its grad mode. Unlike ``torch.no_grad()`` on the generator function, nothing
     is left to restore while a step is handed out: a stream the caller stops reading and keeps
-    until the interpreter exits is closed there without calling into a half torn-down torch."""
-    while True:
-        with torch.no_grad():
-            try:
-                step = next(steps)
-            except StopIteration as end:
-                return end.value
-        yield step
+    until the interpreter exits is closed there without calling into a half torn-down torch.
+    ``at_end`` runs once the steps end, or the caller closes the stream between two steps (each
+    step is whole); not after a step that raised."""
+    try:
+        while True:
+            with torch.no_grad():
+                try:
+                    step = next(steps)
+                except StopIteration as end:
+                    result = end.value
+                    break
+            yield step
+    except GeneratorExit:
+        # closed between two steps, perhaps at interpreter exit: what at_end keeps is only a saving
+        with contextlib.suppress(Exception):
+            for f in at_end:
+                f()
+        raise
+    for f in at_end:
+        f()
+    return result
+
+
+# model -> (its last decoder's cache, weakly; the decoder's options; the decoder), for the next
+# generate over that cache. The idle decoder holds neither the model nor the cache: both go with
+# their users, and the decoder (its graph and buffers) with the model or the next call.
+_IDLE_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _take_decoder(model: nn.Module, cache: KVCache, options: dict) -> StaticDecoder:
+    """The decoder an earlier call left for ``model`` over this very ``cache`` with the same
+    options and form (ragged or not): its step is compiled and its graph captured already. Else
+    a new one (and an idle decoder of another cache or other options is dropped)."""
+    from qkvlab.models.decoding import StaticDecoder
+
+    idle = _IDLE_DECODERS.pop(model, None)
+    if idle is not None:
+        cache_ref, opts, decoder = idle
+        if cache_ref() is cache and opts == options and decoder.ragged == (cache.row_lengths is not None):
+            decoder.model, decoder.cache = model, cache
+            return decoder
+    return StaticDecoder(model, cache, **options)
+
+
+def _leave_decoder(model: nn.Module, cache: KVCache, options: dict, decoder: StaticDecoder) -> None:
+    decoder.model = decoder.cache = None  # idle: it keeps neither alive
+    _IDLE_DECODERS[model] = (weakref.ref(cache), options, decoder)
 
 
 def to_host_later(t: torch.Tensor) -> Callable[[], list]:

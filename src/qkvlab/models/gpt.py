@@ -200,6 +200,10 @@ class GPT(nn.Module):
         static step computes its matrix-vector products: ``"auto"`` (the default: the kernel on
         CUDA with Triton, else cuBLAS), False (cuBLAS), True / ``"kernel"`` (qkvlab's one-row
         kernel, on CUDA) or ``"inductor"`` (with ``compile``); see :mod:`qkvlab.attention.matvec`.
+        Calls that pass the same ``cache`` with the same options reuse the static step of the
+        last one (compiled, its graph captured): a program that generates again and again keeps
+        one cache for it. The model keeps that step until its next call over another cache,
+        without holding the cache.
 
         Cached decoding is the default; ``use_cache=False`` recomputes the whole prefix each
         step (for checks). :meth:`stream` yields the same tokens step by step.

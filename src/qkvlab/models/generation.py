@@ -257,12 +257,12 @@ class GenerationStep:
         tokens: ``(B,)`` sampled ids (meaningless where ``emitted`` is False).
         emitted: ``(B,)`` bool: rows for which ``tokens`` is their next token (rows that ended
             at an earlier step are False).
-
-        Both are on the host, read there while the next step already runs on the model's
-        device: reading them waits for nothing.
         finished: per row, the finish reason if the row ended at this step, else None.
         text: with a tokenizer, the new text of each row at this step ("" if none yet: an
             unfinished UTF-8 character waits for its next byte); else None.
+
+    In a stream, ``tokens`` and ``emitted`` are on the host, read there while the next step
+    already runs on the model's device: reading them waits for nothing.
     """
 
     tokens: torch.Tensor

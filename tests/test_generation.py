@@ -394,6 +394,34 @@ def test_calls_over_one_cache_reuse_its_decoder(monkeypatch):
     assert len(built) == 5
 
 
+def test_a_decoder_is_not_reused_where_what_its_graph_reads_moved(monkeypatch):
+    """A recorded step reads weights and caches by address: weights loaded anew (``assign=True``
+    puts new tensors in place), another mode, autocast or decode backend build a new decoder, and
+    every call gives what the uncached reference gives."""
+    built = eager_compile(monkeypatch)
+    model = small_gpt("q_kv+gqa2+rope")
+    cache = model.new_cache(3, 24)
+
+    def call_and_check():
+        got = model.generate(ROWS, 5, cache=cache, compile=True)
+        assert torch.equal(got, model.generate(ROWS, 5, use_cache=False))
+
+    call_and_check()
+    call_and_check()
+    assert len(built) == 1
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    call_and_check()
+    assert len(built) == 2
+    set_decode_backend(model, "torch")
+    call_and_check()
+    assert len(built) == 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.generate(ROWS, 5, cache=cache, compile=True)
+    assert len(built) == 4
+    call_and_check()
+    assert len(built) == 5
+
+
 def test_an_idle_decoder_keeps_neither_its_model_nor_its_cache(monkeypatch):
     """What a call leaves for the next holds the model and the cache weakly: each, dropped, is
     freed at once (no garbage collection), and the idle decoder with the model."""

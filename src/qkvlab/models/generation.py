@@ -626,30 +626,49 @@ def _without_grad(
     return result
 
 
-# model -> (its last decoder's cache, weakly; the decoder's options; the decoder), for the next
-# generate over that cache. The idle decoder holds neither the model nor the cache: both go with
-# their users, and the decoder (its graph and buffers) with the model or the next call.
+# model -> (its last decoder's cache, weakly; what the decoder's step was recorded for; the
+# decoder), for the next generate over that cache. The idle decoder holds neither the model nor
+# the cache: both go with their users, and the decoder (its graph and buffers) with the model or
+# the next call.
 _IDLE_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _recorded_for(model: nn.Module, cache: KVCache, options: dict) -> tuple:
+    """What a recorded step depends on beyond its code: the options, the form of the cache
+    (ragged or not), the memory and dtype of every weight, buffer and cache tensor it reads (a
+    graph reads them by address: ``model.to()`` or weights loaded with ``assign=True`` move them),
+    the model's mode, the autocast in force and each attention layer's decode backend."""
+    device = cache.device.type
+    tensors = [*model.parameters(), *model.buffers(), *(t for layer in cache.layers for t in (layer.k, layer.v))]
+    return (
+        tuple(sorted(options.items(), key=lambda kv: kv[0])),
+        cache.row_lengths is not None,
+        tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors),
+        model.training,
+        torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device),
+        tuple(getattr(m, "decode_backend", None) for m in model.modules()),
+    )
+
+
 def _take_decoder(model: nn.Module, cache: KVCache, options: dict) -> StaticDecoder:
-    """The decoder an earlier call left for ``model`` over this very ``cache`` with the same
-    options and form (ragged or not): its step is compiled and its graph captured already. Else
-    a new one (and an idle decoder of another cache or other options is dropped)."""
+    """The decoder an earlier call left for ``model`` over this very ``cache``, recorded for
+    what this call would record (:func:`_recorded_for`): its step is compiled and its graph
+    captured already. Else a new one (and an idle decoder that does not fit is dropped)."""
     from qkvlab.models.decoding import StaticDecoder
 
     idle = _IDLE_DECODERS.pop(model, None)
     if idle is not None:
-        cache_ref, opts, decoder = idle
-        if cache_ref() is cache and opts == options and decoder.ragged == (cache.row_lengths is not None):
+        cache_ref, recorded, decoder = idle
+        if cache_ref() is cache and recorded == _recorded_for(model, cache, options):
             decoder.model, decoder.cache = model, cache
             return decoder
     return StaticDecoder(model, cache, **options)
 
 
 def _leave_decoder(model: nn.Module, cache: KVCache, options: dict, decoder: StaticDecoder) -> None:
+    recorded = _recorded_for(model, cache, options)
     decoder.model = decoder.cache = None  # idle: it keeps neither alive
-    _IDLE_DECODERS[model] = (weakref.ref(cache), options, decoder)
+    _IDLE_DECODERS[model] = (weakref.ref(cache), recorded, decoder)
 
 
 def to_host_later(t: torch.Tensor) -> Callable[[], list]:

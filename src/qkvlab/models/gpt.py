@@ -202,8 +202,10 @@ class GPT(nn.Module):
         kernel, on CUDA) or ``"inductor"`` (with ``compile``); see :mod:`qkvlab.attention.matvec`.
         Calls that pass the same ``cache`` with the same options reuse the static step of the
         last one (compiled, its graph captured): a program that generates again and again keeps
-        one cache for it. The model keeps that step until its next call over another cache,
-        without holding the cache.
+        one cache for it. The step is recorded again where the weights moved (``model.to()``,
+        weights loaded with ``assign=True``) or the mode, autocast or decode backend changed.
+        The model keeps that step until its next call over another cache, without holding the
+        cache.
 
         Cached decoding is the default; ``use_cache=False`` recomputes the whole prefix each
         step (for checks). :meth:`stream` yields the same tokens step by step.

@@ -510,7 +510,7 @@ def run(
         # follow on the host, and between two steps the device runs only the sampling and the
         # step, not the bookkeeping's small kernels. A stream's steps hand out what the host
         # read: a caller reading them waits for nothing, not even the step already launched.
-        on_host = not every_row and (stream or texts is not None)
+        on_host = stream or texts is not None  # (never with every_row, which leaves both out)
         stop_set = {int(t) for t in stop_token_ids} if stop_ids is not None else set()
         ended_h, reason_h, count_h = [False] * B, [_LENGTH] * B, [0] * B
         columns: list[list[int]] = []  # the host's copy of ``new``, a column a step

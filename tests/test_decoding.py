@@ -21,7 +21,7 @@ from qkvlab import GPT, GPTConfig
 from qkvlab.attention import Attention
 from qkvlab.attention import backends as backends_mod
 from qkvlab.errors import ConfigError
-from qkvlab.models.decoding import StaticDecoder
+from qkvlab.models.decoding import StaticDecoder, chunked_argmax
 
 VARIANTS = ["q_k_v", "q_kv", "qk_v", "qkv", "q_k_v+gqa2", "q_kv+gqa2", "q_kv+mqa"]
 
@@ -373,11 +373,12 @@ def test_compiled_static_step_equals_the_eager_one(variant, mode):
 
 
 @needs_cc
-def test_a_compiled_greedy_decoder_picks_what_the_eager_one_picks():
-    """The argmax traced into the compiled step (fullgraph, the input written in place) picks
-    the tokens the eager greedy step picks, step after step."""
+@pytest.mark.parametrize(("vocab", "dtype"), [(41, torch.float32), (5000, torch.float64)], ids=["argmax", "chunked"])
+def test_a_compiled_greedy_decoder_picks_what_the_eager_one_picks(vocab, dtype):
+    """The argmax traced into the compiled step (fullgraph, the input written in place; over a
+    wide vocabulary in two stages) picks the tokens the eager greedy step picks, step after step."""
     torch._dynamo.reset()
-    model = small_gpt("q_kv+rope+qknorm", "llama", dtype=torch.float32)
+    model = small_gpt("q_kv+rope+qknorm", "llama", dtype=dtype, vocab_size=vocab)
     prompt = torch.randint(0, 41, (2, 5), generator=torch.Generator().manual_seed(3))
     picks = {}
     for compile in (False, True):
@@ -511,3 +512,24 @@ def test_decode_choices_and_the_compatible_switch(monkeypatch):
     # a separate K/V cache with a host-known length is SDPA's (flash decoding over the prefix)
     sep = backends_mod.DecodeStep(q, k, k.clone(), step.lengths, 0.25, length=8)
     assert backends_mod.select_decode_backend("triton", sep) is None
+
+
+@pytest.mark.parametrize("V", [7, 4096, 4097, 50304, 65536 + 3])
+def test_the_chunked_argmax_is_argmax(V):
+    """The two-stage pick equals ``argmax`` index for index: random rows, ties (the first of
+    equal maxima), a maximum in the last (padded) chunk, rows of -inf, NaN (the first NaN), in
+    float32 and bfloat16, eager and compiled."""
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(8, V, generator=g)
+    x[1, :] = 0.0  # all tied: index 0
+    x[2, [V // 3, V // 2, V - 1]] = 50.0  # tied maxima in different chunks: the first
+    x[3, V - 1] = 50.0  # the maximum in the last chunk, next to its padding
+    x[4, :] = float("-inf")
+    x[5, [V // 2, V - 1]] = float("nan")  # the first NaN, as argmax gives
+    x[6, 1:] = float("-inf")
+    torch._dynamo.reset()  # each width and dtype compiles afresh, not against the recompile limit
+    for dtype in (torch.float32, torch.bfloat16):
+        y = x.to(dtype)
+        want = y.argmax(-1)
+        assert torch.equal(chunked_argmax(y), want)
+        assert torch.equal(torch.compile(chunked_argmax, fullgraph=True, dynamic=False)(y), want)

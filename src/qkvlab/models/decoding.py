@@ -59,6 +59,7 @@ import contextlib
 import ctypes
 import functools
 import gc
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -134,6 +135,25 @@ def graph_launcher(graph: torch.cuda.CUDAGraph, device: torch.device) -> Callabl
 
 #: ``torch.compile`` modes a :class:`StaticDecoder` accepts (its own CUDA graph records the step).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def chunked_argmax(logits: torch.Tensor, min_width: int = 4096) -> torch.Tensor:
+    """``logits.argmax(-1)`` for ``(rows, vocab)`` logits, reduced in two stages: the maximum of each of
+    about ``sqrt(vocab)`` chunks of a row, then the best chunk. The same index as ``argmax`` (the first
+    of equal maxima, the first NaN), written for ``torch.compile``: Inductor reduces an argmax over
+    one row in one program, which leaves a large card mostly idle for the whole vocabulary, while
+    each stage here is a reduction over many rows. Rows narrower than ``min_width`` take
+    ``argmax`` as it is."""
+    rows, vocab = logits.shape
+    if vocab < min_width:
+        return logits.argmax(-1)
+    width = math.isqrt(vocab - 1) + 1
+    chunks = -(-vocab // width)
+    # -inf after the end is never a row's first maximum: a row of -inf's picks 0 either way
+    padded = torch.nn.functional.pad(logits, (0, chunks * width - vocab), value=float("-inf"))
+    best, where = padded.view(rows, chunks, width).max(-1)  # the first maximum of each chunk
+    chunk = best.argmax(-1, keepdim=True)  # the first chunk holding the row's maximum
+    return (chunk * width + where.gather(-1, chunk)).squeeze(-1)
 
 
 class StaticDecoder:
@@ -231,6 +251,8 @@ class StaticDecoder:
         # invalidates that capture. Unbound, a decoder and its graph go when the last
         # reference does.
         run = StaticDecoder._run
+        # uncompiled, the pick stays one argmax: the two stages would be several more launches
+        self._compiled = bool(compile)
         if compile and self._gemv == "inductor" and mode in (None, "default"):
             # the reductions Inductor generates for the products are tuned for their shapes
             self._fn = torch.compile(run, fullgraph=True, options={"coordinate_descent_tuning": True})
@@ -267,7 +289,8 @@ class StaticDecoder:
             # inside the step (and its graph): the host launches no fill before the next step
             self.pos.add_(1)
         if self.greedy:  # the next input, chosen inside the step: no argmax or copy between steps
-            self.token.copy_(logits.argmax(-1, keepdim=True))
+            pick = chunked_argmax(logits) if self._compiled else logits.argmax(-1)
+            self.token.copy_(pick.unsqueeze(-1))
         return logits
 
     @torch.no_grad()

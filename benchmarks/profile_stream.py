@@ -8,9 +8,12 @@ prefill and the graph's capture cancel):
 
 - ``stream+text``: ``model.stream`` with a tokenizer, every token read and decoded on the host;
 - ``stream``: ``model.stream`` without one;
-- ``generate``: ``model.generate``.
+- ``generate``: ``model.generate``;
+- ``steps``: the greedy static step alone (``StaticDecoder(greedy=True)``, each step fed its own
+  pick, back to back, no loop around it): the floor a whole call's token stands on.
 
-Then it profiles one streamed call and splits the GPU's timeline at each step's first kernel
+``--calls`` picks some of them. Then it profiles one call (``--profile-call``, a streamed one
+with text by default) and splits the GPU's timeline at each step's first kernel
 (``--step-start``): per token, the period from one step to the next, the time some kernel runs
 (``busy``), what runs after the step's last matrix product (sampling, copies) and the idle gaps
 between kernels, by the pair of kernels around them; and the host's CUDA calls per token.
@@ -32,9 +35,11 @@ import torch
 
 from benchutil import env_info
 from gpu_generate import ONE_B, SMOKE, build
+from qkvlab.models.decoding import StaticDecoder
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 HOST_CATS = ("cuda_runtime", "cuda_driver")
+CALLS = ("stream+text", "stream", "generate", "steps")
 
 
 class TextSink:
@@ -96,11 +101,17 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=4096, help="prompt tokens")
     ap.add_argument("--long", type=int, default=208, help="new tokens of the long call")
     ap.add_argument("--short", type=int, default=8, help="new tokens of the short call")
-    ap.add_argument("--profile-tokens", type=int, default=40, help="new tokens of the profiled streamed call")
+    ap.add_argument("--profile-tokens", type=int, default=40, help="new tokens of the profiled call")
     ap.add_argument("--step-start", default="triton_poi_fused_embedding", help="name prefix of a step's first kernel")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, no graphs: the script's plumbing")
+    ap.add_argument("--calls", default="stream+text,stream,generate,steps", help="comma list of the calls to time")
+    ap.add_argument("--profile-call", default="stream+text", help="the call to profile (one of --calls' names)")
     ap.add_argument("--out", default=None, help="folder for profile_stream.json")
     args = ap.parse_args(argv)
+    names = [c for c in args.calls.split(",") if c]
+    bad = [c for c in [*names, args.profile_call] if c not in CALLS]
+    if bad:
+        ap.error(f"{bad[0]!r} is not a call; the calls are {', '.join(CALLS)}")
     if args.smoke:
         device, shape, args.context, args.long, args.short, args.profile_tokens = "cpu", SMOKE, 12, 10, 2, 12
         kw = dict(cuda_graph=False)
@@ -122,11 +133,26 @@ def main(argv=None) -> int:
             pass
         return steps.result
 
-    calls = {
+    decoder = None
+
+    def steps(n: int):
+        """The prefill, then ``n`` greedy static steps back to back (one decoder for all calls)."""
+        nonlocal decoder
+        cache.reset()
+        logits = model.prefill(prompt, cache)
+        if decoder is None:
+            decoder = StaticDecoder(model, cache, greedy=True, **kw)
+        decoder.step(logits.argmax(-1), copy=False)
+        for _ in range(n - 1):
+            decoder.step(decoder.next_token, copy=False)
+
+    every = {
         "stream+text": lambda n: stream(n, True),
         "stream": lambda n: stream(n, False),
         "generate": lambda n: model.generate(prompt, n, cache=cache, **kw),
+        "steps": steps,
     }
+    calls = {c: every[c] for c in names}
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for call in calls.values():  # compiles and captures once each
         call(args.short)
@@ -151,8 +177,10 @@ def main(argv=None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    every[args.profile_call](args.short)  # compiled and captured before the profile, if not timed above
+    sync()
     with profile(activities=activities) as prof:
-        stream(args.profile_tokens, True)
+        every[args.profile_call](args.profile_tokens)
         sync()
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "trace.json"

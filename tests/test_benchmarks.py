@@ -139,9 +139,17 @@ def test_gpu_weight_prefetch_smoke_checks_the_stack_against_its_reference(tmp_pa
 def test_profile_stream_smoke_times_every_call(tmp_path):
     run_script("profile_stream.py", "--out", str(tmp_path))
     doc = json.loads((tmp_path / "profile_stream.json").read_text())
-    assert set(doc["rates"]) == {"stream+text", "stream", "generate"}
+    assert set(doc["rates"]) == {"stream+text", "stream", "generate", "steps"}
     assert all(math.isfinite(r["us_per_token"]) for r in doc["rates"].values())  # no timing claim on a CPU
     assert doc["split"]["gpu_events"] == 0  # a CPU run has no GPU timeline to split
+
+
+def test_profile_stream_times_and_profiles_the_calls_asked_for(tmp_path):
+    run_script("profile_stream.py", "--out", str(tmp_path), "--calls", "steps", "--profile-call", "generate")
+    doc = json.loads((tmp_path / "profile_stream.json").read_text())
+    assert set(doc["rates"]) == {"steps"} and doc["args"]["profile_call"] == "generate"
+    bad = script("profile_stream.py", "--smoke", "--calls", "steps,decode")
+    assert bad.returncode == 2 and "'decode' is not a call" in bad.stderr, bad.stderr[-2000:]
 
 
 def test_profile_stream_splits_a_timeline_at_each_step(monkeypatch):

@@ -3,7 +3,7 @@
 A whole ``generate`` runs more than the decode steps: between two steps it samples the next
 token, copies it out (streaming) and into the next step's input. This script times, on the
 1.28B llama shape of ``gpu_generate.py`` (random bf16 weights, compiled, fused, GEMV kernel),
-each of three calls per token, as the difference of a long and a short call (so that the
+each of these calls per token, as the difference of a long and a short call (so that the
 prefill and the graph's capture cancel):
 
 - ``stream+text``: ``model.stream`` with a tokenizer, every token read and decoded on the host;
@@ -12,11 +12,14 @@ prefill and the graph's capture cancel):
 - ``steps``: the greedy static step alone (``StaticDecoder(greedy=True)``, each step fed its own
   pick, back to back, no loop around it): the floor a whole call's token stands on.
 
-``--calls`` picks some of them. Then it profiles one call (``--profile-call``, a streamed one
-with text by default) and splits the GPU's timeline at each step's first kernel
-(``--step-start``): per token, the period from one step to the next, the time some kernel runs
-(``busy``), what runs after the step's last matrix product (sampling, copies) and the idle gaps
-between kernels, by the pair of kernels around them; and the host's CUDA calls per token.
+``--calls`` picks some of them. ``--temperature``, ``--top-k`` and ``--top-p`` make the streams
+and ``generate`` sample (``steps`` stays greedy), which prices the sampling between steps.
+
+Then it profiles one call (``--profile-call``, a streamed one with text by default) and splits
+the GPU's timeline at each step's first kernel (``--step-start``): per token, the period from
+one step to the next, the time some kernel runs (``busy``), what runs after the step's last
+matrix product (sampling, copies) and the idle gaps between kernels, by the pair of kernels
+around them; and the host's CUDA calls per token.
 
     PYTHONPATH=src:benchmarks python3 benchmarks/profile_stream.py --out $OUT
     PYTHONPATH=src:benchmarks python3 benchmarks/profile_stream.py --smoke   # CPU, tiny model: the plumbing
@@ -106,6 +109,9 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, no graphs: the script's plumbing")
     ap.add_argument("--calls", default="stream+text,stream,generate,steps", help="comma list of the calls to time")
     ap.add_argument("--profile-call", default="stream+text", help="the call to profile (one of --calls' names)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="stream's and generate's (0: greedy)")
+    ap.add_argument("--top-k", type=int, default=None, help="stream's and generate's top_k")
+    ap.add_argument("--top-p", type=float, default=None, help="stream's and generate's top_p")
     ap.add_argument("--out", default=None, help="folder for profile_stream.json")
     args = ap.parse_args(argv)
     names = [c for c in args.calls.split(",") if c]
@@ -120,6 +126,8 @@ def main(argv=None) -> int:
     else:
         device, shape = "cuda", ONE_B
         kw = dict(compile="default", fuse=True, gemv="kernel")
+    # the calls sample as asked (steps stays greedy: the floor a token stands on)
+    kw.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     device = torch.device(device)
     room = args.context + max(args.long, args.profile_tokens)
     model = build(args.variant, shape, room, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -141,7 +149,8 @@ def main(argv=None) -> int:
         cache.reset()
         logits = model.prefill(prompt, cache)
         if decoder is None:
-            decoder = StaticDecoder(model, cache, greedy=True, **kw)
+            options = ("cuda_graph", "compile", "fuse", "gemv")
+            decoder = StaticDecoder(model, cache, greedy=True, **{k: v for k, v in kw.items() if k in options})
         decoder.step(logits.argmax(-1), copy=False)
         for _ in range(n - 1):
             decoder.step(decoder.next_token, copy=False)

@@ -145,9 +145,11 @@ def test_profile_stream_smoke_times_every_call(tmp_path):
 
 
 def test_profile_stream_times_and_profiles_the_calls_asked_for(tmp_path):
-    run_script("profile_stream.py", "--out", str(tmp_path), "--calls", "steps", "--profile-call", "generate")
+    args = ("--calls", "steps", "--profile-call", "generate", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "5")
+    run_script("profile_stream.py", "--out", str(tmp_path), *args)
     doc = json.loads((tmp_path / "profile_stream.json").read_text())
     assert set(doc["rates"]) == {"steps"} and doc["args"]["profile_call"] == "generate"
+    assert (doc["args"]["temperature"], doc["args"]["top_p"], doc["args"]["top_k"]) == (0.8, 0.9, 5)
     bad = script("profile_stream.py", "--smoke", "--calls", "steps,decode")
     assert bad.returncode == 2 and "'decode' is not a call" in bad.stderr, bad.stderr[-2000:]
 

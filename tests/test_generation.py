@@ -22,7 +22,8 @@ from qkvlab.attention import Attention
 from qkvlab.data.tokenizers import ByteTokenizer
 from qkvlab.errors import ConfigError
 from qkvlab.models.decoding import StaticDecoder
-from qkvlab.models.generation import _RowText, apply_repetition_penalty, sample, top_p_filter
+from qkvlab.models.generation import _RowText
+from qkvlab.models.sampling import apply_repetition_penalty, sample, top_p_filter
 
 V = 41
 ROWS = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16]]

@@ -228,6 +228,63 @@ def test_cuda_greedy_generate_with_the_pick_in_the_step_matches_eager(compile):
     assert all(t.device.type == "cpu" for t in handed)  # read on the host, while the next step ran
 
 
+def test_cuda_sampled_generate_draws_in_the_graph_what_an_ungraphed_call_draws():
+    """Sampled generate without a generator of its own samples inside the graphed step, from the
+    default generator: the capture gives back what its warmup drew, and each replay draws what
+    the uncaptured call draws, so from one seed the tokens are the ungraphed call's; a second
+    call over the same cache (no capture) too, and a stream."""
+    from qkvlab.models.decoding import StaticDecoder
+
+    built = []
+    init = StaticDecoder.__init__
+
+    def spy(self, *a, **kw):
+        built.append(kw.get("sampling"))
+        init(self, *a, **kw)
+
+    model = cuda_gpt("q_kv+gqa2", "llama", torch.float32)
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    sampling = dict(temperature=0.9, top_k=40, top_p=0.95)
+    kw = dict(**sampling, return_dict=True)
+    torch.manual_seed(4)
+    ref = model.generate(rows, 24, cuda_graph=False, **kw)
+    cache = model.new_cache(3, 64)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(StaticDecoder, "__init__", spy)
+        got = []
+        for _ in range(2):
+            torch.manual_seed(4)
+            got.append(model.generate(rows, 24, cache=cache, cuda_graph=True, **kw))
+        torch.manual_seed(4)
+        handed = [step.tokens for step in model.stream(rows, 24, cache=cache, cuda_graph=True, **sampling)]
+    assert len(built) == 1 and built[0] is not None  # one sampling decoder, kept for the later calls
+    assert got[0].tokens == got[1].tokens == ref.tokens and torch.equal(got[0].sequences, ref.sequences)
+    assert torch.stack(handed, 1).tolist() == ref.tokens
+    torch.manual_seed(5)
+    assert model.generate(rows, 24, cache=cache, cuda_graph=True, **kw).tokens != ref.tokens
+
+
+def test_cuda_compiled_sampled_generate_draws_from_the_kept_tokens_and_repeats_with_the_seed():
+    """Compiled, the step draws with Inductor's own random numbers: from one seed the same tokens
+    twice (the second call replays the first one's graph), from another seed others, and every
+    token among the top-k of the logits an uncompiled step gives for the row so far."""
+    torch._dynamo.reset()
+    model = cuda_gpt("q_kv+gqa2", "llama", torch.float64)
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    kw = dict(temperature=1.2, top_k=3, cuda_graph=True, compile=True, return_dict=True)
+    cache = model.new_cache(3, 64)
+    outs = []
+    for seed in (4, 4, 5):
+        torch.manual_seed(seed)
+        outs.append(model.generate(rows, 16, cache=cache, **kw))
+    assert outs[0].tokens == outs[1].tokens != outs[2].tokens
+    for row, new in zip(rows, outs[0].tokens, strict=True):
+        seq = torch.tensor([row + new], device="cuda")
+        logits = model(seq)[0, len(row) - 1 : -1]  # the logits each new token was drawn from
+        top = logits.topk(3, dim=-1).indices
+        assert (top == torch.tensor(new, device="cuda")[:, None]).any(-1).all(), (row, new)
+
+
 @pytest.mark.parametrize("compile", [False, True], ids=["graph", "compiled graph"])
 def test_cuda_calls_over_one_cache_replay_the_first_calls_graph(compile):
     """Calls over one cache capture the step once: each later call (other prompts, ragged or

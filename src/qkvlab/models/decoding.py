@@ -59,7 +59,6 @@ import contextlib
 import ctypes
 import functools
 import gc
-import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -69,6 +68,7 @@ from qkvlab.attention.cache import KVCache
 from qkvlab.attention.matvec import check_gemv, resolve_gemv, use_gemv
 from qkvlab.attention.projections import FusedLinears, check_fuse, fuse_projections, fusion_epoch
 from qkvlab.errors import ConfigError
+from qkvlab.models.sampling import Sampling, chunked_argmax
 
 
 @contextlib.contextmanager
@@ -137,25 +137,6 @@ def graph_launcher(graph: torch.cuda.CUDAGraph, device: torch.device) -> Callabl
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
-def chunked_argmax(logits: torch.Tensor, min_width: int = 4096) -> torch.Tensor:
-    """``logits.argmax(-1)`` for ``(rows, vocab)`` logits, reduced in two stages: the maximum of each of
-    about ``sqrt(vocab)`` chunks of a row, then the best chunk. The same index as ``argmax`` (the first
-    of equal maxima, the first NaN), written for ``torch.compile``: Inductor reduces an argmax over
-    one row in one program, which leaves a large card mostly idle for the whole vocabulary, while
-    each stage here is a reduction over many rows. Rows narrower than ``min_width`` take
-    ``argmax`` as it is."""
-    rows, vocab = logits.shape
-    if vocab < min_width:
-        return logits.argmax(-1)
-    width = math.isqrt(vocab - 1) + 1
-    chunks = -(-vocab // width)
-    # -inf after the end is never a row's first maximum: a row of -inf's picks 0 either way
-    padded = torch.nn.functional.pad(logits, (0, chunks * width - vocab), value=float("-inf"))
-    best, where = padded.view(rows, chunks, width).max(-1)  # the first maximum of each chunk
-    chunk = best.argmax(-1, keepdim=True)  # the first chunk holding the row's maximum
-    return (chunk * width + where.gather(-1, chunk)).squeeze(-1)
-
-
 class StaticDecoder:
     """One-token decode steps of ``model`` over ``cache`` with static shapes.
 
@@ -189,6 +170,12 @@ class StaticDecoder:
             next step, and ``step(decoder.next_token)`` continues without a copy. A greedy loop
             then launches no argmax and no token copy between steps (compiled, Inductor
             generates the argmax as part of the step).
+        sampling: a :class:`~qkvlab.models.sampling.Sampling` (temperature, top-k, top-p): the
+            step samples each row's next token instead, the same way and into the same input
+            (:attr:`next_token`), drawing from the default generator of the cache's device. A
+            graph that draws is replayed with that generator's state at each launch, and the
+            capture leaves the generator's offset where it found it, so the graphed steps draw
+            what uncaptured ones would. Not with ``greedy``.
     """
 
     def __init__(
@@ -202,6 +189,7 @@ class StaticDecoder:
         fuse: bool | str = False,
         gemv: bool | str = "auto",
         greedy: bool = False,
+        sampling: Sampling | None = None,
     ):
         check_fuse(fuse, model)  # "auto" is decided at each fusion sync, as the mode may change
         if cuda_graph not in (True, False, "auto"):
@@ -218,6 +206,14 @@ class StaticDecoder:
             )
         if not isinstance(greedy, bool):
             raise ConfigError(f"greedy must be True or False, got {greedy!r}.")
+        if sampling is not None and not isinstance(sampling, Sampling):
+            raise ConfigError(
+                f"sampling must be a qkvlab.models.sampling.Sampling or None, got {type(sampling).__name__}."
+            )
+        if greedy and sampling is not None:
+            raise ConfigError(
+                "A decoder picks greedily or samples, not both: pass greedy=True or sampling=..., not both."
+            )
         device = cache.device
         if cuda_graph is True and device.type != "cuda":
             raise ConfigError(
@@ -227,6 +223,7 @@ class StaticDecoder:
         self.model = model
         self.cache = cache
         self.greedy = greedy
+        self.sampling = sampling
         self._fuse = bool(fuse)
         self._gemv = resolve_gemv(check_gemv(gemv, compile), cache.device)
         self._fusable = [m for m in model.modules() if isinstance(m, FusedLinears)]
@@ -275,11 +272,19 @@ class StaticDecoder:
         return sum(m.fused for m in self._fusable)
 
     @property
+    def picks(self) -> bool:
+        """Whether each step picks the next token itself (``greedy`` or ``sampling``)."""
+        return self.greedy or self.sampling is not None
+
+    @property
     def next_token(self) -> torch.Tensor:
-        """``(B,)``: with ``greedy``, the token each row's last step chose; the next step's input,
-        which that step overwrites with its own choice (copy it to keep it)."""
-        if not self.greedy:
-            raise ConfigError("next_token is kept by greedy decoders only: StaticDecoder(..., greedy=True).")
+        """``(B,)``: with ``greedy`` or ``sampling``, the token each row's last step chose; the next
+        step's input, which that step overwrites with its own choice (copy it to keep it)."""
+        if not self.picks:
+            raise ConfigError(
+                "next_token is kept by decoders that pick the next token: StaticDecoder(..., greedy=True) "
+                "or StaticDecoder(..., sampling=Sampling(temperature=...))."
+            )
         return self.token.view(-1)
 
     @torch.no_grad()
@@ -288,8 +293,11 @@ class StaticDecoder:
         if not self.ragged:
             # inside the step (and its graph): the host launches no fill before the next step
             self.pos.add_(1)
-        if self.greedy:  # the next input, chosen inside the step: no argmax or copy between steps
-            pick = chunked_argmax(logits) if self._compiled else logits.argmax(-1)
+        if self.picks:  # the next input, chosen inside the step: no sampling or copy between steps
+            if self.sampling is not None:
+                pick = self.sampling(logits)
+            else:
+                pick = chunked_argmax(logits) if self._compiled else logits.argmax(-1)
             self.token.copy_(pick.unsqueeze(-1))
         return logits
 
@@ -297,6 +305,11 @@ class StaticDecoder:
     def capture(self) -> None:
         """Record the step (called by the first :meth:`step` when graphs are on)."""
         self._check_room()
+        device = self.cache.device
+        generator = torch.cuda.default_generators[
+            device.index if device.index is not None else torch.cuda.current_device()
+        ]
+        offset = generator.get_offset()
         stream = torch.cuda.Stream(device=self.cache.device)
         stream.wait_stream(torch.cuda.current_stream(self.cache.device))
         with torch.cuda.stream(stream), use_gemv(self._gemv):
@@ -315,6 +328,9 @@ class StaticDecoder:
         self._set_pos()
         self._launch = graph_launcher(graph, self.cache.device) or graph.replay
         self._pos_at = None  # the warmup and that replay moved it
+        # what the warmup and that replay drew (a sampling step's draws) is not the caller's: the
+        # first real step draws what an uncaptured one would
+        generator.set_offset(offset)
         self.graph = graph
 
     def _check_room(self) -> None:

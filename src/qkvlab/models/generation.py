@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import numbers
 import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -50,6 +49,7 @@ from qkvlab.attention.cache import KVCache, LinearState
 from qkvlab.attention.matvec import check_gemv
 from qkvlab.attention.projections import check_fuse, fuse_projections
 from qkvlab.errors import ConfigError
+from qkvlab.models.sampling import Sampling, apply_repetition_penalty, check_sampling, sample
 
 if TYPE_CHECKING:
     from torch import nn
@@ -60,84 +60,6 @@ if TYPE_CHECKING:
 #: ``GenerateOutput.finish_reasons`` values.
 FINISH_REASONS = ("length", "stop_token", "stop_string")
 _LENGTH, _STOP_TOKEN, _STOP_STRING = 0, 1, 2
-
-
-# ----------------------------------------------------------------------------- logits processing
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Penalise tokens already in the row: ``l / penalty`` where ``l > 0``, ``l * penalty`` otherwise.
-
-    ``seen`` is ``(B, V)`` bool. With ``penalty > 1`` a seen token always becomes less likely
-    (dividing a negative logit would raise it), as in Keskar et al. (2019), CTRL.
-    """
-    logits = logits.float()
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
-
-
-def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Logits outside the ``top_k`` largest of each row set to ``-inf``."""
-    if top_k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches ``top_p``; the rest ``-inf``.
-
-    A token stays if the tokens more likely than it hold less than ``top_p`` together, so the
-    most likely token always stays and ``top_p=1`` keeps everything.
-    """
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.float().softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
-    drop_sorted = before >= top_p
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def sample(
-    logits: torch.Tensor,
-    *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Next token ``(B,)`` from logits ``(B, V)``: greedy at temperature 0, else sampled.
-
-    Sampling draws from ``softmax(logits / temperature)`` after :func:`top_k_filter` and then
-    :func:`top_p_filter` (each only if given).
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None:
-        logits = top_p_filter(logits, top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-# ----------------------------------------------------------------------------- checks
-def check_sampling(
-    *, temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float | None
-) -> None:
-    """One :class:`ConfigError` per bad sampling value."""
-    if not temperature >= 0 or temperature == float("inf"):  # NaN fails the first test
-        raise ConfigError(f"temperature must be >= 0 and finite (0 is greedy), got {temperature}.")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
-        raise ConfigError(f"top_k must be >= 1 (an integer; None is no limit), got {top_k!r}.")
-    if top_p is not None and not 0 < top_p <= 1:  # NaN fails too
-        raise ConfigError(f"top_p must lie in (0, 1] (1 keeps every token; None is off), got {top_p}.")
-    if repetition_penalty is not None and not (0 < repetition_penalty < math.inf):
-        raise ConfigError(
-            f"repetition_penalty must be a finite number > 0 (1 is off, > 1 discourages repeats), got "
-            f"{repetition_penalty}."
-        )
 
 
 def _check_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
@@ -452,14 +374,22 @@ def run(
             logits = _last_logits(model(packed), lengths)
         step = None
         penalty = repetition_penalty if repetition_penalty not in (None, 1.0) else None
-        # Greedy without a penalty: the step itself picks each next token (StaticDecoder's greedy),
-        # so between two steps no argmax kernel runs and no token is copied into the step's input.
+        # Without a penalty the static step itself picks each next token, greedily or by sampling
+        # from the default generator (StaticDecoder's greedy and sampling), so between two steps
+        # no sampling kernels run and no token is copied into the step's input. A penalty reads
+        # the tokens so far, and a caller's generator is not the one a graph replays its draws
+        # from: both sample between the steps.
         chosen = None  # that pick, once a step has made one
         in_step = False
         auto = cuda_graph == "auto" and state is not None and state.device.type == "cuda"
         if use_cache and (compile or cuda_graph is True or (auto and isinstance(state, KVCache))):
-            in_step = temperature == 0 and penalty is None
-            options = dict(cuda_graph=cuda_graph, compile=compile, fuse=fuse, gemv=gemv, greedy=in_step)
+            greedy = temperature == 0 and penalty is None
+            sampled = temperature > 0 and penalty is None and generator is None
+            sampling = Sampling(temperature, top_k, top_p) if sampled else None
+            in_step = greedy or sampled
+            options = dict(
+                cuda_graph=cuda_graph, compile=compile, fuse=fuse, gemv=gemv, greedy=greedy, sampling=sampling
+            )
             decoder = _take_decoder(model, state, options)
             hand_back.append(functools.partial(_leave_decoder, model, state, options, decoder))
             # the logits are sampled from before the next step overwrites the graph's output

@@ -23,7 +23,8 @@ from qkvlab.attention.matvec import apply_linear
 from qkvlab.errors import ConfigError
 from qkvlab.models.blocks import Backbone, init_weights
 from qkvlab.models.config import GPTConfig
-from qkvlab.models.generation import GenerateOutput, GenerationStream, compact_prompt, run, sample
+from qkvlab.models.generation import GenerateOutput, GenerationStream, compact_prompt, run
+from qkvlab.models.sampling import sample
 
 __all__ = ["GPT", "sample"]
 

@@ -1,0 +1,172 @@
+"""Picking tokens inside the static step: the sync-free draw, the Sampling spec, a sampling
+StaticDecoder (eager and compiled) and generate's use of it."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import pytest
+import torch
+from scipy import stats
+
+from qkvlab import GPT, GPTConfig
+from qkvlab.errors import ConfigError
+from qkvlab.models.decoding import StaticDecoder
+from qkvlab.models.sampling import Sampling, draw, sample, top_k_filter
+
+V = 41
+needs_cc = pytest.mark.skipif(
+    sys.platform == "win32" or not any(map(shutil.which, ("cc", "gcc", "clang"))),
+    reason="torch.compile on CPU needs a C compiler",
+)
+
+
+def small_gpt(variant: str = "q_kv+gqa2", dtype=torch.float64) -> GPT:
+    torch.manual_seed(0)
+    cfg = GPTConfig(recipe="llama", variant=variant, n_layers=2, d_model=32, n_heads=4, vocab_size=V, max_seq_len=48)
+    return GPT(cfg).to(dtype).eval()
+
+
+def test_draw_is_multinomial_with_the_same_draws():
+    """``draw`` picks what ``torch.multinomial(probs, 1)`` picks from the same generator state,
+    and leaves the generator where multinomial leaves it."""
+    probs = torch.randn(64, 300, generator=torch.Generator().manual_seed(1)).softmax(-1)
+    a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(3):
+        assert torch.equal(draw(probs, a), torch.multinomial(probs, 1, generator=b).squeeze(-1))
+    assert torch.equal(a.get_state(), b.get_state())
+
+
+def test_draw_follows_the_probabilities():
+    """20,000 independent rows of one distribution: the counts fit it (chi-square, fixed seed)."""
+    p = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625, 0.0])
+    picks = draw(p.expand(20_000, -1).contiguous(), torch.Generator().manual_seed(0))
+    counts = torch.bincount(picks, minlength=len(p))
+    assert counts[-1] == 0  # a zero probability is never drawn
+    assert stats.chisquare(counts[:-1].numpy(), (p[:-1] * 20_000).numpy()).pvalue > 1e-3
+
+
+def test_draw_of_a_nan_row_picks_like_argmax():
+    probs = torch.tensor([[0.2, float("nan"), 0.8], [0.1, 0.2, 0.7]])
+    assert draw(probs, torch.Generator().manual_seed(0))[0] == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(temperature=0.0), "temperature 0 is greedy"),
+        (dict(temperature=float("nan")), "temperature must be >= 0 and finite"),
+        (dict(temperature=1.0, top_p=1.5), "top_p must lie in"),
+        (dict(temperature=1.0, top_k=0), "top_k must be >= 1"),
+    ],
+)
+def test_a_bad_sampling_spec_is_one_clear_error(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        Sampling(**kwargs)
+
+
+def test_a_decoder_samples_or_picks_greedily_not_both():
+    model = small_gpt()
+    cache = model.new_cache(1, 8)
+    with pytest.raises(ConfigError, match="not both"):
+        StaticDecoder(model, cache, cuda_graph=False, greedy=True, sampling=Sampling(1.0))
+    with pytest.raises(ConfigError, match=r"sampling must be a qkvlab\.models\.sampling\.Sampling"):
+        StaticDecoder(model, cache, cuda_graph=False, sampling={"temperature": 1.0})
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_a_sampling_decoder_draws_what_sampling_between_steps_draws(ragged):
+    """Eager, the step's own draw is the draw ``sample`` makes from its logits between two steps,
+    from the same default generator: the same tokens, step after step; the logits are a plain
+    decoder's fed those tokens."""
+    model = small_gpt()
+    spec = Sampling(0.9, top_k=12, top_p=0.9)
+    prompt = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :2] = False
+    decs = []
+    for sampling in (None, spec):
+        cache = model.new_cache(2, 20)
+        model.prefill(prompt, cache, attention_mask=mask if ragged else None)
+        decs.append(StaticDecoder(model, cache, cuda_graph=False, sampling=sampling))
+    plain, sampler = decs
+    assert sampler.picks and not plain.picks
+    tok = torch.tensor([5, 9])
+    torch.manual_seed(3)
+    ref, want = plain.step(tok), []
+    for _ in range(6):
+        want.append(sample(ref, temperature=0.9, top_k=12, top_p=0.9))
+        ref = plain.step(want[-1])
+    torch.manual_seed(3)
+    got = sampler.step(tok)
+    picks = []
+    for _ in range(6):
+        picks.append(sampler.next_token.clone())
+        got = sampler.step(sampler.next_token)
+    assert torch.equal(torch.stack(picks), torch.stack(want))
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+@needs_cc
+def test_a_compiled_sampling_decoder_draws_from_the_kept_tokens_and_repeats_with_the_seed():
+    """Compiled, the draw is Inductor's own (other numbers than eager's): each pick lies among the
+    logits' top-k, a new decoder from the same seed picks the same tokens, and from another seed
+    others."""
+    torch._dynamo.reset()
+    model = small_gpt(dtype=torch.float32)
+    spec = Sampling(1.3, top_k=5)
+    prompt = torch.randint(0, V, (3, 5), generator=torch.Generator().manual_seed(3))
+    runs = []
+    for seed in (11, 11, 12):
+        cache = model.new_cache(3, 16)
+        model.prefill(prompt, cache)
+        dec = StaticDecoder(model, cache, cuda_graph=False, compile=True, sampling=spec)
+        torch.manual_seed(seed)
+        logits, picks = dec.step(torch.tensor([1, 2, 3])), []
+        for _ in range(6):
+            kept = top_k_filter(logits, 5) > float("-inf")
+            assert kept.gather(1, dec.next_token[:, None]).all()
+            picks.append(dec.next_token.clone())
+            logits = dec.step(dec.next_token)
+        runs.append(torch.stack(picks))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def spy_decoders(monkeypatch) -> list[dict]:
+    """The keyword arguments of every StaticDecoder built from now on."""
+    built = []
+    init = StaticDecoder.__init__
+
+    def spy(self, *a, **kw):
+        built.append(kw)
+        init(self, *a, **kw)
+
+    monkeypatch.setattr(StaticDecoder, "__init__", spy)
+    return built
+
+
+@needs_cc
+def test_generate_samples_inside_the_step_where_it_can(monkeypatch):
+    """Sampled generate over a static step lets the step draw from the default generator, unless a
+    penalty (which reads the tokens so far) or a caller's generator asks to sample between steps;
+    every way samples from the kept tokens and repeats with its seed."""
+    torch._dynamo.reset()
+    built = spy_decoders(monkeypatch)
+    model = small_gpt(dtype=torch.float32)
+    rows = [[5, 6, 7, 8], [9, 10]]
+    kw = dict(temperature=0.8, top_k=4, compile=True, return_dict=True)
+    torch.manual_seed(1)
+    a = model.generate(rows, 10, **kw)
+    torch.manual_seed(1)
+    b = model.generate(rows, 10, **kw)
+    torch.manual_seed(2)
+    c = model.generate(rows, 10, **kw)
+    assert a.tokens == b.tokens != c.tokens and a.lengths == [10, 10]
+    assert built[0]["sampling"] == Sampling(0.8, top_k=4) and not built[0]["greedy"]
+    model.generate(rows, 4, generator=torch.Generator().manual_seed(0), **kw)
+    model.generate(rows, 4, repetition_penalty=1.2, **kw)
+    assert [d["sampling"] for d in built[3:]] == [None, None]  # each call its own cache: its own decoder
+    stream = model.stream(rows, 10, temperature=0.8, top_k=4, compile=True)
+    torch.manual_seed(1)
+    assert torch.stack([s.tokens for s in stream], 1).tolist() == a.tokens

@@ -559,6 +559,8 @@ def _generate_runner(system, m, B: int, S: int, n_long: int, args, device):
         kw = dict(compile=args.compile_mode or False, fuse=args.fuse, gemv=False if route == "none" else route)
         if args.smoke:
             kw["cuda_graph"] = False
+        if args.generate_temperature > 0:  # from the default generator: the step draws in its graph
+            kw.update(temperature=args.generate_temperature, top_k=args.generate_top_k, top_p=args.generate_top_p)
 
         def run(n: int) -> torch.Tensor:
             if not args.generate_stream:
@@ -578,12 +580,18 @@ def _generate_runner(system, m, B: int, S: int, n_long: int, args, device):
     if args.smoke:
         m.generation_config.disable_compile = True
     mask = torch.ones_like(prompt)
-    kw = {_cache_kwarg(m): cache}
+    kw = {_cache_kwarg(m): cache, "do_sample": args.generate_temperature > 0}
+    if kw["do_sample"]:  # top_k 0 and top_p 1 turn HF's filters off (its defaults are 50 and 1)
+        kw.update(
+            temperature=args.generate_temperature,
+            top_k=args.generate_top_k or 0,
+            top_p=args.generate_top_p if args.generate_top_p is not None else 1.0,
+        )
 
     def run(n: int) -> torch.Tensor:
         cache.reset()
         streamer = {"streamer": StreamText()} if args.generate_stream else {}
-        out = m.generate(prompt, attention_mask=mask, max_new_tokens=n, do_sample=False, **kw, **streamer)
+        out = m.generate(prompt, attention_mask=mask, max_new_tokens=n, **kw, **streamer)
         return out[:, S:]
 
     return run
@@ -598,8 +606,9 @@ def _timed_call(run, n: int, B: int, device) -> tuple[float, torch.Tensor]:
 
 
 def generate_phase(variants: list[str], shape: dict, points: list, systems: set, args, device, dtype) -> list[dict]:
-    """Greedy decode tokens/s of each system's whole ``generate`` (its loop, sampling and stop
-    checks included, as a user gets it), at each ``(B, S)`` point: calls of ``n_short`` and
+    """Decode tokens/s of each system's whole ``generate`` (its loop, sampling and stop checks
+    included, as a user gets it; greedy, or sampled with ``--generate-temperature``), at each
+    ``(B, S)`` point: calls of ``n_short`` and
     ``n_long`` new tokens in turn on one prompt, the time of a token the median over repetitions
     of ``(t_long - t_short) / (n_long - n_short)``, so the prompt's prefill and the call's setup
     (cache reset, the decoder's warmup and capture) cancel. The first round compiles and is not
@@ -654,6 +663,9 @@ def generate_phase(variants: list[str], shape: dict, points: list, systems: set,
                     prompt=S,
                     new_tokens=[n_short, n_long],
                     stream=args.generate_stream,
+                    temperature=args.generate_temperature,
+                    top_k=args.generate_top_k,
+                    top_p=args.generate_top_p,
                 )
                 if system in errors:
                     rows.append({**row, "error": errors[system]})
@@ -665,7 +677,8 @@ def generate_phase(variants: list[str], shape: dict, points: list, systems: set,
                     row["tokens_per_s"] = B / row["token_s"]
                 else:  # the calls' setup varied by more than the extra tokens took: no figure
                     row["error"] = "noise: the long call took no longer than the short one"
-                if system == "hf-llama" and "qkvlab" in tokens:  # same weights: tokens equal up to the first difference
+                sampled = args.generate_temperature > 0  # two generators' draws: no token agreement to check
+                if system == "hf-llama" and "qkvlab" in tokens and not sampled:  # same weights: equal tokens
                     same = (tokens[system] == tokens["qkvlab"]).cumprod(1).sum(1).float().mean().item()
                     row["greedy_agreement_with_qkvlab"] = same / n_long
                 rows.append(row)
@@ -790,6 +803,14 @@ def main() -> None:
         action="store_true",
         help="the whole-generate calls stream: every token read on the host and decoded as it comes",
     )
+    ap.add_argument(
+        "--generate-temperature",
+        type=float,
+        default=0.0,
+        help="the whole-generate calls sample at this temperature (0: greedy), from the default generator",
+    )
+    ap.add_argument("--generate-top-k", type=int, default=None, help="with --generate-temperature: top_k")
+    ap.add_argument("--generate-top-p", type=float, default=None, help="with --generate-temperature: top_p")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--compile-mode", default="default", help="qkvlab StaticDecoder compile mode ('none': eager)")
@@ -939,6 +960,7 @@ def main() -> None:
     for r in generates:
         head = f"generate {r['system']:<13} {r['variant']:<8} B={r['B']:<3} prompt {r['prompt']:<6}"
         head += " streamed" if r.get("stream") else ""
+        head += f" sampled at T={r['temperature']}" if r.get("temperature") else ""
         if "tokens_per_s" not in r:
             print(f"{head} {r['error']}")
             continue

@@ -277,6 +277,24 @@ def test_gpu_generate_vs_hf_streams_the_whole_generate_calls(tmp_path):
     assert "generate qkvlab        QKV      B=2   prompt 24     streamed" in out
 
 
+def test_gpu_generate_vs_hf_samples_the_whole_generate_calls(tmp_path):
+    """--generate-temperature: both systems' generate calls sample (qkvlab inside its step, HF with
+    do_sample and its filters as asked); two generators' draws, so no token agreement is claimed."""
+    pytest.importorskip("transformers", reason="the side-by-side benchmark needs transformers (the dev extra)")
+    out = run_script(
+        "gpu_generate_vs_hf.py",
+        *("--variants", "QKV", "--points", "none", "--prefill", "none", "--generate", "1x24"),
+        *("--generate-temperature", "0.8", "--generate-top-k", "20", "--generate-top-p", "0.9"),
+        *("--out", str(tmp_path / "vs_hf.json")),
+    )
+    gens = {g["system"]: g for g in json.loads((tmp_path / "vs_hf.json").read_text())["generate"]}
+    assert set(gens) == {"qkvlab", "hf-llama"}, gens
+    assert all((g["temperature"], g["top_k"], g["top_p"]) == (0.8, 20, 0.9) for g in gens.values()), gens
+    assert not any(g.get("error", "").startswith("failed") for g in gens.values()), gens
+    assert "greedy_agreement_with_qkvlab" not in gens["hf-llama"], gens
+    assert "generate qkvlab        QKV      B=2   prompt 24     sampled at T=0.8" in out
+
+
 def test_the_hf_harness_agrees_with_qkvlab_at_a_long_filled_cache(monkeypatch):
     """The side-by-side decode check at the benchmark's context length: HF Llama's step over a
     StaticCache filled and positioned by the harness equals qkvlab's step over its own cache, to
@@ -742,6 +760,9 @@ def test_a_whole_generate_call_that_fails_is_kept_in_its_row_and_the_others_stil
         generate_tokens=40,
         generate_reps=2,
         generate_stream=False,
+        generate_temperature=0.0,
+        generate_top_k=None,
+        generate_top_p=None,
         no_gemma=True,
         smoke=True,
         compile_mode=None,

@@ -93,6 +93,32 @@ def test_generate_compile_flag_gives_the_same_greedy_text(run_dir, extra):
     assert a.output.splitlines()[0] == b.output.splitlines()[0]
 
 
+@pytest.mark.skipif(
+    sys.platform == "win32" or not any(map(shutil.which, ("cc", "gcc", "clang"))),
+    reason="torch.compile on CPU needs a C compiler",
+)
+def test_generate_compiled_samples_inside_the_step_and_repeats_with_its_seed(run_dir, monkeypatch):
+    """--seed seeds the default generator, which a static step samples from inside its graph: the
+    compiled step samples (top-p, no penalty) itself, the same text from one seed twice."""
+    from qkvlab.models.decoding import StaticDecoder
+
+    torch._dynamo.reset()
+    built = []
+    init = StaticDecoder.__init__
+
+    def spy(self, *a, **kw):
+        built.append(kw.get("sampling"))
+        init(self, *a, **kw)
+
+    monkeypatch.setattr(StaticDecoder, "__init__", spy)
+    args = ["generate", str(run_dir), "--device", "cpu", "--prompt", "def", "--max-new-tokens", "12", "--compile"]
+    args += ["--temperature", "0.9", "--top-p", "0.9", "--seed", "5"]
+    a, b = CliRunner().invoke(app, args), CliRunner().invoke(app, args)
+    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
+    assert _text(a.output) == _text(b.output) and _text(a.output).startswith("def")
+    assert len(built) == 2 and all(s is not None and s.top_p == 0.9 for s in built), built
+
+
 def _text(output: str) -> str:
     """The generated text: everything before the closing line of statistics."""
     return output[: output.rindex("Q-GQA-4 (")]

@@ -862,7 +862,8 @@ def generate(
         )
     idx = torch.tensor([ids], device=device)
     cache = model.new_cache(1, len(ids) + max_new_tokens)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    # the default generators, seeded: a static step samples inside its graph only from those
+    torch.manual_seed(seed)
     stop_ids = [*(stop_id or []), *([tok.eot_id] if stop_eot else [])]
     t0 = time.perf_counter()
     steps = model.stream(
@@ -875,7 +876,6 @@ def generate(
         stop_token_ids=stop_ids,
         stop_strings=stops,
         tokenizer=tok if stream or stops else None,  # text on the host each step only when needed
-        generator=gen,
         cache=cache,
         cuda_graph=cuda_graph,
         compile=compile,

@@ -22,7 +22,7 @@ from qkvlab.attention import Attention
 from qkvlab.attention import backends as backends_mod
 from qkvlab.errors import ConfigError
 from qkvlab.models.decoding import StaticDecoder
-from qkvlab.models.sampling import chunked_argmax
+from qkvlab.models.sampling import Sampling, chunked_argmax, sample
 
 VARIANTS = ["q_k_v", "q_kv", "qk_v", "qkv", "q_k_v+gqa2", "q_kv+gqa2", "q_kv+mqa"]
 
@@ -130,21 +130,27 @@ def copies_into(dec: StaticDecoder, fn) -> int:
     return writes_into(dec.token, torch.ops.aten.copy_.default, fn)
 
 
+def plain_and_picking(model: GPT, ragged: bool, **pick) -> tuple[StaticDecoder, StaticDecoder]:
+    """A plain eager decoder and one that picks its next token (``pick``: ``greedy=True`` or
+    ``sampling=...``), each over its own cache holding one prompt (ragged: one position per row)."""
+    prompt = torch.randint(0, 41, (2, 6), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :2] = False  # a ragged cache: one position per row
+    decs = []
+    for kw in ({}, pick):
+        cache = model.new_cache(2, 20)
+        model.prefill(prompt, cache, attention_mask=mask if ragged else None)
+        decs.append(StaticDecoder(model, cache, cuda_graph=False, **kw))
+    return decs[0], decs[1]
+
+
 @pytest.mark.parametrize("ragged", [False, True])
 def test_a_greedy_decoder_picks_the_next_token_inside_the_step(ragged):
     """greedy=True: each step also writes the argmax of its logits into the decoder's input, so
     ``step(dec.next_token)`` continues with no copy of its own (the one copy into the input is the
     step's pick); the logits are those of a plain decoder fed the argmax tokens."""
     model = small_gpt("q_kv+gqa2", "llama")
-    prompt = torch.randint(0, 41, (2, 6), generator=torch.Generator().manual_seed(7))
-    mask = torch.ones(2, 6, dtype=torch.bool)
-    mask[1, :2] = False  # a ragged cache: one position per row
-    decs = []
-    for greedy in (False, True):
-        cache = model.new_cache(2, 20)
-        model.prefill(prompt, cache, attention_mask=mask if ragged else None)
-        decs.append(StaticDecoder(model, cache, cuda_graph=False, greedy=greedy))
-    plain, greedy = decs
+    plain, greedy = plain_and_picking(model, ragged, greedy=True)
     assert greedy.ragged is ragged
     tok = torch.tensor([5, 9])
     ref = plain.step(tok)
@@ -159,6 +165,30 @@ def test_a_greedy_decoder_picks_the_next_token_inside_the_step(ragged):
         plain.next_token  # noqa: B018
     with pytest.raises(ConfigError, match="greedy must be True or False"):
         StaticDecoder(model, model.new_cache(1, 4), cuda_graph=False, greedy="yes")
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_a_sampling_decoder_draws_what_sampling_between_steps_draws(ragged):
+    """Eager, the step's own draw is the draw ``sample`` makes from its logits between two steps,
+    from the same default generator: the same tokens, step after step; the logits are a plain
+    decoder's fed those tokens."""
+    spec = Sampling(0.9, top_k=12, top_p=0.9)
+    plain, sampler = plain_and_picking(small_gpt("q_kv+gqa2", "llama"), ragged, sampling=spec)
+    assert sampler.picks and not plain.picks
+    tok = torch.tensor([5, 9])
+    torch.manual_seed(3)
+    ref, want = plain.step(tok), []
+    for _ in range(6):
+        want.append(sample(ref, temperature=0.9, top_k=12, top_p=0.9))
+        ref = plain.step(want[-1])
+    torch.manual_seed(3)
+    got = sampler.step(tok)
+    picks = []
+    for _ in range(6):
+        picks.append(sampler.next_token.clone())
+        got = sampler.step(sampler.next_token)
+    assert torch.equal(torch.stack(picks), torch.stack(want))
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
 
 def position_fills(dec: StaticDecoder, fn) -> int:

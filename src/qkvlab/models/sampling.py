@@ -83,8 +83,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     This is what ``torch.multinomial(probs, 1)`` computes, with the same draws from the same
     generator, less its checks of ``probs`` (device-side asserts, several kernels a call). Without
     them it has no host sync and no assert, so a static decode step can sample inside its graph.
-    A softmax of logits needs none of them; a row of NaN (a model that overflowed) picks its first
-    token, as the greedy argmax does, where ``multinomial`` would raise.
+    A softmax of logits needs none of them; a row holding NaN (a model that overflowed) picks its
+    first NaN, as the greedy argmax does, where ``multinomial`` would raise.
     """
     q = torch.empty_like(probs).exponential_(generator=generator)
     return (probs / q).argmax(dim=-1)

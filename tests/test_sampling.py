@@ -12,7 +12,7 @@ import torch
 from qkvlab import GPT, GPTConfig
 from qkvlab.errors import ConfigError
 from qkvlab.models.decoding import StaticDecoder
-from qkvlab.models.sampling import Sampling, draw, top_k_filter
+from qkvlab.models.sampling import Sampling, draw, sample, top_k_filter
 
 V = 41
 needs_cc = pytest.mark.skipif(
@@ -21,9 +21,10 @@ needs_cc = pytest.mark.skipif(
 )
 
 
-def small_gpt(variant: str = "q_kv+gqa2", dtype=torch.float64) -> GPT:
+def small_gpt(variant: str = "q_kv+gqa2", dtype=torch.float64, vocab: int = V) -> GPT:
     torch.manual_seed(0)
-    cfg = GPTConfig(recipe="llama", variant=variant, n_layers=2, d_model=32, n_heads=4, vocab_size=V, max_seq_len=48)
+    shape = dict(n_layers=2, d_model=32, n_heads=4, vocab_size=vocab, max_seq_len=48)
+    cfg = GPTConfig(recipe="llama", variant=variant, **shape)
     return GPT(cfg).to(dtype).eval()
 
 
@@ -35,6 +36,16 @@ def test_draw_is_multinomial_with_the_same_draws():
     for _ in range(3):
         assert torch.equal(draw(probs, a), torch.multinomial(probs, 1, generator=b).squeeze(-1))
     assert torch.equal(a.get_state(), b.get_state())
+
+
+def test_a_chunked_draw_picks_what_a_plain_one_picks():
+    """The compiled step's draw ends in the two-stage argmax: from one generator state, over a
+    vocabulary wide enough to be chunked, the same tokens as the plain draw."""
+    probs = torch.randn(8, 50_304, generator=torch.Generator().manual_seed(2)).softmax(-1)
+    a, b = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    assert torch.equal(draw(probs, a, chunked=True), draw(probs, b))
+    logits = probs.log()
+    assert torch.equal(sample(logits, chunked=True), logits.argmax(-1))  # temperature 0: greedy
 
 
 def test_draw_follows_the_probabilities():
@@ -76,12 +87,13 @@ def test_a_decoder_samples_or_picks_greedily_not_both():
 
 
 @needs_cc
-def test_a_compiled_sampling_decoder_draws_from_the_kept_tokens_and_repeats_with_the_seed():
+@pytest.mark.parametrize("vocab", [V, 5000], ids=["argmax", "chunked"])
+def test_a_compiled_sampling_decoder_draws_from_the_kept_tokens_and_repeats_with_the_seed(vocab):
     """Compiled, the draw is Inductor's own (other numbers than eager's): each pick lies among the
     logits' top-k, a new decoder from the same seed picks the same tokens, and from another seed
     others."""
     torch._dynamo.reset()
-    model = small_gpt(dtype=torch.float32)
+    model = small_gpt(dtype=torch.float32, vocab=vocab)
     spec = Sampling(1.3, top_k=5)
     prompt = torch.randint(0, V, (3, 5), generator=torch.Generator().manual_seed(3))
     runs = []

@@ -295,7 +295,7 @@ class StaticDecoder:
             self.pos.add_(1)
         if self.picks:  # the next input, chosen inside the step: no sampling or copy between steps
             if self.sampling is not None:
-                pick = self.sampling(logits)
+                pick = self.sampling(logits, chunked=self._compiled)
             else:
                 pick = chunked_argmax(logits) if self._compiled else logits.argmax(-1)
             self.token.copy_(pick.unsqueeze(-1))

@@ -60,23 +60,25 @@ def sample(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    chunked: bool = False,
 ) -> torch.Tensor:
     """Next token ``(B,)`` from logits ``(B, V)``: greedy at temperature 0, else sampled.
 
     Sampling draws from ``softmax(logits / temperature)`` after :func:`top_k_filter` and then
-    :func:`top_p_filter` (each only if given).
+    :func:`top_p_filter` (each only if given). ``chunked``: the final argmax is
+    :func:`chunked_argmax` (the same index; for code ``torch.compile`` generates).
     """
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return chunked_argmax(logits) if chunked else logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
         logits = top_p_filter(logits, top_p)
-    return draw(logits.softmax(dim=-1), generator)
+    return draw(logits.softmax(dim=-1), generator, chunked=chunked)
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None, *, chunked: bool = False) -> torch.Tensor:
     """One token a row ``(B,)`` from probabilities ``(B, V)``: the argmax of ``probs / q`` with
     ``q`` standard exponential draws, which picks token ``i`` with probability ``probs[i]``.
 
@@ -84,10 +86,11 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     generator, less its checks of ``probs`` (device-side asserts, several kernels a call). Without
     them it has no host sync and no assert, so a static decode step can sample inside its graph.
     A softmax of logits needs none of them; a row holding NaN (a model that overflowed) picks its
-    first NaN, as the greedy argmax does, where ``multinomial`` would raise.
+    first NaN, as the greedy argmax does, where ``multinomial`` would raise. ``chunked``: the
+    argmax is :func:`chunked_argmax` (the same pick).
     """
     q = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / q).argmax(dim=-1)
+    return chunked_argmax(probs / q) if chunked else (probs / q).argmax(dim=-1)
 
 
 def check_sampling(
@@ -141,5 +144,6 @@ class Sampling:
         if self.temperature == 0:
             raise ConfigError("Sampling needs a temperature > 0; temperature 0 is greedy (StaticDecoder(greedy=True)).")
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        return sample(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+    def __call__(self, logits: torch.Tensor, *, chunked: bool = False) -> torch.Tensor:
+        """The next token ``(B,)``; ``chunked`` as in :func:`sample` (a compiled step's)."""
+        return sample(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, chunked=chunked)

@@ -22,7 +22,7 @@ from qkvlab.attention import Attention
 from qkvlab.attention import backends as backends_mod
 from qkvlab.errors import ConfigError
 from qkvlab.models.decoding import StaticDecoder
-from qkvlab.models.sampling import Sampling, chunked_argmax, sample
+from qkvlab.models.sampling import Sampling, apply_repetition_penalty, chunked_argmax, sample
 
 VARIANTS = ["q_k_v", "q_kv", "qk_v", "qkv", "q_k_v+gqa2", "q_kv+gqa2", "q_kv+mqa"]
 
@@ -189,6 +189,51 @@ def test_a_sampling_decoder_draws_what_sampling_between_steps_draws(ragged):
         got = sampler.step(sampler.next_token)
     assert torch.equal(torch.stack(picks), torch.stack(want))
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_a_decoder_applies_a_repetition_penalty_before_it_picks(sampled):
+    """penalty=: the step penalises the tokens marked seen, picks, and marks its pick: the tokens
+    a plain decoder gives with the penalty, the pick and the marks made between steps."""
+    spec = dict(sampling=Sampling(0.9, top_k=12)) if sampled else dict(greedy=True)
+    model = small_gpt("q_kv+gqa2", "llama")
+    plain, picker = plain_and_picking(model, True, penalty=1.7, **spec)
+    prompt_marks = torch.zeros(2, 41, dtype=torch.bool)
+    prompt_marks[:, :3] = True
+    picker.mark_seen(torch.tensor([[0, 1, 2], [0, 1, 2]]), reset=True)
+    assert torch.equal(picker.seen, prompt_marks)
+    seen = prompt_marks.clone()
+    tok = torch.tensor([5, 9])
+    picker.mark_seen(tok)
+    seen[[0, 1], tok] = True
+    torch.manual_seed(3)
+    ref, want = plain.step(tok), []
+    for i in range(7):
+        scores = apply_repetition_penalty(ref, seen, 1.7)
+        want.append(sample(scores, temperature=0.9, top_k=12) if sampled else scores.argmax(-1))
+        seen[[0, 1], want[-1]] = True
+        if i < 6:
+            ref = plain.step(want[-1])
+    torch.manual_seed(3)
+    picker.step(tok)
+    picks = []
+    for _ in range(6):
+        picks.append(picker.next_token.clone())
+        picker.step(picker.next_token)
+    picks.append(picker.next_token)  # the last step's pick, marked by that step
+    assert torch.equal(torch.stack(picks), torch.stack(want))
+    assert torch.equal(picker.seen, seen)
+
+
+def test_a_penalty_needs_a_decoder_that_picks():
+    model = small_gpt("q_kv", "llama")
+    cache = model.new_cache(1, 8)
+    with pytest.raises(ConfigError, match="is applied by a decoder that picks its next token"):
+        StaticDecoder(model, cache, cuda_graph=False, penalty=1.2)
+    with pytest.raises(ConfigError, match="repetition_penalty must be a finite number > 0"):
+        StaticDecoder(model, cache, cuda_graph=False, greedy=True, penalty=-1.0)
+    with pytest.raises(ConfigError, match="mark_seen is for decoders with a repetition penalty"):
+        StaticDecoder(model, cache, cuda_graph=False, greedy=True).mark_seen(torch.tensor([1]))
 
 
 def position_fills(dec: StaticDecoder, fn) -> int:

@@ -341,7 +341,8 @@ def test_greedy_generate_lets_the_step_pick_and_gives_what_recomputing_gives(mon
     """Greedy with a static step: the step picks each next token itself. Every way of calling
     gives the tokens of the uncached reference: plain, streamed (with the tokens each step
     handed out still right once the stream has run on), with stop ids on the device, with text
-    on the host; sampling or a repetition penalty keeps the pick outside the step."""
+    on the host, with a repetition penalty (which the step applies, and marks its picks for);
+    sampling from a caller's generator keeps the pick outside the step."""
     built = eager_compile(monkeypatch)
     model = small_gpt("q_kv+gqa2+rope")
     ref = model.generate(ROWS, 8, use_cache=False, return_dict=True)
@@ -354,9 +355,12 @@ def test_greedy_generate_lets_the_step_pick_and_gives_what_recomputing_gives(mon
     stops = model.generate(ROWS, 8, compile=True, stop_token_ids=[never], return_dict=True)
     text = model.generate(ROWS, 8, compile=True, tokenizer=CharTokenizer(), return_dict=True)
     assert stops.tokens == text.tokens == ref.tokens and built == [True] * 4
+    pen_ref = model.generate(ROWS, 8, use_cache=False, repetition_penalty=1.5, return_dict=True)
+    pen = model.generate(ROWS, 8, compile=True, repetition_penalty=1.5, return_dict=True)
+    pen_stream = [step.tokens for step in model.stream(ROWS, 8, compile=True, repetition_penalty=1.5)]
+    assert pen.tokens == pen_ref.tokens != ref.tokens and torch.stack(pen_stream, 1).tolist() == pen_ref.tokens
     model.generate(ROWS, 3, compile=True, temperature=0.7, generator=torch.Generator().manual_seed(0))
-    model.generate(ROWS, 3, compile=True, repetition_penalty=1.2)
-    assert built[4:] == [False, False]
+    assert built[4:] == [True, True, False]
 
 
 def test_calls_over_one_cache_reuse_its_decoder(monkeypatch):

@@ -264,6 +264,24 @@ def test_cuda_sampled_generate_draws_in_the_graph_what_an_ungraphed_call_draws()
     assert model.generate(rows, 24, cache=cache, cuda_graph=True, **kw).tokens != ref.tokens
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["graph", "compiled graph"])
+def test_cuda_greedy_generate_applies_a_repetition_penalty_in_the_graph(compile):
+    """A repetition penalty is applied inside the graphed step, which marks its picks: the tokens
+    of the ungraphed call, on a first call (whose capture leaves the marks as it found them), a
+    second one over the same cache (the marks made anew) and a stream."""
+    torch._dynamo.reset()
+    model = cuda_gpt("q_kv+gqa2", "llama", torch.float64 if compile else torch.float32)  # (as above)
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    ref = model.generate(rows, 24, cuda_graph=False, repetition_penalty=1.5, return_dict=True)
+    assert ref.tokens != model.generate(rows, 24, cuda_graph=False, return_dict=True).tokens
+    cache = model.new_cache(3, 64)
+    kw = dict(cache=cache, cuda_graph=True, compile=compile, repetition_penalty=1.5)
+    got = [model.generate(rows, 24, return_dict=True, **kw) for _ in range(2)]
+    handed = [step.tokens for step in model.stream(rows, 24, **kw)]
+    assert got[0].tokens == got[1].tokens == ref.tokens
+    assert torch.stack(handed, 1).tolist() == ref.tokens
+
+
 def test_cuda_compiled_sampled_generate_draws_from_the_kept_tokens_and_repeats_with_the_seed():
     """Compiled, the step draws with Inductor's own random numbers: from one seed the same tokens
     twice (the second call replays the first one's graph), from another seed others, and every

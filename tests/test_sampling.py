@@ -127,9 +127,9 @@ def spy_decoders(monkeypatch) -> list[dict]:
 
 @needs_cc
 def test_generate_samples_inside_the_step_where_it_can(monkeypatch):
-    """Sampled generate over a static step lets the step draw from the default generator, unless a
-    penalty (which reads the tokens so far) or a caller's generator asks to sample between steps;
-    every way samples from the kept tokens and repeats with its seed."""
+    """Sampled generate over a static step lets the step draw from the default generator (after
+    its repetition penalty, if any), unless a caller's generator asks to sample between steps;
+    the draws repeat with the seed and change with it."""
     torch._dynamo.reset()
     built = spy_decoders(monkeypatch)
     model = small_gpt(dtype=torch.float32)
@@ -145,7 +145,9 @@ def test_generate_samples_inside_the_step_where_it_can(monkeypatch):
     assert built[0]["sampling"] == Sampling(0.8, top_k=4) and not built[0]["greedy"]
     model.generate(rows, 4, generator=torch.Generator().manual_seed(0), **kw)
     model.generate(rows, 4, repetition_penalty=1.2, **kw)
-    assert [d["sampling"] for d in built[3:]] == [None, None]  # each call its own cache: its own decoder
+    # each call its own cache, so its own decoder: the caller's generator samples outside the
+    # step, the penalty inside it
+    assert [(d["sampling"], d["penalty"]) for d in built[3:]] == [(None, None), (Sampling(0.8, top_k=4), 1.2)]
     stream = model.stream(rows, 10, temperature=0.8, top_k=4, compile=True)
     torch.manual_seed(1)
     assert torch.stack([s.tokens for s in stream], 1).tolist() == a.tokens

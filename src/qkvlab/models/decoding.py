@@ -68,7 +68,7 @@ from qkvlab.attention.cache import KVCache
 from qkvlab.attention.matvec import check_gemv, resolve_gemv, use_gemv
 from qkvlab.attention.projections import FusedLinears, check_fuse, fuse_projections, fusion_epoch
 from qkvlab.errors import ConfigError
-from qkvlab.models.sampling import Sampling, chunked_argmax
+from qkvlab.models.sampling import Sampling, apply_repetition_penalty, check_sampling, chunked_argmax
 
 
 @contextlib.contextmanager
@@ -176,6 +176,11 @@ class StaticDecoder:
             graph that draws is replayed with that generator's state at each launch, and the
             capture leaves the generator's offset where it found it, so the graphed steps draw
             what uncaptured ones would. Not with ``greedy``.
+        penalty: with ``greedy`` or ``sampling``, a repetition penalty the step applies before it
+            picks (:func:`~qkvlab.models.sampling.apply_repetition_penalty`) to the tokens marked
+            in :attr:`seen` (``(B, V)`` bool), where it then marks its pick. The caller marks the
+            prompt's tokens, and a token it picks itself, before the step that follows
+            (:meth:`mark_seen`). The capture leaves :attr:`seen` as it found it.
     """
 
     def __init__(
@@ -190,6 +195,7 @@ class StaticDecoder:
         gemv: bool | str = "auto",
         greedy: bool = False,
         sampling: Sampling | None = None,
+        penalty: float | None = None,
     ):
         check_fuse(fuse, model)  # "auto" is decided at each fusion sync, as the mode may change
         if cuda_graph not in (True, False, "auto"):
@@ -210,6 +216,13 @@ class StaticDecoder:
             raise ConfigError(
                 f"sampling must be a qkvlab.models.sampling.Sampling or None, got {type(sampling).__name__}."
             )
+        if penalty is not None:
+            check_sampling(temperature=0.0, top_k=None, top_p=None, repetition_penalty=penalty)
+            if not (greedy or sampling is not None):
+                raise ConfigError(
+                    "A repetition penalty is applied by a decoder that picks its next token: pass greedy=True or "
+                    "sampling=... with penalty=."
+                )
         if greedy and sampling is not None:
             raise ConfigError(
                 "A decoder picks greedily or samples, not both: pass greedy=True or sampling=..., not both."
@@ -224,12 +237,16 @@ class StaticDecoder:
         self.cache = cache
         self.greedy = greedy
         self.sampling = sampling
+        self.penalty = penalty
         self._fuse = bool(fuse)
         self._gemv = resolve_gemv(check_gemv(gemv, compile), cache.device)
         self._fusable = [m for m in model.modules() if isinstance(m, FusedLinears)]
         self._sync_fusion()
         self.use_graph = device.type == "cuda" and cuda_graph in (True, "auto")
         self.token = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
+        self.seen = None  # with a penalty: (B, V), the tokens each row holds
+        if penalty is not None:
+            self.seen = torch.zeros(cache.batch_size, model.config.vocab_size, dtype=torch.bool, device=device)
         # One position for all rows, or one per row for a ragged cache: the shape is fixed at
         # capture, so a decoder serves the cache in the form it had when it was built.
         self.ragged = cache.row_lengths is not None
@@ -287,6 +304,15 @@ class StaticDecoder:
             )
         return self.token.view(-1)
 
+    def mark_seen(self, tokens: torch.Tensor, *, reset: bool = False) -> None:
+        """With ``penalty``: mark ``tokens`` (``(B,)`` or ``(B, T)``) as seen in each row, after
+        clearing every mark if ``reset`` (a new prompt)."""
+        if self.seen is None:
+            raise ConfigError("mark_seen is for decoders with a repetition penalty: StaticDecoder(..., penalty=...).")
+        if reset:
+            self.seen.zero_()
+        self.seen.scatter_(1, tokens.view(self.seen.shape[0], -1).to(self.seen.device), True)
+
     @torch.no_grad()
     def _run(self) -> torch.Tensor:
         logits = self.model(self.token, cache=self.cache, position=self.pos)[:, -1]
@@ -294,11 +320,14 @@ class StaticDecoder:
             # inside the step (and its graph): the host launches no fill before the next step
             self.pos.add_(1)
         if self.picks:  # the next input, chosen inside the step: no sampling or copy between steps
+            scores = logits if self.seen is None else apply_repetition_penalty(logits, self.seen, self.penalty)
             if self.sampling is not None:
-                pick = self.sampling(logits, chunked=self._compiled)
+                pick = self.sampling(scores, chunked=self._compiled)
             else:
-                pick = chunked_argmax(logits) if self._compiled else logits.argmax(-1)
+                pick = chunked_argmax(scores) if self._compiled else scores.argmax(-1)
             self.token.copy_(pick.unsqueeze(-1))
+            if self.seen is not None:
+                self.seen.scatter_(1, pick.unsqueeze(-1), True)
         return logits
 
     @torch.no_grad()
@@ -310,6 +339,7 @@ class StaticDecoder:
             device.index if device.index is not None else torch.cuda.current_device()
         ]
         offset = generator.get_offset()
+        seen = self.seen.clone() if self.seen is not None else None  # the warmup's picks are not the row's
         stream = torch.cuda.Stream(device=self.cache.device)
         stream.wait_stream(torch.cuda.current_stream(self.cache.device))
         with torch.cuda.stream(stream), use_gemv(self._gemv):
@@ -331,6 +361,8 @@ class StaticDecoder:
         # what the warmup and that replay drew (a sampling step's draws) is not the caller's: the
         # first real step draws what an uncaptured one would
         generator.set_offset(offset)
+        if seen is not None:
+            self.seen.copy_(seen)
         self.graph = graph
 
     def _check_room(self) -> None:

@@ -374,21 +374,28 @@ def run(
             logits = _last_logits(model(packed), lengths)
         step = None
         penalty = repetition_penalty if repetition_penalty not in (None, 1.0) else None
-        # Without a penalty the static step itself picks each next token, greedily or by sampling
-        # from the default generator (StaticDecoder's greedy and sampling), so between two steps
-        # no sampling kernels run and no token is copied into the step's input. A penalty reads
-        # the tokens so far, and a caller's generator is not the one a graph replays its draws
-        # from: both sample between the steps.
+        # The static step itself picks each next token, greedily or by sampling from the default
+        # generator, after its repetition penalty if any (StaticDecoder's greedy, sampling and
+        # penalty), so between two steps no sampling kernels run and no token is copied into the
+        # step's input. A caller's generator is not the one a graph replays its draws from: with
+        # one, sampling runs between the steps.
         chosen = None  # that pick, once a step has made one
         in_step = False
+        decoder = None
         auto = cuda_graph == "auto" and state is not None and state.device.type == "cuda"
         if use_cache and (compile or cuda_graph is True or (auto and isinstance(state, KVCache))):
-            greedy = temperature == 0 and penalty is None
-            sampled = temperature > 0 and penalty is None and generator is None
+            greedy = temperature == 0
+            sampled = temperature > 0 and generator is None
             sampling = Sampling(temperature, top_k, top_p) if sampled else None
             in_step = greedy or sampled
             options = dict(
-                cuda_graph=cuda_graph, compile=compile, fuse=fuse, gemv=gemv, greedy=greedy, sampling=sampling
+                cuda_graph=cuda_graph,
+                compile=compile,
+                fuse=fuse,
+                gemv=gemv,
+                greedy=greedy,
+                sampling=sampling,
+                penalty=penalty if in_step else None,
             )
             decoder = _take_decoder(model, state, options)
             hand_back.append(functools.partial(_leave_decoder, model, state, options, decoder))
@@ -410,9 +417,10 @@ def run(
             chosen = decoder.next_token
             return logits
 
-        seen = None
+        seen = None  # with a penalty, the tokens each row holds: the step's own where it picks
         if penalty is not None:
-            seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
+            seen = decoder.seen if in_step else torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
+            seen.zero_()  # (a kept decoder's marks are the last call's)
             seen.scatter_(1, packed, True)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         reason = torch.zeros(B, dtype=torch.long, device=device)
@@ -454,7 +462,7 @@ def run(
                 scores = apply_repetition_penalty(logits, seen, penalty) if seen is not None else logits
                 nxt = sample(scores, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             last = i + 1 == max_new_tokens
-            if seen is not None:
+            if seen is not None and chosen is None:  # a step's pick is marked by that step
                 seen.scatter_(1, nxt[:, None], True)
             if every_row:
                 new[:, i] = nxt

@@ -561,6 +561,8 @@ def _generate_runner(system, m, B: int, S: int, n_long: int, args, device):
             kw["cuda_graph"] = False
         if args.generate_temperature > 0:  # from the default generator: the step draws in its graph
             kw.update(temperature=args.generate_temperature, top_k=args.generate_top_k, top_p=args.generate_top_p)
+        if args.generate_repetition_penalty is not None:
+            kw["repetition_penalty"] = args.generate_repetition_penalty
 
         def run(n: int) -> torch.Tensor:
             if not args.generate_stream:
@@ -581,6 +583,8 @@ def _generate_runner(system, m, B: int, S: int, n_long: int, args, device):
         m.generation_config.disable_compile = True
     mask = torch.ones_like(prompt)
     kw = {_cache_kwarg(m): cache, "do_sample": args.generate_temperature > 0}
+    if args.generate_repetition_penalty is not None:  # the same rule: l / p where l > 0, else l * p
+        kw["repetition_penalty"] = args.generate_repetition_penalty
     if kw["do_sample"]:  # top_k 0 and top_p 1 turn HF's filters off (its defaults are 50 and 1)
         kw.update(
             temperature=args.generate_temperature,
@@ -666,6 +670,7 @@ def generate_phase(variants: list[str], shape: dict, points: list, systems: set,
                     temperature=args.generate_temperature,
                     top_k=args.generate_top_k,
                     top_p=args.generate_top_p,
+                    repetition_penalty=args.generate_repetition_penalty,
                 )
                 if system in errors:
                     rows.append({**row, "error": errors[system]})
@@ -811,6 +816,9 @@ def main() -> None:
     )
     ap.add_argument("--generate-top-k", type=int, default=None, help="with --generate-temperature: top_k")
     ap.add_argument("--generate-top-p", type=float, default=None, help="with --generate-temperature: top_p")
+    ap.add_argument(
+        "--generate-repetition-penalty", type=float, default=None, help="the whole-generate calls' repetition penalty"
+    )
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--compile-mode", default="default", help="qkvlab StaticDecoder compile mode ('none': eager)")

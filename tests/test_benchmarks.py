@@ -295,6 +295,20 @@ def test_gpu_generate_vs_hf_samples_the_whole_generate_calls(tmp_path):
     assert "generate qkvlab        QKV      B=2   prompt 24     sampled at T=0.8" in out
 
 
+def test_gpu_generate_vs_hf_penalised_greedy_calls_agree(tmp_path):
+    """--generate-repetition-penalty: both systems apply the same penalty (HF's processor, qkvlab's
+    step), so greedy calls on the same weights still give the same tokens."""
+    pytest.importorskip("transformers", reason="the side-by-side benchmark needs transformers (the dev extra)")
+    run_script(
+        "gpu_generate_vs_hf.py",
+        *("--variants", "QKV", "--points", "none", "--prefill", "none", "--generate", "1x24"),
+        *("--generate-repetition-penalty", "1.3", "--out", str(tmp_path / "vs_hf.json")),
+    )
+    gens = {g["system"]: g for g in json.loads((tmp_path / "vs_hf.json").read_text())["generate"]}
+    assert all(g["repetition_penalty"] == 1.3 for g in gens.values()), gens
+    assert gens["hf-llama"]["greedy_agreement_with_qkvlab"] == 1.0, gens
+
+
 def test_the_hf_harness_agrees_with_qkvlab_at_a_long_filled_cache(monkeypatch):
     """The side-by-side decode check at the benchmark's context length: HF Llama's step over a
     StaticCache filled and positioned by the harness equals qkvlab's step over its own cache, to
@@ -763,6 +777,7 @@ def test_a_whole_generate_call_that_fails_is_kept_in_its_row_and_the_others_stil
         generate_temperature=0.0,
         generate_top_k=None,
         generate_top_p=None,
+        generate_repetition_penalty=None,
         no_gemma=True,
         smoke=True,
         compile_mode=None,

@@ -456,8 +456,9 @@ def run(
         for i in range(max_new_tokens):
             if chosen is not None:
                 # the step's own pick, which the next step overwrites with its own: the host path
-                # copies it out before that launch, the others keep a copy
-                nxt = chosen if on_host else chosen.clone()
+                # copies it out before that launch, the every-row path into its column of ``new``
+                # (which it hands out), the device path keeps a copy
+                nxt = chosen if on_host or every_row else chosen.clone()
             else:
                 scores = apply_repetition_penalty(logits, seen, penalty) if seen is not None else logits
                 nxt = sample(scores, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
@@ -467,7 +468,7 @@ def run(
             if every_row:
                 new[:, i] = nxt
                 done = [FINISH_REASONS[_LENGTH] if last else None] * B
-                yield GenerationStep(tokens=nxt, emitted=all_emit, finished=done)
+                yield GenerationStep(tokens=new[:, i], emitted=all_emit, finished=done)
                 if last:
                     count.fill_(i + 1)
                     break

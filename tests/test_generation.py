@@ -363,6 +363,38 @@ def test_greedy_generate_lets_the_step_pick_and_gives_what_recomputing_gives(mon
     assert built[4:] == [True, True, False]
 
 
+def test_a_call_without_stops_copies_each_pick_once_into_its_output(monkeypatch):
+    """Greedy generate without stops or text takes each of the step's picks straight into its
+    column of the output: one copy out of the step's input a token, no clone of it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    eager_compile(monkeypatch)
+    decoders = []
+    init = StaticDecoder.__init__
+
+    def keep(self, *a, **kw):
+        decoders.append(self)
+        init(self, *a, **kw)
+
+    monkeypatch.setattr(StaticDecoder, "__init__", keep)
+    model = small_gpt("q_kv+gqa2+rope")
+
+    reads = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if decoders and func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default):
+                src = args[0] if func is torch.ops.aten.clone.default else args[1]
+                if isinstance(src, torch.Tensor) and src.data_ptr() == decoders[0].token.data_ptr():
+                    reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Reads():
+        out = model.generate(ROWS, 8, compile=True, return_dict=True)
+    assert out.tokens == model.generate(ROWS, 8, use_cache=False, return_dict=True).tokens
+    assert reads == [torch.ops.aten.copy_.default] * 7  # the 7 picks the steps made
+
+
 def test_calls_over_one_cache_reuse_its_decoder(monkeypatch):
     """A generate over the cache of an earlier call, with the same options and form, takes that
     call's decoder (its step compiled, its graph captured) and gives what a new one gives; other

@@ -56,3 +56,18 @@ def grid_ids(case) -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def spy_decoders(monkeypatch) -> list[tuple]:
+    """``(decoder, keyword arguments)`` of every StaticDecoder built from now on."""
+    from qkvlab.models.decoding import StaticDecoder
+
+    built = []
+    init = StaticDecoder.__init__
+
+    def spy(self, *a, **kw):
+        built.append((self, kw))
+        init(self, *a, **kw)
+
+    monkeypatch.setattr(StaticDecoder, "__init__", spy)
+    return built

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import qkvlab.kernels
-from conftest import needs_interpreter
+from conftest import needs_interpreter, spy_decoders
 from qkvlab import GPT, GPTConfig
 from qkvlab.attention import Attention
 from qkvlab.data.tokenizers import ByteTokenizer
@@ -369,14 +369,7 @@ def test_a_call_without_stops_copies_each_pick_once_into_its_output(monkeypatch)
     from torch.utils._python_dispatch import TorchDispatchMode
 
     eager_compile(monkeypatch)
-    decoders = []
-    init = StaticDecoder.__init__
-
-    def keep(self, *a, **kw):
-        decoders.append(self)
-        init(self, *a, **kw)
-
-    monkeypatch.setattr(StaticDecoder, "__init__", keep)
+    decoders = spy_decoders(monkeypatch)  # (decoder, its arguments), once generate has built it
     model = small_gpt("q_kv+gqa2+rope")
 
     reads = []
@@ -385,7 +378,7 @@ def test_a_call_without_stops_copies_each_pick_once_into_its_output(monkeypatch)
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if decoders and func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default):
                 src = args[0] if func is torch.ops.aten.clone.default else args[1]
-                if isinstance(src, torch.Tensor) and src.data_ptr() == decoders[0].token.data_ptr():
+                if isinstance(src, torch.Tensor) and src.data_ptr() == decoders[0][0].token.data_ptr():
                     reads.append(func)
             return func(*args, **(kwargs or {}))
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from conftest import spy_decoders
 from qkvlab import GPT, GPTConfig
 from qkvlab.errors import ConfigError
 from qkvlab.models.decoding import StaticDecoder
@@ -112,26 +113,13 @@ def test_a_compiled_sampling_decoder_draws_from_the_kept_tokens_and_repeats_with
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
 
-def spy_decoders(monkeypatch) -> list[dict]:
-    """The keyword arguments of every StaticDecoder built from now on."""
-    built = []
-    init = StaticDecoder.__init__
-
-    def spy(self, *a, **kw):
-        built.append(kw)
-        init(self, *a, **kw)
-
-    monkeypatch.setattr(StaticDecoder, "__init__", spy)
-    return built
-
-
 @needs_cc
 def test_generate_samples_inside_the_step_where_it_can(monkeypatch):
     """Sampled generate over a static step lets the step draw from the default generator (after
     its repetition penalty, if any), unless a caller's generator asks to sample between steps;
     the draws repeat with the seed and change with it."""
     torch._dynamo.reset()
-    built = spy_decoders(monkeypatch)
+    decoders = spy_decoders(monkeypatch)
     model = small_gpt(dtype=torch.float32)
     rows = [[5, 6, 7, 8], [9, 10]]
     kw = dict(temperature=0.8, top_k=4, compile=True, return_dict=True)
@@ -142,11 +130,13 @@ def test_generate_samples_inside_the_step_where_it_can(monkeypatch):
     torch.manual_seed(2)
     c = model.generate(rows, 10, **kw)
     assert a.tokens == b.tokens != c.tokens and a.lengths == [10, 10]
+    built = [kw for _, kw in decoders]
     assert built[0]["sampling"] == Sampling(0.8, top_k=4) and not built[0]["greedy"]
     model.generate(rows, 4, generator=torch.Generator().manual_seed(0), **kw)
     model.generate(rows, 4, repetition_penalty=1.2, **kw)
     # each call its own cache, so its own decoder: the caller's generator samples outside the
     # step, the penalty inside it
+    built = [kw for _, kw in decoders]
     assert [(d["sampling"], d["penalty"]) for d in built[3:]] == [(None, None), (Sampling(0.8, top_k=4), 1.2)]
     stream = model.stream(rows, 10, temperature=0.8, top_k=4, compile=True)
     torch.manual_seed(1)

@@ -418,9 +418,11 @@ def run(
             return logits
 
         seen = None  # with a penalty, the tokens each row holds: the step's own where it picks
-        if penalty is not None:
-            seen = decoder.seen if in_step else torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
-            seen.zero_()  # (a kept decoder's marks are the last call's)
+        if penalty is not None and in_step:
+            decoder.mark_seen(packed, reset=True)  # (a kept decoder's marks are the last call's)
+            seen = decoder.seen
+        elif penalty is not None:
+            seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
             seen.scatter_(1, packed, True)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         reason = torch.zeros(B, dtype=torch.long, device=device)

@@ -64,6 +64,7 @@ def _top_p_kernel(
     top_p,
     ROUND: tl.constexpr,
     P: tl.constexpr,
+    P_POW2: tl.constexpr,
     CHUNK: tl.constexpr,
     S: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -81,14 +82,14 @@ def _top_p_kernel(
         mb = tl.where(m == 0.0, 0, m.to(tl.int32, bitcast=True))
         hi = tl.where(mb >= 0, mb, mb ^ 0x7FFFFFFF).to(tl.int64)  # the maximum's key: H above it is 0
     else:
-        # the interval the last launch searched and H at its points, added in program order
+        # the interval the last launch searched and H at its points, the programs' sums added
         lo = tl.load(state + (ROUND - 1) * 2)
         hi = tl.load(state + (ROUND - 1) * 2 + 1)
         step = (hi - lo) // S + 1
         part = Part + ((row * 2 + (ROUND - 1) % 2) * P) * S
-        h = tl.full([S], 0.0, tl.float32)
-        for p in range(P):
-            h += tl.load(part + p * S + ids)
+        progs = tl.arange(0, P_POW2)  # all at once: one wait for memory, not one per program
+        parts = tl.load(part + progs[:, None] * S + ids[None, :], mask=(progs < P)[:, None], other=0.0)
+        h = tl.reduce(parts, 0, _sum_fn)
         points = lo + ids.to(tl.int64) * step
         # the largest point where H still reaches the target; the first always counts, as it
         # does exactly (H at the interval's low end is at least the target)
@@ -102,18 +103,20 @@ def _top_p_kernel(
             tl.store(state + ROUND * 2 + 1, hi)
         step = (hi - lo) // S + 1
         points = lo + ids.to(tl.int64) * step
-        acc = tl.full([S], 0.0, tl.float32)
-        for c in range(0, CHUNK, BLOCK_C):
+        acc = tl.full([BLOCK_C, S], 0.0, tl.float32)  # one reduction at the end, not per block
+        # unrolled, so that every block's load is in flight at once: one program a row's chunk
+        # on its SM has no other programs to hide a wait for memory behind
+        for c in tl.static_range(0, CHUNK, BLOCK_C):
             offs = prog * CHUNK + c + tl.arange(0, BLOCK_C)
             x = tl.load(X + row * stride_x + offs, mask=offs < V, other=float("-inf"))
             xb = tl.where(x == 0.0, 0, x.to(tl.int32, bitcast=True))  # -0.0 and 0.0: one key
             key = tl.where(xb >= 0, xb, xb ^ 0x7FFFFFFF).to(tl.int64)
             e = tl.exp(x - m)
-            acc += tl.reduce(tl.where(key[:, None] >= points[None, :], e[:, None], 0.0), 0, _sum_fn)
-        tl.store(Part + ((row * 2 + ROUND % 2) * P + prog) * S + ids, acc)
+            acc += tl.where(key[:, None] >= points[None, :], e[:, None], 0.0)
+        tl.store(Part + ((row * 2 + ROUND % 2) * P + prog) * S + ids, tl.reduce(acc, 0, _sum_fn))
     else:
         # lo == hi: the key of the smallest kept score
-        for c in range(0, CHUNK, BLOCK_C):
+        for c in tl.static_range(0, CHUNK, BLOCK_C):
             offs = prog * CHUNK + c + tl.arange(0, BLOCK_C)
             inside = offs < V
             x = tl.load(X + row * stride_x + offs, mask=inside, other=float("-inf"))
@@ -173,6 +176,7 @@ def top_p_cut(x: torch.Tensor, top_p: float) -> torch.Tensor:
             float(top_p),
             ROUND=rnd,
             P=programs,
+            P_POW2=triton.next_power_of_2(programs),
             CHUNK=chunk,
             S=POINTS,
             BLOCK_C=BLOCK,

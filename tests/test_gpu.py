@@ -324,6 +324,9 @@ def test_cuda_top_p_kernel_keeps_what_the_sort_keeps(rows):
             assert ((before - p).abs()[differ] < 1e-4).all(), (scale, p, int(differ.sum()))
             assert int(differ.sum()) <= rows  # at most the boundary token of a row
             assert torch.equal(cut[cut > float("-inf")], x[cut > float("-inf")])
+    bad = torch.randn(3, 50_304, device="cuda", generator=g)
+    bad[0, 5], bad[1, 9], bad[2] = float("nan"), float("inf"), float("-inf")
+    assert torch.allclose(top_p_cut(bad, 0.9), bad, equal_nan=True)  # no distribution to cut: as it came
 
 
 def test_cuda_compiled_top_p_generate_draws_from_the_kept_tokens():

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 from qkvlab.errors import ConfigError
-from qkvlab.kernels.top_p import top_p_filter  # the sort-free kernel on GPUs, a sort elsewhere
 
 
 # ----------------------------------------------------------------------------- logits processing
@@ -36,6 +35,23 @@ def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
         return logits
     kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
     return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches ``top_p``; the rest ``-inf``.
+
+    A token stays if the tokens sorted ahead of it hold less than ``top_p`` together, so the
+    most likely token always stays and ``top_p=1`` keeps everything. Of tokens tied at the cut,
+    those the sort puts first stay.
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.float().softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+    drop_sorted = before >= top_p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def sample(

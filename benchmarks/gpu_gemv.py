@@ -12,13 +12,12 @@ the measured copy bandwidth, and writes JSON with hardware and versions.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
 import torch.nn.functional as F
 
-from benchutil import env_info
+from benchutil import env_info, write_json
 from gpu_decode import copy_bandwidth, timer
 from qkvlab.attention.matvec import reduction_linear
 from qkvlab.kernels.gemv import GemvConfig, _auto_config, gemv, gemv_reference
@@ -227,9 +226,7 @@ def main() -> None:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is first decorated: the CPU runs it
         rows = [smoke_shape(*shape) for shape in SMOKE_SHAPES]
         result = dict(benchmark="gpu_gemv", smoke=True, environment=env_info(torch.device("cpu")), rows=rows)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
+        write_json(result, "gpu_gemv.json", args.out)
         return
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU: run with --smoke for a CPU check of the script")
@@ -237,25 +234,22 @@ def main() -> None:
 
     ic.coordinate_descent_tuning = True
     bw = copy_bandwidth(torch.device("cuda"), timer(torch.device("cuda"), rep_ms=200))  # as the other benchmarks
-    rows = []
+    # written after every row (atomically): a call stopped at its time limit keeps what it finished
+    result = dict(
+        benchmark="gpu_gemv", environment=env_info(torch.device("cuda")), copy_gb_s=bw, rows=[], fused_rows=[]
+    )
     print(f"copy bandwidth {bw:,.0f} GB/s on {torch.cuda.get_device_name()}")
     print(f"{'weight':24s} {'MB':>6s} {'cuBLAS us':>10s} {'inductor us':>12s} {'triton us':>10s}  fraction of copy bw")
     red = torch.compile(reduction_linear, dynamic=False)  # what StaticDecoder(gemv="inductor") traces
     for name, n, k in SHAPES:
         if picked(name):
-            rows.append(bench_shape(name, n, k, args.reps, bw, red))
+            result["rows"].append(bench_shape(name, n, k, args.reps, bw, red))
+            write_json(result, "gpu_gemv.json", args.out)
     print("\nnorm before / residual add after the product, as two kernels and as one:")
-    fused = [
-        bench_fused(name, n, k, what, args.reps, sweep=args.sweep_fused)
-        for name, n, k, what in FUSED_CASES
-        if picked(name)
-    ]
-    result = dict(
-        benchmark="gpu_gemv", environment=env_info(torch.device("cuda")), copy_gb_s=bw, rows=rows, fused_rows=fused
-    )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    for name, n, k, what in FUSED_CASES:
+        if picked(name):
+            result["fused_rows"].append(bench_fused(name, n, k, what, args.reps, sweep=args.sweep_fused))
+            write_json(result, "gpu_gemv.json", args.out)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ from qkvlab.attention.cache import KVCache
 from qkvlab.attention.matvec import check_gemv, resolve_gemv, use_gemv
 from qkvlab.attention.projections import FusedLinears, check_fuse, fuse_projections, fusion_epoch
 from qkvlab.errors import ConfigError
-from qkvlab.models.sampling import Sampling, apply_repetition_penalty, check_sampling, chunked_argmax
+from qkvlab.models.sampling import Sampling, apply_repetition_penalty, check_sampling, sample
 
 
 @contextlib.contextmanager
@@ -321,10 +321,8 @@ class StaticDecoder:
             self.pos.add_(1)
         if self.picks:  # the next input, chosen inside the step: no sampling or copy between steps
             scores = logits if self.seen is None else apply_repetition_penalty(logits, self.seen, self.penalty)
-            if self.sampling is not None:
-                pick = self.sampling(scores, chunked=self._compiled)
-            else:
-                pick = chunked_argmax(scores) if self._compiled else scores.argmax(-1)
+            picker = self.sampling if self.sampling is not None else sample  # sample's default: greedy
+            pick = picker(scores, chunked=self._compiled)
             self.token.copy_(pick.unsqueeze(-1))
             if self.seen is not None:
                 self.seen.scatter_(1, pick.unsqueeze(-1), True)

@@ -13,7 +13,7 @@ from conftest import spy_decoders
 from qkvlab import GPT, GPTConfig
 from qkvlab.errors import ConfigError
 from qkvlab.models.decoding import StaticDecoder
-from qkvlab.models.sampling import Sampling, draw, sample, top_k_filter
+from qkvlab.models.sampling import Sampling, draw, draw_nucleus, sample, top_k_filter, top_p_filter
 
 V = 41
 needs_cc = pytest.mark.skipif(
@@ -62,6 +62,35 @@ def test_draw_follows_the_probabilities():
 def test_draw_of_a_nan_row_picks_like_argmax():
     probs = torch.tensor([[0.2, float("nan"), 0.8], [0.1, 0.2, 0.7]])
     assert draw(probs, torch.Generator().manual_seed(0))[0] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_nucleus_draw_follows_the_kept_probabilities(dtype):
+    """Top-p drawn in sorted order: 20,000 rows of one distribution never pick a token
+    top_p_filter drops, and the counts of the kept ones fit their renormalised probabilities at
+    the temperature (chi-square, fixed seed), with the logits in float32 or in bfloat16."""
+    stats = pytest.importorskip("scipy.stats", reason="the chi-square test needs scipy (the dev extra)")
+    logits = torch.tensor([0.0, 2.0, -1.0, 1.5, 0.5, -3.0, 1.0, -0.5]).to(dtype)
+    t, p = 0.7, 0.8
+    kept = top_p_filter(logits.float()[None] / t, p)[0]
+    want = kept.double().softmax(-1)
+    assert 1 < int((want > 0).sum()) < len(want)  # a cut that keeps several tokens and drops some
+    picks = draw_nucleus(logits.expand(20_000, -1).contiguous(), t, p, torch.Generator().manual_seed(0))
+    counts = torch.bincount(picks, minlength=len(want))
+    assert counts[want == 0].sum() == 0
+    assert stats.chisquare(counts[want > 0].numpy(), (want[want > 0] * 20_000).numpy()).pvalue > 1e-3
+
+
+def test_sampling_with_top_k_and_top_p_keeps_what_both_filters_keep():
+    """sample with both filters on half-precision logits: each row's picks lie in the set the
+    two filters keep from the float32 logits at the temperature, and reach more than one token."""
+    gen = torch.Generator().manual_seed(4)
+    logits = (torch.randn(4, 300, generator=gen) * 3).to(torch.bfloat16)
+    scaled = logits.float() / 0.9
+    allowed = top_p_filter(top_k_filter(scaled, 12), 0.7) > float("-inf")
+    picks = torch.stack([sample(logits, temperature=0.9, top_k=12, top_p=0.7, generator=gen) for _ in range(300)], 1)
+    assert allowed.gather(1, picks).all()
+    assert all(len(set(row)) > 1 for row, ok in zip(picks.tolist(), allowed.sum(1).tolist(), strict=True) if ok > 1)
 
 
 @pytest.mark.parametrize(

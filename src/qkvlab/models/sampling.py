@@ -66,17 +66,37 @@ def sample(
     """Next token ``(B,)`` from logits ``(B, V)``: greedy at temperature 0, else sampled.
 
     Sampling draws from ``softmax(logits / temperature)`` after :func:`top_k_filter` and then
-    :func:`top_p_filter` (each only if given). ``chunked``: the final argmax is
+    :func:`top_p_filter` (each only if given; top-p by :func:`draw_nucleus`). ``chunked``: the final argmax is
     :func:`chunked_argmax` (the same index; for code ``torch.compile`` generates).
     """
     if temperature == 0:
         return chunked_argmax(logits) if chunked else logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
+    if top_k is not None:  # dividing by a temperature > 0 keeps the order: the same top k
         logits = top_k_filter(logits, top_k)
-    if top_p is not None:
-        logits = top_p_filter(logits, top_p)
-    return draw(logits.softmax(dim=-1), generator, chunked=chunked)
+    if top_p is not None and top_p < 1.0:
+        return draw_nucleus(logits, temperature, top_p, generator, chunked=chunked)
+    return draw((logits.float() / temperature).softmax(dim=-1), generator, chunked=chunked)
+
+
+def draw_nucleus(
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None = None,
+    *,
+    chunked: bool = False,
+) -> torch.Tensor:
+    """One token a row from ``softmax(logits / temperature)`` after :func:`top_p_filter`, drawn
+    in sorted order: the kept set is a prefix of the sorted row, so the draw masks the sorted
+    probabilities and maps its pick back through the sort's indices. That skips what filtering in
+    vocabulary order costs a step (scattering the mask back, a second softmax), and the sort runs
+    on the logits as they come: half-precision keys take a radix sort half the passes of float32
+    ones, and converting them to float32 and dividing by a temperature > 0 keeps their order."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = (sorted_logits.float() / temperature).softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+    pick = draw(probs.masked_fill(before >= top_p, 0.0), generator, chunked=chunked)
+    return order.gather(-1, pick[:, None]).squeeze(-1)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None, *, chunked: bool = False) -> torch.Tensor:

@@ -66,8 +66,8 @@ def sample(
     """Next token ``(B,)`` from logits ``(B, V)``: greedy at temperature 0, else sampled.
 
     Sampling draws from ``softmax(logits / temperature)`` after :func:`top_k_filter` and then
-    :func:`top_p_filter` (each only if given; top-p by :func:`draw_nucleus`). ``chunked``: the final argmax is
-    :func:`chunked_argmax` (the same index; for code ``torch.compile`` generates).
+    :func:`top_p_filter` (each only if given; top-p by :func:`draw_nucleus`). ``chunked``: the
+    final argmax is :func:`chunked_argmax` (the same index; for code ``torch.compile`` generates).
     """
     if temperature == 0:
         return chunked_argmax(logits) if chunked else logits.argmax(dim=-1)
@@ -90,8 +90,9 @@ def draw_nucleus(
     in sorted order: the kept set is a prefix of the sorted row, so the draw masks the sorted
     probabilities and maps its pick back through the sort's indices. That skips what filtering in
     vocabulary order costs a step (scattering the mask back, a second softmax), and the sort runs
-    on the logits as they come: half-precision keys take a radix sort half the passes of float32
-    ones, and converting them to float32 and dividing by a temperature > 0 keeps their order."""
+    on the logits as they come: half-precision keys take fewer, cheaper radix-sort passes than
+    float32 ones, and converting them to float32 and dividing by a temperature > 0 keeps their
+    order."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = (sorted_logits.float() / temperature).softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens

@@ -143,6 +143,25 @@ def test_a_compiled_sampling_decoder_draws_from_the_kept_tokens_and_repeats_with
 
 
 @needs_cc
+def test_a_compiled_top_p_decoder_draws_from_the_nucleus():
+    """Compiled, the nucleus draw (sort, unnormalised weights, running mass, chunked pick) keeps
+    to the set top_p_filter keeps at the temperature, over a vocabulary wide enough to chunk."""
+    torch._dynamo.reset()
+    model = small_gpt(dtype=torch.float32, vocab=5000)
+    cache = model.new_cache(3, 16)
+    model.prefill(torch.randint(0, V, (3, 5), generator=torch.Generator().manual_seed(3)), cache)
+    dec = StaticDecoder(model, cache, cuda_graph=False, compile=True, sampling=Sampling(1.3, top_p=0.5))
+    torch.manual_seed(5)
+    logits, picks = dec.step(torch.tensor([1, 2, 3])), []
+    for _ in range(6):
+        kept = top_p_filter(logits.float() / 1.3, 0.5) > float("-inf")
+        assert kept.gather(1, dec.next_token[:, None]).all()
+        picks.append(dec.next_token.clone())
+        logits = dec.step(dec.next_token)
+    assert len(set(torch.stack(picks).flatten().tolist())) > 1
+
+
+@needs_cc
 def test_generate_samples_inside_the_step_where_it_can(monkeypatch):
     """Sampled generate over a static step lets the step draw from the default generator (after
     its repetition penalty, if any), unless a caller's generator asks to sample between steps;

@@ -144,7 +144,7 @@ def test_a_compiled_sampling_decoder_draws_from_the_kept_tokens_and_repeats_with
 
 @needs_cc
 def test_a_compiled_top_p_decoder_draws_from_the_nucleus():
-    """Compiled, the nucleus draw (sort, unnormalised weights, running mass, chunked pick) keeps
+    """Compiled, the nucleus draw (sort, softmax of the sorted row, running mass, chunked pick) keeps
     to the set top_p_filter keeps at the temperature, over a vocabulary wide enough to chunk."""
     torch._dynamo.reset()
     model = small_gpt(dtype=torch.float32, vocab=5000)

@@ -46,12 +46,20 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """
     if top_p >= 1.0:
         return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.float().softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
-    drop_sorted = before >= top_p
+    order, _, drop_sorted = _sorted_nucleus(logits, top_p)
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
+
+
+def _sorted_nucleus(
+    logits: torch.Tensor, top_p: float, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sort's indices, ``softmax(logits / temperature)`` in sorted order, and which sorted
+    tokens fall past the top-p cut: the one definition of the cut, for the filter and the draw."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = (sorted_logits.float() / temperature).softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+    return order, probs, before >= top_p
 
 
 def sample(
@@ -93,10 +101,8 @@ def draw_nucleus(
     on the logits as they come: half-precision keys take fewer, cheaper radix-sort passes than
     float32 ones, and converting them to float32 and dividing by a temperature > 0 keeps their
     order."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = (sorted_logits.float() / temperature).softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
-    pick = draw(probs.masked_fill(before >= top_p, 0.0), generator, chunked=chunked)
+    order, probs, cut = _sorted_nucleus(logits, top_p, temperature)
+    pick = draw(probs.masked_fill(cut, 0.0), generator, chunked=chunked)
     return order.gather(-1, pick[:, None]).squeeze(-1)
 
 

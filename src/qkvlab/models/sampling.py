@@ -54,12 +54,18 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def _sorted_nucleus(
     logits: torch.Tensor, top_p: float, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The sort's indices, ``softmax(logits / temperature)`` in sorted order, and which sorted
-    tokens fall past the top-p cut: the one definition of the cut, for the filter and the draw."""
+    """The sort's indices, weights in sorted order proportional to ``softmax(logits /
+    temperature)``, and which sorted tokens fall past the top-p cut: the one definition of the
+    cut, for the filter and the draw.
+
+    The weights are left unnormalised because a sorted row needs neither of a softmax's two
+    reductions: its maximum is its first entry and its total is the running sum's last. A token
+    is cut if the tokens ahead of it hold ``top_p`` of that total."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = (sorted_logits.float() / temperature).softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
-    return order, probs, before >= top_p
+    scores = sorted_logits.float()
+    weights = ((scores - scores[..., :1]) / temperature).exp()
+    mass = weights.cumsum(dim=-1)
+    return order, weights, mass - weights >= top_p * mass[..., -1:]
 
 
 def sample(
@@ -96,19 +102,20 @@ def draw_nucleus(
 ) -> torch.Tensor:
     """One token a row from ``softmax(logits / temperature)`` after :func:`top_p_filter`, drawn
     in sorted order: the kept set is a prefix of the sorted row, so the draw masks the sorted
-    probabilities and maps its pick back through the sort's indices. That skips what filtering in
+    weights and maps its pick back through the sort's indices. That skips what filtering in
     vocabulary order costs a step (scattering the mask back, a second softmax), and the sort runs
     on the logits as they come: half-precision keys take fewer, cheaper radix-sort passes than
     float32 ones, and converting them to float32 and dividing by a temperature > 0 keeps their
     order."""
-    order, probs, cut = _sorted_nucleus(logits, top_p, temperature)
-    pick = draw(probs.masked_fill(cut, 0.0), generator, chunked=chunked)
+    order, weights, cut = _sorted_nucleus(logits, top_p, temperature)
+    pick = draw(weights.masked_fill(cut, 0.0), generator, chunked=chunked)
     return order.gather(-1, pick[:, None]).squeeze(-1)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None, *, chunked: bool = False) -> torch.Tensor:
     """One token a row ``(B,)`` from probabilities ``(B, V)``: the argmax of ``probs / q`` with
-    ``q`` standard exponential draws, which picks token ``i`` with probability ``probs[i]``.
+    ``q`` standard exponential draws, which picks token ``i`` with probability ``probs[i]`` (for
+    weights that do not sum to 1, in proportion to them).
 
     This is what ``torch.multinomial(probs, 1)`` computes, with the same draws from the same
     generator, less its checks of ``probs`` (device-side asserts, several kernels a call). Without

@@ -128,6 +128,29 @@ def test_gpu_gemv_smoke_checks_every_launch_shape(tmp_path):
 
 
 @needs_interpreter
+def test_gpu_gemv_fold_smoke_checks_every_launch_shape(tmp_path):
+    """The folded product's checks on the CPU (interpreter): every launch shape of the smoke sweep,
+    folded or not, rows and columns past the weight's edge, the residual in the epilogue."""
+    run_script("gpu_gemv_fold.py", "--out", str(tmp_path / "fold.json"), interpret=True)
+    rows = json.loads((tmp_path / "fold.json").read_text())["rows"]
+    assert [r["out_features"] for r in rows] == [40, 37] and rows[1]["residual"]
+    for r in rows:
+        assert len(r["max_abs_err"]) == 8 and max(r["max_abs_err"].values()) < 0.05, r
+
+
+@needs_interpreter
+def test_gpu_gemv_fold_smoke_fails_when_the_product_is_wrong(monkeypatch):
+    """A kernel that drops the residual makes the smoke run exit non-zero."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_gemv_fold as fold
+
+    launch = fold.fold_gemv
+    monkeypatch.setattr(fold, "fold_gemv", lambda *a, residual=None: launch(*a))
+    assert fold.main(["--smoke"]) == 1
+
+
+@needs_interpreter
 def test_gpu_weight_prefetch_smoke_checks_the_stack_against_its_reference(tmp_path):
     """The layer stack the prefetch benchmark times computes what its float32 reference does."""
     run_script("gpu_weight_prefetch.py", "--out", str(tmp_path / "wp.json"), interpret=True)

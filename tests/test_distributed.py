@@ -138,6 +138,9 @@ def eval_worker(out: Path, strategy: str) -> None:
     ctx = setup_context(config)
     metrics, forwards = evaluate_example_tasks(config, ctx, lambda m: wrap_model(m, config, ctx))
     (out / f"rank{ctx.rank}.json").write_text(json.dumps({"metrics": metrics, "forwards": forwards}))
+    # both processes done with every collective before either tears the group down: a process that
+    # closed its connections first could abort the other one mid-teardown
+    dist.barrier()
     dist.destroy_process_group()
 
 

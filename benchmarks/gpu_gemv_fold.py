@@ -128,11 +128,11 @@ def fold_gemv(kernel, x, w, shape: Shape, pdl: bool, residual=None) -> torch.Ten
     return y
 
 
-SWEEP = [
-    Shape(bn, bk, nw, fold)
-    for bn, bk, nw, fold in itertools.product((1, 2, 4, 8), (512, 1024, 2048), (4, 8), (1, 8))
-    if bn * bk <= 8192  # the 2-row, 1,024-column tile of the kernel's own shapes, at most four times over
-]
+def sweep(rows=(1, 2, 4, 8), widths=(512, 1024, 2048), warps=(4, 8), folds=(1, 8)) -> list[Shape]:
+    """The launch shapes timed: tiles of at most four times the kernel's 2-row, 1,024-column one."""
+    return [Shape(*s) for s in itertools.product(rows, widths, warps, folds) if s[0] * s[1] <= 8192]
+
+
 SMOKE_SWEEP = [Shape(bn, bk, 4, fold) for bn, bk, fold in itertools.product((2, 8), (64, 128), (1, 8))]
 SMOKE_SHAPES = [("smoke, K tiled", 40, 256, False), ("smoke, ragged rows and K, residual", 37, 200, True)]
 
@@ -160,7 +160,7 @@ def smoke(kernel) -> tuple[list[dict], bool]:
     return rows, ok
 
 
-def bench(kernel, name: str, n: int, k: int, with_res: bool, reps: int, bw: float, sweep: list[Shape]) -> dict:
+def bench(kernel, name: str, n: int, k: int, with_res: bool, reps: int, bw: float, shapes: list[Shape]) -> dict:
     from gpu_gemv import _time
     from qkvlab.kernels.gemv import _auto_config, gemv
     from qkvlab.kernels.kv_decode import use_pdl
@@ -174,7 +174,7 @@ def bench(kernel, name: str, n: int, k: int, with_res: bool, reps: int, bw: floa
     pick = lambda: ws[next(turn) % len(ws)]  # noqa: E731
     us = {"gemv": _time(lambda: gemv(x, pick(), residual=res), reps)}
     errs, failed = {}, {}
-    for shape in sweep:
+    for shape in shapes:
         key = f"fold {shape.fold} {shape.block_n}x{shape.block_k} w{shape.warps}"
         try:
             errs[key] = check(kernel, shape, x, w, res, pdl)
@@ -196,6 +196,16 @@ def bench(kernel, name: str, n: int, k: int, with_res: bool, reps: int, bw: floa
     )  # fmt: skip
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of positive integers, e.g. 2,8")
+    return values
+
+
 def main(argv=None) -> int:
     from benchutil import env_info, write_json
 
@@ -203,8 +213,11 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny shapes: the checks only")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--shapes", default="", help="comma list of words: only the weights whose name holds one")
+    for flag, default in (("rows", "1,2,4,8"), ("widths", "512,1024,2048"), ("warps", "4,8"), ("folds", "1,8")):
+        ap.add_argument(f"--{flag}", type=_ints, default=default, help=f"the sweep's {flag} (default {default})")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    shapes = sweep(args.rows, args.widths, args.warps, args.folds)
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is decorated below
         kernel = build_kernel()
@@ -226,7 +239,7 @@ def main(argv=None) -> int:
         if words and not any(w in name for w in words):
             continue
         with_res = name in ("o", "down")  # the step adds the residual in these products' epilogues
-        doc["rows"].append(bench(kernel, name, n, k, with_res, args.reps, bw, SWEEP))
+        doc["rows"].append(bench(kernel, name, n, k, with_res, args.reps, bw, shapes))
         write_json(doc, "gpu_gemv_fold.json", args.out)  # after every row: a stopped run keeps them
     return 1 if any(r["wrong"] for r in doc["rows"]) else 0
 

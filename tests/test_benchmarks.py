@@ -136,6 +136,8 @@ def test_gpu_gemv_fold_smoke_checks_every_launch_shape(tmp_path):
     assert [r["out_features"] for r in rows] == [40, 37] and rows[1]["residual"]
     for r in rows:
         assert len(r["max_abs_err"]) == 8 and max(r["max_abs_err"].values()) < 0.05, r
+    bad = script("gpu_gemv_fold.py", "--smoke", "--folds", "8,0")
+    assert bad.returncode == 2 and "'8,0' is not a comma list of positive integers" in bad.stderr
 
 
 @needs_interpreter

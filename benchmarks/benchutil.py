@@ -192,3 +192,23 @@ def write_json(doc: dict, name: str, extra_path: str | None = None) -> list[str]
         tmp.replace(p)
         written.append(str(p))
     return written
+
+
+def jit_now(fn):
+    """``triton.jit(fn)``, decorated at the call rather than at import, so that a smoke run's
+    ``TRITON_INTERPRET=1`` set before it holds. The kernel's module gets the helpers such a
+    kernel calls as globals (Triton's interpreter sees no closure): ``_sum`` (the reduction's
+    combine function) and the dependent-launch pair ``_gdc_wait`` / ``_gdc_launch_dependents``."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:  # pragma: no cover - exercised only where triton is missing
+        raise SystemExit("this benchmark needs Triton (pip install -e '.[dev]')") from None
+    from qkvlab.kernels import kv_decode
+
+    fn.__globals__.update(
+        _sum=tl.standard._sum_combine,
+        _gdc_wait=kv_decode._gdc_wait,
+        _gdc_launch_dependents=kv_decode._gdc_launch_dependents,
+    )
+    return triton.jit(fn)

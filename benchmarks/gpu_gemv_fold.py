@@ -50,7 +50,7 @@ try:  # Triton is the dev extra's: without it only the error message below runs
 except ImportError:  # pragma: no cover
     triton = tl = None
 
-# read by the kernel as globals (Triton's interpreter sees no closure); set by build_kernel
+# read by the kernel as globals (Triton's interpreter sees no closure); set by benchutil.jit_now
 _sum = _gdc_wait = _gdc_launch_dependents = None
 
 
@@ -66,14 +66,9 @@ class Shape:
 
 def build_kernel():
     """The folded product kernel, decorated now (so that the smoke run's interpreter setting holds)."""
-    global _sum, _gdc_wait, _gdc_launch_dependents
-    from qkvlab.kernels import kv_decode
+    from benchutil import jit_now
 
-    if triton is None:
-        raise SystemExit("this benchmark needs Triton (pip install -e '.[dev]')")
-    _sum = tl.standard._sum_combine
-    _gdc_wait, _gdc_launch_dependents = kv_decode._gdc_wait, kv_decode._gdc_launch_dependents
-    return triton.jit(_fold_gemv_kernel)
+    return jit_now(_fold_gemv_kernel)
 
 
 def _fold_gemv_kernel(

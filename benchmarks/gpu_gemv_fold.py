@@ -156,17 +156,14 @@ def smoke(kernel) -> tuple[list[dict], bool]:
 
 
 def bench(kernel, name: str, n: int, k: int, with_res: bool, reps: int, bw: float, shapes: list[Shape]) -> dict:
-    from gpu_gemv import _time
+    from gpu_gemv import _time, rotating_weights
     from qkvlab.kernels.gemv import _auto_config, gemv
     from qkvlab.kernels.kv_decode import use_pdl
 
     pdl = use_pdl(torch.device("cuda"))
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
-    ws = [w, *(w.clone() for _ in range(max(1, (200 << 20) // w.numel() // 2) - 1))]
+    w, pick = rotating_weights(n, k)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     res = torch.randn(n, device="cuda", dtype=torch.bfloat16) if with_res else None
-    turn = itertools.count()
-    pick = lambda: ws[next(turn) % len(ws)]  # noqa: E731
     us = {"gemv": _time(lambda: gemv(x, pick(), residual=res), reps)}
     errs, failed = {}, {}
     for shape in shapes:

@@ -1,34 +1,28 @@
-"""Does a batch-1 product read its weights closer to the copy rate with fewer registers a program?
+"""Does a batch-1 product read its weights faster with a narrower accumulator, as the step calls it?
 
 A decode step at batch 1 is mostly matrix-vector products, bound by reading the weights. The GEMV
-kernel (``qkvlab.kernels.gemv``) loads a weight tile into registers and multiplies it at once, so
-each program has one tile in flight when it waits, and Triton does not pipeline these loads
-(compiled for sm_90 its tile loop is the same with one stage as with three). The bytes an SM keeps
-in flight are then its resident programs times one tile, and residency is set by registers: the
-float32 accumulator has the tile's shape, twice the tile's bytes. At the step's launch shapes
-that is about 32 KB an SM whatever the shape (2 rows a program: 62 registers, 8 programs of 4 KB;
-8 rows: 187 registers, 2 programs of 16 KB; Triton 3.9 for sm_90). By Little's law a memory needs
-bandwidth x latency bytes in flight to stay busy, and an H200 needs more than an H100: one reading
-of why an H200 step runs at a lower fraction of its copy rate.
+kernel (``qkvlab.kernels.gemv``) multiplies a weight tile into a float32 accumulator of the tile's
+shape, twice the tile's registers, and registers bound how many programs (so how many loads in
+flight) an SM holds. Its ``fold`` launch-shape field first sums each tile's products over ``fold``
+neighbouring columns that a thread loaded together, into an accumulator ``fold`` times narrower:
+compiled for sm_90 (Triton 3.9), ``fold=8`` takes the 4-row tile with the norm in the loop from
+122 registers to 56, and the down projection's 8-row tile with SwiGLU's input from 225 to 126.
 
-Here the same loop (the first tile read before the dependent-launch wait, float32 products, the
-residual add in the epilogue for the output and down projections, as the step has it) folds each
-tile's products into an accumulator ``fold`` times narrower before adding: the ``fold``
-neighbouring columns summed are ones a thread loaded together, so the fold is a sum in registers
-(no shuffles, no shared memory; the reduction order changes, not the arithmetic). Compiled for
-sm_90 by Triton 3.9 with 1,024-column tiles, ``fold=8`` needs 48 registers at 2 rows a program
-(10 programs an SM, against the kernel's 8) and 124 at 8 rows (4, against 2): more bytes in
-flight an SM, if residency is what holds them back. For each weight shape of the 1.28B llama
-model of ``gpu_gemv.py``, side by side:
+For each product of the 1.28B llama model of ``gpu_gemv.py``, in the variant the decode step
+launches (the norm in the loop before the Q/KV and gate + up projections, the residual after the
+output projection, SwiGLU's input and the residual in the down projection, the LM head plain),
+side by side:
 
-- ``gemv``: qkvlab's kernel with its own launch shape, as the step calls it;
-- ``fold F``: the folded loop over a sweep of rows per program, tile width and warps; ``fold 1``
-  is the kernel's own loop in this script's code, the control.
+- ``auto``: the kernel's own launch shape, as the step calls it (``fold=1``);
+- ``auto, fold F``: the same shape with each other fold of the sweep;
+- ``fold F RxC wW``: a sweep of rows per program, tile width, warps and fold.
 
-Every launch shape is checked against a float32 product before it is timed; a shape the compiler
-cannot build is reported, not timed. Timing as ``gpu_gemv.py``: CUDA-graph replay of ``--reps``
-calls over rotating copies of the weight (about 200 MB, so no call reads from L2), each a
-programmatic dependent of the one before where the GPU has it.
+Every launch shape is checked against ``gemv_reference`` (float32) before it is timed; a shape the
+compiler cannot build is reported, not timed. Timing as ``gpu_gemv.py``: CUDA-graph replay of
+``--reps`` calls over rotating copies of the weight (about 200 MB, so no call reads from L2), each
+a programmatic dependent of the one before where the GPU has it. A product timed back to back with
+itself is not the step, where it follows other kernels: a gain here is a candidate for
+``ab_pairs.py``'s whole steps, which decide (docs/benchmarks.md has both for ``fold=8``).
 
     PYTHONPATH=src:benchmarks python3 benchmarks/gpu_gemv_fold.py --out $OUT/gpu_gemv_fold.json
     PYTHONPATH=src:benchmarks python3 benchmarks/gpu_gemv_fold.py --smoke   # CPU interpreter, the checks only
@@ -39,152 +33,129 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-try:  # Triton is the dev extra's: without it only the error message below runs
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = tl = None
-
-# read by the kernel as globals (Triton's interpreter sees no closure); set by benchutil.jit_now
-_sum = _gdc_wait = _gdc_launch_dependents = None
+from qkvlab.kernels.gemv import GemvConfig, _auto_config, gemv, gemv_reference
 
 
 @dataclass(frozen=True)
 class Shape:
-    """Launch shape of the folded product: rows per program, tile width, warps, fold."""
+    """Launch shape of the sweep: rows per program, tile width, warps, fold."""
 
     block_n: int
     block_k: int
     warps: int
     fold: int
 
-
-def build_kernel():
-    """The folded product kernel, decorated now (so that the smoke run's interpreter setting holds)."""
-    from benchutil import jit_now
-
-    return jit_now(_fold_gemv_kernel)
+    def config(self) -> GemvConfig:
+        return GemvConfig(self.block_n, self.block_k, self.warps, 1, self.fold)
 
 
-def _fold_gemv_kernel(
-    X,
-    W,
-    Res,
-    Y,
-    N,
-    K,
-    stride_wn,
-    HAS_RES: tl.constexpr,
-    PDL: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    FOLD: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    safe_rows = tl.minimum(rows, N - 1)  # a short last block reads row N-1 again; its stores are masked
-    cols0 = tl.arange(0, BLOCK_K)
-    # no kernel writes the weights: the first tile is read before the wait
-    w_first = tl.load(W + safe_rows[:, None] * stride_wn + cols0[None, :], mask=cols0[None, :] < K, other=0.0)
-    if PDL:
-        _gdc_wait()
-        _gdc_launch_dependents()
-    acc = tl.full([BLOCK_N, BLOCK_K // FOLD], 0.0, tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + cols0
-        later = cols[None, :] >= BLOCK_K  # the first tile is w_first: no second read of it
-        ptrs = W + safe_rows[:, None] * stride_wn + cols[None, :]
-        w = tl.where(later, tl.load(ptrs, mask=later & (cols[None, :] < K), other=0.0), w_first)
-        x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
-        p = w.to(tl.float32) * x[None, :]
-        if FOLD > 1:  # neighbouring columns, loaded by one thread: summed in its registers
-            p = tl.reduce(tl.reshape(p, [BLOCK_N, BLOCK_K // FOLD, FOLD]), 2, _sum)
-        acc += p
-    y = tl.reduce(acc, 1, _sum)
-    if HAS_RES:
-        y += tl.load(Res + safe_rows).to(tl.float32)
-    tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=rows < N)
-
-
-def fold_gemv(kernel, x, w, shape: Shape, pdl: bool, residual=None) -> torch.Tensor:
-    """``x @ w.T (+ residual)`` for one row ``x`` by the folded kernel."""
-    n, k = w.shape
-    y = torch.empty(n, device=x.device, dtype=x.dtype)
-    kernel[(triton.cdiv(n, shape.block_n),)](
-        x.reshape(-1), w, residual if residual is not None else y, y, n, k, w.stride(0),
-        HAS_RES=residual is not None, PDL=pdl, BLOCK_N=shape.block_n, BLOCK_K=shape.block_k, FOLD=shape.fold,
-        num_warps=shape.warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
-    )  # fmt: skip
-    return y
+# (name, out features, in features, the step's variant of the product)
+STEP_PRODUCTS = [
+    ("norm -> qkv fused", 6144, 2048, "norm"),
+    ("norm -> q + kv fused (Q-K=V)", 4096, 2048, "norm"),
+    ("norm -> q + kv, 8 kv heads (Q-GQA-8)", 2560, 2048, "norm"),
+    ("norm -> q + k + v, 8 kv heads", 3072, 2048, "norm"),
+    ("o -> + residual", 2048, 2048, "residual"),
+    ("norm -> gate + up fused", 16384, 2048, "norm"),
+    ("silu(gate) * up -> down -> + residual", 2048, 8192, "glu"),
+    ("lm head", 50304, 2048, "plain"),
+]
+SMOKE_PRODUCTS = [
+    ("smoke, norm", 40, 256, "norm"),
+    ("smoke, ragged rows and K, residual", 37, 200, "residual"),
+    ("smoke, glu and residual", 24, 128, "glu"),
+    ("smoke, plain", 33, 64, "plain"),
+]
+SMOKE_SWEEP = [Shape(bn, bk, 4, fold) for bn, bk, fold in itertools.product((2, 8), (64, 128), (1, 8))]
+TOL = 0.05  # bf16 outputs of size about 1 (3 with the residual): a few ulps
 
 
 def sweep(rows=(1, 2, 4, 8), widths=(512, 1024, 2048), warps=(4, 8), folds=(1, 8)) -> list[Shape]:
-    """The launch shapes timed: tiles of at most four times the kernel's 2-row, 1,024-column one."""
-    return [Shape(*s) for s in itertools.product(rows, widths, warps, folds) if s[0] * s[1] <= 8192]
+    """The launch shapes timed: tiles of at most four times the kernel's 2-row, 1,024-column one,
+    folds no wider than the tile."""
+    return [Shape(*s) for s in itertools.product(rows, widths, warps, folds) if s[0] * s[1] <= 8192 and s[3] <= s[1]]
 
 
-SMOKE_SWEEP = [Shape(bn, bk, 4, fold) for bn, bk, fold in itertools.product((2, 8), (64, 128), (1, 8))]
-SMOKE_SHAPES = [("smoke, K tiled", 40, 256, False), ("smoke, ragged rows and K, residual", 37, 200, True)]
+def product_inputs(n: int, k: int, what: str, device, generator=None) -> dict:
+    """The weight and the step's inputs for the product ``what``: the keyword arguments of ``gemv``."""
+    kw = dict(device=device, generator=generator)
+    w = (torch.randn(n, k, **kw) / k**0.5).to(torch.bfloat16)
+    x = torch.randn(1, 2 * k if what == "glu" else k, **kw).to(torch.bfloat16)
+    extra = {}
+    if what == "norm":
+        extra = dict(norm_weight=(torch.rand(k, **kw) + 0.5).to(torch.bfloat16), eps=1e-5)
+    elif what in ("residual", "glu"):
+        extra = dict(residual=torch.randn(n, **kw).to(torch.bfloat16), glu=what == "glu")
+    return dict(x=x, w=w, **extra)
 
 
-def check(kernel, shape: Shape, x, w, residual, pdl: bool) -> float:
-    """Largest difference of the folded product from a float32 one (output rounded to bf16)."""
-    ref = F.linear(x.float(), w.float()).reshape(-1)
-    if residual is not None:
-        ref = ref + residual.float()
-    return (fold_gemv(kernel, x, w, shape, pdl, residual=residual).float() - ref).abs().max().item()
+def call(inputs: dict, w: torch.Tensor, config: GemvConfig | None) -> torch.Tensor:
+    """The product as the step calls it, on weight ``w`` (the inputs' own or a copy)."""
+    return gemv(**{**inputs, "w": w}, config=config)
 
 
-def smoke(kernel) -> tuple[list[dict], bool]:
+def check(inputs: dict, config: GemvConfig | None) -> float:
+    """Largest difference of the kernel's product from the float32 definition."""
+    ref = gemv_reference(**inputs).float()
+    return (call(inputs, inputs["w"], config).float() - ref).abs().max().item()
+
+
+def candidates(n: int, k: int, shapes: list[Shape]) -> dict[str, GemvConfig | None]:
+    """``auto``, the auto shape with each other fold of the sweep, then the sweep's shapes."""
+    auto = _auto_config(n, k)
+    out: dict[str, GemvConfig | None] = {"auto": None}
+    for fold in sorted({s.fold for s in shapes} - {auto.fold}):
+        if fold <= auto.block_k:
+            out[f"auto, fold {fold}"] = GemvConfig(auto.block_n, auto.block_k, auto.num_warps, auto.num_stages, fold)
+    for s in shapes:
+        out[f"fold {s.fold} {s.block_n}x{s.block_k} w{s.warps}"] = s.config()
+    return out
+
+
+def smoke(shapes: list[Shape]) -> tuple[list[dict], bool]:
     rows, ok = [], True
-    for name, n, k, with_res in SMOKE_SHAPES:
-        g = torch.Generator().manual_seed(n * k)
-        w = (torch.randn(n, k, generator=g) / k**0.5).to(torch.bfloat16)
-        x = torch.randn(1, k, generator=g).to(torch.bfloat16)
-        res = torch.randn(n, generator=g).to(torch.bfloat16) if with_res else None
-        errs = {str(asdict(s)): check(kernel, s, x, w, res, pdl=False) for s in SMOKE_SWEEP}
+    for name, n, k, what in SMOKE_PRODUCTS:
+        inputs = product_inputs(n, k, what, "cpu", torch.Generator().manual_seed(n * k))
+        errs = {key: check(inputs, cfg) for key, cfg in candidates(n, k, shapes).items()}
         worst = max(errs.values())
-        ok &= worst < 0.05  # bf16 outputs of size about 1 (3 with the residual): a few ulps
+        ok &= worst < TOL
         print(f"{name:40s} max abs error over {len(errs)} launch shapes {worst:.1e}")
-        rows.append(dict(name=name, out_features=n, in_features=k, residual=with_res, max_abs_err=errs))
+        rows.append(dict(name=name, out_features=n, in_features=k, step_variant=what, max_abs_err=errs))
     return rows, ok
 
 
-def bench(kernel, name: str, n: int, k: int, with_res: bool, reps: int, bw: float, shapes: list[Shape]) -> dict:
+def bench(name: str, n: int, k: int, what: str, reps: int, bw: float, shapes: list[Shape]) -> dict:
     from gpu_gemv import _time, rotating_weights
-    from qkvlab.kernels.gemv import _auto_config, gemv
-    from qkvlab.kernels.kv_decode import use_pdl
 
-    pdl = use_pdl(torch.device("cuda"))
     w, pick = rotating_weights(n, k)
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    res = torch.randn(n, device="cuda", dtype=torch.bfloat16) if with_res else None
-    us = {"gemv": _time(lambda: gemv(x, pick(), residual=res), reps)}
-    errs, failed = {}, {}
-    for shape in shapes:
-        key = f"fold {shape.fold} {shape.block_n}x{shape.block_k} w{shape.warps}"
+    inputs = {**product_inputs(n, k, what, "cuda"), "w": w}
+    us, errs, failed = {}, {}, {}
+    for key, cfg in candidates(n, k, shapes).items():
         try:
-            errs[key] = check(kernel, shape, x, w, res, pdl)
-            if errs[key] < 0.05:  # a wrong product is not a candidate
-                us[key] = _time(lambda shape=shape: fold_gemv(kernel, x, pick(), shape, pdl, residual=res), reps)
+            errs[key] = check(inputs, cfg)
+            if errs[key] < TOL:  # a wrong product is not a candidate
+                us[key] = _time(lambda cfg=cfg: call(inputs, pick(), cfg), reps)
         except Exception as e:  # out of resources for this shape: not a candidate
             failed[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-    bad = {s: e for s, e in errs.items() if e >= 0.05}
-    best = min((s for s in us if s != "gemv"), key=us.get, default=None)
+    bad = {s: e for s, e in errs.items() if e >= TOL}
     mb = n * k * 2 / 1e6
     frac = {s: mb * 1e6 / (t * 1e-6) / 1e9 / bw for s, t in us.items()}
-    line = f"{name:28s} {mb:6.1f} MB  gemv {us['gemv']:7.2f} us ({frac['gemv']:.2f})"
-    if best:
-        line += f"  best {us[best]:7.2f} us ({frac[best]:.2f}, {us['gemv'] / us[best]:.3f}x) [{best}]"
+    best = min(us, key=us.get, default=None)
+    line = f"{name:40s} {mb:6.1f} MB"
+    if "auto" in us:
+        line += f"  auto {us['auto']:7.2f} us ({frac['auto']:.2f})"
+        folded = [s for s in us if s.startswith("auto, fold")]
+        line += "".join(f"  {s[6:]} {us[s]:7.2f}" for s in folded)
+        if best:
+            line += f"  best {us[best]:7.2f} us ({frac[best]:.2f}, {us['auto'] / us[best]:.3f}x) [{best}]"
     print(line + (f"  {len(failed)} shapes not built" if failed else "") + (f"  {len(bad)} WRONG" if bad else ""))
     return dict(
-        name=name, out_features=n, in_features=k, residual=with_res, mb=mb, us=us, fraction_of_copy=frac,
-        max_abs_err=errs, wrong=bad, not_built=failed, best=best, gemv_auto_config=str(_auto_config(n, k)),
+        name=name, out_features=n, in_features=k, step_variant=what, mb=mb, us=us, fraction_of_copy=frac,
+        max_abs_err=errs, wrong=bad, not_built=failed, best=best, auto_config=str(_auto_config(n, k)),
     )  # fmt: skip
 
 
@@ -198,40 +169,44 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _folds(text: str) -> tuple[int, ...]:
+    values = _ints(text)
+    if any(v & (v - 1) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: a fold is a power of two, e.g. 1,4,8")
+    return values
+
+
 def main(argv=None) -> int:
     from benchutil import env_info, write_json
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny shapes: the checks only")
     ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--shapes", default="", help="comma list of words: only the weights whose name holds one")
-    for flag, default in (("rows", "1,2,4,8"), ("widths", "512,1024,2048"), ("warps", "4,8"), ("folds", "1,8")):
+    ap.add_argument("--shapes", default="", help="comma list of words: only the products whose name holds one")
+    for flag, default in (("rows", "1,2,4,8"), ("widths", "512,1024,2048"), ("warps", "4,8")):
         ap.add_argument(f"--{flag}", type=_ints, default=default, help=f"the sweep's {flag} (default {default})")
+    ap.add_argument("--folds", type=_folds, default="1,8", help="the sweep's folds, powers of two (default 1,8)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    shapes = sweep(args.rows, args.widths, args.warps, args.folds)
     if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is decorated below
-        kernel = build_kernel()
-        rows, ok = smoke(kernel)
+        os.environ["TRITON_INTERPRET"] = "1"  # the kernel runs under Triton's interpreter on the CPU
+        rows, ok = smoke(SMOKE_SWEEP)
         doc = dict(benchmark="gpu_gemv_fold", smoke=True, environment=env_info(torch.device("cpu")), rows=rows)
         write_json(doc, "gpu_gemv_fold.json", args.out)
         return 0 if ok else 1
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU: run with --smoke for a CPU check of the script")
     from gpu_decode import copy_bandwidth, timer
-    from gpu_gemv import SHAPES
 
-    kernel = build_kernel()
+    shapes = sweep(args.rows, args.widths, args.warps, args.folds)
     words = [w for w in args.shapes.split(",") if w]
     bw = copy_bandwidth(torch.device("cuda"), timer(torch.device("cuda"), rep_ms=200))
     doc = dict(benchmark="gpu_gemv_fold", environment=env_info(torch.device("cuda")), copy_gb_s=bw, rows=[])
     print(f"copy bandwidth {bw:,.0f} GB/s on {torch.cuda.get_device_name()}; (fraction of it) after each time")
-    for name, n, k in SHAPES:
+    for name, n, k, what in STEP_PRODUCTS:
         if words and not any(w in name for w in words):
             continue
-        with_res = name in ("o", "down")  # the step adds the residual in these products' epilogues
-        doc["rows"].append(bench(kernel, name, n, k, with_res, args.reps, bw, shapes))
+        doc["rows"].append(bench(name, n, k, what, args.reps, bw, shapes))
         write_json(doc, "gpu_gemv_fold.json", args.out)  # after every row: a stopped run keeps them
     return 1 if any(r["wrong"] for r in doc["rows"]) else 0
 

@@ -129,26 +129,29 @@ def test_gpu_gemv_smoke_checks_every_launch_shape(tmp_path):
 
 @needs_interpreter
 def test_gpu_gemv_fold_smoke_checks_every_launch_shape(tmp_path):
-    """The folded product's checks on the CPU (interpreter): every launch shape of the smoke sweep,
-    folded or not, rows and columns past the weight's edge, the residual in the epilogue."""
+    """The folded products' checks on the CPU (interpreter): each of the step's variants of the
+    product (norm, residual, SwiGLU input, plain) at the kernel's own launch shape, that shape
+    folded, and every shape of the smoke sweep, rows and columns past the weight's edge."""
     run_script("gpu_gemv_fold.py", "--out", str(tmp_path / "fold.json"), interpret=True)
     rows = json.loads((tmp_path / "fold.json").read_text())["rows"]
-    assert [r["out_features"] for r in rows] == [40, 37] and rows[1]["residual"]
+    assert [r["step_variant"] for r in rows] == ["norm", "residual", "glu", "plain"]
     for r in rows:
-        assert len(r["max_abs_err"]) == 8 and max(r["max_abs_err"].values()) < 0.05, r
-    bad = script("gpu_gemv_fold.py", "--smoke", "--folds", "8,0")
-    assert bad.returncode == 2 and "'8,0' is not a comma list of positive integers" in bad.stderr
+        errs = r["max_abs_err"]
+        assert {"auto", "auto, fold 8"} <= set(errs) and len(errs) == 10 and max(errs.values()) < 0.05, r
+    for bad_folds, msg in (("8,0", "'8,0' is not a comma list of positive integers"), ("1,6", "a power of two")):
+        bad = script("gpu_gemv_fold.py", "--smoke", "--folds", bad_folds)
+        assert bad.returncode == 2 and msg in bad.stderr, bad.stderr
 
 
 @needs_interpreter
 def test_gpu_gemv_fold_smoke_fails_when_the_product_is_wrong(monkeypatch):
-    """A kernel that drops the residual makes the smoke run exit non-zero."""
+    """A product that drops the residual makes the smoke run exit non-zero."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import gpu_gemv_fold as fold
 
-    launch = fold.fold_gemv
-    monkeypatch.setattr(fold, "fold_gemv", lambda *a, residual=None: launch(*a))
+    real = fold.gemv
+    monkeypatch.setattr(fold, "gemv", lambda *a, residual=None, **kw: real(*a, **kw))
     assert fold.main(["--smoke"]) == 1
 
 

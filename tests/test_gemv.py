@@ -58,7 +58,18 @@ def test_kernel_equals_linear(interpret, dtype, n, k, bias):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("cfg", [GemvConfig(1, 16), GemvConfig(4, 64), GemvConfig(16, 128, 2, 1), GemvConfig(2, 256)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        GemvConfig(1, 16),
+        GemvConfig(4, 64),
+        GemvConfig(16, 128, 2, 1),
+        GemvConfig(2, 256),
+        GemvConfig(4, 64, fold=1),
+        GemvConfig(2, 16, fold=16),  # the whole tile summed in registers
+        GemvConfig(8, 128, fold=4),
+    ],
+)
 def test_every_launch_shape_gives_the_same_product(interpret, cfg):
     """Blocks that do not divide N (a repeated last row, masked stores) or K (masked tail)."""
     g = torch.Generator().manual_seed(1)
@@ -70,19 +81,27 @@ def test_every_launch_shape_gives_the_same_product(interpret, cfg):
 
 
 def test_launch_shape_fields_left_zero_come_from_the_shape():
-    assert resolve_config(None, 2048, 2048) == GemvConfig(2, 1024, 4, 3)
+    assert resolve_config(None, 2048, 2048) == GemvConfig(2, 1024, 4, 3, 1)
     assert resolve_config(None, 16384, 2048).block_n == 4
     assert resolve_config(None, 64, 300).block_k == 256  # the widest power of two K fills
-    assert resolve_config(None, 2048, 8192) == GemvConfig(8, 1024, 4, 1)  # long rows: eight a program
-    assert resolve_config(GemvConfig(block_n=2), 2048, 8192) == GemvConfig(2, 1024, 4, 1)
-    assert resolve_config(GemvConfig(8, 64, 2, 1), 2048, 2048) == GemvConfig(8, 64, 2, 1)
+    assert resolve_config(None, 2048, 8192) == GemvConfig(8, 1024, 4, 1, 1)  # long rows: eight a program
+    assert resolve_config(GemvConfig(block_n=2), 2048, 8192) == GemvConfig(2, 1024, 4, 1, 1)
+    assert resolve_config(GemvConfig(8, 64, 2, 1), 2048, 2048) == GemvConfig(8, 64, 2, 1, 1)
+    assert resolve_config(GemvConfig(8, 64, fold=8), 2048, 2048) == GemvConfig(8, 64, 4, 3, 8)
+
+
+@pytest.mark.parametrize("fold", [3, 64])
+def test_a_fold_that_does_not_fit_the_tile_is_refused(fold):
+    with pytest.raises(ValueError, match=f"fold={fold}"):
+        resolve_config(GemvConfig(2, 32, fold=fold), 64, 64)
 
 
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [256, 200], ids=["even-k", "ragged-k"])
 @pytest.mark.parametrize("norm,res,bias", [(True, False, False), (False, True, True), (True, True, False)])
-def test_norm_before_and_residual_after_in_the_kernel(interpret, dtype, k, norm, res, bias):
+@pytest.mark.parametrize("fold", [1, 8])
+def test_norm_before_and_residual_after_in_the_kernel(interpret, dtype, k, norm, res, bias, fold):
     """RMSNorm of the input before the product and a residual added after it, in one kernel: equal
     to the definition (gemv_reference), and to the model's norm module followed by F.linear up to
     the rounding of the normalised input that the model does and the kernel does not."""
@@ -94,7 +113,7 @@ def test_norm_before_and_residual_after_in_the_kernel(interpret, dtype, k, norm,
     nw = (1 + 0.1 * torch.randn(k, generator=g)).to(dtype) if norm else None
     r = torch.randn(1, 1, 48, generator=g).to(dtype) if res else None
     b = torch.randn(48, generator=g).to(dtype) if bias else None
-    got = gemv(x, w, b, config=GemvConfig(4, 64), norm_weight=nw, eps=1e-5, residual=r)
+    got = gemv(x, w, b, config=GemvConfig(4, 64, fold=fold), norm_weight=nw, eps=1e-5, residual=r)
     ref = gemv_reference(x, w, b, nw, 1e-5, r)
     tol = 1e-5 if dtype == torch.float32 else 2**-7
     scale = ref.float().abs().max().item()
@@ -111,13 +130,14 @@ def test_norm_before_and_residual_after_in_the_kernel(interpret, dtype, k, norm,
 
 @needs_interpreter
 @pytest.mark.parametrize("k", [256, 200], ids=["even-k", "ragged-k"])
-def test_swiglu_input_made_in_the_kernel(interpret, k):
+@pytest.mark.parametrize("fold", [1, 8])
+def test_swiglu_input_made_in_the_kernel(interpret, k, fold):
     """glu: the input is [gate | up] and the product reads silu(gate) * up, with a residual after."""
     g = torch.Generator().manual_seed(k + 1)
     w = torch.randn(24, k, generator=g) / k**0.5
     gate_up = torch.randn(1, 1, 2 * k, generator=g)
     r = torch.randn(1, 1, 24, generator=g)
-    got = gemv(gate_up, w, config=GemvConfig(4, 64), residual=r, glu=True)
+    got = gemv(gate_up, w, config=GemvConfig(4, 64, fold=fold), residual=r, glu=True)
     gate, up = gate_up.chunk(2, dim=-1)
     assert torch.allclose(got, F.linear(F.silu(gate) * up, w) + r, rtol=1e-5, atol=1e-5)
     assert torch.allclose(matvec.swiglu_linear(gate_up, w, residual=r), got, rtol=1e-5, atol=1e-5)

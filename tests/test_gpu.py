@@ -163,6 +163,29 @@ def test_cuda_gemv_step_matches_cublas_step(variant, dtype, route, monkeypatch):
     assert (outs[route] - outs[False]).abs().max().item() <= tol
 
 
+@pytest.mark.parametrize("fold", [1, 8])
+@pytest.mark.parametrize("what", ["norm", "residual", "glu", "plain"])
+def test_cuda_gemv_folded_products_equal_the_definition(what, fold):
+    """The one-row product in each variant the step launches (norm in the loop, residual after,
+    SwiGLU's input with the residual, plain), its tile's products folded or not, against the
+    float32 definition: launch shapes whose rows and tiles do not divide the weight's."""
+    from qkvlab.kernels.gemv import GemvConfig, gemv, gemv_reference
+
+    g = torch.Generator(device="cuda").manual_seed(fold)
+    n, k = 1001, 2048 + 64
+    w = (torch.randn(n, k, device="cuda", generator=g) / k**0.5).bfloat16()
+    x = torch.randn(1, 2 * k if what == "glu" else k, device="cuda", generator=g).bfloat16()
+    extra = {}
+    if what == "norm":
+        extra = dict(norm_weight=(torch.rand(k, device="cuda", generator=g) + 0.5).bfloat16(), eps=1e-5)
+    elif what in ("residual", "glu"):
+        extra = dict(residual=torch.randn(n, device="cuda", generator=g).bfloat16(), glu=what == "glu")
+    ref = gemv_reference(x, w, **extra).float()
+    for cfg in (GemvConfig(2, 1024, 4, 3, fold), GemvConfig(8, 512, 4, 1, fold), GemvConfig(4, 2048, 8, 1, fold)):
+        err = (gemv(x, w, config=cfg, **extra).float() - ref).abs().max().item()
+        assert err < 0.05, (cfg, err)  # bf16 outputs of size about 1 (3 with the residual): a few ulps
+
+
 @pytest.mark.parametrize(("variant", "kernel"), [("q_kv+rope+qknorm", True), ("q_kv+gqa2", True), ("q_k_v", False)])
 def test_cuda_auto_decode_backend(variant, kernel, monkeypatch):
     """On CUDA the default ("auto") decode step reaches the Triton kernel through the registry for a

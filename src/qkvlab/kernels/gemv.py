@@ -42,12 +42,15 @@ if HAS_TRITON:
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Launch shape: output rows per program, reduction tile, warps and pipeline stages."""
+    """Launch shape: output rows per program, reduction tile, warps, pipeline stages, and how
+    many neighbouring columns each tile's products are summed over before they are accumulated
+    (``fold``: the accumulator is that many times narrower than the tile, so fewer registers)."""
 
     block_n: int = 0  # 0 in any field: that field chosen from the shape (see _auto_config)
     block_k: int = 0
     num_warps: int = 0
     num_stages: int = 0
+    fold: int = 0
 
 
 def _gemv_kernel(
@@ -68,6 +71,7 @@ def _gemv_kernel(
     EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    FOLD: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -98,7 +102,12 @@ def _gemv_kernel(
             xs = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
             ssq += xs * xs
         inv_rms = tl.rsqrt(tl.reduce(ssq, 0, _sum_fn) / K + eps)
-    acc = tl.full([BLOCK_N, BLOCK_K], 0.0, tl.float32)  # one reduction at the end, not per tile
+    # One reduction at the end, not per tile. A float32 accumulator of the tile's shape takes
+    # twice the tile's registers, and registers bound how many programs (so how many loads in
+    # flight) an SM holds: FOLD > 1 first sums each tile's products over FOLD neighbouring
+    # columns, ones a thread loaded together (a sum in its registers), into an accumulator FOLD
+    # times narrower. The same sum in another order.
+    acc = tl.full([BLOCK_N, BLOCK_K // FOLD], 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         ptrs = W + safe_rows[:, None] * stride_wn + cols[None, :]
@@ -117,7 +126,10 @@ def _gemv_kernel(
                 x = x * inv_rms * tl.load(NormW + cols, mask=cols < K, other=0.0).to(tl.float32)
             if GLU:
                 x = x / (1.0 + tl.exp(-x)) * tl.load(X + K + cols, mask=cols < K, other=0.0).to(tl.float32)
-        acc += w.to(tl.float32) * x[None, :]
+        p = w.to(tl.float32) * x[None, :]
+        if FOLD > 1:
+            p = tl.reduce(tl.reshape(p, [BLOCK_N, BLOCK_K // FOLD, FOLD]), 2, _sum_fn)
+        acc += p
     y = tl.reduce(acc, 1, _sum_fn)
     if HAS_BIAS:
         y += tl.load(Bias + safe_rows).to(tl.float32)
@@ -137,19 +149,24 @@ def _auto_config(N: int, K: int) -> GemvConfig:
     2048-row projection about a thousand programs, and wide tiles keep many loads in flight
     (``benchmarks/gpu_gemv.py`` sweeps the alternatives; docs/benchmarks.md has what it found).
     Rows of 8,192 columns or more (an MLP's down projection) go eight to a program, unpipelined:
-    the sweep's best for the step's down projection, and a faster step (docs/benchmarks.md)."""
+    the sweep's best for the step's down projection, and a faster step (docs/benchmarks.md). No
+    fold: with more programs resident, whole steps were no faster on an H100 or an H200
+    (``benchmarks/gpu_gemv_fold.py`` sweeps it)."""
     block_k = 1024
     while block_k > 16 and block_k > K:
         block_k //= 2
     if K >= 8192:
-        return GemvConfig(block_n=8, block_k=block_k, num_warps=4, num_stages=1)
-    return GemvConfig(block_n=4 if N >= 6144 else 2, block_k=block_k, num_warps=4, num_stages=3)
+        return GemvConfig(block_n=8, block_k=block_k, num_warps=4, num_stages=1, fold=1)
+    return GemvConfig(block_n=4 if N >= 6144 else 2, block_k=block_k, num_warps=4, num_stages=3, fold=1)
 
 
 def resolve_config(config: GemvConfig | None, N: int, K: int) -> GemvConfig:
     """``config`` with each field left 0 (or all, for None) chosen from the shape."""
     given = config or GemvConfig()
-    return GemvConfig(*(g or a for g, a in zip(astuple(given), astuple(_auto_config(N, K)), strict=True)))
+    cfg = GemvConfig(*(g or a for g, a in zip(astuple(given), astuple(_auto_config(N, K)), strict=True)))
+    if cfg.fold & (cfg.fold - 1) or cfg.fold > cfg.block_k:
+        raise ValueError(f"fold={cfg.fold}: it must be a power of two no wider than block_k={cfg.block_k}")
+    return cfg
 
 
 def gemv_unsupported_reason(
@@ -266,6 +283,7 @@ def gemv(
         EVEN_K=K % cfg.block_k == 0,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
+        FOLD=cfg.fold,
         PDL=pdl,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,

@@ -80,10 +80,13 @@ def sweep(rows=(1, 2, 4, 8), widths=(512, 1024, 2048), warps=(4, 8), folds=(1, 8
     return [Shape(*s) for s in itertools.product(rows, widths, warps, folds) if s[0] * s[1] <= 8192 and s[3] <= s[1]]
 
 
-def product_inputs(n: int, k: int, what: str, device, generator=None) -> dict:
-    """The weight and the step's inputs for the product ``what``: the keyword arguments of ``gemv``."""
-    kw = dict(device=device, generator=generator)
-    w = (torch.randn(n, k, **kw) / k**0.5).to(torch.bfloat16)
+def random_weight(n: int, k: int, device, generator=None) -> torch.Tensor:
+    return (torch.randn(n, k, device=device, generator=generator) / k**0.5).to(torch.bfloat16)
+
+
+def product_inputs(w: torch.Tensor, what: str, generator=None) -> dict:
+    """The step's inputs to the product ``what`` on weight ``w``: the keyword arguments of ``gemv``."""
+    (n, k), kw = w.shape, dict(device=w.device, generator=generator)
     x = torch.randn(1, 2 * k if what == "glu" else k, **kw).to(torch.bfloat16)
     extra = {}
     if what == "norm":
@@ -119,7 +122,8 @@ def candidates(n: int, k: int, shapes: list[Shape]) -> dict[str, GemvConfig | No
 def smoke(shapes: list[Shape]) -> tuple[list[dict], bool]:
     rows, ok = [], True
     for name, n, k, what in SMOKE_PRODUCTS:
-        inputs = product_inputs(n, k, what, "cpu", torch.Generator().manual_seed(n * k))
+        g = torch.Generator().manual_seed(n * k)
+        inputs = product_inputs(random_weight(n, k, "cpu", g), what, g)
         errs = {key: check(inputs, cfg) for key, cfg in candidates(n, k, shapes).items()}
         worst = max(errs.values())
         ok &= worst < TOL
@@ -132,7 +136,7 @@ def bench(name: str, n: int, k: int, what: str, reps: int, bw: float, shapes: li
     from gpu_gemv import _time, rotating_weights
 
     w, pick = rotating_weights(n, k)
-    inputs = {**product_inputs(n, k, what, "cuda"), "w": w}
+    inputs = product_inputs(w, what)
     us, errs, failed = {}, {}, {}
     for key, cfg in candidates(n, k, shapes).items():
         try:

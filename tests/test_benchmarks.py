@@ -818,3 +818,30 @@ def test_a_whole_generate_call_that_fails_is_kept_in_its_row_and_the_others_stil
     by = {r["system"]: r for r in rows}
     assert by["hf-llama"]["error"] == "failed: RuntimeError: no cache for you", rows
     assert by["qkvlab"]["reps"] == 2 and by["qkvlab"]["new_tokens"] == [8, 48] and by["qkvlab"]["tokens_per_s"] > 0
+
+
+@needs_interpreter
+def test_gpu_read_chain_smoke_checks_every_read_and_the_stack(tmp_path):
+    """Every chain runs on the CPU (interpreter); the read kernel sums what torch.sum does, past a
+    buffer's end too, and the stack it stands beside computes its float32 reference."""
+    run_script("gpu_read_chain.py", "--out", str(tmp_path / "rc.json"), interpret=True)
+    doc = json.loads((tmp_path / "rc.json").read_text())
+    assert [r["mode"] for r in doc["rows"]] == ["kernels", "reads", "reads-early", "reads+1", "layer-reads", "one-read"]
+    assert [r["kernels_per_step"] for r in doc["rows"]][1:] == [10, 10, 12, 2, 1]  # two layers in the smoke stack
+    assert max(doc["read_check_rel_err"].values()) < 1e-3 and "odd length, early" in doc["read_check_rel_err"]
+    assert doc["rel_err_vs_reference"] < 0.05
+    bad = script("gpu_read_chain.py", "--smoke", "--modes", "reads,writes")
+    assert bad.returncode == 2 and "'writes' is not one of" in bad.stderr, bad.stderr
+
+
+@needs_interpreter
+def test_gpu_read_chain_stops_when_a_read_skips_bytes(monkeypatch, capsys):
+    """A read launched with one program too few (the end of the buffer unread) is caught before timing."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_read_chain as rc
+
+    real = rc.Reader.programs
+    monkeypatch.setattr(rc.Reader, "programs", lambda self, n, tiles: max(1, real(self, n, tiles) - 1))
+    assert rc.main(["--smoke"]) == 1
+    assert "does not sum what it reads" in capsys.readouterr().out

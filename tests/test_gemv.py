@@ -81,8 +81,8 @@ def test_every_launch_shape_gives_the_same_product(interpret, cfg):
 
 
 def test_launch_shape_fields_left_zero_come_from_the_shape():
-    assert resolve_config(None, 2048, 2048) == GemvConfig(2, 1024, 4, 3, 1)
-    assert resolve_config(None, 16384, 2048).block_n == 4
+    assert resolve_config(None, 2048, 2048) == GemvConfig(4, 1024, 4, 3, 1)
+    assert resolve_config(None, 16384, 2048).block_n == resolve_config(None, 2560, 2048).block_n == 4
     assert resolve_config(None, 64, 300).block_k == 256  # the widest power of two K fills
     assert resolve_config(None, 2048, 8192) == GemvConfig(8, 1024, 4, 1, 1)  # long rows: eight a program
     assert resolve_config(GemvConfig(block_n=2), 2048, 8192) == GemvConfig(2, 1024, 4, 1, 1)

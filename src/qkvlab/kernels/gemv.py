@@ -145,19 +145,20 @@ def _kernel(interpret: bool):
 
 
 def _auto_config(N: int, K: int) -> GemvConfig:
-    """Many small programs, each streaming a few whole rows in wide tiles: narrow blocks give a
-    2048-row projection about a thousand programs, and wide tiles keep many loads in flight
-    (``benchmarks/gpu_gemv.py`` sweeps the alternatives; docs/benchmarks.md has what it found).
-    Rows of 8,192 columns or more (an MLP's down projection) go eight to a program, unpipelined:
-    the sweep's best for the step's down projection, and a faster step (docs/benchmarks.md). No
-    fold: with more programs resident, whole steps were no faster on an H100 or an H200
-    (``benchmarks/gpu_gemv_fold.py`` sweeps it)."""
+    """Many small programs, each streaming four whole rows in wide tiles: a 2048-row projection
+    gets about five hundred programs, and wide tiles keep many loads in flight. Four rows, not
+    two, for the small products too (a layer's Q/KV and output): whole decode steps were faster
+    with it on an H100, back to back, for every variant paired (``benchmarks/gpu_gemv.py`` and
+    ``gpu_gemv_fold.py`` sweep the alternatives; docs/benchmarks.md has the pairs). Rows of
+    8,192 columns or more (an MLP's down projection) go eight to a program, unpipelined: the
+    sweep's best for the step's down projection, and a faster step. No fold: with more programs
+    resident, whole steps were no faster on an H100 or an H200."""
     block_k = 1024
     while block_k > 16 and block_k > K:
         block_k //= 2
     if K >= 8192:
         return GemvConfig(block_n=8, block_k=block_k, num_warps=4, num_stages=1, fold=1)
-    return GemvConfig(block_n=4 if N >= 6144 else 2, block_k=block_k, num_warps=4, num_stages=3, fold=1)
+    return GemvConfig(block_n=4, block_k=block_k, num_warps=4, num_stages=3, fold=1)
 
 
 def resolve_config(config: GemvConfig | None, N: int, K: int) -> GemvConfig:

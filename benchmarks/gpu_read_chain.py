@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
     ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--tile", type=int, default=2048, help="elements a read program loads at a time (power of two)")
+    ap.add_argument("--tile", type=int, default=1024, help="elements a read program loads at a time (power of two)")
     ap.add_argument("--tiles", type=int, default=4, help="tiles a read program sums")
     ap.add_argument("--rounds", type=int, default=3, help="rounds over the modes (median of medians)")
     ap.add_argument("--rep-ms", type=int, default=300)

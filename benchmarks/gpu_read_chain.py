@@ -7,6 +7,11 @@ and the residual; every layer its own weights and cache) is timed beside chains 
 do nothing but read the same bytes. Each chain is one CUDA graph, replayed:
 
 - ``kernels``: qkvlab's kernels, as the step launches them;
+- ``gemv+read``: qkvlab's products, but each cache read by the read kernel instead of the decode
+  kernel (the output product takes a fixed attention output): what the attention costs the step
+  beyond its bytes;
+- ``read+decode``: the decode kernel over each cache, each product's weight read by the read
+  kernel (the decode kernel takes a fixed query): what the products cost beyond their bytes;
 - ``reads``: one read kernel for each product's weight and for each cache, the same bytes in the
   same order (five a layer), each launched as qkvlab's kernels are: a programmatic dependent
   (where the GPU has it) that waits for the kernel before it, then lets the next one launch;
@@ -40,9 +45,10 @@ import torch
 from benchutil import env_info, write_json
 from gpu_decode import EAGER_FALLBACKS, copy_bandwidth, timer
 from gpu_weight_prefetch import FULL, SMOKE, Stack
-from qkvlab.kernels.kv_decode import _gdc_launch_dependents, _gdc_wait, _sum_fn, use_pdl
+from qkvlab.kernels.gemv import gemv
+from qkvlab.kernels.kv_decode import _gdc_launch_dependents, _gdc_wait, _sum_fn, decode_attention, use_pdl
 
-MODES = ("kernels", "reads", "reads-early", "reads+1", "layer-reads", "one-read")
+MODES = ("kernels", "gemv+read", "read+decode", "reads", "reads-early", "reads+1", "layer-reads", "one-read")
 
 
 def _read_kernel():
@@ -113,8 +119,18 @@ class Chains:
         self.layer_bufs = [torch.ones(per_layer // 2, dtype=torch.bfloat16, device=dev) for _ in stack.layers]
         self.step_buf = torch.ones(len(stack.layers) * per_layer // 2, dtype=torch.bfloat16, device=dev)
         self.tiny = torch.ones(reader.tile, dtype=torch.bfloat16, device=dev)
+        dh, hq = stack.cfg["head_dim"], stack.hq
+        self.q_fixed = torch.randn(1, hq, dh, device=dev).to(torch.bfloat16)
+        self.a_fixed = self.attend(self.q_fixed, stack.layers[0]).reshape(1, hq * dh).clone()
         # for the check only: a last program that reads past the end (masked)
         self.odd = torch.randn(reader.tile * reader.tiles + reader.tile // 2 + 3, device=dev).to(torch.bfloat16)
+
+    def attend(self, q: torch.Tensor, L: dict) -> torch.Tensor:
+        st = self.stack
+        return decode_attention(
+            q, L["cache"], L["cache"], st.lengths, scale=st.cfg["head_dim"] ** -0.5, shared_kv=True,
+            rope_cos=st.cos, rope_sin=st.sin, max_length=st.cfg["context"],
+        )  # fmt: skip
 
     def kernels_per_step(self, mode: str) -> int:
         n = len(self.stack.layers)
@@ -123,6 +139,22 @@ class Chains:
     def run(self, mode: str):
         if mode == "kernels":
             return self.stack.step("none")
+        st = self.stack
+        if mode == "gemv+read":
+            x = st.x0
+            for L in st.layers:
+                gemv(x, L["qkv"], norm_weight=st.norm)
+                self.read(L["cache"])
+                h = gemv(self.a_fixed, L["o"], residual=x)
+                x = gemv(gemv(h, L["gu"], norm_weight=st.norm), L["down"], glu=True, residual=h)
+            return x
+        if mode == "read+decode":
+            for L in st.layers:
+                self.read(L["qkv"])
+                out = self.attend(self.q_fixed, L)
+                for name in ("o", "gu", "down"):
+                    self.read(L[name])
+            return out
         if mode == "one-read":
             return self.read(self.step_buf)
         if mode == "layer-reads":

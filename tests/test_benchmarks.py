@@ -826,8 +826,9 @@ def test_gpu_read_chain_smoke_checks_every_read_and_the_stack(tmp_path):
     buffer's end too, and the stack it stands beside computes its float32 reference."""
     run_script("gpu_read_chain.py", "--out", str(tmp_path / "rc.json"), interpret=True)
     doc = json.loads((tmp_path / "rc.json").read_text())
-    assert [r["mode"] for r in doc["rows"]] == ["kernels", "reads", "reads-early", "reads+1", "layer-reads", "one-read"]
-    assert [r["kernels_per_step"] for r in doc["rows"]][1:] == [10, 10, 12, 2, 1]  # two layers in the smoke stack
+    modes = ["kernels", "gemv+read", "read+decode", "reads", "reads-early", "reads+1", "layer-reads", "one-read"]
+    assert [r["mode"] for r in doc["rows"]] == modes
+    assert [r["kernels_per_step"] for r in doc["rows"]][3:] == [10, 10, 12, 2, 1]  # two layers in the smoke stack
     assert max(doc["read_check_rel_err"].values()) < 1e-3 and "odd length, early" in doc["read_check_rel_err"]
     assert doc["rel_err_vs_reference"] < 0.05
     bad = script("gpu_read_chain.py", "--smoke", "--modes", "reads,writes")

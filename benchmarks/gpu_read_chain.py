@@ -37,14 +37,13 @@ Prints a table and writes JSON with hardware and versions.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
 
-from benchutil import env_info, write_json
-from gpu_decode import EAGER_FALLBACKS, copy_bandwidth, timer
-from gpu_weight_prefetch import FULL, SMOKE, Stack
+from benchutil import env_info
+from gpu_decode import copy_bandwidth, timer
+from gpu_weight_prefetch import FULL, SMOKE, Stack, bench_device, check_stack, finish, time_rows
 from qkvlab.kernels.gemv import gemv
 from qkvlab.kernels.kv_decode import _gdc_launch_dependents, _gdc_wait, _sum_fn, decode_attention, use_pdl
 
@@ -199,9 +198,8 @@ def main(argv=None) -> int:
             ap.error(f"--modes: {m!r} is not one of {', '.join(MODES)}")
     if args.tile < 16 or args.tile & (args.tile - 1) or args.tiles < 1:
         ap.error(f"--tile {args.tile} / --tiles {args.tiles}: the tile must be a power of two >= 16, tiles >= 1")
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    if device.type == "cpu" and not args.smoke:
-        print("no CUDA device: run with --smoke (and TRITON_INTERPRET=1) for a CPU check of this script")
+    device = bench_device(args.smoke)
+    if device is None:
         return 2
     cfg = SMOKE if args.smoke else FULL
     tile = min(args.tile, 64) if args.smoke else args.tile
@@ -214,22 +212,15 @@ def main(argv=None) -> int:
     if not max(errs.values()) < 1e-3:  # float32 sums of bf16 values; also false for NaN
         print("the read kernel does not sum what it reads; stopping")
         return 1
-    want = stack.reference()
-    got = chains.run("kernels").float()
-    rel = ((got - want).norm() / want.norm()).item()
-    print(f"kernels against the float32 reference: relative error {rel:.2e}")
-    if not rel < 0.05:
-        print("the stack does not compute its reference; stopping")
+    rel = check_stack(stack, chains.run("kernels"), "kernels")
+    if rel is None:
         return 1
     for m in modes:
         chains.run(m)  # compiles every launch before the timing
     bench = timer(device, args.rep_ms, graphs=True, flush="none")
     copy = copy_bandwidth(device, bench) if device.type == "cuda" else float("nan")
     rows = [dict(mode=m, kernels_per_step=chains.kernels_per_step(m), us=[]) for m in modes]
-    if device.type == "cuda":
-        for _ in range(args.rounds):
-            for r in rows:
-                r["us"].append(bench(lambda m=r["mode"]: chains.run(m), r["mode"]))
+    time_rows(rows, chains.run, bench, args.rounds, device)
     n = cfg["layers"]
     bytes_step = n * (stack.weight_bytes_per_layer + stack.cache_bytes_per_layer)
     print(
@@ -239,7 +230,6 @@ def main(argv=None) -> int:
     )
     print(f"{'mode':>12} {'kernels':>8} {'us/step':>9} {'roofline':>9}")
     for r in rows:
-        r["us_median"] = statistics.median(r["us"]) if r["us"] else None
         if r["us_median"] is None:
             print(f"{r['mode']:>12} {'(checked)':>9}")
             continue
@@ -260,10 +250,7 @@ def main(argv=None) -> int:
         "bytes several times the L2); median of rep_ms of replays, median over rounds",
         rows=rows,
     )
-    if EAGER_FALLBACKS:
-        print("timed eagerly (not capturable): " + "; ".join(EAGER_FALLBACKS))
-    doc["eager_fallbacks"] = list(EAGER_FALLBACKS)
-    write_json(doc, "gpu_read_chain.json", args.out)
+    finish(doc, "gpu_read_chain.json", args.out)
     return 0
 
 

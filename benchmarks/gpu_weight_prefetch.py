@@ -64,6 +64,45 @@ def _prefetch_kernel():
     return prefetch_l2
 
 
+def bench_device(smoke: bool) -> torch.device | None:
+    """The GPU, or the CPU for ``--smoke``; None (after saying why) where there is no GPU to time."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    if device.type == "cpu" and not smoke:
+        print("no CUDA device: run with --smoke (and TRITON_INTERPRET=1) for a CPU check of this script")
+        return None
+    return device
+
+
+def finish(doc: dict, name: str, out: str | None) -> None:
+    """Records the methods timed without a graph (they could not be captured), then writes ``doc``."""
+    if EAGER_FALLBACKS:
+        print("timed eagerly (not capturable): " + "; ".join(EAGER_FALLBACKS))
+    doc["eager_fallbacks"] = list(EAGER_FALLBACKS)
+    write_json(doc, name, out)
+
+
+def check_stack(stack: Stack, got: torch.Tensor, label: str) -> float | None:
+    """``got``'s relative error against the stack's float32 reference, or None (said) where it is not that."""
+    want = stack.reference()
+    rel = ((got.float() - want).norm() / want.norm()).item()
+    print(f"{label} against the float32 reference: relative error {rel:.2e}")
+    if not rel < 0.05:  # bf16 activations and weights through every layer; also false for NaN
+        print("the stack does not compute its reference; stopping")
+        return None
+    return rel
+
+
+def time_rows(rows: list[dict], run, bench, rounds: int, device: torch.device) -> None:
+    """Each row's ``mode`` run by ``run(mode)`` and timed, rows in turn, ``rounds`` times (on a GPU);
+    the median of its times in ``us_median`` (None where nothing was timed)."""
+    if device.type == "cuda":
+        for _ in range(rounds):
+            for r in rows:
+                r["us"].append(bench(lambda m=r["mode"]: run(m), r["mode"]))
+    for r in rows:
+        r["us_median"] = statistics.median(r["us"]) if r["us"] else None
+
+
 class Stack:
     """Per-layer weights (output, gate/up in one flat buffer, so one prefetch covers both) and caches."""
 
@@ -187,9 +226,8 @@ def main(argv=None) -> int:
             ap.error(f"--modes: {m!r} is not none, fork, side:<MB> or before:<MB>")
     if "none" not in modes:
         modes.insert(0, "none")
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    if device.type == "cpu" and not args.smoke:
-        print("no CUDA device: run with --smoke (and TRITON_INTERPRET=1) for a CPU check of this script")
+    device = bench_device(args.smoke)
+    if device is None:
         return 2
     cfg = SMOKE if args.smoke else FULL
     if args.smoke:
@@ -200,11 +238,8 @@ def main(argv=None) -> int:
     bench = timer(device, args.rep_ms, graphs=True, flush="none")
     copy = copy_bandwidth(device, bench) if device.type == "cuda" else float("nan")
     ref = stack.step("none").clone()
-    want = stack.reference()
-    rel = ((ref.float() - want).norm() / want.norm()).item()
-    print(f"mode none against the float32 reference: relative error {rel:.2e}")
-    if not rel < 0.05:  # bf16 activations and weights through every layer; also false for NaN
-        print("the stack does not compute its reference; stopping")
+    rel = check_stack(stack, ref, "mode none")
+    if rel is None:
         return 1
     rows = []
     for m in modes:
@@ -214,10 +249,7 @@ def main(argv=None) -> int:
             print(f"mode {m}: output differs from mode none by {err:.3g}; stopping")
             return 1
         rows.append(dict(mode=m, max_abs_diff=err, us=[]))
-    if device.type == "cuda":
-        for _ in range(args.rounds):
-            for r in rows:
-                r["us"].append(bench(lambda m=r["mode"]: stack.step(m), r["mode"]))
+    time_rows(rows, stack.step, bench, args.rounds, device)
     L = cfg["layers"]
     bytes_step = L * (stack.weight_bytes_per_layer + stack.cache_bytes_per_layer)
     base = None
@@ -225,7 +257,6 @@ def main(argv=None) -> int:
           f"{bytes_step / 1e9:.3f} GB a step; copy bandwidth {copy:.0f} GB/s")  # fmt: skip
     print(f"{'mode':>12} {'us/step':>9} {'vs none':>8} {'roofline':>9}")
     for r in rows:
-        r["us_median"] = statistics.median(r["us"]) if r["us"] else None
         if r["us_median"] is None:
             print(f"{r['mode']:>12} {'(checked)':>9}")
             continue
@@ -245,10 +276,7 @@ def main(argv=None) -> int:
         "are cold); median of rep_ms of replays, median over rounds",
         rows=rows,
     )
-    if EAGER_FALLBACKS:
-        print("timed eagerly (not capturable): " + "; ".join(EAGER_FALLBACKS))
-    doc["eager_fallbacks"] = list(EAGER_FALLBACKS)
-    write_json(doc, "gpu_weight_prefetch.json", args.out)
+    finish(doc, "gpu_weight_prefetch.json", args.out)
     return 0
 
 

@@ -75,8 +75,8 @@ TOL = 0.05  # bf16 outputs of size about 1 (3 with the residual): a few ulps
 
 
 def sweep(rows=(1, 2, 4, 8), widths=(512, 1024, 2048), warps=(4, 8), folds=(1, 8)) -> list[Shape]:
-    """The launch shapes timed: tiles of at most four times the kernel's 2-row, 1,024-column one,
-    folds no wider than the tile."""
+    """The launch shapes timed: tiles of at most 8,192 weights (rows x columns), folds no wider
+    than the tile."""
     return [Shape(*s) for s in itertools.product(rows, widths, warps, folds) if s[0] * s[1] <= 8192 and s[3] <= s[1]]
 
 

@@ -41,36 +41,39 @@ import sys
 
 import torch
 
-from benchutil import env_info
+from benchutil import env_info, jit_now
 from gpu_decode import copy_bandwidth, timer
 from gpu_weight_prefetch import FULL, SMOKE, Stack, bench_device, check_stack, finish, time_rows
 from qkvlab.kernels.gemv import gemv
-from qkvlab.kernels.kv_decode import _gdc_launch_dependents, _gdc_wait, _sum_fn, decode_attention, use_pdl
+from qkvlab.kernels.kv_decode import decode_attention, use_pdl
+
+try:  # Triton is the dev extra's: without it only jit_now's error message runs
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    tl = None
 
 MODES = ("kernels", "gemv+read", "read+decode", "reads", "reads-early", "reads+1", "layer-reads", "one-read")
 
 
-def _read_kernel():
-    import triton
-    import triton.language as tl
+# read by the kernel as globals (Triton's interpreter sees no closure); set by benchutil.jit_now
+_sum = _gdc_wait = _gdc_launch_dependents = None
 
-    def read_sum(P, Out, n, TILE: tl.constexpr, TILES: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr):
-        """One program sums TILES consecutive tiles of TILE elements of P (masked at n) into Out[pid]."""
-        pid = tl.program_id(0)
-        base = pid.to(tl.int64) * (TILE * TILES)
-        offs = tl.arange(0, TILE)
-        acc = tl.full([TILE], 0.0, tl.float32)
-        if EARLY:  # the first tile before the wait: nothing in the chain writes what it reads
-            acc += tl.load(P + base + offs, mask=base + offs < n, other=0.0).to(tl.float32)
-        if PDL:
-            _gdc_wait()
-            _gdc_launch_dependents()
-        for t in range(1 if EARLY else 0, TILES):
-            idx = base + t * TILE + offs
-            acc += tl.load(P + idx, mask=idx < n, other=0.0).to(tl.float32)
-        tl.store(Out + pid, tl.reduce(acc, 0, _sum_fn))
 
-    return triton.jit(read_sum)
+def _read_sum(P, Out, n, TILE: tl.constexpr, TILES: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr):
+    """One program sums TILES consecutive tiles of TILE elements of P (masked at n) into Out[pid]."""
+    pid = tl.program_id(0)
+    base = pid.to(tl.int64) * (TILE * TILES)
+    offs = tl.arange(0, TILE)
+    acc = tl.full([TILE], 0.0, tl.float32)
+    if EARLY:  # the first tile before the wait: nothing in the chain writes what it reads
+        acc += tl.load(P + base + offs, mask=base + offs < n, other=0.0).to(tl.float32)
+    if PDL:
+        _gdc_wait()
+        _gdc_launch_dependents()
+    for t in range(1 if EARLY else 0, TILES):
+        idx = base + t * TILE + offs
+        acc += tl.load(P + idx, mask=idx < n, other=0.0).to(tl.float32)
+    tl.store(Out + pid, tl.reduce(acc, 0, _sum))
 
 
 class Reader:
@@ -79,7 +82,7 @@ class Reader:
     def __init__(self, device, tile: int, tiles: int):
         self.device, self.tile, self.tiles = device, tile, tiles
         self.pdl = use_pdl(device)
-        self.kernel = _read_kernel()
+        self.kernel = jit_now(_read_sum)
         self.outs: dict[tuple[int, int], torch.Tensor] = {}
 
     def programs(self, n: int, tiles: int) -> int:

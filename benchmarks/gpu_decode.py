@@ -361,8 +361,23 @@ def _decode_configs(text: str) -> list[DecodeConfig]:
 
 def sweep_configs(which: str = "rope_kv", grid: str = "launch") -> list[DecodeConfig]:
     """Launch configs to compare against the defaults: tile length, warps and pipelining depth
-    (``grid="tiles"``: longer tiles, e.g. at ``--head-dim 64``, where a 128-key tile is 16 KB)."""
+    (``grid="tiles"``: longer tiles, e.g. at ``--head-dim 64``, where a 128-key tile is 16 KB;
+    ``grid="stages"``: deep pipelines, so that a short program has most of its split's tiles in
+    flight at once, with shorter tiles where the shared memory would otherwise cap residency)."""
     C = DecodeConfig
+    if grid == "stages":
+        return [
+            C(),
+            C(num_stages=4),
+            C(num_stages=5),
+            C(block_n=64, num_stages=6),
+            C(block_n=64, num_stages=8),
+            C(block_n=64, num_stages=12),
+            C(block_n=32, num_stages=8),
+            C(block_n=32, num_stages=16),
+            C(block_n=64, num_stages=6, num_warps=2),
+            C(block_n=32, num_stages=12, num_warps=2),
+        ]
     if grid == "tiles":
         return [
             C(),
@@ -568,7 +583,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-main", action="store_true", help="skip the main table (with --sweep)")
     ap.add_argument("--split-configs", type=int, default=3, help="configs whose split count --sweep also varies")
     ap.add_argument("--sweep-which", default="rope_kv", choices=["rope_kv", "rope_qkn_kv"], help="method --sweep times")
-    ap.add_argument("--sweep-grid", default="launch", choices=["launch", "tiles"], help="configs --sweep times")
+    grids = ["launch", "tiles", "stages"]
+    ap.add_argument("--sweep-grid", default="launch", choices=grids, help="configs --sweep times")
     ap.add_argument("--head-dim", type=int, default=D, help="head width D (the goals are stated at 128)")
     ap.add_argument(
         "--sweep-configs",

@@ -17,6 +17,11 @@ waited steps (what a caller reading every token sees) and, as "<system> in a row
 steps back to back (the GPU's part alone, steadier between runs). ``--summary-of FILE`` prints
 the table of an earlier run's JSON with this summary.
 
+A side can also differ by its environment alone: ``--before-env`` / ``--after-env NAME=VALUE``
+(repeatable) set variables for that side's runs, and without ``--before-src`` both sides run this
+``src``; e.g. a decode launch against the default, ``--after-env
+QKVLAB_DECODE_CONFIG='{"block_n": 64, "num_stages": 6}'``.
+
 A tree to compare against is any folder holding a ``qkvlab`` package, e.g. this checkout's
 ``src`` with one file taken from an earlier commit (on a machine without ``.git``, carry it)::
 
@@ -165,6 +170,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--before-src", type=Path, help="a folder holding the 'before' qkvlab package (required)")
     ap.add_argument("--after-src", type=Path, default=ROOT / "src", help="the 'after' one (default: this src)")
+    for side in ("before", "after"):
+        ap.add_argument(
+            f"--{side}-env",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help=f"an environment variable for the {side!r} side's runs (repeatable)",
+        )
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--timeout", type=int, default=300, help="seconds a run may take")
     ap.add_argument("--smoke", action="store_true", help="pass --smoke to each run (CPU; the plumbing only)")
@@ -183,8 +196,20 @@ def main(argv=None) -> int:
             ap.error(f"--summary-of {args.summary_of}: not a JSON this script wrote ({type(e).__name__}: {e})")
         print(table(summarise(runs)))
         return 0
+    envs = {}
+    for side in ("before", "after"):
+        pairs = getattr(args, f"{side}_env")
+        bad = [p for p in pairs if "=" not in p or not p.split("=", 1)[0].strip()]
+        if bad:
+            ap.error(f"--{side}-env {bad[0]!r}: give NAME=VALUE, e.g. QKVLAB_PDL=0")
+        envs[side] = dict(p.split("=", 1) for p in pairs)
     if args.before_src is None:
-        ap.error("--before-src is required (the folder that holds the 'before' qkvlab/)")
+        if envs["before"] == envs["after"]:
+            ap.error(
+                "--before-src is required (the folder that holds the 'before' qkvlab/), "
+                "unless --before-env / --after-env make the sides differ"
+            )
+        args.before_src = args.after_src
     for name in ("before_src", "after_src"):
         src = getattr(args, name)
         if not (src / "qkvlab" / "__init__.py").is_file():
@@ -203,6 +228,8 @@ def main(argv=None) -> int:
         "runs_args": passthrough,
         "before_src": str(args.before_src),
         "after_src": str(args.after_src),
+        "before_env": envs["before"],
+        "after_env": envs["after"],
         "before_sha256": tree_digest(args.before_src),
         "after_sha256": tree_digest(args.after_src),
         "runs": [],
@@ -214,7 +241,8 @@ def main(argv=None) -> int:
             for side in order:
                 src = args.before_src if side == "before" else args.after_src
                 out = Path(tmp) / f"{side}_{i}.json"
-                env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src), str(ROOT / "benchmarks")]))
+                env = dict(os.environ, **envs[side])
+                env["PYTHONPATH"] = os.pathsep.join([str(src), str(ROOT / "benchmarks")])
                 env.pop("OUT", None)  # the runs' own JSON stays here; this script writes the record
                 try:
                     proc = subprocess.run(

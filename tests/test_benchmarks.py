@@ -640,6 +640,29 @@ def test_ab_pairs_keeps_the_runs_before_a_failure(tmp_path):
     assert doc["stopped"] == {"pair": 0, "side": "after", "why": "exit 1"}
 
 
+def test_ab_pairs_sides_can_differ_by_their_environment_alone(tmp_path):
+    """--after-env reaches the 'after' runs only (here a PYTHONHOME that stops the interpreter, so
+    the 'before' run passes and the 'after' one fails), both sides run this src without
+    --before-src, and the JSON records each side's variables; mistakes are one line each."""
+    out = tmp_path / "ab.json"
+    proc = script(
+        "ab_pairs.py", "--after-env", f"PYTHONHOME={tmp_path / 'nowhere'}", "--pairs", "1", "--smoke",
+        "--out", str(out), "--", "--variants", "Q-K=V", "--systems", "qkvlab", "--prefill", "none", "--no-gemma",
+    )  # fmt: skip
+    assert proc.returncode == 1 and "pair 0 after: gpu_generate_vs_hf.py failed" in proc.stdout, proc.stdout
+    doc = json.loads(out.read_text())
+    assert [(r["pair"], r["side"]) for r in doc["runs"]] == [(0, "before")]
+    assert doc["before_env"] == {} and doc["after_env"] == {"PYTHONHOME": str(tmp_path / "nowhere")}
+    assert doc["before_src"] == doc["after_src"]
+    for argv, says in (
+        (["--after-env", "QKVLAB_PDL"], "--after-env 'QKVLAB_PDL': give NAME=VALUE"),
+        (["--before-env", "=1"], "--before-env '=1': give NAME=VALUE"),
+        (["--before-env", "A=1", "--after-env", "A=1"], "--before-src is required"),
+    ):
+        bad = script("ab_pairs.py", *argv, "--smoke")
+        assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
 def test_ab_pairs_names_a_run_over_its_time_limit(tmp_path):
     out = tmp_path / "ab.json"
     proc = script(

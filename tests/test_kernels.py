@@ -336,6 +336,58 @@ def test_cuda_kernel_matches_reference(case, monkeypatch):
     assert rel_err(out.cpu(), ref) < (2e-4 if dtype == torch.float32 else 1.5e-2)
 
 
+@needs_interpreter
+def test_environment_launch_overrides_reach_calls_without_a_config(monkeypatch):
+    """QKVLAB_DECODE_CONFIG is the launch of every call that passes no config (a whole model's
+    steps); a call's own config still wins; the result is the reference's either way."""
+    seen = []
+    real = kv_decode._num_splits
+
+    def spy(B, Hkv, n_tiles, device, cfg, resident):
+        seen.append(cfg)
+        return real(B, Hkv, n_tiles, device, cfg, resident)
+
+    monkeypatch.setattr(kv_decode, "_num_splits", spy)
+    q, k, _, lengths, kw = make_inputs(3, 8, 2, 45, 32, shared=True, rope=True, norm=False)
+    ref = reference64(q, k, k, lengths, shared=True, **kw)
+    monkeypatch.setenv("QKVLAB_DECODE_CONFIG", '{"block_n": 16, "num_splits": 3, "num_stages": 6}')
+    out = decode_attention(q, k, k, lengths, scale=32**-0.5, **kw)
+    assert seen[-1] == DecodeConfig(block_n=16, num_splits=3, num_stages=6)
+    assert rel_err(out, ref) < 1e-5
+    out = decode_attention(q, k, k, lengths, scale=32**-0.5, config=DecodeConfig(block_n=32, num_splits=1), **kw)
+    assert seen[-1] == DecodeConfig(block_n=32, num_splits=1)
+    assert rel_err(out, ref) < 1e-5
+    monkeypatch.delenv("QKVLAB_DECODE_CONFIG")
+    decode_attention(q, k, k, lengths, scale=32**-0.5, **kw)
+    assert seen[-1] == DecodeConfig()
+
+
+@pytest.mark.parametrize(
+    "value, says",
+    [
+        ("6", "not a JSON object"),
+        ("{block_n: 64}", "is not JSON"),
+        ('{"blockn": 64}', "names 'blockn', not a launch field"),
+        ('{"block_n": 48}', "block_n must be a power of two >= 16 or null, got 48"),
+        ('{"num_stages": "4"}', "every field takes an integer or null"),
+        ('{"num_splits": true}', "every field takes an integer or null"),
+        ('{"num_stages": 0}', "num_stages must be an integer >= 1"),
+    ],
+)
+def test_environment_launch_override_mistakes_are_one_clear_error(monkeypatch, value, says):
+    from qkvlab.errors import ConfigError
+
+    monkeypatch.setenv("QKVLAB_DECODE_CONFIG", value)
+    with pytest.raises(ConfigError) as e:
+        kv_decode.default_config()
+    msg = str(e.value)
+    assert "\n" not in msg and f"QKVLAB_DECODE_CONFIG={value!r}" in msg and says in msg, msg
+    monkeypatch.setenv("QKVLAB_DECODE_CONFIG", ' {"num_stages": 4, "block_n": null} ')
+    assert kv_decode.default_config() == DecodeConfig(num_stages=4)
+    monkeypatch.setenv("QKVLAB_DECODE_CONFIG", "{}")
+    assert kv_decode.default_config() == DecodeConfig()
+
+
 CUDA_CONFIGS = [
     DecodeConfig(),
     DecodeConfig(num_stages=1),
@@ -343,6 +395,8 @@ CUDA_CONFIGS = [
     DecodeConfig(block_n=16),
     DecodeConfig(block_n=64),
     DecodeConfig(block_n=128, num_warps=8),
+    DecodeConfig(block_n=64, num_stages=6),
+    DecodeConfig(block_n=32, num_stages=16),
     DecodeConfig(num_splits=1),
     DecodeConfig(num_splits=5),
 ]

@@ -14,6 +14,7 @@ from qkvlab.kernels.kv_decode import (
     decode_attention_step,
     decode_attention_step_reference,
     decode_unsupported_reason,
+    default_config,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "decode_attention_step",
     "decode_attention_step_reference",
     "decode_unsupported_reason",
+    "default_config",
 ]

@@ -37,11 +37,14 @@ Example::
 from __future__ import annotations
 
 import functools
+import json
 import os
 import warnings
 from dataclasses import dataclass
 
 import torch
+
+from qkvlab.errors import ConfigError
 
 try:  # Triton is optional: the reference path works without it.
     import triton
@@ -624,7 +627,8 @@ class DecodeConfig:
     """Launch overrides for :func:`decode_attention`; None keeps the heuristic choice.
 
     The heuristics choose from the shapes and the GPU; override them to tune for a GPU they do
-    not fit, or to pin the split count (tests, or the same partial sums at every length).
+    not fit, or to pin the split count (tests, or the same partial sums at every length). A call
+    without a config takes :func:`default_config` (``QKVLAB_DECODE_CONFIG``, for a whole model).
 
     Args:
         block_n: keys per tile, a power of two >= 16. Default 128 for a shared cache whose key
@@ -649,6 +653,41 @@ class DecodeConfig:
                 raise ValueError(f"DecodeConfig.{name} must be {kind} or None, got {value!r}")
         if self.num_stages is not None and self.num_stages < 1:
             raise ValueError(f"DecodeConfig.num_stages must be an integer >= 1 or None, got {self.num_stages!r}")
+
+
+def default_config() -> DecodeConfig:
+    """The launch overrides that apply where a call passes no ``config``: none, unless the
+    environment sets ``QKVLAB_DECODE_CONFIG`` to a JSON object of :class:`DecodeConfig` fields,
+    e.g. ``'{"block_n": 64, "num_stages": 6}'``. A whole model's decode steps (compiled and
+    graphed ones too, whose launches happen when the graph is captured) then take it: the way to
+    tune the kernel for a GPU its heuristics do not fit without changing code, or to compare two
+    launches in the same tree (``benchmarks/ab_pairs.py --after-env``). A bad value raises
+    :class:`~qkvlab.errors.ConfigError` naming it."""
+    return _config_from_env(os.environ.get("QKVLAB_DECODE_CONFIG", "").strip())
+
+
+@functools.lru_cache(maxsize=16)
+def _config_from_env(text: str) -> DecodeConfig:
+    if not text:
+        return DecodeConfig()
+    fields = list(DecodeConfig.__dataclass_fields__)
+    fix = f"set it to a JSON object of {', '.join(fields)} (e.g. '{{\"num_stages\": 4}}'), or unset it"
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ConfigError(f"QKVLAB_DECODE_CONFIG={text!r} is not JSON: {fix}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"QKVLAB_DECODE_CONFIG={text!r} is not a JSON object of launch fields: {fix}")
+    unknown = [k for k in value if k not in fields]
+    if unknown:
+        raise ConfigError(f"QKVLAB_DECODE_CONFIG={text!r} names {unknown[0]!r}, not a launch field: {fix}")
+    if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in value.values()):
+        raise ConfigError(f"QKVLAB_DECODE_CONFIG={text!r}: every field takes an integer or null: {fix}")
+    try:
+        return DecodeConfig(**value)
+    except ValueError as e:
+        msg = str(e).replace("DecodeConfig.", "").replace(" or None,", " or null,")
+        raise ConfigError(f"QKVLAB_DECODE_CONFIG={text!r}: {msg}") from None
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32} if HAS_TRITON else {}
@@ -907,7 +946,7 @@ def _launch(
     ``rope_q`` / ``rope_new`` rotate the query / the new key with (``rope_cos`` / ``rope_sin``
     are the key role's, derived on read from a shared cache).
     """
-    cfg = config or DecodeConfig()
+    cfg = config or default_config()
     B, Hq, D = q3.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv
@@ -1323,5 +1362,6 @@ __all__ = [
     "decode_attention_step_reference",
     "decode_step_unsupported_reason",
     "decode_unsupported_reason",
+    "default_config",
     "use_pdl",
 ]

@@ -168,7 +168,11 @@ def main(argv=None) -> int:
         i = argv.index("--")
         argv, passthrough = argv[:i], argv[i + 1 :]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--before-src", type=Path, help="a folder holding the 'before' qkvlab package (required)")
+    ap.add_argument(
+        "--before-src",
+        type=Path,
+        help="a folder holding the 'before' qkvlab package (required unless the sides' --*-env differ)",
+    )
     ap.add_argument("--after-src", type=Path, default=ROOT / "src", help="the 'after' one (default: this src)")
     for side in ("before", "after"):
         ap.add_argument(

@@ -310,6 +310,39 @@ def test_cli_analyze_writes_json_and_pngs(ckpts):
         assert (out / name).read_bytes()[:8] == PNG
 
 
+def test_cli_analyze_never_replaces_an_analysis_unasked(ckpts):
+    root, paths = ckpts
+    out = root / "again"
+    first = CliRunner().invoke(app, ["analyze", str(paths["q_kv"]), "--out", str(out), "--no-plots"])
+    assert first.exit_code == 0, first.output
+    before = (out / "analysis.json").read_text()
+    other = ["analyze", str(paths["q_kv"]), "--out", str(out), "--no-plots", "--seq-len", "8"]
+    res = CliRunner().invoke(app, other)
+    assert isinstance(res.exception, ConfigError) and "--force" in str(res.exception)
+    assert (out / "analysis.json").read_text() == before
+    res = CliRunner().invoke(app, [*other, "--force"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "analysis.json").read_text())["inputs"]["shape"][1] == 8
+
+
+def test_cli_analyze_of_a_kept_checkpoint_writes_outside_what_pruning_deletes(tmp_path):
+    from qkvlab.train import load_config, train
+
+    tokens = tmp_path / "tokens.npy"
+    np.save(tokens, np.random.default_rng(0).integers(0, 64, 4000).astype(np.uint16))
+    overrides = [
+        f"data.source={tokens}", f"out_dir={tmp_path / 'run'}", "model.n_layers=1", "model.d_model=32",
+        "model.n_heads=4", "batch_size=4", "seq_len=16", "max_steps=4", "ckpt_every=2", "eval_every=0",
+        "eval_batches=1", "log.progress=false", "log.tensorboard=false", "schedule.warmup_steps=1",
+    ]  # fmt: skip
+    train(load_config(None, overrides), verbose=False)
+    ckpt = tmp_path / "run" / "checkpoints" / "ckpt-0000002"
+    res = CliRunner().invoke(app, ["analyze", str(ckpt), "--no-plots"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "run" / "analysis" / "ckpt-0000002" / "analysis.json").is_file()
+    assert not (ckpt / "analysis").exists()
+
+
 def test_cli_analyze_several_checkpoints_side_by_side_and_json(ckpts):
     root, paths = ckpts
     out = root / "cmp"
@@ -420,3 +453,8 @@ def test_cli_maps_draws_tasks_by_variants_from_a_study(tmp_path):
     assert bad.exit_code != 0 and "No finished task runs" in (bad.output + str(bad.exception))
     bad = CliRunner().invoke(app, ["maps", str(study), "--layer", "5"])
     assert bad.exit_code != 0 and "out of range" in (bad.output + str(bad.exception))
+    (tmp_path / "figs").mkdir()
+    for out, fragment in ((tmp_path / "figs", "is a folder"), (tmp_path / "maps.txt", "end the name in one of")):
+        bad = CliRunner().invoke(app, ["maps", str(study), "--out", str(out)])
+        assert isinstance(bad.exception, ConfigError) and fragment in str(bad.exception), bad.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figs", "study"]  # nothing written beside them

@@ -105,6 +105,76 @@ def test_a_new_run_refuses_a_folder_holding_another_runs_files(tokens_file, tmp_
         train(tiny(tokens_file, out), resume=True, force=True, verbose=False)
 
 
+def test_force_keeps_the_previous_run_when_the_new_one_cannot_start(tokens_file, tmp_path):
+    out = tmp_path / "victim"
+    train(tiny(tokens_file, out), verbose=False)
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    bad_data = tiny(tokens_file, out, f"data.source={tmp_path / 'missing.txt'}")
+    np.save(tmp_path / "short.npy", np.arange(20, dtype=np.uint16))  # too short for a validation window
+    short = tiny(tokens_file, out, f"data.source={tmp_path / 'short.npy'}")
+    for config, name in ((bad_data, "missing.txt"), (short, "seq_len=16")):
+        with pytest.raises(ConfigError) as err:
+            train(config, force=True, verbose=False)
+        one_line(err, name)
+        assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+
+
+def test_force_does_not_delete_files_that_only_share_a_runs_names(tokens_file, tmp_path):
+    out = tmp_path / "project"
+    (out / "tokenizer").mkdir(parents=True)
+    (out / "tokenizer" / "vocab.json").write_text("my notes")
+    (out / "config.yaml").write_text("# my own config\nmax_steps: 2\n")
+    for resume, force in ((False, False), (True, False), (False, True)):
+        with pytest.raises(ConfigError) as err:
+            train(tiny(tokens_file, out), resume=resume, force=force, verbose=False)
+        message = one_line(err, str(out), "config.yaml", "another out_dir")
+        assert "pass --force" not in message
+    assert (out / "tokenizer" / "vocab.json").read_text() == "my notes"
+    assert (out / "config.yaml").read_text().startswith("# my own config")
+
+
+def test_interop_force_refuses_an_output_that_holds_its_input_or_the_current_folder(tmp_path, monkeypatch):
+    from qkvlab.checkpoint import save_model
+    from qkvlab.interop import convert_checkpoint
+
+    run = tmp_path / "runs" / "tiny"
+    run.mkdir(parents=True)
+    model = GPT(GPTConfig(recipe="llama", vocab_size=64, n_layers=1, d_model=32, n_heads=4, max_seq_len=32))
+    save_model(model, run / "model.safetensors")
+    (tmp_path / "runs" / "other.txt").write_text("precious")
+    for out in (run, run.parent, tmp_path):
+        with pytest.raises(ConfigError) as err:
+            convert_checkpoint(run, out, force=True)
+        one_line(err, str(out), "--force would delete it", "new folder")
+    with pytest.raises(ConfigError) as err:  # the weights file named itself, inside the output
+        convert_checkpoint(run / "model.safetensors", run, force=True)
+    one_line(err, "holds the input")
+    monkeypatch.chdir(tmp_path / "runs")
+    for out in (".", ".."):
+        with pytest.raises(ConfigError) as err:
+            convert_checkpoint(run, out, force=True)
+        one_line(err, "current folder")
+    assert (run / "model.safetensors").is_file() and (tmp_path / "runs" / "other.txt").read_text() == "precious"
+    convert_checkpoint(run, tmp_path / "runs" / "converted")  # a new folder beside them is the fix
+    convert_checkpoint(run, tmp_path / "runs" / "converted", force=True)  # and replacing it
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["converted", "other.txt", "tiny"]
+
+
+def test_results_of_a_kept_checkpoint_go_where_pruning_does_not_reach(tmp_path):
+    from qkvlab.harness.runner import run_folder
+    from qkvlab.train.state import results_folder
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "ckpt-0000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"")
+    for path in (ckpt, ckpt / "model.safetensors"):
+        assert results_folder(path) == run and run_folder(path) == run  # harness.json goes there too
+    (tmp_path / "ckpt-0000004").mkdir()  # the same name outside a run's checkpoints/ is an ordinary folder
+    assert results_folder(tmp_path / "ckpt-0000004") == tmp_path / "ckpt-0000004"
+    assert results_folder(run / "model.safetensors") == run
+
+
 def test_a_run_killed_before_its_first_checkpoint_resumes_as_the_same_run(tokens_file, tmp_path):
     out = tmp_path / "run"
     train(tiny(tokens_file, out), verbose=False)

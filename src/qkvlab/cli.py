@@ -47,6 +47,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, context
 console = Console() if sys.stdout.isatty() else Console(width=170)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: Figure files matplotlib writes without extra software (its PGF output needs LaTeX).
+IMAGE_SUFFIXES = {".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp"}
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -360,6 +362,7 @@ def maps(
 ) -> None:
     """Attention maps of a synthetic-task study: rows tasks, columns variants (the paper's appendix figure)."""
     from qkvlab.analysis.runner import study_task_maps
+    from qkvlab.checkpoint import atomic_write
     from qkvlab.train.config import parse_override
 
     settings = {}
@@ -369,11 +372,17 @@ def maps(
         except ConfigError:
             raise ConfigError(f"--where {item!r}: write KEY=VALUE, e.g. --where model.d_model=64.") from None
         settings[key] = value
+    if out is not None and out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a folder; name an image file, e.g. {str(out / 'maps.png')!r}.")
+    if out is not None and out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ConfigError(
+            f"--out {str(out)!r}: the figure is written as an image; end the name in one of "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))}."
+        )
     path = out or Path(study_dir) / "report" / "attention-maps.png"
     fig, drawn = study_task_maps(study_dir, path, where=settings, seed=seed, layer=layer)
-    (Path(fig).with_suffix(".json")).write_text(
-        json.dumps({"where": settings, "seed": seed, "layer": layer, "runs": drawn}, indent=1)
-    )
+    text = json.dumps({"where": settings, "seed": seed, "layer": layer, "runs": drawn}, indent=1)
+    atomic_write(Path(fig).with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
     console.print(f"{fig} ({len(drawn)} runs)")
 
 
@@ -650,7 +659,9 @@ def analyze(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option(help="Output folder (default: 'analysis' beside a single checkpoint); one subfolder each."),
+        typer.Option(
+            help="Output folder (default: 'analysis' in a single checkpoint's run folder); one subfolder each."
+        ),
     ] = None,
     seq_len: Annotated[int | None, typer.Option(help="Map length; default: the training run's.")] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences in the analysed batch.")] = 8,
@@ -659,6 +670,7 @@ def analyze(
     plots: Annotated[bool, typer.Option(help="Write PNG figures (needs matplotlib).")] = True,
     device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier analysis in the output folder.")] = False,
 ) -> None:
     """Projection similarity (cosine, subspace, CKA), effective ranks and attention symmetry of checkpoints.
 
@@ -667,6 +679,7 @@ def analyze(
     when several are given. Methods are stated in analysis.json and in qkvlab.analysis.
     """
     from qkvlab.analysis.runner import analyze_checkpoint, compare_maps, summary_rows
+    from qkvlab.train.state import results_folder
 
     if not checkpoints:
         raise ConfigError("Name at least one checkpoint to analyse.")
@@ -677,13 +690,23 @@ def analyze(
     device = _device(device)
     paths = [_checkpoint_file(c) for c in checkpoints]
     taken: set[str] = set()
-    results, captures = {}, {}
+    dests = []
     for path in paths:
         label = _analysis_label(path, taken)
-        if out is None:
-            dest = path.parent / "analysis"
+        if out is None:  # a checkpoint in checkpoints/ is pruned whole: its analysis goes to the run folder
+            home = results_folder(path)
+            dest = home / "analysis" if home == path.parent else home / "analysis" / path.parent.name
         else:
             dest = out if len(paths) == 1 else out / label
+        if dest.exists() and not dest.is_dir():
+            raise ConfigError(f"--out {str(dest)!r} is a file; name a folder for the analysis.")
+        if (dest / "analysis.json").exists() and not force:
+            raise ConfigError(
+                f"{str(dest)!r} already holds an analysis; pass --force to replace it, or --out another folder."
+            )
+        dests.append((path, label, dest))
+    results, captures = {}, {}
+    for path, label, dest in dests:
         result, extras = analyze_checkpoint(
             path, out=dest, data=data, seq_len=seq_len, batch_size=batch_size, split=split, pairs=pairs,
             plots=plots, device=device,

@@ -260,7 +260,7 @@ def analyze_checkpoint(
     Returns ``(result, extras)`` as :func:`analyze_model`, with ``result["inputs"]`` and
     ``result["files"]`` filled in.
     """
-    from qkvlab.checkpoint import load_model, read_metadata
+    from qkvlab.checkpoint import atomic_write, load_model, read_metadata
 
     path = Path(path)
     meta = read_metadata(path)
@@ -290,7 +290,8 @@ def analyze_checkpoint(
             files.append(str(plot_spectra(extras["spectra"], out / "spectra.png", title=title)))
         files.append(str(out / "analysis.json"))
         result["files"] = files
-        (out / "analysis.json").write_text(json.dumps(result, indent=2))
+        text = json.dumps(result, indent=2)
+        atomic_write(out / "analysis.json", lambda tmp: Path(tmp).write_text(text))
     return result, extras
 
 

@@ -63,8 +63,11 @@ def _quiet_lm_eval() -> None:
 
 
 def run_folder(path: Path) -> Path:
-    """Where a checkpoint's results go: the folder named, or a file's folder."""
-    return path if path.is_dir() else path.parent
+    """Where a checkpoint's results go (:func:`qkvlab.train.state.results_folder`): never inside a
+    checkpoint folder that a resumed run would prune."""
+    from qkvlab.train.state import results_folder
+
+    return results_folder(path)
 
 
 def _number(value: Any) -> float | None:

@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +40,45 @@ def dtype_of(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-@contextlib.contextmanager
-def output_folder(out: str | os.PathLike, *, force: bool) -> Iterator[Path]:
-    """Yield a fresh temporary folder that becomes ``out`` when the block succeeds.
+def check_output(out: str | os.PathLike, *, force: bool, inputs: Sequence[str | os.PathLike] = ()) -> Path:
+    """Refuse an output folder that cannot be written, or whose replacement would lose data.
 
-    An existing ``out`` is refused unless ``force``; then it is replaced only after the new
-    folder is complete, so a failure never leaves half an output or loses the old one.
+    ``--force`` replaces an existing ``out`` whole, so it is refused where that would delete what the
+    command reads (``out`` is, or holds, one of ``inputs``) or the folder the user stands in (or one
+    above it): those are slips of the path, never a wish to lose the source.
     """
     out = Path(out)
-    if out.exists() and not force:
+    if not out.exists():
+        return out
+    if not force:
         raise ConfigError(f"Output folder {str(out)!r} already exists; pass --force to replace it.")
-    if out.exists() and not out.is_dir():
+    if not out.is_dir():
         raise ConfigError(f"Output {str(out)!r} is a file, not a folder; choose another path.")
+    target = out.resolve()
+    here = Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise ConfigError(
+            f"Output folder {str(out)!r} is the current folder or holds it; --force would delete it. "
+            "Name a new folder for the output."
+        )
+    for src in inputs:
+        source = Path(src).resolve()
+        if source == target or target in source.parents:
+            raise ConfigError(
+                f"Output folder {str(out)!r} holds the input {str(src)!r}; --force would delete it. "
+                "Name a new folder for the output."
+            )
+    return out
+
+
+@contextlib.contextmanager
+def output_folder(out: str | os.PathLike, *, force: bool, inputs: Sequence[str | os.PathLike] = ()) -> Iterator[Path]:
+    """Yield a fresh temporary folder that becomes ``out`` when the block succeeds.
+
+    ``out`` is checked as by :func:`check_output`; an existing one is replaced only after the new
+    folder is complete, so a failure never leaves half an output or loses the old one.
+    """
+    out = check_output(out, force=force, inputs=inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     umask = os.umask(0)

@@ -65,6 +65,7 @@ from qkvlab.attention.variant import VariantSpec
 from qkvlab.checkpoint import load_model, read_metadata
 from qkvlab.errors import ConfigError
 from qkvlab.interop.common import (
+    check_output,
     checkpoint_file,
     dtype_of,
     model_from_tensors,
@@ -675,14 +676,13 @@ def convert_checkpoint(
         raise ConfigError(f"--init must be one of {', '.join(INITS)}, got {init!r}.")
     torch_dtype = dtype_of(dtype)
     weights = checkpoint_file(src)
+    check_output(out, force=force, inputs=(src, weights))  # before the (possibly long) calibration pass
     model = load_model(weights, device=device).eval()
     cfg = model.config
     if not isinstance(cfg, GPTConfig):
         raise ConfigError(f"convert works on GPT language models; {str(weights)!r} holds a {cfg.family!r}.")
     target = target_config(cfg, to, kv_heads)
     check_pool(pool, cfg, target, init)
-    if Path(out).exists() and not force:  # before the (possibly long) calibration pass
-        raise ConfigError(f"Output folder {str(out)!r} already exists; pass --force to replace it.")
     moments = tokens = None
     calib_info = None
     if calib is not None:
@@ -764,7 +764,7 @@ def convert_checkpoint(
         report["mean_key_error"] = sum(e[0] for e in errs) / len(errs)
         report["mean_value_error"] = sum(e[1] for e in errs) / len(errs)
     source_tc = train_config(read_metadata(weights))
-    with output_folder(out, force=force) as tmp:
+    with output_folder(out, force=force, inputs=(src, weights)) as tmp:
         tok_src = tokenizer_folder(weights)
         if tok_src is None:
             _write_named_tokenizer(tmp / "tokenizer", (source_tc.get("data") or {}).get("tokenizer"))

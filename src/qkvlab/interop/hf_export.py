@@ -34,6 +34,7 @@ import torch
 from qkvlab.checkpoint import load_model, read_metadata
 from qkvlab.errors import ConfigError
 from qkvlab.interop.common import (
+    check_output,
     checkpoint_file,
     dtype_of,
     output_folder,
@@ -271,6 +272,7 @@ def export_hf(
         raise ConfigError(f"--arch must be one of {', '.join(ARCHS)}, got {arch!r}.")
     torch_dtype = dtype_of(dtype)
     weights = checkpoint_file(src)
+    check_output(out, force=force, inputs=(src, weights))
     model = load_model(weights).eval()
     cfg = model.config
     if not isinstance(cfg, GPTConfig):
@@ -283,7 +285,7 @@ def export_hf(
     if arch == "auto":
         arch = "native" if v.kv_shared else "stock"
     family = stock_family(cfg) if arch == "stock" else "qkvlab"
-    with output_folder(out, force=force) as tmp:
+    with output_folder(out, force=force, inputs=(src, weights)) as tmp:
         tok_info = export_tokenizer(weights, tmp, cfg.max_seq_len)
         special = dict(tok_info.get("ids") or {})
         build = {"llama": llama_model, "gpt2": gpt2_model, "qkvlab": native_model}[family]

@@ -36,7 +36,7 @@ import torch
 
 from qkvlab.attention.variant import VariantSpec
 from qkvlab.errors import ConfigError
-from qkvlab.interop.common import dtype_of, model_from_tensors, output_folder, write_run
+from qkvlab.interop.common import check_output, dtype_of, model_from_tensors, output_folder, write_run
 from qkvlab.interop.layout import block, group_tensors
 from qkvlab.models.config import GPTConfig
 
@@ -89,6 +89,7 @@ def import_model(
     """
     src = Path(src)
     torch_dtype = dtype_of(dtype)
+    check_output(out, force=force, inputs=(src,))
     if src.is_file() and (src.suffix.lower() == ".gguf" or _is_gguf(src)):
         from qkvlab.interop.gguf_import import read_gguf
 
@@ -110,7 +111,7 @@ def import_model(
         "dtype": dtype,
         "params": sum(p.numel() for p in model.parameters()),
     }
-    with output_folder(out, force=force) as tmp:
+    with output_folder(out, force=force, inputs=(src,)) as tmp:
         if tok is not None:
             from qkvlab.interop.tokenizer import write_tokenizer_folder
 

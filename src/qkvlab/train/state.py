@@ -156,6 +156,17 @@ def _prune(root: Path, *, keep: int, current: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def results_folder(path: str | os.PathLike) -> Path:
+    """Where results computed from a checkpoint belong: the folder named or a weights file's folder,
+    but for a checkpoint in a run's ``checkpoints/``, the run folder, since pruning deletes old
+    checkpoint folders whole (and whatever was written into them)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if re.fullmatch(r"ckpt-[0-9]+", folder.name) and folder.parent.name == CHECKPOINTS:
+        return folder.parent.parent
+    return folder
+
+
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     """The folder named by ``out_dir/checkpoints/latest``; None when there is no checkpoint yet."""
     pointer = Path(out_dir) / CHECKPOINTS / LATEST

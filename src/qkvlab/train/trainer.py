@@ -327,6 +327,22 @@ class RunResult:
 
 
 # ================================================================== the trainer
+#: Names only a run writes; ``config.yaml``, ``model.safetensors`` or ``tokenizer/`` alone may be a
+#: project's own files, which --force must not delete.
+RUN_MARKS = ("run.json", "metrics.jsonl", "summary.json", ckpt.CHECKPOINTS)
+
+
+def _marks_a_run(out: Path) -> bool:
+    return any((out / name).exists() for name in RUN_MARKS)
+
+
+def _not_a_run(out: Path, found: list[str]) -> str:
+    return (
+        f"{str(out)!r} holds {', '.join(found)} but none of {', '.join(RUN_MARKS)}: they may not be a run's, so "
+        "neither --resume nor --force will use them; choose another out_dir, or move them away."
+    )
+
+
 class Trainer:
     """Runs one :class:`TrainConfig` on a :class:`Task` (default: the one ``config.task`` names).
 
@@ -371,6 +387,14 @@ class Trainer:
             )
         return [k for k in diff if k in RESUMABLE_CHANGES]
 
+    @staticmethod
+    def _check_replaceable(out: Path) -> None:
+        """Refuse ``--force`` where the files it would delete may not be a run's (a project folder
+        with its own ``config.yaml`` or ``tokenizer/``)."""
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if found and not _marks_a_run(out):
+            raise ConfigError(_not_a_run(out, found))
+
     def _check_resume(self, out: Path, resume: bool) -> Path | None:
         """The checkpoint to resume from. A new run refuses a folder that holds another run's files;
         a resume refuses a config that differs from the run's config.yaml or from the config stored
@@ -380,6 +404,8 @@ class Trainer:
 
         found = [name for name in RUN_FILES if (out / name).exists()]
         latest = ckpt.latest_checkpoint(out)
+        if found and not _marks_a_run(out):
+            raise ConfigError(_not_a_run(out, found))
         if not resume:
             if found:
                 what = f"checkpoint {latest.name}" if latest is not None else ", ".join(found)
@@ -435,12 +461,12 @@ class Trainer:
                 raise ConfigError(
                     f"Cannot create out_dir {str(self.out)!r}: {e.strerror or e}; choose a writable folder."
                 ) from None
-            if force:
-                gone = clear_run(self.out)
-                if gone:
-                    self.say(f"--force: removed the previous run's {', '.join(gone)} from {self.out}")
         ctx.barrier()
-        self.resume_from = self._check_resume(self.out, resume)
+        # --force deletes the previous run only once this one has its data, model and initial
+        # weights: a mistake in any of them must not cost the old run.
+        self.resume_from = None if force else self._check_resume(self.out, resume)
+        if force:
+            self._check_replaceable(self.out)
         if self.task is None:
             self.task = tasks.build_task(config, ctx)
         self.total_steps = total_steps(config, self.task)
@@ -452,6 +478,12 @@ class Trainer:
             from qkvlab.checkpoint import load_into
 
             load_into(self.raw, config.init_weights_file())
+        if force:
+            if ctx.is_main:
+                gone = clear_run(self.out)
+                if gone:
+                    self.say(f"--force: removed the previous run's {', '.join(gone)} from {self.out}")
+            ctx.barrier()
         self.n_params = sum(p.numel() for p in self.raw.parameters())
         self.wrapped = wrap_model(self.raw, config, ctx)  # DDP / FSDP: owns the gradient sync
         self.optimizer = build_optimizer(self.raw, config)  # after FSDP: its parameters are the shards

@@ -532,3 +532,23 @@ def test_unreadable_file_is_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "read_bytes", denied)
     expect_error(lambda: load_corpus(path), "Cannot read corpus file", str(path), "Permission denied")
+
+
+def test_a_split_of_documents_far_apart_in_size_is_refused_with_a_fix_that_works(tmp_path):
+    folder = tmp_path / "shakespeare"
+    folder.mkdir()
+    speeches = "\n\n".join(f"SPEAKER {i}:\nA line of verse, and another one, number {i}." for i in range(2000))
+    (folder / "input.txt").write_text(speeches)  # about 110,000 characters
+    (folder / "README.md").write_text("# A corpus\nWhere it came from.\n")
+    with pytest.raises(ConfigError) as err:  # the README is the validation split, or the text is
+        load_lm_data(str(folder), "byte", val_fraction=0.05, cache_dir=tmp_path / "cache")
+    message = str(err.value)
+    assert "\n" not in message and "1 of 2 documents" in message
+    assert repr(str(folder / "input.txt")) in message and "val_source" in message
+    data = load_lm_data(str(folder / "input.txt"), "byte", val_fraction=0.05, cache_dir=tmp_path / "cache")
+    assert 0.02 < len(data.val) / (len(data.train) + len(data.val)) < 0.1  # the fix: chunks of even size
+    (folder / "README.md").unlink()
+    (folder / "input.txt").unlink()
+    for i in range(10):  # ten files of one size: a split of files is fine
+        (folder / f"part{i}.txt").write_text(speeches[: len(speeches) // 10])
+    load_lm_data(str(folder), "byte", val_fraction=0.2, cache_dir=tmp_path / "cache")

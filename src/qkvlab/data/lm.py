@@ -4,7 +4,10 @@
 into documents), keeps the first ``max_docs`` documents, and splits them by document: a
 permutation drawn from ``numpy.random.default_rng(seed)`` picks
 ``round(val_fraction * n_docs)`` documents (at least one, at most ``n_docs - 1``) for
-validation; both splits keep corpus order. A trained BPE (``"bpe:<n>"``) learns from the
+validation; both splits keep corpus order. A split whose share of the text is more than ten
+times off ``val_fraction`` (either way; corpora of at least 32,768 characters) is refused: it
+comes from documents of very unequal size, such as a folder holding a book and its README,
+and would validate on the wrong text. A trained BPE (``"bpe:<n>"``) learns from the
 training documents only. Each split is packed as ``doc, eot, doc, eot, ...`` into one flat
 array of token ids (``uint16`` when the vocabulary fits, else ``uint32``); nothing is
 padded, so every position is a real token and the trainer never has padding to mask.
@@ -43,7 +46,7 @@ import numpy as np
 from filelock import FileLock
 
 from qkvlab.checkpoint import atomic_write
-from qkvlab.data.corpus import load_corpus
+from qkvlab.data.corpus import CHUNK_CHARS, Corpus, load_corpus
 from qkvlab.data.tokenizers import Tokenizer, default_cache_root, get_tokenizer
 from qkvlab.errors import ConfigError
 
@@ -94,6 +97,35 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[list[i
     val = sorted(int(i) for i in order[:n_val])
     chosen = set(val)
     return [i for i in range(n_docs) if i not in chosen], val
+
+
+#: How far the validation split's share of the text may stray from ``val_fraction`` (either way)
+#: before the split is refused: documents of very unequal size (a folder holding a long text and
+#: its README) make a document split that measures nothing. Texts of a few chunks are exempt:
+#: any split of them is a toy's.
+SPLIT_SHARE_SLACK = 10.0
+SPLIT_CHECK_MIN_CHARS = 4 * CHUNK_CHARS
+
+
+def _check_split_share(corpus: Corpus, val_idx: list[int], val_fraction: float) -> None:
+    sizes = [len(d) for d in corpus.documents]
+    if not val_idx or sum(sizes) < SPLIT_CHECK_MIN_CHARS:
+        return
+    share = sum(sizes[i] for i in val_idx) / max(1, sum(sizes))
+    if val_fraction / SPLIT_SHARE_SLACK <= share <= min(0.5, val_fraction * SPLIT_SHARE_SLACK):
+        return
+    names = [corpus.names[i] for i in val_idx]
+    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    fix = ""
+    if Path(corpus.source).expanduser().is_dir():  # a folder: its largest file alone is cut into even chunks
+        biggest = corpus.names[max(range(len(sizes)), key=sizes.__getitem__)]
+        fix = f"point the source at the text itself ({str(Path(corpus.source) / biggest)!r}), or "
+    raise ConfigError(
+        f"The validation split of {corpus.source!r} is {len(names)} of {len(sizes)} documents ({listed}), "
+        f"{share:.2%} of its text where val_fraction={val_fraction:g} asks for about {val_fraction:.0%}: its "
+        f"documents differ too much in size ({corpus.rule}). To fix it, {fix}name a separate validation corpus "
+        "(data.val_source in a train config)."
+    )
 
 
 def _check_args(val_fraction: float, seed: int, vocab_size: int) -> None:
@@ -216,6 +248,7 @@ def load_lm_data(
         train_idx, val_idx = split_documents(len(corpus.documents), val_fraction, seed)
         train_docs = [corpus.documents[i] for i in train_idx]
         val_docs = [corpus.documents[i] for i in val_idx]
+        _check_split_share(corpus, val_idx, val_fraction)
     extra_corpora = {name: load_corpus(src, encoding=encoding) for name, src in sorted(extra.items())}
 
     # Workers of a sweep that share the cache build it once: the others wait here, then read it.

@@ -5,7 +5,8 @@ into documents), keeps the first ``max_docs`` documents, and splits them by docu
 permutation drawn from ``numpy.random.default_rng(seed)`` picks
 ``round(val_fraction * n_docs)`` documents (at least one, at most ``n_docs - 1``) for
 validation; both splits keep corpus order. A split whose share of the text is more than ten
-times off ``val_fraction`` (either way; corpora of at least 32,768 characters) is refused: it
+times off ``val_fraction`` (either way; corpora of 2 to 10 documents and at least 32,768
+characters) is refused: it
 comes from documents of very unequal size, such as a folder holding a book and its README,
 and would validate on the wrong text. A trained BPE (``"bpe:<n>"``) learns from the
 training documents only. Each split is packed as ``doc, eot, doc, eot, ...`` into one flat
@@ -100,31 +101,35 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[list[i
 
 
 #: How far the validation split's share of the text may stray from ``val_fraction`` (either way)
-#: before the split is refused: documents of very unequal size (a folder holding a long text and
-#: its README) make a document split that measures nothing. Texts of a few chunks are exempt:
-#: any split of them is a toy's.
+#: before a split of a few documents is refused: documents of very unequal size (a folder holding
+#: a long text and its README) make a document split that measures nothing. Many documents
+#: average out, and a text of a few chunks is a toy whatever its split.
 SPLIT_SHARE_SLACK = 10.0
+SPLIT_CHECK_MAX_DOCS = 10
 SPLIT_CHECK_MIN_CHARS = 4 * CHUNK_CHARS
 
 
-def _check_split_share(corpus: Corpus, val_idx: list[int], val_fraction: float) -> None:
+def _check_split_share(corpus: Corpus, val_idx: list[int], val_fraction: float, max_docs: int | None) -> None:
     sizes = [len(d) for d in corpus.documents]
-    if not val_idx or sum(sizes) < SPLIT_CHECK_MIN_CHARS:
+    if not val_idx or len(sizes) > SPLIT_CHECK_MAX_DOCS or sum(sizes) < SPLIT_CHECK_MIN_CHARS:
         return
     share = sum(sizes[i] for i in val_idx) / max(1, sum(sizes))
     if val_fraction / SPLIT_SHARE_SLACK <= share <= min(0.5, val_fraction * SPLIT_SHARE_SLACK):
         return
     names = [corpus.names[i] for i in val_idx]
     listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    fix = ""
+    fixes = []
+    if max_docs is not None and len(sizes) == max_docs:  # more documents would average out
+        fixes.append(f"raise data.max_docs (now {max_docs}) past {SPLIT_CHECK_MAX_DOCS}")
     if Path(corpus.source).expanduser().is_dir():  # a folder: its largest file alone is cut into even chunks
         biggest = corpus.names[max(range(len(sizes)), key=sizes.__getitem__)]
-        fix = f"point the source at the text itself ({str(Path(corpus.source) / biggest)!r}), or "
+        fixes.append(f"point the source at the text itself ({str(Path(corpus.source) / biggest)!r})")
+    fixes.append("name a separate validation corpus (data.val_source in a train config)")
+    fix = fixes[0] if len(fixes) == 1 else ", ".join(fixes[:-1]) + ", or " + fixes[-1]
     raise ConfigError(
         f"The validation split of {corpus.source!r} is {len(names)} of {len(sizes)} documents ({listed}), "
         f"{share:.2%} of its text where val_fraction={val_fraction:g} asks for about {val_fraction:.0%}: its "
-        f"documents differ too much in size ({corpus.rule}). To fix it, {fix}name a separate validation corpus "
-        "(data.val_source in a train config)."
+        f"documents differ too much in size ({corpus.rule}). To fix it, {fix}."
     )
 
 
@@ -248,7 +253,7 @@ def load_lm_data(
         train_idx, val_idx = split_documents(len(corpus.documents), val_fraction, seed)
         train_docs = [corpus.documents[i] for i in train_idx]
         val_docs = [corpus.documents[i] for i in val_idx]
-        _check_split_share(corpus, val_idx, val_fraction)
+        _check_split_share(corpus, val_idx, val_fraction, max_docs)
     extra_corpora = {name: load_corpus(src, encoding=encoding) for name, src in sorted(extra.items())}
 
     # Workers of a sweep that share the cache build it once: the others wait here, then read it.

@@ -250,6 +250,28 @@ def test_a_second_sweep_on_one_folder_is_refused(tmp_path):
 
 
 # ====================================================================== wrongly accepted
+def test_a_key_written_twice_in_a_config_or_sweep_file_is_refused(tmp_path):
+    config = tmp_path / "dup.yaml"
+    config.write_text("optim:\n  lr: 0.1\nmax_steps: 2\noptim:\n  eps: 0.5\n")  # the first optim's lr was lost
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    one_line(err, "'optim'", "lines 1 and 4", "write it once")
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("optim:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(nested)
+    one_line(err, "'lr'", "lines 2 and 3")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("name: s\nbase: {}\ngrid:\n  variant: [QKV]\ngrid:\n  seed: [0, 1]\n")
+    with pytest.raises(ConfigError) as err:
+        load_sweep(sweep)
+    one_line(err, "'grid'", "lines 3 and 5")
+    from qkvlab.train.config import load_yaml
+
+    merged = load_yaml("a: &x {p: 1, q: 1}\nb:\n  <<: *x\n  q: 2\n")  # a key over a merge is no duplicate
+    assert merged == {"a": {"p": 1, "q": 1}, "b": {"p": 1, "q": 2}}
+
+
 def test_an_empty_config_file_is_refused(tmp_path):
     path = tmp_path / "empty.yaml"
     for text in ("", "# only a comment\n"):

@@ -78,11 +78,30 @@ def _finite(value: float) -> bool:
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, plus YAML 1.2 floats: ``1e-3`` and ``4E5`` are numbers.
+    """PyYAML's safe loader, plus YAML 1.2 floats: ``1e-3`` and ``4E5`` are numbers, and no
+    duplicate keys.
 
     YAML 1.1 (PyYAML) reads an exponent without a decimal point as text, which no user means
-    in a config. Quoted scalars stay strings.
+    in a config. Quoted scalars stay strings. PyYAML keeps the last of two equal keys in a
+    mapping, so a section written twice would silently lose the first one's settings.
     """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base': keys after it may override
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise yaml.YAMLError(
+                        f"the key {key!r} is written twice (lines {seen[key]} and {line}), and only the second "
+                        "would count; write it once, with all its settings"
+                    )
+                if isinstance(key, typing.Hashable):
+                    seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(

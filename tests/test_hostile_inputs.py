@@ -160,6 +160,31 @@ def test_interop_force_refuses_an_output_that_holds_its_input_or_the_current_fol
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["converted", "other.txt", "tiny"]
 
 
+def test_a_bad_token_file_is_one_clear_error_before_the_run_writes_anything(tmp_path):
+    files = {
+        "negative.npy": np.array([-1, 2, 3] * 100),
+        "huge.npy": np.array([0, 2**40] * 100),
+        "objects.npy": np.array([{"a": 1}] * 10, dtype=object),
+    }
+    for name, array in files.items():
+        np.save(tmp_path / name, array, allow_pickle=True)
+    good = np.random.default_rng(0).integers(0, 300, 2000)
+    np.save(tmp_path / "good.npy", good)
+    (tmp_path / "truncated.npy").write_bytes((tmp_path / "good.npy").read_bytes()[:500])
+    fragments = {
+        "negative.npy": "token id -1",
+        "huge.npy": "token id 1099511627776",
+        "objects.npy": "not a plain integer array",
+        "truncated.npy": "damaged",
+    }
+    for name, fragment in fragments.items():
+        out = tmp_path / f"run-{name}"
+        with pytest.raises(ConfigError) as err:
+            train(tiny(tmp_path / name, out), verbose=False)
+        one_line(err, name, fragment)
+        assert not out.exists() or not any(out.iterdir())  # nothing a corrected rerun would have to --force
+
+
 def test_results_of_a_kept_checkpoint_go_where_pruning_does_not_reach(tmp_path):
     from qkvlab.harness.runner import run_folder
     from qkvlab.train.state import results_folder
@@ -381,6 +406,8 @@ def test_other_families_validate_their_fields():
         ("optim.eps=.inf", "optim.eps"),
         ("schedule.min_lr=.inf", "schedule.min_lr"),
         ("data.encoding=klingon", "data.encoding 'klingon'"),
+        ("data.encoding=rot13", "data.encoding 'rot13' is not a text encoding"),
+        ("data.encoding=base64", "data.encoding 'base64' is not a text encoding"),
         ("model.dropout=1.5", "dropout must be a probability"),
     ],
 )

@@ -47,6 +47,11 @@ class LMSplits:
     extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+#: A pre-tokenised file's ids stay below this (the largest vocabularies in use are about 2^18): a
+#: stray large id would make the embedding table that many rows.
+MAX_TOKEN_ID = 2**22
+
+
 def load_splits(data: DataConfig) -> LMSplits:
     """Tokens for ``data``: a pre-tokenised ``.npy`` file here, everything else via :mod:`qkvlab.data`."""
     if data.source.endswith(".npy"):
@@ -58,15 +63,28 @@ def load_splits(data: DataConfig) -> LMSplits:
         path = Path(data.source)
         if not path.is_file():
             raise ConfigError(f"No token file at {data.source!r}; data.source must name an existing .npy file.")
-        tokens = np.load(path, mmap_mode="r")
+        try:  # never unpickled: an array of Python objects is refused, not built
+            tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise ConfigError(
+                f"Cannot read the token file {data.source!r} ({str(e).rstrip('.')}): it is damaged or not a plain "
+                "integer array; write it again with numpy.save(path, ids.astype(numpy.uint32))."
+            ) from None
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer) or len(tokens) < 4:
             raise ConfigError(
                 f"{data.source!r} must hold a 1-D integer array of at least 4 token ids, "
                 f"got {tokens.dtype} {tuple(tokens.shape)}."
             )
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= MAX_TOKEN_ID:
+            bad = low if low < 0 else high
+            raise ConfigError(
+                f"{data.source!r} holds the token id {bad}; ids must lie in [0, {MAX_TOKEN_ID:,}) (the vocabulary "
+                "is the largest id + 1). Check how the file was written: ids are a tokenizer's, never raw data."
+            )
         n_val = max(2, int(len(tokens) * data.val_fraction))
         meta = {"source": str(path.resolve()), "tokenizer": "pre-tokenised", "n_tokens": len(tokens)}
-        return LMSplits(tokens[:-n_val], tokens[-n_val:], int(tokens.max()) + 1, None, meta)
+        return LMSplits(tokens[:-n_val], tokens[-n_val:], high + 1, None, meta)
     try:
         from qkvlab.data.lm import load_lm_data
     except ImportError as e:

@@ -161,7 +161,9 @@ class DataConfig:
         )
         _check(0 <= self.seed <= MAX_SEED, f"data.seed must be in [0, {MAX_SEED}], got {self.seed}.")
         try:
-            codecs.lookup(self.encoding)
+            # rot13, base64, zlib ... are codecs too, but of bytes to bytes or text to text
+            if not codecs.lookup(self.encoding)._is_text_encoding:
+                raise LookupError(self.encoding)
         except LookupError:
             raise ConfigError(
                 f"data.encoding {self.encoding!r} is not a text encoding; use a Python codec name such as "

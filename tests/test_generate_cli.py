@@ -154,6 +154,10 @@ def test_generate_stop_text_ends_the_output(run_dir, stream):
         ("--temperature", "nan", "--temperature must be a finite number"),
         ("--stop-id", "100000", "--stop-id 100000 is outside the model's vocabulary"),
         ("--stop-id", "-1", "--stop-id -1 is outside the model's vocabulary"),
+        ("--seed", "99999999999999999999", "--seed must be in [0, 4294967295]"),
+        ("--seed", "-1", "--seed must be in [0, 4294967295]"),
+        ("--prompt", "caf\udce9", "--prompt is not UTF-8 text (byte 0xe9 at character 3)"),
+        ("--stop", "\udcff", "--stop is not UTF-8 text (byte 0xff at character 0)"),
     ],
 )
 def test_generate_refuses_bad_sampling_values(run_dir, flag, value, message):
@@ -172,3 +176,14 @@ def test_generate_gemv_values_are_checked(run_dir):
     a, b = CliRunner().invoke(app, base), CliRunner().invoke(app, [*base, "--gemv", "kernel"])
     assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
     assert a.output.splitlines()[0] == b.output.splitlines()[0]  # on a CPU the products stay F.linear
+
+
+def test_generate_and_perplexity_name_a_model_that_is_not_a_language_model(tmp_path):
+    from qkvlab import EncoderConfig, SequenceEncoder, save_model
+
+    path = tmp_path / "enc.safetensors"
+    save_model(SequenceEncoder(EncoderConfig(n_layers=1, d_model=16, n_heads=2, vocab_size=12)), path)
+    for command in (["generate"], ["eval", "ppl", "--data", "stdlib"]):
+        result = CliRunner().invoke(app, [*command, str(path)])
+        assert result.exit_code != 0 and "'encoder' family" in str(result.exception), result.output
+        assert "needs a GPT language model" in str(result.exception)

@@ -63,6 +63,29 @@ def _at_least(option: str, value: int | None, low: int = 1) -> None:
         raise ConfigError(f"{option} must be at least {low}, got {value}.")
 
 
+def _utf8(option: str, text: str) -> str:
+    """Command-line text that is not UTF-8 reaches Python as lone surrogates, which no tokenizer
+    encodes: refused here with where the bad byte is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+        raise ConfigError(
+            f"{option} is not UTF-8 text ({byte} at character {e.start}); set the terminal to UTF-8 "
+            "(e.g. LANG=C.UTF-8) or convert the text first (iconv -f latin1 -t utf-8)."
+        ) from None
+    return text
+
+
+def _language_model(model, path: Path, command: str) -> None:
+    if model.config.family != "gpt":
+        raise ConfigError(
+            f"{str(path)!r} holds a model of the {model.config.family!r} family; {command} needs a GPT language model "
+            "(qkvlab analyze and the task reports read the others)."
+        )
+
+
 def _device(name: str) -> str:
     """``--device``: 'auto' resolved; anything but cpu / cuda / cuda:N on a visible GPU refused."""
     if name == "auto":
@@ -532,6 +555,7 @@ def eval_ppl(
         raise ConfigError(f"--split must be 'val' or 'train', got {split!r}.")
     dev = torch.device(_device(device))
     model = load_model(path, device=dev)
+    _language_model(model, path, "eval ppl")
     seq_len = seq_len or trained.get("seq_len") or model.config.max_seq_len
     if seq_len > model.config.max_seq_len:
         raise ConfigError(
@@ -846,7 +870,12 @@ def generate(
         raise ConfigError(
             "--gemv inductor has torch.compile generate the products; add --compile (or use --gemv kernel)."
         )
-    stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in stop or []]
+    from qkvlab.train.config import MAX_SEED
+
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be in [0, {MAX_SEED}], got {seed}.")
+    _utf8("--prompt", prompt)
+    stops = [_utf8("--stop", s).replace("\\n", "\n").replace("\\t", "\t") for s in stop or []]
     if any(not s for s in stops):
         raise ConfigError("--stop needs a non-empty text.")
     path = _checkpoint_file(checkpoint)
@@ -857,6 +886,7 @@ def generate(
     elif cuda_graph and not device.startswith("cuda"):
         raise ConfigError(f"--cuda-graph needs a CUDA device, but the model runs on {device!r}; drop the flag.")
     model = load_model(path, device=device).eval()
+    _language_model(model, path, "generate")
     tok = _tokenizer_for(path, meta, tokenizer)
     ids = tok.encode(prompt)
     if not ids:

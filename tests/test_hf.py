@@ -292,6 +292,11 @@ def test_import_and_export_commands(tmp_path, bpe):
         ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope_parameters.*llama3"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
+        ({"num_key_value_heads": 0}, "num_key_value_heads=0 .*positive integer"),
+        ({"hidden_size": None}, "no 'hidden_size'"),
+        ({"rms_norm_eps": "x"}, "rms_norm_eps='x' .*finite number"),
+        ({"num_hidden_layers": 2.5}, "num_hidden_layers=2.5 .*positive integer"),
+        ({"architectures": "LlamaForCausalLM"}, "architectures=.*list of class names"),
     ],
 )
 def test_import_refuses_what_it_cannot_map(tmp_path, change, match):
@@ -300,6 +305,21 @@ def test_import_refuses_what_it_cannot_map(tmp_path, change, match):
     path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
     with pytest.raises(ConfigError, match=match):
         import_model(tmp_path / "src", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_refuses_a_damaged_folder_in_one_line(tmp_path):
+    HF_MODELS["llama-bias"]().save_pretrained(tmp_path / "src")
+    (tmp_path / "src" / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"config\.json holds a list, not a JSON object"):
+        import_model(tmp_path / "src", tmp_path / "out")
+    with pytest.raises(ConfigError, match="--max-seq-len must be at least 1, got 0"):
+        import_model(tmp_path / "src", tmp_path / "out", max_seq_len=0)
+    HF_MODELS["llama-bias"]().save_pretrained(tmp_path / "src2")
+    (tmp_path / "src2" / "tokenizer.json").write_text("garbage{")
+    with pytest.raises(ConfigError) as err:
+        import_model(tmp_path / "src2", tmp_path / "out")
+    assert "tokenizer.json cannot be read" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
 
 

@@ -28,6 +28,7 @@ The output is a qkvlab run folder: ``model.safetensors`` (a qkvlab checkpoint fo
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,8 @@ def import_model(
     """
     src = Path(src)
     torch_dtype = dtype_of(dtype)
+    if max_seq_len is not None and (isinstance(max_seq_len, bool) or max_seq_len < 1):
+        raise ConfigError(f"--max-seq-len must be at least 1, got {max_seq_len} (leave it out for the source's).")
     check_output(out, force=force, inputs=(src,))
     if src.is_file() and (src.suffix.lower() == ".gguf" or _is_gguf(src)):
         from qkvlab.interop.gguf_import import read_gguf
@@ -134,9 +137,33 @@ def _refuse(where: str, field: str, value: Any, why: str) -> ConfigError:
     return ConfigError(f"{where}: config field {field}={value!r} cannot be mapped to qkvlab: {why}.")
 
 
+_MISSING = object()
+
+
+def _field(raw: dict[str, Any], where: str, name: str, kind: type, default: Any = _MISSING) -> Any:
+    """``raw[name]`` checked to be a positive int (``kind`` int) or a finite number (float); a
+    field that is absent or null takes ``default`` where there is one."""
+    value = raw.get(name)
+    if value is None:
+        if default is _MISSING:
+            raise ConfigError(f"{where}: config.json has no {name!r}, which qkvlab needs to build the model.")
+        return default
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _refuse(where, name, value, "it must be a positive integer")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _refuse(where, name, value, "it must be a finite number")
+    return float(value)
+
+
 def hf_config(raw: dict[str, Any], where: str, max_seq_len: int | None) -> tuple[GPTConfig, str]:
     """The qkvlab config of a transformers ``config.json`` (as a dict) and the family name."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: config.json holds a {type(raw).__name__}, not a JSON object of settings.")
     archs = raw.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise _refuse(where, "architectures", archs, "it must be a list of class names")
     arch = archs[0] if archs else None
     family = ARCHITECTURES.get(arch or "")
     if family is None:
@@ -163,12 +190,13 @@ def hf_config(raw: dict[str, Any], where: str, max_seq_len: int | None) -> tuple
         raise _refuse(where, field, rope, f"RoPE type {rope_type!r}; qkvlab's RoPE is the plain one")
     if isinstance(rope, dict) and rope.get("partial_rotary_factor", 1.0) != 1.0:
         raise _refuse(where, "partial_rotary_factor", rope["partial_rotary_factor"], "qkvlab rotates whole heads")
-    theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or raw.get("rope_theta", 10000.0)
-    n_heads = raw["num_attention_heads"]
-    d_model = raw["hidden_size"]
-    head_dim = raw.get("head_dim") or d_model // n_heads
-    n_kv = raw.get("num_key_value_heads") or n_heads
-    eps = float(raw.get("rms_norm_eps", 1e-6))
+    theta = _field(rope if isinstance(rope, dict) and rope.get("rope_theta") is not None else raw,
+                   where, "rope_theta", float, 10000.0)  # fmt: skip
+    n_heads = _field(raw, where, "num_attention_heads", int)
+    d_model = _field(raw, where, "hidden_size", int)
+    head_dim = _field(raw, where, "head_dim", int, d_model // n_heads)
+    n_kv = _field(raw, where, "num_key_value_heads", int, n_heads)
+    eps = _field(raw, where, "rms_norm_eps", float, 1e-6)
     qk_norm = family == "qwen3"
     if qk_norm and eps != 1e-6:
         raise _refuse(where, "rms_norm_eps", eps, "Qwen3's QK-norm would need it, and qkvlab's head norms use 1e-6")
@@ -176,22 +204,22 @@ def hf_config(raw: dict[str, Any], where: str, max_seq_len: int | None) -> tuple
         bias = True  # q/k/v biases in Qwen2's code; the others are written as zeros
     else:
         bias = bool(raw.get("attention_bias", False)) or bool(raw.get("mlp_bias", False))
-    ctx = int(raw.get("max_position_embeddings", 2048))
+    ctx = _field(raw, where, "max_position_embeddings", int, 2048)
     cfg = GPTConfig(
         recipe="llama",
-        n_layers=raw["num_hidden_layers"],
+        n_layers=_field(raw, where, "num_hidden_layers", int),
         d_model=d_model,
         n_heads=n_heads,
         head_dim=head_dim,
-        d_ff=raw["intermediate_size"],
-        vocab_size=raw["vocab_size"],
-        max_seq_len=min(ctx, max_seq_len) if max_seq_len else ctx,
+        d_ff=_field(raw, where, "intermediate_size", int),
+        vocab_size=_field(raw, where, "vocab_size", int),
+        max_seq_len=min(ctx, max_seq_len) if max_seq_len is not None else ctx,
         norm_eps=eps,
-        rope_theta=float(theta),
+        rope_theta=theta,
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
         bias=bias,
-        attn_dropout=float(raw.get("attention_dropout") or 0.0),
-        init_std=float(raw.get("initializer_range") or 0.02),
+        attn_dropout=_field(raw, where, "attention_dropout", float, 0.0),
+        init_std=_field(raw, where, "initializer_range", float, 0.02),
         variant=VariantSpec("q_k_v", n_kv_heads=None if n_kv == n_heads else n_kv, pos="rope", qk_norm=qk_norm),
     )
     return cfg, family
@@ -273,7 +301,13 @@ def hf_tokenizer(folder: Path, raw_cfg: dict[str, Any]):
     path = folder / "tokenizer.json"
     if not path.is_file():
         return None
-    tok = HFTokenizer.from_file(str(path))
+    try:
+        tok = HFTokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises its own untyped Exception for a bad file
+        raise ConfigError(
+            f"{folder}: tokenizer.json cannot be read ({str(e).rstrip('.')}); replace it with the model's own, or "
+            "move it away to import the weights without a tokenizer."
+        ) from None
     try:
         tcfg = json.loads((folder / "tokenizer_config.json").read_text())
     except (OSError, ValueError):

@@ -155,6 +155,16 @@ def test_interop_force_refuses_an_output_that_holds_its_input_or_the_current_fol
             convert_checkpoint(run, out, force=True)
         one_line(err, "current folder")
     assert (run / "model.safetensors").is_file() and (tmp_path / "runs" / "other.txt").read_text() == "precious"
+    bad_values = [
+        ({"calib": "stdlib", "init": "fit", "calib_seq_len": 0}, "--calib-seq-len must be at least 2"),
+        ({"calib": "stdlib", "init": "fit", "calib_tokens": 1}, "--calib-tokens must be at least one calibration"),
+        ({"kv_heads": 0}, "--kv-heads must be at least 1"),
+        ({"kv_heads": -2}, "--kv-heads must be at least 1"),
+    ]
+    for kwargs, fragment in bad_values:
+        with pytest.raises(ConfigError) as err:
+            convert_checkpoint(run, tmp_path / "runs" / "converted", **kwargs)
+        one_line(err, fragment)
     convert_checkpoint(run, tmp_path / "runs" / "converted")  # a new folder beside them is the fix
     convert_checkpoint(run, tmp_path / "runs" / "converted", force=True)  # and replacing it
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["converted", "other.txt", "tiny"]

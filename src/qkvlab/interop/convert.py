@@ -111,7 +111,9 @@ def target_config(cfg: GPTConfig, to: str | None, kv_heads: int | None) -> GPTCo
         )
     n_src = cfg.n_kv_heads
     n_kv = kv_heads if kv_heads is not None else t.kv_heads(cfg.n_heads) if t.n_kv_heads is not None else n_src
-    if not isinstance(n_kv, int) or n_kv < 1 or n_src % n_kv:
+    if isinstance(n_kv, int) and n_kv < 1:
+        raise ConfigError(f"--kv-heads must be at least 1 (1 is MQA), got {n_kv}.")
+    if not isinstance(n_kv, int) or n_src % n_kv:
         divisors = [d for d in range(1, n_src + 1) if n_src % d == 0]
         raise ConfigError(
             f"The source has {n_src} KV heads; pooling adjacent heads reaches {divisors}, not {n_kv!r} "
@@ -674,6 +676,8 @@ def convert_checkpoint(
     ``calib``."""
     if init not in INITS:
         raise ConfigError(f"--init must be one of {', '.join(INITS)}, got {init!r}.")
+    if calib_seq_len < 2:
+        raise ConfigError(f"--calib-seq-len must be at least 2 (a window of tokens), got {calib_seq_len}.")
     torch_dtype = dtype_of(dtype)
     weights = checkpoint_file(src)
     check_output(out, force=force, inputs=(src, weights))  # before the (possibly long) calibration pass
@@ -687,6 +691,10 @@ def convert_checkpoint(
     calib_info = None
     if calib is not None:
         seq = min(calib_seq_len, cfg.max_seq_len)
+        if calib_tokens < seq:
+            raise ConfigError(
+                f"--calib-tokens must be at least one calibration window ({seq} tokens), got {calib_tokens}."
+            )
         tokens = calibration_tokens(weights, calib, calib_tokens, seq)
         if not refit_output:
             moments = attention_input_moments(model, tokens)

@@ -261,6 +261,25 @@ def test_a_sweep_refuses_another_studys_folder(tmp_path):
     assert yaml.safe_load((seeded / "sweep.yaml").read_text())["name"] == "mine"
 
 
+def test_a_report_leaves_out_rows_it_cannot_use_and_says_which(tmp_path):
+    from qkvlab.study.report import write_report
+    from qkvlab.study.results import UnusableRowWarning
+
+    study = tmp_path / "study"
+    spec = SweepSpec.from_dict({"name": "s", "base": BASE, "grid": {"variant": ["QKV", "Q-K=V"]}})
+    run_sweep(spec, study, run_fn=fake_run, verbose=False)
+    store = ResultsStore(study)
+    good = store.read()[-1]
+    store.append({"run_id": 5, "status": "ok"})  # a foreign row
+    store.append({**good, "run_id": "hand-edited", "val_loss": "abc"})
+    with pytest.warns(UnusableRowWarning) as caught:
+        report = write_report(study, plots=False)
+    messages = [str(w.message) for w in caught]
+    assert any("run 5" in m and "run_id is 5" in m for m in messages)
+    assert any("'hand-edited'" in m and "val_loss is 'abc'" in m for m in messages)
+    assert Path(report).read_text().count("Q-K=V") >= 1  # the usable rows are reported
+
+
 def test_the_same_study_rerun_into_its_folder_resumes_and_may_grow(tmp_path):
     """Same name and base: a rerun continues; added grid points and blocks run, finished ones do not."""
     study = tmp_path / "study"

@@ -44,7 +44,7 @@ from qkvlab.study.metric_report import metric_report, skipped_by_setting
 from qkvlab.study.metrics import METRICS
 from qkvlab.study.paper import PAPER_TABLES, PaperTable
 from qkvlab.study.plots import plot_ladder, plot_loss_curves, plot_pareto, slug
-from qkvlab.study.results import REPORT_DIR, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ResultsStore
+from qkvlab.study.results import REPORT_DIR, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ResultsStore, usable_rows
 from qkvlab.study.spec import format_tokens, read_study_file, study_name
 from qkvlab.study.tables import (
     commits,
@@ -91,7 +91,7 @@ def write_report(
 
         return write_ladder_report(study, plots=plots)
     latest = list(store.latest().values())
-    ok = [r for r in latest if r.get("status") == STATUS_OK]
+    ok = usable_rows([r for r in latest if r.get("status") == STATUS_OK], store.path)
     skipped = [r for r in latest if r.get("status") == STATUS_SKIPPED]
     failed = [r for r in latest if r.get("status") == STATUS_FAILED]
     out = study / REPORT_DIR

@@ -63,6 +63,53 @@ RESULT_KEYS = (
 )
 
 
+#: Fields of an ``"ok"`` row that hold a number (or None): a row whose value there is not one came
+#: from a hand edit or another tool, and would break every table it reached.
+NUMBER_KEYS = frozenset(
+    {
+        "params_total", "params_attention", "params_nonembedding", "params_trained", "tokens", "tokens_budget",
+        "max_steps", "steps", "seed", "val_loss", "val_ppl", "val_acc", "val_seq_acc", "val_auroc", "train_loss",
+        "train_tokens_per_s", "train_time_s", "decode_tokens_per_s", "kv_cache_bytes_per_token", "cache_reduction",
+        "decode_state_bytes", "flops_per_token", "mfu", "steady_mfu", "steady_tokens_per_s", "peak_memory_gib",
+        "wall_s", "world_size",
+    }
+)  # fmt: skip
+TEXT_KEYS = ("run_id", "variant", "variant_id", "model")
+
+
+class UnusableRowWarning(UserWarning):
+    """A finished row lacks a field the report needs or holds a field of the wrong type; it was left out."""
+
+
+def row_problem(row: dict[str, Any]) -> str | None:
+    """What makes an ``"ok"`` row unusable in a report, or None."""
+    for key in TEXT_KEYS:
+        if not isinstance(row.get(key), str):
+            return f"{key} is {row.get(key)!r}, not a name" if key in row else f"it has no {key}"
+    for key, value in row.items():
+        numeric = key in NUMBER_KEYS or key.endswith(("_loss", "_ppl"))
+        if numeric and value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            return f"{key} is {value!r}, not a number"
+    return None
+
+
+def usable_rows(rows: list[dict[str, Any]], path: str | os.PathLike) -> list[dict[str, Any]]:
+    """``rows`` without those :func:`row_problem` finds fault with, each left out with a warning."""
+    kept = []
+    for row in rows:
+        problem = row_problem(row)
+        if problem is None:
+            kept.append(row)
+        else:
+            warnings.warn(
+                f"{str(path)!r}: left out run {row.get('run_id')!r}, whose row cannot be reported ({problem}); "
+                "fix or remove that line.",
+                UnusableRowWarning,
+                stacklevel=2,
+            )
+    return kept
+
+
 class TruncatedLineWarning(UserWarning):
     """A JSONL line could not be decoded (usually the last line of a killed writer); it was skipped."""
 

@@ -199,6 +199,7 @@ def outcomes(world) -> dict[str, dict]:
         "--max-new-tokens -5": ["generate", run, "--max-new-tokens", "-5"],
         "--top-k 0": ["generate", run, "--top-k", "0"],
         "--seeds a": ["demo", "--seeds", "a", "--out", fresh],
+        "--seeds past 2^32": ["demo", "--seeds", "0,99999999999", "--out", fresh],
         # a stack trace or a fix that does not work
         "truncated state.pt": ["train", cfg, f"out_dir={w['torn']}", "--resume"],
         "hostile state.pt": ["train", cfg, f"out_dir={w['hostile']}", "--resume"],
@@ -249,6 +250,7 @@ def outcomes(world) -> dict[str, dict]:
         ("--max-new-tokens -5", ["--max-new-tokens", "-5"]),
         ("--top-k 0", ["--top-k", "got 0"]),
         ("--seeds a", ["--seeds", "'a'", "0,1,2"]),
+        ("--seeds past 2^32", ["--seeds", "'0,99999999999'", "4294967295"]),
         ("truncated state.pt", ["state.pt", "corrupt", "ckpt-0000002", "latest", "--resume"]),
         ("hostile state.pt", ["state.pt", "corrupt or unsafe", "ckpt-0000002", "--resume"]),
         ("latin-1 corpus", ["latin.txt", "not UTF-8", "data.encoding=NAME", "latin-1"]),
@@ -263,6 +265,11 @@ def outcomes(world) -> dict[str, dict]:
 )
 def test_each_mistake_is_one_line_with_the_value_and_a_fix(outcomes, case, fragments):
     assert_one_line_error(outcomes[case], *fragments)
+
+
+def test_the_demo_checks_its_options_before_printing_anything(outcomes):
+    for case in ("--seeds a", "--seeds past 2^32"):
+        assert outcomes[case]["stdout"].strip() == "", outcomes[case]["stdout"][:300]  # no cost table first
 
 
 def test_the_fixes_the_messages_give_work(outcomes, world):

@@ -231,14 +231,20 @@ def demo(
     from qkvlab.study import read_jsonl, run_sweep, summarize_group, write_report
     from qkvlab.study.demo import demo_run_fn, demo_spec
     from qkvlab.study.sweep import parse_tokens
+    from qkvlab.train.config import MAX_SEED
 
     t0 = time.perf_counter()
-    variants(preset="paper-300m", variant=None, seq_len=None, context=32768, dtype="bf16", as_json=False)
+    # every option is checked before the cost table: a mistake is one line, not a table and then a failure
     parts = [x.strip() for x in seeds.split(",") if x.strip()]
-    if not parts or not all(x.isdigit() for x in parts):
-        raise ConfigError(f"--seeds must list integers >= 0 separated by commas, e.g. 0,1,2; got {seeds!r}.")
+    if not parts or not all(x.isdigit() for x in parts) or any(int(x) > MAX_SEED for x in parts):
+        raise ConfigError(
+            f"--seeds must list integers in [0, {MAX_SEED}] separated by commas, e.g. 0,1,2; got {seeds!r}."
+        )
     seed_list = [int(x) for x in parts]
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; name a folder for the demo's study.")
     spec = demo_spec(parse_tokens(tokens), seed_list, out)
+    variants(preset="paper-300m", variant=None, seq_len=None, context=32768, dtype="bf16", as_json=False)
     try:
         summary = run_sweep(spec, out, run_fn=demo_run_fn())
     except KeyboardInterrupt:

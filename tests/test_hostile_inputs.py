@@ -261,6 +261,29 @@ def test_a_sweep_refuses_another_studys_folder(tmp_path):
     assert yaml.safe_load((seeded / "sweep.yaml").read_text())["name"] == "mine"
 
 
+def test_sweep_messages_give_fixes_that_are_valid(tmp_path, monkeypatch):
+    from qkvlab.study.sweep import check_same_study, parse_devices
+
+    with pytest.raises(ConfigError) as err:
+        SweepSpec.from_dict({"name": "s", "base": BASE, "grid": {"variant": []}})
+    one_line(err, "grid.variant must be a non-empty list, e.g. [QKV, Q-K=V]")
+    with pytest.raises(ConfigError) as err:
+        SweepSpec.from_dict({"name": "../../escape", "base": BASE, "grid": {"variant": ["QKV"]}})
+    one_line(err, "'../../escape'", "plain name")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError) as err:
+        parse_devices("7")
+    message = one_line(err, "Device 7", "0 CUDA device(s)", "run without --devices")
+    assert "below 0" not in message
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "sweep.yaml").write_text("todo: write the sweep\n")  # someone's own file of that name
+    spec = SweepSpec.from_dict({"name": "s", "base": BASE, "grid": {"variant": ["QKV"]}})
+    with pytest.raises(ConfigError) as err:
+        check_same_study(spec, folder)
+    one_line(err, "is not a study's sweep file", "another --out")
+
+
 def test_a_report_leaves_out_rows_it_cannot_use_and_says_which(tmp_path):
     from qkvlab.study.report import write_report
     from qkvlab.study.results import UnusableRowWarning

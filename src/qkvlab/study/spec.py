@@ -119,7 +119,8 @@ class SweepSpec:
                 )
             for axis, values in block.items():
                 if not isinstance(values, list) or not values:
-                    raise ConfigError(f"{where}.{axis} must be a non-empty list, e.g. [{values!r}], got {values!r}.")
+                    example = f"[{values!r}]" if values not in (None, [], {}, "") else "[QKV, Q-K=V] or [0, 1]"
+                    raise ConfigError(f"{where}.{axis} must be a non-empty list, e.g. {example}, got {values!r}.")
                 if axis not in AXES and "." not in axis and difflib.get_close_matches(axis, AXES, n=1, cutoff=0.75):
                     near = difflib.get_close_matches(axis, AXES, n=1, cutoff=0.75)[0]
                     raise ConfigError(f"Unknown grid axis {axis!r}; did you mean {near!r}? Axes: {', '.join(AXES)}.")
@@ -128,12 +129,18 @@ class SweepSpec:
         report = d.get("report") or "variants"
         if report not in REPORT_KINDS:
             raise ConfigError(f"report must be one of {', '.join(REPORT_KINDS)}, got {report!r}.")
+        sweep_name = str(d.get("name") or name)
+        if "/" in sweep_name or "\\" in sweep_name or sweep_name in (".", ".."):
+            raise ConfigError(
+                f"name {sweep_name!r} names the study's folder under studies/, so it cannot hold '/' or be '..'; "
+                "write a plain name such as lm-variants-tiny (study_dir: places the folder anywhere)."
+            )
         return cls(
             report=report,
             base=base,
             grid=parsed if isinstance(grid, list) else parsed[0],
             overrides=_parse_overrides(d.get("overrides")),
-            name=str(d.get("name") or name),
+            name=sweep_name,
             study_dir=None if d.get("study_dir") is None else str(d["study_dir"]),
             description=d.get("description"),
             metric=metric,

@@ -342,6 +342,9 @@ def test_task_names():
     assert [s.name for s in resolve_tasks(["qkvlab_piqa, hellaswag"])] == ["piqa", "hellaswag"]
     with pytest.raises(ConfigError, match=r"Unknown task 'hellaswg'; use one of arc_easy, .*'all'"):
         resolve_tasks("hellaswg")
+    for blank in ("", " , "):  # an empty shell variable, not a wish for every task
+        with pytest.raises(ConfigError, match="names no task"):
+            resolve_tasks(blank)
 
 
 # ================================================================== qkvlab eval harness

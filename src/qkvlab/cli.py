@@ -607,7 +607,9 @@ def eval_harness(
     limit: Annotated[int | None, typer.Option(help="Score only the first N items of each task (quick checks).")] = None,
     batch_size: Annotated[int, typer.Option(help="Requests per forward pass.")] = 8,
     device: Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda' or 'cuda:N'.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Compute dtype: auto (bf16 on GPU, else fp32), fp32, bf16.")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="Compute dtype: auto (bf16 on GPU, else fp32), fp32, bf16 or fp16.")
+    ] = "auto",
     data_root: Annotated[
         Path | None,
         typer.Option(help="Folder with hellaswag/, piqa/, arc/, ...; default $QKVLAB_DATA, then ../shared/data."),

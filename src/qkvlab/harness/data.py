@@ -81,7 +81,10 @@ PAPER_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande")
 
 def resolve_tasks(names: str | list[str] | None) -> list[TaskSpec]:
     """Task specs from short names or lm-eval names (comma-separated allowed); ``all`` or
-    nothing means every shipped task, ``paper`` the paper's five."""
+    None means every shipped task, ``paper`` the paper's five. A blank string is refused: it is
+    an empty shell variable far more often than a wish for hours of every task."""
+    if isinstance(names, str) and not names.replace(",", "").strip():
+        raise ConfigError(f"--tasks {names!r} names no task; pass task names, 'paper' or 'all'.")
     items: list[str] = []
     for part in [names] if isinstance(names, str) else names or ["all"]:
         items.extend(p.strip() for p in str(part).split(",") if p.strip())

@@ -291,3 +291,25 @@ def test_overwrite_replaces_the_file(tmp_path):
     save_model(b, path)
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
     assert_same_state(load_model(path), b)
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragment"),
+    [
+        (lambda t: t.index_fill_(0, torch.tensor([0]), float("nan")), "NaN or infinite value"),
+        (lambda t: t.index_fill_(0, torch.tensor([1]), float("inf")), "NaN or infinite value"),
+        (lambda t: t.to(torch.int32), "not as floating-point weights"),
+    ],
+    ids=["nan", "inf", "int32"],
+)
+def test_weights_that_are_not_finite_floats_are_refused(tmp_path, damage, fragment):
+    path = save_model(GPT(GPTConfig(n_layers=1, d_model=16, n_heads=2, vocab_size=32, max_seq_len=8)), tmp_path / "m")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    name = next(k for k in tensors if k.endswith("wte.weight"))
+    tensors[name] = damage(tensors[name].clone())
+    safetensors.torch.save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ConfigError) as err:
+        load_model(path)
+    assert fragment in str(err.value) and name in str(err.value) and "\n" not in str(err.value)

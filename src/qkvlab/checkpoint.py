@@ -249,6 +249,23 @@ def load_into(model: nn.Module, path: str | os.PathLike, *, device: str | torch.
             f"{unexpected[:5]}, shape mismatch {bad_shape[:5]}. The model config differs from the "
             "checkpoint's; use qkvlab.load_model(path) to build the matching model."
         )
+    # load_state_dict would cast integer tensors silently and keep NaN / inf, which then decode to
+    # garbage (or NUL bytes) with no error anywhere: a weight must be a finite float.
+    floats = [k for k in own if own[k].is_floating_point()]
+    not_float = [k for k in floats if not tensors[k].is_floating_point()]
+    if not_float:
+        raise ConfigError(
+            f"Checkpoint {str(path)!r} stores {not_float[0]!r} as {tensors[not_float[0]].dtype} (and "
+            f"{len(not_float) - 1} more), not as floating-point weights; it was not written by a model save. "
+            "Re-save the model with qkvlab.save_model."
+        )
+    broken = next((k for k in floats if not bool(torch.isfinite(tensors[k]).all())), None)
+    if broken is not None:
+        bad = int((~torch.isfinite(tensors[broken])).sum())
+        raise ConfigError(
+            f"Checkpoint {str(path)!r} holds {bad} NaN or infinite value(s) in {broken!r}: it is damaged or "
+            "comes from a run that diverged. Load an earlier checkpoint of the run, or restore the file."
+        )
     model.load_state_dict(tensors, strict=True)
     return model
 

@@ -458,3 +458,12 @@ def test_cli_maps_draws_tasks_by_variants_from_a_study(tmp_path):
         bad = CliRunner().invoke(app, ["maps", str(study), "--out", str(out)])
         assert isinstance(bad.exception, ConfigError) and fragment in str(bad.exception), bad.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["figs", "study"]  # nothing written beside them
+
+
+def test_cli_maps_on_a_language_model_study_says_what_it_draws(tmp_path):
+    from qkvlab.study import ResultsStore
+
+    ResultsStore(tmp_path / "lm").append({"run_id": "a", "status": "ok", "seed": 0, "config": {"model": {}}})
+    bad = CliRunner().invoke(app, ["maps", str(tmp_path / "lm")])
+    assert isinstance(bad.exception, ConfigError) and "holds no synthetic-task runs" in str(bad.exception)
+    assert "qkvlab analyze" in str(bad.exception)

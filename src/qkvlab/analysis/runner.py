@@ -327,6 +327,12 @@ def study_task_maps(
         and row_value(r, "task.kind") is not None
         and all(str(row_value(r, k)) == str(v) for k, v in where.items())
     ]
+    finished = [r for r in store.latest().values() if r.get("status") == STATUS_OK]
+    if finished and all(row_value(r, "task.kind") is None for r in finished):
+        raise ConfigError(
+            f"{str(study)!r} holds no synthetic-task runs, and maps draws those (tasks by variants); for the "
+            "attention maps of its models run qkvlab analyze on their run folders."
+        )
     if not rows:
         raise ConfigError(
             f"No finished task runs with seed {seed} and settings {where or '{}'} in {str(study)!r}; "

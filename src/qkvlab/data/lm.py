@@ -6,9 +6,8 @@ permutation drawn from ``numpy.random.default_rng(seed)`` picks
 ``round(val_fraction * n_docs)`` documents (at least one, at most ``n_docs - 1``) for
 validation; both splits keep corpus order. A split whose share of the text is more than ten
 times off ``val_fraction`` (either way; corpora of 2 to 10 documents and at least 32,768
-characters) is refused: it
-comes from documents of very unequal size, such as a folder holding a book and its README,
-and would validate on the wrong text. A trained BPE (``"bpe:<n>"``) learns from the
+characters) is refused: it comes from documents of very unequal size, such as a folder
+holding a book and its README, and would validate on the wrong text. A trained BPE (``"bpe:<n>"``) learns from the
 training documents only. Each split is packed as ``doc, eot, doc, eot, ...`` into one flat
 array of token ids (``uint16`` when the vocabulary fits, else ``uint32``); nothing is
 padded, so every position is a real token and the trainer never has padding to mask.

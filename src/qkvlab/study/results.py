@@ -74,7 +74,8 @@ NUMBER_KEYS = frozenset(
         "wall_s", "world_size",
     }
 )  # fmt: skip
-TEXT_KEYS = ("run_id", "variant", "variant_id", "model")
+NAME_KEYS = ("run_id", "variant_id")  # every table is keyed by these
+TEXT_KEYS = ("variant", "model")  # shown where present
 
 
 class UnusableRowWarning(UserWarning):
@@ -83,9 +84,12 @@ class UnusableRowWarning(UserWarning):
 
 def row_problem(row: dict[str, Any]) -> str | None:
     """What makes an ``"ok"`` row unusable in a report, or None."""
-    for key in TEXT_KEYS:
+    for key in NAME_KEYS:
         if not isinstance(row.get(key), str):
             return f"{key} is {row.get(key)!r}, not a name" if key in row else f"it has no {key}"
+    for key in TEXT_KEYS:
+        if row.get(key) is not None and not isinstance(row[key], str):
+            return f"{key} is {row[key]!r}, not a name"
     for key, value in row.items():
         numeric = key in NUMBER_KEYS or key.endswith(("_loss", "_ppl"))
         if numeric and value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):

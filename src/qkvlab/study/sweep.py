@@ -425,8 +425,8 @@ def check_same_study(spec: SweepSpec, study: Path, *, force: bool = False) -> No
     if not isinstance(stored, dict):
         raise ConfigError(f"{str(stored_path)!r} cannot be read, so the folder's study is unknown; {where}.")
     mine = load_yaml(yaml.safe_dump(spec.to_dict(), sort_keys=False))  # as it would be stored
-    if "name" not in stored or "grid" not in stored:
-        raise ConfigError(f"{str(stored_path)!r} is not a study's sweep file (no name or grid); {where}.")
+    if "name" not in stored:
+        raise ConfigError(f"{str(stored_path)!r} is not a study's sweep file (it has no name); {where}.")
     if stored.get("name") != mine["name"]:
         raise ConfigError(f"{str(study)!r} holds another study ({stored.get('name')!r}, not {spec.name!r}); {where}.")
     old, new = _computed(stored.get("base")), _computed(mine["base"])

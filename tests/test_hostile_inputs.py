@@ -195,6 +195,44 @@ def test_a_bad_token_file_is_one_clear_error_before_the_run_writes_anything(tmp_
         assert not out.exists() or not any(out.iterdir())  # nothing a corrected rerun would have to --force
 
 
+def test_budgets_with_decimals_are_the_whole_numbers_they_name():
+    from qkvlab.study.spec import parse_tokens
+
+    assert [parse_tokens(v) for v in ("4.1M", "8.2M", "2.01k", "1.5M", 1e6)] == [
+        4_100_000,
+        8_200_000,
+        2010,
+        1_500_000,
+        10**6,
+    ]
+    for bad in ("1e400", "1.5X", "0.5", 1.5, True):
+        with pytest.raises(ConfigError):
+            parse_tokens(bad)
+
+
+def test_a_corpus_trained_bpe_reads_other_text_with_its_own_vocabulary(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from qkvlab.cli import app
+
+    monkeypatch.setenv("QKVLAB_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "theta", "kappa"]
+    (tmp_path / "train.txt").write_text("\n\n".join(" ".join(rng.choice(words, 12)) for _ in range(900)))
+    (tmp_path / "other.txt").write_text("\n\n".join(" ".join(rng.choice(words[::-1], 9)) + " zeta" for _ in range(600)))
+    out = tmp_path / "run"
+    train(tiny(tmp_path / "train.txt", out, "data.tokenizer=bpe:300"), verbose=False)
+    base = ["eval", "ppl", str(out), "--data", str(tmp_path / "other.txt"), "--json", "--max-batches", "2"]
+    implicit = CliRunner().invoke(app, base)
+    explicit = CliRunner().invoke(app, [*base, "--tokenizer", f"bpe:{out / 'tokenizer'}"])
+    assert implicit.exit_code == 0 and explicit.exit_code == 0, implicit.output + explicit.output
+    assert json.loads(implicit.stdout)["loss"] == json.loads(explicit.stdout)["loss"]
+    from qkvlab.cli import _saved_bpe
+
+    kept = out / "checkpoints" / "ckpt-0000002" / "model.safetensors"
+    assert _saved_bpe(kept) == out / "tokenizer"  # a kept checkpoint finds its run's tokenizer
+
+
 def test_results_of_a_kept_checkpoint_go_where_pruning_does_not_reach(tmp_path):
     from qkvlab.harness.runner import run_folder
     from qkvlab.train.state import results_folder
@@ -459,6 +497,8 @@ def test_other_families_validate_their_fields():
         ("schedule.min_lr=.inf", "schedule.min_lr"),
         ("data.encoding=klingon", "data.encoding 'klingon'"),
         ("data.encoding=rot13", "data.encoding 'rot13' is not a text encoding"),
+        ("model.preset=[tiny]", "Unknown model.preset ['tiny']"),
+        ("model.backend=[x]", "Unknown attention backend ['x']"),
         ("data.encoding=base64", "data.encoding 'base64' is not a text encoding"),
         ("model.dropout=1.5", "dropout must be a probability"),
     ],

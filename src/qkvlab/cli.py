@@ -557,6 +557,16 @@ def eval_ppl(
         raise ConfigError(f"{str(path)!r} does not record its training data; pass --data SOURCE.")
     if tokenizer is not None:
         data_cfg["tokenizer"] = tokenizer
+    elif data is not None and str(data_cfg.get("tokenizer", "")).startswith("bpe"):
+        # The run's BPE was trained on its own corpus: another corpus must be read with that
+        # vocabulary, never with a BPE trained afresh on it (same size, other ids).
+        saved = _saved_bpe(path)
+        if saved is None:
+            raise ConfigError(
+                f"{str(path)!r} was trained with a BPE learnt on its corpus and its run folder keeps no tokenizer/; "
+                "pass --tokenizer bpe:<folder> with that run's tokenizer."
+            )
+        data_cfg["tokenizer"] = f"bpe:{saved}"
     if split not in ("val", "train"):
         raise ConfigError(f"--split must be 'val' or 'train', got {split!r}.")
     dev = torch.device(_device(device))
@@ -771,6 +781,15 @@ def _is_bpe_folder(folder: Path) -> bool:
     return (folder / "tokenizer" / "vocab.json").is_file() or (folder / "tokenizer" / "tokenizer.json").is_file()
 
 
+def _saved_bpe(path: Path) -> Path | None:
+    """The ``tokenizer/`` a training run keeps in its folder (or `qkvlab import` writes there), from
+    the weights file ``path``: a kept checkpoint's weights sit two folders below the run folder."""
+    from qkvlab.train.state import results_folder
+
+    folders = (path, path.parent, path.parent.parent, results_folder(path))
+    return next((f / "tokenizer" for f in folders if _is_bpe_folder(f)), None)
+
+
 def _tokenizer_for(path: Path, meta: dict[str, str], override: str | None):
     """The training run's tokenizer (or ``override``); a trained BPE is found through its corpus."""
     from qkvlab.data import get_tokenizer
@@ -786,8 +805,7 @@ def _tokenizer_for(path: Path, meta: dict[str, str], override: str | None):
     recorded = train_config(meta, path).get("data")
     data = dict(recorded) if isinstance(recorded, dict) else {}
     name = override or data.get("tokenizer")
-    # The copy a training run keeps in its folder, or the one `qkvlab import` writes there.
-    saved = next((f / "tokenizer" for f in (path, path.parent, path.parent.parent) if _is_bpe_folder(f)), None)
+    saved = _saved_bpe(path)
     if saved is not None and (name is None or name.startswith("bpe")):
         return get_tokenizer(f"bpe:{saved}")
     if name is None or str(data.get("source", "")).endswith(".npy"):

@@ -80,7 +80,7 @@ def register_backend(name: str, *, supports_weights: bool = False):
 def get_backend(name: str) -> Backend:
     try:
         return _BACKENDS[name]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: a list or mapping where a name goes
         raise ConfigError(
             f"Unknown attention backend {name!r}; registered backends: {', '.join(sorted(_BACKENDS))}."
         ) from None

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import decimal
 import difflib
 import math
 import os
@@ -247,11 +248,16 @@ def parse_tokens(value: Any) -> int:
         suffix = text[-1:].lower()
         if suffix in ("k", "m", "b"):
             scale, text = {"k": 10**3, "m": 10**6, "b": 10**9}[suffix], text[:-1]
-    try:
-        number = float(text) * scale
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not math.isfinite(number) or number < 1 or number != int(number):
+    try:  # in decimal: float("4.1") * 10**6 is 4099999.9999999995, not the whole number it means
+        number = decimal.Decimal(str(text)) * scale
+    except (TypeError, ValueError, decimal.InvalidOperation):
+        number = decimal.Decimal("NaN")
+    if (
+        isinstance(value, bool)
+        or not math.isfinite(float(number))  # 1e400 too: no budget is past float's range
+        or number < 1
+        or number != number.to_integral_value()
+    ):
         raise ConfigError(f"Token budget {value!r} is not a positive whole number; write e.g. 1000000, 1e6 or 1M.")
     return int(number)
 

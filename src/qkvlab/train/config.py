@@ -373,7 +373,7 @@ class TrainConfig:
         _check(isinstance(self.task, dict), f"task must be a mapping such as {{name: lm}}, got {self.task!r}.")
         name = tasks.task_name(self.task)
         preset = self.model.get("preset")
-        if preset is not None and preset not in PRESETS:
+        if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
             raise ConfigError(f"Unknown model.preset {preset!r}; available: {', '.join(PRESETS)}.")
         if name != "lm":
             _check(self.init_from is None, f"init_from is for the language model; the {name!r} task cannot use it.")

@@ -227,10 +227,10 @@ def test_a_corpus_trained_bpe_reads_other_text_with_its_own_vocabulary(tmp_path,
     explicit = CliRunner().invoke(app, [*base, "--tokenizer", f"bpe:{out / 'tokenizer'}"])
     assert implicit.exit_code == 0 and explicit.exit_code == 0, implicit.output + explicit.output
     assert json.loads(implicit.stdout)["loss"] == json.loads(explicit.stdout)["loss"]
-    from qkvlab.cli import _saved_bpe
+    from qkvlab.interop.common import tokenizer_folder
 
     kept = out / "checkpoints" / "ckpt-0000002" / "model.safetensors"
-    assert _saved_bpe(kept) == out / "tokenizer"  # a kept checkpoint finds its run's tokenizer
+    assert tokenizer_folder(kept) == out / "tokenizer"  # a kept checkpoint finds its run's tokenizer
 
 
 def test_results_of_a_kept_checkpoint_go_where_pruning_does_not_reach(tmp_path):

@@ -560,7 +560,9 @@ def eval_ppl(
     elif data is not None and str(data_cfg.get("tokenizer", "")).startswith("bpe"):
         # The run's BPE was trained on its own corpus: another corpus must be read with that
         # vocabulary, never with a BPE trained afresh on it (same size, other ids).
-        saved = _saved_bpe(path)
+        from qkvlab.interop.common import tokenizer_folder
+
+        saved = tokenizer_folder(path)
         if saved is None:
             raise ConfigError(
                 f"{str(path)!r} was trained with a BPE learnt on its corpus and its run folder keeps no tokenizer/; "
@@ -777,19 +779,6 @@ def analyze(
         print(json.dumps(next(iter(results.values())) if len(results) == 1 else results, indent=2))
 
 
-def _is_bpe_folder(folder: Path) -> bool:
-    return (folder / "tokenizer" / "vocab.json").is_file() or (folder / "tokenizer" / "tokenizer.json").is_file()
-
-
-def _saved_bpe(path: Path) -> Path | None:
-    """The ``tokenizer/`` a training run keeps in its folder (or `qkvlab import` writes there), from
-    the weights file ``path``: a kept checkpoint's weights sit two folders below the run folder."""
-    from qkvlab.train.state import results_folder
-
-    folders = (path, path.parent, path.parent.parent, results_folder(path))
-    return next((f / "tokenizer" for f in folders if _is_bpe_folder(f)), None)
-
-
 def _tokenizer_for(path: Path, meta: dict[str, str], override: str | None):
     """The training run's tokenizer (or ``override``); a trained BPE is found through its corpus."""
     from qkvlab.data import get_tokenizer
@@ -805,7 +794,9 @@ def _tokenizer_for(path: Path, meta: dict[str, str], override: str | None):
     recorded = train_config(meta, path).get("data")
     data = dict(recorded) if isinstance(recorded, dict) else {}
     name = override or data.get("tokenizer")
-    saved = _saved_bpe(path)
+    from qkvlab.interop.common import tokenizer_folder
+
+    saved = tokenizer_folder(path)  # the run's own, or the one `qkvlab import` wrote
     if saved is not None and (name is None or name.startswith("bpe")):
         return get_tokenizer(f"bpe:{saved}")
     if name is None or str(data.get("source", "")).endswith(".npy"):
